@@ -1,0 +1,1 @@
+"""Shared backbones (ResNet, ViT) and checkpoint helpers."""

@@ -1,0 +1,203 @@
+"""Pre-norm Vision Transformer with the MAE/timm key layout, so official MAE encoder checkpoints load strictly.
+
+Keys: cls_token, pos_embed, patch_embed.proj, blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2},
+norm, and head when num_classes > 0. LayerNorm eps is 1e-6 everywhere.
+"""
+
+from functools import partial
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions [grid_size**2, dim] (MAE): first half of dims encodes the column (w) index,
+    second half the row (h) index; each half is [sin(p * omega), cos(p * omega)], omega_k = 10000^(-k / (dim/4))."""
+    assert dim % 4 == 0, f"sincos pos_embed needs embed_dim divisible by 4, got {dim}"
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+
+    def embed_1d(pos: torch.Tensor) -> torch.Tensor:
+        out = pos.reshape(-1, 1).double() * omega  # [N, dim/4]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float()
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero the residual branch for a random subset of samples, rescale the rest by 1/keep."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        assert dim % num_heads == 0, f"embed_dim {dim} not divisible by num_heads {num_heads}"
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, return_logits: bool = False):
+        """x: [B, T, D] -> [B, T, D]; with return_logits also the pre-softmax logits [B, H, T, T]."""
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, T, hd]
+        if return_logits:  # explicit path: the fused kernel never materialises the logits
+            logits = (q @ k.transpose(-2, -1)) * self.scale
+            out = logits.softmax(dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = self.proj(out.transpose(1, 2).reshape(B, T, D))
+        return (out, logits) if return_logits else out
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1, self.attn = LayerNorm(dim), Attention(dim, num_heads)
+        self.norm2, self.mlp = LayerNorm(dim), Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, return_logits: bool = False):
+        if return_logits:
+            a, logits = self.attn(self.norm1(x), return_logits=True)
+        else:
+            a = self.attn(self.norm1(x))
+        x = x + self.drop_path(a)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return (x, logits) if return_logits else x
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        assert img_size % patch_size == 0, f"img_size {img_size} not divisible by patch_size {patch_size}"
+        self.img_size, self.patch_size = img_size, patch_size
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D], patches in row-major order
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder. `forward` returns the normed CLS token [B, D] (or head logits when num_classes > 0)."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 0,
+        drop_path_rate: float = 0.0,
+        pos_embed: Literal["sincos", "learned"] = "sincos",
+    ):
+        super().__init__()
+        self.embed_dim, self.num_heads, self.depth = embed_dim, num_heads, depth
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        pos = torch.zeros(1, 1 + self.num_patches, embed_dim)
+        self.pos_embed = nn.Parameter(pos, requires_grad=pos_embed == "learned")  # sincos: fixed, not trained
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows linearly with block index
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, dpr[i]) for i in range(depth)])
+        self.norm = LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        # init as MAE: fixed sin-cos positions (CLS position = 0), xavier everywhere, conv treated as a Linear
+        if pos_embed == "sincos":
+            self.pos_embed.data[0, 1:] = sincos_pos_embed_2d(embed_dim, self.patch_embed.grid_size)
+        elif pos_embed == "learned":
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        else:
+            raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}")
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] -> patch tokens with CLS prepended and positions added: [B, 1 + N, D]."""
+        s = self.patch_embed.img_size
+        if x.shape[-2:] != (s, s):
+            raise ValueError(f"ViT expects {s}x{s} images, got {tuple(x.shape[-2:])} (pos_embed is not interpolated)")
+        x = self.patch_embed(x) + self.pos_embed[:, 1:]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1)
+
+    def forward_features(self, x: torch.Tensor, return_all: bool = False):
+        """Final-normed tokens [B, 1 + N, D]; with return_all a dict with every block's (un-normed) output,
+        the last block's pre-softmax attention logits [B, H, 1 + N, 1 + N] and the normed tokens ("out")."""
+        x = self.prepare_tokens(x)
+        if not return_all:
+            for blk in self.blocks:
+                x = blk(x)
+            return self.norm(x)
+        outs, logits = [], None
+        for i, blk in enumerate(self.blocks):
+            if i == len(self.blocks) - 1:
+                x, logits = blk(x, return_logits=True)
+            else:
+                x = blk(x)
+            outs.append(x)
+        return {"blocks": outs, "attn_logits": logits, "out": self.norm(x)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x)[:, 0])
+
+
+def vit_tiny(**kw) -> VisionTransformer:
+    return VisionTransformer(**{"embed_dim": 192, "depth": 12, "num_heads": 3, **kw})
+
+
+def vit_small(**kw) -> VisionTransformer:
+    return VisionTransformer(**{"embed_dim": 384, "depth": 12, "num_heads": 6, **kw})
+
+
+def vit_base(**kw) -> VisionTransformer:
+    return VisionTransformer(**{"embed_dim": 768, "depth": 12, "num_heads": 12, **kw})
+
+
+def vit_large(**kw) -> VisionTransformer:
+    return VisionTransformer(**{"embed_dim": 1024, "depth": 24, "num_heads": 16, **kw})
+
+
+VITS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base, "vit_large": vit_large}

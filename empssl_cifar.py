@@ -1,0 +1,926 @@
+"""EMP-SSL: Towards Self-Supervised Learning in One Training Epoch (Tong, Chen, Ma, LeCun, 2023), arXiv 2304.03977.
+
+What we reproduce: EMP-SSL on CIFAR-10/100 with a ResNet-18 (CIFAR stem). Every image is cut into P heavily augmented
+16x16 patches (upsampled to 32x32); the loss pulls each patch embedding towards its image's mean embedding
+(invariance) while a Total Coding Rate term, computed per patch index over the batch, spreads the embeddings. The
+representation is the 4096-d `h` averaged over 128 random patches ("bag of features"), read out by a linear probe and
+a weighted k-NN. Official code: tsb0601/EMP-SSL; spec: ../shared/specs/empssl.md.
+
+Runs (one GPU each unless torchrun is shown; the official README numbers are linear top-1 on the original CIFAR):
+    python empssl_cifar.py                                    # 1 epoch of a 2-epoch cosine, P=20: README 84.2%
+    python empssl_cifar.py --epochs 2                         # the same cosine run to its end (the spec: log both)
+    python empssl_cifar.py --n-patches 200                    # paper abstract: 85.1% after 1 epoch
+    python empssl_cifar.py --epochs 10 --lr-epochs 10         # README multi-epoch table: 90.7%
+    python empssl_cifar.py --dataset cifar100                 # README: 58.5%
+    torchrun --nproc_per_node=8 empssl_cifar.py --n-patches 200 --sync-bn
+    python empssl_cifar.py --dataset imagefolder --data-dir DIR --epochs 1 --batch-size 16 --n-patches 4 \
+        --eval-patches 4 --out-dir OUT --device cpu          # a quick CPU run on any image folder
+
+Deviations (each marked `# DEVIATION:` below): patches are augmented on the GPU in batches (`--aug pil` keeps the
+official PIL pipeline as the reference); bf16 autocast with channels_last (the TCR log-det stays fp32); a Cholesky
+log-det in the Sylvester (B x B) form; seeded, resumable random streams; the TCR is computed over the global batch
+under DDP (all-gather with gradient), which equals the official single-process semantics.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import tyro
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torchvision.transforms import v2 as T
+from tqdm import tqdm
+
+from common.checkpoint import (ArtifactCache, CheckpointError, find_resume, load_checkpoint, load_state_dict_strict,
+                               save_checkpoint, state_dict_digest)
+from common.resnet import RESNETS
+
+
+# ==== 1. ARGS ====
+@dataclass
+class Args:
+    # --- I/O & experiment
+    exp_name: str = "empssl"
+    """name stored in results.json"""
+    seed: int = 0
+    """seed for the model init, the data order and every augmentation draw (the official code is unseeded)"""
+    out_dir: str = "runs/empssl"
+    """where last.pt, log.jsonl, results.json and the feature cache go; an existing last.pt is resumed"""
+    resume: Optional[str] = None
+    """resume from this checkpoint instead of out_dir/last.pt"""
+    save_every_steps: int = 100
+    """also save out_dir/last.pt every this many steps, so a kill mid-epoch loses little (0: only at epoch ends)"""
+
+    # --- data
+    dataset: Literal["cifar10", "cifar100", "imagefolder", "fake"] = "cifar10"
+    """cifar10/cifar100 via torchvision; imagefolder: --data-dir with train/ and test/ (or val/); fake: random"""
+    data_dir: str = "data"
+    """dataset root (torchvision CIFAR root, or the image folder)"""
+    download: bool = True
+    """let torchvision download CIFAR when it is not in --data-dir"""
+    image_size: int = 32
+    """image folders are resized (shorter side) and centre-cropped to this size once, at load time"""
+
+    # --- patches (spec 2.1)
+    n_patches: int = 20
+    """P, augmented patches per image per step (official README commands: 20; the paper's best runs: 200)"""
+    crop_scale: float = 0.25
+    """fraction of the image area each square patch covers (official RandomResizedCrop scale=(0.25, 0.25))"""
+    solarize_threshold: int = 128
+    """PIL solarize threshold (official: PIL default 128; kachayev used 192)"""
+    aug: Literal["gpu", "pil"] = "gpu"
+    """gpu: batched tensor augmentation on the device; pil: the official torchvision/PIL pipeline on CPU workers"""
+    pil_workers: int = 8
+    """DataLoader workers for --aug pil"""
+
+    # --- model (spec 3)
+    arch: str = "resnet18-cifar"
+    """backbone from common/resnet.py: resnet18-cifar (3x3 stem, no max-pool), resnet18 or resnet50"""
+    hidden_dim: int = 4096
+    """width of pre_feature (h, the evaluated representation) and of the projection's hidden layer"""
+    z_dim: int = 1024
+    """dimension of the L2-normalised embedding z"""
+    init: Literal["torch", "kachayev"] = "torch"
+    """torch: framework defaults (official); kachayev: Linear weights N(0, 1e-3), biases 0"""
+    sync_bn: bool = False
+    """SyncBatchNorm under DDP (BN over the global batch); off = per-rank BN like the official DataParallel"""
+
+    # --- method (spec 4)
+    eps: float = 0.2
+    """TCR eps, used as is (it plays the role of the paper's eps^2; official --eps 0.2)"""
+    inv_weight: float = 200.0
+    """weight of the invariance term (official --patch_sim 200)"""
+    tcr_weight: float = 1.0
+    """weight of the TCR term (official --tcr 1)"""
+
+    # --- optimisation (spec 5)
+    epochs: int = 1
+    """epochs to train; the paper's '1 epoch' result is epoch 1 of a 2-epoch cosine (see --lr-epochs)"""
+    lr_epochs: Optional[int] = 2
+    """epochs the LR schedule spans (official --epoch 2 for the 1-epoch table); None: --epochs"""
+    max_steps: Optional[int] = None
+    """stop training after this many steps in total (compute-matched runs); evaluation still runs"""
+    batch_size: int = 100
+    """images per step, global over all ranks (official 100); each image contributes P patches"""
+    lr: float = 0.3
+    """learning rate (official 0.3 at batch 100; the official code applies no scaling rule, nor do we)"""
+    lr_schedule: Literal["step-cosine", "epoch-cosine-kachayev", "constant"] = "step-cosine"
+    """step-cosine: official per-step cosine to 0, no warm-up; epoch-cosine-kachayev: kachayev's per-epoch variant"""
+    momentum: float = 0.9
+    """SGD momentum, Nesterov (official)"""
+    weight_decay: float = 1e-4
+    """weight decay of matrices inside LARS; biases and norms get none (official)"""
+    lars_eta: float = 0.005
+    """LARS trust coefficient, with clipping (official LARSWrapper eta=0.005, clip=True)"""
+
+    # --- evaluation (spec 6)
+    eval_patches: int = 128
+    """patches averaged into each image's feature (official --test_patches 128); 0 skips evaluation"""
+    eval_chunk: int = 100
+    """images encoded per forward during evaluation (memory knob only)"""
+    eval_every_steps: int = 0
+    """also evaluate (k-NN and probe) every this many steps, for accuracy within an epoch (0: only at the end)"""
+    eval_whole_image: bool = False
+    """also report k-NN and probe on whole unaugmented images (spec 6.4: the gap is large)"""
+    probe_epochs: int = 100
+    """linear-probe epochs on the frozen features (official 100)"""
+    probe_lr: float = 0.03
+    """linear-probe SGD LR, cosine over the epochs (official evaluate.py default 0.03)"""
+    probe_wd: float = 5e-5
+    """linear-probe weight decay (official)"""
+    probe_batch_size: int = 100
+    """linear-probe batch (official 100)"""
+    knn_k: int = 20
+    """neighbours of the weighted k-NN (official 20)"""
+    knn_t: float = 0.07
+    """temperature of the k-NN vote weights exp(sim/t) (official 0.07)"""
+
+    # --- system
+    device: Optional[str] = None
+    """cuda or cpu (default: cuda when available); under torchrun each rank takes cuda:LOCAL_RANK"""
+    amp: Literal["bf16", "fp16", "none"] = "bf16"
+    """autocast precision on CUDA (CPU runs in fp32); losses are always fp32"""
+    channels_last: bool = True
+    """channels_last memory format on CUDA"""
+    compile: bool = False
+    """torch.compile the model"""
+    deterministic: bool = False
+    """deterministic algorithms (slower); otherwise cudnn.benchmark"""
+    log_every: int = 25
+    """steps between progress-bar/log.jsonl updates (each costs one host sync)"""
+    bench_ceiling_steps: int = 0
+    """before training, time this many bare forward+backward steps on synthetic patches (the speed ceiling)"""
+
+
+class RunError(Exception):
+    """A bad input or a failed run: main prints its one-line message and exits non-zero."""
+
+
+def rng_seed(*keys) -> int:
+    """A 56-bit seed derived from any keys, e.g. (seed, 'train', epoch, step): independent, reproducible streams."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:7], "little")
+
+
+# ==== 2. DATA & AUGMENTATIONS ====
+CIFAR = {"cifar10": (torchvision.datasets.CIFAR10, 10), "cifar100": (torchvision.datasets.CIFAR100, 100)}
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def load_image_folder(root: Path, classes: list, size: int) -> tuple:
+    """Decode every image under root/<class>/ once into uint8 [N, 3, size, size] (shorter side resized, centre crop)."""
+    files = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir())
+             if p.suffix.lower() in IMAGE_EXTS]
+    if not files:
+        raise RunError(f"no images in {root}")
+    jpeg = [i for i, (p, _) in enumerate(files) if p.suffix.lower() in (".jpg", ".jpeg")]
+    imgs = [None] * len(files)
+    for i, img in zip(jpeg, decode_jpeg([read_file(str(files[i][0])) for i in jpeg], mode=ImageReadMode.RGB)):
+        imgs[i] = img  # batched libjpeg-turbo decode: ~60 us per CIFAR image on one core
+    for i, (p, _) in enumerate(files):
+        if imgs[i] is None:
+            imgs[i] = decode_image(read_file(str(p)), mode=ImageReadMode.RGB)
+    imgs = [img if img.shape[-2:] == (size, size) else
+            T.functional.center_crop(T.functional.resize(img, size, antialias=True), [size, size]) for img in imgs]
+    return torch.stack(imgs), torch.tensor([c for _, c in files])
+
+
+def load_data(args: Args) -> dict:
+    """uint8 images [N, 3, S, S] and int64 labels for both splits, on the CPU."""
+    if args.dataset == "fake":  # random images, for shape tests only
+        g = torch.Generator().manual_seed(args.seed)
+        x = torch.randint(0, 256, (320, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
+        y = torch.arange(320) % 10
+        return dict(train_x=x[:256], train_y=y[:256], test_x=x[256:], test_y=y[256:], num_classes=10)
+    root = Path(args.data_dir)
+    if args.dataset in CIFAR:
+        cls, num_classes = CIFAR[args.dataset]
+        try:
+            splits = [cls(str(root), train=train, download=args.download) for train in (True, False)]
+        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+            raise RunError(f"{args.dataset} not found in {root} ({e}); pass --data-dir or allow --download")
+        (tr, te) = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in splits]
+        return dict(train_x=tr[0], train_y=tr[1], test_x=te[0], test_y=te[1], num_classes=num_classes)
+    if not root.is_dir():
+        raise RunError(f"data dir not found: {root}")
+    test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if not (root / "train").is_dir() or test_root is None:
+        raise RunError(f"{root} must hold train/ and test/ (or val/) class folders")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    test_classes = sorted(d.name for d in test_root.iterdir() if d.is_dir())
+    if test_classes != classes:
+        raise RunError(f"class folders differ between {root / 'train'} and {test_root}")
+    train_x, train_y = load_image_folder(root / "train", classes, args.image_size)
+    test_x, test_y = load_image_folder(test_root, classes, args.image_size)
+    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=len(classes))
+
+
+def sample_patch_params(gen: torch.Generator, n: int, size: int, crop: int) -> dict:
+    """Random draws of the official patch transform for n patches (spec 2.1), on the generator's device."""
+    dev = gen.device
+
+    def u(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(n, *shape, generator=gen, device=dev)
+
+    return dict(
+        y0=torch.randint(0, size - crop + 1, (n,), generator=gen, device=dev),  # PAPER: RandomResizedCrop(scale=(.25,
+        x0=torch.randint(0, size - crop + 1, (n,), generator=gen, device=dev),  # .25), ratio=(1,1)): position only
+        flip=u(0, 1) < 0.5,                                                      # RandomHorizontalFlip(p=0.5)
+        jitter=u(0, 1) < 0.8,                                                    # RandomApply(ColorJitter, p=0.8)
+        factors=torch.cat([u(0.6, 1.4, 3), u(-0.2, 0.2, 1)], 1),                 # ColorJitter(0.4, 0.4, 0.4, 0.2)
+        order=torch.rand(n, 4, generator=gen, device=dev).argsort(1),           # ColorJitter's random op order
+        gray=u(0, 1) < 0.2,                                                      # RandomGrayscale(p=0.2)
+        blur=u(0, 1) < 0.1, sigma=u(0.1, 2.0),                                   # GBlur(p=0.1), sigma ~ U(0.1, 2)
+        solarize=u(0, 1) < 0.1,                                                  # RandomApply(Solarization, p=0.1)
+    )
+
+
+def take_params(params: dict, idx: torch.Tensor) -> dict:
+    return {k: v[idx] for k, v in params.items()}
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601-2 luma, as PIL's convert('L') and torchvision: [N, 3, H, W] -> [N, 1, H, W]."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of RGB images in [0, 1] by shift (fraction of a turn, [N]) through HSV."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    s = delta / maxc.clamp_min(1e-12)
+    d = delta.clamp_min(1e-12)
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = (h / 6.0 + shift[:, None, None]) % 1.0
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    v = maxc
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    choices = torch.stack([torch.stack(c, 0) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))], 1)
+    return choices.gather(0, i[None, None].expand(1, 3, *i.shape)).squeeze(0)  # [6, 3, N, H, W] -> [3, N, H, W]
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """torchvision ColorJitter semantics, batched: brightness, contrast, saturation, hue in a per-image random order."""
+    for slot in range(4):
+        op = order[:, slot]
+        for k in range(4):
+            sel = (apply & (op == k))[:, None, None, None]
+            f = factors[:, k, None, None, None]
+            if k == 0:
+                y = x * f
+            elif k == 1:
+                y = f * x + (1 - f) * grayscale(x).mean((1, 2, 3), keepdim=True)
+            elif k == 2:
+                y = f * x + (1 - f) * grayscale(x)
+            else:
+                y = adjust_hue(x, factors[:, 3]).permute(1, 0, 2, 3)
+            x = torch.where(sel, y.clamp(0, 1), x)
+    return x
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 6) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image sigma (replicate padding, as PIL extends edges)."""
+    n, c, h, w = x.shape
+    k = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kern = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None] ** 2))
+    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n*c, 2r+1]
+    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="replicate")
+    y = F.conv2d(y, kern[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, kern[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, h, w)
+
+
+def augment_patches(images: torch.Tensor, p: dict, crop: int, solarize_threshold: int) -> torch.Tensor:
+    """The official patch transform (spec 2.1), batched on the device.
+
+    images: uint8 [n, 3, S, S], one source image per patch; p: sample_patch_params draws for the n patches.
+    Returns float [n, 3, S, S] in [-1, 1]. DEVIATION: float arithmetic instead of PIL's uint8 rounding after every op,
+    and an exact Gaussian instead of PIL's box-blur approximation; tests compare the two pipelines' statistics.
+    """
+    n, _, size, _ = images.shape
+    ar = torch.arange(crop, device=images.device)
+    rows, cols = (p["y0"][:, None] + ar)[:, :, None], (p["x0"][:, None] + ar)[:, None, :]
+    x = images[torch.arange(n, device=images.device)[:, None, None], :, rows, cols]  # [n, crop, crop, 3]
+    x = x.permute(0, 3, 1, 2).float().div_(255)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # PAPER: bilinear, 16 -> 32
+    x = torch.where(p["flip"][:, None, None, None], x.flip(-1), x)
+    x = color_jitter(x, p["factors"], p["order"], p["jitter"])
+    x = torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
+    x = torch.where(p["blur"][:, None, None, None], gaussian_blur(x, p["sigma"]), x)
+    # CRUCIAL: PIL solarize inverts pixels >= threshold on the 0..255 scale (official threshold 128, not 192)
+    x = torch.where(p["solarize"][:, None, None, None] & (x >= solarize_threshold / 255), 1 - x, x)
+    return (x - 0.5) / 0.5  # PAPER: Normalize(mean=0.5, std=0.5), not the CIFAR statistics
+
+
+class PILBlur:
+    """Official GBlur: PIL GaussianBlur(radius=sigma), sigma ~ U(0.1, 2.0), p=0.1. DEVIATION: torch RNG, not numpy's."""
+
+    def __call__(self, img):
+        from PIL import ImageFilter
+        if torch.rand(1).item() < 0.1:
+            return img.filter(ImageFilter.GaussianBlur(0.1 + 1.9 * torch.rand(1).item()))
+        return img
+
+
+class PILPatches(torch.utils.data.Dataset):
+    """Reference path (--aug pil): the official torchvision/PIL transform, P patches per item.
+
+    An item is (image index, seed): the seed fixes every draw, so ranks and resumed runs replay the same patches."""
+
+    def __init__(self, images: torch.Tensor, n_patches: int, crop_scale: float, solarize_threshold: int):
+        self.images, self.n_patches = images, n_patches
+        size = images.shape[-1]
+        self.transform = T.Compose([
+            T.RandomResizedCrop(size, scale=(crop_scale, crop_scale), ratio=(1.0, 1.0)),
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.2)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            PILBlur(),
+            T.RandomSolarize(solarize_threshold, p=0.1),  # on a PIL image: ImageOps.solarize, as the official code
+            T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize([0.5] * 3, [0.5] * 3),
+        ])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, item):
+        index, seed = item
+        torch.manual_seed(seed)
+        img = T.functional.to_pil_image(self.images[index])
+        return torch.stack([self.transform(img) for _ in range(self.n_patches)])
+
+
+def patch_major(batch: list) -> torch.Tensor:
+    """Collate [P, 3, S, S] items into the official patch-major layout: row p*B + b is patch p of image b."""
+    x = torch.stack(batch, 1)
+    return x.reshape(-1, *x.shape[2:])
+
+
+class PatchSource:
+    """Yields patch batches [P*b, 3, S, S] (patch-major) for lists of image indices, through either pipeline.
+
+    Each batch's draws depend only on (seed key, the global index list), so a 2-rank run sees exactly the patches of a
+    1-rank run on the same global batch, and a resumed run replays the stream of an uninterrupted one."""
+
+    def __init__(self, images: torch.Tensor, args: Args, device: torch.device):
+        self.args, self.device = args, device
+        self.size = images.shape[-1]
+        self.crop = round(math.sqrt(args.crop_scale) * self.size)  # 16 for CIFAR
+        self.images = images.to(device) if args.aug == "gpu" else images  # CRUCIAL: uint8 data stays on the GPU
+        self.gen = torch.Generator(device=device)
+
+    def batches(self, index_batches: list, keys: list, n_patches: int, rank: int = 0, world_size: int = 1):
+        """index_batches: global index tensors; each rank keeps its contiguous share of every batch."""
+        if self.args.aug == "pil":
+            yield from self._pil(index_batches, keys, n_patches, rank, world_size)
+            return
+        for idx, key in zip(index_batches, keys):
+            b = len(idx) // world_size
+            self.gen.manual_seed(rng_seed(*key))
+            p = sample_patch_params(self.gen, n_patches * len(idx), self.size, self.crop)  # drawn for the global batch
+            cols = torch.arange(rank * b, (rank + 1) * b, device=self.device)
+            sel = (torch.arange(n_patches, device=self.device)[:, None] * len(idx) + cols).flatten()  # patch-major
+            local = idx[rank * b:(rank + 1) * b].to(self.device)
+            yield augment_patches(self.images[local.repeat(n_patches)], take_params(p, sel), self.crop,
+                                  self.args.solarize_threshold)
+
+    def _pil(self, index_batches, keys, n_patches, rank, world_size):
+        items = []
+        for idx, key in zip(index_batches, keys):
+            b = len(idx) // world_size
+            items.append([(int(i), rng_seed(*key, rank * b + j)) for j, i in enumerate(idx[rank * b:(rank + 1) * b])])
+        ds = PILPatches(self.images, n_patches, self.args.crop_scale, self.args.solarize_threshold)
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=items, num_workers=self.args.pil_workers,
+                                             collate_fn=patch_major, pin_memory=self.device.type == "cuda")
+        for x in loader:
+            yield x.to(self.device, non_blocking=True)
+
+
+# ==== 3. MODEL ====
+class EMPSSL(nn.Module):
+    """ResNet backbone -> pre_feature (h, evaluated) -> projection -> L2-normalised z (spec 3)."""
+
+    def __init__(self, arch: str, hidden_dim: int, z_dim: int):
+        super().__init__()
+        self.backbone = RESNETS[arch]()
+        self.pre_feature = nn.Sequential(
+            nn.Linear(self.backbone.num_features, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU())
+        self.projection = nn.Sequential(
+            nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, z_dim))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pre_feature(self.backbone(x))  # h: [N, hidden_dim], >= 0
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        h = self.encode(x)
+        z = F.normalize(self.projection(h).float(), dim=-1)  # z: [N, z_dim], unit norm, fp32
+        return z, h
+
+
+def kachayev_init(model: nn.Module) -> None:
+    """kachayev/ssl-in-one-epoch init: Linear weights N(0, 1e-3) and zero biases (convs and BN as torch defaults)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 1e-3)
+            nn.init.zeros_(m.bias)
+
+
+# ==== 4. LOSS ====
+def tcr_loss(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """Negative total coding rate, -R(Z) with R(Z) = 1/2 logdet(I_D + D/(N eps) Z^T Z) (spec 4.1-4.2).
+
+    z: [N, D] rows (not normalised here); leading dims are allowed ([P, N, D] gives the mean of -R over P, spec 4.3).
+    eps is used as is (the paper's eps^2). Computed in fp32 from the smaller Gram matrix (Sylvester: logdet(I + A^T A)
+    = logdet(I + A A^T)) with a Cholesky log-det. DEVIATION: the official code calls torch.logdet on the D x D form.
+    """
+    with torch.autocast(z.device.type, enabled=False):
+        z = z.float()
+        n, d = z.shape[-2:]
+        gram = z @ z.transpose(-1, -2) if n <= d else z.transpose(-1, -2) @ z
+        eye = torch.eye(gram.shape[-1], device=z.device, dtype=z.dtype)
+        chol, _ = torch.linalg.cholesky_ex(eye + (d / (n * eps)) * gram)  # _ex: no host sync on the info flag
+        rate = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # 1/2 logdet = sum log diag(L)
+        return -rate.mean()
+
+
+def invariance_loss(z: torch.Tensor) -> torch.Tensor:
+    """-(1/(P B)) sum_{p,b} cos(z[p, b], zbar[b]) with zbar the plain mean over patches (spec 4.4); z: [P, B, D].
+
+    CRUCIAL: zbar is neither re-normalised nor detached (official)."""
+    zbar = z.mean(0, keepdim=True)
+    return -F.cosine_similarity(z, zbar, dim=-1).mean()
+
+
+# SHARED: ddp-gather
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums every rank's gradient and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on every rank's x
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from all ranks along dim 0, gradient flowing back to each rank's own rows; identity on 1 rank."""
+    return _GatherWithGrad.apply(x) if dist.is_initialized() and dist.get_world_size() > 1 else x
+
+
+def empssl_loss(z: torch.Tensor, args: Args) -> tuple:
+    """z: this rank's [P, B_local, D]. Returns (total, invariance, -TCR), all fp32 scalars (spec 4.5).
+
+    CRUCIAL: the TCR covers the global batch (each rank's z is gathered with gradient), as in the official
+    single-process code; the invariance term is per image, and DDP's gradient averaging makes it the global mean."""
+    inv = invariance_loss(z)
+    z_all = gather_with_grad(z.transpose(0, 1)).transpose(0, 1)  # [P, B_global, D]
+    tcr = tcr_loss(z_all, args.eps)
+    return args.inv_weight * inv + args.tcr_weight * tcr, inv, tcr
+
+
+# ==== 5. OPTIMIZER & SCHEDULES ====
+# SHARED: lars
+class LARS(torch.optim.Optimizer):
+    """SGD (momentum, optional Nesterov) with layer-wise adaptive rate scaling, as solo-learn's LARSWrapper and apex LARC.
+
+    For every parameter of a group with lars=True and non-zero ||p||, ||g||:
+        local = eta ||p|| / (||g|| + wd ||p|| + eps);  ratio = min(local / lr, 1) if clip else local
+        g <- (g + wd p) * ratio
+    Groups with lars=False take plain SGD with weight decay wd p added to g. The update is then
+        buf <- momentum buf + g;  p <- p - lr (g + momentum buf if nesterov else buf)."""
+
+    def __init__(self, params, lr, momentum=0.9, nesterov=False, weight_decay=0.0, eta=0.001, clip=False, eps=1e-8):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta=eta,
+                                      clip=clip, eps=eps, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if group["lars"]:
+                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    local = group["eta"] * p_norm / (g_norm + wd * p_norm + group["eps"])
+                    ratio = (local / lr).clamp(max=1.0) if group["clip"] else local
+                    ok = (p_norm > 0) & (g_norm > 0)  # no host sync: zero norms leave g untouched
+                    g = torch.where(ok, (g + wd * p) * ratio, g)
+                elif wd:
+                    g = g + wd * p
+                if mom:
+                    buf = self.state[p].get("momentum_buffer")
+                    buf = self.state[p]["momentum_buffer"] = g.clone() if buf is None else buf.mul_(mom).add_(g)
+                    g = g + mom * buf if group["nesterov"] else buf
+                p.add_(g, alpha=-lr)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list:
+    """Matrices and convs: LARS + weight decay. 1-D tensors (biases, norms): neither (official exclude_bias_n_norm)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0, lars=False)]
+
+
+def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
+    """Learning rate for global step `step` (0-based): a pure function of the step, so resuming needs no state."""
+    total_epochs = args.lr_epochs or args.epochs
+    if args.lr_schedule == "constant":
+        return args.lr
+    if args.lr_schedule == "epoch-cosine-kachayev":  # CosineAnnealingLR(T_max=(len(loader)//bs)*epochs) per epoch
+        t_max = max(1, (steps_per_epoch // args.batch_size) * total_epochs)
+        return args.lr * 0.5 * (1 + math.cos(math.pi * (step // steps_per_epoch) / t_max))
+    # PAPER: official CosineAnnealingLR(T_max=steps_per_epoch*epochs, eta_min=0) stepped every iteration, no warm-up
+    return args.lr * 0.5 * (1 + math.cos(math.pi * step / (steps_per_epoch * total_epochs)))
+
+
+# ==== 6. TRAIN LOOP ====
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list:
+    """The epoch's global batches: a seeded permutation cut into full batches (drop_last, spec 2.2)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(rng_seed(seed, "order", epoch)))
+    return list(perm[: n // batch_size * batch_size].view(-1, batch_size))
+
+
+def train_one_epoch(run: dict, epoch: int, start_step: int) -> dict:
+    """Train from step start_step of `epoch` to its end (or to --max-steps). Returns averaged metrics."""
+    args, model, opt, scaler, device = run["args"], run["model"], run["opt"], run["scaler"], run["device"]
+    spe, is_main = run["steps_per_epoch"], run["rank"] == 0
+    batches = epoch_batches(len(run["data"]["train_x"]), args.batch_size, args.seed, epoch)
+    last = min(spe, args.max_steps - epoch * spe) if args.max_steps is not None else spe
+    keys = [(args.seed, "train", epoch, s) for s in range(start_step, last)]
+    stream = run["source"].batches(batches[start_step:last], keys, args.n_patches, run["rank"], run["world_size"])
+    sums = torch.zeros(3, device=device)  # loss, invariance, -TCR
+    bad_step = torch.full((), -1, device=device, dtype=torch.long)  # first non-finite step, found without host syncs
+    model.train()
+    bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=not is_main, dynamic_ncols=True)
+    t0, n_done = time.perf_counter(), 0
+    for step in bar:
+        gstep = epoch * spe + step
+        lr = lr_at(gstep, args, spe)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = next(stream)
+        if args.channels_last and device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with run["autocast"]:
+            z, _ = run["ddp_model"](x)
+        loss, inv, tcr = empssl_loss(z.view(args.n_patches, -1, z.shape[-1]), args)
+        bad_step = torch.where(torch.isfinite(loss) | (bad_step >= 0), bad_step, torch.full_like(bad_step, gstep))
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sums += torch.stack([loss, inv, tcr]).detach()
+        n_done += 1
+        run["global_step"] = gstep + 1
+        if (step + 1) % args.log_every == 0 or step + 1 == last:
+            if bad_step.item() >= 0:
+                raise RunError(f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); "
+                               f"try a lower --lr or --amp none")
+            m = (sums / n_done).tolist()
+            rec = dict(step=gstep + 1, epoch=epoch, loss=m[0], cos=-m[1], R=-m[2], lr=lr)
+            if is_main:
+                bar.set_postfix(loss=f"{m[0]:.2f}", cos=f"{-m[1]:.3f}", R=f"{-m[2]:.1f}", lr=f"{lr:.3f}")
+                log_jsonl(run, dict(type="train", **rec))
+        if args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe:
+            save_state(run)
+        if args.eval_every_steps and (gstep + 1) % args.eval_every_steps == 0 and step + 1 < spe:
+            run["train_time_s"] += time.perf_counter() - t0
+            evaluate(run, tag=f"step {gstep + 1}")
+            model.train()  # CRUCIAL: back to train mode after a mid-epoch evaluation (kachayev's bug, spec 9)
+            t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    run["train_time_s"] += time.perf_counter() - t0
+    run["patches_seen"] += n_done * args.batch_size * args.n_patches
+    m = (sums / max(n_done, 1)).tolist()
+    return dict(loss=m[0], cos=-m[1], R=-m[2], lr=lr_at(run["global_step"] - 1, args, spe), steps=n_done)
+
+
+def measure_ceiling(model: nn.Module, args: Args, local_batch: int, device: torch.device, autocast, steps: int) -> float:
+    """Bare forward+backward of the model on synthetic patches (no augmentation, loss or optimizer): patches/s."""
+    bare = EMPSSL(args.arch, args.hidden_dim, args.z_dim).to(device)
+    bare.load_state_dict(model.state_dict())
+    fmt = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
+    bare = bare.to(memory_format=fmt).train()
+    x = torch.randn(args.n_patches * local_batch, 3, args.image_size, args.image_size, device=device)
+    x = x.contiguous(memory_format=fmt)
+    for i in range(steps + 2):  # 2 warm-up steps
+        if i == 2:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        with autocast:
+            z, _ = bare(x)
+        z.sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * x.shape[0] / (time.perf_counter() - t0)
+
+
+# ==== 7. EVALUATION ====
+@torch.no_grad()
+def encode_bag(run: dict, images: torch.Tensor, split: str, n_patches: int) -> torch.Tensor:
+    """Official protocol (spec 2.4, 6.1): h averaged over n_patches random training-transform patches, eval mode.
+
+    n_patches=0 encodes the whole unaugmented image instead. Shards the images over ranks and gathers: [N, hidden]."""
+    args, model, device, rank, world = run["args"], run["model"], run["device"], run["rank"], run["world_size"]
+    model.eval()
+    n = len(images)
+    per_rank = math.ceil(n / world)
+    mine = torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp(max=n - 1)  # padded; trimmed after the gather
+    chunks = list(mine.split(args.eval_chunk))
+    feats = []
+    if n_patches:
+        keys = [(args.seed, "eval", split, rank, i) for i in range(len(chunks))]
+        stream = run["source"].batches(chunks, keys, n_patches)
+    else:
+        stream = ((images[c].to(device).float() / 255 - 0.5) / 0.5 for c in chunks)
+    for c, x in zip(chunks, tqdm(stream, total=len(chunks), desc=f"encode {split}", disable=rank != 0, leave=False)):
+        if args.channels_last and device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with run["autocast"]:
+            h = model.encode(x).float()
+        feats.append(h.view(max(n_patches, 1), len(c), -1).mean(0))
+    feats = torch.cat(feats)
+    if world > 1:
+        feats = gather_with_grad(feats)
+    return feats[:n]
+
+
+# SHARED: knn
+@torch.no_grad()
+def knn_eval(train_feats, train_labels, test_feats, test_labels, num_classes, k=20, t=0.07, chunk=256) -> tuple:
+    """Weighted k-NN (DINO protocol): cosine similarity on L2-normalised features, votes weighted by exp(sim / t).
+
+    Returns (top1, top5) in percent. The test set is processed in chunks of a fixed size."""
+    train_feats, test_feats = F.normalize(train_feats.float(), dim=1), F.normalize(test_feats.float(), dim=1)
+    k = min(k, len(train_feats))
+    correct1 = correct5 = 0
+    for i in range(0, len(test_feats), chunk):
+        sim, idx = (test_feats[i:i + chunk] @ train_feats.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, train_labels[idx], (sim / t).exp())
+        pred = votes.topk(min(5, num_classes), dim=1).indices
+        target = test_labels[i:i + chunk, None]
+        correct1 += (pred[:, :1] == target).sum().item()
+        correct5 += (pred == target).any(1).sum().item()
+    return 100.0 * correct1 / len(test_feats), 100.0 * correct5 / len(test_feats)
+
+
+# SHARED: linear-probe
+def linear_probe(train_feats, train_labels, test_feats, test_labels, num_classes, epochs=100, lr=0.03, wd=5e-5,
+                 batch_size=100, momentum=0.9, seed=0) -> dict:
+    """Linear classifier on frozen, precomputed features, on their device: SGD + momentum, cosine LR per epoch
+    (CosineAnnealingLR(T_max=epochs)), shuffled batches with drop_last. Returns last and best test top-1 (percent)."""
+    device = train_feats.device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    torch.manual_seed(seed)
+    head = nn.Linear(train_feats.shape[1], num_classes).to(device)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+    n = len(train_feats) // batch_size * batch_size
+    accs = []
+    for epoch in range(epochs):
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        perm = torch.randperm(len(train_feats), generator=gen)[:n].to(device)
+        for idx in perm.view(-1, batch_size):
+            loss = F.cross_entropy(head(train_feats[idx]), train_labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            accs.append((head(test_feats).argmax(1) == test_labels).float().mean())
+    accs = (torch.stack(accs) * 100).tolist()
+    return dict(last=accs[-1], best=max(accs))
+# END SHARED
+
+
+def evaluate(run: dict, tag: str) -> dict:
+    """Bag-of-features encoding (cached per checkpoint digest), then weighted k-NN and the linear probe (rank 0)."""
+    args, data, device = run["args"], run["data"], run["device"]
+    res, times = {}, {}
+    protocols = [("", args.eval_patches)] + ([("whole_", 0)] if args.eval_whole_image else [])
+    digest = state_dict_digest(run["model"].state_dict())
+    for prefix, n_patches in protocols:
+        cache = ArtifactCache(Path(args.out_dir) / "cache", rng_seed(digest, n_patches, args.seed, args.aug))
+        t0 = time.perf_counter()
+        feats = {}
+        for split in ("train", "test"):
+            feats[split] = cache.get(split) if run["world_size"] == 1 else None  # DDP: ranks encode their shards
+            if feats[split] is None:
+                feats[split] = encode_bag(run, data[f"{split}_x"], split, n_patches)
+                if run["rank"] == 0:
+                    cache.put(split, feats[split].cpu())
+            feats[split] = feats[split].to(device)
+        times[f"{prefix}encode_s"] = time.perf_counter() - t0
+        if run["rank"] == 0:
+            ytr, yte = data["train_y"].to(device), data["test_y"].to(device)
+            t0 = time.perf_counter()
+            res[f"{prefix}knn_top1"], res[f"{prefix}knn_top5"] = knn_eval(
+                feats["train"], ytr, feats["test"], yte, data["num_classes"], args.knn_k, args.knn_t)
+            times[f"{prefix}knn_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            probe = linear_probe(feats["train"], ytr, feats["test"], yte, data["num_classes"], args.probe_epochs,
+                                 args.probe_lr, args.probe_wd, args.probe_batch_size, seed=args.seed)
+            res[f"{prefix}linear_top1"], res[f"{prefix}linear_top1_best"] = probe["last"], probe["best"]
+            times[f"{prefix}probe_s"] = time.perf_counter() - t0
+        if run["world_size"] > 1:
+            dist.barrier()
+    if run["rank"] == 0:
+        log_jsonl(run, dict(type="eval", tag=tag, step=run["global_step"], **res, **times))
+        print(f"eval @ {tag} | knn@1 {res['knn_top1']:.2f} | linear@1 {res['linear_top1']:.2f} "
+              f"(best {res['linear_top1_best']:.2f}) | " + " ".join(f"{k} {v:.1f}" for k, v in times.items()))
+    for k, v in times.items():
+        run["times"][k] = run["times"].get(k, 0.0) + v
+    return res
+
+
+# ==== 8. MAIN ====
+# SHARED: ddp-setup
+def setup_distributed(device_arg: Optional[str]) -> tuple:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per device, nccl on GPU, gloo on CPU.
+    Without them: a single process, no process group. Returns (rank, world_size, device)."""
+    use_cuda = torch.cuda.is_available() and (device_arg or "cuda") != "cpu"
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device_arg or ("cuda" if use_cuda else "cpu"))
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    return rank, world_size, device
+# END SHARED
+
+
+def log_jsonl(run: dict, record: dict) -> None:
+    with open(Path(run["args"].out_dir) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_state(run: dict) -> None:
+    """Rank 0 writes out_dir/last.pt atomically: model, optimizer, scaler, global step, timers."""
+    if run["rank"] != 0:
+        return
+    save_checkpoint(dict(model=run["model"].state_dict(), optimizer=run["opt"].state_dict(),
+                         scaler=run["scaler"].state_dict(), step=run["global_step"], args=dataclasses.asdict(run["args"]),
+                         train_time_s=run["train_time_s"], patches_seen=run["patches_seen"]),
+                    Path(run["args"].out_dir) / "last.pt")
+
+
+def check_args(args: Args, world_size: int) -> None:
+    if args.arch not in RESNETS:
+        raise RunError(f"unknown --arch {args.arch!r}; choose one of {', '.join(RESNETS)}")
+    if args.batch_size % world_size:
+        raise RunError(f"--batch-size {args.batch_size} does not divide by the world size {world_size}")
+    if args.n_patches < 1 or args.eval_patches < 0:
+        raise RunError("--n-patches must be >= 1 and --eval-patches >= 0")
+    if args.lr_epochs is not None and args.lr_epochs < args.epochs:
+        raise RunError(f"--lr-epochs {args.lr_epochs} < --epochs {args.epochs}: the cosine would reach 0 and rise "
+                       f"again; pass --lr-epochs {args.epochs} (or None)")
+
+
+def run_training(args: Args) -> dict:
+    rank, world_size, device = setup_distributed(args.device)
+    check_args(args, world_size)
+    is_main = rank == 0
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.backends.cudnn.benchmark = not args.deterministic
+    torch.use_deterministic_algorithms(args.deterministic)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    t_start = time.perf_counter()
+
+    t0 = time.perf_counter()
+    data = load_data(args)
+    steps_per_epoch = len(data["train_x"]) // args.batch_size
+    if steps_per_epoch == 0:
+        raise RunError(f"--batch-size {args.batch_size} exceeds the {len(data['train_x'])} training images")
+    source = PatchSource(data["train_x"], args, device)
+    data_time = time.perf_counter() - t0
+
+    torch.manual_seed(args.seed)  # the same initial model on every rank
+    model = EMPSSL(args.arch, args.hidden_dim, args.z_dim)
+    if args.init == "kachayev":
+        kachayev_init(model)
+    model = model.to(device)
+    if args.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = LARS(param_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum, nesterov=True,
+               weight_decay=args.weight_decay, eta=args.lars_eta, clip=True)
+    use_amp = device.type == "cuda" and args.amp != "none"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and args.amp == "fp16")
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
+    autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
+
+    run = dict(args=args, rank=rank, world_size=world_size, device=device, data=data, source=source, model=model,
+               opt=opt, scaler=scaler, autocast=autocast, steps_per_epoch=steps_per_epoch, global_step=0,
+               train_time_s=0.0, patches_seen=0, times={})
+    ckpt_path = find_resume(out_dir, args.resume)
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        load_state_dict_strict(model, ckpt["model"], what=f"model in {ckpt_path}")
+        try:
+            opt.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"optimizer state in {ckpt_path} does not match: {e}")
+        scaler.load_state_dict(ckpt["scaler"])
+        run.update(global_step=ckpt["step"], train_time_s=ckpt["train_time_s"], patches_seen=ckpt["patches_seen"])
+        if is_main:
+            print(f"resumed from {ckpt_path} at step {ckpt['step']}")
+
+    if args.sync_bn and world_size > 1:
+        model_for_ddp = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    else:
+        model_for_ddp = model
+    ddp_model = model_for_ddp
+    if world_size > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(model_for_ddp, device_ids=[device] if device.type == "cuda"
+                                                        else None)
+    run["ddp_model"] = torch.compile(ddp_model) if args.compile else ddp_model
+
+    ceiling = None
+    if args.bench_ceiling_steps:
+        ceiling = measure_ceiling(model, args, args.batch_size // world_size, device, autocast,
+                                  args.bench_ceiling_steps) * world_size
+        if is_main:
+            print(f"bare forward+backward ceiling: {ceiling:,.0f} patches/s "
+                  f"({steps_per_epoch * args.batch_size * args.n_patches / ceiling:.1f} s per epoch)")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    while run["global_step"] < total_steps:
+        epoch, start = divmod(run["global_step"], steps_per_epoch)
+        m = train_one_epoch(run, epoch, start)
+        save_state(run)
+        if is_main:
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run["global_step"], **m))
+            print(f"ep {epoch + 1}/{args.epochs} | loss {m['loss']:.3f} | cos {m['cos']:.4f} | R {m['R']:.2f} | "
+                  f"lr {m['lr']:.4f} | {run['train_time_s']:.1f} s | {mem:.1f} GB")
+
+    res = evaluate(run, tag="final") if args.eval_patches else {}
+    if is_main:
+        import common
+        results = dict(
+            script=Path(__file__).name, paper="EMP-SSL (arXiv 2304.03977)", exp_name=args.exp_name,
+            args=dataclasses.asdict(args), world_size=world_size, steps_per_epoch=steps_per_epoch,
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            torch=torch.__version__, torchvision=torchvision.__version__, python=platform.python_version(),
+            epochs_done=run["global_step"] / steps_per_epoch, steps_done=run["global_step"],
+            eval_protocol=f"bag of {args.eval_patches} random training-transform patches, h ({args.hidden_dim}-d), "
+                          f"eval-mode BN; linear probe {args.probe_epochs} ep lr {args.probe_lr}; "
+                          f"weighted k-NN k={args.knn_k} T={args.knn_t}",
+            data_time_s=data_time, train_time_s=run["train_time_s"], **run["times"],
+            total_time_s=time.perf_counter() - t_start, patches_seen=run["patches_seen"],
+            patches_per_s=run["patches_seen"] / max(run["train_time_s"], 1e-9),
+            ceiling_patches_per_s=ceiling,
+            peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)
+        del common
+        with open(out_dir / "results.json", "w") as f:
+            json.dump(results, f, indent=2)
+        print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=2))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return res
+
+
+def main(args: Args) -> None:
+    try:
+        run_training(args)
+    except (RunError, CheckpointError) as e:  # CRUCIAL: bad input -> one clear line and exit code 1, no traceback
+        sys.exit(f"{Path(__file__).name}: error: {e}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,62 @@
+"""Shared fixtures: small real-image folders cut from ../shared/data, and a helper to run scripts as subprocesses."""
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def _shared(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.fail(f"missing {path}: the tests need ../shared/data beside the checkout")
+    return path
+
+
+def extract_cifar_subset(dst: Path, n_train_per_class: int, n_test_per_class: int) -> Path:
+    """Stream the CIFAR-10 JPEG tarball once and keep the first n images of every class in each split."""
+    quota = {"train": n_train_per_class, "test": n_test_per_class}
+    counts: dict = {}
+    with tarfile.open(_shared("cifar10-jpeg.tar.gz"), "r|gz") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if not member.isfile() or len(parts) != 3 or parts[0] not in quota:
+                continue
+            key = (parts[0], parts[1])
+            if counts.get(key, 0) >= quota[parts[0]]:
+                continue
+            counts[key] = counts.get(key, 0) + 1
+            out = dst / member.name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(tar.extractfile(member).read())
+    return dst
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory) -> Path:
+    """400 train + 200 test real CIFAR-10 images (JPEG q75 copy) as an image folder with train/ and test/."""
+    return extract_cifar_subset(tmp_path_factory.mktemp("cifar10-mini"), 40, 20)
+
+
+@pytest.fixture(scope="session")
+def imagewoof_dir(tmp_path_factory) -> Path:
+    """160 real ImageNet photos (10 dog classes) in the ImageNet folder layout, train/ and val/."""
+    dst = tmp_path_factory.mktemp("imagewoof-mini")
+    with tarfile.open(_shared("imagewoof-mini.tar")) as tar:
+        tar.extractall(dst, filter="data")
+    return dst
+
+
+def run_script(args, timeout=300, nproc=None, env=None) -> subprocess.CompletedProcess:
+    """Run `python script.py args` (or `torchrun --standalone --nproc_per_node=nproc ...`) from the project root."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    cmd = [sys.executable]
+    if nproc:
+        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += [str(a) for a in args]
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,276 @@
+"""Tests for common/: torchvision-exact ResNets, MAE-layout ViT, and the checkpoint helpers (CPU, no network)."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import checkpoint as ckpt  # noqa: E402
+from common.checkpoint import (  # noqa: E402
+    ArtifactCache,
+    CheckpointError,
+    find_resume,
+    load_checkpoint,
+    load_state_dict_strict,
+    save_checkpoint,
+    state_dict_digest,
+)
+from common.resnet import RESNETS, resnet18, resnet18_cifar, resnet50  # noqa: E402
+from common.vit import VITS, VisionTransformer, vit_base  # noqa: E402
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+# ---------------------------------------------------------------- ResNet
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnet_matches_torchvision(name):
+    torch.manual_seed(0)
+    ours = RESNETS[name](num_classes=1000)
+    tv = getattr(torchvision.models, name)()
+    sd, tv_sd = ours.state_dict(), tv.state_dict()
+    assert list(sd.keys()) == list(tv_sd.keys())
+    assert all(sd[k].shape == tv_sd[k].shape for k in sd)
+    tv.load_state_dict(sd, strict=True)
+    ours.eval(), tv.eval()
+    tv.fc = nn.Identity()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        f_ours, f_tv = ours.forward_features(x), tv(x)
+    assert f_ours.shape == (2, ours.num_features) == (2, 512 if name == "resnet18" else 2048)
+    torch.testing.assert_close(f_ours, f_tv, atol=1e-5, rtol=1e-5)
+
+
+def test_resnet_headless_and_init():
+    m = resnet50()
+    assert isinstance(m.fc, nn.Identity) and not any(k.startswith("fc.") for k in m.state_dict())
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 2048)
+    assert torch.all(m.layer1[0].bn3.weight == 1) and torch.all(m.bn1.bias == 0)
+    z = resnet18(zero_init_residual=True)
+    assert all(torch.all(b.bn2.weight == 0) for layer in [z.layer1, z.layer4] for b in layer)
+    assert torch.all(z.layer1[0].bn1.weight == 1)
+    # kaiming fan_out: std = sqrt(2 / (c_out * k * k))
+    w = resnet50().layer3[0].conv2.weight
+    assert abs(w.std().item() - (2 / (256 * 9)) ** 0.5) < 0.05 * (2 / (256 * 9)) ** 0.5
+
+
+def test_resnet18_cifar():
+    m = resnet18_cifar()
+    assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1) and m.conv1.padding == (1, 1)
+    assert m.conv1.bias is None and isinstance(m.maxpool, nn.Identity)
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    tv = torchvision.models.resnet18()
+    expected = n_params(tv) - n_params(tv.fc) - (7 * 7 - 3 * 3) * 3 * 64
+    assert n_params(m) == expected == 11_168_832
+
+
+# ---------------------------------------------------------------- ViT
+
+
+def small_vit(**kw):
+    return VisionTransformer(**{"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 4, **kw})
+
+
+def test_vit_base_matches_mae_layout():
+    D, N, H = 768, (224 // 16) ** 2, 3072
+    shapes = {
+        "cls_token": (1, 1, D),
+        "pos_embed": (1, 1 + N, D),
+        "patch_embed.proj.weight": (D, 3, 16, 16),
+        "patch_embed.proj.bias": (D,),
+        "norm.weight": (D,),
+        "norm.bias": (D,),
+    }
+    per_block = {"norm1": (D, D), "attn.qkv": (3 * D, D), "attn.proj": (D, D), "norm2": (D, D)}
+    per_block.update({"mlp.fc1": (H, D), "mlp.fc2": (D, H)})
+    for i in range(12):
+        for name, (out, inp) in per_block.items():
+            norm = name.startswith("norm")
+            shapes[f"blocks.{i}.{name}.weight"] = (out,) if norm else (out, inp)
+            shapes[f"blocks.{i}.{name}.bias"] = (out,)
+    sd = vit_base().state_dict()
+    assert set(sd) == set(shapes)
+    assert {k: tuple(v.shape) for k, v in sd.items()} == shapes
+    assert set(VITS) == {"vit_tiny", "vit_small", "vit_base", "vit_large"}
+    assert VITS["vit_tiny"](img_size=32, patch_size=4).embed_dim == 192
+    head = vit_base(num_classes=10).state_dict()
+    assert head["head.weight"].shape == (10, D)
+
+
+def test_vit_layers_and_pos_embed():
+    m = small_vit()
+    lns = [mod for mod in m.modules() if isinstance(mod, nn.LayerNorm)]
+    assert len(lns) == 2 * 2 + 1 and all(ln.eps == 1e-6 for ln in lns)
+    assert not m.pos_embed.requires_grad and "pos_embed" not in [n for n, p in m.named_parameters() if p.requires_grad]
+    pe = m.pos_embed[0]
+    assert torch.all(pe[0] == 0)  # CLS position
+    # grid of 8x8 patches, row-major: first half of dims encodes the column, second half the row
+    half = m.embed_dim // 2
+    p00, p01, p10 = pe[1], pe[1 + 1], pe[1 + 8]
+    assert torch.equal(p00[half:], p01[half:]) and not torch.equal(p00[:half], p01[:half])
+    assert torch.equal(p00[:half], p10[:half]) and not torch.equal(p00[half:], p10[half:])
+    q = half // 2  # position 0: sin(0) = 0, cos(0) = 1
+    assert torch.equal(p00[:q], torch.zeros(q)) and torch.equal(p00[q:half], torch.ones(q))
+    assert small_vit(pos_embed="learned").pos_embed.requires_grad
+    assert m.blocks[0].attn.scale == (64 // 4) ** -0.5
+    assert torch.all(m.blocks[1].mlp.fc1.bias == 0) and m.blocks[1].mlp.fc1.weight.shape == (256, 64)
+    with pytest.raises(ValueError, match="32x32"):
+        m.prepare_tokens(torch.randn(1, 3, 48, 48))
+
+
+def test_vit_drop_path():
+    m = small_vit(drop_path_rate=0.2, depth=3)
+    assert [b.drop_path.p for b in m.blocks] == pytest.approx([0.0, 0.1, 0.2])
+    x = torch.randn(4, 3, 32, 32)
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m(x))
+    m.train()
+    torch.manual_seed(0)
+    y = m.blocks[2].drop_path(torch.ones(1000, 2, 3))
+    kept = y[:, 0, 0]
+    assert set(kept.unique().tolist()) <= {0.0, 1 / 0.8} and 0.1 < (kept == 0).float().mean() < 0.3
+
+
+def test_vit_return_all_and_explicit_attention():
+    torch.manual_seed(0)
+    m = small_vit().eval()
+    x = torch.randn(2, 3, 32, 32)
+    B, T, D, H = 2, 1 + 64, 64, 4
+    with torch.no_grad():
+        out = m.forward_features(x)
+        allo = m.forward_features(x, return_all=True)
+        cls = m(x)
+    assert out.shape == (B, T, D) and cls.shape == (B, D)
+    torch.testing.assert_close(cls, out[:, 0])
+    assert len(allo["blocks"]) == 2 and all(b.shape == (B, T, D) for b in allo["blocks"])
+    assert allo["attn_logits"].shape == (B, H, T, T)
+    torch.testing.assert_close(allo["out"], out, atol=1e-5, rtol=1e-5)  # fused path == explicit-logits path
+    torch.testing.assert_close(m.norm(allo["blocks"][-1]), out, atol=1e-5, rtol=1e-5)
+    # recompute the last block's logits and attention output by hand
+    blk = m.blocks[-1]
+    with torch.no_grad():
+        q, k, v = blk.attn.qkv(blk.norm1(allo["blocks"][0])).reshape(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        logits = q @ k.transpose(-2, -1) / (D // H) ** 0.5
+        a = blk.attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D))
+        a_fused = blk.attn(blk.norm1(allo["blocks"][0]))
+    torch.testing.assert_close(allo["attn_logits"], logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a_fused, a, atol=1e-5, rtol=1e-5)
+
+
+def test_vit_checkpoint_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    m = small_vit(pos_embed="learned").eval()
+    save_checkpoint({"model": m.state_dict()}, tmp_path / "vit.pt")
+    torch.manual_seed(1)
+    fresh = small_vit(pos_embed="learned").eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(fresh(x), m(x))
+    load_state_dict_strict(fresh, load_checkpoint(tmp_path / "vit.pt")["model"])
+    with torch.no_grad():
+        assert torch.equal(fresh(x), m(x))
+
+
+# ---------------------------------------------------------------- checkpoint
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "sub" / "last.pt"
+    save_checkpoint({"epoch": 1, "w": torch.arange(3)}, path)  # creates the parent dir
+    assert os.listdir(path.parent) == ["last.pt"]
+    save_checkpoint({"epoch": 2}, path)
+    assert os.listdir(path.parent) == ["last.pt"] and load_checkpoint(path)["epoch"] == 2
+    before = path.read_bytes()
+
+    def dying_save(obj, f, *a, **kw):  # writes half a file, then "gets killed"
+        f.write(b"partial garbage")
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"epoch": 3}, path)
+    assert path.read_bytes() == before and os.listdir(path.parent) == ["last.pt"]
+
+
+def test_load_errors(tmp_path):
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(CheckpointError, match="checkpoint not found") as e:
+        load_checkpoint(missing)
+    assert str(missing) in str(e.value)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint\n\n")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(bad)
+    assert str(e.value).startswith(f"cannot read checkpoint {bad}: ") and "\n" not in str(e.value)
+
+
+def test_load_state_dict_strict_message():
+    m = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    sd = m.state_dict()
+    sd.pop("1.bias")
+    sd["0.weight"] = torch.zeros(5, 4)
+    sd["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict_strict(m, sd, what="teacher")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("teacher")
+    assert "1.bias" in msg and "extra.weight" in msg and "0.weight: ckpt (5, 4) vs model (3, 4)" in msg
+    many = {f"junk{i}": torch.zeros(1) for i in range(8)}
+    with pytest.raises(CheckpointError, match=r"\+3 more"):
+        load_state_dict_strict(m, {**m.state_dict(), **many})
+    m2 = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    load_state_dict_strict(m2, m.state_dict())
+    assert torch.equal(m2[0].weight, m[0].weight)
+
+
+def test_find_resume(tmp_path):
+    assert find_resume(tmp_path) is None
+    save_checkpoint({}, tmp_path / "last.pt")
+    assert find_resume(tmp_path) == tmp_path / "last.pt"
+    other = tmp_path / "ep5.pt"
+    save_checkpoint({}, other)
+    assert find_resume(tmp_path, str(other)) == other
+    with pytest.raises(CheckpointError, match="missing.pt"):
+        find_resume(tmp_path, tmp_path / "missing.pt")
+
+
+def test_state_dict_digest():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    d = state_dict_digest(m.state_dict())
+    assert len(d) == 16 and int(d, 16) >= 0
+    assert state_dict_digest({k: v.clone() for k, v in reversed(m.state_dict().items())}) == d
+    with torch.no_grad():
+        m[0].weight[0, 0] += 1e-6
+    assert state_dict_digest(m.state_dict()) != d
+    sd = {"w": torch.ones(3, dtype=torch.bfloat16), "n": torch.tensor(5)}
+    assert state_dict_digest(sd) == state_dict_digest({k: v.clone() for k, v in sd.items()})
+    assert state_dict_digest(sd) != state_dict_digest({**sd, "w": torch.ones(3)})  # dtype counts
+    assert state_dict_digest(sd) != state_dict_digest({**sd, "w": torch.ones(1, 3, dtype=torch.bfloat16)})  # shape
+
+
+def test_artifact_cache(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"feats": torch.arange(6.0).reshape(2, 3), "labels": torch.tensor([0, 1])}
+
+    cache = ArtifactCache(tmp_path, "abc123-knn")
+    assert cache.get("train") is None
+    a = cache.get_or_compute("train", compute)
+    b = ArtifactCache(tmp_path, "abc123-knn").get_or_compute("train", compute)
+    assert len(calls) == 1 and torch.equal(a["feats"], b["feats"]) and torch.equal(b["labels"], torch.tensor([0, 1]))
+    assert (tmp_path / "abc123-knn" / "train.pt").is_file()
+    cache.put("val", [1, 2])
+    assert cache.get("val") == [1, 2] and ArtifactCache(tmp_path, "other").get("val") is None
+    assert sorted(os.listdir(tmp_path / "abc123-knn")) == ["train.pt", "val.pt"]
