@@ -267,32 +267,24 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     d = delta.clamp_min(1e-12)
     rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
     h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = (h / 6.0 + shift[:, None, None]) % 1.0
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.long() % 6
-    v = maxc
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    choices = torch.stack([torch.stack(c, 0) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))], 1)
-    return choices.gather(0, i[None, None].expand(1, 3, *i.shape)).squeeze(0)  # [6, 3, N, H, W] -> [3, N, H, W]
+    h6 = ((h / 6.0 + shift[:, None, None]) % 1.0) * 6.0  # hue in sixths of a turn, [0, 6)
+    # HSV -> RGB in closed form: channel n (r=5, g=3, b=1) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None, None] + h6[:, None]) % 6
+    return maxc[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
 def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
-    """torchvision ColorJitter semantics, batched: brightness, contrast, saturation, hue in a per-image random order."""
+    """torchvision ColorJitter semantics, batched: brightness, contrast, saturation, hue in a per-image random order.
+
+    factors: [N, 4] (brightness, contrast, saturation factors; hue shift); order: [N, 4] permutations; apply: [N].
+    Brightness, contrast and saturation are blends f x + (1 - f) m with m = 0, the mean luma, or the luma image."""
     for slot in range(4):
-        op = order[:, slot]
-        for k in range(4):
-            sel = (apply & (op == k))[:, None, None, None]
-            f = factors[:, k, None, None, None]
-            if k == 0:
-                y = x * f
-            elif k == 1:
-                y = f * x + (1 - f) * grayscale(x).mean((1, 2, 3), keepdim=True)
-            elif k == 2:
-                y = f * x + (1 - f) * grayscale(x)
-            else:
-                y = adjust_hue(x, factors[:, 3]).permute(1, 0, 2, 3)
-            x = torch.where(sel, y.clamp(0, 1), x)
+        op = torch.where(apply, order[:, slot], -1).view(-1, 1, 1, 1)  # -1: jitter not applied to this image
+        f = factors.gather(1, op.view(-1, 1).clamp(min=0)).view(-1, 1, 1, 1)
+        gray = grayscale(x)
+        m = torch.where(op == 1, gray.mean((1, 2, 3), keepdim=True), torch.where(op == 2, gray, 0.0))
+        blended = (f * x + (1 - f) * m).clamp(0, 1)
+        x = torch.where(op == 3, adjust_hue(x, factors[:, 3]), torch.where(op >= 0, blended, x))
     return x
 
 
@@ -729,7 +721,7 @@ def evaluate(run: dict, tag: str) -> dict:
     protocols = [("", args.eval_patches)] + ([("whole_", 0)] if args.eval_whole_image else [])
     digest = state_dict_digest(run["model"].state_dict())
     for prefix, n_patches in protocols:
-        cache = ArtifactCache(Path(args.out_dir) / "cache", rng_seed(digest, n_patches, args.seed, args.aug))
+        cache = ArtifactCache(Path(args.out_dir) / "cache", f"{rng_seed(digest, n_patches, args.seed, args.aug):014x}")
         t0 = time.perf_counter()
         feats = {}
         for split in ("train", "test"):
