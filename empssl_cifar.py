@@ -567,11 +567,12 @@ def train_one_epoch(run: dict, epoch: int, start_step: int) -> dict:
     last = min(spe, args.max_steps - epoch * spe) if args.max_steps is not None else spe
     keys = [(args.seed, "train", epoch, s) for s in range(start_step, last)]
     stream = run["source"].batches(batches[start_step:last], keys, args.n_patches, run["rank"], run["world_size"])
-    sums = torch.zeros(3, device=device)  # loss, invariance, -TCR
-    bad_step = torch.full((), -1, device=device, dtype=torch.long)  # first non-finite step, found without host syncs
+    sums, window = torch.zeros(3, device=device), torch.zeros(3, device=device)  # loss, invariance, -TCR
+    no_bad = 2**62
+    bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
     model.train()
     bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=not is_main, dynamic_ncols=True)
-    t0, n_done = time.perf_counter(), 0
+    t0, n_done, n_logged = time.perf_counter(), 0, 0
     for step in bar:
         gstep = epoch * spe + step
         lr = lr_at(gstep, args, spe)
@@ -583,19 +584,24 @@ def train_one_epoch(run: dict, epoch: int, start_step: int) -> dict:
         with run["autocast"]:
             z, _ = run["ddp_model"](x)
         loss, inv, tcr = empssl_loss(z.view(args.n_patches, -1, z.shape[-1]), args)
-        bad_step = torch.where(torch.isfinite(loss) | (bad_step >= 0), bad_step, torch.full_like(bad_step, gstep))
+        bad_step = torch.minimum(bad_step, torch.where(torch.isfinite(loss), no_bad, gstep + 1))
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        sums += torch.stack([loss, inv, tcr]).detach()
+        window += torch.stack([loss, inv, tcr]).detach()
         n_done += 1
         run["global_step"] = gstep + 1
         if (step + 1) % args.log_every == 0 or step + 1 == last:
-            if bad_step.item() >= 0:
+            if run["world_size"] > 1:  # log the global means; every rank stops at the same non-finite step
+                dist.all_reduce(window)
+                window /= run["world_size"]
+                dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+            if bad_step.item() < no_bad:
                 raise RunError(f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); "
                                f"try a lower --lr or --amp none")
-            m = (sums / n_done).tolist()
+            m = (window / (n_done - n_logged)).tolist()  # mean over the steps since the last log line
+            sums, window, n_logged = sums + window, torch.zeros_like(window), n_done
             rec = dict(step=gstep + 1, epoch=epoch, loss=m[0], cos=-m[1], R=-m[2], lr=lr)
             if is_main:
                 bar.set_postfix(loss=f"{m[0]:.2f}", cos=f"{-m[1]:.3f}", R=f"{-m[2]:.1f}", lr=f"{lr:.3f}")
@@ -799,8 +805,8 @@ def check_args(args: Args, world_size: int) -> None:
 
 
 def run_training(args: Args) -> dict:
+    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))  # before any process group: bad input fails fast
     rank, world_size, device = setup_distributed(args.device)
-    check_args(args, world_size)
     is_main = rank == 0
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,189 @@
+"""End-to-end runs of empssl_cifar.py on real CIFAR-10 images: smoke, learning, resume after a kill, DDP, bad inputs."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from conftest import ROOT, run_script
+
+SCRIPT = ROOT / "empssl_cifar.py"
+# small and fast on 2 CPU cores: the ImageNet-stem ResNet-18 on 32x32 costs 1/16 of the CIFAR stem
+TINY = ["--batch-size", "16", "--n-patches", "2", "--arch", "resnet18", "--hidden-dim", "128", "--z-dim", "32",
+        "--device", "cpu", "--log-every", "5", "--probe-epochs", "20"]
+
+
+def imagefolder(path):
+    return ["--dataset", "imagefolder", "--data-dir", path]
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    err_lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(err_lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in err_lines[0], err_lines[0]
+
+
+def test_smoke_learns_on_real_cifar(cifar_dir, tmp_path):
+    """One epoch on 400 real CIFAR-10 images: the loss falls, both evaluations run, results.json is complete."""
+    out = tmp_path / "run"
+    proc = run_script([SCRIPT, *imagefolder(cifar_dir), *TINY, "--epochs", "1", "--lr-epochs", "1",
+                       "--eval-patches", "4", "--eval-every-steps", "10", "--eval-whole-image", "--out-dir", out])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    for key in ("knn_top1", "knn_top5", "linear_top1", "linear_top1_best", "whole_knn_top1", "whole_linear_top1"):
+        assert 0.0 <= res[key] <= 100.0, (key, res[key])
+    assert res["linear_top1"] <= res["linear_top1_best"]
+    for key in ("data_time_s", "train_time_s", "encode_s", "probe_s", "knn_s", "total_time_s", "patches_per_s"):
+        assert res[key] > 0 and math.isfinite(res[key]), key
+    assert res["steps_done"] == 400 // 16 and res["patches_seen"] == 25 * 16 * 2
+    assert res["args"]["n_patches"] == 2 and res["world_size"] == 1
+    log = read_log(out)
+    train = [r for r in log if r["type"] == "train"]
+    evals = [r for r in log if r["type"] == "eval"]
+    assert [r["tag"] for r in evals] == ["step 10", "step 20", "final"]
+    assert len([r for r in log if r["type"] == "epoch"]) == 1
+    # EMP-SSL learns: the total loss (200 * -cos - R) falls from the first logged window to the last
+    assert all(math.isfinite(r["loss"]) for r in train)
+    assert train[-1]["loss"] < train[0]["loss"] - 1.0, [r["loss"] for r in train]
+    assert train[-1]["cos"] > train[0]["cos"]
+    # one summary line per epoch on stdout
+    assert sum(line.startswith("ep 1/1 |") for line in proc.stdout.splitlines()) == 1
+
+
+def test_resume_after_kill_equals_uninterrupted(cifar_dir, tmp_path):
+    """Kill a 1-epoch run mid-epoch (SIGKILL after a step checkpoint), rerun it: the weights equal an uninterrupted
+    run's exactly. A third run of the finished directory re-evaluates from the feature cache."""
+    flags = [SCRIPT, *imagefolder(cifar_dir), *TINY, "--epochs", "1", "--eval-patches", "0"]
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    proc = run_script([*flags, "--out-dir", ref])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    cmd = [sys.executable, *map(str, flags), "--out-dir", str(out), "--save-every-steps", "2"]
+    victim = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "last.pt").exists() and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = torch.load(out / "last.pt", weights_only=False)["step"]
+    assert 0 < killed_at < 25, killed_at  # stopped mid-epoch
+
+    proc = run_script([*flags, "--out-dir", out, "--save-every-steps", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {out / 'last.pt'} at step {killed_at}" in proc.stdout
+    a, b = (torch.load(d / "last.pt", weights_only=False) for d in (ref, out))
+    assert a["step"] == b["step"] == 25
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+
+
+def test_evaluation_resumes_from_feature_cache(cifar_dir, tmp_path):
+    """A finished run started again skips training and reuses the cached bag features: same accuracies."""
+    flags = [SCRIPT, *imagefolder(cifar_dir), *TINY, "--epochs", "1", "--max-steps", "3", "--eval-patches", "2",
+             "--out-dir", tmp_path]
+    first = run_script(flags)
+    assert first.returncode == 0, first.stderr[-3000:]
+    r1 = json.loads((tmp_path / "results.json").read_text())
+    cached = sorted(p.name for p in (tmp_path / "cache").rglob("*.pt"))
+    assert cached == ["test.pt", "train.pt"]
+    second = run_script(flags)
+    assert second.returncode == 0, second.stderr[-3000:]
+    r2 = json.loads((tmp_path / "results.json").read_text())
+    assert "resumed from" in second.stdout and "ep 1/1" not in second.stdout  # no training step ran
+    assert (r2["knn_top1"], r2["linear_top1"]) == (r1["knn_top1"], r1["linear_top1"])
+    assert r2["encode_s"] < r1["encode_s"]
+
+
+def test_ddp_two_ranks_equal_one_process(cifar_dir, tmp_path):
+    """2-process torchrun (gloo): the first step's loss, gradients and LARS-updated weights equal one process on the
+    same global batch (per-rank BatchNorm emulated by running each rank's images separately)."""
+    worker = ROOT / "tests" / "empssl_ddp_step.py"
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "ref").mkdir()
+    proc = run_script([worker, cifar_dir, tmp_path / "ddp"], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_script([worker, cifar_dir, tmp_path / "ref", "--emulate-ranks", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = torch.load(tmp_path / "ref" / "rank0.pt")
+    for rank in (0, 1):
+        got = torch.load(tmp_path / "ddp" / f"rank{rank}.pt")
+        torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["tcr"], ref["tcr"], rtol=1e-5, atol=1e-5)
+        for k, g in ref["grads"].items():
+            torch.testing.assert_close(got["grads"][k], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"grad {k}: {m}")
+        for k, w in ref["weights"].items():
+            torch.testing.assert_close(got["weights"][k], w, rtol=1e-5, atol=1e-6, msg=lambda m: f"weight {k}: {m}")
+    assert ref["grads"]["backbone.conv1.weight"].abs().sum() > 0  # the comparison is not vacuous
+
+
+def test_torchrun_two_ranks_end_to_end(cifar_dir, tmp_path):
+    """The whole script under torchrun --nproc_per_node=2 on CPU: trains, evaluates on sharded features, one results."""
+    proc = run_script([SCRIPT, *imagefolder(cifar_dir), *TINY, "--epochs", "1", "--max-steps", "4",
+                       "--eval-patches", "2", "--out-dir", tmp_path], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["world_size"] == 2 and res["steps_done"] == 4
+    assert 0 <= res["knn_top1"] <= 100 and 0 <= res["linear_top1"] <= 100
+
+
+def test_pil_reference_path_and_val_folder(imagewoof_dir, tmp_path):
+    """--aug pil (the official PIL pipeline) on real ImageNet photos with a val/ split, resized to 32 at load."""
+    proc = run_script([SCRIPT, *imagefolder(imagewoof_dir), *TINY, "--batch-size", "8", "--aug", "pil",
+                       "--pil-workers", "0", "--epochs", "1", "--max-steps", "3", "--eval-patches", "2",
+                       "--image-size", "32", "--out-dir", tmp_path])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["steps_done"] == 3 and 0 <= res["linear_top1"] <= 100
+
+
+# ---- bad inputs: one clear line on stderr, non-zero exit --------------------------------------------------------
+def test_missing_data_dir(tmp_path):
+    proc = run_script([SCRIPT, *imagefolder(tmp_path / "nope"), *TINY, "--out-dir", tmp_path / "o"])
+    assert_one_line_error(proc, "data dir not found", "nope")
+
+
+def test_unknown_arch(cifar_dir, tmp_path):
+    proc = run_script([SCRIPT, *imagefolder(cifar_dir), *TINY, "--arch", "resnet19", "--out-dir", tmp_path])
+    assert_one_line_error(proc, "unknown --arch 'resnet19'")
+
+
+def test_batch_not_divisible_by_world_size(cifar_dir, tmp_path):
+    """Checked from torchrun's environment before any process group is created."""
+    env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
+    proc = run_script([SCRIPT, *imagefolder(cifar_dir), *TINY, "--batch-size", "15", "--out-dir", tmp_path], env=env)
+    assert_one_line_error(proc, "--batch-size 15 does not divide by the world size 2")
+
+
+def test_checkpoint_from_another_model(cifar_dir, tmp_path):
+    flags = [SCRIPT, *imagefolder(cifar_dir), *TINY, "--max-steps", "1", "--eval-patches", "0", "--out-dir", tmp_path]
+    assert run_script(flags).returncode == 0
+    proc = run_script([*flags, "--z-dim", "16"])
+    assert_one_line_error(proc, "last.pt", "shape mismatch", "projection.3.weight")
+
+
+def test_non_finite_loss_names_the_step(cifar_dir, tmp_path):
+    """An absurd LR blows the un-LARS'd BatchNorm parameters up; the run stops naming the first bad step."""
+    proc = run_script([SCRIPT, *imagefolder(cifar_dir), *TINY, "--lr", "1e20", "--lr-schedule", "constant",
+                       "--eval-patches", "0", "--out-dir", tmp_path])
+    assert_one_line_error(proc, "non-finite loss at step 2")
+
+
+def test_image_folder_without_test_split(cifar_dir, tmp_path):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    proc = run_script([SCRIPT, *imagefolder(tmp_path / "data"), *TINY, "--out-dir", tmp_path / "o"])
+    assert_one_line_error(proc, "must hold train/ and test/")
