@@ -366,44 +366,34 @@ def patch_major(batch: list) -> torch.Tensor:
     return x.reshape(-1, *x.shape[2:])
 
 
-class PatchSource:
-    """Yields patch batches [P*b, 3, S, S] (patch-major) for lists of image indices, through either pipeline.
+def patch_batches(images: torch.Tensor, index_batches: list, keys: list, n_patches: int, args: Args,
+                  device: torch.device, rank: int = 0, world_size: int = 1):
+    """Yield patch batches [P*b, 3, S, S] (patch-major) of `images` for global index batches, via --aug gpu or pil.
 
-    Each batch's draws depend only on (seed key, the global index list), so a 2-rank run sees exactly the patches of a
-    1-rank run on the same global batch, and a resumed run replays the stream of an uninterrupted one."""
-
-    def __init__(self, images: torch.Tensor, args: Args, device: torch.device):
-        self.args, self.device = args, device
-        self.size = images.shape[-1]
-        self.crop = round(math.sqrt(args.crop_scale) * self.size)  # 16 for CIFAR
-        self.images = images.to(device) if args.aug == "gpu" else images  # CRUCIAL: uint8 data stays on the GPU
-        self.gen = torch.Generator(device=device)
-
-    def batches(self, index_batches: list, keys: list, n_patches: int, rank: int = 0, world_size: int = 1):
-        """index_batches: global index tensors; each rank keeps its contiguous share of every batch."""
-        if self.args.aug == "pil":
-            yield from self._pil(index_batches, keys, n_patches, rank, world_size)
-            return
-        for idx, key in zip(index_batches, keys):
-            b = len(idx) // world_size
-            self.gen.manual_seed(rng_seed(*key))
-            p = sample_patch_params(self.gen, n_patches * len(idx), self.size, self.crop)  # drawn for the global batch
-            cols = torch.arange(rank * b, (rank + 1) * b, device=self.device)
-            sel = (torch.arange(n_patches, device=self.device)[:, None] * len(idx) + cols).flatten()  # patch-major
-            local = idx[rank * b:(rank + 1) * b].to(self.device)
-            yield augment_patches(self.images[local.repeat(n_patches)], take_params(p, sel), self.crop,
-                                  self.args.solarize_threshold)
-
-    def _pil(self, index_batches, keys, n_patches, rank, world_size):
+    images: uint8 [N, 3, S, S], on the device for --aug gpu (CRUCIAL: the data never leaves the GPU), else on the CPU.
+    Each rank keeps its contiguous share of every global batch. A batch's draws depend only on its key and the global
+    batch, so a 2-rank run sees exactly the patches of a 1-rank run, and a resumed run replays an uninterrupted one."""
+    size = images.shape[-1]
+    crop = round(math.sqrt(args.crop_scale) * size)  # 16 for CIFAR
+    if args.aug == "pil":
         items = []
         for idx, key in zip(index_batches, keys):
             b = len(idx) // world_size
             items.append([(int(i), rng_seed(*key, rank * b + j)) for j, i in enumerate(idx[rank * b:(rank + 1) * b])])
-        ds = PILPatches(self.images, n_patches, self.args.crop_scale, self.args.solarize_threshold)
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=items, num_workers=self.args.pil_workers,
-                                             collate_fn=patch_major, pin_memory=self.device.type == "cuda")
-        for x in loader:
-            yield x.to(self.device, non_blocking=True)
+        ds = PILPatches(images, n_patches, args.crop_scale, args.solarize_threshold)
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=items, num_workers=args.pil_workers,
+                                             collate_fn=patch_major, pin_memory=device.type == "cuda")
+        yield from (x.to(device, non_blocking=True) for x in loader)
+        return
+    gen = torch.Generator(device=device)
+    for idx, key in zip(index_batches, keys):
+        b = len(idx) // world_size
+        gen.manual_seed(rng_seed(*key))
+        p = sample_patch_params(gen, n_patches * len(idx), size, crop)  # drawn for the whole global batch
+        cols = torch.arange(rank * b, (rank + 1) * b, device=device)
+        sel = (torch.arange(n_patches, device=device)[:, None] * len(idx) + cols).flatten()  # this rank, patch-major
+        local = idx[rank * b:(rank + 1) * b].to(device)
+        yield augment_patches(images[local.repeat(n_patches)], take_params(p, sel), crop, args.solarize_threshold)
 
 
 # ==== 3. MODEL ====
@@ -566,7 +556,8 @@ def train_one_epoch(run: dict, epoch: int, start_step: int) -> dict:
     batches = epoch_batches(len(run["data"]["train_x"]), args.batch_size, args.seed, epoch)
     last = min(spe, args.max_steps - epoch * spe) if args.max_steps is not None else spe
     keys = [(args.seed, "train", epoch, s) for s in range(start_step, last)]
-    stream = run["source"].batches(batches[start_step:last], keys, args.n_patches, run["rank"], run["world_size"])
+    stream = patch_batches(run["data"]["train_x"], batches[start_step:last], keys, args.n_patches, args, device,
+                           run["rank"], run["world_size"])
     sums, window = torch.zeros(3, device=device), torch.zeros(3, device=device)  # loss, invariance, -TCR
     no_bad = 2**62
     bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
@@ -657,7 +648,7 @@ def encode_bag(run: dict, images: torch.Tensor, split: str, n_patches: int) -> t
     feats = []
     if n_patches:
         keys = [(args.seed, "eval", split, rank, i) for i in range(len(chunks))]
-        stream = run["source"].batches(chunks, keys, n_patches)
+        stream = patch_batches(images, chunks, keys, n_patches, args, device)
     else:
         stream = ((images[c].to(device).float() / 255 - 0.5) / 0.5 for c in chunks)
     for c, x in zip(chunks, tqdm(stream, total=len(chunks), desc=f"encode {split}", disable=rank != 0, leave=False)):
@@ -811,7 +802,8 @@ def run_training(args: Args) -> dict:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.backends.cudnn.benchmark = not args.deterministic
-    torch.use_deterministic_algorithms(args.deterministic)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     t_start = time.perf_counter()
 
@@ -820,7 +812,8 @@ def run_training(args: Args) -> dict:
     steps_per_epoch = len(data["train_x"]) // args.batch_size
     if steps_per_epoch == 0:
         raise RunError(f"--batch-size {args.batch_size} exceeds the {len(data['train_x'])} training images")
-    source = PatchSource(data["train_x"], args, device)
+    if args.aug == "gpu":  # CRUCIAL: decode once, keep the uint8 images on the device (150 MB for CIFAR)
+        data.update(train_x=data["train_x"].to(device), test_x=data["test_x"].to(device))
     data_time = time.perf_counter() - t0
 
     torch.manual_seed(args.seed)  # the same initial model on every rank
@@ -837,7 +830,7 @@ def run_training(args: Args) -> dict:
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
     autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
 
-    run = dict(args=args, rank=rank, world_size=world_size, device=device, data=data, source=source, model=model,
+    run = dict(args=args, rank=rank, world_size=world_size, device=device, data=data, model=model,
                opt=opt, scaler=scaler, autocast=autocast, steps_per_epoch=steps_per_epoch, global_step=0,
                train_time_s=0.0, patches_seen=0, times={})
     ckpt_path = find_resume(out_dir, args.resume)
@@ -902,11 +895,13 @@ def run_training(args: Args) -> dict:
             total_time_s=time.perf_counter() - t_start, patches_seen=run["patches_seen"],
             patches_per_s=run["patches_seen"] / max(run["train_time_s"], 1e-9),
             ceiling_patches_per_s=ceiling,
+            ceiling_ratio=run["patches_seen"] / max(run["train_time_s"], 1e-9) / ceiling if ceiling else None,
             peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
             script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)
         del common
-        with open(out_dir / "results.json", "w") as f:
-            json.dump(results, f, indent=2)
+        tmp = out_dir / f"results.json.tmp.{os.getpid()}"
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, out_dir / "results.json")  # atomic, like the checkpoints
         print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=2))
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -22,7 +22,6 @@ def main():
                   hidden_dim=64, z_dim=16, device="cpu")
     rank, world_size, device = E.setup_distributed("cpu")
     data = E.load_data(args)
-    source = E.PatchSource(data["train_x"], args, device)
     torch.manual_seed(args.seed)
     model = E.EMPSSL(args.arch, args.hidden_dim, args.z_dim)
     net = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
@@ -31,7 +30,8 @@ def main():
     batch = E.epoch_batches(len(data["train_x"]), args.batch_size, args.seed, 0)[0]
     key = (args.seed, "train", 0, 0)
     # the same draws as the training loop's first step; each (emulated) rank gets its share of the global batch
-    shares = [next(source.batches([batch], [key], args.n_patches, r, max(world_size, emulate)))
+    shares = [next(E.patch_batches(data["train_x"], [batch], [key], args.n_patches, args, device, r,
+                                   max(world_size, emulate)))
               for r in ([rank] if world_size > 1 else range(emulate))]
     z = torch.cat([net(x)[0].view(args.n_patches, -1, args.z_dim) for x in shares], 1)  # [P, B_local, D]
     loss, inv, tcr = E.empssl_loss(z, args)

@@ -187,3 +187,26 @@ def test_image_folder_without_test_split(cifar_dir, tmp_path):
     (tmp_path / "data" / "train").mkdir(parents=True)
     proc = run_script([SCRIPT, *imagefolder(tmp_path / "data"), *TINY, "--out-dir", tmp_path / "o"])
     assert_one_line_error(proc, "must hold train/ and test/")
+
+
+def test_bag_features_are_the_mean_h_of_each_splits_own_patches():
+    """encode_bag: eval-mode h averaged over the patches drawn from the images it is given (not another split's)."""
+    from contextlib import nullcontext
+    sys.path.insert(0, str(ROOT))
+    import empssl_cifar as E
+
+    args = E.Args(dataset="fake", arch="resnet18", hidden_dim=32, z_dim=8, eval_chunk=5, device="cpu")
+    torch.manual_seed(0)
+    model = E.EMPSSL(args.arch, args.hidden_dim, args.z_dim)
+    run = dict(args=args, model=model, device=torch.device("cpu"), rank=0, world_size=1, autocast=nullcontext())
+    a = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    feats_a, feats_b = E.encode_bag(run, a, "test", 3), E.encode_bag(run, 255 - a, "test", 3)
+    assert feats_a.shape == (5, 32) and not torch.allclose(feats_a, feats_b)
+    key = (args.seed, "eval", "test", 0, 0)
+    patches = next(E.patch_batches(a, [torch.arange(5)], [key], 3, args, torch.device("cpu")))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(feats_a, model.encode(patches).view(3, 5, -1).mean(0))
+    whole = E.encode_bag(run, a, "test", 0)  # whole unaugmented images
+    with torch.no_grad():
+        torch.testing.assert_close(whole, model.encode((a.float() / 255 - 0.5) / 0.5))
