@@ -30,6 +30,7 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,22 +182,27 @@ CIFAR = {"cifar10": (torchvision.datasets.CIFAR10, 10), "cifar100": (torchvision
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
+def decode_files(paths: list, size: int) -> torch.Tensor:
+    """Read and decode image files into uint8 [n, 3, size, size]: shorter side resized to size, centre crop."""
+    jpeg = [p.suffix.lower() in (".jpg", ".jpeg") for p in paths]
+    datas = [read_file(str(p)) for p in paths]
+    decoded = iter(decode_jpeg([d for d, j in zip(datas, jpeg) if j], mode=ImageReadMode.RGB) if any(jpeg) else [])
+    imgs = [next(decoded) if j else decode_image(d, mode=ImageReadMode.RGB) for d, j in zip(datas, jpeg)]
+    return torch.stack([img if img.shape[-2:] == (size, size) else
+                        T.functional.center_crop(T.functional.resize(img, size, antialias=True), [size, size])
+                        for img in imgs])
+
+
 def load_image_folder(root: Path, classes: list, size: int) -> tuple:
-    """Decode every image under root/<class>/ once into uint8 [N, 3, size, size] (shorter side resized, centre crop)."""
+    """Decode every image under root/<class>/ once (batched libjpeg-turbo, in chunks on all cores)."""
     files = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir())
              if p.suffix.lower() in IMAGE_EXTS]
     if not files:
         raise RunError(f"no images in {root}")
-    jpeg = [i for i, (p, _) in enumerate(files) if p.suffix.lower() in (".jpg", ".jpeg")]
-    imgs = [None] * len(files)
-    for i, img in zip(jpeg, decode_jpeg([read_file(str(files[i][0])) for i in jpeg], mode=ImageReadMode.RGB)):
-        imgs[i] = img  # batched libjpeg-turbo decode: ~60 us per CIFAR image on one core
-    for i, (p, _) in enumerate(files):
-        if imgs[i] is None:
-            imgs[i] = decode_image(read_file(str(p)), mode=ImageReadMode.RGB)
-    imgs = [img if img.shape[-2:] == (size, size) else
-            T.functional.center_crop(T.functional.resize(img, size, antialias=True), [size, size]) for img in imgs]
-    return torch.stack(imgs), torch.tensor([c for _, c in files])
+    chunks = [[p for p, _ in files[i:i + 1000]] for i in range(0, len(files), 1000)]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        images = torch.cat(list(pool.map(lambda c: decode_files(c, size), chunks)))
+    return images, torch.tensor([c for _, c in files])
 
 
 def load_data(args: Args) -> dict:
@@ -554,7 +560,7 @@ def train_one_epoch(run: dict, epoch: int, start_step: int) -> dict:
     args, model, opt, scaler, device = run["args"], run["model"], run["opt"], run["scaler"], run["device"]
     spe, is_main = run["steps_per_epoch"], run["rank"] == 0
     batches = epoch_batches(len(run["data"]["train_x"]), args.batch_size, args.seed, epoch)
-    last = min(spe, args.max_steps - epoch * spe) if args.max_steps is not None else spe
+    last = min(spe, run["total_steps"] - epoch * spe)
     keys = [(args.seed, "train", epoch, s) for s in range(start_step, last)]
     stream = patch_batches(run["data"]["train_x"], batches[start_step:last], keys, args.n_patches, args, device,
                            run["rank"], run["world_size"])
@@ -599,7 +605,7 @@ def train_one_epoch(run: dict, epoch: int, start_step: int) -> dict:
                 log_jsonl(run, dict(type="train", **rec))
         if args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe:
             save_state(run)
-        if args.eval_every_steps and (gstep + 1) % args.eval_every_steps == 0 and step + 1 < spe:
+        if args.eval_every_steps and (gstep + 1) % args.eval_every_steps == 0 and gstep + 1 < run["total_steps"]:
             run["train_time_s"] += time.perf_counter() - t0
             evaluate(run, tag=f"step {gstep + 1}")
             model.train()  # CRUCIAL: back to train mode after a mid-epoch evaluation (kachayev's bug, spec 9)
@@ -612,13 +618,14 @@ def train_one_epoch(run: dict, epoch: int, start_step: int) -> dict:
     return dict(loss=m[0], cos=-m[1], R=-m[2], lr=lr_at(run["global_step"] - 1, args, spe), steps=n_done)
 
 
-def measure_ceiling(model: nn.Module, args: Args, local_batch: int, device: torch.device, autocast, steps: int) -> float:
+def measure_ceiling(model: nn.Module, args: Args, size: int, local_batch: int, device: torch.device, autocast,
+                    steps: int) -> float:
     """Bare forward+backward of the model on synthetic patches (no augmentation, loss or optimizer): patches/s."""
     bare = EMPSSL(args.arch, args.hidden_dim, args.z_dim).to(device)
     bare.load_state_dict(model.state_dict())
     fmt = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
     bare = bare.to(memory_format=fmt).train()
-    x = torch.randn(args.n_patches * local_batch, 3, args.image_size, args.image_size, device=device)
+    x = torch.randn(args.n_patches * local_batch, 3, size, size, device=device)
     x = x.contiguous(memory_format=fmt)
     for i in range(steps + 2):  # 2 warm-up steps
         if i == 2:
@@ -836,6 +843,9 @@ def run_training(args: Args) -> dict:
     ckpt_path = find_resume(out_dir, args.resume)
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path, map_location=device)
+        if ckpt["args"]["batch_size"] != args.batch_size:  # steps would map to other images and epochs
+            raise CheckpointError(f"{ckpt_path} was trained with --batch-size {ckpt['args']['batch_size']}, "
+                                  f"not {args.batch_size}")
         load_state_dict_strict(model, ckpt["model"], what=f"model in {ckpt_path}")
         try:
             opt.load_state_dict(ckpt["optimizer"])
@@ -846,20 +856,15 @@ def run_training(args: Args) -> dict:
         if is_main:
             print(f"resumed from {ckpt_path} at step {ckpt['step']}")
 
-    if args.sync_bn and world_size > 1:
-        model_for_ddp = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    else:
-        model_for_ddp = model
-    ddp_model = model_for_ddp
+    net = nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn and world_size > 1 else model
     if world_size > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(model_for_ddp, device_ids=[device] if device.type == "cuda"
-                                                        else None)
-    run["ddp_model"] = torch.compile(ddp_model) if args.compile else ddp_model
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    run["ddp_model"] = torch.compile(net) if args.compile else net
 
     ceiling = None
     if args.bench_ceiling_steps:
-        ceiling = measure_ceiling(model, args, args.batch_size // world_size, device, autocast,
-                                  args.bench_ceiling_steps) * world_size
+        ceiling = measure_ceiling(model, args, data["train_x"].shape[-1], args.batch_size // world_size, device,
+                                  autocast, args.bench_ceiling_steps) * world_size
         if is_main:
             print(f"bare forward+backward ceiling: {ceiling:,.0f} patches/s "
                   f"({steps_per_epoch * args.batch_size * args.n_patches / ceiling:.1f} s per epoch)")
@@ -867,8 +872,7 @@ def run_training(args: Args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
 
     total_steps = steps_per_epoch * args.epochs
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
+    total_steps = run["total_steps"] = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
     while run["global_step"] < total_steps:
         epoch, start = divmod(run["global_step"], steps_per_epoch)
         m = train_one_epoch(run, epoch, start)
