@@ -8,7 +8,7 @@ a weighted k-NN. Official code: tsb0601/EMP-SSL; spec: ../shared/specs/empssl.md
 
 Runs (one GPU each unless torchrun is shown; the official README numbers are linear top-1 on the original CIFAR):
     python empssl_cifar.py                                    # 1 epoch of a 2-epoch cosine, P=20: README 84.2%
-    python empssl_cifar.py --epochs 2                         # the same cosine run to its end (the spec: log both)
+    python empssl_cifar.py --epochs 2 --eval-every-steps 500  # the same cosine to its end, evaluated after each epoch
     python empssl_cifar.py --n-patches 200                    # paper abstract: 85.1% after 1 epoch
     python empssl_cifar.py --epochs 10 --lr-epochs 10         # README multi-epoch table: 90.7%
     python empssl_cifar.py --dataset cifar100                 # README: 58.5%
@@ -34,9 +34,9 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -44,11 +44,19 @@ import torch.nn.functional as F
 import torchvision
 import tyro
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from common.checkpoint import (ArtifactCache, CheckpointError, find_resume, load_checkpoint, load_state_dict_strict,
-                               save_checkpoint, state_dict_digest)
+from common.checkpoint import (
+    ArtifactCache,
+    CheckpointError,
+    find_resume,
+    load_checkpoint,
+    load_state_dict_strict,
+    save_checkpoint,
+    state_dict_digest,
+)
 from common.resnet import RESNETS
 
 
@@ -188,18 +196,29 @@ def decode_files(paths: list, size: int) -> torch.Tensor:
     datas = [read_file(str(p)) for p in paths]
     decoded = iter(decode_jpeg([d for d, j in zip(datas, jpeg) if j], mode=ImageReadMode.RGB) if any(jpeg) else [])
     imgs = [next(decoded) if j else decode_image(d, mode=ImageReadMode.RGB) for d, j in zip(datas, jpeg)]
-    return torch.stack([img if img.shape[-2:] == (size, size) else
-                        T.functional.center_crop(T.functional.resize(img, size, antialias=True), [size, size])
-                        for img in imgs])
+    return torch.stack(
+        [
+            (
+                img
+                if img.shape[-2:] == (size, size)
+                else T.functional.center_crop(T.functional.resize(img, size, antialias=True), [size, size])
+            )
+            for img in imgs
+        ]
+    )
 
 
 def load_image_folder(root: Path, classes: list, size: int) -> tuple:
     """Decode every image under root/<class>/ once (batched libjpeg-turbo, in chunks on all cores)."""
-    files = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir())
-             if p.suffix.lower() in IMAGE_EXTS]
+    files = [
+        (p, c)
+        for c, name in enumerate(classes)
+        for p in sorted((root / name).iterdir())
+        if p.suffix.lower() in IMAGE_EXTS
+    ]
     if not files:
         raise RunError(f"no images in {root}")
-    chunks = [[p for p, _ in files[i:i + 1000]] for i in range(0, len(files), 1000)]
+    chunks = [[p for p, _ in files[i : i + 1000]] for i in range(0, len(files), 1000)]
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         images = torch.cat(list(pool.map(lambda c: decode_files(c, size), chunks)))
     return images, torch.tensor([c for _, c in files])
@@ -219,7 +238,7 @@ def load_data(args: Args) -> dict:
             splits = [cls(str(root), train=train, download=args.download) for train in (True, False)]
         except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
             raise RunError(f"{args.dataset} not found in {root} ({e}); pass --data-dir or allow --download")
-        (tr, te) = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in splits]
+        tr, te = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in splits]
         return dict(train_x=tr[0], train_y=tr[1], test_x=te[0], test_y=te[1], num_classes=num_classes)
     if not root.is_dir():
         raise RunError(f"data dir not found: {root}")
@@ -242,6 +261,7 @@ def sample_patch_params(gen: torch.Generator, n: int, size: int, crop: int) -> d
     def u(lo, hi, *shape):
         return lo + (hi - lo) * torch.rand(n, *shape, generator=gen, device=dev)
 
+    # fmt: off
     return dict(
         y0=torch.randint(0, size - crop + 1, (n,), generator=gen, device=dev),  # PAPER: RandomResizedCrop(scale=(.25,
         x0=torch.randint(0, size - crop + 1, (n,), generator=gen, device=dev),  # .25), ratio=(1,1)): position only
@@ -253,6 +273,7 @@ def sample_patch_params(gen: torch.Generator, n: int, size: int, crop: int) -> d
         blur=u(0, 1) < 0.1, sigma=u(0.1, 2.0),                                   # GBlur(p=0.1), sigma ~ U(0.1, 2)
         solarize=u(0, 1) < 0.1,                                                  # RandomApply(Solarization, p=0.1)
     )
+    # fmt: on
 
 
 def take_params(params: dict, idx: torch.Tensor) -> dict:
@@ -333,6 +354,7 @@ class PILBlur:
 
     def __call__(self, img):
         from PIL import ImageFilter
+
         if torch.rand(1).item() < 0.1:
             return img.filter(ImageFilter.GaussianBlur(0.1 + 1.9 * torch.rand(1).item()))
         return img
@@ -346,15 +368,19 @@ class PILPatches(torch.utils.data.Dataset):
     def __init__(self, images: torch.Tensor, n_patches: int, crop_scale: float, solarize_threshold: int):
         self.images, self.n_patches = images, n_patches
         size = images.shape[-1]
-        self.transform = T.Compose([
-            T.RandomResizedCrop(size, scale=(crop_scale, crop_scale), ratio=(1.0, 1.0)),
-            T.RandomHorizontalFlip(p=0.5),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.2)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            PILBlur(),
-            T.RandomSolarize(solarize_threshold, p=0.1),  # on a PIL image: ImageOps.solarize, as the official code
-            T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize([0.5] * 3, [0.5] * 3),
-        ])
+        self.transform = T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(crop_scale, crop_scale), ratio=(1.0, 1.0)),
+                T.RandomHorizontalFlip(p=0.5),
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.2)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+                PILBlur(),
+                T.RandomSolarize(solarize_threshold, p=0.1),  # on a PIL image: ImageOps.solarize, as the official code
+                T.ToImage(),
+                T.ToDtype(torch.float32, scale=True),
+                T.Normalize([0.5] * 3, [0.5] * 3),
+            ]
+        )
 
     def __len__(self):
         return len(self.images)
@@ -372,33 +398,34 @@ def patch_major(batch: list) -> torch.Tensor:
     return x.reshape(-1, *x.shape[2:])
 
 
-def patch_batches(images: torch.Tensor, index_batches: list, keys: list, n_patches: int, args: Args,
-                  device: torch.device, rank: int = 0, world_size: int = 1):
+def patch_batches(images: torch.Tensor, batches: list, keys: list, n_patches: int, args: Args, device, rank=0, world=1):
     """Yield patch batches [P*b, 3, S, S] (patch-major) of `images` for global index batches, via --aug gpu or pil.
 
     images: uint8 [N, 3, S, S], on the device for --aug gpu (CRUCIAL: the data never leaves the GPU), else on the CPU.
     Each rank keeps its contiguous share of every global batch. A batch's draws depend only on its key and the global
-    batch, so a 2-rank run sees exactly the patches of a 1-rank run, and a resumed run replays an uninterrupted one."""
-    size = images.shape[-1]
-    crop = round(math.sqrt(args.crop_scale) * size)  # 16 for CIFAR
+    batch, so a 2-rank run sees exactly the patches of a 1-rank run, and a resumed run replays an uninterrupted one.
+    DEVIATION: the official code draws from unseeded global RNGs."""
+    crop = round(math.sqrt(args.crop_scale) * images.shape[-1])  # 16 for CIFAR
     if args.aug == "pil":
-        items = []
-        for idx, key in zip(index_batches, keys):
-            b = len(idx) // world_size
-            items.append([(int(i), rng_seed(*key, rank * b + j)) for j, i in enumerate(idx[rank * b:(rank + 1) * b])])
+        items = []  # one list of (image index, item seed) per step
+        for idx, key in zip(batches, keys):
+            b = len(idx) // world
+            items.append([(int(i), rng_seed(*key, rank * b + j)) for j, i in enumerate(idx[rank * b : (rank + 1) * b])])
         ds = PILPatches(images, n_patches, args.crop_scale, args.solarize_threshold)
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=items, num_workers=args.pil_workers,
-                                             collate_fn=patch_major, pin_memory=device.type == "cuda")
+        pin = device.type == "cuda"
+        loader = DataLoader(
+            ds, batch_sampler=items, num_workers=args.pil_workers, collate_fn=patch_major, pin_memory=pin
+        )
         yield from (x.to(device, non_blocking=True) for x in loader)
         return
     gen = torch.Generator(device=device)
-    for idx, key in zip(index_batches, keys):
-        b = len(idx) // world_size
+    for idx, key in zip(batches, keys):
+        b = len(idx) // world
         gen.manual_seed(rng_seed(*key))
-        p = sample_patch_params(gen, n_patches * len(idx), size, crop)  # drawn for the whole global batch
+        p = sample_patch_params(gen, n_patches * len(idx), images.shape[-1], crop)  # drawn for the whole global batch
         cols = torch.arange(rank * b, (rank + 1) * b, device=device)
         sel = (torch.arange(n_patches, device=device)[:, None] * len(idx) + cols).flatten()  # this rank, patch-major
-        local = idx[rank * b:(rank + 1) * b].to(device)
+        local = idx[rank * b : (rank + 1) * b].to(device)
         yield augment_patches(images[local.repeat(n_patches)], take_params(p, sel), crop, args.solarize_threshold)
 
 
@@ -410,9 +437,11 @@ class EMPSSL(nn.Module):
         super().__init__()
         self.backbone = RESNETS[arch]()
         self.pre_feature = nn.Sequential(
-            nn.Linear(self.backbone.num_features, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU())
+            nn.Linear(self.backbone.num_features, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU()
+        )
         self.projection = nn.Sequential(
-            nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, z_dim))
+            nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, z_dim)
+        )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.pre_feature(self.backbone(x))  # h: [N, hidden_dim], >= 0
@@ -472,12 +501,15 @@ class _GatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad)  # every rank's loss depends on every rank's x
         n = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+        return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x from all ranks along dim 0, gradient flowing back to each rank's own rows; identity on 1 rank."""
     return _GatherWithGrad.apply(x) if dist.is_initialized() and dist.get_world_size() > 1 else x
+
+
+# END SHARED
 
 
 def empssl_loss(z: torch.Tensor, args: Args) -> tuple:
@@ -503,8 +535,8 @@ class LARS(torch.optim.Optimizer):
         buf <- momentum buf + g;  p <- p - lr (g + momentum buf if nesterov else buf)."""
 
     def __init__(self, params, lr, momentum=0.9, nesterov=False, weight_decay=0.0, eta=0.001, clip=False, eps=1e-8):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta=eta,
-                                      clip=clip, eps=eps, lars=True))
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta=eta, clip=clip)
+        super().__init__(params, dict(defaults, eps=eps, lars=True))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -527,6 +559,9 @@ class LARS(torch.optim.Optimizer):
                     buf = self.state[p]["momentum_buffer"] = g.clone() if buf is None else buf.mul_(mom).add_(g)
                     g = g + mom * buf if group["nesterov"] else buf
                 p.add_(g, alpha=-lr)
+
+
+# END SHARED
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list:
@@ -555,15 +590,16 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list:
     return list(perm[: n // batch_size * batch_size].view(-1, batch_size))
 
 
-def train_one_epoch(run: dict, epoch: int, start_step: int) -> dict:
+def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
     """Train from step start_step of `epoch` to its end (or to --max-steps). Returns averaged metrics."""
-    args, model, opt, scaler, device = run["args"], run["model"], run["opt"], run["scaler"], run["device"]
-    spe, is_main = run["steps_per_epoch"], run["rank"] == 0
-    batches = epoch_batches(len(run["data"]["train_x"]), args.batch_size, args.seed, epoch)
-    last = min(spe, run["total_steps"] - epoch * spe)
+    args, model, opt, scaler, device = run.args, run.model, run.opt, run.scaler, run.device
+    spe, is_main = run.steps_per_epoch, run.rank == 0
+    batches = epoch_batches(len(run.data["train_x"]), args.batch_size, args.seed, epoch)
+    last = min(spe, run.total_steps - epoch * spe)
     keys = [(args.seed, "train", epoch, s) for s in range(start_step, last)]
-    stream = patch_batches(run["data"]["train_x"], batches[start_step:last], keys, args.n_patches, args, device,
-                           run["rank"], run["world_size"])
+    stream = patch_batches(
+        run.data["train_x"], batches[start_step:last], keys, args.n_patches, args, device, run.rank, run.world_size
+    )
     sums, window = torch.zeros(3, device=device), torch.zeros(3, device=device)  # loss, invariance, -TCR
     no_bad = 2**62
     bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
@@ -578,8 +614,8 @@ def train_one_epoch(run: dict, epoch: int, start_step: int) -> dict:
         x = next(stream)
         if args.channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with run["autocast"]:
-            z, _ = run["ddp_model"](x)
+        with run.autocast:
+            z, _ = run.ddp_model(x)
         loss, inv, tcr = empssl_loss(z.view(args.n_patches, -1, z.shape[-1]), args)
         bad_step = torch.minimum(bad_step, torch.where(torch.isfinite(loss), no_bad, gstep + 1))
         opt.zero_grad(set_to_none=True)
@@ -588,15 +624,16 @@ def train_one_epoch(run: dict, epoch: int, start_step: int) -> dict:
         scaler.update()
         window += torch.stack([loss, inv, tcr]).detach()
         n_done += 1
-        run["global_step"] = gstep + 1
+        run.global_step = gstep + 1
         if (step + 1) % args.log_every == 0 or step + 1 == last:
-            if run["world_size"] > 1:  # log the global means; every rank stops at the same non-finite step
+            if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
                 dist.all_reduce(window)
-                window /= run["world_size"]
+                window /= run.world_size
                 dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
             if bad_step.item() < no_bad:
-                raise RunError(f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); "
-                               f"try a lower --lr or --amp none")
+                raise RunError(
+                    f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); try a lower --lr or --amp none"
+                )
             m = (window / (n_done - n_logged)).tolist()  # mean over the steps since the last log line
             sums, window, n_logged = sums + window, torch.zeros_like(window), n_done
             rec = dict(step=gstep + 1, epoch=epoch, loss=m[0], cos=-m[1], R=-m[2], lr=lr)
@@ -605,24 +642,24 @@ def train_one_epoch(run: dict, epoch: int, start_step: int) -> dict:
                 log_jsonl(run, dict(type="train", **rec))
         if args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe:
             save_state(run)
-        if args.eval_every_steps and (gstep + 1) % args.eval_every_steps == 0 and gstep + 1 < run["total_steps"]:
-            run["train_time_s"] += time.perf_counter() - t0
+        if args.eval_every_steps and (gstep + 1) % args.eval_every_steps == 0 and gstep + 1 < run.total_steps:
+            run.train_time_s += time.perf_counter() - t0
             evaluate(run, tag=f"step {gstep + 1}")
             model.train()  # CRUCIAL: back to train mode after a mid-epoch evaluation (kachayev's bug, spec 9)
             t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    run["train_time_s"] += time.perf_counter() - t0
-    run["patches_seen"] += n_done * args.batch_size * args.n_patches
+    run.train_time_s += time.perf_counter() - t0
+    run.patches_seen += n_done * args.batch_size * args.n_patches
     m = (sums / max(n_done, 1)).tolist()
-    return dict(loss=m[0], cos=-m[1], R=-m[2], lr=lr_at(run["global_step"] - 1, args, spe), steps=n_done)
+    return dict(loss=m[0], cos=-m[1], R=-m[2], lr=lr_at(run.global_step - 1, args, spe), steps=n_done)
 
 
-def measure_ceiling(model: nn.Module, args: Args, size: int, local_batch: int, device: torch.device, autocast,
-                    steps: int) -> float:
+def measure_ceiling(run: SimpleNamespace, size: int, steps: int) -> float:
     """Bare forward+backward of the model on synthetic patches (no augmentation, loss or optimizer): patches/s."""
+    args, device, local_batch = run.args, run.device, run.args.batch_size // run.world_size
     bare = EMPSSL(args.arch, args.hidden_dim, args.z_dim).to(device)
-    bare.load_state_dict(model.state_dict())
+    bare.load_state_dict(run.model.state_dict())
     fmt = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
     bare = bare.to(memory_format=fmt).train()
     x = torch.randn(args.n_patches * local_batch, 3, size, size, device=device)
@@ -632,21 +669,21 @@ def measure_ceiling(model: nn.Module, args: Args, size: int, local_batch: int, d
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        with autocast:
+        with run.autocast:
             z, _ = bare(x)
         z.sum().backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return steps * x.shape[0] / (time.perf_counter() - t0)
+    return steps * x.shape[0] * run.world_size / (time.perf_counter() - t0)
 
 
 # ==== 7. EVALUATION ====
 @torch.no_grad()
-def encode_bag(run: dict, images: torch.Tensor, split: str, n_patches: int) -> torch.Tensor:
+def encode_bag(run: SimpleNamespace, images: torch.Tensor, split: str, n_patches: int) -> torch.Tensor:
     """Official protocol (spec 2.4, 6.1): h averaged over n_patches random training-transform patches, eval mode.
 
     n_patches=0 encodes the whole unaugmented image instead. Shards the images over ranks and gathers: [N, hidden]."""
-    args, model, device, rank, world = run["args"], run["model"], run["device"], run["rank"], run["world_size"]
+    args, model, device, rank, world = run.args, run.model, run.device, run.rank, run.world_size
     model.eval()
     n = len(images)
     per_rank = math.ceil(n / world)
@@ -661,7 +698,7 @@ def encode_bag(run: dict, images: torch.Tensor, split: str, n_patches: int) -> t
     for c, x in zip(chunks, tqdm(stream, total=len(chunks), desc=f"encode {split}", disable=rank != 0, leave=False)):
         if args.channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with run["autocast"]:
+        with run.autocast:
             h = model.encode(x).float()
         feats.append(h.view(max(n_patches, 1), len(c), -1).mean(0))
     feats = torch.cat(feats)
@@ -672,89 +709,103 @@ def encode_bag(run: dict, images: torch.Tensor, split: str, n_patches: int) -> t
 
 # SHARED: knn
 @torch.no_grad()
-def knn_eval(train_feats, train_labels, test_feats, test_labels, num_classes, k=20, t=0.07, chunk=256) -> tuple:
+def knn_eval(x_train, y_train, x_test, y_test, num_classes, k=20, t=0.07, chunk=256) -> tuple:
     """Weighted k-NN (DINO protocol): cosine similarity on L2-normalised features, votes weighted by exp(sim / t).
 
     Returns (top1, top5) in percent. The test set is processed in chunks of a fixed size."""
-    train_feats, test_feats = F.normalize(train_feats.float(), dim=1), F.normalize(test_feats.float(), dim=1)
-    k = min(k, len(train_feats))
+    x_train, x_test = F.normalize(x_train.float(), dim=1), F.normalize(x_test.float(), dim=1)
+    k = min(k, len(x_train))
     correct1 = correct5 = 0
-    for i in range(0, len(test_feats), chunk):
-        sim, idx = (test_feats[i:i + chunk] @ train_feats.T).topk(k, dim=1)
+    for i in range(0, len(x_test), chunk):
+        sim, idx = (x_test[i : i + chunk] @ x_train.T).topk(k, dim=1)
         votes = torch.zeros(len(sim), num_classes, device=sim.device)
-        votes.scatter_add_(1, train_labels[idx], (sim / t).exp())
+        votes.scatter_add_(1, y_train[idx], (sim / t).exp())
         pred = votes.topk(min(5, num_classes), dim=1).indices
-        target = test_labels[i:i + chunk, None]
+        target = y_test[i : i + chunk, None]
         correct1 += (pred[:, :1] == target).sum().item()
         correct5 += (pred == target).any(1).sum().item()
-    return 100.0 * correct1 / len(test_feats), 100.0 * correct5 / len(test_feats)
+    return 100.0 * correct1 / len(x_test), 100.0 * correct5 / len(x_test)
 
 
 # SHARED: linear-probe
-def linear_probe(train_feats, train_labels, test_feats, test_labels, num_classes, epochs=100, lr=0.03, wd=5e-5,
-                 batch_size=100, momentum=0.9, seed=0) -> dict:
-    """Linear classifier on frozen, precomputed features, on their device: SGD + momentum, cosine LR per epoch
+def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0.03, wd=5e-5, batch_size=100, seed=0):
+    """Linear classifier on frozen, precomputed features, on their device: SGD (momentum 0.9), cosine LR per epoch
     (CosineAnnealingLR(T_max=epochs)), shuffled batches with drop_last. Returns last and best test top-1 (percent)."""
-    device = train_feats.device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    torch.manual_seed(seed)
-    head = nn.Linear(train_feats.shape[1], num_classes).to(device)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
-    n = len(train_feats) // batch_size * batch_size
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # a seeded head without touching the caller's RNG state
+        torch.manual_seed(seed)
+        head = nn.Linear(x_train.shape[1], num_classes).to(x_train.device)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    n = len(x_train) // batch_size * batch_size
     accs = []
     for epoch in range(epochs):
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-        perm = torch.randperm(len(train_feats), generator=gen)[:n].to(device)
-        for idx in perm.view(-1, batch_size):
-            loss = F.cross_entropy(head(train_feats[idx]), train_labels[idx])
+        for idx in torch.randperm(len(x_train), generator=gen)[:n].to(x_train.device).view(-1, batch_size):
+            loss = F.cross_entropy(head(x_train[idx]), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         with torch.no_grad():
-            accs.append((head(test_feats).argmax(1) == test_labels).float().mean())
+            accs.append((head(x_test).argmax(1) == y_test).float().mean())  # no host sync per epoch
     accs = (torch.stack(accs) * 100).tolist()
     return dict(last=accs[-1], best=max(accs))
+
+
 # END SHARED
 
 
-def evaluate(run: dict, tag: str) -> dict:
+def evaluate(run: SimpleNamespace, tag: str) -> dict:
     """Bag-of-features encoding (cached per checkpoint digest), then weighted k-NN and the linear probe (rank 0)."""
-    args, data, device = run["args"], run["data"], run["device"]
+    args, data, device = run.args, run.data, run.device
     res, times = {}, {}
     protocols = [("", args.eval_patches)] + ([("whole_", 0)] if args.eval_whole_image else [])
-    digest = state_dict_digest(run["model"].state_dict())
+    digest = state_dict_digest(run.model.state_dict())
     for prefix, n_patches in protocols:
         cache = ArtifactCache(Path(args.out_dir) / "cache", f"{rng_seed(digest, n_patches, args.seed, args.aug):014x}")
         t0 = time.perf_counter()
         feats = {}
         for split in ("train", "test"):
-            feats[split] = cache.get(split) if run["world_size"] == 1 else None  # DDP: ranks encode their shards
+            feats[split] = cache.get(split) if run.world_size == 1 else None  # DDP: ranks encode their shards
             if feats[split] is None:
                 feats[split] = encode_bag(run, data[f"{split}_x"], split, n_patches)
-                if run["rank"] == 0:
+                if run.rank == 0:
                     cache.put(split, feats[split].cpu())
             feats[split] = feats[split].to(device)
         times[f"{prefix}encode_s"] = time.perf_counter() - t0
-        if run["rank"] == 0:
+        if run.rank == 0:
+            xtr, xte, nc = feats["train"], feats["test"], data["num_classes"]
             ytr, yte = data["train_y"].to(device), data["test_y"].to(device)
             t0 = time.perf_counter()
             res[f"{prefix}knn_top1"], res[f"{prefix}knn_top5"] = knn_eval(
-                feats["train"], ytr, feats["test"], yte, data["num_classes"], args.knn_k, args.knn_t)
+                xtr, ytr, xte, yte, nc, args.knn_k, args.knn_t
+            )
             times[f"{prefix}knn_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            probe = linear_probe(feats["train"], ytr, feats["test"], yte, data["num_classes"], args.probe_epochs,
-                                 args.probe_lr, args.probe_wd, args.probe_batch_size, seed=args.seed)
+            probe = linear_probe(
+                xtr,
+                ytr,
+                xte,
+                yte,
+                nc,
+                args.probe_epochs,
+                args.probe_lr,
+                args.probe_wd,
+                args.probe_batch_size,
+                args.seed,
+            )  # official func.linear settings (spec 6.2)
             res[f"{prefix}linear_top1"], res[f"{prefix}linear_top1_best"] = probe["last"], probe["best"]
             times[f"{prefix}probe_s"] = time.perf_counter() - t0
-        if run["world_size"] > 1:
+        if run.world_size > 1:
             dist.barrier()
-    if run["rank"] == 0:
-        log_jsonl(run, dict(type="eval", tag=tag, step=run["global_step"], **res, **times))
-        print(f"eval @ {tag} | knn@1 {res['knn_top1']:.2f} | linear@1 {res['linear_top1']:.2f} "
-              f"(best {res['linear_top1_best']:.2f}) | " + " ".join(f"{k} {v:.1f}" for k, v in times.items()))
+    if run.rank == 0:
+        log_jsonl(run, dict(type="eval", tag=tag, step=run.global_step, **res, **times))
+        print(
+            f"eval @ {tag} | knn@1 {res['knn_top1']:.2f} | linear@1 {res['linear_top1']:.2f} "
+            f"(best {res['linear_top1_best']:.2f}) | " + " ".join(f"{k} {v:.1f}" for k, v in times.items())
+        )
     for k, v in times.items():
-        run["times"][k] = run["times"].get(k, 0.0) + v
+        run.times[k] = run.times.get(k, 0.0) + v
     return res
 
 
@@ -772,22 +823,23 @@ def setup_distributed(device_arg: Optional[str]) -> tuple:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
     return rank, world_size, device
+
+
 # END SHARED
 
 
-def log_jsonl(run: dict, record: dict) -> None:
-    with open(Path(run["args"].out_dir) / "log.jsonl", "a") as f:
+def log_jsonl(run: SimpleNamespace, record: dict) -> None:
+    with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
-def save_state(run: dict) -> None:
+def save_state(run: SimpleNamespace) -> None:
     """Rank 0 writes out_dir/last.pt atomically: model, optimizer, scaler, global step, timers."""
-    if run["rank"] != 0:
+    if run.rank != 0:
         return
-    save_checkpoint(dict(model=run["model"].state_dict(), optimizer=run["opt"].state_dict(),
-                         scaler=run["scaler"].state_dict(), step=run["global_step"], args=dataclasses.asdict(run["args"]),
-                         train_time_s=run["train_time_s"], patches_seen=run["patches_seen"]),
-                    Path(run["args"].out_dir) / "last.pt")
+    state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
+    state.update(step=run.global_step, train_time_s=run.train_time_s, patches_seen=run.patches_seen)
+    save_checkpoint(dict(state, args=dataclasses.asdict(run.args)), Path(run.args.out_dir) / "last.pt")
 
 
 def check_args(args: Args, world_size: int) -> None:
@@ -798,8 +850,10 @@ def check_args(args: Args, world_size: int) -> None:
     if args.n_patches < 1 or args.eval_patches < 0:
         raise RunError("--n-patches must be >= 1 and --eval-patches >= 0")
     if args.lr_epochs is not None and args.lr_epochs < args.epochs:
-        raise RunError(f"--lr-epochs {args.lr_epochs} < --epochs {args.epochs}: the cosine would reach 0 and rise "
-                       f"again; pass --lr-epochs {args.epochs} (or None)")
+        raise RunError(
+            f"--lr-epochs {args.lr_epochs} < --epochs {args.epochs}: the cosine would reach 0 and rise "
+            f"again; pass --lr-epochs {args.epochs} (or None)"
+        )
 
 
 def run_training(args: Args) -> dict:
@@ -830,79 +884,93 @@ def run_training(args: Args) -> dict:
     model = model.to(device)
     if args.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    opt = LARS(param_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum, nesterov=True,
-               weight_decay=args.weight_decay, eta=args.lars_eta, clip=True)
+    run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, data=data, model=model)
+    # PAPER: SGD with Nesterov momentum inside LARSWrapper(eta=0.005, clip=True, exclude_bias_n_norm=True)
+    groups = param_groups(model, args.weight_decay)
+    run.opt = LARS(groups, lr=args.lr, momentum=args.momentum, nesterov=True, eta=args.lars_eta, clip=True)
     use_amp = device.type == "cuda" and args.amp != "none"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and args.amp == "fp16")
+    run.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and args.amp == "fp16")
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
-    autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
-
-    run = dict(args=args, rank=rank, world_size=world_size, device=device, data=data, model=model,
-               opt=opt, scaler=scaler, autocast=autocast, steps_per_epoch=steps_per_epoch, global_step=0,
-               train_time_s=0.0, patches_seen=0, times={})
+    # DEVIATION: bf16 autocast (the official code runs fp32); the losses and the log-det stay fp32
+    run.autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
+    run.steps_per_epoch, run.global_step, run.train_time_s, run.patches_seen, run.times = steps_per_epoch, 0, 0.0, 0, {}
     ckpt_path = find_resume(out_dir, args.resume)
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path, map_location=device)
         if ckpt["args"]["batch_size"] != args.batch_size:  # steps would map to other images and epochs
-            raise CheckpointError(f"{ckpt_path} was trained with --batch-size {ckpt['args']['batch_size']}, "
-                                  f"not {args.batch_size}")
+            raise CheckpointError(
+                f"{ckpt_path} was trained with --batch-size {ckpt['args']['batch_size']}, not {args.batch_size}"
+            )
         load_state_dict_strict(model, ckpt["model"], what=f"model in {ckpt_path}")
         try:
-            opt.load_state_dict(ckpt["optimizer"])
+            run.opt.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"optimizer state in {ckpt_path} does not match: {e}")
-        scaler.load_state_dict(ckpt["scaler"])
-        run.update(global_step=ckpt["step"], train_time_s=ckpt["train_time_s"], patches_seen=ckpt["patches_seen"])
+        run.scaler.load_state_dict(ckpt["scaler"])
+        run.global_step, run.train_time_s, run.patches_seen = ckpt["step"], ckpt["train_time_s"], ckpt["patches_seen"]
         if is_main:
             print(f"resumed from {ckpt_path} at step {ckpt['step']}")
 
     net = nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn and world_size > 1 else model
     if world_size > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    run["ddp_model"] = torch.compile(net) if args.compile else net
+    run.ddp_model = torch.compile(net) if args.compile else net
 
     ceiling = None
     if args.bench_ceiling_steps:
-        ceiling = measure_ceiling(model, args, data["train_x"].shape[-1], args.batch_size // world_size, device,
-                                  autocast, args.bench_ceiling_steps) * world_size
+        ceiling = measure_ceiling(run, data["train_x"].shape[-1], args.bench_ceiling_steps)
         if is_main:
-            print(f"bare forward+backward ceiling: {ceiling:,.0f} patches/s "
-                  f"({steps_per_epoch * args.batch_size * args.n_patches / ceiling:.1f} s per epoch)")
+            print(
+                f"bare forward+backward ceiling: {ceiling:,.0f} patches/s "
+                f"({steps_per_epoch * args.batch_size * args.n_patches / ceiling:.1f} s per epoch)"
+            )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     total_steps = steps_per_epoch * args.epochs
-    total_steps = run["total_steps"] = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-    while run["global_step"] < total_steps:
-        epoch, start = divmod(run["global_step"], steps_per_epoch)
+    total_steps = run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    while run.global_step < total_steps:
+        epoch, start = divmod(run.global_step, steps_per_epoch)
         m = train_one_epoch(run, epoch, start)
         save_state(run)
         if is_main:
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run["global_step"], **m))
-            print(f"ep {epoch + 1}/{args.epochs} | loss {m['loss']:.3f} | cos {m['cos']:.4f} | R {m['R']:.2f} | "
-                  f"lr {m['lr']:.4f} | {run['train_time_s']:.1f} s | {mem:.1f} GB")
+            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
+            print(
+                f"ep {epoch + 1}/{args.epochs} | loss {m['loss']:.3f} | cos {m['cos']:.4f} | R {m['R']:.2f} | "
+                f"lr {m['lr']:.4f} | {run.train_time_s:.1f} s | {mem:.1f} GB"
+            )
 
     res = evaluate(run, tag="final") if args.eval_patches else {}
     if is_main:
-        import common
         results = dict(
-            script=Path(__file__).name, paper="EMP-SSL (arXiv 2304.03977)", exp_name=args.exp_name,
-            args=dataclasses.asdict(args), world_size=world_size, steps_per_epoch=steps_per_epoch,
+            script=Path(__file__).name,
+            paper="EMP-SSL (arXiv 2304.03977)",
+            exp_name=args.exp_name,
+            args=dataclasses.asdict(args),
+            world_size=world_size,
+            steps_per_epoch=steps_per_epoch,
             device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            torch=torch.__version__, torchvision=torchvision.__version__, python=platform.python_version(),
-            epochs_done=run["global_step"] / steps_per_epoch, steps_done=run["global_step"],
+            torch=torch.__version__,
+            torchvision=torchvision.__version__,
+            python=platform.python_version(),
+            epochs_done=run.global_step / steps_per_epoch,
+            steps_done=run.global_step,
             eval_protocol=f"bag of {args.eval_patches} random training-transform patches, h ({args.hidden_dim}-d), "
-                          f"eval-mode BN; linear probe {args.probe_epochs} ep lr {args.probe_lr}; "
-                          f"weighted k-NN k={args.knn_k} T={args.knn_t}",
-            data_time_s=data_time, train_time_s=run["train_time_s"], **run["times"],
-            total_time_s=time.perf_counter() - t_start, patches_seen=run["patches_seen"],
-            patches_per_s=run["patches_seen"] / max(run["train_time_s"], 1e-9),
+            f"eval-mode BN; linear probe {args.probe_epochs} ep lr {args.probe_lr}; "
+            f"weighted k-NN k={args.knn_k} T={args.knn_t}",
+            data_time_s=data_time,
+            train_time_s=run.train_time_s,
+            **run.times,
+            total_time_s=time.perf_counter() - t_start,
+            patches_seen=run.patches_seen,
+            patches_per_s=run.patches_seen / max(run.train_time_s, 1e-9),
             ceiling_patches_per_s=ceiling,
-            ceiling_ratio=run["patches_seen"] / max(run["train_time_s"], 1e-9) / ceiling if ceiling else None,
+            ceiling_ratio=run.patches_seen / max(run.train_time_s, 1e-9) / ceiling if ceiling else None,
             peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)
-        del common
+            script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+            **res,
+        )
         tmp = out_dir / f"results.json.tmp.{os.getpid()}"
         tmp.write_text(json.dumps(results, indent=2))
         os.replace(tmp, out_dir / "results.json")  # atomic, like the checkpoints

@@ -1,4 +1,5 @@
 """Shared fixtures: small real-image folders cut from ../shared/data, and a helper to run scripts as subprocesses."""
+
 import os
 import subprocess
 import sys

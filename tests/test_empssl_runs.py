@@ -1,4 +1,5 @@
 """End-to-end runs of empssl_cifar.py on real CIFAR-10 images: smoke, learning, resume after a kill, DDP, bad inputs."""
+
 import json
 import math
 import os
@@ -6,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -14,8 +15,24 @@ from conftest import ROOT, run_script
 
 SCRIPT = ROOT / "empssl_cifar.py"
 # small and fast on 2 CPU cores: the ImageNet-stem ResNet-18 on 32x32 costs 1/16 of the CIFAR stem
-TINY = ["--batch-size", "16", "--n-patches", "2", "--arch", "resnet18", "--hidden-dim", "128", "--z-dim", "32",
-        "--device", "cpu", "--log-every", "5", "--probe-epochs", "20"]
+TINY = [
+    "--batch-size",
+    "16",
+    "--n-patches",
+    "2",
+    "--arch",
+    "resnet18",
+    "--hidden-dim",
+    "128",
+    "--z-dim",
+    "32",
+    "--device",
+    "cpu",
+    "--log-every",
+    "5",
+    "--probe-epochs",
+    "20",
+]
 
 
 def imagefolder(path):
@@ -38,8 +55,24 @@ def assert_one_line_error(proc, *needles):
 def test_smoke_learns_on_real_cifar(cifar_dir, tmp_path):
     """One epoch on 400 real CIFAR-10 images: the loss falls, both evaluations run, results.json is complete."""
     out = tmp_path / "run"
-    proc = run_script([SCRIPT, *imagefolder(cifar_dir), *TINY, "--epochs", "1", "--lr-epochs", "1",
-                       "--eval-patches", "4", "--eval-every-steps", "10", "--eval-whole-image", "--out-dir", out])
+    proc = run_script(
+        [
+            SCRIPT,
+            *imagefolder(cifar_dir),
+            *TINY,
+            "--epochs",
+            "1",
+            "--lr-epochs",
+            "1",
+            "--eval-patches",
+            "4",
+            "--eval-every-steps",
+            "10",
+            "--eval-whole-image",
+            "--out-dir",
+            out,
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     for key in ("knn_top1", "knn_top5", "linear_top1", "linear_top1_best", "whole_knn_top1", "whole_linear_top1"):
@@ -71,8 +104,9 @@ def test_resume_after_kill_equals_uninterrupted(cifar_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     cmd = [sys.executable, *map(str, flags), "--out-dir", str(out), "--save-every-steps", "2"]
-    victim = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    victim = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     deadline = time.time() + 120
     while not (out / "last.pt").exists() and time.time() < deadline and victim.poll() is None:
         time.sleep(0.02)
@@ -94,8 +128,19 @@ def test_resume_after_kill_equals_uninterrupted(cifar_dir, tmp_path):
 
 def test_evaluation_resumes_from_feature_cache(cifar_dir, tmp_path):
     """A finished run started again skips training and reuses the cached bag features: same accuracies."""
-    flags = [SCRIPT, *imagefolder(cifar_dir), *TINY, "--epochs", "1", "--max-steps", "3", "--eval-patches", "2",
-             "--out-dir", tmp_path]
+    flags = [
+        SCRIPT,
+        *imagefolder(cifar_dir),
+        *TINY,
+        "--epochs",
+        "1",
+        "--max-steps",
+        "3",
+        "--eval-patches",
+        "2",
+        "--out-dir",
+        tmp_path,
+    ]
     first = run_script(flags)
     assert first.returncode == 0, first.stderr[-3000:]
     r1 = json.loads((tmp_path / "results.json").read_text())
@@ -133,8 +178,22 @@ def test_ddp_two_ranks_equal_one_process(cifar_dir, tmp_path):
 
 def test_torchrun_two_ranks_end_to_end(cifar_dir, tmp_path):
     """The whole script under torchrun --nproc_per_node=2 on CPU: trains, evaluates on sharded features, one results."""
-    proc = run_script([SCRIPT, *imagefolder(cifar_dir), *TINY, "--epochs", "1", "--max-steps", "4",
-                       "--eval-patches", "2", "--out-dir", tmp_path], nproc=2)
+    proc = run_script(
+        [
+            SCRIPT,
+            *imagefolder(cifar_dir),
+            *TINY,
+            "--epochs",
+            "1",
+            "--max-steps",
+            "4",
+            "--eval-patches",
+            "2",
+            "--out-dir",
+            tmp_path,
+        ],
+        nproc=2,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["world_size"] == 2 and res["steps_done"] == 4
@@ -143,9 +202,29 @@ def test_torchrun_two_ranks_end_to_end(cifar_dir, tmp_path):
 
 def test_pil_reference_path_and_val_folder(imagewoof_dir, tmp_path):
     """--aug pil (the official PIL pipeline) on real ImageNet photos with a val/ split, resized to 32 at load."""
-    proc = run_script([SCRIPT, *imagefolder(imagewoof_dir), *TINY, "--batch-size", "8", "--aug", "pil",
-                       "--pil-workers", "0", "--epochs", "1", "--max-steps", "3", "--eval-patches", "2",
-                       "--image-size", "32", "--out-dir", tmp_path])
+    proc = run_script(
+        [
+            SCRIPT,
+            *imagefolder(imagewoof_dir),
+            *TINY,
+            "--batch-size",
+            "8",
+            "--aug",
+            "pil",
+            "--pil-workers",
+            "0",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "3",
+            "--eval-patches",
+            "2",
+            "--image-size",
+            "32",
+            "--out-dir",
+            tmp_path,
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["steps_done"] == 3 and 0 <= res["linear_top1"] <= 100
@@ -178,8 +257,21 @@ def test_checkpoint_from_another_model(cifar_dir, tmp_path):
 
 def test_non_finite_loss_names_the_step(cifar_dir, tmp_path):
     """An absurd LR blows the un-LARS'd BatchNorm parameters up; the run stops naming the first bad step."""
-    proc = run_script([SCRIPT, *imagefolder(cifar_dir), *TINY, "--lr", "1e20", "--lr-schedule", "constant",
-                       "--eval-patches", "0", "--out-dir", tmp_path])
+    proc = run_script(
+        [
+            SCRIPT,
+            *imagefolder(cifar_dir),
+            *TINY,
+            "--lr",
+            "1e20",
+            "--lr-schedule",
+            "constant",
+            "--eval-patches",
+            "0",
+            "--out-dir",
+            tmp_path,
+        ]
+    )
     assert_one_line_error(proc, "non-finite loss at step 2")
 
 
@@ -192,13 +284,16 @@ def test_image_folder_without_test_split(cifar_dir, tmp_path):
 def test_bag_features_are_the_mean_h_of_each_splits_own_patches():
     """encode_bag: eval-mode h averaged over the patches drawn from the images it is given (not another split's)."""
     from contextlib import nullcontext
+
     sys.path.insert(0, str(ROOT))
     import empssl_cifar as E
 
     args = E.Args(dataset="fake", arch="resnet18", hidden_dim=32, z_dim=8, eval_chunk=5, device="cpu")
     torch.manual_seed(0)
     model = E.EMPSSL(args.arch, args.hidden_dim, args.z_dim)
-    run = dict(args=args, model=model, device=torch.device("cpu"), rank=0, world_size=1, autocast=nullcontext())
+    run = SimpleNamespace(
+        args=args, model=model, device=torch.device("cpu"), rank=0, world_size=1, autocast=nullcontext()
+    )
     a = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     feats_a, feats_b = E.encode_bag(run, a, "test", 3), E.encode_bag(run, 255 - a, "test", 3)
     assert feats_a.shape == (5, 32) and not torch.allclose(feats_a, feats_b)

@@ -30,8 +30,13 @@ def cifar(cifar_dir):
 
 def plain_params(n, y0, x0, **on):
     """Patch parameters with every random op off (crop position given); `on` switches single ops back on."""
-    p = dict(y0=torch.as_tensor(y0), x0=torch.as_tensor(x0), factors=torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(n, 1),
-             order=torch.arange(4).repeat(n, 1), sigma=torch.ones(n))
+    p = dict(
+        y0=torch.as_tensor(y0),
+        x0=torch.as_tensor(x0),
+        factors=torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(n, 1),
+        order=torch.arange(4).repeat(n, 1),
+        sigma=torch.ones(n),
+    )
     p.update({k: torch.zeros(n, dtype=torch.bool) for k in ("flip", "jitter", "gray", "blur", "solarize")})
     p.update(on)
     return p
@@ -58,8 +63,9 @@ def test_tcr_matches_float64_logdet_both_forms(n, d, eps):
 
 def test_tcr_hand_values_and_sanity_bound():
     n, d, eps = 10, 64, 0.2  # orthonormal one-hot rows: Z^T Z has N ones on the diagonal
-    torch.testing.assert_close(E.tcr_loss(torch.eye(d)[:n], eps).item(), -0.5 * n * math.log(1 + d / (n * eps)),
-                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        E.tcr_loss(torch.eye(d)[:n], eps).item(), -0.5 * n * math.log(1 + d / (n * eps)), rtol=1e-6, atol=0
+    )
     n, d = 100, 1024  # spec 4.1: unit rows, bound 1/2 min(N, D) log(1 + D/(min(N, D) eps)) ~ 197.75
     bound = 0.5 * n * math.log(1 + d / (n * eps))
     assert bound == pytest.approx(197.75, abs=0.01)
@@ -108,8 +114,11 @@ def test_invariance_loss_values():
 def test_invariance_gradient_flows_through_mean():
     z = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(2))
     grads = {}
-    for name, fn in [("script", E.invariance_loss), ("explicit", invariance_explicit),
-                     ("detached", lambda x: invariance_explicit(x, detach=True))]:
+    for name, fn in [
+        ("script", E.invariance_loss),
+        ("explicit", invariance_explicit),
+        ("detached", lambda x: invariance_explicit(x, detach=True)),
+    ]:
         x = z.clone().requires_grad_(True)
         fn(x).backward()
         grads[name] = x.grad
@@ -274,13 +283,26 @@ def test_crop_resize_path_equals_resized_crop(cifar):
     imgs = cifar[:n]
     out = E.augment_patches(imgs, plain_params(n, y0, x0), 16, 128)
     assert out.shape == (n, 3, 32, 32) and out.min() >= -1 and out.max() <= 1
-    ref = torch.stack([TF.resized_crop(imgs[i].float() / 255, int(y0[i]), int(x0[i]), 16, 16, [32, 32],
-                                       InterpolationMode.BILINEAR, antialias=True) for i in range(n)])
+    ref = torch.stack(
+        [
+            TF.resized_crop(
+                imgs[i].float() / 255,
+                int(y0[i]),
+                int(x0[i]),
+                16,
+                16,
+                [32, 32],
+                InterpolationMode.BILINEAR,
+                antialias=True,
+            )
+            for i in range(n)
+        ]
+    )
     torch.testing.assert_close((out + 1) / 2, ref, rtol=0, atol=1e-5)
     outside = imgs.clone()  # the patch reads exactly the 16x16 window and nothing else
     mask = torch.ones(n, 1, 32, 32, dtype=torch.bool)
     for i in range(n):
-        mask[i, :, y0[i]:y0[i] + 16, x0[i]:x0[i] + 16] = False
+        mask[i, :, y0[i] : y0[i] + 16, x0[i] : x0[i] + 16] = False
     outside[mask.expand_as(outside)] = 255 - outside[mask.expand_as(outside)]
     assert torch.equal(E.augment_patches(outside, plain_params(n, y0, x0), 16, 128), out)
     inside = imgs.clone()
@@ -299,8 +321,15 @@ def test_single_ops_and_their_order(cifar):
     sigma = torch.linspace(0.1, 2.0, n)
     torch.testing.assert_close(run(blur=on, sigma=sigma), E.gaussian_blur(base, sigma))
     p = E.sample_patch_params(torch.Generator().manual_seed(3), n, 32, 16)
-    p.update(y0=y0, x0=x0, flip=on, jitter=on, gray=on.clone().index_fill_(0, torch.arange(0, n, 2), False),
-             blur=on, solarize=on)  # spec 2.1 order: flip, jitter, gray, blur, solarize
+    p.update(
+        y0=y0,
+        x0=x0,
+        flip=on,
+        jitter=on,
+        gray=on.clone().index_fill_(0, torch.arange(0, n, 2), False),
+        blur=on,
+        solarize=on,
+    )  # spec 2.1 order: flip, jitter, gray, blur, solarize
     ref = E.color_jitter(base.flip(-1), p["factors"], p["order"], on)
     ref = torch.where(p["gray"][:, None, None, None], E.grayscale(ref).expand_as(ref), ref)
     ref = E.gaussian_blur(ref, p["sigma"])
@@ -334,8 +363,15 @@ def test_gaussian_blur(cifar):
     torch.testing.assert_close(E.gaussian_blur(canvas, torch.full((30,), 2.0)).mean((1, 2, 3)), canvas.mean((1, 2, 3)))
     for s in (0.5, 1.0, 2.0):
         ours = E.gaussian_blur(x, torch.full((30,), s))
-        pil = torch.stack([torch.from_numpy(np.array(TF.to_pil_image(im).filter(ImageFilter.GaussianBlur(s))))
-                           .permute(2, 0, 1) for im in cifar[:30]]).float() / 255
+        pil = (
+            torch.stack(
+                [
+                    torch.from_numpy(np.array(TF.to_pil_image(im).filter(ImageFilter.GaussianBlur(s)))).permute(2, 0, 1)
+                    for im in cifar[:30]
+                ]
+            ).float()
+            / 255
+        )
         diff = (ours - pil).abs().mean().item()
         assert diff < 2 / 255 and diff < 0.3 * (ours - x).abs().mean().item()  # measured ~0.6-0.75/255 (box approx.)
 
@@ -346,10 +382,17 @@ def patch_stats(x):
     solarize probability and threshold), mean |horizontal gradient| (sharpness: blur), a 16-bin pixel histogram."""
     u = (x + 1) / 2
     hist = F.one_hot((u * 16).long().clamp(max=15), 16).float().mean((2, 3, 4))
-    return torch.cat([u.mean((3, 4)), (u ** 2).mean((3, 4)),
-                      ((u.amax(2) - u.amin(2)) <= 1.5 / 255).flatten(2).all(2, keepdim=True).float(),
-                      (u.flatten(2).amax(2, keepdim=True) < 128 / 255).float(),
-                      (u[..., 1:] - u[..., :-1]).abs().mean((2, 3, 4))[..., None], hist], -1)
+    return torch.cat(
+        [
+            u.mean((3, 4)),
+            (u**2).mean((3, 4)),
+            ((u.amax(2) - u.amin(2)) <= 1.5 / 255).flatten(2).all(2, keepdim=True).float(),
+            (u.flatten(2).amax(2, keepdim=True) < 128 / 255).float(),
+            (u[..., 1:] - u[..., :-1]).abs().mean((2, 3, 4))[..., None],
+            hist,
+        ],
+        -1,
+    )
 
 
 def test_gpu_pipeline_statistics_match_pil(cifar):
@@ -358,8 +401,9 @@ def test_gpu_pipeline_statistics_match_pil(cifar):
 
     def gpu(seed):
         p = E.sample_patch_params(torch.Generator().manual_seed(seed), n * n_p, 32, 16)
-        return patch_stats(E.augment_patches(imgs.repeat(n_p, 1, 1, 1), p, 16, 128).view(n_p, n, 3, 32, 32)
-                           .transpose(0, 1))
+        return patch_stats(
+            E.augment_patches(imgs.repeat(n_p, 1, 1, 1), p, 16, 128).view(n_p, n, 3, 32, 32).transpose(0, 1)
+        )
 
     ds = E.PILPatches(imgs, n_p, 0.25, 128)
     pil = patch_stats(torch.stack([ds[(i, E.rng_seed("pil", i))] for i in range(n)]))
@@ -371,7 +415,7 @@ def test_gpu_pipeline_statistics_match_pil(cifar):
     # systematic: PIL's Image.blend truncates to uint8 after brightness, contrast and saturation (<= 1.5/255 darker);
     # channel means and second moments (= the std) allow 2/255 for it, the other statistics nothing
     sys_bias = torch.zeros(25).index_fill_(0, torch.arange(6), 2 / 255)
-    assert ((m1 - mp).abs() < 4 * se + sys_bias).all(), ((m1 - mp) / se)
+    assert ((m1 - mp).abs() < 4 * se + sys_bias).all(), (m1 - mp) / se
     tvd = lambda a, b: 0.5 * (a[-16:] - b[-16:]).abs().sum().item()  # noqa: E731
     assert tvd(m1, mp) < 2 * tvd(m1, m2) + 0.01  # histogram, measured: gpu-gpu ~0.013, gpu-pil ~0.014
     assert abs(m1[6] - 0.2) < 0.04 and abs(mp[6] - 0.2) < 0.04  # gray patches: RandomGrayscale(0.2) + gray photos
@@ -399,8 +443,8 @@ def test_patch_batches_rank_split_and_keys(cifar, aug):
     full = next(E.patch_batches(cifar, [idx], [key], n_p, args, CPU))
     assert full.shape == (n_p * 6, 3, 32, 32) and full.min() >= -1 and full.max() <= 1
     for rank in range(2):  # what makes a 2-rank run see the patches of a 1-rank run
-        part = next(E.patch_batches(cifar, [idx], [key], n_p, args, CPU, rank=rank, world_size=2))
-        assert torch.equal(part.view(n_p, 3, 3, 32, 32), full.view(n_p, 6, 3, 32, 32)[:, 3 * rank:3 * rank + 3])
+        part = next(E.patch_batches(cifar, [idx], [key], n_p, args, CPU, rank=rank, world=2))
+        assert torch.equal(part.view(n_p, 3, 3, 32, 32), full.view(n_p, 6, 3, 32, 32)[:, 3 * rank : 3 * rank + 3])
     assert torch.equal(next(E.patch_batches(cifar, [idx], [key], n_p, args, CPU)), full)
     assert not torch.allclose(next(E.patch_batches(cifar, [idx], [(0, "train", 0, 4)], n_p, args, CPU)), full)
 
@@ -434,8 +478,11 @@ def test_model_shapes_and_parameter_counts():
     stem = model.backbone.conv1
     assert stem.kernel_size == (3, 3) and stem.stride == (1, 1) and isinstance(model.backbone.maxpool, nn.Identity)
     count, linear = (lambda m: sum(p.numel() for p in m.parameters())), (lambda i, o: i * o + o)
-    expected = dict(backbone=count_resnet18_cifar(), pre_feature=linear(512, 4096) + 2 * 4096,
-                    projection=linear(4096, 4096) + 2 * 4096 + linear(4096, 1024))
+    expected = dict(
+        backbone=count_resnet18_cifar(),
+        pre_feature=linear(512, 4096) + 2 * 4096,
+        projection=linear(4096, 4096) + 2 * 4096 + linear(4096, 1024),
+    )
     for name, n in expected.items():
         assert count(getattr(model, name)) == n, name
     assert count(model) == sum(expected.values())
