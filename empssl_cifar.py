@@ -236,7 +236,7 @@ def load_data(args: Args) -> dict:
         cls, num_classes = CIFAR[args.dataset]
         try:
             splits = [cls(str(root), train=train, download=args.download) for train in (True, False)]
-        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted", or a failed download
             raise RunError(f"{args.dataset} not found in {root} ({e}); pass --data-dir or allow --download")
         tr, te = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in splits]
         return dict(train_x=tr[0], train_y=tr[1], test_x=te[0], test_y=te[1], num_classes=num_classes)
@@ -762,14 +762,18 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
     protocols = [("", args.eval_patches)] + ([("whole_", 0)] if args.eval_whole_image else [])
     digest = state_dict_digest(run.model.state_dict())
     for prefix, n_patches in protocols:
-        cache = ArtifactCache(Path(args.out_dir) / "cache", f"{rng_seed(digest, n_patches, args.seed, args.aug):014x}")
+        cache = ArtifactCache(
+            Path(args.out_dir) / "cache",
+            f"{rng_seed(digest, n_patches, args.seed, args.aug, args.crop_scale, args.solarize_threshold):014x}",
+        )
         t0 = time.perf_counter()
         feats = {}
         for split in ("train", "test"):
-            feats[split] = cache.get(split) if run.world_size == 1 else None  # DDP: ranks encode their shards
+            use_cache = tag == "final" and run.world_size == 1  # DDP: every rank encodes its shard
+            feats[split] = cache.get(split) if use_cache else None
             if feats[split] is None:
                 feats[split] = encode_bag(run, data[f"{split}_x"], split, n_patches)
-                if run.rank == 0:
+                if use_cache:  # ~1 GB for CIFAR train features: only for the final evaluation
                     cache.put(split, feats[split].cpu())
             feats[split] = feats[split].to(device)
         times[f"{prefix}encode_s"] = time.perf_counter() - t0

@@ -52,52 +52,56 @@ def assert_one_line_error(proc, *needles):
         assert needle in err_lines[0], err_lines[0]
 
 
-def test_smoke_learns_on_real_cifar(cifar_dir, tmp_path):
-    """One epoch on 400 real CIFAR-10 images: the loss falls, both evaluations run, results.json is complete."""
-    out = tmp_path / "run"
-    proc = run_script(
-        [
-            SCRIPT,
-            *imagefolder(cifar_dir),
-            *TINY,
-            "--epochs",
-            "1",
-            "--lr-epochs",
-            "1",
-            "--eval-patches",
-            "4",
-            "--eval-every-steps",
-            "10",
-            "--eval-whole-image",
-            "--out-dir",
-            out,
-        ]
+def test_learns_on_real_cifar(cifar_dir, tmp_path):
+    """3 epochs on 400 real CIFAR-10 images: the loss falls, the linear probe beats the same probe on the untrained
+    network (--max-steps 0, run alongside) by a wide margin, every evaluation runs, and results.json is complete."""
+    flags = [
+        SCRIPT,
+        *imagefolder(cifar_dir),
+        *TINY,
+        *"--batch-size 32 --n-patches 4 --hidden-dim 256 --z-dim 128".split(),
+    ]
+    flags += "--epochs 3 --lr-epochs 3 --eval-patches 4 --probe-epochs 30 --log-every 4".split()
+    out, init = tmp_path / "run", tmp_path / "init"
+    baseline = subprocess.Popen(
+        [sys.executable, *map(str, flags), "--max-steps", "0", "--out-dir", str(init)],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
+    proc = run_script(
+        [*flags, *"--eval-every-steps 24 --eval-whole-image --bench-ceiling-steps 1".split(), "--out-dir", out]
+    )
+    assert baseline.wait() == 0 and proc.returncode == 0, proc.stderr[-3000:]
+    res, res0 = (json.loads((d / "results.json").read_text()) for d in (out, init))
+    assert res0["steps_done"] == 0 and res["steps_done"] == 3 * (400 // 32)
+    # measured here: 11.0% untrained, 24.5% trained (200 test images, 10 classes; one standard error is ~3 points)
+    assert res["linear_top1"] > res0["linear_top1"] + 6, (res0["linear_top1"], res["linear_top1"])
     for key in ("knn_top1", "knn_top5", "linear_top1", "linear_top1_best", "whole_knn_top1", "whole_linear_top1"):
         assert 0.0 <= res[key] <= 100.0, (key, res[key])
     assert res["linear_top1"] <= res["linear_top1_best"]
-    for key in ("data_time_s", "train_time_s", "encode_s", "probe_s", "knn_s", "total_time_s", "patches_per_s"):
+    timed = ("data_time_s", "train_time_s", "encode_s", "probe_s", "knn_s", "total_time_s", "patches_per_s")
+    for key in timed + ("ceiling_patches_per_s", "ceiling_ratio"):
         assert res[key] > 0 and math.isfinite(res[key]), key
-    assert res["steps_done"] == 400 // 16 and res["patches_seen"] == 25 * 16 * 2
-    assert res["args"]["n_patches"] == 2 and res["world_size"] == 1
+    assert res["patches_seen"] == 36 * 32 * 4 and res["args"]["n_patches"] == 4 and res["world_size"] == 1
     log = read_log(out)
     train = [r for r in log if r["type"] == "train"]
-    evals = [r for r in log if r["type"] == "eval"]
-    assert [r["tag"] for r in evals] == ["step 10", "step 20", "final"]
-    assert len([r for r in log if r["type"] == "epoch"]) == 1
-    # EMP-SSL learns: the total loss (200 * -cos - R) falls from the first logged window to the last
+    assert [r["tag"] for r in log if r["type"] == "eval"] == ["step 24", "final"]
+    assert [r["epoch"] for r in log if r["type"] == "epoch"] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in train)
     assert train[-1]["loss"] < train[0]["loss"] - 1.0, [r["loss"] for r in train]
-    assert train[-1]["cos"] > train[0]["cos"]
     # one summary line per epoch on stdout
-    assert sum(line.startswith("ep 1/1 |") for line in proc.stdout.splitlines()) == 1
+    assert [ln.split(" |")[0] for ln in proc.stdout.splitlines() if ln.startswith("ep ")] == [
+        "ep 1/3",
+        "ep 2/3",
+        "ep 3/3",
+    ]
 
 
 def test_resume_after_kill_equals_uninterrupted(cifar_dir, tmp_path):
     """Kill a 1-epoch run mid-epoch (SIGKILL after a step checkpoint), rerun it: the weights equal an uninterrupted
-    run's exactly. A third run of the finished directory re-evaluates from the feature cache."""
+    run's exactly."""
     flags = [SCRIPT, *imagefolder(cifar_dir), *TINY, "--epochs", "1", "--eval-patches", "0"]
     ref, out = tmp_path / "ref", tmp_path / "killed"
     proc = run_script([*flags, "--out-dir", ref])
