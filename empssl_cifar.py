@@ -123,7 +123,7 @@ class Args:
     lr_epochs: Optional[int] = 2
     """epochs the LR schedule spans (official --epoch 2 for the 1-epoch table); None: --epochs"""
     max_steps: Optional[int] = None
-    """stop training after this many steps in total (compute-matched runs); evaluation still runs"""
+    """stop training after this many steps in total (compute-matched runs; 0: evaluate the untrained network)"""
     batch_size: int = 100
     """images per step, global over all ranks (official 100); each image contributes P patches"""
     lr: float = 0.3
