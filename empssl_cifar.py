@@ -296,7 +296,8 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
     h6 = ((h / 6.0 + shift[:, None, None]) % 1.0) * 6.0  # hue in sixths of a turn, [0, 6)
     # HSV -> RGB in closed form: channel n (r=5, g=3, b=1) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None, None] + h6[:, None]) % 6
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device)  # 5, 3, 1 (an arange, not a host-to-device copy)
+    k = (n[None, :, None, None] + h6[:, None]) % 6
     return maxc[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
@@ -410,7 +411,8 @@ def patch_batches(images: torch.Tensor, batches: list, keys: list, n_patches: in
         items = []  # one list of (image index, item seed) per step
         for idx, key in zip(batches, keys):
             b = len(idx) // world
-            items.append([(int(i), rng_seed(*key, rank * b + j)) for j, i in enumerate(idx[rank * b : (rank + 1) * b])])
+            ids = idx[rank * b : (rank + 1) * b].tolist()
+            items.append([(i, rng_seed(*key, rank * b + j)) for j, i in enumerate(ids)])
         ds = PILPatches(images, n_patches, args.crop_scale, args.solarize_threshold)
         pin = device.type == "cuda"
         loader = DataLoader(
@@ -584,17 +586,19 @@ def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
 
 
 # ==== 6. TRAIN LOOP ====
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list:
-    """The epoch's global batches: a seeded permutation cut into full batches (drop_last, spec 2.2)."""
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, device=None) -> list:
+    """The epoch's global batches: a seeded permutation cut into full batches (drop_last, spec 2.2).
+
+    CRUCIAL: moved to the device once per epoch; a per-step copy from pageable memory would sync the host."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(rng_seed(seed, "order", epoch)))
-    return list(perm[: n // batch_size * batch_size].view(-1, batch_size))
+    return list(perm[: n // batch_size * batch_size].to(device).view(-1, batch_size))
 
 
 def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
     """Train from step start_step of `epoch` to its end (or to --max-steps). Returns averaged metrics."""
     args, model, opt, scaler, device = run.args, run.model, run.opt, run.scaler, run.device
     spe, is_main = run.steps_per_epoch, run.rank == 0
-    batches = epoch_batches(len(run.data["train_x"]), args.batch_size, args.seed, epoch)
+    batches = epoch_batches(len(run.data["train_x"]), args.batch_size, args.seed, epoch, device)
     last = min(spe, run.total_steps - epoch * spe)
     keys = [(args.seed, "train", epoch, s) for s in range(start_step, last)]
     stream = patch_batches(
@@ -687,14 +691,14 @@ def encode_bag(run: SimpleNamespace, images: torch.Tensor, split: str, n_patches
     model.eval()
     n = len(images)
     per_rank = math.ceil(n / world)
-    mine = torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp(max=n - 1)  # padded; trimmed after the gather
+    mine = torch.arange(rank * per_rank, (rank + 1) * per_rank, device=device).clamp(max=n - 1)  # padded, trimmed later
     chunks = list(mine.split(args.eval_chunk))
     feats = []
     if n_patches:
         keys = [(args.seed, "eval", split, rank, i) for i in range(len(chunks))]
         stream = patch_batches(images, chunks, keys, n_patches, args, device)
     else:
-        stream = ((images[c].to(device).float() / 255 - 0.5) / 0.5 for c in chunks)
+        stream = ((images[c.to(images.device)].to(device).float() / 255 - 0.5) / 0.5 for c in chunks)
     for c, x in zip(chunks, tqdm(stream, total=len(chunks), desc=f"encode {split}", disable=rank != 0, leave=False)):
         if args.channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
