@@ -17,7 +17,7 @@ Runs (one GPU each unless torchrun is shown; the official README numbers are lin
         --eval-patches 4 --out-dir OUT --device cpu          # a quick CPU run on any image folder
 
 Deviations (each marked `# DEVIATION:` below): patches are augmented on the GPU in batches (`--aug pil` keeps the
-official PIL pipeline as the reference); bf16 autocast with channels_last (the TCR log-det stays fp32); a Cholesky
+official PIL pipeline as the reference); bf16 autocast with channels_last (the TCR log-det in fp64); a Cholesky
 log-det in the Sylvester (B x B) form; seeded, resumable random streams; the TCR is computed over the global batch
 under DDP (all-gather with gradient), which equals the official single-process semantics.
 """
@@ -163,7 +163,7 @@ class Args:
     device: Optional[str] = None
     """cuda or cpu (default: cuda when available); under torchrun each rank takes cuda:LOCAL_RANK"""
     amp: Literal["bf16", "fp16", "none"] = "bf16"
-    """autocast precision on CUDA (CPU runs in fp32); losses are always fp32"""
+    """autocast precision on CUDA (CPU runs in fp32); losses are always fp32 (the TCR log-det fp64)"""
     channels_last: bool = True
     """channels_last memory format on CUDA"""
     compile: bool = False
@@ -467,17 +467,18 @@ def tcr_loss(z: torch.Tensor, eps: float) -> torch.Tensor:
     """Negative total coding rate, -R(Z) with R(Z) = 1/2 logdet(I_D + D/(N eps) Z^T Z) (spec 4.1-4.2).
 
     z: [N, D] rows (not normalised here); leading dims are allowed ([P, N, D] gives the mean of -R over P, spec 4.3).
-    eps is used as is (the paper's eps^2). Computed in fp32 from the smaller Gram matrix (Sylvester: logdet(I + A^T A)
-    = logdet(I + A A^T)) with a Cholesky log-det. DEVIATION: the official code calls torch.logdet on the D x D form.
+    eps is used as is (the paper's eps^2). Computed from the smaller Gram matrix (Sylvester: logdet(I + A^T A)
+    = logdet(I + A A^T)) with a Cholesky log-det, in float64: the B x B matrices are tiny, and fp64 keeps TF32 and
+    bf16 out of the log-det. DEVIATION: the official code calls torch.logdet on the D x D form in fp32.
     """
     with torch.autocast(z.device.type, enabled=False):
-        z = z.float()
+        z = z.double()
         n, d = z.shape[-2:]
         gram = z @ z.transpose(-1, -2) if n <= d else z.transpose(-1, -2) @ z
         eye = torch.eye(gram.shape[-1], device=z.device, dtype=z.dtype)
         chol, _ = torch.linalg.cholesky_ex(eye + (d / (n * eps)) * gram)  # _ex: no host sync on the info flag
         rate = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # 1/2 logdet = sum log diag(L)
-        return -rate.mean()
+        return -rate.mean().float()
 
 
 def invariance_loss(z: torch.Tensor) -> torch.Tensor:
@@ -899,7 +900,7 @@ def run_training(args: Args) -> dict:
     use_amp = device.type == "cuda" and args.amp != "none"
     run.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and args.amp == "fp16")
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
-    # DEVIATION: bf16 autocast (the official code runs fp32); the losses and the log-det stay fp32
+    # DEVIATION: bf16 autocast (the official code runs fp32); the losses stay fp32, the log-det fp64
     run.autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
     run.steps_per_epoch, run.global_step, run.train_time_s, run.patches_seen, run.times = steps_per_epoch, 0, 0.0, 0, {}
     ckpt_path = find_resume(out_dir, args.resume)
