@@ -765,20 +765,20 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
     args, data, device = run.args, run.data, run.device
     res, times = {}, {}
     protocols = [("", args.eval_patches)] + ([("whole_", 0)] if args.eval_whole_image else [])
-    digest = state_dict_digest(run.model.state_dict())
+    # the final features are cached per weights digest, so a rerun of a finished run skips the encoding; DDP ranks
+    # encode their own shards and mid-training evaluations are never repeated, so neither is cached
+    use_cache = tag == "final" and run.world_size == 1
+    digest = state_dict_digest(run.model.state_dict()) if use_cache else None
     for prefix, n_patches in protocols:
-        cache = ArtifactCache(
-            Path(args.out_dir) / "cache",
-            f"{rng_seed(digest, n_patches, args.seed, args.aug, args.crop_scale, args.solarize_threshold):014x}",
-        )
+        key = rng_seed(digest, n_patches, args.seed, args.aug, args.crop_scale, args.solarize_threshold)
+        cache = ArtifactCache(Path(args.out_dir) / "cache", f"{key:014x}")
         t0 = time.perf_counter()
         feats = {}
         for split in ("train", "test"):
-            use_cache = tag == "final" and run.world_size == 1  # DDP: every rank encodes its shard
             feats[split] = cache.get(split) if use_cache else None
             if feats[split] is None:
                 feats[split] = encode_bag(run, data[f"{split}_x"], split, n_patches)
-                if use_cache:  # ~1 GB for CIFAR train features: only for the final evaluation
+                if use_cache:
                     cache.put(split, feats[split].cpu())
             feats[split] = feats[split].to(device)
         times[f"{prefix}encode_s"] = time.perf_counter() - t0
