@@ -645,12 +645,17 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
             if is_main:
                 bar.set_postfix(loss=f"{m[0]:.2f}", cos=f"{-m[1]:.3f}", R=f"{-m[2]:.1f}", lr=f"{lr:.3f}")
                 log_jsonl(run, dict(type="train", **rec))
-        if args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe:
-            save_state(run)
-        if args.eval_every_steps and (gstep + 1) % args.eval_every_steps == 0 and gstep + 1 < run.total_steps:
+        save_now = args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe
+        eval_now = args.eval_every_steps and (gstep + 1) % args.eval_every_steps == 0 and gstep + 1 < run.total_steps
+        if save_now or eval_now:  # neither counts as training time
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             run.train_time_s += time.perf_counter() - t0
-            evaluate(run, tag=f"step {gstep + 1}")
-            model.train()  # CRUCIAL: back to train mode after a mid-epoch evaluation (kachayev's bug, spec 9)
+            if save_now:
+                save_state(run)
+            if eval_now:
+                evaluate(run, tag=f"step {gstep + 1}")
+                model.train()  # CRUCIAL: back to train mode after a mid-epoch evaluation (kachayev's bug, spec 9)
             t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -846,9 +851,11 @@ def save_state(run: SimpleNamespace) -> None:
     """Rank 0 writes out_dir/last.pt atomically: model, optimizer, scaler, global step, timers."""
     if run.rank != 0:
         return
+    t0 = time.perf_counter()
     state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
     state.update(step=run.global_step, train_time_s=run.train_time_s, patches_seen=run.patches_seen)
     save_checkpoint(dict(state, args=dataclasses.asdict(run.args)), Path(run.args.out_dir) / "last.pt")
+    run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
 
 
 def check_args(args: Args, world_size: int) -> None:
