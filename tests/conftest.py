@@ -53,6 +53,13 @@ def imagewoof_dir(tmp_path_factory) -> Path:
     return dst
 
 
+def start_script(args) -> subprocess.Popen:
+    """Start `python script.py args` in the background (output discarded), one thread like run_script."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, *map(str, args)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def run_script(args, timeout=300, nproc=None, env=None) -> subprocess.CompletedProcess:
     """Run `python script.py args` (or `torchrun --standalone --nproc_per_node=nproc ...`) from the project root."""
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))

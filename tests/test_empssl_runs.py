@@ -2,37 +2,24 @@
 
 import json
 import math
-import os
 import signal
-import subprocess
 import sys
 import time
 from types import SimpleNamespace
 
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, start_script
 
 SCRIPT = ROOT / "empssl_cifar.py"
 # small and fast on 2 CPU cores: the ImageNet-stem ResNet-18 on 32x32 costs 1/16 of the CIFAR stem
-TINY = [
-    "--batch-size",
-    "16",
-    "--n-patches",
-    "2",
-    "--arch",
-    "resnet18",
-    "--hidden-dim",
-    "128",
-    "--z-dim",
-    "32",
-    "--device",
-    "cpu",
-    "--log-every",
-    "5",
-    "--probe-epochs",
-    "20",
-]
+TINY = "--batch-size 16 --n-patches 2 --arch resnet18 --hidden-dim 128 --z-dim 32 --device cpu --log-every 5"
+TINY += " --probe-epochs 20"
+
+
+def empssl(data_dir, out_dir, extra: str = "") -> list:
+    """The command line of a tiny run on an image folder; later flags override TINY's."""
+    return [SCRIPT, *imagefolder(data_dir), *TINY.split(), *extra.split(), "--out-dir", out_dir]
 
 
 def imagefolder(path):
@@ -55,23 +42,12 @@ def assert_one_line_error(proc, *needles):
 def test_learns_on_real_cifar(cifar_dir, tmp_path):
     """3 epochs on 400 real CIFAR-10 images: the loss falls, the linear probe beats the same probe on the untrained
     network (--max-steps 0, run alongside) by a wide margin, every evaluation runs, and results.json is complete."""
-    flags = [
-        SCRIPT,
-        *imagefolder(cifar_dir),
-        *TINY,
-        *"--batch-size 32 --n-patches 4 --hidden-dim 256 --z-dim 128".split(),
-    ]
-    flags += "--epochs 3 --lr-epochs 3 --eval-patches 4 --probe-epochs 30 --log-every 4".split()
+    flags = "--batch-size 32 --n-patches 4 --hidden-dim 256 --z-dim 128 --epochs 3 --lr-epochs 3 --eval-patches 4"
+    flags += " --probe-epochs 30 --log-every 4"
     out, init = tmp_path / "run", tmp_path / "init"
-    baseline = subprocess.Popen(
-        [sys.executable, *map(str, flags), "--max-steps", "0", "--out-dir", str(init)],
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    baseline = start_script(empssl(cifar_dir, init, flags + " --max-steps 0"))
     proc = run_script(
-        [*flags, *"--eval-every-steps 24 --eval-whole-image --bench-ceiling-steps 1".split(), "--out-dir", out]
+        empssl(cifar_dir, out, flags + " --eval-every-steps 24 --eval-whole-image --bench-ceiling-steps 1")
     )
     assert baseline.wait() == 0 and proc.returncode == 0, proc.stderr[-3000:]
     res, res0 = (json.loads((d / "results.json").read_text()) for d in (out, init))
@@ -102,15 +78,12 @@ def test_learns_on_real_cifar(cifar_dir, tmp_path):
 def test_resume_after_kill_equals_uninterrupted(cifar_dir, tmp_path):
     """Kill a 1-epoch run mid-epoch (SIGKILL after a step checkpoint), rerun it: the weights equal an uninterrupted
     run's exactly."""
-    flags = [SCRIPT, *imagefolder(cifar_dir), *TINY, "--epochs", "1", "--eval-patches", "0"]
+    flags = "--epochs 1 --eval-patches 0 --save-every-steps 2"
     ref, out = tmp_path / "ref", tmp_path / "killed"
-    proc = run_script([*flags, "--out-dir", ref])
+    proc = run_script(empssl(cifar_dir, ref, flags))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    cmd = [sys.executable, *map(str, flags), "--out-dir", str(out), "--save-every-steps", "2"]
-    victim = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    victim = start_script(empssl(cifar_dir, out, flags))
     deadline = time.time() + 120
     while not (out / "last.pt").exists() and time.time() < deadline and victim.poll() is None:
         time.sleep(0.02)
@@ -119,7 +92,7 @@ def test_resume_after_kill_equals_uninterrupted(cifar_dir, tmp_path):
     killed_at = torch.load(out / "last.pt", weights_only=False)["step"]
     assert 0 < killed_at < 25, killed_at  # stopped mid-epoch
 
-    proc = run_script([*flags, "--out-dir", out, "--save-every-steps", "2"])
+    proc = run_script(empssl(cifar_dir, out, flags))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from {out / 'last.pt'} at step {killed_at}" in proc.stdout
     a, b = (torch.load(d / "last.pt", weights_only=False) for d in (ref, out))
@@ -132,19 +105,7 @@ def test_resume_after_kill_equals_uninterrupted(cifar_dir, tmp_path):
 
 def test_evaluation_resumes_from_feature_cache(cifar_dir, tmp_path):
     """A finished run started again skips training and reuses the cached bag features: same accuracies."""
-    flags = [
-        SCRIPT,
-        *imagefolder(cifar_dir),
-        *TINY,
-        "--epochs",
-        "1",
-        "--max-steps",
-        "3",
-        "--eval-patches",
-        "2",
-        "--out-dir",
-        tmp_path,
-    ]
+    flags = empssl(cifar_dir, tmp_path, "--epochs 1 --max-steps 3 --eval-patches 2")
     first = run_script(flags)
     assert first.returncode == 0, first.stderr[-3000:]
     r1 = json.loads((tmp_path / "results.json").read_text())
@@ -183,19 +144,7 @@ def test_ddp_two_ranks_equal_one_process(cifar_dir, tmp_path):
 def test_torchrun_two_ranks_end_to_end(cifar_dir, tmp_path):
     """The whole script under torchrun --nproc_per_node=2 on CPU: trains, evaluates on sharded features, one results."""
     proc = run_script(
-        [
-            SCRIPT,
-            *imagefolder(cifar_dir),
-            *TINY,
-            "--epochs",
-            "1",
-            "--max-steps",
-            "4",
-            "--eval-patches",
-            "2",
-            "--out-dir",
-            tmp_path,
-        ],
+        empssl(cifar_dir, tmp_path, "--epochs 1 --max-steps 4 --eval-patches 2"),
         nproc=2,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -207,27 +156,11 @@ def test_torchrun_two_ranks_end_to_end(cifar_dir, tmp_path):
 def test_pil_reference_path_and_val_folder(imagewoof_dir, tmp_path):
     """--aug pil (the official PIL pipeline) on real ImageNet photos with a val/ split, resized to 32 at load."""
     proc = run_script(
-        [
-            SCRIPT,
-            *imagefolder(imagewoof_dir),
-            *TINY,
-            "--batch-size",
-            "8",
-            "--aug",
-            "pil",
-            "--pil-workers",
-            "0",
-            "--epochs",
-            "1",
-            "--max-steps",
-            "3",
-            "--eval-patches",
-            "2",
-            "--image-size",
-            "32",
-            "--out-dir",
+        empssl(
+            imagewoof_dir,
             tmp_path,
-        ]
+            "--batch-size 8 --aug pil --pil-workers 0 --epochs 1 --max-steps 3 --eval-patches 2 --image-size 32",
+        )
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
@@ -236,24 +169,24 @@ def test_pil_reference_path_and_val_folder(imagewoof_dir, tmp_path):
 
 # ---- bad inputs: one clear line on stderr, non-zero exit --------------------------------------------------------
 def test_missing_data_dir(tmp_path):
-    proc = run_script([SCRIPT, *imagefolder(tmp_path / "nope"), *TINY, "--out-dir", tmp_path / "o"])
+    proc = run_script(empssl(tmp_path / "nope", tmp_path / "o"))
     assert_one_line_error(proc, "data dir not found", "nope")
 
 
 def test_unknown_arch(cifar_dir, tmp_path):
-    proc = run_script([SCRIPT, *imagefolder(cifar_dir), *TINY, "--arch", "resnet19", "--out-dir", tmp_path])
+    proc = run_script(empssl(cifar_dir, tmp_path, "--arch resnet19"))
     assert_one_line_error(proc, "unknown --arch 'resnet19'")
 
 
 def test_batch_not_divisible_by_world_size(cifar_dir, tmp_path):
     """Checked from torchrun's environment before any process group is created."""
     env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
-    proc = run_script([SCRIPT, *imagefolder(cifar_dir), *TINY, "--batch-size", "15", "--out-dir", tmp_path], env=env)
+    proc = run_script(empssl(cifar_dir, tmp_path, "--batch-size 15"), env=env)
     assert_one_line_error(proc, "--batch-size 15 does not divide by the world size 2")
 
 
 def test_checkpoint_from_another_model(cifar_dir, tmp_path):
-    flags = [SCRIPT, *imagefolder(cifar_dir), *TINY, "--max-steps", "1", "--eval-patches", "0", "--out-dir", tmp_path]
+    flags = empssl(cifar_dir, tmp_path, "--max-steps 1 --eval-patches 0")
     assert run_script(flags).returncode == 0
     proc = run_script([*flags, "--z-dim", "16"])
     assert_one_line_error(proc, "last.pt", "shape mismatch", "projection.3.weight")
@@ -261,27 +194,13 @@ def test_checkpoint_from_another_model(cifar_dir, tmp_path):
 
 def test_non_finite_loss_names_the_step(cifar_dir, tmp_path):
     """An absurd LR blows the un-LARS'd BatchNorm parameters up; the run stops naming the first bad step."""
-    proc = run_script(
-        [
-            SCRIPT,
-            *imagefolder(cifar_dir),
-            *TINY,
-            "--lr",
-            "1e20",
-            "--lr-schedule",
-            "constant",
-            "--eval-patches",
-            "0",
-            "--out-dir",
-            tmp_path,
-        ]
-    )
+    proc = run_script(empssl(cifar_dir, tmp_path, "--lr 1e20 --lr-schedule constant --eval-patches 0"))
     assert_one_line_error(proc, "non-finite loss at step 2")
 
 
 def test_image_folder_without_test_split(cifar_dir, tmp_path):
     (tmp_path / "data" / "train").mkdir(parents=True)
-    proc = run_script([SCRIPT, *imagefolder(tmp_path / "data"), *TINY, "--out-dir", tmp_path / "o"])
+    proc = run_script(empssl(tmp_path / "data", tmp_path / "o"))
     assert_one_line_error(proc, "must hold train/ and test/")
 
 
