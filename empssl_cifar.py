@@ -118,6 +118,8 @@ class Args:
     """weight of the TCR term (official --tcr 1)"""
 
     # --- optimisation (spec 5)
+    # DEVIATION: the official command trains --epoch 2; which checkpoint its "1 epoch" table uses is not stated, and
+    # we read it as the one after epoch 1 (spec 5.3, inferred). --epochs 2 --eval-every-steps 500 reports both.
     epochs: int = 1
     """epochs to train; the paper's '1 epoch' result is epoch 1 of a 2-epoch cosine (see --lr-epochs)"""
     lr_epochs: Optional[int] = 2
@@ -192,20 +194,27 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 def decode_files(paths: list, size: int) -> torch.Tensor:
     """Read and decode image files into uint8 [n, 3, size, size]: shorter side resized to size, centre crop."""
-    jpeg = [p.suffix.lower() in (".jpg", ".jpeg") for p in paths]
+
+    def fit(img):
+        if img.shape[-2:] == (size, size):
+            return img
+        return T.functional.center_crop(T.functional.resize(img, size, antialias=True), [size, size])
+
+    def decode_one(path, data):
+        try:
+            return decode_image(data, mode=ImageReadMode.RGB)
+        except RuntimeError as e:
+            raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
+
     datas = [read_file(str(p)) for p in paths]
-    decoded = iter(decode_jpeg([d for d, j in zip(datas, jpeg) if j], mode=ImageReadMode.RGB) if any(jpeg) else [])
-    imgs = [next(decoded) if j else decode_image(d, mode=ImageReadMode.RGB) for d, j in zip(datas, jpeg)]
-    return torch.stack(
-        [
-            (
-                img
-                if img.shape[-2:] == (size, size)
-                else T.functional.center_crop(T.functional.resize(img, size, antialias=True), [size, size])
-            )
-            for img in imgs
-        ]
-    )
+    jpeg = [i for i, p in enumerate(paths) if p.suffix.lower() in (".jpg", ".jpeg")]
+    imgs = [None] * len(paths)
+    try:  # batched libjpeg-turbo decode (~60 us per CIFAR image on one core)
+        for i, img in zip(jpeg, decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB) if jpeg else []):
+            imgs[i] = img
+    except RuntimeError:  # a bad file in the batch: decode one by one below, which names it
+        pass
+    return torch.stack([fit(img if img is not None else decode_one(p, d)) for p, d, img in zip(paths, datas, imgs)])
 
 
 def load_image_folder(root: Path, classes: list, size: int) -> tuple:
@@ -388,9 +397,10 @@ class PILPatches(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item
-        torch.manual_seed(seed)
-        img = T.functional.to_pil_image(self.images[index])
-        return torch.stack([self.transform(img) for _ in range(self.n_patches)])
+        with torch.random.fork_rng(devices=[]):  # seeded draws without touching the caller's RNG (workers=0)
+            torch.manual_seed(seed)
+            img = T.functional.to_pil_image(self.images[index])
+            return torch.stack([self.transform(img) for _ in range(self.n_patches)])
 
 
 def patch_major(batch: list) -> torch.Tensor:
@@ -595,6 +605,12 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, device=None) -
     return list(perm[: n // batch_size * batch_size].to(device).view(-1, batch_size))
 
 
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work (only where a timer stops; never per step)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
     """Train from step start_step of `epoch` to its end (or to --max-steps). Returns averaged metrics."""
     args, model, opt, scaler, device = run.args, run.model, run.opt, run.scaler, run.device
@@ -617,8 +633,7 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr
         x = next(stream)
-        if args.channels_last and device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=run.fmt)
         with run.autocast:
             z, _ = run.ddp_model(x)
         loss, inv, tcr = empssl_loss(z.view(args.n_patches, -1, z.shape[-1]), args)
@@ -648,8 +663,7 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
         save_now = args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe
         eval_now = args.eval_every_steps and (gstep + 1) % args.eval_every_steps == 0 and gstep + 1 < run.total_steps
         if save_now or eval_now:  # neither counts as training time
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             run.train_time_s += time.perf_counter() - t0
             if save_now:
                 save_state(run)
@@ -657,8 +671,7 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
                 evaluate(run, tag=f"step {gstep + 1}")
                 model.train()  # CRUCIAL: back to train mode after a mid-epoch evaluation (kachayev's bug, spec 9)
             t0 = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     run.train_time_s += time.perf_counter() - t0
     run.patches_seen += n_done * args.batch_size * args.n_patches
     m = (sums / max(n_done, 1)).tolist()
@@ -670,20 +683,16 @@ def measure_ceiling(run: SimpleNamespace, size: int, steps: int) -> float:
     args, device, local_batch = run.args, run.device, run.args.batch_size // run.world_size
     bare = EMPSSL(args.arch, args.hidden_dim, args.z_dim).to(device)
     bare.load_state_dict(run.model.state_dict())
-    fmt = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
-    bare = bare.to(memory_format=fmt).train()
-    x = torch.randn(args.n_patches * local_batch, 3, size, size, device=device)
-    x = x.contiguous(memory_format=fmt)
+    bare = bare.to(memory_format=run.fmt).train()
+    x = torch.randn(args.n_patches * local_batch, 3, size, size, device=device).contiguous(memory_format=run.fmt)
     for i in range(steps + 2):  # 2 warm-up steps
         if i == 2:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             t0 = time.perf_counter()
         with run.autocast:
             z, _ = bare(x)
         z.sum().backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return steps * x.shape[0] * run.world_size / (time.perf_counter() - t0)
 
 
@@ -706,8 +715,7 @@ def encode_bag(run: SimpleNamespace, images: torch.Tensor, split: str, n_patches
     else:
         stream = ((images[c.to(images.device)].to(device).float() / 255 - 0.5) / 0.5 for c in chunks)
     for c, x in zip(chunks, tqdm(stream, total=len(chunks), desc=f"encode {split}", disable=rank != 0, leave=False)):
-        if args.channels_last and device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=run.fmt)
         with run.autocast:
             h = model.encode(x).float()
         feats.append(h.view(max(n_patches, 1), len(c), -1).mean(0))
@@ -859,12 +867,43 @@ def save_state(run: SimpleNamespace) -> None:
 
 
 def check_args(args: Args, world_size: int) -> None:
+    """Refuse bad input with one clear line, before any data is read or process group created."""
     if args.arch not in RESNETS:
         raise RunError(f"unknown --arch {args.arch!r}; choose one of {', '.join(RESNETS)}")
+    if args.device is not None and args.device != "cpu" and not args.device.startswith("cuda"):
+        raise RunError(f"unknown --device {args.device!r}; use cuda, cuda:N or cpu")
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"--device {args.device} but no CUDA device is available")
+    positive = dict(
+        batch_size=args.batch_size,
+        n_patches=args.n_patches,
+        eval_chunk=args.eval_chunk,
+        log_every=args.log_every,
+        probe_epochs=args.probe_epochs,
+        probe_batch_size=args.probe_batch_size,
+        knn_k=args.knn_k,
+        image_size=args.image_size,
+        hidden_dim=args.hidden_dim,
+        z_dim=args.z_dim,
+    )
+    non_negative = dict(
+        epochs=args.epochs,
+        eval_patches=args.eval_patches,
+        save_every_steps=args.save_every_steps,
+        eval_every_steps=args.eval_every_steps,
+        bench_ceiling_steps=args.bench_ceiling_steps,
+        max_steps=args.max_steps or 0,
+    )
+    for name, value in positive.items():
+        if value < 1:
+            raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name, value in non_negative.items():
+        if value < 0:
+            raise RunError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if not 0 < args.crop_scale <= 1 or args.eps <= 0:
+        raise RunError(f"--crop-scale must be in (0, 1] and --eps > 0, got {args.crop_scale} and {args.eps}")
     if args.batch_size % world_size:
         raise RunError(f"--batch-size {args.batch_size} does not divide by the world size {world_size}")
-    if args.n_patches < 1 or args.eval_patches < 0:
-        raise RunError("--n-patches must be >= 1 and --eval-patches >= 0")
     if args.lr_epochs is not None and args.lr_epochs < args.epochs:
         raise RunError(
             f"--lr-epochs {args.lr_epochs} < --epochs {args.epochs}: the cosine would reach 0 and rise "
@@ -881,6 +920,8 @@ def run_training(args: Args) -> dict:
     torch.backends.cudnn.benchmark = not args.deterministic
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    # DEVIATION: TF32 for fp32 matmuls/convs (the official fp32 runs had TF32 matmuls off); it only matters with
+    # --amp none, and the TCR log-det runs in fp64 regardless
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     t_start = time.perf_counter()
 
@@ -897,10 +938,9 @@ def run_training(args: Args) -> dict:
     model = EMPSSL(args.arch, args.hidden_dim, args.z_dim)
     if args.init == "kachayev":
         kachayev_init(model)
-    model = model.to(device)
-    if args.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, data=data, model=model)
+    fmt = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
+    model = model.to(device, memory_format=fmt)
+    run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, data=data, model=model, fmt=fmt)
     # PAPER: SGD with Nesterov momentum inside LARSWrapper(eta=0.005, clip=True, exclude_bias_n_norm=True)
     groups = param_groups(model, args.weight_decay)
     run.opt = LARS(groups, lr=args.lr, momentum=args.momentum, nesterov=True, eta=args.lars_eta, clip=True)
@@ -913,6 +953,9 @@ def run_training(args: Args) -> dict:
     ckpt_path = find_resume(out_dir, args.resume)
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path, map_location=device)
+        needed = {"model", "optimizer", "scaler", "step", "args", "train_time_s", "patches_seen"}
+        if not isinstance(ckpt, dict) or needed - ckpt.keys():
+            raise CheckpointError(f"{ckpt_path} is not a training checkpoint of this script (needs {sorted(needed)})")
         if ckpt["args"]["batch_size"] != args.batch_size:  # steps would map to other images and epochs
             raise CheckpointError(
                 f"{ckpt_path} was trained with --batch-size {ckpt['args']['batch_size']}, not {args.batch_size}"

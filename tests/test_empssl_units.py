@@ -538,3 +538,14 @@ def test_linear_probe_separable_blobs():
     tef = centers[tel] + torch.randn(90, 16, generator=gen)
     res = E.linear_probe(trf, trl, tef, tel, 3, epochs=20, batch_size=50)
     assert res["best"] == pytest.approx(100.0) and res["last"] >= 98 and res["last"] <= res["best"]
+
+
+def test_linear_probe_reports_best_and_last_epoch():
+    """On random labels the test accuracy wanders, so the best epoch beats the last one; with one epoch they agree."""
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(200, 8, generator=gen), torch.randint(0, 4, (200,), generator=gen)
+    xt, yt = torch.randn(100, 8, generator=gen), torch.randint(0, 4, (100,), generator=gen)
+    res = E.linear_probe(x, y, xt, yt, 4, epochs=10, lr=0.5, batch_size=20)
+    assert res["best"] > res["last"]
+    one = E.linear_probe(x, y, xt, yt, 4, epochs=1, lr=0.5, batch_size=20)
+    assert one["best"] == one["last"]
