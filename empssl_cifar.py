@@ -874,32 +874,15 @@ def check_args(args: Args, world_size: int) -> None:
         raise RunError(f"unknown --device {args.device!r}; use cuda, cuda:N or cpu")
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RunError(f"--device {args.device} but no CUDA device is available")
-    positive = dict(
-        batch_size=args.batch_size,
-        n_patches=args.n_patches,
-        eval_chunk=args.eval_chunk,
-        log_every=args.log_every,
-        probe_epochs=args.probe_epochs,
-        probe_batch_size=args.probe_batch_size,
-        knn_k=args.knn_k,
-        image_size=args.image_size,
-        hidden_dim=args.hidden_dim,
-        z_dim=args.z_dim,
-    )
-    non_negative = dict(
-        epochs=args.epochs,
-        eval_patches=args.eval_patches,
-        save_every_steps=args.save_every_steps,
-        eval_every_steps=args.eval_every_steps,
-        bench_ceiling_steps=args.bench_ceiling_steps,
-        max_steps=args.max_steps or 0,
-    )
-    for name, value in positive.items():
-        if value < 1:
-            raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    for name, value in non_negative.items():
-        if value < 0:
-            raise RunError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    at_least = {
+        1: "batch_size n_patches eval_chunk log_every probe_epochs probe_batch_size knn_k image_size hidden_dim z_dim",
+        0: "epochs eval_patches save_every_steps eval_every_steps bench_ceiling_steps max_steps lr_epochs",
+    }
+    for low, names in at_least.items():
+        for name in names.split():
+            value = getattr(args, name)
+            if value is not None and value < low:
+                raise RunError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
     if not 0 < args.crop_scale <= 1 or args.eps <= 0:
         raise RunError(f"--crop-scale must be in (0, 1] and --eps > 0, got {args.crop_scale} and {args.eps}")
     if args.batch_size % world_size:
