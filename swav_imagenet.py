@@ -1,0 +1,1413 @@
+"""SwAV: Unsupervised Learning of Visual Features by Contrasting Cluster Assignments (Caron et al., NeurIPS 2020),
+arXiv 2006.09882.
+
+What we reproduce: SwAV pre-training of a ResNet-50 on ImageNet with multi-crop (2x224 + 6x96). Every crop is mapped
+to a unit vector z; K = 3000 unit prototypes give scores z.C^T; the two large crops get soft codes from 3 Sinkhorn-Knopp
+iterations (eps 0.05) that spread the batch evenly over the prototypes, and every other crop predicts those codes
+(cross-entropy against softmax(scores / 0.1)). Official code: facebookresearch/swav; spec: ../shared/specs/swav.md.
+
+Runs (the `imagenet` recipe is the paper's; flags override it; linear top-1 from the official README / paper Tab. 3):
+    torchrun --nnodes=8 --nproc_per_node=8 swav_imagenet.py imagenet --data-dir IMAGENET --epochs 800   # 75.3%
+    torchrun --nnodes=8 --nproc_per_node=8 swav_imagenet.py imagenet --data-dir IMAGENET --epochs 100   # 72.1%
+    torchrun --nproc_per_node=4 swav_imagenet.py imagenet --data-dir IMAGENET --batch-size 256 --lr 0.6 \
+        --warmup-epochs 0 --queue-length 3840 --queue-start-epoch 15 --freeze-prototypes-epochs 1 --epochs 200  # 72.7%
+    torchrun --nnodes=8 --nproc_per_node=8 swav_imagenet.py imagenet --data-dir IMAGENET --n-small 0 \
+        --large-scale 0.08 1.0 --epochs 400                                                # no multi-crop: 70.1%
+    python swav_imagenet.py cifar --dataset cifar10            # CIFAR proxy (spec 9.2, solo-learn-like recipe)
+    python swav_imagenet.py cifar --dataset imagefolder --data-dir CIFAR10_JPEG --epochs 100
+    python swav_imagenet.py imagenet --dataset imagefolder --data-dir DIR --batch-size 8 --epochs 1 --arch resnet18 \
+        --large-size 64 --small-size 32 --device cpu --out-dir OUT   # a quick CPU run on any ImageNet-layout folder
+
+Deviations (each marked `# DEVIATION:` below): crops are cut and resized with one batched roi_align (bilinear, area
+averaged when shrinking) instead of PIL, and colour/blur run batched on the device; bf16 autocast (the official code
+used apex fp16 O1) with the prototype scores, Sinkhorn and loss in fp32; Sinkhorn subtracts the global max before exp
+(exact; the official code does not); normalisation std 0.229 (the official code has 0.228, a typo); seeded, resumable
+random streams; SyncBN is global (the official 4096 runs synced groups of 8 GPUs; --syncbn-group-size 8 restores it).
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Annotated, Literal, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import tyro
+from torch.utils.data import DataLoader
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torchvision.ops import roi_align
+from torchvision.transforms import v2 as T
+from tqdm import tqdm
+
+from common.checkpoint import (
+    ArtifactCache,
+    CheckpointError,
+    find_resume,
+    load_checkpoint,
+    load_state_dict_strict,
+    save_checkpoint,
+    state_dict_digest,
+)
+from common.resnet import RESNETS
+
+
+# ==== 1. ARGS ====
+@dataclass
+class Args:
+    # --- I/O & experiment
+    recipe: str = "imagenet"
+    """which preset these defaults came from (set by the subcommand: imagenet or cifar)"""
+    exp_name: str = "swav"
+    """name stored in results.json"""
+    seed: int = 31
+    """seed for the model init, the data order and every augmentation draw (official default 31)"""
+    out_dir: str = "runs/swav"
+    """where last.pt, log.jsonl, results.json and the feature cache go; an existing last.pt is resumed"""
+    resume: Optional[str] = None
+    """resume from this checkpoint instead of out_dir/last.pt"""
+    save_every_steps: int = 1000
+    """also save out_dir/last.pt every this many steps (0: only at epoch ends)"""
+
+    # --- data
+    dataset: Literal["cifar10", "cifar100", "imagefolder", "fake"] = "imagefolder"
+    """imagefolder: --data-dir with train/ and val/ (or test/) class folders (ImageNet); cifar10/100 via torchvision"""
+    data_dir: str = "data"
+    """dataset root"""
+    download: bool = False
+    """let torchvision download CIFAR when it is not in --data-dir"""
+    in_memory: bool = False
+    """decode every image once at --image-size and keep the uint8 tensor on the device (CIFAR); off: stream files"""
+    image_size: int = 256
+    """in-memory images are resized (shorter side) and centre-cropped to this size at load time"""
+    decode: Literal["workers", "device"] = "workers"
+    """streamed files: workers decode and crop on the CPU; device: workers read bytes, the device decodes (nvjpeg)"""
+    workers: int = 10
+    """DataLoader workers per process for streamed files (official 10)"""
+    train_repeat: int = 1
+    """repeat the training file list this many times (benchmarks on a small folder)"""
+
+    # --- multi-crop (spec 1)
+    n_large: int = 2
+    """large crops per image (PAPER: 2x224)"""
+    large_size: int = 224
+    """large crop size in pixels"""
+    large_scale: Tuple[float, float] = (0.14, 1.0)
+    """RandomResizedCrop area range of the large crops (official; 0.08-1 without multi-crop)"""
+    n_small: int = 6
+    """small crops per image (PAPER: 6x96, the best model)"""
+    small_size: int = 96
+    """small crop size in pixels"""
+    small_scale: Tuple[float, float] = (0.05, 0.14)
+    """RandomResizedCrop area range of the small crops (official)"""
+    jitter_strength: float = 1.0
+    """colour distortion s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p=0.8, grayscale p=0.2 (official s=1)"""
+    blur_prob: float = 0.5
+    """Gaussian blur probability on every crop, sigma ~ U(0.1, 2) (official 0.5)"""
+    solarize_prob: float = 0.0
+    """solarisation probability (0: SwAV has none; solo-learn's CIFAR multi-crop variant uses it)"""
+    mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+    """normalisation mean (ImageNet)"""
+    # DEVIATION: the official code normalises with std 0.228 for red (a typo); VISSL and we use 0.229
+    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+    """normalisation std (ImageNet)"""
+
+    # --- model (spec 2)
+    arch: str = "resnet50"
+    """backbone from common/resnet.py: resnet50, resnet18 or resnet18-cifar"""
+    hidden_dim: int = 2048
+    """hidden width of the projection head (official hidden_mlp 2048; 0: a single linear layer)"""
+    feat_dim: int = 128
+    """dimension of z (official)"""
+    n_prototypes: int = 3000
+    """K, number of prototypes (official 3000)"""
+    sync_bn: bool = True
+    """SyncBatchNorm on CUDA under DDP (PyTorch's SyncBN is GPU-only: CPU/gloo runs keep per-rank BN)"""
+    syncbn_group_size: int = 0
+    """ranks per SyncBN group (0: all; the official 4096-batch runs synced groups of 8 GPUs)"""
+
+    # --- method (spec 3-6)
+    temperature: float = 0.1
+    """softmax temperature of the predictions (official 0.1)"""
+    epsilon: float = 0.05
+    """Sinkhorn entropy regularisation (official 0.05; the README's collapse workaround is 0.03)"""
+    sinkhorn_iters: int = 3
+    """Sinkhorn-Knopp iterations (official 3; paper App. C.4)"""
+    sinkhorn_fp64: bool = False
+    """run Sinkhorn in float64 (VISSL use_double_precision); default float32 with a max shift"""
+    crops_for_assign: Tuple[int, ...] = (0, 1)
+    """crops whose codes are computed (official: the two large crops)"""
+    queue_length: int = 0
+    """global queue length (0: no queue; official bs-256 recipe 3840); rounded down to a multiple of --batch-size"""
+    queue_start_epoch: int = 15
+    """epoch (0-based) at which the queue is created; it is used once full (official 15)"""
+    freeze_prototypes_epochs: float = 1.0
+    """epochs during which the prototypes get no update (official 313 iterations = 1 epoch at 4096)"""
+
+    # --- optimisation (spec 7)
+    epochs: int = 800
+    """training epochs (the headline model: 800 epochs, 75.3%)"""
+    max_steps: Optional[int] = None
+    """stop after this many steps in total without changing the schedule (benchmarks; 0: evaluate the init)"""
+    batch_size: int = 4096
+    """images per step, global over all ranks (official 64 GPUs x 64)"""
+    lr: float = 0.3
+    """base LR per 256 images, scaled by batch_size/256 (official 4.8 at 4096)"""
+    final_lr_ratio: float = 0.001
+    """final LR = this x the scaled base LR (official 0.0048 = 4.8/1000)"""
+    warmup_epochs: float = 10.0
+    """linear warm-up epochs (official 10)"""
+    start_warmup: float = 0.3
+    """LR at the first warm-up step, not scaled (official 0.3)"""
+    momentum: float = 0.9
+    """SGD momentum, no Nesterov (official)"""
+    weight_decay: float = 1e-6
+    """weight decay (official 1e-6, on every parameter)"""
+    lars_eta: float = 0.001
+    """LARC trust coefficient (official 0.001)"""
+    lars_clip: bool = False
+    """LARC clip mode (official off: scale mode)"""
+    lars_exclude_1d: bool = False
+    """exclude biases and norms from LARS and weight decay (off: official LARC covers all; solo-learn excludes)"""
+
+    # --- evaluation (spec 8)
+    eval_every: int = 0
+    """epochs between k-NN evaluations on a subset during training (0: only at the end)"""
+    eval_subset_train: int = 50000
+    """training images used as the k-NN memory during training (the final k-NN uses all)"""
+    eval_subset_test: int = 10000
+    """test images used during training"""
+    probe: Literal["augmented", "features", "none"] = "augmented"
+    """final linear probe: augmented (official eval_linear, spec 8.1) or features (fast, precomputed centre crops)"""
+    probe_epochs: int = 100
+    """linear-probe epochs (official 100)"""
+    probe_lr: float = 0.3
+    """linear-probe LR per 256 images, cosine per epoch to 0 (official 0.3 at batch 256)"""
+    probe_wd: float = 1e-6
+    """linear-probe weight decay (official 1e-6)"""
+    probe_batch_size: int = 256
+    """linear-probe global batch (official 32 x 8 GPUs)"""
+    knn_k: int = 20
+    """neighbours of the weighted k-NN (DINO protocol)"""
+    knn_t: float = 0.07
+    """temperature of the k-NN vote weights exp(sim/t) (DINO protocol)"""
+    eval_chunk: int = 256
+    """images encoded per forward during evaluation (memory knob only)"""
+
+    # --- system
+    device: Optional[str] = None
+    """cuda or cpu (default: cuda when available); under torchrun each rank takes cuda:LOCAL_RANK"""
+    amp: Literal["bf16", "fp16", "none"] = "bf16"
+    """autocast precision on CUDA (CPU runs in fp32); prototype scores, Sinkhorn and the loss are always fp32"""
+    channels_last: bool = True
+    """channels_last memory format on CUDA"""
+    compile: bool = False
+    """torch.compile the model"""
+    deterministic: bool = False
+    """deterministic algorithms (slower); otherwise cudnn.benchmark"""
+    log_every: int = 25
+    """steps between progress-bar/log.jsonl updates (each costs one host sync)"""
+    bench_ceiling_steps: int = 0
+    """before training, time this many bare torchvision-ResNet forward+backward steps on synthetic crops"""
+    bench_data_steps: int = 0
+    """before training, time this many steps of the data pipeline alone (decode, crops, colour): can it keep up?"""
+
+
+# PAPER-free CIFAR proxy (spec 9.2): solo-learn's scripts/pretrain/cifar/swav.yaml + augmentations/symmetric.yaml
+CIFAR_PROXY = dataclasses.replace(
+    Args(),
+    recipe="cifar",
+    exp_name="swav-cifar",
+    out_dir="runs/swav-cifar",
+    save_every_steps=0,
+    dataset="cifar10",
+    in_memory=True,
+    image_size=32,
+    large_size=32,
+    large_scale=(0.08, 1.0),
+    n_small=0,  # solo-learn's multi-crop variant: --n-small 6 --small-size 18 --small-scale 0.08 0.5
+    mean=(0.4914, 0.4822, 0.4465),
+    std=(0.2470, 0.2435, 0.2616),
+    arch="resnet18-cifar",
+    # DEVIATION: solo-learn freezes for 2 epochs and starts its 3840 queue at epoch 50 of 1000 at batch 256
+    queue_length=3840,
+    queue_start_epoch=50,
+    freeze_prototypes_epochs=2.0,
+    epochs=1000,
+    batch_size=256,
+    lr=0.6,
+    final_lr_ratio=0.0,
+    start_warmup=3e-5,
+    lars_eta=0.02,
+    lars_clip=True,
+    lars_exclude_1d=True,
+    eval_every=10,
+    probe="features",
+    probe_lr=0.1,
+    probe_wd=0.0,
+)
+RECIPES = Union[
+    Annotated[Args, tyro.conf.subcommand("imagenet", default=Args(), description="the paper's ImageNet recipe")],
+    Annotated[Args, tyro.conf.subcommand("cifar", default=CIFAR_PROXY, description="CIFAR proxy (spec 9.2)")],
+]
+
+
+# SHARED: run-utils
+class RunError(Exception):
+    """A bad input or a failed run: main prints its one-line message and exits non-zero."""
+
+
+def rng_seed(*keys) -> int:
+    """A 56-bit seed derived from any keys, e.g. (seed, 'train', epoch, step): independent, reproducible streams."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:7], "little")
+
+
+# END SHARED
+
+
+# ==== 2. DATA & AUGMENTATIONS ====
+CIFAR = {"cifar10": (torchvision.datasets.CIFAR10, 10), "cifar100": (torchvision.datasets.CIFAR100, 100)}
+
+
+# SHARED: image-folder
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def decode_files(paths: list, size: int, crop: Optional[int] = None) -> torch.Tensor:
+    """Read and decode image files into uint8 [n, 3, crop, crop]: shorter side resized to size, centre crop."""
+    crop = crop or size
+
+    def fit(img):
+        if img.shape[-2:] == (crop, crop) and size == crop:
+            return img
+        return T.functional.center_crop(T.functional.resize(img, size, antialias=True), [crop, crop])
+
+    def decode_one(path, data):
+        try:
+            return decode_image(data, mode=ImageReadMode.RGB)
+        except RuntimeError as e:
+            raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
+
+    datas = [read_file(str(p)) for p in paths]
+    jpeg = [i for i, p in enumerate(paths) if p.suffix.lower() in (".jpg", ".jpeg")]
+    imgs = [None] * len(paths)
+    try:  # batched libjpeg-turbo decode (~60 us per CIFAR image on one core)
+        for i, img in zip(jpeg, decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB) if jpeg else []):
+            imgs[i] = img
+    except RuntimeError:  # a bad file in the batch: decode one by one below, which names it
+        pass
+    return torch.stack([fit(img if img is not None else decode_one(p, d)) for p, d, img in zip(paths, datas, imgs)])
+
+
+def folder_splits(root: Path) -> tuple:
+    """(train dir, test dir, class names) of an image folder with train/ and test/ (or val/) class folders."""
+    if not root.is_dir():
+        raise RunError(f"data dir not found: {root}")
+    test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if not (root / "train").is_dir() or test_root is None:
+        raise RunError(f"{root} must hold train/ and test/ (or val/) class folders")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    if sorted(d.name for d in test_root.iterdir() if d.is_dir()) != classes:
+        raise RunError(f"class folders differ between {root / 'train'} and {test_root}")
+    return root / "train", test_root, classes
+
+
+def list_image_files(root: Path, classes: list) -> tuple:
+    """Sorted image paths under root/<class>/ and their int64 labels."""
+    files = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir())]
+    files = [(p, c) for p, c in files if p.suffix.lower() in IMAGE_EXTS]
+    if not files:
+        raise RunError(f"no images in {root}")
+    return [p for p, _ in files], torch.tensor([c for _, c in files])
+
+
+def load_image_folder(root: Path, classes: list, size: int) -> tuple:
+    """Decode every image under root/<class>/ once (batched libjpeg-turbo, in chunks on all cores)."""
+    paths, labels = list_image_files(root, classes)
+    chunks = [paths[i : i + 1000] for i in range(0, len(paths), 1000)]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        images = torch.cat(list(pool.map(lambda c: decode_files(c, size), chunks)))
+    return images, labels
+
+
+# END SHARED
+
+
+def load_data(args: Args) -> dict:
+    """Both splits: uint8 images [N, 3, S, S] (in memory) or file paths (streamed), int64 labels, on the CPU."""
+    if args.dataset == "fake":  # random images, for shape tests and synthetic-data benchmarks
+        g = torch.Generator().manual_seed(args.seed)
+        n = max(256, 4 * args.batch_size)
+        x = torch.randint(0, 256, (n + 64, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
+        y = torch.arange(n + 64) % 10
+        return dict(train_x=x[:n], train_y=y[:n], test_x=x[n:], test_y=y[n:], num_classes=10)
+    root = Path(args.data_dir)
+    if args.dataset in CIFAR:
+        cls, num_classes = CIFAR[args.dataset]
+        try:
+            splits = [cls(str(root), train=train, download=args.download) for train in (True, False)]
+        except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted", or a failed download
+            raise RunError(f"{args.dataset} not found in {root} ({e}); pass --data-dir or allow --download")
+        tr, te = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in splits]
+        return dict(train_x=tr[0], train_y=tr[1], test_x=te[0], test_y=te[1], num_classes=num_classes)
+    train_root, test_root, classes = folder_splits(root)
+    if args.in_memory:
+        train_x, train_y = load_image_folder(train_root, classes, args.image_size)
+        test_x, test_y = load_image_folder(test_root, classes, args.image_size)
+    else:
+        train_x, train_y = list_image_files(train_root, classes)
+        test_x, test_y = list_image_files(test_root, classes)
+        train_x, train_y = train_x * args.train_repeat, train_y.repeat(args.train_repeat)
+    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=len(classes))
+
+
+@dataclass(frozen=True)
+class CropGroup:
+    """n crops per image of one resolution: RandomResizedCrop(size, scale), flip, and the colour pipeline if colour."""
+
+    n: int
+    size: int
+    scale: tuple
+    colour: bool = True
+
+
+def crop_groups(args: Args) -> list:
+    groups = [CropGroup(args.n_large, args.large_size, tuple(args.large_scale))]
+    return groups + ([CropGroup(args.n_small, args.small_size, tuple(args.small_scale))] if args.n_small else [])
+
+
+def sample_view_params(gen: torch.Generator, n: int, group: CropGroup, args: Args) -> dict:
+    """Random draws of the official per-crop transform (spec 1.2) for n crops, on the generator's device."""
+    dev, s = gen.device, args.jitter_strength
+
+    def u(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(n, *shape, generator=gen, device=dev)
+
+    # fmt: off
+    return dict(
+        area=u(*group.scale, 10), log_ratio=u(math.log(3 / 4), math.log(4 / 3), 10),  # RandomResizedCrop: 10 tries
+        pos=u(0, 1, 2, 10),                                                             # top/left of each try
+        flip=u(0, 1) < 0.5,                                                             # RandomHorizontalFlip
+        jitter=u(0, 1) < 0.8,                                                           # RandomApply(ColorJitter, .8)
+        factors=torch.cat([u(max(0, 1 - 0.8 * s), 1 + 0.8 * s, 3), u(-0.2 * s, 0.2 * s, 1)], 1),  # (.8s,.8s,.8s,.2s)
+        order=torch.rand(n, 4, generator=gen, device=dev).argsort(1),                  # ColorJitter's random op order
+        gray=u(0, 1) < 0.2,                                                             # RandomGrayscale(p=0.2)
+        blur=u(0, 1) < args.blur_prob, sigma=u(0.1, 2.0),                               # PIL GaussianBlur(U(.1, 2))
+        solarize=u(0, 1) < args.solarize_prob,
+    )
+    # fmt: on
+
+
+def take_params(params: dict, idx: torch.Tensor) -> dict:
+    return {k: v[idx] for k, v in params.items()}
+
+
+def rrc_boxes(h: torch.Tensor, w: torch.Tensor, p: dict) -> torch.Tensor:
+    """torchvision RandomResizedCrop.get_params, batched: the first of 10 tries that fits, else a centre crop.
+
+    h, w: float [n] image sizes; p: sample_view_params draws. Returns boxes [n, 4] (x1, y1, x2, y2) in pixels."""
+    h, w = h[:, None], w[:, None]
+    target, ratio = h * w * p["area"], torch.exp(p["log_ratio"])
+    cw, ch = torch.round(torch.sqrt(target * ratio)), torch.round(torch.sqrt(target / ratio))
+    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = fits.int().argmax(1, keepdim=True)  # index of the first fitting try
+    cw, ch = cw.gather(1, first), ch.gather(1, first)
+    top = torch.floor(p["pos"][:, 0].gather(1, first) * (h - ch + 1))  # randint(0, h - ch + 1)
+    left = torch.floor(p["pos"][:, 1].gather(1, first) * (w - cw + 1))
+    # fallback when no try fits: the largest centre crop with the ratio clamped to [3/4, 4/3]
+    fw = torch.where(w / h > 4 / 3, torch.round(h * 4 / 3), w)
+    fh = torch.where(w / h < 3 / 4, torch.round(w * 4 / 3), h)
+    ok = fits.any(1, keepdim=True)
+    cw, ch = torch.where(ok, cw, fw), torch.where(ok, ch, fh)
+    top, left = torch.where(ok, top, torch.floor((h - fh) / 2)), torch.where(ok, left, torch.floor((w - fw) / 2))
+    return torch.cat([left, top, left + cw, top + ch], 1)
+
+
+def resized_crops(images: torch.Tensor, owner: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Cut boxes [n, 4] out of images [m, 3, H, W] (float 0..255; owner [n] picks the image) and resize to size.
+
+    DEVIATION: one batched roi_align instead of PIL's crop + bilinear resize. It is exact bilinear when enlarging and
+    averages a grid of bilinear samples when shrinking (PIL uses a triangle filter); samples at the crop's edge may
+    read the neighbouring pixel outside the crop instead of repeating the edge."""
+    rois = torch.cat([owner[:, None].to(boxes), boxes], 1)
+    return roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+# SHARED: gpu-color
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601-2 luma, as PIL's convert('L') and torchvision: [N, 3, H, W] -> [N, 1, H, W]."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of RGB images in [0, 1] by shift (fraction of a turn, [N]) through HSV."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    s = delta / maxc.clamp_min(1e-12)
+    d = delta.clamp_min(1e-12)
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h6 = ((h / 6.0 + shift[:, None, None]) % 1.0) * 6.0  # hue in sixths of a turn, [0, 6)
+    # HSV -> RGB in closed form: channel n (r=5, g=3, b=1) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device)  # 5, 3, 1 (an arange, not a host-to-device copy)
+    k = (n[None, :, None, None] + h6[:, None]) % 6
+    return maxc[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """torchvision ColorJitter semantics, batched: brightness, contrast, saturation, hue in a per-image random order.
+
+    factors: [N, 4] (brightness, contrast, saturation factors; hue shift); order: [N, 4] permutations; apply: [N].
+    Brightness, contrast and saturation are blends f x + (1 - f) m with m = 0, the mean luma, or the luma image."""
+    for slot in range(4):
+        op = torch.where(apply, order[:, slot], -1).view(-1, 1, 1, 1)  # -1: jitter not applied to this image
+        f = factors.gather(1, op.view(-1, 1).clamp(min=0)).view(-1, 1, 1, 1)
+        gray = grayscale(x)
+        m = torch.where(op == 1, gray.mean((1, 2, 3), keepdim=True), torch.where(op == 2, gray, 0.0))
+        blended = (f * x + (1 - f) * m).clamp(0, 1)
+        x = torch.where(op == 3, adjust_hue(x, factors[:, 3]), torch.where(op >= 0, blended, x))
+    return x
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 6) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image sigma (replicate padding, as PIL extends edges)."""
+    n, c, h, w = x.shape
+    k = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kern = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None] ** 2))
+    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n*c, 2r+1]
+    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="replicate")
+    y = F.conv2d(y, kern[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, kern[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, h, w)
+
+
+# END SHARED
+
+
+def finish_views(x: torch.Tensor, p: dict, group: CropGroup, args: Args) -> torch.Tensor:
+    """Flip, colour distortion, grayscale, blur (and solarize) on crops [n, 3, S, S] in 0..255, then Normalize.
+
+    The official per-crop order (spec 1.2), batched on the device. DEVIATION: float arithmetic instead of PIL's uint8
+    rounding after every op, and an exact Gaussian (radius 6 = 3 sigma at sigma 2) instead of PIL's box approximation.
+    """
+    x = x / 255
+    x = torch.where(p["flip"][:, None, None, None], x.flip(-1), x)
+    if group.colour:
+        x = color_jitter(x, p["factors"], p["order"], p["jitter"])
+        x = torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
+        x = torch.where(p["blur"][:, None, None, None], gaussian_blur(x, p["sigma"]), x)
+        if args.solarize_prob > 0:
+            x = torch.where(p["solarize"][:, None, None, None] & (x >= 0.5), 1 - x, x)
+    mean, std = torch.tensor(args.mean, device=x.device), torch.tensor(args.std, device=x.device)
+    return (x - mean[:, None, None]) / std[:, None, None]
+
+
+class FolderViews(torch.utils.data.Dataset):
+    """Streamed multi-crop items. An item (index, seed) fixes every draw, so ranks and resumed runs replay the same
+    crops. decode='workers': the worker decodes and cuts the crops (uint8); 'device': it only reads the file bytes."""
+
+    def __init__(self, files: list, groups: list, args: Args):
+        self.files, self.groups, self.args = files, groups, args
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, item):
+        index, seed = item
+        gen = torch.Generator().manual_seed(seed)
+        params = [sample_view_params(gen, g.n, g, self.args) for g in self.groups]
+        data = read_file(str(self.files[index]))
+        if self.args.decode == "device":
+            return data, params
+        img = decode_image(data, mode=ImageReadMode.RGB)  # JPEG, PNG; grayscale and CMYK files become RGB
+        return [crop_image(img, p, g).round().to(torch.uint8) for g, p in zip(self.groups, params)], params
+
+
+def crop_image(img: torch.Tensor, p: dict, group: CropGroup) -> torch.Tensor:
+    """group.n RandomResizedCrops of one uint8 image [3, H, W] -> float [n, 3, S, S] in 0..255."""
+    hw = torch.tensor(img.shape[-2:], dtype=torch.float32, device=img.device).expand(group.n, 2)
+    boxes = rrc_boxes(hw[:, 0], hw[:, 1], {k: v.to(img.device) for k, v in p.items()})
+    return resized_crops(img[None].float(), torch.zeros(group.n, device=img.device), boxes, group.size)
+
+
+def collate_views(batch: list) -> tuple:
+    """[(crops or bytes, params per group)] -> (per-group crops [b, n, 3, S, S] or a list of bytes, params [b*n])."""
+    first, params = zip(*batch)
+    params = [{k: torch.cat([p[g][k] for p in params]) for k in params[0][g]} for g in range(len(params[0]))]
+    if isinstance(first[0], torch.Tensor):  # file bytes
+        return list(first), params
+    return [torch.stack([c[g] for c in first]) for g in range(len(first[0]))], params
+
+
+def view_batches(run: SimpleNamespace, images, batches: list, keys: list, groups: list):
+    """Yield this rank's crops for each global index batch: a list (one per group) of float [n*b, 3, S, S],
+    crop-major (row v*b + i is crop v of image i), normalised, on the device.
+
+    In memory (CIFAR): CRUCIAL: the uint8 images never leave the device; the draws are made for the whole global
+    batch from a key, and each rank keeps its contiguous share, so a 2-rank run sees exactly a 1-rank run's crops.
+    Streamed (ImageNet): DataLoader workers read (and decode and crop) the files; seeds per image position."""
+    args, device, rank, world = run.args, run.device, run.rank, run.world_size
+    if torch.is_tensor(images):
+        gen = torch.Generator(device=device)
+        for idx, key in zip(batches, keys):
+            b = len(idx) // world
+            local = idx[rank * b : (rank + 1) * b].to(device)
+            x = images[local].float()
+            gen.manual_seed(rng_seed(*key))
+            out = []
+            for g in groups:
+                p = sample_view_params(gen, g.n * len(idx), g, args)  # [n, B] crop-major, for the global batch
+                sel = torch.arange(g.n, device=device)[:, None] * len(idx) + rank * b + torch.arange(b, device=device)
+                p = take_params(p, sel.flatten())
+                hw = torch.tensor(x.shape[-2:], dtype=torch.float32, device=device).expand(len(p["area"]), 2)
+                crops = resized_crops(x, torch.arange(b, device=device).repeat(g.n), rrc_boxes(*hw.T, p), g.size)
+                out.append(finish_views(crops, p, g, args))
+            yield out
+        return
+    items = []  # one list of (file index, item seed) per step: this rank's share of the global batch
+    for idx, key in zip(batches, keys):
+        b = len(idx) // world
+        items.append([(int(i), rng_seed(*key, rank * b + j)) for j, i in enumerate(idx[rank * b : (rank + 1) * b])])
+    loader = DataLoader(
+        FolderViews(images, groups, args),
+        batch_sampler=items,
+        num_workers=args.workers,
+        collate_fn=collate_views,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if args.workers else None,
+    )
+    for crops, params in loader:
+        params = [{k: v.to(device, non_blocking=True) for k, v in p.items()} for p in params]
+        if args.decode == "device":  # CRUCIAL: nvjpeg batch decode on CUDA, then the same crops as the workers cut
+            imgs = decode_on_device(crops, device)
+            crops = [
+                torch.stack(
+                    [crop_image(img, take_params(p, slice(i * g.n, (i + 1) * g.n)), g) for i, img in enumerate(imgs)]
+                )
+                for g, p in zip(groups, params)
+            ]
+        else:
+            crops = [c.to(device, non_blocking=True).float() for c in crops]
+        # [b, n, 3, S, S] image-major -> crop-major rows, with the params reordered the same way
+        out = []
+        for g, c, p in zip(groups, crops, params):
+            b = c.shape[0]
+            order = torch.arange(b * g.n, device=device).view(b, g.n).T.flatten()
+            out.append(finish_views(c.transpose(0, 1).reshape(-1, *c.shape[2:]), take_params(p, order), g, args))
+        yield out
+
+
+def decode_on_device(datas: list, device: torch.device) -> list:
+    """Batched JPEG decode on the device (nvjpeg on CUDA); files nvjpeg refuses (PNG, CMYK) decode on the CPU."""
+    try:
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return [decode_image(d, mode=ImageReadMode.RGB).to(device) for d in datas]
+
+
+# ==== 3. MODEL ====
+class SwAV(nn.Module):
+    """ResNet -> head (2048-2048-128, BN) -> L2-normalised z -> scores against K unit prototypes (spec 2)."""
+
+    def __init__(self, arch: str, hidden_dim: int, feat_dim: int, n_prototypes: int):
+        super().__init__()
+        self.backbone = RESNETS[arch]()  # PAPER: torchvision ResNet-50, zero_init_residual=False, no fc
+        f = self.backbone.num_features
+        if hidden_dim:
+            self.head = nn.Sequential(
+                nn.Linear(f, hidden_dim),
+                nn.BatchNorm1d(hidden_dim),
+                nn.ReLU(inplace=True),
+                nn.Linear(hidden_dim, feat_dim),
+            )
+        else:
+            self.head = nn.Linear(f, feat_dim)
+        self.prototypes = nn.Linear(feat_dim, n_prototypes, bias=False)  # CRUCIAL: no bias (lightly adds one)
+
+    def forward(self, groups: list) -> tuple:
+        """groups: one tensor per resolution, crop-major [n*b, 3, S, S]. Returns z [N, D] and scores [N, K], fp32.
+
+        CRUCIAL: each resolution goes through the backbone in one pass (BN statistics per resolution), and the pooled
+        features of all crops go through the head together (official multi-resolution forward)."""
+        h = torch.cat([self.backbone(x) for x in groups])
+        z = F.normalize(self.head(h).float(), dim=1)  # z: [N, D], unit norm
+        with torch.autocast(z.device.type, enabled=False):  # the scores in fp32: bf16 noise would be amplified 1/eps
+            scores = self.prototypes(z)  # [N, K], cosine similarities in [-1, 1]
+        return z, scores
+
+
+@torch.no_grad()
+def normalize_prototypes(model: SwAV) -> None:
+    """PAPER: every row of C is L2-normalised before each forward (official); the momentum buffer is left alone."""
+    w = model.prototypes.weight
+    w.copy_(F.normalize(w, dim=1))
+
+
+# ==== 4. LOSS ====
+@torch.no_grad()
+def sinkhorn(
+    scores: torch.Tensor, eps: float = 0.05, iters: int = 3, distributed: Optional[bool] = None, fp64: bool = False
+) -> torch.Tensor:
+    """Soft codes q [B, K] from raw prototype scores [B, K] with Sinkhorn-Knopp (spec 3; paper App. A.1).
+
+    Q = exp(S / eps)^T (K x B), normalised to total mass 1; then `iters` times: every prototype row to mass 1/K, then
+    every sample column to mass 1/B; finally columns times B, so each returned row sums to 1. The scores are
+    similarities, so this is exp(+S/eps) (POT's exp(-C/eps) with C = -S). Under DDP (default when a process group of
+    size > 1 exists) the total and the row sums are all-reduced and B is the global batch: the result equals one
+    process on the concatenated batch (spec 3.3). DEVIATION: fp32 (or fp64) with the global max of S/eps subtracted
+    before exp, which changes nothing mathematically and removes overflow (the official code exponentiates as is)."""
+    distributed = dist.is_initialized() and dist.get_world_size() > 1 if distributed is None else distributed
+    world = dist.get_world_size() if distributed else 1
+    s = scores.detach().to(torch.float64 if fp64 else torch.float32) / eps
+    shift = s.max()
+    if distributed:
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    q = torch.exp(s - shift).T  # [K, b]
+    k, b = q.shape
+    n = b * world  # CRUCIAL: the global B, not the local b (swav#37)
+    total = q.sum()
+    if distributed:
+        dist.all_reduce(total)
+    q /= total
+    for _ in range(iters):
+        rows = q.sum(1, keepdim=True)  # per-prototype mass over the global batch
+        if distributed:
+            dist.all_reduce(rows)
+        q /= rows
+        q /= k
+        q /= q.sum(0, keepdim=True)  # per-sample mass: each column lives on one rank
+        q /= n
+    q *= n
+    return q.T.float()
+
+
+def swav_loss(
+    scores: list,
+    temperature: float,
+    eps: float,
+    iters: int,
+    crops_for_assign=(0, 1),
+    queue_scores: Optional[list] = None,
+) -> torch.Tensor:
+    """Swapped prediction (spec 4): for each assignment crop i, q_i = sinkhorn(scores[i]) (no gradient), and every other
+    crop v predicts it: CE(i, v) = mean_b -sum_k q_i log softmax(scores[v] / T). Returns the mean of CE(i, v) over all
+    ordered pairs (i in crops_for_assign, v != i), i.e. (1/|assign|) sum_i sum_{v != i} CE(i, v) / (n - 1).
+
+    scores: n tensors [B, K] of raw scores, large crops first. queue_scores: optional list (one per assignment crop)
+    of [L, K] scores of queued embeddings, put before the batch in the Sinkhorn input only (spec 5)."""
+    n = len(scores)
+    log_p = F.log_softmax(torch.stack(scores).float() / temperature, dim=-1)  # [n, B, K], fp32
+    total = 0.0
+    for j, i in enumerate(crops_for_assign):
+        s = scores[i].detach()
+        if queue_scores is not None:
+            q = sinkhorn(torch.cat([queue_scores[j], s]), eps, iters)[-len(s) :]  # keep the batch's codes
+        else:
+            q = sinkhorn(s, eps, iters)
+        others = [v for v in range(n) if v != i]
+        total = total - (q * log_p[others]).sum(-1).mean(-1).sum() / (n - 1)
+    return total / len(crops_for_assign)
+
+
+class Queue:
+    """FIFO of this rank's recent z per assignment crop, [n_assign, L_local, D], newest first (spec 5).
+
+    It enters Sinkhorn only once full (official: the last slot is non-zero), with scores recomputed from the current
+    prototypes every step, and it is updated after it was read, so the current batch never appears twice."""
+
+    def __init__(self, n_assign: int, length: int, dim: int, device: torch.device):
+        self.z = torch.zeros(n_assign, length, dim, device=device)
+        self.filled = 0
+
+    @property
+    def full(self) -> bool:
+        return self.filled >= self.z.shape[1]
+
+    @torch.no_grad()
+    def scores(self, prototypes: torch.Tensor) -> list:
+        return list(self.z @ prototypes.detach().float().T)  # [L, K] per assignment crop
+
+    @torch.no_grad()
+    def push(self, z: torch.Tensor) -> None:
+        """z: [n_assign, b, D] of the current batch (this rank)."""
+        self.z = torch.cat([z.detach().float(), self.z[:, : -z.shape[1]]], 1)
+        self.filled = min(self.filled + z.shape[1], self.z.shape[1])
+
+
+# ==== 5. OPTIMIZER & SCHEDULES ====
+# SHARED: lars
+class LARS(torch.optim.Optimizer):
+    """SGD (momentum, optional Nesterov) with layer-wise adaptive rate scaling, as solo-learn's LARSWrapper and apex LARC.
+
+    For every parameter of a group with lars=True and non-zero ||p||, ||g||:
+        local = eta ||p|| / (||g|| + wd ||p|| + eps);  ratio = min(local / lr, 1) if clip else local
+        g <- (g + wd p) * ratio
+    Groups with lars=False take plain SGD with weight decay wd p added to g. The update is then
+        buf <- momentum buf + g;  p <- p - lr (g + momentum buf if nesterov else buf)."""
+
+    def __init__(self, params, lr, momentum=0.9, nesterov=False, weight_decay=0.0, eta=0.001, clip=False, eps=1e-8):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta=eta, clip=clip)
+        super().__init__(params, dict(defaults, eps=eps, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if group["lars"]:
+                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    local = group["eta"] * p_norm / (g_norm + wd * p_norm + group["eps"])
+                    ratio = (local / lr).clamp(max=1.0) if group["clip"] else local
+                    ok = (p_norm > 0) & (g_norm > 0)  # no host sync: zero norms leave g untouched
+                    g = torch.where(ok, (g + wd * p) * ratio, g)
+                elif wd:
+                    g = g + wd * p
+                if mom:
+                    buf = self.state[p].get("momentum_buffer")
+                    buf = self.state[p]["momentum_buffer"] = g.clone() if buf is None else buf.mul_(mom).add_(g)
+                    g = g + mom * buf if group["nesterov"] else buf
+                p.add_(g, alpha=-lr)
+
+
+# END SHARED
+
+
+def param_groups(model: nn.Module, args: Args) -> list:
+    """Official LARC: one group, every parameter with LARS and weight decay (biases, BN and prototypes included).
+    --lars-exclude-1d (solo-learn, the CIFAR proxy): biases and norms get neither."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not args.lars_exclude_1d:
+        return [dict(params=params, weight_decay=args.weight_decay)]
+    decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
+    return [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0, lars=False)]
+
+
+def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
+    """Per-step LR (official): linear warm-up from start_warmup to the scaled base LR (numpy linspace, both ends
+    included), then a cosine from base to final over the remaining steps. A pure function of the step."""
+    base = args.lr * args.batch_size / 256  # PAPER: 4.8 at batch 4096 (0.3 per 256)
+    final = base * args.final_lr_ratio
+    warmup = round(args.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return args.start_warmup + (base - args.start_warmup) * step / max(warmup - 1, 1)
+    t, span = step - warmup, steps_per_epoch * args.epochs - warmup
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * t / span))
+
+
+# ==== 6. TRAIN LOOP ====
+# SHARED: train-utils
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, device=None) -> list:
+    """The epoch's global batches: a seeded permutation cut into full batches (drop_last).
+
+    CRUCIAL: moved to the device once per epoch; a per-step copy from pageable memory would sync the host."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(rng_seed(seed, "order", epoch)))
+    return list(perm[: n // batch_size * batch_size].to(device).view(-1, batch_size))
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work (only where a timer stops; never per step)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# END SHARED
+
+
+def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
+    """Train from step start_step of `epoch` to its end (or to --max-steps). Returns averaged metrics."""
+    args, model, opt, scaler, device = run.args, run.model, run.opt, run.scaler, run.device
+    spe, is_main, k = run.steps_per_epoch, run.rank == 0, args.n_prototypes
+    if args.queue_length and epoch >= args.queue_start_epoch and run.queue is None:
+        length = args.queue_length // args.batch_size * args.batch_size // run.world_size  # PAPER: rounded down
+        run.queue = Queue(len(args.crops_for_assign), length, args.feat_dim, device)
+        if is_main:
+            print(f"queue created at epoch {epoch + 1}: {length * run.world_size} embeddings, used once full")
+    in_memory = torch.is_tensor(run.data["train_x"])
+    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, epoch, device if in_memory else None)
+    last = min(spe, run.total_steps - epoch * spe)
+    keys = [(args.seed, "train", epoch, s) for s in range(start_step, last)]
+    stream = view_batches(run, run.data["train_x"], batches[start_step:last], keys, run.groups)
+    n_crops = args.n_large + args.n_small
+    b = args.batch_size // run.world_size
+    sums, window = torch.zeros(5, device=device), torch.zeros(5, device=device)  # loss, loss/lnK, used, entropy, q
+    no_bad = 2**62
+    bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
+    bad_stats = torch.zeros(3, device=device)  # min, max, norm of that step's scores
+    model.train()
+    bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=not is_main, dynamic_ncols=True)
+    t0, n_done, n_logged, wait = time.perf_counter(), 0, 0, 0.0
+    for step in bar:
+        gstep = epoch * spe + step
+        lr = lr_at(gstep, args, spe)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        tw = time.perf_counter()
+        groups = next(stream)
+        wait += time.perf_counter() - tw  # host time spent waiting for (or making) the crops
+        normalize_prototypes(model)
+        groups = [x.contiguous(memory_format=run.fmt) for x in groups]
+        with run.autocast:
+            z, scores = run.ddp_model(groups)
+        scores_v = list(scores.view(n_crops, b, k))
+        use_queue = run.queue is not None and run.queue.full
+        queue_scores = run.queue.scores(model.prototypes.weight) if use_queue else None
+        loss = swav_loss(
+            scores_v, args.temperature, args.epsilon, args.sinkhorn_iters, args.crops_for_assign, queue_scores
+        )
+        if run.queue is not None:
+            run.queue.push(z.view(n_crops, b, -1)[list(args.crops_for_assign)])
+        finite = torch.isfinite(loss)
+        first_bad = ~finite & (bad_step == no_bad)
+        bad_stats = torch.where(first_bad, torch.stack([scores.min(), scores.max(), z.norm(dim=1).max()]), bad_stats)
+        bad_step = torch.minimum(bad_step, torch.where(finite, no_bad, gstep + 1))
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if gstep < run.freeze_steps:  # PAPER: prototypes frozen for the first epoch; grad=None skips LARC entirely
+            model.prototypes.weight.grad = None
+        scaler.step(opt)
+        scaler.update()
+        with torch.no_grad():  # collapse diagnostics of crop 0 (spec 4.4): distinct argmax prototypes, entropy
+            used = (torch.bincount(scores_v[0].argmax(1), minlength=k) > 0).sum()
+            p_mean = F.softmax(scores_v[0] / args.temperature, dim=1).mean(0)
+            ent = -(p_mean * p_mean.clamp_min(1e-12).log()).sum() / math.log(k)
+            window += torch.stack([loss.detach(), loss.detach() / math.log(k), used.float(), ent, finite.float() * 0])
+        n_done += 1
+        run.global_step = gstep + 1
+        if (step + 1) % args.log_every == 0 or step + 1 == last:
+            if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
+                dist.all_reduce(window)
+                window /= run.world_size
+                dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+            if bad_step.item() < no_bad:
+                lo, hi, zn = bad_stats.tolist()
+                raise RunError(
+                    f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}; scores min {lo:.3g} max {hi:.3g}, "
+                    f"max |z| {zn:.3g}); try a lower --lr, --amp none or --sinkhorn-fp64"
+                )
+            m = (window / (n_done - n_logged)).tolist()  # mean over the steps since the last log line
+            sums, window, n_logged = sums + window, torch.zeros_like(window), n_done
+            rec = dict(step=gstep + 1, epoch=epoch, loss=m[0], loss_over_lnK=m[1], protos_used=m[2], entropy=m[3])
+            if is_main:
+                bar.set_postfix(loss=f"{m[0]:.3f}", used=f"{m[2]:.0f}", lr=f"{lr:.3f}")
+                log_jsonl(run, dict(type="train", lr=lr, queue=use_queue, **rec))
+        if args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe:
+            sync(device)  # a checkpoint does not count as training time
+            run.train_time_s += time.perf_counter() - t0
+            save_state(run)
+            t0 = time.perf_counter()
+    sync(device)
+    run.train_time_s += time.perf_counter() - t0
+    run.data_wait_s += wait
+    run.images_seen += n_done * args.batch_size
+    m = (sums / max(n_done, 1)).tolist()
+    return dict(loss=m[0], loss_over_lnK=m[1], protos_used=m[2], entropy=m[3], lr=lr_at(run.global_step - 1, args, spe))
+
+
+def synthetic_groups(run: SimpleNamespace) -> list:
+    b = run.args.batch_size // run.world_size
+    return [
+        torch.randn(g.n * b, 3, g.size, g.size, device=run.device).contiguous(memory_format=run.fmt) for g in run.groups
+    ]
+
+
+def measure_ceiling(run: SimpleNamespace, steps: int) -> float:
+    """Bare torchvision ResNet forward+backward on synthetic crops of this recipe, one pass per resolution (no
+    augmentation, head, loss or optimizer): images/s, the ceiling the whole SwAV step is compared with."""
+    args, device = run.args, run.device
+    make = getattr(torchvision.models, args.arch, None) or RESNETS[args.arch]  # resnet18-cifar: ours
+    bare = make().to(device, memory_format=run.fmt).train()
+    groups = synthetic_groups(run)
+    for i in range(steps + 2):  # 2 warm-up steps
+        if i == 2:
+            sync(device)
+            t0 = time.perf_counter()
+        with run.autocast:
+            out = torch.cat([bare(x) for x in groups])
+        out.float().sum().backward()
+    sync(device)
+    return steps * args.batch_size / (time.perf_counter() - t0)
+
+
+def measure_data(run: SimpleNamespace, steps: int) -> float:
+    """The data pipeline alone (read, decode, crops, colour, normalise) for `steps` global batches: images/s."""
+    args = run.args
+    in_memory = torch.is_tensor(run.data["train_x"])
+    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, -1, run.device if in_memory else None)
+    batches = (batches * math.ceil((steps + 1) / len(batches)))[: steps + 1]
+    stream = view_batches(
+        run, run.data["train_x"], batches, [(args.seed, "bench", i) for i in range(steps + 1)], run.groups
+    )
+    next(stream)  # workers started
+    sync(run.device)
+    t0 = time.perf_counter()
+    for _ in stream:
+        pass
+    sync(run.device)
+    return steps * args.batch_size / (time.perf_counter() - t0)
+
+
+# ==== 7. EVALUATION ====
+class EvalFolder(torch.utils.data.Dataset):
+    """Chunks of files decoded by the workers: resize the shorter side to 256/224 of the size, centre crop (spec 8.1)."""
+
+    def __init__(self, files: list, chunk: int, size: int):
+        self.files, self.chunk, self.size = files, chunk, size
+
+    def __len__(self):
+        return math.ceil(len(self.files) / self.chunk)
+
+    def __getitem__(self, i):
+        return decode_files(self.files[i * self.chunk : (i + 1) * self.chunk], round(self.size * 256 / 224), self.size)
+
+
+@torch.no_grad()
+def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pooled backbone features [n, F] (fp32, eval-mode BN) of centre crops (streamed) or whole images (in memory),
+    sharded over ranks and gathered; `subset` selects image indices."""
+    args, model, device, rank, world = run.args, run.model, run.device, run.rank, run.world_size
+    images = run.data[f"{split}_x"]
+    ids = torch.arange(len(run.data[f"{split}_y"])) if subset is None else subset
+    per_rank = math.ceil(len(ids) / world)
+    mine = ids[torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp(max=len(ids) - 1)]  # padded, trimmed later
+    model.eval()
+    if torch.is_tensor(images):
+        mine_dev = mine.to(images.device)
+
+        def load(c):
+            x = images[c].to(device).float()
+            if x.shape[-1] != args.large_size:
+                x = F.interpolate(x, size=(args.large_size, args.large_size), mode="bilinear", antialias=True)
+            return x
+
+        stream = (load(c) for c in mine_dev.split(args.eval_chunk))
+        n_chunks = math.ceil(len(mine) / args.eval_chunk)
+    else:
+        files = [images[i] for i in mine.tolist()]
+        ds = EvalFolder(files, args.eval_chunk, args.large_size)
+        stream = (
+            x.to(device, non_blocking=True).float() for x in DataLoader(ds, batch_size=None, num_workers=args.workers)
+        )
+        n_chunks = len(ds)
+    mean = torch.tensor(args.mean, device=device)[:, None, None] * 255
+    std = torch.tensor(args.std, device=device)[:, None, None] * 255
+    feats = []
+    for x in tqdm(stream, total=n_chunks, desc=f"encode {split}", disable=rank != 0, leave=False):
+        with run.autocast:
+            feats.append(model.backbone(((x - mean) / std).contiguous(memory_format=run.fmt)).float())
+    feats = torch.cat(feats)
+    if world > 1:
+        out = [torch.empty_like(feats) for _ in range(world)]
+        dist.all_gather(out, feats)
+        feats = torch.cat(out)
+    return feats[: len(ids)]
+
+
+# SHARED: knn
+@torch.no_grad()
+def knn_eval(x_train, y_train, x_test, y_test, num_classes, k=20, t=0.07, chunk=256) -> tuple:
+    """Weighted k-NN (DINO protocol): cosine similarity on L2-normalised features, votes weighted by exp(sim / t).
+
+    Returns (top1, top5) in percent. The test set is processed in chunks of a fixed size."""
+    x_train, x_test = F.normalize(x_train.float(), dim=1), F.normalize(x_test.float(), dim=1)
+    k = min(k, len(x_train))
+    correct1 = correct5 = 0
+    for i in range(0, len(x_test), chunk):
+        sim, idx = (x_test[i : i + chunk] @ x_train.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, y_train[idx], (sim / t).exp())
+        pred = votes.topk(min(5, num_classes), dim=1).indices
+        target = y_test[i : i + chunk, None]
+        correct1 += (pred[:, :1] == target).sum().item()
+        correct5 += (pred == target).any(1).sum().item()
+    return 100.0 * correct1 / len(x_test), 100.0 * correct5 / len(x_test)
+
+
+# SHARED: linear-probe
+def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0.03, wd=5e-5, batch_size=100, seed=0):
+    """Linear classifier on frozen, precomputed features, on their device: SGD (momentum 0.9), cosine LR per epoch
+    (CosineAnnealingLR(T_max=epochs)), shuffled batches with drop_last. Returns last and best test top-1 (percent)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # a seeded head without touching the caller's RNG state
+        torch.manual_seed(seed)
+        head = nn.Linear(x_train.shape[1], num_classes).to(x_train.device)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    n = len(x_train) // batch_size * batch_size
+    accs = []
+    for epoch in range(epochs):
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        for idx in torch.randperm(len(x_train), generator=gen)[:n].to(x_train.device).view(-1, batch_size):
+            loss = F.cross_entropy(head(x_train[idx]), y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            accs.append((head(x_test).argmax(1) == y_test).float().mean())  # no host sync per epoch
+    accs = (torch.stack(accs) * 100).tolist()
+    return dict(last=accs[-1], best=max(accs))
+
+
+# END SHARED
+
+
+def linear_probe_augmented(run: SimpleNamespace, x_test: torch.Tensor, y_test: torch.Tensor) -> dict:
+    """Official eval_linear (spec 8.1): frozen backbone in eval mode, Linear(F, C) with weights N(0, 0.01), SGD
+    (momentum 0.9, lr 0.3 per 256, wd 1e-6), cosine per epoch to 0, train crops RandomResizedCrop(0.08, 1) + flip,
+    validation on centre-crop features every epoch. Returns the last and best top-1 (and the last top-5)."""
+    args, model, device, world, rank = run.args, run.model, run.device, run.world_size, run.rank
+    data, nc = run.data, run.data["num_classes"]
+    group = CropGroup(1, args.large_size, (0.08, 1.0), colour=False)
+    gen = torch.Generator().manual_seed(args.seed)
+    head = nn.Linear(model.backbone.num_features, nc).to(device)
+    nn.init.normal_(head.weight, 0.0, 0.01, generator=gen.manual_seed(args.seed)) if device.type == "cpu" else None
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
+        head.bias.zero_()
+    lr = args.probe_lr * args.probe_batch_size / 256
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=args.probe_wd)
+    in_memory, n = torch.is_tensor(data["train_x"]), len(data["train_y"])
+    b = args.probe_batch_size // world
+    model.eval()
+    top1, top5 = [], []
+    for epoch in tqdm(range(args.probe_epochs), desc="linear probe", disable=rank != 0, leave=False):
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / args.probe_epochs))
+        batches = epoch_batches(n, args.probe_batch_size, args.seed, ("probe", epoch), device if in_memory else None)
+        keys = [(args.seed, "probe", epoch, s) for s in range(len(batches))]
+        for idx, (x,) in zip(batches, view_batches(run, data["train_x"], batches, keys, [group])):
+            with torch.no_grad(), run.autocast:
+                f = model.backbone(x.contiguous(memory_format=run.fmt)).float()
+            y = data["train_y"].to(device)[idx[rank * b : (rank + 1) * b].to(device)]
+            loss = F.cross_entropy(head(f), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:  # the gradient of the global-batch mean
+                for p in head.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            opt.step()
+        with torch.no_grad():
+            pred = head(x_test).topk(min(5, nc), dim=1).indices
+            top1.append((pred[:, 0] == y_test).float().mean())
+            top5.append((pred == y_test[:, None]).any(1).float().mean())
+    top1, top5 = (torch.stack(top1) * 100).tolist(), (torch.stack(top5) * 100).tolist()
+    return dict(last=top1[-1], best=max(top1), top5=top5[-1])
+
+
+def evaluate(run: SimpleNamespace, tag: str) -> dict:
+    """Weighted k-NN on pooled backbone features (a seeded subset during training, everything at the end), and at the
+    end the linear probe (augmented per spec 8.1, or fast on precomputed features, labelled linear_fast_*)."""
+    args, data, device = run.args, run.data, run.device
+    final, nc = tag == "final", data["num_classes"]
+    t0 = time.perf_counter()
+    subsets = {}
+    for split, size in (("train", args.eval_subset_train), ("test", args.eval_subset_test)):
+        n = len(data[f"{split}_y"])
+        g = torch.Generator().manual_seed(rng_seed(args.seed, "eval-subset", split))
+        subsets[split] = None if final or size >= n else torch.randperm(n, generator=g)[:size].sort().values
+    # the final features are cached per weights digest, so a rerun of a finished run skips the encoding
+    use_cache = final and run.world_size == 1
+    digest = state_dict_digest(run.model.state_dict()) if use_cache else None
+    cache = ArtifactCache(
+        Path(args.out_dir) / "cache", f"{rng_seed(digest, args.large_size, args.mean, args.std):014x}"
+    )
+    feats = {}
+    for split in ("train", "test"):
+        feats[split] = cache.get(split) if use_cache else None
+        if feats[split] is None:
+            feats[split] = extract_features(run, split, subsets[split])
+            if use_cache:
+                cache.put(split, feats[split].cpu())
+        feats[split] = feats[split].to(device)
+    labels = {s: data[f"{s}_y"] if subsets[s] is None else data[f"{s}_y"][subsets[s]] for s in subsets}
+    ytr, yte = labels["train"].to(device), labels["test"].to(device)
+    res, times = {}, dict(encode_s=time.perf_counter() - t0)
+    if run.rank == 0:
+        t0 = time.perf_counter()
+        res["knn_top1"], res["knn_top5"] = knn_eval(feats["train"], ytr, feats["test"], yte, nc, args.knn_k, args.knn_t)
+        times["knn_s"] = time.perf_counter() - t0
+        if final and args.probe == "features":
+            t0 = time.perf_counter()
+            probe = linear_probe(
+                feats["train"], ytr, feats["test"], yte, nc, args.probe_epochs, args.probe_lr, args.probe_wd,
+                args.probe_batch_size, args.seed,
+            )  # fmt: skip
+            res["linear_fast_top1"], res["linear_fast_top1_best"] = probe["last"], probe["best"]
+            times["probe_s"] = time.perf_counter() - t0
+    if final and args.probe == "augmented":  # every rank takes part (data-parallel head)
+        t0 = time.perf_counter()
+        probe = linear_probe_augmented(run, feats["test"], yte)
+        res.update(linear_top1=probe["last"], linear_top1_best=probe["best"], linear_top5=probe["top5"])
+        times["probe_s"] = time.perf_counter() - t0
+    if run.world_size > 1:
+        dist.barrier()
+    if run.rank == 0:
+        log_jsonl(run, dict(type="eval", tag=tag, step=run.global_step, **res, **times))
+        print(f"eval @ {tag} | " + " | ".join(f"{k} {v:.2f}" for k, v in {**res, **times}.items()))
+    for k, v in times.items():
+        run.times[k] = run.times.get(k, 0.0) + v
+    return res
+
+
+# ==== 8. MAIN ====
+# SHARED: ddp-setup
+def setup_distributed(device_arg: Optional[str]) -> tuple:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per device, nccl on GPU, gloo on CPU.
+    Without them: a single process, no process group. Returns (rank, world_size, device)."""
+    use_cuda = torch.cuda.is_available() and (device_arg or "cuda") != "cpu"
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device_arg or ("cuda" if use_cuda else "cpu"))
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    return rank, world_size, device
+
+
+# END SHARED
+
+
+def log_jsonl(run: SimpleNamespace, record: dict) -> None:
+    with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_state(run: SimpleNamespace) -> None:
+    """out_dir/last.pt, written atomically by rank 0: model, optimizer, scaler, step, timers and every rank's queue."""
+    queue = None
+    if run.queue is not None:  # collective: each rank holds its own queue
+        parts = [run.queue.z]
+        if run.world_size > 1:
+            parts = [torch.empty_like(run.queue.z) for _ in range(run.world_size)]
+            dist.all_gather(parts, run.queue.z)
+        queue = dict(z=torch.stack(parts).cpu(), filled=run.queue.filled)
+    if run.rank != 0:
+        return
+    t0 = time.perf_counter()
+    state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
+    state.update(step=run.global_step, train_time_s=run.train_time_s, images_seen=run.images_seen, queue=queue)
+    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args))
+    save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
+    run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
+
+
+def check_args(args: Args, world_size: int) -> None:
+    """Refuse bad input with one clear line, before any data is read or process group created."""
+    if args.arch not in RESNETS:
+        raise RunError(f"unknown --arch {args.arch!r}; choose one of {', '.join(RESNETS)}")
+    if args.device is not None and args.device != "cpu" and not args.device.startswith("cuda"):
+        raise RunError(f"unknown --device {args.device!r}; use cuda, cuda:N or cpu")
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"--device {args.device} but no CUDA device is available")
+    at_least = {
+        1: "batch_size n_large large_size small_size feat_dim n_prototypes sinkhorn_iters epochs probe_batch_size "
+        "knn_k eval_chunk log_every image_size train_repeat probe_epochs",
+        0: "n_small hidden_dim queue_length queue_start_epoch workers save_every_steps eval_every max_steps "
+        "bench_ceiling_steps bench_data_steps syncbn_group_size eval_subset_train eval_subset_test",
+    }
+    for low, names in at_least.items():
+        for name in names.split():
+            value = getattr(args, name)
+            if value is not None and value < low:
+                raise RunError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    for name in ("temperature", "epsilon", "lr"):
+        if getattr(args, name) <= 0:
+            raise RunError(f"--{name} must be > 0, got {getattr(args, name)}")
+    for name in ("large_scale", "small_scale"):
+        lo, hi = getattr(args, name)
+        if not 0 < lo <= hi <= 1:
+            raise RunError(f"--{name.replace('_', '-')} must satisfy 0 < min <= max <= 1, got {lo} {hi}")
+    n_crops = args.n_large + args.n_small
+    if n_crops < 2 or not args.crops_for_assign or any(not 0 <= i < n_crops for i in args.crops_for_assign):
+        raise RunError(f"--crops-for-assign {args.crops_for_assign} must name crops among the {n_crops} (>= 2) crops")
+    if args.batch_size % world_size:
+        raise RunError(f"--batch-size {args.batch_size} does not divide by the world size {world_size}")
+    if args.probe_batch_size % world_size:
+        raise RunError(f"--probe-batch-size {args.probe_batch_size} does not divide by the world size {world_size}")
+    if args.queue_length and args.queue_length < args.batch_size:
+        raise RunError(f"--queue-length {args.queue_length} is shorter than one global batch ({args.batch_size})")
+    if args.syncbn_group_size and world_size % args.syncbn_group_size:
+        raise RunError(f"--syncbn-group-size {args.syncbn_group_size} does not divide the world size {world_size}")
+
+
+def convert_sync_bn(model: nn.Module, args: Args, rank: int, world_size: int) -> nn.Module:
+    """Global SyncBN, or groups of --syncbn-group-size consecutive ranks (official apex runs: groups of 8)."""
+    group = None
+    if args.syncbn_group_size:
+        size = args.syncbn_group_size
+        groups = [dist.new_group(list(range(i, i + size))) for i in range(0, world_size, size)]  # every rank calls all
+        group = groups[rank // size]
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model, group)
+
+
+def run_training(args: Args) -> dict:
+    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))  # before any process group: bad input fails fast
+    rank, world_size, device = setup_distributed(args.device)
+    is_main = rank == 0
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.backends.cudnn.benchmark = not args.deterministic
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    # DEVIATION: TF32 for fp32 matmuls/convs; it only matters with --amp none (the scores and Sinkhorn are tiny)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    t_start = time.perf_counter()
+
+    t0 = time.perf_counter()
+    data = load_data(args)
+    steps_per_epoch = len(data["train_y"]) // args.batch_size
+    if steps_per_epoch == 0:
+        raise RunError(f"--batch-size {args.batch_size} exceeds the {len(data['train_y'])} training images")
+    if torch.is_tensor(data["train_x"]):  # CRUCIAL: decode once, keep the uint8 images on the device (CIFAR: 150 MB)
+        data.update(train_x=data["train_x"].to(device), test_x=data["test_x"].to(device))
+    data_time = time.perf_counter() - t0
+
+    torch.manual_seed(args.seed)  # the same initial model on every rank
+    model = SwAV(args.arch, args.hidden_dim, args.feat_dim, args.n_prototypes)
+    fmt = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
+    model = model.to(device, memory_format=fmt)
+    run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, data=data, model=model, fmt=fmt)
+    run.groups, run.queue = crop_groups(args), None
+    # PAPER: SGD (momentum 0.9) wrapped in LARC(trust_coefficient=0.001, clip=False), weight decay 1e-6
+    run.opt = LARS(
+        param_groups(model, args), lr=args.lr, momentum=args.momentum, eta=args.lars_eta, clip=args.lars_clip
+    )
+    use_amp = device.type == "cuda" and args.amp != "none"
+    run.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and args.amp == "fp16")
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
+    # DEVIATION: bf16 autocast (official: apex fp16 O1); scores, Sinkhorn and the loss stay fp32
+    run.autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
+    run.steps_per_epoch, run.global_step, run.train_time_s, run.images_seen = steps_per_epoch, 0, 0.0, 0
+    run.data_wait_s, run.times = 0.0, {}
+    run.freeze_steps = round(args.freeze_prototypes_epochs * steps_per_epoch)  # epochs, not iterations (swav#76)
+    ckpt_path = find_resume(out_dir, args.resume)
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        needed = {"model", "optimizer", "scaler", "step", "args", "train_time_s", "images_seen", "queue", "data_wait_s"}
+        if not isinstance(ckpt, dict) or needed - ckpt.keys():
+            raise CheckpointError(f"{ckpt_path} is not a training checkpoint of this script (needs {sorted(needed)})")
+        if ckpt["args"]["batch_size"] != args.batch_size:  # steps would map to other images and epochs
+            raise CheckpointError(
+                f"{ckpt_path} was trained with --batch-size {ckpt['args']['batch_size']}, not {args.batch_size}"
+            )
+        load_state_dict_strict(model, ckpt["model"], what=f"model in {ckpt_path}")
+        try:
+            run.opt.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"optimizer state in {ckpt_path} does not match: {e}")
+        run.scaler.load_state_dict(ckpt["scaler"])
+        run.global_step, run.train_time_s, run.images_seen = ckpt["step"], ckpt["train_time_s"], ckpt["images_seen"]
+        run.data_wait_s = ckpt["data_wait_s"]
+        if ckpt["queue"] is not None:  # this rank's part; a new world size re-slices the same embeddings
+            qz = ckpt["queue"]["z"].to(device).transpose(0, 1).flatten(1, 2)  # [n_assign, L, D]
+            run.queue = Queue(qz.shape[0], qz.shape[1] // world_size, qz.shape[2], device)
+            run.queue.z = qz.view(qz.shape[0], world_size, -1, qz.shape[2])[:, rank].contiguous()
+            run.queue.filled = min(ckpt["queue"]["filled"], run.queue.z.shape[1])
+        if is_main:
+            print(f"resumed from {ckpt_path} at step {ckpt['step']}")
+
+    net = model
+    if world_size > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (PyTorch's needs CUDA)
+        net = convert_sync_bn(model, args, rank, world_size)
+    if world_size > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    run.ddp_model = torch.compile(net) if args.compile else net
+
+    bench = {}
+    if args.bench_ceiling_steps:
+        bench["ceiling_images_per_s"] = measure_ceiling(run, args.bench_ceiling_steps)
+    if args.bench_data_steps:
+        bench["data_images_per_s"] = measure_data(run, args.bench_data_steps)
+    if is_main and bench:
+        print("benchmarks: " + ", ".join(f"{k} {v:,.0f}" for k, v in bench.items()))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    total_steps = steps_per_epoch * args.epochs
+    run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    while run.global_step < run.total_steps:
+        epoch, start = divmod(run.global_step, steps_per_epoch)
+        m = train_one_epoch(run, epoch, start)
+        save_state(run)
+        knn = ""
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.global_step < run.total_steps:
+            knn = f" | knn@1 {evaluate(run, tag=f'epoch {epoch + 1}').get('knn_top1', 0):.1f}"
+        if is_main:
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
+            print(
+                f"ep {epoch + 1}/{args.epochs} | loss {m['loss']:.3f} ({m['loss_over_lnK']:.2f} lnK) | "
+                f"used {m['protos_used']:.0f} | lr {m['lr']:.4f}{knn} | {run.train_time_s:.1f} s | {mem:.1f} GB"
+            )
+            if epoch + 1 > args.warmup_epochs and m["loss_over_lnK"] > 0.99:
+                print("warning: the loss sits at ln K: collapse (try --epsilon 0.03 or a longer prototype freeze)")
+
+    res = evaluate(run, tag="final")
+    if is_main:
+        imgs_per_s = run.images_seen / max(run.train_time_s, 1e-9)
+        ceiling = bench.get("ceiling_images_per_s")
+        results = dict(
+            script=Path(__file__).name,
+            paper="SwAV (arXiv 2006.09882)",
+            exp_name=args.exp_name,
+            args=dataclasses.asdict(args),
+            world_size=world_size,
+            steps_per_epoch=steps_per_epoch,
+            base_lr=args.lr * args.batch_size / 256,
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            torch=torch.__version__,
+            torchvision=torchvision.__version__,
+            python=platform.python_version(),
+            epochs_done=run.global_step / steps_per_epoch,
+            steps_done=run.global_step,
+            eval_protocol=f"pooled backbone features, eval-mode BN, {'whole images' if args.in_memory else 'centre crops'}; "
+            f"weighted k-NN k={args.knn_k} T={args.knn_t}; probe {args.probe} {args.probe_epochs} ep",
+            data_time_s=data_time,
+            train_time_s=run.train_time_s,
+            data_wait_s=run.data_wait_s,
+            **run.times,
+            total_time_s=time.perf_counter() - t_start,
+            images_seen=run.images_seen,
+            images_per_s=imgs_per_s,
+            crops_per_s=imgs_per_s * (args.n_large + args.n_small),
+            **bench,
+            ceiling_ratio=imgs_per_s / ceiling if ceiling else None,
+            peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+            **res,
+        )
+        tmp = out_dir / f"results.json.tmp.{os.getpid()}"
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, out_dir / "results.json")  # atomic, like the checkpoints
+        print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=2))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return res
+
+
+def main(args: Args) -> None:
+    try:
+        run_training(args)
+    except (RunError, CheckpointError) as e:  # CRUCIAL: bad input -> one clear line and exit code 1, no traceback
+        sys.exit(f"{Path(__file__).name}: error: {e}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(RECIPES, default=Args()))
