@@ -529,10 +529,11 @@ class FolderViews(torch.utils.data.Dataset):
         index, seed = item
         gen = torch.Generator().manual_seed(seed)
         params = [sample_view_params(gen, g.n, g, self.args) for g in self.groups]
-        data = read_file(str(self.files[index]))
-        if self.args.decode == "device":
-            return data, params
-        img = decode_image(data, mode=ImageReadMode.RGB)  # JPEG, PNG; grayscale and CMYK files become RGB
+        if self.args.decode == "device":  # plain bytes: thousands of tiny shared-memory tensors would exhaust fds
+            return Path(self.files[index]).read_bytes(), params
+        img = decode_image(
+            read_file(str(self.files[index])), mode=ImageReadMode.RGB
+        )  # JPEG, PNG; grayscale and CMYK files become RGB
         return [crop_image(img, p, g).round().to(torch.uint8) for g, p in zip(self.groups, params)], params
 
 
@@ -547,8 +548,8 @@ def collate_views(batch: list) -> tuple:
     """[(crops or bytes, params per group)] -> (per-group crops [b, n, 3, S, S] or a list of bytes, params [b*n])."""
     first, params = zip(*batch)
     params = [{k: torch.cat([p[g][k] for p in params]) for k in params[0][g]} for g in range(len(params[0]))]
-    if isinstance(first[0], torch.Tensor):  # file bytes
-        return list(first), params
+    if isinstance(first[0], bytes):
+        return [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in first], params
     return [torch.stack([c[g] for c in first]) for g in range(len(first[0]))], params
 
 
@@ -829,9 +830,31 @@ def sync(device: torch.device) -> None:
 # END SHARED
 
 
+def train_step(run: SimpleNamespace, groups: list, gstep: int) -> tuple:
+    """One SwAV step on this rank's crops (one tensor per resolution). Returns (loss, z, scores), detached."""
+    args, model = run.args, run.model
+    n_crops, b = args.n_large + args.n_small, groups[0].shape[0] // args.n_large
+    normalize_prototypes(model)
+    with run.autocast:
+        z, scores = run.ddp_model([x.contiguous(memory_format=run.fmt) for x in groups])
+    use_queue = run.queue is not None and run.queue.full
+    queue_scores = run.queue.scores(model.prototypes.weight) if use_queue else None
+    scores_v = list(scores.view(n_crops, b, -1))
+    loss = swav_loss(scores_v, args.temperature, args.epsilon, args.sinkhorn_iters, args.crops_for_assign, queue_scores)
+    if run.queue is not None:
+        run.queue.push(z.view(n_crops, b, -1)[list(args.crops_for_assign)])
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if gstep < run.freeze_steps:  # PAPER: prototypes frozen for the first epoch; grad=None skips LARC entirely
+        model.prototypes.weight.grad = None
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    return loss.detach(), z.detach(), scores.detach()
+
+
 def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
     """Train from step start_step of `epoch` to its end (or to --max-steps). Returns averaged metrics."""
-    args, model, opt, scaler, device = run.args, run.model, run.opt, run.scaler, run.device
+    args, model, opt, device = run.args, run.model, run.opt, run.device
     spe, is_main, k = run.steps_per_epoch, run.rank == 0, args.n_prototypes
     if args.queue_length and epoch >= args.queue_start_epoch and run.queue is None:
         length = args.queue_length // args.batch_size * args.batch_size // run.world_size  # PAPER: rounded down
@@ -845,7 +868,7 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
     stream = view_batches(run, run.data["train_x"], batches[start_step:last], keys, run.groups)
     n_crops = args.n_large + args.n_small
     b = args.batch_size // run.world_size
-    sums, window = torch.zeros(5, device=device), torch.zeros(5, device=device)  # loss, loss/lnK, used, entropy, q
+    sums, window = torch.zeros(4, device=device), torch.zeros(4, device=device)  # loss, loss/lnK, used, entropy
     no_bad = 2**62
     bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
     bad_stats = torch.zeros(3, device=device)  # min, max, norm of that step's scores
@@ -860,33 +883,17 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
         tw = time.perf_counter()
         groups = next(stream)
         wait += time.perf_counter() - tw  # host time spent waiting for (or making) the crops
-        normalize_prototypes(model)
-        groups = [x.contiguous(memory_format=run.fmt) for x in groups]
-        with run.autocast:
-            z, scores = run.ddp_model(groups)
-        scores_v = list(scores.view(n_crops, b, k))
-        use_queue = run.queue is not None and run.queue.full
-        queue_scores = run.queue.scores(model.prototypes.weight) if use_queue else None
-        loss = swav_loss(
-            scores_v, args.temperature, args.epsilon, args.sinkhorn_iters, args.crops_for_assign, queue_scores
-        )
-        if run.queue is not None:
-            run.queue.push(z.view(n_crops, b, -1)[list(args.crops_for_assign)])
+        loss, z, scores = train_step(run, groups, gstep)
+        scores_v = scores.view(n_crops, b, k)
         finite = torch.isfinite(loss)
         first_bad = ~finite & (bad_step == no_bad)
         bad_stats = torch.where(first_bad, torch.stack([scores.min(), scores.max(), z.norm(dim=1).max()]), bad_stats)
         bad_step = torch.minimum(bad_step, torch.where(finite, no_bad, gstep + 1))
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if gstep < run.freeze_steps:  # PAPER: prototypes frozen for the first epoch; grad=None skips LARC entirely
-            model.prototypes.weight.grad = None
-        scaler.step(opt)
-        scaler.update()
         with torch.no_grad():  # collapse diagnostics of crop 0 (spec 4.4): distinct argmax prototypes, entropy
             used = (torch.bincount(scores_v[0].argmax(1), minlength=k) > 0).sum()
             p_mean = F.softmax(scores_v[0] / args.temperature, dim=1).mean(0)
             ent = -(p_mean * p_mean.clamp_min(1e-12).log()).sum() / math.log(k)
-            window += torch.stack([loss.detach(), loss.detach() / math.log(k), used.float(), ent, finite.float() * 0])
+            window += torch.stack([loss, loss / math.log(k), used.float(), ent])
         n_done += 1
         run.global_step = gstep + 1
         if (step + 1) % args.log_every == 0 or step + 1 == last:
@@ -905,7 +912,7 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
             rec = dict(step=gstep + 1, epoch=epoch, loss=m[0], loss_over_lnK=m[1], protos_used=m[2], entropy=m[3])
             if is_main:
                 bar.set_postfix(loss=f"{m[0]:.3f}", used=f"{m[2]:.0f}", lr=f"{lr:.3f}")
-                log_jsonl(run, dict(type="train", lr=lr, queue=use_queue, **rec))
+                log_jsonl(run, dict(type="train", lr=lr, queue=run.queue is not None and run.queue.full, **rec))
         if args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe:
             sync(device)  # a checkpoint does not count as training time
             run.train_time_s += time.perf_counter() - t0
