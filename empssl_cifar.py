@@ -178,6 +178,7 @@ class Args:
     """before training, time this many bare forward+backward steps on synthetic patches (the speed ceiling)"""
 
 
+# SHARED: run-utils
 class RunError(Exception):
     """A bad input or a failed run: main prints its one-line message and exits non-zero."""
 
@@ -187,18 +188,25 @@ def rng_seed(*keys) -> int:
     return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:7], "little")
 
 
+# END SHARED
+
+
 # ==== 2. DATA & AUGMENTATIONS ====
 CIFAR = {"cifar10": (torchvision.datasets.CIFAR10, 10), "cifar100": (torchvision.datasets.CIFAR100, 100)}
+
+
+# SHARED: image-folder
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
-def decode_files(paths: list, size: int) -> torch.Tensor:
-    """Read and decode image files into uint8 [n, 3, size, size]: shorter side resized to size, centre crop."""
+def decode_files(paths: list, size: int, crop: Optional[int] = None) -> torch.Tensor:
+    """Read and decode image files into uint8 [n, 3, crop, crop]: shorter side resized to size, centre crop."""
+    crop = crop or size
 
     def fit(img):
-        if img.shape[-2:] == (size, size):
+        if img.shape[-2:] == (crop, crop) and size == crop:
             return img
-        return T.functional.center_crop(T.functional.resize(img, size, antialias=True), [size, size])
+        return T.functional.center_crop(T.functional.resize(img, size, antialias=True), [crop, crop])
 
     def decode_one(path, data):
         try:
@@ -217,20 +225,38 @@ def decode_files(paths: list, size: int) -> torch.Tensor:
     return torch.stack([fit(img if img is not None else decode_one(p, d)) for p, d, img in zip(paths, datas, imgs)])
 
 
-def load_image_folder(root: Path, classes: list, size: int) -> tuple:
-    """Decode every image under root/<class>/ once (batched libjpeg-turbo, in chunks on all cores)."""
-    files = [
-        (p, c)
-        for c, name in enumerate(classes)
-        for p in sorted((root / name).iterdir())
-        if p.suffix.lower() in IMAGE_EXTS
-    ]
+def folder_splits(root: Path) -> tuple:
+    """(train dir, test dir, class names) of an image folder with train/ and test/ (or val/) class folders."""
+    if not root.is_dir():
+        raise RunError(f"data dir not found: {root}")
+    test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if not (root / "train").is_dir() or test_root is None:
+        raise RunError(f"{root} must hold train/ and test/ (or val/) class folders")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    if sorted(d.name for d in test_root.iterdir() if d.is_dir()) != classes:
+        raise RunError(f"class folders differ between {root / 'train'} and {test_root}")
+    return root / "train", test_root, classes
+
+
+def list_image_files(root: Path, classes: list) -> tuple:
+    """Sorted image paths under root/<class>/ and their int64 labels."""
+    files = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir())]
+    files = [(p, c) for p, c in files if p.suffix.lower() in IMAGE_EXTS]
     if not files:
         raise RunError(f"no images in {root}")
-    chunks = [[p for p, _ in files[i : i + 1000]] for i in range(0, len(files), 1000)]
+    return [p for p, _ in files], torch.tensor([c for _, c in files])
+
+
+def load_image_folder(root: Path, classes: list, size: int) -> tuple:
+    """Decode every image under root/<class>/ once (batched libjpeg-turbo, in chunks on all cores)."""
+    paths, labels = list_image_files(root, classes)
+    chunks = [paths[i : i + 1000] for i in range(0, len(paths), 1000)]
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         images = torch.cat(list(pool.map(lambda c: decode_files(c, size), chunks)))
-    return images, torch.tensor([c for _, c in files])
+    return images, labels
+
+
+# END SHARED
 
 
 def load_data(args: Args) -> dict:
@@ -249,16 +275,8 @@ def load_data(args: Args) -> dict:
             raise RunError(f"{args.dataset} not found in {root} ({e}); pass --data-dir or allow --download")
         tr, te = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in splits]
         return dict(train_x=tr[0], train_y=tr[1], test_x=te[0], test_y=te[1], num_classes=num_classes)
-    if not root.is_dir():
-        raise RunError(f"data dir not found: {root}")
-    test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
-    if not (root / "train").is_dir() or test_root is None:
-        raise RunError(f"{root} must hold train/ and test/ (or val/) class folders")
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
-    test_classes = sorted(d.name for d in test_root.iterdir() if d.is_dir())
-    if test_classes != classes:
-        raise RunError(f"class folders differ between {root / 'train'} and {test_root}")
-    train_x, train_y = load_image_folder(root / "train", classes, args.image_size)
+    train_root, test_root, classes = folder_splits(root)
+    train_x, train_y = load_image_folder(train_root, classes, args.image_size)
     test_x, test_y = load_image_folder(test_root, classes, args.image_size)
     return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=len(classes))
 
@@ -289,6 +307,7 @@ def take_params(params: dict, idx: torch.Tensor) -> dict:
     return {k: v[idx] for k, v in params.items()}
 
 
+# SHARED: gpu-color
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """ITU-R 601-2 luma, as PIL's convert('L') and torchvision: [N, 3, H, W] -> [N, 1, H, W]."""
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
@@ -335,6 +354,9 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 6) -> torc
     y = F.conv2d(y, kern[:, None, None, :], groups=n * c)
     y = F.conv2d(y, kern[:, None, :, None], groups=n * c)
     return y.reshape(n, c, h, w)
+
+
+# END SHARED
 
 
 def augment_patches(images: torch.Tensor, p: dict, crop: int, solarize_threshold: int) -> torch.Tensor:
@@ -597,8 +619,9 @@ def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
 
 
 # ==== 6. TRAIN LOOP ====
+# SHARED: train-utils
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, device=None) -> list:
-    """The epoch's global batches: a seeded permutation cut into full batches (drop_last, spec 2.2).
+    """The epoch's global batches: a seeded permutation cut into full batches (drop_last).
 
     CRUCIAL: moved to the device once per epoch; a per-step copy from pageable memory would sync the host."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(rng_seed(seed, "order", epoch)))
@@ -609,6 +632,9 @@ def sync(device: torch.device) -> None:
     """Wait for queued GPU work (only where a timer stops; never per step)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+# END SHARED
 
 
 def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:

@@ -531,17 +531,17 @@ class FolderViews(torch.utils.data.Dataset):
         params = [sample_view_params(gen, g.n, g, self.args) for g in self.groups]
         if self.args.decode == "device":  # plain bytes: thousands of tiny shared-memory tensors would exhaust fds
             return Path(self.files[index]).read_bytes(), params
-        img = decode_image(
-            read_file(str(self.files[index])), mode=ImageReadMode.RGB
-        )  # JPEG, PNG; grayscale and CMYK files become RGB
-        return [crop_image(img, p, g).round().to(torch.uint8) for g, p in zip(self.groups, params)], params
+        img = decode_image(read_file(str(self.files[index])), mode=ImageReadMode.RGB)  # grayscale/CMYK become RGB
+        return [crop_images([img], p, g)[0].round().to(torch.uint8) for g, p in zip(self.groups, params)], params
 
 
-def crop_image(img: torch.Tensor, p: dict, group: CropGroup) -> torch.Tensor:
-    """group.n RandomResizedCrops of one uint8 image [3, H, W] -> float [n, 3, S, S] in 0..255."""
-    hw = torch.tensor(img.shape[-2:], dtype=torch.float32, device=img.device).expand(group.n, 2)
-    boxes = rrc_boxes(hw[:, 0], hw[:, 1], {k: v.to(img.device) for k, v in p.items()})
-    return resized_crops(img[None].float(), torch.zeros(group.n, device=img.device), boxes, group.size)
+def crop_images(imgs: list, p: dict, group: CropGroup) -> torch.Tensor:
+    """group.n RandomResizedCrops of each uint8 image [3, H, W] (p: draws, image-major) -> float [b, n, 3, S, S]."""
+    dev = imgs[0].device
+    hw = torch.tensor([img.shape[-2:] for img in imgs], dtype=torch.float32).repeat_interleave(group.n, 0).to(dev)
+    boxes = rrc_boxes(hw[:, 0], hw[:, 1], p).view(len(imgs), group.n, 4)
+    zeros = torch.zeros(group.n, device=dev)
+    return torch.stack([resized_crops(img[None].float(), zeros, bx, group.size) for img, bx in zip(imgs, boxes)])
 
 
 def collate_views(batch: list) -> tuple:
@@ -594,20 +594,13 @@ def view_batches(run: SimpleNamespace, images, batches: list, keys: list, groups
         params = [{k: v.to(device, non_blocking=True) for k, v in p.items()} for p in params]
         if args.decode == "device":  # CRUCIAL: nvjpeg batch decode on CUDA, then the same crops as the workers cut
             imgs = decode_on_device(crops, device)
-            crops = [
-                torch.stack(
-                    [crop_image(img, take_params(p, slice(i * g.n, (i + 1) * g.n)), g) for i, img in enumerate(imgs)]
-                )
-                for g, p in zip(groups, params)
-            ]
+            crops = [crop_images(imgs, p, g) for g, p in zip(groups, params)]
         else:
             crops = [c.to(device, non_blocking=True).float() for c in crops]
-        # [b, n, 3, S, S] image-major -> crop-major rows, with the params reordered the same way
-        out = []
+        out = []  # [b, n, 3, S, S] image-major -> crop-major rows, with the params reordered the same way
         for g, c, p in zip(groups, crops, params):
-            b = c.shape[0]
-            order = torch.arange(b * g.n, device=device).view(b, g.n).T.flatten()
-            out.append(finish_views(c.transpose(0, 1).reshape(-1, *c.shape[2:]), take_params(p, order), g, args))
+            order = torch.arange(c.shape[0] * g.n, device=device).view(-1, g.n).T.flatten()
+            out.append(finish_views(c.transpose(0, 1).flatten(0, 1), take_params(p, order), g, args))
         yield out
 
 
@@ -971,7 +964,7 @@ def measure_data(run: SimpleNamespace, steps: int) -> float:
 
 # ==== 7. EVALUATION ====
 class EvalFolder(torch.utils.data.Dataset):
-    """Chunks of files decoded by the workers: resize the shorter side to 256/224 of the size, centre crop (spec 8.1)."""
+    """Chunks of files decoded by workers: shorter side resized to 256/224 of the size, centre crop (spec 8.1)."""
 
     def __init__(self, files: list, chunk: int, size: int):
         self.files, self.chunk, self.size = files, chunk, size
@@ -1082,7 +1075,6 @@ def linear_probe_augmented(run: SimpleNamespace, x_test: torch.Tensor, y_test: t
     group = CropGroup(1, args.large_size, (0.08, 1.0), colour=False)
     gen = torch.Generator().manual_seed(args.seed)
     head = nn.Linear(model.backbone.num_features, nc).to(device)
-    nn.init.normal_(head.weight, 0.0, 0.01, generator=gen.manual_seed(args.seed)) if device.type == "cpu" else None
     with torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
         head.bias.zero_()
@@ -1370,36 +1362,23 @@ def run_training(args: Args) -> dict:
     if is_main:
         imgs_per_s = run.images_seen / max(run.train_time_s, 1e-9)
         ceiling = bench.get("ceiling_images_per_s")
-        results = dict(
-            script=Path(__file__).name,
-            paper="SwAV (arXiv 2006.09882)",
-            exp_name=args.exp_name,
-            args=dataclasses.asdict(args),
-            world_size=world_size,
-            steps_per_epoch=steps_per_epoch,
-            base_lr=args.lr * args.batch_size / 256,
-            device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            torch=torch.__version__,
-            torchvision=torchvision.__version__,
-            python=platform.python_version(),
-            epochs_done=run.global_step / steps_per_epoch,
-            steps_done=run.global_step,
-            eval_protocol=f"pooled backbone features, eval-mode BN, {'whole images' if args.in_memory else 'centre crops'}; "
-            f"weighted k-NN k={args.knn_k} T={args.knn_t}; probe {args.probe} {args.probe_epochs} ep",
-            data_time_s=data_time,
-            train_time_s=run.train_time_s,
-            data_wait_s=run.data_wait_s,
-            **run.times,
-            total_time_s=time.perf_counter() - t_start,
-            images_seen=run.images_seen,
-            images_per_s=imgs_per_s,
-            crops_per_s=imgs_per_s * (args.n_large + args.n_small),
-            **bench,
-            ceiling_ratio=imgs_per_s / ceiling if ceiling else None,
-            peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
-            **res,
+        dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        results = dict(script=Path(__file__).name, paper="SwAV (arXiv 2006.09882)", exp_name=args.exp_name)
+        results.update(args=dataclasses.asdict(args), world_size=world_size, steps_per_epoch=steps_per_epoch)
+        results.update(base_lr=args.lr * args.batch_size / 256, device=dev_name, python=platform.python_version())
+        results.update(torch=torch.__version__, torchvision=torchvision.__version__)
+        results.update(epochs_done=run.global_step / steps_per_epoch, steps_done=run.global_step)
+        view = "whole images" if args.in_memory else "centre crops"
+        protocol = f"pooled backbone features of {view}, eval-mode BN; weighted k-NN k={args.knn_k} T={args.knn_t}"
+        results.update(eval_protocol=f"{protocol}; linear probe: {args.probe}, {args.probe_epochs} epochs")
+        results.update(data_time_s=data_time, train_time_s=run.train_time_s, data_wait_s=run.data_wait_s, **run.times)
+        results.update(total_time_s=time.perf_counter() - t_start, images_seen=run.images_seen, images_per_s=imgs_per_s)
+        results.update(crops_per_s=imgs_per_s * (args.n_large + args.n_small), **bench)
+        results.update(ceiling_ratio=imgs_per_s / ceiling if ceiling else None)
+        results.update(
+            peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         )
+        results.update(script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)
         tmp = out_dir / f"results.json.tmp.{os.getpid()}"
         tmp.write_text(json.dumps(results, indent=2))
         os.replace(tmp, out_dir / "results.json")  # atomic, like the checkpoints
