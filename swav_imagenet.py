@@ -349,7 +349,7 @@ def load_data(args: Args) -> dict:
     """Both splits: uint8 images [N, 3, S, S] (in memory) or file paths (streamed), int64 labels, on the CPU."""
     if args.dataset == "fake":  # random images, for shape tests and synthetic-data benchmarks
         g = torch.Generator().manual_seed(args.seed)
-        n = max(256, 4 * args.batch_size)
+        n = max(256, 16 * args.batch_size)
         x = torch.randint(0, 256, (n + 64, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
         y = torch.arange(n + 64) % 10
         return dict(train_x=x[:n], train_y=y[:n], test_x=x[n:], test_y=y[n:], num_classes=10)
@@ -511,8 +511,7 @@ def finish_views(x: torch.Tensor, p: dict, group: CropGroup, args: Args) -> torc
         x = torch.where(p["blur"][:, None, None, None], gaussian_blur(x, p["sigma"]), x)
         if args.solarize_prob > 0:
             x = torch.where(p["solarize"][:, None, None, None] & (x >= 0.5), 1 - x, x)
-    mean, std = torch.tensor(args.mean, device=x.device), torch.tensor(args.std, device=x.device)
-    return (x - mean[:, None, None]) / std[:, None, None]
+    return torch.stack([(x[:, c] - m) / sd for c, (m, sd) in enumerate(zip(args.mean, args.std))], 1)  # no H2D copy
 
 
 class FolderViews(torch.utils.data.Dataset):
@@ -538,7 +537,8 @@ class FolderViews(torch.utils.data.Dataset):
 def crop_images(imgs: list, p: dict, group: CropGroup) -> torch.Tensor:
     """group.n RandomResizedCrops of each uint8 image [3, H, W] (p: draws, image-major) -> float [b, n, 3, S, S]."""
     dev = imgs[0].device
-    hw = torch.tensor([img.shape[-2:] for img in imgs], dtype=torch.float32).repeat_interleave(group.n, 0).to(dev)
+    hw = torch.tensor([img.shape[-2:] for img in imgs], dtype=torch.float32).repeat_interleave(group.n, 0)
+    hw = hw.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else hw  # no host sync
     boxes = rrc_boxes(hw[:, 0], hw[:, 1], p).view(len(imgs), group.n, 4)
     zeros = torch.zeros(group.n, device=dev)
     return torch.stack([resized_crops(img[None].float(), zeros, bx, group.size) for img, bx in zip(imgs, boxes)])
@@ -573,8 +573,8 @@ def view_batches(run: SimpleNamespace, images, batches: list, keys: list, groups
                 p = sample_view_params(gen, g.n * len(idx), g, args)  # [n, B] crop-major, for the global batch
                 sel = torch.arange(g.n, device=device)[:, None] * len(idx) + rank * b + torch.arange(b, device=device)
                 p = take_params(p, sel.flatten())
-                hw = torch.tensor(x.shape[-2:], dtype=torch.float32, device=device).expand(len(p["area"]), 2)
-                crops = resized_crops(x, torch.arange(b, device=device).repeat(g.n), rrc_boxes(*hw.T, p), g.size)
+                h, w = (torch.full((g.n * b,), float(d), device=device) for d in x.shape[-2:])
+                crops = resized_crops(x, torch.arange(b, device=device).repeat(g.n), rrc_boxes(h, w, p), g.size)
                 out.append(finish_views(crops, p, g, args))
             yield out
         return
@@ -883,7 +883,7 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
         bad_stats = torch.where(first_bad, torch.stack([scores.min(), scores.max(), z.norm(dim=1).max()]), bad_stats)
         bad_step = torch.minimum(bad_step, torch.where(finite, no_bad, gstep + 1))
         with torch.no_grad():  # collapse diagnostics of crop 0 (spec 4.4): distinct argmax prototypes, entropy
-            used = (torch.bincount(scores_v[0].argmax(1), minlength=k) > 0).sum()
+            used = torch.zeros(k, device=device).index_fill_(0, scores_v[0].argmax(1), 1).sum()  # CUDA bincount syncs
             p_mean = F.softmax(scores_v[0] / args.temperature, dim=1).mean(0)
             ent = -(p_mean * p_mean.clamp_min(1e-12).log()).sum() / math.log(k)
             window += torch.stack([loss, loss / math.log(k), used.float(), ent])
