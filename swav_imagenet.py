@@ -438,7 +438,8 @@ def rrc_boxes(h: torch.Tensor, w: torch.Tensor, p: dict) -> torch.Tensor:
 def resized_crops(images: torch.Tensor, owner: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Cut boxes [n, 4] out of images [m, 3, H, W] (float 0..255; owner [n] picks the image) and resize to size.
 
-    DEVIATION: one batched roi_align instead of PIL's crop + bilinear resize. It is exact bilinear when enlarging and
+    Used where the crops are cut on the device (in-memory data, --decode device); CPU workers use torchvision's
+    crop + antialiased resize. DEVIATION: one batched roi_align instead of PIL's crop + bilinear resize. It is exact bilinear when enlarging and
     averages a grid of bilinear samples when shrinking (PIL uses a triangle filter); samples at the crop's edge may
     read the neighbouring pixel outside the crop instead of repeating the edge."""
     rois = torch.cat([owner[:, None].to(boxes), boxes], 1)
@@ -531,7 +532,14 @@ class FolderViews(torch.utils.data.Dataset):
         if self.args.decode == "device":  # plain bytes: thousands of tiny shared-memory tensors would exhaust fds
             return Path(self.files[index]).read_bytes(), params
         img = decode_image(read_file(str(self.files[index])), mode=ImageReadMode.RGB)  # grayscale/CMYK become RGB
-        return [crop_images([img], p, g)[0].round().to(torch.uint8) for g, p in zip(self.groups, params)], params
+        h, w = (torch.full((1,), float(d)) for d in img.shape[-2:])
+        crops = []
+        for g, p in zip(self.groups, params):  # torchvision's tensor RandomResizedCrop: crop, antialiased uint8 resize
+            boxes = rrc_boxes(h.expand(g.n), w.expand(g.n), p).int().tolist()
+            resize = [F.interpolate(img[None, :, y1:y2, x1:x2], (g.size, g.size), mode="bilinear", antialias=True)
+                      for x1, y1, x2, y2 in boxes]  # fmt: skip
+            crops.append(torch.cat(resize))
+        return crops, params
 
 
 def crop_images(imgs: list, p: dict, group: CropGroup) -> torch.Tensor:
