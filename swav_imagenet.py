@@ -36,6 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated, Literal, Optional, Tuple, Union
@@ -971,19 +972,6 @@ def measure_data(run: SimpleNamespace, steps: int) -> float:
 
 
 # ==== 7. EVALUATION ====
-class EvalFolder(torch.utils.data.Dataset):
-    """Chunks of files decoded by workers: shorter side resized to 256/224 of the size, centre crop (spec 8.1)."""
-
-    def __init__(self, files: list, chunk: int, size: int):
-        self.files, self.chunk, self.size = files, chunk, size
-
-    def __len__(self):
-        return math.ceil(len(self.files) / self.chunk)
-
-    def __getitem__(self, i):
-        return decode_files(self.files[i * self.chunk : (i + 1) * self.chunk], round(self.size * 256 / 224), self.size)
-
-
 @torch.no_grad()
 def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pooled backbone features [n, F] (fp32, eval-mode BN) of centre crops (streamed) or whole images (in memory),
@@ -1006,12 +994,11 @@ def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Te
         stream = (load(c) for c in mine_dev.split(args.eval_chunk))
         n_chunks = math.ceil(len(mine) / args.eval_chunk)
     else:
-        files = [images[i] for i in mine.tolist()]
-        ds = EvalFolder(files, args.eval_chunk, args.large_size)
-        stream = (
-            x.to(device, non_blocking=True).float() for x in DataLoader(ds, batch_size=None, num_workers=args.workers)
-        )
-        n_chunks = len(ds)
+        chunks = [[images[i] for i in c] for c in mine.split(args.eval_chunk)]
+        # PAPER: Resize(256) + CenterCrop(224), decoded by the workers, one chunk per item
+        decode = partial(decode_files, size=round(args.large_size * 256 / 224), crop=args.large_size)
+        loader = DataLoader(chunks, batch_size=None, collate_fn=decode, num_workers=args.workers)
+        stream, n_chunks = (x.to(device, non_blocking=True).float() for x in loader), len(chunks)
     mean = torch.tensor(args.mean, device=device)[:, None, None] * 255
     std = torch.tensor(args.std, device=device)[:, None, None] * 255
     feats = []
