@@ -419,8 +419,8 @@ def rrc_boxes(h: torch.Tensor, w: torch.Tensor, p: dict) -> torch.Tensor:
     """torchvision RandomResizedCrop.get_params, batched: the first of 10 tries that fits, else a centre crop.
 
     h, w: float [n] image sizes; p: sample_view_params draws. Returns boxes [n, 4] (x1, y1, x2, y2) in pixels."""
-    h, w = h[:, None], w[:, None]
-    target, ratio = h * w * p["area"], torch.exp(p["log_ratio"])
+    h, w = h[:, None].double(), w[:, None].double()  # float64 like torchvision's Python floats: same rounding
+    target, ratio = h * w * p["area"].double(), torch.exp(p["log_ratio"]).double()  # exp in float32 as torchvision
     cw, ch = torch.round(torch.sqrt(target * ratio)), torch.round(torch.sqrt(target / ratio))
     fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
     first = fits.int().argmax(1, keepdim=True)  # index of the first fitting try
@@ -433,7 +433,7 @@ def rrc_boxes(h: torch.Tensor, w: torch.Tensor, p: dict) -> torch.Tensor:
     ok = fits.any(1, keepdim=True)
     cw, ch = torch.where(ok, cw, fw), torch.where(ok, ch, fh)
     top, left = torch.where(ok, top, torch.floor((h - fh) / 2)), torch.where(ok, left, torch.floor((w - fw) / 2))
-    return torch.cat([left, top, left + cw, top + ch], 1)
+    return torch.cat([left, top, left + cw, top + ch], 1).float()
 
 
 def resized_crops(images: torch.Tensor, owner: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
