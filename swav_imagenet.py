@@ -532,7 +532,7 @@ class FolderViews(torch.utils.data.Dataset):
         params = [sample_view_params(gen, g.n, g, self.args) for g in self.groups]
         if self.args.decode == "device":  # plain bytes: thousands of tiny shared-memory tensors would exhaust fds
             return Path(self.files[index]).read_bytes(), params
-        img = decode_image(read_file(str(self.files[index])), mode=ImageReadMode.RGB)  # grayscale/CMYK become RGB
+        img = decode_checked(read_file(str(self.files[index])), self.files[index])
         h, w = (torch.full((1,), float(d)) for d in img.shape[-2:])
         crops = []
         for g, p in zip(self.groups, params):  # torchvision's tensor RandomResizedCrop: crop, antialiased uint8 resize
@@ -599,10 +599,10 @@ def view_batches(run: SimpleNamespace, images, batches: list, keys: list, groups
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if args.workers else None,
     )
-    for crops, params in loader:
+    for (crops, params), step_items in zip(loader, items):
         params = [{k: v.to(device, non_blocking=True) for k, v in p.items()} for p in params]
         if args.decode == "device":  # CRUCIAL: nvjpeg batch decode on CUDA, then the same crops as the workers cut
-            imgs = decode_on_device(crops, device)
+            imgs = decode_on_device(crops, [images[i] for i, _ in step_items], device)
             crops = [crop_images(imgs, p, g) for g, p in zip(groups, params)]
         else:
             crops = [c.to(device, non_blocking=True).float() for c in crops]
@@ -613,12 +613,19 @@ def view_batches(run: SimpleNamespace, images, batches: list, keys: list, groups
         yield out
 
 
-def decode_on_device(datas: list, device: torch.device) -> list:
+def decode_on_device(datas: list, paths: list, device: torch.device) -> list:
     """Batched JPEG decode on the device (nvjpeg on CUDA); files nvjpeg refuses (PNG, CMYK) decode on the CPU."""
     try:
         return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
-        return [decode_image(d, mode=ImageReadMode.RGB).to(device) for d in datas]
+        return [decode_checked(d, p).to(device) for d, p in zip(datas, paths)]
+
+
+def decode_checked(data: torch.Tensor, path) -> torch.Tensor:
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)  # JPEG, PNG, WebP; grayscale and CMYK become RGB
+    except RuntimeError as e:
+        raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
 
 
 # ==== 3. MODEL ====
@@ -1387,7 +1394,8 @@ def main(args: Args) -> None:
     try:
         run_training(args)
     except (RunError, CheckpointError) as e:  # CRUCIAL: bad input -> one clear line and exit code 1, no traceback
-        sys.exit(f"{Path(__file__).name}: error: {e}")
+        msg = str(e).strip().splitlines()[-1].split("RunError: ", 1)[-1]  # a DataLoader worker's error: its last line
+        sys.exit(f"{Path(__file__).name}: error: {msg}")
 
 
 if __name__ == "__main__":
