@@ -687,7 +687,7 @@ def sinkhorn(
         dist.all_reduce(shift, op=dist.ReduceOp.MAX)
     q = torch.exp(s - shift).T  # [K, b]
     k, b = q.shape
-    n = b * world  # CRUCIAL: the global B, not the local b (swav#37)
+    n = b * world  # the global B as in the official code (a constant factor: the next normalisation cancels it)
     total = q.sum()
     if distributed:
         dist.all_reduce(total)
@@ -935,20 +935,16 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
     return dict(loss=m[0], loss_over_lnK=m[1], protos_used=m[2], entropy=m[3], lr=lr_at(run.global_step - 1, args, spe))
 
 
-def synthetic_groups(run: SimpleNamespace) -> list:
-    b = run.args.batch_size // run.world_size
-    return [
-        torch.randn(g.n * b, 3, g.size, g.size, device=run.device).contiguous(memory_format=run.fmt) for g in run.groups
-    ]
-
-
 def measure_ceiling(run: SimpleNamespace, steps: int) -> float:
     """Bare torchvision ResNet forward+backward on synthetic crops of this recipe, one pass per resolution (no
     augmentation, head, loss or optimizer): images/s, the ceiling the whole SwAV step is compared with."""
     args, device = run.args, run.device
     make = getattr(torchvision.models, args.arch, None) or RESNETS[args.arch]  # resnet18-cifar: ours
     bare = make().to(device, memory_format=run.fmt).train()
-    groups = synthetic_groups(run)
+    b = args.batch_size // run.world_size
+    groups = [
+        torch.randn(g.n * b, 3, g.size, g.size, device=device).contiguous(memory_format=run.fmt) for g in run.groups
+    ]
     for i in range(steps + 2):  # 2 warm-up steps
         if i == 2:
             sync(device)
@@ -1276,6 +1272,8 @@ def run_training(args: Args) -> dict:
     steps_per_epoch = len(data["train_y"]) // args.batch_size
     if steps_per_epoch == 0:
         raise RunError(f"--batch-size {args.batch_size} exceeds the {len(data['train_y'])} training images")
+    if args.probe != "none" and len(data["train_y"]) < args.probe_batch_size:
+        raise RunError(f"--probe-batch-size {args.probe_batch_size} exceeds the {len(data['train_y'])} training images")
     if torch.is_tensor(data["train_x"]):  # CRUCIAL: decode once, keep the uint8 images on the device (CIFAR: 150 MB)
         data.update(train_x=data["train_x"].to(device), test_x=data["test_x"].to(device))
     data_time = time.perf_counter() - t0

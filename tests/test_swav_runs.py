@@ -1,0 +1,315 @@
+"""End-to-end runs of swav_imagenet.py on real images (CIFAR-10, ImageNet photos): learning, resume after a kill
+(with the queue), DDP equality with one process, torchrun, streamed decoding, bad inputs."""
+
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script, start_script
+
+SCRIPT = ROOT / "swav_imagenet.py"
+# small and fast on 2 CPU cores: the ImageNet-stem ResNet-18, a tiny head, K = 30
+TINY = "--arch resnet18 --hidden-dim 64 --feat-dim 32 --n-prototypes 30 --device cpu --log-every 2"
+# the cifar recipe loads the folder in memory (32 px); no queue unless a test asks for one
+CIFAR_TINY = TINY + " --batch-size 16 --queue-length 0 --probe-epochs 10 --probe-batch-size 100"
+# the imagenet recipe streams the files: 2 x 64 px + 2 x 32 px crops
+IMAGENET_TINY = TINY + " --batch-size 16 --large-size 64 --small-size 32 --n-small 2 --workers 0 --epochs 1"
+IMAGENET_TINY += " --probe-epochs 1 --probe-batch-size 16 --eval-chunk 40"
+
+
+def cifar(data_dir, out_dir, extra: str = "") -> list:
+    """A tiny `cifar`-recipe run on an image folder; later flags override CIFAR_TINY's."""
+    return [SCRIPT, "cifar", "--dataset", "imagefolder", "--data-dir", data_dir, *CIFAR_TINY.split(), *extra.split(),
+            "--out-dir", out_dir]  # fmt: skip
+
+
+def imagenet(data_dir, out_dir, extra: str = "") -> list:
+    """A tiny `imagenet`-recipe run streaming an ImageNet-layout folder; later flags override IMAGENET_TINY's."""
+    return [SCRIPT, "imagenet", "--data-dir", data_dir, *IMAGENET_TINY.split(), *extra.split(), "--out-dir", out_dir]
+
+
+def read_log(out) -> list:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def read_results(out) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    err_lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(err_lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in err_lines[0], err_lines[0]
+
+
+def assert_finite_results(res: dict, *keys):
+    for key in keys:
+        assert isinstance(res.get(key), (int, float)) and math.isfinite(res[key]), (key, res.get(key))
+
+
+# ---- learning ---------------------------------------------------------------------------------------------------
+# 2 epochs (50 steps of 16 images) of the cifar recipe on 400 real CIFAR-10 images with milder augmentations, the
+# author's CIFAR advice (K = 30, T = 0.5; spec 9.2, swav#23) and K > feat-dim (so z cannot escape every prototype).
+# With the recipe's own augmentations (colour strength 1, blur 0.5, scale 0.08-1) every setting we tried at this size
+# (K 30-300, feat-dim 16-128, eps 0.03-0.05, T 0.1-0.5, LARS official or solo-learn, batch 16-64, up to 20 epochs)
+# collapsed: the loss sits at ln K within 2-3 epochs (z orthogonal to the prototypes, uniform predictions). With
+# identical views (no augmentation) the loss falls to 0.63 ln K in 3 epochs: the swapped prediction itself works.
+LEARN = "--epochs 2 --warmup-epochs 0 --hidden-dim 256 --feat-dim 16 --n-prototypes 30 --temperature 0.5"
+LEARN += " --blur-prob 0 --jitter-strength 0.5 --large-scale 0.2 1 --freeze-prototypes-epochs 1 --probe-epochs 30"
+
+
+@pytest.fixture(scope="module")
+def learned(cifar_dir, tmp_path_factory):
+    """The 2-epoch run and, alongside, the same command with --max-steps 0 (the untrained network evaluated)."""
+    out, init = tmp_path_factory.mktemp("learn"), tmp_path_factory.mktemp("init")
+    baseline = start_script(cifar(cifar_dir, init, LEARN + " --max-steps 0"))
+    proc = run_script(cifar(cifar_dir, out, LEARN))
+    assert baseline.wait(timeout=300) == 0 and proc.returncode == 0, proc.stderr[-3000:]
+    return proc, out, read_results(out), read_results(init)
+
+
+def test_swapped_prediction_is_learned_on_real_cifar(learned):
+    """The loss falls clearly below ln K (the value of uniform predictions, where collapsed or mis-paired views
+    leave it), the epochs run and log, and results.json is complete and finite."""
+    proc, out, res, res0 = learned
+    assert res0["steps_done"] == 0 and res["steps_done"] == 2 * (400 // 16) and res["images_seen"] == 800
+    assert_finite_results(res, "knn_top1", "knn_top5", "linear_fast_top1", "linear_fast_top1_best", "train_time_s",
+                          "images_per_s", "crops_per_s", "encode_s", "total_time_s")  # fmt: skip
+    assert_finite_results(res0, "knn_top1", "knn_top5", "linear_fast_top1")
+    assert res["args"]["recipe"] == "cifar" and res["args"]["in_memory"] and res["world_size"] == 1
+    log = read_log(out)
+    train = [r for r in log if r["type"] == "train"]
+    assert [r["epoch"] for r in log if r["type"] == "epoch"] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and 0 <= r["entropy"] <= 1 for r in train)
+    # measured: loss / ln K 1.021 1.015 1.010 at steps 2-6, 0.944 on average over the last 8 log lines
+    first = sum(r["loss_over_lnK"] for r in train[:3]) / 3
+    last = sum(r["loss_over_lnK"] for r in train[-8:]) / 8
+    assert first > 1.0 and last < 0.97 and last < first - 0.04, [round(r["loss_over_lnK"], 3) for r in train]
+    assert [ln.split(" |")[0] for ln in proc.stdout.splitlines() if ln.startswith("ep ")] == ["ep 1/2", "ep 2/2"]
+
+
+@pytest.mark.xfail(strict=True, reason="FINDING: at this scale SwAV's features do not beat the untrained network")
+def test_features_beat_the_untrained_network(learned):
+    """k-NN and the linear probe on the trained backbone beat the untrained one (same evaluation) by 6 points.
+
+    Measured (200 test images, 10 classes; one standard error is ~3 points): untrained k-NN 26.0 / linear 30.0,
+    trained k-NN 21.5 / linear 25.5. Even 40 epochs (480 steps, K 100, T 0.2) only reached k-NN 26.5. Strict xfail:
+    it turns red once the features do learn here, so that this test can become a plain assertion."""
+    _, _, res, res0 = learned
+    assert res["knn_top1"] > res0["knn_top1"] + 6, (res0["knn_top1"], res["knn_top1"])
+    assert res["linear_fast_top1"] > res0["linear_fast_top1"] + 6, (res0["linear_fast_top1"], res["linear_fast_top1"])
+
+
+# ---- resume -----------------------------------------------------------------------------------------------------
+def wait_for(pred, proc, timeout=120.0):
+    """Poll pred() until it holds (True) or proc ends or the timeout passes (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def logged_steps(out) -> list:
+    path = out / "log.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(ln)["step"] for ln in lines if ln.endswith("}") and '"type": "train"' in ln]
+
+
+def test_resume_after_stop_and_kill_equals_uninterrupted(cifar_dir, tmp_path):
+    """With the queue in use (32 embeddings, batch 16: full after step 2) and the prototypes frozen for 5 steps:
+    stop at step 3 (--max-steps), resume and SIGKILL the run after it logged step 6 (the last checkpoint holds step 4
+    or 8), resume to the end: the weights, momentum buffers and queue equal an uninterrupted run's exactly."""
+    flags = "--epochs 1 --max-steps 12 --save-every-steps 4 --queue-length 32 --queue-start-epoch 0"
+    flags += " --freeze-prototypes-epochs 0.2 --probe none"  # 0.2 x 25 steps: frozen for steps 1-5
+    ref, out = tmp_path / "ref", tmp_path / "resumed"
+    uninterrupted = start_script(cifar(cifar_dir, ref, flags))  # alongside, on the second core
+
+    proc = run_script(cifar(cifar_dir, out, flags + " --max-steps 3"))  # deterministic stop after step 3
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 3
+    victim = start_script(cifar(cifar_dir, out, flags))
+    logged = wait_for(lambda: any(s >= 6 for s in logged_steps(out)), victim)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert logged, "the resumed run never logged step 6"
+    killed_at = torch.load(out / "last.pt", weights_only=False)["step"]
+    assert killed_at in (4, 8), killed_at  # mid-run: a checkpoint after step 3, steps beyond it lost
+
+    proc = run_script(cifar(cifar_dir, out, flags))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {out / 'last.pt'} at step {killed_at}" in proc.stdout
+    assert uninterrupted.wait(timeout=300) == 0
+    a, b = (torch.load(d / "last.pt", weights_only=False) for d in (ref, out))
+    assert a["step"] == b["step"] == 12
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:  # weights and BatchNorm running statistics
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["queue"] is not None and a["queue"]["filled"] == b["queue"]["filled"] == 32
+    assert a["queue"]["z"].abs().sum() > 0 and torch.equal(a["queue"]["z"], b["queue"]["z"])
+    assert read_results(ref)["knn_top1"] == read_results(out)["knn_top1"]
+    # the queue was full from step 2 on (logged at steps 2, 4, ...), so steps 3-12 used it
+    assert [r["queue"] for r in read_log(ref) if r["type"] == "train"] == [True] * 6
+
+
+# ---- DDP --------------------------------------------------------------------------------------------------------
+def test_ddp_two_ranks_equal_one_process(cifar_dir, tmp_path):
+    """2-process torchrun (gloo): distributed Sinkhorn gives each rank exactly its rows of the 1-process Sinkhorn on
+    the full matrix; two training steps (multi-crop, the second with the queue) give the same losses, gradients and
+    LARS-updated weights as one process on the same global batches (per-rank BatchNorm emulated by running each
+    rank's images separately; the loss every rank logs is the mean of the rank losses)."""
+    import swav_ddp_step as helper  # tests/ is on sys.path (conftest); it imports the script
+    import swav_imagenet as S
+
+    worker = ROOT / "tests" / "swav_ddp_step.py"
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "ref").mkdir()
+    reference = start_script([worker, cifar_dir, tmp_path / "ref", "--emulate-ranks", "2"])
+    proc = run_script([worker, cifar_dir, tmp_path / "ddp"], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if reference.wait(timeout=300) != 0:  # rerun to show why
+        proc = run_script([worker, cifar_dir, tmp_path / "ref", "--emulate-ranks", "2"])
+        pytest.fail(proc.stderr[-3000:])
+    ref = torch.load(tmp_path / "ref" / "rank0.pt")
+    for rank in (0, 1):
+        got = torch.load(tmp_path / "ddp" / f"rank{rank}.pt")
+        rows = slice(6 * rank, 6 * rank + 6)
+        torch.testing.assert_close(got["sinkhorn"], ref["sinkhorn"][rows], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got["sinkhorn64"], ref["sinkhorn64"][rows], rtol=1e-6, atol=1e-9)
+        assert got["queue_full"]
+        torch.testing.assert_close(got["losses"], ref["losses"], rtol=1e-5, atol=1e-5)
+        for k, g in ref["grads"].items():  # tolerance relative to each tensor's largest gradient
+            tol = 1e-4 * g.abs().max().item() + 1e-7
+            torch.testing.assert_close(got["grads"][k], g, rtol=0, atol=tol, msg=lambda m: f"grad {k}: {m}")
+        for k, w in ref["weights"].items():
+            torch.testing.assert_close(got["weights"][k], w, rtol=1e-5, atol=2e-5, msg=lambda m: f"weight {k}: {m}")
+    # the comparisons are not vacuous: a rank-local Sinkhorn differs, and the weights moved far beyond the tolerance
+    local = S.sinkhorn(helper.sinkhorn_scores(2)[6:], helper.EPS, helper.ITERS, distributed=False)
+    assert (local - ref["sinkhorn"][6:]).abs().max() > 1e-2
+    for k in ("backbone.conv1.weight", "head.3.weight", "prototypes.weight"):
+        assert (ref["weights"][k] - ref["init"][k]).abs().max() > 100 * 2e-5, k
+    assert ref["losses"][0] != ref["losses"][1]
+
+
+# ---- torchrun and streamed data ---------------------------------------------------------------------------------
+def test_torchrun_imagenet_recipe_streamed(imagewoof_dir, tmp_path):
+    """The imagenet recipe under torchrun --nproc_per_node=2 on CPU, streaming real ImageNet photos (some grayscale)
+    through a DataLoader worker that decodes and crops: trains, k-NN on gathered features, augmented linear probe."""
+    proc = run_script(imagenet(imagewoof_dir, tmp_path, "--max-steps 2 --workers 1 --decode workers"), nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = read_results(tmp_path)
+    assert res["world_size"] == 2 and res["steps_done"] == 2 and res["images_seen"] == 32
+    assert_finite_results(res, "knn_top1", "knn_top5", "linear_top1", "linear_top5", "train_time_s", "images_per_s")
+    assert 0 <= res["knn_top1"] <= 100 and 0 <= res["linear_top1"] <= 100
+    train = [r for r in read_log(tmp_path) if r["type"] == "train"]
+    assert [r["step"] for r in train] == [2] and math.isfinite(train[0]["loss"])
+
+
+def test_decode_on_device_streamed_cpu(imagewoof_dir, tmp_path):
+    """--decode device on the CPU: the loader passes file bytes, the main process decodes (grayscale JPEGs too)."""
+    proc = run_script(imagenet(imagewoof_dir, tmp_path, "--max-steps 2 --decode device --probe features"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = read_results(tmp_path)
+    assert res["steps_done"] == 2 and res["world_size"] == 1
+    assert_finite_results(res, "knn_top1", "knn_top5", "linear_fast_top1", "train_time_s", "images_per_s")
+    assert all(math.isfinite(r["loss"]) for r in read_log(tmp_path) if r["type"] == "train")
+
+
+# ---- bad inputs: one clear line on stderr, non-zero exit --------------------------------------------------------
+def test_bad_inputs_fail_with_one_line(cifar_dir, tmp_path):
+    """Each bad input in its own process, two at a time: exit code != 0 and one `error:` line, no traceback. The
+    checkpoint cases resume a tiny trained run (the first job) with another K or backbone: strict-load errors."""
+    data = tmp_path / "data"
+    shutil.copytree(cifar_dir, data)
+    bad = sorted((data / "train" / "cat").iterdir())[3]
+    bad.write_bytes(b"not a jpeg")
+    torch.save({"model": {}}, tmp_path / "weights.pt")  # e.g. exported weights, not a run's last.pt
+    ddp_env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
+    trained = cifar(cifar_dir, tmp_path / "run", "--max-steps 1 --probe none")
+    cases = [  # (command, env, needles)
+        (cifar(tmp_path / "nope", tmp_path / "o1"), None, ["data dir not found", "nope"]),
+        (cifar(cifar_dir, tmp_path / "o2", "--arch resnet19"), None, ["unknown --arch 'resnet19'"]),
+        # checked from torchrun's environment before any process group is created
+        (cifar(cifar_dir, tmp_path / "o3", "--batch-size 15"), ddp_env, ["--batch-size 15", "world size 2"]),
+        (cifar(cifar_dir, tmp_path / "o4", f"--resume {tmp_path / 'weights.pt'}"), None,
+         ["weights.pt", "is not a training checkpoint of this script"]),
+        (cifar(data, tmp_path / "o5"), None, ["cannot decode image", str(bad)]),  # in-memory folder
+        (cifar(cifar_dir, tmp_path / "o6", "--crops-for-assign 0 2"), None, ["--crops-for-assign (0, 2)", "2 "]),
+        (cifar(cifar_dir, tmp_path / "o7", "--queue-length 8"), None, ["--queue-length 8", "global batch (16)"]),
+    ]  # fmt: skip
+    after_training = [
+        ([*trained, "--n-prototypes", "40"], None, ["last.pt", "shape mismatch", "prototypes.weight: ckpt (30, 32)"]),
+        ([*trained, "--arch", "resnet50"], None, ["last.pt", "does not match", "missing", "layer1.0.bn3.weight"]),
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(run_script, trained)
+        jobs = [pool.submit(run_script, cmd, env=env) for cmd, env, _ in cases]
+        assert first.result().returncode == 0, first.result().stderr[-3000:]
+        jobs += [pool.submit(run_script, cmd, env=env) for cmd, env, _ in after_training]
+        procs = [job.result() for job in jobs]
+    failures = []
+    for (cmd, _, needles), proc in zip(cases + after_training, procs, strict=True):
+        try:
+            assert_one_line_error(proc, *needles)
+        except AssertionError as e:
+            failures.append(f"{' '.join(map(str, cmd[1:]))}:\n{e}")
+    assert not failures, "\n\n".join(failures)
+
+
+def test_non_finite_loss_names_the_step(cifar_dir, tmp_path):
+    """An absurd LR blows up the biases (no LARS on them in the cifar recipe) in step 1's update: the run stops
+    naming step 2 (the first bad one, although the check runs at the step-4 log line); a Sinkhorn epsilon so small
+    that whole prototype rows underflow makes step 1's loss non-finite."""
+    flags = "--warmup-epochs 0 --log-every 4 --probe none"
+    with ThreadPoolExecutor(2) as pool:
+        big_lr, tiny_eps = pool.map(
+            run_script,
+            [
+                cifar(cifar_dir, tmp_path / "lr", flags + " --lr 1e30"),
+                cifar(cifar_dir, tmp_path / "eps", flags + " --epsilon 1e-4"),
+            ],
+        )
+    assert_one_line_error(big_lr, "non-finite loss at step 2 ")
+    assert_one_line_error(tiny_eps, "non-finite loss at step 1 ")
+    assert not (tmp_path / "lr" / "results.json").exists()
+
+
+def test_corrupt_streamed_image_is_named(imagewoof_dir, tmp_path):
+    """A file that is not an image in a streamed (imagenet-recipe) folder, in the first training batch: one line
+    naming the file, whether a DataLoader worker decodes it (--decode workers) or the main process does (device)."""
+    sys.path.insert(0, str(ROOT))
+    import swav_imagenet as S
+
+    data = tmp_path / "data"
+    shutil.copytree(imagewoof_dir, data)
+    files, _ = S.list_image_files(data / "train", sorted(d.name for d in (data / "train").iterdir()))
+    bad = files[S.epoch_batches(len(files), 16, S.Args().seed, 0)[0][5]]
+    bad.write_bytes(b"not a jpeg")
+    cmds = [
+        imagenet(data, tmp_path / "w", "--decode workers --workers 1 --probe none"),  # raised in a worker process
+        imagenet(data, tmp_path / "d", "--decode device --probe none"),
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        workers, device = pool.map(run_script, cmds)
+    assert_one_line_error(workers, "cannot decode image", bad.name)
+    assert_one_line_error(device, "cannot decode image", bad.name)
+
+
+def test_probe_batch_larger_than_the_training_set_is_refused(cifar_dir, tmp_path):
+    """A linear-probe batch larger than the 400 training images (drop_last) would train the probe for zero steps and
+    report a random head's accuracy as linear top-1; it must be refused in one line instead."""
+    proc = run_script(cifar(cifar_dir, tmp_path, "--max-steps 0 --probe-batch-size 512"))
+    assert_one_line_error(proc, "--probe-batch-size 512")
