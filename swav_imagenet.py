@@ -226,39 +226,24 @@ class Args:
     """before training, time this many steps of the data pipeline alone (decode, crops, colour): can it keep up?"""
 
 
-# PAPER-free CIFAR proxy (spec 9.2): solo-learn's scripts/pretrain/cifar/swav.yaml + augmentations/symmetric.yaml
+# The CIFAR proxy (spec 9.2; not a paper recipe): solo-learn's scripts/pretrain/cifar/swav.yaml + symmetric.yaml.
+# DEVIATION: crops are resized bilinearly (solo-learn: bicubic); the CIFAR stem's conv1 has padding 1 (solo-learn: 2).
+# fmt: off
 CIFAR_PROXY = dataclasses.replace(
-    Args(),
-    recipe="cifar",
-    exp_name="swav-cifar",
-    out_dir="runs/swav-cifar",
-    save_every_steps=0,
-    dataset="cifar10",
-    in_memory=True,
-    image_size=32,
-    large_size=32,
-    large_scale=(0.08, 1.0),
-    n_small=0,  # solo-learn's multi-crop variant: --n-small 6 --small-size 18 --small-scale 0.08 0.5
-    mean=(0.4914, 0.4822, 0.4465),
-    std=(0.2470, 0.2435, 0.2616),
-    arch="resnet18-cifar",
-    # DEVIATION: solo-learn freezes for 2 epochs and starts its 3840 queue at epoch 50 of 1000 at batch 256
-    queue_length=3840,
-    queue_start_epoch=50,
-    freeze_prototypes_epochs=2.0,
-    epochs=1000,
-    batch_size=256,
-    lr=0.6,
-    final_lr_ratio=0.0,
-    start_warmup=3e-5,
-    lars_eta=0.02,
-    lars_clip=True,
-    lars_exclude_1d=True,
+    Args(), recipe="cifar", exp_name="swav-cifar", out_dir="runs/swav-cifar", save_every_steps=0,
+    dataset="cifar10", in_memory=True, image_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+    large_size=32, large_scale=(0.08, 1.0),    # 2 x 32 px, RandomResizedCrop(0.08, 1)
+    n_small=0,                                 # multi-crop variant: --n-small 6 --small-size 18 --small-scale 0.08 0.5
+    arch="resnet18-cifar",                     # head 512-2048-128, K 3000, T 0.1, eps 0.05, 3 iterations (as ImageNet)
+    queue_length=3840, queue_start_epoch=50,   # queue of 3840 from epoch 50
+    freeze_prototypes_epochs=2.0,              # prototypes frozen for 2 epochs
+    epochs=1000, batch_size=256, lr=0.6,       # LARS lr 0.6 x B/256, 10 warm-up epochs from 3e-5, cosine to 0
+    final_lr_ratio=0.0, start_warmup=3e-5,
+    lars_eta=0.02, lars_clip=True, lars_exclude_1d=True,  # solo-learn LARS: eta 0.02, clip, biases/norms excluded
     eval_every=10,
-    probe="features",
-    probe_lr=0.1,
-    probe_wd=0.0,
+    probe="features", probe_lr=0.1, probe_wd=0.0,  # fast probe on frozen features, SimCLR-style lr 0.1, no decay
 )
+# fmt: on
 RECIPES = Union[
     Annotated[Args, tyro.conf.subcommand("imagenet", default=Args(), description="the paper's ImageNet recipe")],
     Annotated[Args, tyro.conf.subcommand("cifar", default=CIFAR_PROXY, description="CIFAR proxy (spec 9.2)")],
@@ -439,10 +424,10 @@ def rrc_boxes(h: torch.Tensor, w: torch.Tensor, p: dict) -> torch.Tensor:
 def resized_crops(images: torch.Tensor, owner: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Cut boxes [n, 4] out of images [m, 3, H, W] (float 0..255; owner [n] picks the image) and resize to size.
 
-    Used where the crops are cut on the device (in-memory data, --decode device); CPU workers use torchvision's
-    crop + antialiased resize. DEVIATION: one batched roi_align instead of PIL's crop + bilinear resize. It is exact bilinear when enlarging and
-    averages a grid of bilinear samples when shrinking (PIL uses a triangle filter); samples at the crop's edge may
-    read the neighbouring pixel outside the crop instead of repeating the edge."""
+    Used where the crops are cut on the device (in-memory data, --decode device); CPU workers use torchvision's crop
+    and antialiased resize. DEVIATION: one batched roi_align instead of PIL's crop + bilinear resize. It is exact
+    bilinear when enlarging and averages a grid of bilinear samples when shrinking (PIL uses a triangle filter);
+    samples at the crop's edge may read the neighbouring pixel outside the crop instead of repeating the edge."""
     rois = torch.cat([owner[:, None].to(boxes), boxes], 1)
     return roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
@@ -1121,9 +1106,8 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
     # the final features are cached per weights digest, so a rerun of a finished run skips the encoding
     use_cache = final and run.world_size == 1
     digest = state_dict_digest(run.model.state_dict()) if use_cache else None
-    cache = ArtifactCache(
-        Path(args.out_dir) / "cache", f"{rng_seed(digest, args.large_size, args.mean, args.std):014x}"
-    )
+    key = rng_seed(digest, args.dataset, args.data_dir, args.large_size, args.mean, args.std)
+    cache = ArtifactCache(Path(args.out_dir) / "cache", f"{key:014x}")
     feats = {}
     for split in ("train", "test"):
         feats[split] = cache.get(split) if use_cache else None
