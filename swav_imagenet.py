@@ -1063,7 +1063,7 @@ def linear_probe_augmented(run: SimpleNamespace, x_test: torch.Tensor, y_test: t
         head.bias.zero_()
     lr = args.probe_lr * args.probe_batch_size / 256
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=args.probe_wd)
-    in_memory, n = torch.is_tensor(data["train_x"]), len(data["train_y"])
+    in_memory, n, train_y = torch.is_tensor(data["train_x"]), len(data["train_y"]), data["train_y"].to(device)
     b = args.probe_batch_size // world
     model.eval()
     top1, top5 = [], []
@@ -1075,7 +1075,7 @@ def linear_probe_augmented(run: SimpleNamespace, x_test: torch.Tensor, y_test: t
         for idx, (x,) in zip(batches, view_batches(run, data["train_x"], batches, keys, [group])):
             with torch.no_grad(), run.autocast:
                 f = model.backbone(x.contiguous(memory_format=run.fmt)).float()
-            y = data["train_y"].to(device)[idx[rank * b : (rank + 1) * b].to(device)]
+            y = train_y[idx[rank * b : (rank + 1) * b].to(device)]
             loss = F.cross_entropy(head(f), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
