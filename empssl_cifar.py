@@ -561,7 +561,7 @@ def empssl_loss(z: torch.Tensor, args: Args) -> tuple:
 # ==== 5. OPTIMIZER & SCHEDULES ====
 # SHARED: lars
 class LARS(torch.optim.Optimizer):
-    """SGD (momentum, optional Nesterov) with layer-wise adaptive rate scaling, as solo-learn's LARSWrapper and apex LARC.
+    """SGD (momentum, optional Nesterov) with layer-wise adaptive rate scaling (solo-learn's LARSWrapper, apex LARC).
 
     For every parameter of a group with lars=True and non-zero ||p||, ||g||:
         local = eta ||p|| / (||g|| + wd ||p|| + eps);  ratio = min(local / lr, 1) if clip else local

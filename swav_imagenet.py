@@ -15,14 +15,15 @@ Runs (the `imagenet` recipe is the paper's; flags override it; linear top-1 from
         --large-scale 0.08 1.0 --epochs 400                                                # no multi-crop: 70.1%
     python swav_imagenet.py cifar --dataset cifar10            # CIFAR proxy (spec 9.2, solo-learn-like recipe)
     python swav_imagenet.py cifar --dataset imagefolder --data-dir CIFAR10_JPEG --epochs 100
-    python swav_imagenet.py imagenet --dataset imagefolder --data-dir DIR --batch-size 8 --epochs 1 --arch resnet18 \
-        --large-size 64 --small-size 32 --device cpu --out-dir OUT   # a quick CPU run on any ImageNet-layout folder
+    python swav_imagenet.py imagenet --data-dir DIR --batch-size 8 --epochs 1 --arch resnet18 --large-size 64 \
+        --small-size 32 --probe-batch-size 8 --probe-epochs 1 --device cpu --out-dir OUT   # a quick CPU check
 
-Deviations (each marked `# DEVIATION:` below): crops are cut and resized with one batched roi_align (bilinear, area
-averaged when shrinking) instead of PIL, and colour/blur run batched on the device; bf16 autocast (the official code
-used apex fp16 O1) with the prototype scores, Sinkhorn and loss in fp32; Sinkhorn subtracts the global max before exp
-(exact; the official code does not); normalisation std 0.229 (the official code has 0.228, a typo); seeded, resumable
-random streams; SyncBN is global (the official 4096 runs synced groups of 8 GPUs; --syncbn-group-size 8 restores it).
+Deviations (each marked `# DEVIATION:` below): crops are cut by torchvision's tensor ops in the CPU workers, or with
+a batched roi_align on the device (in-memory data, --decode device), not by PIL, and colour/blur run batched on the
+device; bf16 autocast (the official code used apex fp16 O1) with the prototype scores, Sinkhorn and loss in fp32;
+Sinkhorn subtracts the global max before exp (exact; the official code does not); normalisation std 0.229 (the
+official code has 0.228, a typo); seeded, resumable random streams; SyncBN is global (the official 4096 runs synced
+groups of 8 GPUs; --syncbn-group-size 8 restores it).
 """
 
 import dataclasses
@@ -745,7 +746,7 @@ class Queue:
 # ==== 5. OPTIMIZER & SCHEDULES ====
 # SHARED: lars
 class LARS(torch.optim.Optimizer):
-    """SGD (momentum, optional Nesterov) with layer-wise adaptive rate scaling, as solo-learn's LARSWrapper and apex LARC.
+    """SGD (momentum, optional Nesterov) with layer-wise adaptive rate scaling (solo-learn's LARSWrapper, apex LARC).
 
     For every parameter of a group with lars=True and non-zero ||p||, ||g||:
         local = eta ||p|| / (||g|| + wd ||p|| + eps);  ratio = min(local / lr, 1) if clip else local
