@@ -68,3 +68,13 @@ def run_script(args, timeout=300, nproc=None, env=None) -> subprocess.CompletedP
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += [str(a) for a in args]
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, *needles):
+    """The run failed with exactly one 'error:' line (no traceback) that contains every needle."""
+    assert proc.returncode != 0
+    err_lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(err_lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in err_lines[0], err_lines[0]

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, run_script, start_script
+from conftest import ROOT, assert_one_line_error, run_script, start_script
 
 SCRIPT = ROOT / "empssl_cifar.py"
 # small and fast on 2 CPU cores: the ImageNet-stem ResNet-18 on 32x32 costs 1/16 of the CIFAR stem
@@ -31,15 +31,6 @@ def imagefolder(path):
 
 def read_log(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode != 0
-    err_lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
-    assert len(err_lines) == 1, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    for needle in needles:
-        assert needle in err_lines[0], err_lines[0]
 
 
 def test_learns_on_real_cifar(cifar_dir, tmp_path):

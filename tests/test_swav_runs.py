@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import ROOT, run_script, start_script
+from conftest import ROOT, assert_one_line_error, run_script, start_script
 
 SCRIPT = ROOT / "swav_imagenet.py"
 # small and fast on 2 CPU cores: the ImageNet-stem ResNet-18, a tiny head, K = 30
@@ -41,15 +41,6 @@ def read_log(out) -> list:
 
 def read_results(out) -> dict:
     return json.loads((out / "results.json").read_text())
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode != 0
-    err_lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
-    assert len(err_lines) == 1, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    for needle in needles:
-        assert needle in err_lines[0], err_lines[0]
 
 
 def assert_finite_results(res: dict, *keys):
