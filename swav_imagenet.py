@@ -713,8 +713,8 @@ def swav_loss(
             q = sinkhorn(torch.cat([queue_scores[j], s]), eps, iters)[-len(s) :]  # keep the batch's codes
         else:
             q = sinkhorn(s, eps, iters)
-        others = [v for v in range(n) if v != i]
-        total = total - (q * log_p[others]).sum(-1).mean(-1).sum() / (n - 1)
+        ce = -(q * log_p).sum(-1).mean(-1)  # [n]: CE(i, v) for every crop v
+        total = total + (ce.sum() - ce[i]) / (n - 1)  # all v != i (no list indexing: no host-to-device copy)
     return total / len(crops_for_assign)
 
 
@@ -837,7 +837,7 @@ def train_step(run: SimpleNamespace, groups: list, gstep: int) -> tuple:
     scores_v = list(scores.view(n_crops, b, -1))
     loss = swav_loss(scores_v, args.temperature, args.epsilon, args.sinkhorn_iters, args.crops_for_assign, queue_scores)
     if run.queue is not None:
-        run.queue.push(z.view(n_crops, b, -1)[list(args.crops_for_assign)])
+        run.queue.push(torch.stack([z.view(n_crops, b, -1)[i] for i in args.crops_for_assign]))
     run.opt.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     if gstep < run.freeze_steps:  # PAPER: prototypes frozen for the first epoch; grad=None skips LARC entirely
