@@ -459,15 +459,23 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, ap
     """torchvision ColorJitter semantics, batched: brightness, contrast, saturation, hue in a per-image random order.
 
     factors: [N, 4] (brightness, contrast, saturation factors; hue shift); order: [N, 4] permutations; apply: [N].
-    Brightness, contrast and saturation are blends f x + (1 - f) m with m = 0, the mean luma, or the luma image."""
-    for slot in range(4):
-        op = torch.where(apply, order[:, slot], -1).view(-1, 1, 1, 1)  # -1: jitter not applied to this image
-        f = factors.gather(1, op.view(-1, 1).clamp(min=0)).view(-1, 1, 1, 1)
-        gray = grayscale(x)
-        m = torch.where(op == 1, gray.mean((1, 2, 3), keepdim=True), torch.where(op == 2, gray, 0.0))
-        blended = (f * x + (1 - f) * m).clamp(0, 1)
-        x = torch.where(op == 3, adjust_hue(x, factors[:, 3]), torch.where(op >= 0, blended, x))
-    return x
+    Brightness, contrast and saturation are blends f x + (1 - f) m with m = 0, the mean luma, or the luma image. The
+    costly hue rotation runs once: first the blends that precede each image's hue slot, then hue, then the rest."""
+    hue_slot = torch.where(apply, (order == 3).int().argmax(1), -1)  # -1: jitter not applied to this image
+
+    def blends(x, before: bool):
+        for slot in range(4):
+            use = slot < hue_slot if before else (slot > hue_slot) & (hue_slot >= 0)
+            op = torch.where(use, order[:, slot], -1).view(-1, 1, 1, 1)  # never 3 (hue) here
+            f = factors.gather(1, op.view(-1, 1).clamp(min=0)).view(-1, 1, 1, 1)
+            gray = grayscale(x)
+            m = torch.where(op == 1, gray.mean((1, 2, 3), keepdim=True), torch.where(op == 2, gray, 0.0))
+            x = torch.where(op >= 0, (f * x + (1 - f) * m).clamp(0, 1), x)
+        return x
+
+    x = blends(x, before=True)
+    x = torch.where(hue_slot.view(-1, 1, 1, 1) >= 0, adjust_hue(x, factors[:, 3]), x)
+    return blends(x, before=False)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 6) -> torch.Tensor:
