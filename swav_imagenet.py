@@ -1233,6 +1233,8 @@ def check_args(args: Args, world_size: int) -> None:
         raise RunError(f"--probe-batch-size {args.probe_batch_size} does not divide by the world size {world_size}")
     if args.queue_length and args.queue_length < args.batch_size:
         raise RunError(f"--queue-length {args.queue_length} is shorter than one global batch ({args.batch_size})")
+    if args.decode == "device" and (args.in_memory or args.dataset != "imagefolder"):
+        raise RunError("--decode device applies to streamed image folders; in-memory data is cut on the device anyway")
     if args.syncbn_group_size and world_size % args.syncbn_group_size:
         raise RunError(f"--syncbn-group-size {args.syncbn_group_size} does not divide the world size {world_size}")
 
@@ -1288,7 +1290,8 @@ def run_training(args: Args) -> dict:
     run.autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
     run.steps_per_epoch, run.global_step, run.train_time_s, run.images_seen = steps_per_epoch, 0, 0.0, 0
     run.data_wait_s, run.times = 0.0, {}
-    run.freeze_steps = round(args.freeze_prototypes_epochs * steps_per_epoch)  # epochs, not iterations (swav#76)
+    # epochs, not iterations (swav#76). DEVIATION: 1 epoch at 4096 is 312 steps here (drop_last); official: 313
+    run.freeze_steps = round(args.freeze_prototypes_epochs * steps_per_epoch)
     ckpt_path = find_resume(out_dir, args.resume)
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path, map_location=device)
