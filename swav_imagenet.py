@@ -201,6 +201,8 @@ class Args:
     """linear-probe weight decay (official 1e-6)"""
     probe_batch_size: int = 256
     """linear-probe global batch (official 32 x 8 GPUs)"""
+    probe_lars: bool = False
+    """wrap the probe's SGD in LARC (trust 0.001, no clipping); off: the official eval_linear is plain SGD"""
     knn_k: int = 20
     """neighbours of the weighted k-NN (DINO protocol)"""
     knn_t: float = 0.07
@@ -265,9 +267,6 @@ def rng_seed(*keys) -> int:
 
 
 # ==== 2. DATA & AUGMENTATIONS ====
-CIFAR = {"cifar10": (torchvision.datasets.CIFAR10, 10), "cifar100": (torchvision.datasets.CIFAR100, 100)}
-
-
 # SHARED: image-folder
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -332,6 +331,10 @@ def load_image_folder(root: Path, classes: list, size: int) -> tuple:
 # END SHARED
 
 
+# SHARED: load-data
+CIFAR = {"cifar10": (torchvision.datasets.CIFAR10, 10), "cifar100": (torchvision.datasets.CIFAR100, 100)}
+
+
 def load_data(args: Args) -> dict:
     """Both splits: uint8 images [N, 3, S, S] (in memory) or file paths (streamed), int64 labels, on the CPU."""
     if args.dataset == "fake":  # random images, for shape tests and synthetic-data benchmarks
@@ -360,24 +363,24 @@ def load_data(args: Args) -> dict:
     return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=len(classes))
 
 
+# SHARED: multi-crop
 @dataclass(frozen=True)
 class CropGroup:
-    """n crops per image of one resolution: RandomResizedCrop(size, scale), flip, and the colour pipeline if colour."""
+    """n crops per image: RandomResizedCrop(size, scale), flip 0.5, then (if colour) ColorJitter(*jitter) with p 0.8,
+    grayscale p 0.2, Gaussian blur (sigma U(0.1, 2)) with p blur and solarisation with p solarize."""
 
     n: int
     size: int
     scale: tuple
+    jitter: tuple = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation, hue strengths
+    blur: float = 0.5
+    solarize: float = 0.0
     colour: bool = True
 
 
-def crop_groups(args: Args) -> list:
-    groups = [CropGroup(args.n_large, args.large_size, tuple(args.large_scale))]
-    return groups + ([CropGroup(args.n_small, args.small_size, tuple(args.small_scale))] if args.n_small else [])
-
-
-def sample_view_params(gen: torch.Generator, n: int, group: CropGroup, args: Args) -> dict:
-    """Random draws of the official per-crop transform (spec 1.2) for n crops, on the generator's device."""
-    dev, s = gen.device, args.jitter_strength
+def sample_view_params(gen: torch.Generator, n: int, group: CropGroup) -> dict:
+    """Random draws of the per-crop transform for n crops, on the generator's device."""
+    dev, (b, c, s, h) = gen.device, group.jitter
 
     def u(lo, hi, *shape):
         return lo + (hi - lo) * torch.rand(n, *shape, generator=gen, device=dev)
@@ -388,11 +391,11 @@ def sample_view_params(gen: torch.Generator, n: int, group: CropGroup, args: Arg
         pos=u(0, 1, 2, 10),                                                             # top/left of each try
         flip=u(0, 1) < 0.5,                                                             # RandomHorizontalFlip
         jitter=u(0, 1) < 0.8,                                                           # RandomApply(ColorJitter, .8)
-        factors=torch.cat([u(max(0, 1 - 0.8 * s), 1 + 0.8 * s, 3), u(-0.2 * s, 0.2 * s, 1)], 1),  # (.8s,.8s,.8s,.2s)
+        factors=torch.stack([u(max(0, 1 - b), 1 + b), u(max(0, 1 - c), 1 + c), u(max(0, 1 - s), 1 + s), u(-h, h)], 1),
         order=torch.rand(n, 4, generator=gen, device=dev).argsort(1),                  # ColorJitter's random op order
         gray=u(0, 1) < 0.2,                                                             # RandomGrayscale(p=0.2)
-        blur=u(0, 1) < args.blur_prob, sigma=u(0.1, 2.0),                               # PIL GaussianBlur(U(.1, 2))
-        solarize=u(0, 1) < args.solarize_prob,
+        blur=u(0, 1) < group.blur, sigma=u(0.1, 2.0),                                   # PIL GaussianBlur(U(.1, 2))
+        solarize=u(0, 1) < group.solarize,                                              # PIL Solarize(128)
     )
     # fmt: on
 
@@ -431,6 +434,9 @@ def resized_crops(images: torch.Tensor, owner: torch.Tensor, boxes: torch.Tensor
     samples at the crop's edge may read the neighbouring pixel outside the crop instead of repeating the edge."""
     rois = torch.cat([owner[:, None].to(boxes), boxes], 1)
     return roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+# END SHARED
 
 
 # SHARED: gpu-color
@@ -493,10 +499,19 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 6) -> torc
 # END SHARED
 
 
+def crop_groups(args: Args) -> list:
+    """The official multi-crop (spec 1.2): every crop gets ColorJitter(.8s, .8s, .8s, .2s), blur p 0.5, no solarize."""
+    st = args.jitter_strength
+    aug = dict(jitter=(0.8 * st, 0.8 * st, 0.8 * st, 0.2 * st), blur=args.blur_prob, solarize=args.solarize_prob)
+    groups = [CropGroup(args.n_large, args.large_size, tuple(args.large_scale), **aug)]
+    return groups + ([CropGroup(args.n_small, args.small_size, tuple(args.small_scale), **aug)] if args.n_small else [])
+
+
+# SHARED: views
 def finish_views(x: torch.Tensor, p: dict, group: CropGroup, args: Args) -> torch.Tensor:
     """Flip, colour distortion, grayscale, blur (and solarize) on crops [n, 3, S, S] in 0..255, then Normalize.
 
-    The official per-crop order (spec 1.2), batched on the device. DEVIATION: float arithmetic instead of PIL's uint8
+    The official per-crop order (SwAV, DINO), batched on the device. DEVIATION: float arithmetic instead of PIL's uint8
     rounding after every op, and an exact Gaussian (radius 6 = 3 sigma at sigma 2) instead of PIL's box approximation.
     """
     x = x / 255
@@ -505,7 +520,7 @@ def finish_views(x: torch.Tensor, p: dict, group: CropGroup, args: Args) -> torc
         x = color_jitter(x, p["factors"], p["order"], p["jitter"])
         x = torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
         x = torch.where(p["blur"][:, None, None, None], gaussian_blur(x, p["sigma"]), x)
-        if args.solarize_prob > 0:
+        if group.solarize > 0:
             x = torch.where(p["solarize"][:, None, None, None] & (x >= 0.5), 1 - x, x)
     return torch.stack([(x[:, c] - m) / sd for c, (m, sd) in enumerate(zip(args.mean, args.std))], 1)  # no H2D copy
 
@@ -523,7 +538,7 @@ class FolderViews(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, seed = item
         gen = torch.Generator().manual_seed(seed)
-        params = [sample_view_params(gen, g.n, g, self.args) for g in self.groups]
+        params = [sample_view_params(gen, g.n, g) for g in self.groups]
         if self.args.decode == "device":  # plain bytes: thousands of tiny shared-memory tensors would exhaust fds
             return Path(self.files[index]).read_bytes(), params
         img = decode_checked(read_file(str(self.files[index])), self.files[index])
@@ -573,7 +588,7 @@ def view_batches(run: SimpleNamespace, images, batches: list, keys: list, groups
             gen.manual_seed(rng_seed(*key))
             out = []
             for g in groups:
-                p = sample_view_params(gen, g.n * len(idx), g, args)  # [n, B] crop-major, for the global batch
+                p = sample_view_params(gen, g.n * len(idx), g)  # [n, B] crop-major, for the global batch
                 sel = torch.arange(g.n, device=device)[:, None] * len(idx) + rank * b + torch.arange(b, device=device)
                 p = take_params(p, sel.flatten())
                 h, w = (torch.full((g.n * b,), float(d), device=device) for d in x.shape[-2:])
@@ -620,6 +635,9 @@ def decode_checked(data: torch.Tensor, path) -> torch.Tensor:
         return decode_image(data, mode=ImageReadMode.RGB)  # JPEG, PNG, WebP; grayscale and CMYK become RGB
     except RuntimeError as e:
         raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
+
+
+# END SHARED
 
 
 # ==== 3. MODEL ====
@@ -929,6 +947,7 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
     return dict(loss=m[0], loss_over_lnK=m[1], protos_used=m[2], entropy=m[3], lr=lr_at(run.global_step - 1, args, spe))
 
 
+# SHARED: bench
 def measure_ceiling(run: SimpleNamespace, steps: int) -> float:
     """Bare torchvision ResNet forward+backward on synthetic crops of this recipe, one pass per resolution (no
     augmentation, head, loss or optimizer): images/s, the ceiling the whole SwAV step is compared with."""
@@ -968,7 +987,11 @@ def measure_data(run: SimpleNamespace, steps: int) -> float:
     return steps * args.batch_size / (time.perf_counter() - t0)
 
 
+# END SHARED
+
+
 # ==== 7. EVALUATION ====
+# SHARED: encode
 @torch.no_grad()
 def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pooled backbone features [n, F] (fp32, eval-mode BN) of centre crops (streamed) or whole images (in memory),
@@ -1058,10 +1081,12 @@ def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0
 # END SHARED
 
 
+# SHARED: probe-evaluate
 def linear_probe_augmented(run: SimpleNamespace, x_test: torch.Tensor, y_test: torch.Tensor) -> dict:
-    """Official eval_linear (spec 8.1): frozen backbone in eval mode, Linear(F, C) with weights N(0, 0.01), SGD
-    (momentum 0.9, lr 0.3 per 256, wd 1e-6), cosine per epoch to 0, train crops RandomResizedCrop(0.08, 1) + flip,
-    validation on centre-crop features every epoch. Returns the last and best top-1 (and the last top-5)."""
+    """The official augmented probe: frozen backbone in eval mode, Linear(F, C) with weights N(0, 0.01) and bias 0,
+    SGD (momentum 0.9; LARC trust 0.001 if --probe-lars) at --probe-lr per 256, cosine per epoch to 0, train crops
+    RandomResizedCrop(0.08, 1) + flip, validation on centre-crop features every epoch. Returns the last and best
+    top-1 (and the last top-5)."""
     args, model, device, world, rank = run.args, run.model, run.device, run.world_size, run.rank
     data, nc = run.data, run.data["num_classes"]
     group = CropGroup(1, args.large_size, (0.08, 1.0), colour=False)
@@ -1071,7 +1096,8 @@ def linear_probe_augmented(run: SimpleNamespace, x_test: torch.Tensor, y_test: t
         head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
         head.bias.zero_()
     lr = args.probe_lr * args.probe_batch_size / 256
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=args.probe_wd)
+    params = [dict(params=list(head.parameters()), lars=args.probe_lars)]  # LARC: every parameter, no clipping
+    opt = LARS(params, lr=lr, momentum=0.9, weight_decay=args.probe_wd, eta=0.001, clip=False)
     in_memory, n, train_y = torch.is_tensor(data["train_x"]), len(data["train_y"]), data["train_y"].to(device)
     b = args.probe_batch_size // world
     model.eval()
@@ -1155,6 +1181,9 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
     return res
 
 
+# END SHARED
+
+
 # ==== 8. MAIN ====
 # SHARED: ddp-setup
 def setup_distributed(device_arg: Optional[str]) -> tuple:
@@ -1196,6 +1225,36 @@ def save_state(run: SimpleNamespace) -> None:
     state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args))
     save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
     run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
+
+
+# SHARED: results
+def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, res: dict, t_start: float) -> None:
+    """out_dir/results.json (rank 0, atomic): args, machine, timings, throughput against the bare ceiling, metrics."""
+    args, device = run.args, run.device
+    imgs_per_s = run.images_seen / max(run.train_time_s, 1e-9)
+    ceiling = bench.get("ceiling_images_per_s")
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    results = dict(script=Path(__file__).name, paper=paper, exp_name=args.exp_name)
+    results.update(args=dataclasses.asdict(args), world_size=run.world_size, steps_per_epoch=run.steps_per_epoch)
+    results.update(extra, device=dev_name, python=platform.python_version())
+    results.update(torch=torch.__version__, torchvision=torchvision.__version__)
+    results.update(epochs_done=run.global_step / run.steps_per_epoch, steps_done=run.global_step)
+    view = "whole images" if args.in_memory else "centre crops"
+    protocol = f"pooled backbone features of {view}, eval-mode BN; weighted k-NN k={args.knn_k} T={args.knn_t}"
+    results.update(eval_protocol=f"{protocol}; linear probe: {args.probe}, {args.probe_epochs} epochs")
+    results.update(data_time_s=run.data_time_s, train_time_s=run.train_time_s, data_wait_s=run.data_wait_s, **run.times)
+    results.update(total_time_s=time.perf_counter() - t_start, images_seen=run.images_seen, images_per_s=imgs_per_s)
+    results.update(crops_per_s=imgs_per_s * (args.n_large + args.n_small), **bench)
+    results.update(ceiling_ratio=imgs_per_s / ceiling if ceiling else None)
+    results.update(peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+    results.update(script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)
+    tmp = Path(args.out_dir) / f"results.json.tmp.{os.getpid()}"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, Path(args.out_dir) / "results.json")  # atomic, like the checkpoints
+    print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=2))
+
+
+# END SHARED
 
 
 def check_args(args: Args, world_size: int) -> None:
@@ -1271,7 +1330,7 @@ def run_training(args: Args) -> dict:
         raise RunError(f"--probe-batch-size {args.probe_batch_size} exceeds the {len(data['train_y'])} training images")
     if torch.is_tensor(data["train_x"]):  # CRUCIAL: decode once, keep the uint8 images on the device (CIFAR: 150 MB)
         data.update(train_x=data["train_x"].to(device), test_x=data["test_x"].to(device))
-    data_time = time.perf_counter() - t0
+    data_time_s = time.perf_counter() - t0
 
     torch.manual_seed(args.seed)  # the same initial model on every rank
     model = SwAV(args.arch, args.hidden_dim, args.feat_dim, args.n_prototypes)
@@ -1289,7 +1348,7 @@ def run_training(args: Args) -> dict:
     # DEVIATION: bf16 autocast (official: apex fp16 O1); scores, Sinkhorn and the loss stay fp32
     run.autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
     run.steps_per_epoch, run.global_step, run.train_time_s, run.images_seen = steps_per_epoch, 0, 0.0, 0
-    run.data_wait_s, run.times = 0.0, {}
+    run.data_wait_s, run.times, run.data_time_s = 0.0, {}, data_time_s
     # epochs, not iterations (swav#76). DEVIATION: 1 epoch at 4096 is 312 steps here (drop_last); official: 313
     run.freeze_steps = round(args.freeze_prototypes_epochs * steps_per_epoch)
     ckpt_path = find_resume(out_dir, args.resume)
@@ -1356,29 +1415,9 @@ def run_training(args: Args) -> dict:
 
     res = evaluate(run, tag="final")
     if is_main:
-        imgs_per_s = run.images_seen / max(run.train_time_s, 1e-9)
-        ceiling = bench.get("ceiling_images_per_s")
-        dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-        results = dict(script=Path(__file__).name, paper="SwAV (arXiv 2006.09882)", exp_name=args.exp_name)
-        results.update(args=dataclasses.asdict(args), world_size=world_size, steps_per_epoch=steps_per_epoch)
-        results.update(base_lr=args.lr * args.batch_size / 256, device=dev_name, python=platform.python_version())
-        results.update(torch=torch.__version__, torchvision=torchvision.__version__)
-        results.update(epochs_done=run.global_step / steps_per_epoch, steps_done=run.global_step)
-        view = "whole images" if args.in_memory else "centre crops"
-        protocol = f"pooled backbone features of {view}, eval-mode BN; weighted k-NN k={args.knn_k} T={args.knn_t}"
-        results.update(eval_protocol=f"{protocol}; linear probe: {args.probe}, {args.probe_epochs} epochs")
-        results.update(data_time_s=data_time, train_time_s=run.train_time_s, data_wait_s=run.data_wait_s, **run.times)
-        results.update(total_time_s=time.perf_counter() - t_start, images_seen=run.images_seen, images_per_s=imgs_per_s)
-        results.update(crops_per_s=imgs_per_s * (args.n_large + args.n_small), **bench)
-        results.update(ceiling_ratio=imgs_per_s / ceiling if ceiling else None)
-        results.update(
-            peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        write_results(
+            run, "SwAV (arXiv 2006.09882)", dict(base_lr=args.lr * args.batch_size / 256), bench, res, t_start
         )
-        results.update(script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)
-        tmp = out_dir / f"results.json.tmp.{os.getpid()}"
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, out_dir / "results.json")  # atomic, like the checkpoints
-        print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=2))
     if dist.is_initialized():
         dist.destroy_process_group()
     return res

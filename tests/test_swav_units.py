@@ -529,7 +529,7 @@ def test_rrc_boxes_match_torchvision_get_params():
     for hh, ww in sizes:
         for scale in [(0.14, 1.0), (0.05, 0.14), (0.08, 1.0)]:
             gen = torch.Generator().manual_seed(hh * 1000 + ww)
-            p = S.sample_view_params(gen, n, S.CropGroup(1, 96, scale), args)
+            p = S.sample_view_params(gen, n, S.CropGroup(1, 96, scale))
             boxes = S.rrc_boxes(torch.full((n,), float(hh)), torch.full((n,), float(ww)), p)
             assert boxes.shape == (n, 4)
             x1, y1, x2, y2 = boxes.T
@@ -548,7 +548,7 @@ def test_rrc_boxes_match_torchvision_get_params():
     assert ties == 0
     assert fallbacks >= 2 * 3 * n  # 20x400 and 400x20 always fall back
     # the fallback for a 20x400 strip: the full height and a 4/3 ratio, centred
-    p = S.sample_view_params(torch.Generator().manual_seed(0), 4, S.CropGroup(1, 96, (0.14, 1.0)), args)
+    p = S.sample_view_params(torch.Generator().manual_seed(0), 4, S.CropGroup(1, 96, (0.14, 1.0)))
     assert S.rrc_boxes(torch.full((4,), 20.0), torch.full((4,), 400.0), p).tolist() == [[186, 0, 213, 20]] * 4
     assert S.rrc_boxes(torch.full((4,), 400.0), torch.full((4,), 20.0), p).tolist() == [[0, 186, 20, 213]] * 4
 
@@ -598,7 +598,7 @@ def test_sample_view_params_probabilities_and_ranges(recipe):
     args = S.Args() if recipe == "imagenet" else S.CIFAR_PROXY
     n = 20000
     for group in S.crop_groups(args):
-        p = S.sample_view_params(torch.Generator().manual_seed(11), n, group, args)
+        p = S.sample_view_params(torch.Generator().manual_seed(11), n, group)
         for key, prob in [("flip", 0.5), ("jitter", 0.8), ("gray", 0.2), ("blur", 0.5)]:
             assert abs(p[key].float().mean().item() - prob) < 0.015, key  # > 4 binomial sd at n = 20000
         assert not p["solarize"].any()
@@ -627,7 +627,7 @@ def item_views(run, files, index, seed, groups):
     RandomResizedCrop resampling (crop, bilinear antialiased resize of the uint8 image) and finish_views."""
     img = decode_image(read_file(str(files[index])), mode=ImageReadMode.RGB)
     gen = torch.Generator().manual_seed(seed)
-    params = [S.sample_view_params(gen, g.n, g, run.args) for g in groups]
+    params = [S.sample_view_params(gen, g.n, g) for g in groups]
     views = []
     for g, p in zip(groups, params):
         boxes = S.rrc_boxes(*(torch.full((g.n,), float(d)) for d in img.shape[-2:]), p).long().tolist()

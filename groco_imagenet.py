@@ -1,0 +1,1370 @@
+"""GroCo: Learning by Sorting: Self-supervised Learning with Group Ordering Constraints (Shvetsova, Petersen, Kukleva,
+Schiele, Kuehne; ICCV 2023), arXiv 2301.02009.
+
+What we reproduce: GroCo pre-training of a ResNet-50 on ImageNet. SimCLR-like instance discrimination (ResNet-50, a
+2048-2048-2048 projector ending in a BatchNorm without affine parameters, every view forwarded on its own) whose loss
+is a group-ordering constraint: for every anchor embedding, the cosines to its positives (the other views of the same
+image) and to its 10 hardest negatives (the most similar other images of the anchor's own view) are concatenated,
+negatives first, each group ascending, and sorted by a differentiable odd-even sorting network (diffsort, Cauchy,
+steepness 1). The loss is the binary cross-entropy between the probability that each element lands among the
+negative (positive) ranks and its group. Plain SGD (momentum 0.9, LR 24 at batch 1024: the gradients are tiny), no
+LARS. Official code: ninatu/learning_by_sorting; spec: ../shared/specs/groco.md.
+
+Runs (the `imagenet` recipe is the multi-crop 800-epoch config, the paper's best model; flags override it; k-NN (k=20)
+/ linear top-1 from the official README, batch 1024 on 4 GPUs):
+    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET                     # 66.1 / 73.9
+    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET --epochs 400 \\
+        --lr 0.375 --lr-scaling linear                                                          # 65.2 / 73.7
+    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET --epochs 100 \\
+        --lr 0.75 --lr-scaling linear --weight-decay 1e-6                                       # 62.3 / 71.8
+    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET --n-small 0 --epochs 100 \\
+        --lr 0.75 --lr-scaling linear --warmup-epochs 1 --weight-decay 1e-6                     # 2x224: 60.5 / 69.2
+    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET --n-small 0 --epochs 800 \\
+        --lr 0.1875 --lr-scaling linear --weight-decay 1e-6                                     # 2x224: 65.3 / 71.2
+    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET --n-large 4 --n-small 0 \\
+        --epochs 100 --lr 0.75 --warmup-epochs 1 --weight-decay 1e-6                            # 4x224: 61.8 / 69.6
+    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET --n-large 4 --n-small 0 \\
+        --epochs 400 --lr 0.375 --lr-scaling linear                                             # 4x224: 64.8 / 71.3
+    python groco_imagenet.py cifar --dataset cifar10        # CIFAR proxy (ours: no published CIFAR numbers exist)
+    python groco_imagenet.py cifar --dataset imagefolder --data-dir CIFAR10_JPEG
+    python groco_imagenet.py imagenet --data-dir DIR --batch-size 16 --epochs 1 --arch resnet18 --large-size 64 \\
+        --small-size 32 --probe-batch-size 16 --probe-epochs 1 --device cpu --out-dir OUT   # a quick CPU check
+Every row of the README table (2x224 / 4x224 / 2x224+6x96 at 100-800 epochs) is such a command: spec 3 lists each
+config's base LR, scaling, warm-up and weight decay.
+
+Deviations (each marked `# DEVIATION:` below): crops are resized bilinearly (official: bicubic) by torchvision's
+tensor ops in the CPU workers, or with a batched roi_align on the device, and colour/blur/solarize run batched on the
+device; bf16 autocast (official: fp16 with a GradScaler) with the loss and the sort in fp32; under DDP with
+--no-stop-grad the negatives pass every rank's gradient back (the official gather keeps only the local one); the
+final linear probe validates on the whole validation set (official: the first floor(50000/4096)*4096 images); seeded,
+resumable random streams (official seed: none).
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Annotated, Literal, Optional, Tuple, Union
+
+import diffsort
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import tyro
+from torch.utils.data import DataLoader
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torchvision.ops import roi_align
+from torchvision.transforms import v2 as T
+from tqdm import tqdm
+
+from common.checkpoint import (
+    ArtifactCache,
+    CheckpointError,
+    find_resume,
+    load_checkpoint,
+    load_state_dict_strict,
+    save_checkpoint,
+    state_dict_digest,
+)
+from common.resnet import RESNETS
+
+
+# ==== 1. ARGS ====
+@dataclass
+class Args:
+    # --- I/O & experiment
+    recipe: str = "imagenet"
+    """which preset these defaults came from (set by the subcommand: imagenet or cifar)"""
+    exp_name: str = "groco"
+    """name stored in results.json"""
+    seed: int = 0
+    """seed for the model init, the data order and every augmentation draw (the official runs are unseeded)"""
+    out_dir: str = "runs/groco"
+    """where last.pt, log.jsonl, results.json and the feature cache go; an existing last.pt is resumed"""
+    resume: Optional[str] = None
+    """resume from this checkpoint instead of out_dir/last.pt"""
+    save_every_steps: int = 1000
+    """also save out_dir/last.pt every this many steps (0: only at epoch ends)"""
+
+    # --- data
+    dataset: Literal["cifar10", "cifar100", "imagefolder", "fake"] = "imagefolder"
+    """imagefolder: --data-dir with train/ and val/ (or test/) class folders (ImageNet); cifar10/100 via torchvision"""
+    data_dir: str = "data"
+    """dataset root"""
+    download: bool = False
+    """let torchvision download CIFAR when it is not in --data-dir"""
+    in_memory: bool = False
+    """decode every image once at --image-size and keep the uint8 tensor on the device (CIFAR); off: stream files"""
+    image_size: int = 256
+    """in-memory images are resized (shorter side) and centre-cropped to this size at load time"""
+    decode: Literal["workers", "device"] = "workers"
+    """streamed files: workers decode and crop on the CPU; device: workers read bytes, the device decodes (nvjpeg)"""
+    workers: int = 10
+    """DataLoader workers per process for streamed files"""
+    train_repeat: int = 1
+    """repeat the training file list this many times (benchmarks on a small folder)"""
+
+    # --- views (spec 4: the "dino" and "dino_multicrop" transforms)
+    n_large: int = 2
+    """global 224-px views; they are the positives (PAPER: 2, 3 or 4)"""
+    large_size: int = 224
+    """global view size in pixels"""
+    large_scale: Tuple[float, float] = (0.14, 1.0)
+    """RandomResizedCrop area range of the global views (official 0.14-1, not SimCLR's 0.08)"""
+    n_small: int = 6
+    """local crops per image (PAPER: 6x96 in the multi-crop configs, 0 otherwise); never positives"""
+    small_size: int = 96
+    """local crop size in pixels"""
+    small_scale: Tuple[float, float] = (0.05, 0.14)
+    """RandomResizedCrop area range of the local crops (official)"""
+    jitter: Tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    """ColorJitter brightness, contrast, saturation, hue, applied with p 0.8 (official DINO values)"""
+    large_blur: Tuple[float, float] = (1.0, 0.1)
+    """blur probability of global views 1 and 2 (views 3, 4 repeat them; official DINO: 1.0 and 0.1)"""
+    large_solarize: Tuple[float, float] = (0.0, 0.2)
+    """solarisation probability of global views 1 and 2 (official DINO: 0 and 0.2)"""
+    small_blur: float = 0.5
+    """blur probability of the local crops (official; no solarisation)"""
+    mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+    """normalisation mean (ImageNet)"""
+    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+    """normalisation std (ImageNet)"""
+
+    # --- model (spec 2)
+    arch: str = "resnet50"
+    """backbone from common/resnet.py: resnet50, resnet18 or resnet18-cifar (zero_init_residual, official)"""
+    proj_dim: int = 2048
+    """width of the three projector layers and of the embedding (official 2048)"""
+    sync_bn: bool = True
+    """SyncBatchNorm on CUDA under DDP (PyTorch's SyncBN is GPU-only: CPU/gloo runs keep per-rank BN)"""
+
+    # --- method (spec 1)
+    topk_neg: int = 10
+    """K, hardest negatives per anchor (official 10)"""
+    steepness: float = 1.0
+    """steepness of the Cauchy relaxation of every swap (official 1)"""
+    stop_grad: bool = True
+    """only the anchor gets gradient; positives and negatives are detached (official default, every config)"""
+
+    # --- optimisation (spec 3)
+    epochs: int = 800
+    """training epochs (the best model: multi-crop, 800 epochs)"""
+    max_steps: Optional[int] = None
+    """stop after this many steps in total without changing the schedule (benchmarks; 0: evaluate the init)"""
+    batch_size: int = 1024
+    """images per step, global over all ranks (official 4 GPUs x 256)"""
+    lr: float = 0.1875
+    """base LR; the LR is lr x batch/32 (linear) or lr x sqrt(batch) (sqrt): 6 at 1024 (multicrop_800ep)"""
+    lr_scaling: Literal["linear", "sqrt"] = "sqrt"
+    """LR scaling rule of the config (spec 3)"""
+    warmup_epochs: float = 10.0
+    """linear warm-up from 0, per step (official 10; 1 in the 2x224/4x224 100-epoch configs)"""
+    momentum: float = 0.9
+    """SGD momentum (official; no LARS in pre-training)"""
+    weight_decay: float = 2e-6
+    """weight decay on every parameter (official 2e-6 for multi-crop 200-800 and 4x224 200-400 epochs, else 1e-6)"""
+
+    # --- evaluation (spec 5)
+    eval_every: int = 10
+    """epochs between k-NN evaluations on a subset during training (official online k-NN every 10; 0: off)"""
+    eval_subset_train: int = 30000
+    """training images used as the k-NN memory during training (official 30,000; the final k-NN uses all)"""
+    eval_subset_test: int = 10000
+    """test images used during training"""
+    probe: Literal["augmented", "features", "none"] = "augmented"
+    """final linear probe: augmented (official, spec 5.2) or features (fast, precomputed centre crops)"""
+    probe_epochs: int = 90
+    """linear-probe epochs (official 90)"""
+    probe_lr: float = 0.1
+    """linear-probe LR per 256 images, cosine per epoch to 0 (official 1.6 at 4096)"""
+    probe_wd: float = 0.0
+    """linear-probe weight decay (official 0)"""
+    probe_batch_size: int = 4096
+    """linear-probe global batch (official 4096)"""
+    probe_lars: bool = True
+    """wrap the probe's SGD in LARC (trust 0.001, no clipping; official)"""
+    knn_k: int = 20
+    """neighbours of the weighted k-NN (the paper's k-NN column: k=20)"""
+    knn_t: float = 0.07
+    """temperature of the k-NN vote weights exp(sim/t) (official 0.07)"""
+    eval_chunk: int = 256
+    """images encoded per forward during evaluation (memory knob only)"""
+
+    # --- system
+    device: Optional[str] = None
+    """cuda or cpu (default: cuda when available); under torchrun each rank takes cuda:LOCAL_RANK"""
+    amp: Literal["bf16", "fp16", "none"] = "bf16"
+    """autocast precision on CUDA (CPU runs in fp32); the loss and the sort are always fp32"""
+    channels_last: bool = True
+    """channels_last memory format on CUDA"""
+    compile: bool = False
+    """torch.compile the model"""
+    deterministic: bool = False
+    """deterministic algorithms (slower); otherwise cudnn.benchmark"""
+    log_every: int = 25
+    """steps between progress-bar/log.jsonl updates (each costs one host sync)"""
+    bench_ceiling_steps: int = 0
+    """before training, time this many bare torchvision-ResNet forward+backward steps on synthetic crops"""
+    bench_data_steps: int = 0
+    """before training, time this many steps of the data pipeline alone (decode, crops, colour): can it keep up?"""
+
+
+# The CIFAR proxy (ours, spec 6: the repo has no CIFAR config and the paper no CIFAR numbers). The loss is unchanged
+# (K 10, steepness 1, stop-grad) and the LR follows the official 100-epoch rule 0.75 x batch/32 with warm-up and cosine.
+# fmt: off
+CIFAR_PROXY = dataclasses.replace(
+    Args(), recipe="cifar", exp_name="groco-cifar", out_dir="runs/groco-cifar", save_every_steps=0,
+    dataset="cifar10", in_memory=True, image_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+    large_size=32, large_scale=(0.14, 1.0), n_small=0,  # 2 x 32 px, the DINO pipeline
+    large_blur=(0.0, 0.0),                               # no blur on 32-px images (as solo-learn's CIFAR recipes)
+    arch="resnet18-cifar", proj_dim=2048,
+    epochs=100, batch_size=256, lr=0.75, lr_scaling="linear", warmup_epochs=10, weight_decay=1e-6,  # lr 6 at 256
+    eval_every=10, eval_subset_train=50000,
+    probe="features", probe_epochs=100, probe_lr=0.1, probe_batch_size=256, probe_lars=False,  # fast probe
+)
+# fmt: on
+RECIPES = Union[
+    Annotated[Args, tyro.conf.subcommand("imagenet", default=Args(), description="multicrop_800ep (the best model)")],
+    Annotated[Args, tyro.conf.subcommand("cifar", default=CIFAR_PROXY, description="CIFAR proxy (ours)")],
+]
+
+
+# SHARED: run-utils
+class RunError(Exception):
+    """A bad input or a failed run: main prints its one-line message and exits non-zero."""
+
+
+def rng_seed(*keys) -> int:
+    """A 56-bit seed derived from any keys, e.g. (seed, 'train', epoch, step): independent, reproducible streams."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:7], "little")
+
+
+# END SHARED
+
+
+# ==== 2. DATA & AUGMENTATIONS ====
+# SHARED: image-folder
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def decode_files(paths: list, size: int, crop: Optional[int] = None) -> torch.Tensor:
+    """Read and decode image files into uint8 [n, 3, crop, crop]: shorter side resized to size, centre crop."""
+    crop = crop or size
+
+    def fit(img):
+        if img.shape[-2:] == (crop, crop) and size == crop:
+            return img
+        return T.functional.center_crop(T.functional.resize(img, size, antialias=True), [crop, crop])
+
+    def decode_one(path, data):
+        try:
+            return decode_image(data, mode=ImageReadMode.RGB)
+        except RuntimeError as e:
+            raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
+
+    datas = [read_file(str(p)) for p in paths]
+    jpeg = [i for i, p in enumerate(paths) if p.suffix.lower() in (".jpg", ".jpeg")]
+    imgs = [None] * len(paths)
+    try:  # batched libjpeg-turbo decode (~60 us per CIFAR image on one core)
+        for i, img in zip(jpeg, decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB) if jpeg else []):
+            imgs[i] = img
+    except RuntimeError:  # a bad file in the batch: decode one by one below, which names it
+        pass
+    return torch.stack([fit(img if img is not None else decode_one(p, d)) for p, d, img in zip(paths, datas, imgs)])
+
+
+def folder_splits(root: Path) -> tuple:
+    """(train dir, test dir, class names) of an image folder with train/ and test/ (or val/) class folders."""
+    if not root.is_dir():
+        raise RunError(f"data dir not found: {root}")
+    test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if not (root / "train").is_dir() or test_root is None:
+        raise RunError(f"{root} must hold train/ and test/ (or val/) class folders")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    if sorted(d.name for d in test_root.iterdir() if d.is_dir()) != classes:
+        raise RunError(f"class folders differ between {root / 'train'} and {test_root}")
+    return root / "train", test_root, classes
+
+
+def list_image_files(root: Path, classes: list) -> tuple:
+    """Sorted image paths under root/<class>/ and their int64 labels."""
+    files = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir())]
+    files = [(p, c) for p, c in files if p.suffix.lower() in IMAGE_EXTS]
+    if not files:
+        raise RunError(f"no images in {root}")
+    return [p for p, _ in files], torch.tensor([c for _, c in files])
+
+
+def load_image_folder(root: Path, classes: list, size: int) -> tuple:
+    """Decode every image under root/<class>/ once (batched libjpeg-turbo, in chunks on all cores)."""
+    paths, labels = list_image_files(root, classes)
+    chunks = [paths[i : i + 1000] for i in range(0, len(paths), 1000)]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        images = torch.cat(list(pool.map(lambda c: decode_files(c, size), chunks)))
+    return images, labels
+
+
+# END SHARED
+
+
+# SHARED: load-data
+CIFAR = {"cifar10": (torchvision.datasets.CIFAR10, 10), "cifar100": (torchvision.datasets.CIFAR100, 100)}
+
+
+def load_data(args: Args) -> dict:
+    """Both splits: uint8 images [N, 3, S, S] (in memory) or file paths (streamed), int64 labels, on the CPU."""
+    if args.dataset == "fake":  # random images, for shape tests and synthetic-data benchmarks
+        g = torch.Generator().manual_seed(args.seed)
+        n = max(256, 16 * args.batch_size)
+        x = torch.randint(0, 256, (n + 64, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
+        y = torch.arange(n + 64) % 10
+        return dict(train_x=x[:n], train_y=y[:n], test_x=x[n:], test_y=y[n:], num_classes=10)
+    root = Path(args.data_dir)
+    if args.dataset in CIFAR:
+        cls, num_classes = CIFAR[args.dataset]
+        try:
+            splits = [cls(str(root), train=train, download=args.download) for train in (True, False)]
+        except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted", or a failed download
+            raise RunError(f"{args.dataset} not found in {root} ({e}); pass --data-dir or allow --download")
+        tr, te = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in splits]
+        return dict(train_x=tr[0], train_y=tr[1], test_x=te[0], test_y=te[1], num_classes=num_classes)
+    train_root, test_root, classes = folder_splits(root)
+    if args.in_memory:
+        train_x, train_y = load_image_folder(train_root, classes, args.image_size)
+        test_x, test_y = load_image_folder(test_root, classes, args.image_size)
+    else:
+        train_x, train_y = list_image_files(train_root, classes)
+        test_x, test_y = list_image_files(test_root, classes)
+        train_x, train_y = train_x * args.train_repeat, train_y.repeat(args.train_repeat)
+    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=len(classes))
+
+
+# END SHARED
+
+
+# SHARED: multi-crop
+@dataclass(frozen=True)
+class CropGroup:
+    """n crops per image: RandomResizedCrop(size, scale), flip 0.5, then (if colour) ColorJitter(*jitter) with p 0.8,
+    grayscale p 0.2, Gaussian blur (sigma U(0.1, 2)) with p blur and solarisation with p solarize."""
+
+    n: int
+    size: int
+    scale: tuple
+    jitter: tuple = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation, hue strengths
+    blur: float = 0.5
+    solarize: float = 0.0
+    colour: bool = True
+
+
+def sample_view_params(gen: torch.Generator, n: int, group: CropGroup) -> dict:
+    """Random draws of the per-crop transform for n crops, on the generator's device."""
+    dev, (b, c, s, h) = gen.device, group.jitter
+
+    def u(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(n, *shape, generator=gen, device=dev)
+
+    # fmt: off
+    return dict(
+        area=u(*group.scale, 10), log_ratio=u(math.log(3 / 4), math.log(4 / 3), 10),  # RandomResizedCrop: 10 tries
+        pos=u(0, 1, 2, 10),                                                             # top/left of each try
+        flip=u(0, 1) < 0.5,                                                             # RandomHorizontalFlip
+        jitter=u(0, 1) < 0.8,                                                           # RandomApply(ColorJitter, .8)
+        factors=torch.stack([u(max(0, 1 - b), 1 + b), u(max(0, 1 - c), 1 + c), u(max(0, 1 - s), 1 + s), u(-h, h)], 1),
+        order=torch.rand(n, 4, generator=gen, device=dev).argsort(1),                  # ColorJitter's random op order
+        gray=u(0, 1) < 0.2,                                                             # RandomGrayscale(p=0.2)
+        blur=u(0, 1) < group.blur, sigma=u(0.1, 2.0),                                   # PIL GaussianBlur(U(.1, 2))
+        solarize=u(0, 1) < group.solarize,                                              # PIL Solarize(128)
+    )
+    # fmt: on
+
+
+def take_params(params: dict, idx: torch.Tensor) -> dict:
+    return {k: v[idx] for k, v in params.items()}
+
+
+def rrc_boxes(h: torch.Tensor, w: torch.Tensor, p: dict) -> torch.Tensor:
+    """torchvision RandomResizedCrop.get_params, batched: the first of 10 tries that fits, else a centre crop.
+
+    h, w: float [n] image sizes; p: sample_view_params draws. Returns boxes [n, 4] (x1, y1, x2, y2) in pixels."""
+    h, w = h[:, None].double(), w[:, None].double()  # float64 like torchvision's Python floats: same rounding
+    target, ratio = h * w * p["area"].double(), torch.exp(p["log_ratio"]).double()  # exp in float32 as torchvision
+    cw, ch = torch.round(torch.sqrt(target * ratio)), torch.round(torch.sqrt(target / ratio))
+    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = fits.int().argmax(1, keepdim=True)  # index of the first fitting try
+    cw, ch = cw.gather(1, first), ch.gather(1, first)
+    top = torch.floor(p["pos"][:, 0].gather(1, first) * (h - ch + 1))  # randint(0, h - ch + 1)
+    left = torch.floor(p["pos"][:, 1].gather(1, first) * (w - cw + 1))
+    # fallback when no try fits: the largest centre crop with the ratio clamped to [3/4, 4/3]
+    fw = torch.where(w / h > 4 / 3, torch.round(h * 4 / 3), w)
+    fh = torch.where(w / h < 3 / 4, torch.round(w * 4 / 3), h)
+    ok = fits.any(1, keepdim=True)
+    cw, ch = torch.where(ok, cw, fw), torch.where(ok, ch, fh)
+    top, left = torch.where(ok, top, torch.floor((h - fh) / 2)), torch.where(ok, left, torch.floor((w - fw) / 2))
+    return torch.cat([left, top, left + cw, top + ch], 1).float()
+
+
+def resized_crops(images: torch.Tensor, owner: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Cut boxes [n, 4] out of images [m, 3, H, W] (float 0..255; owner [n] picks the image) and resize to size.
+
+    Used where the crops are cut on the device (in-memory data, --decode device); CPU workers use torchvision's crop
+    and antialiased resize. DEVIATION: one batched roi_align instead of PIL's crop + bilinear resize. It is exact
+    bilinear when enlarging and averages a grid of bilinear samples when shrinking (PIL uses a triangle filter);
+    samples at the crop's edge may read the neighbouring pixel outside the crop instead of repeating the edge."""
+    rois = torch.cat([owner[:, None].to(boxes), boxes], 1)
+    return roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+# END SHARED
+
+
+# SHARED: gpu-color
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601-2 luma, as PIL's convert('L') and torchvision: [N, 3, H, W] -> [N, 1, H, W]."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of RGB images in [0, 1] by shift (fraction of a turn, [N]) through HSV."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    s = delta / maxc.clamp_min(1e-12)
+    d = delta.clamp_min(1e-12)
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h6 = ((h / 6.0 + shift[:, None, None]) % 1.0) * 6.0  # hue in sixths of a turn, [0, 6)
+    # HSV -> RGB in closed form: channel n (r=5, g=3, b=1) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device)  # 5, 3, 1 (an arange, not a host-to-device copy)
+    k = (n[None, :, None, None] + h6[:, None]) % 6
+    return maxc[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """torchvision ColorJitter semantics, batched: brightness, contrast, saturation, hue in a per-image random order.
+
+    factors: [N, 4] (brightness, contrast, saturation factors; hue shift); order: [N, 4] permutations; apply: [N].
+    Brightness, contrast and saturation are blends f x + (1 - f) m with m = 0, the mean luma, or the luma image. The
+    costly hue rotation runs once: first the blends that precede each image's hue slot, then hue, then the rest."""
+    hue_slot = torch.where(apply, (order == 3).int().argmax(1), -1)  # -1: jitter not applied to this image
+
+    def blends(x, before: bool):
+        for slot in range(4):
+            use = slot < hue_slot if before else (slot > hue_slot) & (hue_slot >= 0)
+            op = torch.where(use, order[:, slot], -1).view(-1, 1, 1, 1)  # never 3 (hue) here
+            f = factors.gather(1, op.view(-1, 1).clamp(min=0)).view(-1, 1, 1, 1)
+            gray = grayscale(x)
+            m = torch.where(op == 1, gray.mean((1, 2, 3), keepdim=True), torch.where(op == 2, gray, 0.0))
+            x = torch.where(op >= 0, (f * x + (1 - f) * m).clamp(0, 1), x)
+        return x
+
+    x = blends(x, before=True)
+    x = torch.where(hue_slot.view(-1, 1, 1, 1) >= 0, adjust_hue(x, factors[:, 3]), x)
+    return blends(x, before=False)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 6) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image sigma (replicate padding, as PIL extends edges)."""
+    n, c, h, w = x.shape
+    k = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kern = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None] ** 2))
+    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n*c, 2r+1]
+    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="replicate")
+    y = F.conv2d(y, kern[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, kern[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, h, w)
+
+
+# END SHARED
+
+
+def crop_groups(args: Args) -> list:
+    """One group per global view (spec 4: view 1 blur 1.0; view 2 blur 0.1 + solarize 0.2; views 3, 4 repeat them)
+    and one for the local crops (blur 0.5). The jitter is DINO's (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale 0.2."""
+    jit = tuple(args.jitter)
+    groups = [
+        CropGroup(1, args.large_size, tuple(args.large_scale), jit, args.large_blur[i % 2], args.large_solarize[i % 2])
+        for i in range(args.n_large)
+    ]
+    small = CropGroup(args.n_small, args.small_size, tuple(args.small_scale), jit, args.small_blur, 0.0)
+    return groups + ([small] if args.n_small else [])
+
+
+# SHARED: views
+def finish_views(x: torch.Tensor, p: dict, group: CropGroup, args: Args) -> torch.Tensor:
+    """Flip, colour distortion, grayscale, blur (and solarize) on crops [n, 3, S, S] in 0..255, then Normalize.
+
+    The official per-crop order (SwAV, DINO), batched on the device. DEVIATION: float arithmetic instead of PIL's uint8
+    rounding after every op, and an exact Gaussian (radius 6 = 3 sigma at sigma 2) instead of PIL's box approximation.
+    """
+    x = x / 255
+    x = torch.where(p["flip"][:, None, None, None], x.flip(-1), x)
+    if group.colour:
+        x = color_jitter(x, p["factors"], p["order"], p["jitter"])
+        x = torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
+        x = torch.where(p["blur"][:, None, None, None], gaussian_blur(x, p["sigma"]), x)
+        if group.solarize > 0:
+            x = torch.where(p["solarize"][:, None, None, None] & (x >= 0.5), 1 - x, x)
+    return torch.stack([(x[:, c] - m) / sd for c, (m, sd) in enumerate(zip(args.mean, args.std))], 1)  # no H2D copy
+
+
+class FolderViews(torch.utils.data.Dataset):
+    """Streamed multi-crop items. An item (index, seed) fixes every draw, so ranks and resumed runs replay the same
+    crops. decode='workers': the worker decodes and cuts the crops (uint8); 'device': it only reads the file bytes."""
+
+    def __init__(self, files: list, groups: list, args: Args):
+        self.files, self.groups, self.args = files, groups, args
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, item):
+        index, seed = item
+        gen = torch.Generator().manual_seed(seed)
+        params = [sample_view_params(gen, g.n, g) for g in self.groups]
+        if self.args.decode == "device":  # plain bytes: thousands of tiny shared-memory tensors would exhaust fds
+            return Path(self.files[index]).read_bytes(), params
+        img = decode_checked(read_file(str(self.files[index])), self.files[index])
+        h, w = (torch.full((1,), float(d)) for d in img.shape[-2:])
+        crops = []
+        for g, p in zip(self.groups, params):  # torchvision's tensor RandomResizedCrop: crop, antialiased uint8 resize
+            boxes = rrc_boxes(h.expand(g.n), w.expand(g.n), p).int().tolist()
+            resize = [F.interpolate(img[None, :, y1:y2, x1:x2], (g.size, g.size), mode="bilinear", antialias=True)
+                      for x1, y1, x2, y2 in boxes]  # fmt: skip
+            crops.append(torch.cat(resize))
+        return crops, params
+
+
+def crop_images(imgs: list, p: dict, group: CropGroup) -> torch.Tensor:
+    """group.n RandomResizedCrops of each uint8 image [3, H, W] (p: draws, image-major) -> float [b, n, 3, S, S]."""
+    dev = imgs[0].device
+    hw = torch.tensor([img.shape[-2:] for img in imgs], dtype=torch.float32).repeat_interleave(group.n, 0)
+    hw = hw.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else hw  # no host sync
+    boxes = rrc_boxes(hw[:, 0], hw[:, 1], p).view(len(imgs), group.n, 4)
+    zeros = torch.zeros(group.n, device=dev)
+    return torch.stack([resized_crops(img[None].float(), zeros, bx, group.size) for img, bx in zip(imgs, boxes)])
+
+
+def collate_views(batch: list) -> tuple:
+    """[(crops or bytes, params per group)] -> (per-group crops [b, n, 3, S, S] or a list of bytes, params [b*n])."""
+    first, params = zip(*batch)
+    params = [{k: torch.cat([p[g][k] for p in params]) for k in params[0][g]} for g in range(len(params[0]))]
+    if isinstance(first[0], bytes):
+        return [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in first], params
+    return [torch.stack([c[g] for c in first]) for g in range(len(first[0]))], params
+
+
+def view_batches(run: SimpleNamespace, images, batches: list, keys: list, groups: list):
+    """Yield this rank's crops for each global index batch: a list (one per group) of float [n*b, 3, S, S],
+    crop-major (row v*b + i is crop v of image i), normalised, on the device.
+
+    In memory (CIFAR): CRUCIAL: the uint8 images never leave the device; the draws are made for the whole global
+    batch from a key, and each rank keeps its contiguous share, so a 2-rank run sees exactly a 1-rank run's crops.
+    Streamed (ImageNet): DataLoader workers read (and decode and crop) the files; seeds per image position."""
+    args, device, rank, world = run.args, run.device, run.rank, run.world_size
+    if torch.is_tensor(images):
+        gen = torch.Generator(device=device)
+        for idx, key in zip(batches, keys):
+            b = len(idx) // world
+            local = idx[rank * b : (rank + 1) * b].to(device)
+            x = images[local].float()
+            gen.manual_seed(rng_seed(*key))
+            out = []
+            for g in groups:
+                p = sample_view_params(gen, g.n * len(idx), g)  # [n, B] crop-major, for the global batch
+                sel = torch.arange(g.n, device=device)[:, None] * len(idx) + rank * b + torch.arange(b, device=device)
+                p = take_params(p, sel.flatten())
+                h, w = (torch.full((g.n * b,), float(d), device=device) for d in x.shape[-2:])
+                crops = resized_crops(x, torch.arange(b, device=device).repeat(g.n), rrc_boxes(h, w, p), g.size)
+                out.append(finish_views(crops, p, g, args))
+            yield out
+        return
+    items = []  # one list of (file index, item seed) per step: this rank's share of the global batch
+    for idx, key in zip(batches, keys):
+        b = len(idx) // world
+        items.append([(int(i), rng_seed(*key, rank * b + j)) for j, i in enumerate(idx[rank * b : (rank + 1) * b])])
+    loader = DataLoader(
+        FolderViews(images, groups, args),
+        batch_sampler=items,
+        num_workers=args.workers,
+        collate_fn=collate_views,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if args.workers else None,
+    )
+    for (crops, params), step_items in zip(loader, items):
+        params = [{k: v.to(device, non_blocking=True) for k, v in p.items()} for p in params]
+        if args.decode == "device":  # CRUCIAL: nvjpeg batch decode on CUDA, then the same crops as the workers cut
+            imgs = decode_on_device(crops, [images[i] for i, _ in step_items], device)
+            crops = [crop_images(imgs, p, g) for g, p in zip(groups, params)]
+        else:
+            crops = [c.to(device, non_blocking=True).float() for c in crops]
+        out = []  # [b, n, 3, S, S] image-major -> crop-major rows, with the params reordered the same way
+        for g, c, p in zip(groups, crops, params):
+            order = torch.arange(c.shape[0] * g.n, device=device).view(-1, g.n).T.flatten()
+            out.append(finish_views(c.transpose(0, 1).flatten(0, 1), take_params(p, order), g, args))
+        yield out
+
+
+def decode_on_device(datas: list, paths: list, device: torch.device) -> list:
+    """Batched JPEG decode on the device (nvjpeg on CUDA); files nvjpeg refuses (PNG, CMYK) decode on the CPU."""
+    try:
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return [decode_checked(d, p).to(device) for d, p in zip(datas, paths)]
+
+
+def decode_checked(data: torch.Tensor, path) -> torch.Tensor:
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)  # JPEG, PNG, WebP; grayscale and CMYK become RGB
+    except RuntimeError as e:
+        raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
+
+
+# END SHARED
+
+
+# ==== 3. MODEL ====
+class GroCo(nn.Module):
+    """ResNet -> projector 2048-2048-2048 ending in BatchNorm1d(affine=False) (spec 2). No predictor, no momentum."""
+
+    def __init__(self, arch: str, proj_dim: int):
+        super().__init__()
+        self.backbone = RESNETS[arch](zero_init_residual=True)  # PAPER: torchvision resnet50(zero_init_residual=True)
+        f = self.backbone.num_features
+        self.projector = nn.Sequential(
+            nn.Linear(f, proj_dim, bias=False),
+            nn.BatchNorm1d(proj_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(proj_dim, proj_dim, bias=False),
+            nn.BatchNorm1d(proj_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(proj_dim, proj_dim),
+            nn.BatchNorm1d(proj_dim, affine=False),  # CRUCIAL: no affine parameters
+        )
+        self.projector[6].bias.requires_grad_(False)  # official: frozen (redundant before BN), not in the optimizer
+
+    def forward(self, groups: list) -> list:
+        """groups: one tensor per crop group, crop-major [n*b, 3, S, S]. Returns one embedding [b, D] per view.
+
+        CRUCIAL: every view goes through backbone and projector on its own, so BN statistics are per view (official:
+        one forward per view key), local crops included."""
+        return [self.projector(self.backbone(v)) for x in groups for v in x.chunk(x.shape[0] // groups[0].shape[0])]
+
+
+# ==== 4. LOSS ====
+_SORTERS: dict = {}
+
+
+def sorter(size: int, steepness: float, device: torch.device) -> diffsort.DiffSortNet:
+    """The odd-even sorting network with the Cauchy relaxation, one per (size, steepness, device), built there.
+
+    CRUCIAL: DiffSortNet keeps its network in a plain list, so module.to(device) would not move it (spec 8.1)."""
+    key = (size, float(steepness), str(device))
+    if key not in _SORTERS:
+        _SORTERS[key] = diffsort.DiffSortNet(
+            "odd_even", size, device=device, steepness=steepness, distribution="cauchy"
+        )
+    return _SORTERS[key]
+
+
+def groco_loss(
+    views: list, topk_neg: int = 10, steepness: float = 1.0, n_pos_augs: Optional[int] = None, stop_grad: bool = True
+) -> torch.Tensor:
+    """The GroCo loss (spec 1.2), a scalar, in fp32 outside autocast.
+
+    views: V embeddings [B, D] (row b of every view is one image; the positive views first). Every view is an anchor:
+    positives = the other views among the first n_pos_augs (default all), negatives = the topk_neg most similar other
+    images of the anchor's own view (under DDP: over the global batch). s = [negatives ascending, positives ascending]
+    is sorted by diffsort (sorted = s @ P, P[b, i, j] = P(input i -> rank j)); the BCE of the probability mass each
+    input puts on the K negative ranks (and on the rest) against its group, halved, mean over rows; mean over anchors.
+    stop_grad: the positives and the negative candidates are detached; only the anchor side gets gradient."""
+    n_views, k = len(views), topk_neg
+    n_pos = n_views if n_pos_augs is None else n_pos_augs
+    if not 2 <= n_pos <= n_views:
+        raise ValueError(f"n_pos_augs {n_pos} must be between 2 and the number of views {n_views}")
+    with torch.autocast(views[0].device.type, enabled=False):  # CRUCIAL: cosines and the sort in fp32
+        z = torch.stack(views).float()  # [V, B, D]
+        b, device = z.shape[1], z.device
+        zn = F.normalize(z, dim=2, eps=1e-8)
+        cand, rank = (zn.detach() if stop_grad else zn), 0  # negative candidates: each anchor's own view
+        if dist.is_initialized() and dist.get_world_size() > 1:  # PAPER: negatives from the global batch
+            world, rank = dist.get_world_size(), dist.get_rank()
+            flat = cand.flatten(0, 1)  # [V*B, D]; rank-major after the gather
+            if stop_grad:
+                parts = [torch.empty_like(flat) for _ in range(world)]
+                dist.all_gather(parts, flat.contiguous())
+                flat = torch.cat(parts)
+            else:  # DEVIATION: every rank's gradient flows back (official GatherLayer keeps only the local one)
+                flat = gather_with_grad(flat)
+            cand = flat.view(world, n_views, b, -1).transpose(0, 1).flatten(1, 2)  # [V, B_global, D]
+        if cand.shape[1] - 1 < k:
+            raise ValueError(f"topk_neg {k} needs at least {k + 1} images in the (global) batch, got {cand.shape[1]}")
+        me = torch.arange(b, device=device)
+        is_self = me[:, None] + rank * b == torch.arange(cand.shape[1], device=device)  # [B, B_global]
+        neg = (zn @ cand.transpose(1, 2)).masked_fill(is_self, float("-inf"))  # CRUCIAL: self masked before top-k
+        neg = neg.topk(k, dim=2).values.flip(2)  # [V, B, K]: the hardest negatives, ascending
+        pos_side = z.detach() if stop_grad else z
+        loss = 0.0
+        # anchors with the same number of positives share one sort: global ones n_pos - 1, local ones n_pos
+        for lo, hi in ((0, n_pos), (n_pos, n_views)):
+            if hi == lo:
+                continue
+            pos = torch.stack(
+                [torch.stack([F.cosine_similarity(z[a], pos_side[p], dim=1, eps=1e-8) for p in range(n_pos) if p != a], 1)
+                 for a in range(lo, hi)]
+            ).sort(2).values  # fmt: skip  # [A, B, n_p]: plain cosines, ascending
+            s = torch.cat([neg[lo:hi], pos], 2).flatten(0, 1)  # [A*B, K + n_p]: negatives first
+            n = s.shape[1]
+            _, perm = sorter(n, steepness, device)(s)  # [A*B, n, n]; rows: inputs, columns: ranks (ascending)
+            q_neg = perm[:, :, :k].sum(2).clamp(0, 1)  # P(input i lands among the K lowest ranks)
+            q_pos = perm[:, :, k:].sum(2).clamp(0, 1)
+            t_neg = (torch.arange(n, device=device) < k).float().expand_as(q_neg)  # the identity permutation's sums
+            bce = F.binary_cross_entropy(q_pos, 1 - t_neg) + F.binary_cross_entropy(q_neg, t_neg)  # log clamped -100
+            loss = loss + (hi - lo) * bce / 2  # the mean over A*B rows = the mean of the A anchors' means
+        return loss / n_views
+
+
+# SHARED: ddp-gather
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums every rank's gradient and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on every rank's x
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from all ranks along dim 0, gradient flowing back to each rank's own rows; identity on 1 rank."""
+    return _GatherWithGrad.apply(x) if dist.is_initialized() and dist.get_world_size() > 1 else x
+
+
+# END SHARED
+
+
+# ==== 5. OPTIMIZER & SCHEDULES ====
+# PAPER: pre-training is plain SGD (no LARS, spec 3); LARC wraps only the linear probe (spec 5.2)
+# SHARED: lars
+class LARS(torch.optim.Optimizer):
+    """SGD (momentum, optional Nesterov) with layer-wise adaptive rate scaling (solo-learn's LARSWrapper, apex LARC).
+
+    For every parameter of a group with lars=True and non-zero ||p||, ||g||:
+        local = eta ||p|| / (||g|| + wd ||p|| + eps);  ratio = min(local / lr, 1) if clip else local
+        g <- (g + wd p) * ratio
+    Groups with lars=False take plain SGD with weight decay wd p added to g. The update is then
+        buf <- momentum buf + g;  p <- p - lr (g + momentum buf if nesterov else buf)."""
+
+    def __init__(self, params, lr, momentum=0.9, nesterov=False, weight_decay=0.0, eta=0.001, clip=False, eps=1e-8):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta=eta, clip=clip)
+        super().__init__(params, dict(defaults, eps=eps, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if group["lars"]:
+                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    local = group["eta"] * p_norm / (g_norm + wd * p_norm + group["eps"])
+                    ratio = (local / lr).clamp(max=1.0) if group["clip"] else local
+                    ok = (p_norm > 0) & (g_norm > 0)  # no host sync: zero norms leave g untouched
+                    g = torch.where(ok, (g + wd * p) * ratio, g)
+                elif wd:
+                    g = g + wd * p
+                if mom:
+                    buf = self.state[p].get("momentum_buffer")
+                    buf = self.state[p]["momentum_buffer"] = g.clone() if buf is None else buf.mul_(mom).add_(g)
+                    g = g + mom * buf if group["nesterov"] else buf
+                p.add_(g, alpha=-lr)
+
+
+# END SHARED
+
+
+def scaled_lr(args: Args) -> float:
+    """PAPER: linear lr x batch/32 (= lr x 32 x batch/1024), or sqrt lr x sqrt(batch): 6 (800 ep) to 24 (100 ep)."""
+    return args.lr * (args.batch_size / 32 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
+
+
+def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
+    """Per-step LR (official CustomCosineSchedulerWithWarmup stepped every iteration): step / warmup x lr during the
+    warm-up (0 at the first step), then a cosine from lr to 0 over the remaining steps. A pure function of the step."""
+    base, warmup = scaled_lr(args), round(args.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return base * step / warmup
+    return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / (steps_per_epoch * args.epochs - warmup)))
+
+
+# ==== 6. TRAIN LOOP ====
+# SHARED: train-utils
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, device=None) -> list:
+    """The epoch's global batches: a seeded permutation cut into full batches (drop_last).
+
+    CRUCIAL: moved to the device once per epoch; a per-step copy from pageable memory would sync the host."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(rng_seed(seed, "order", epoch)))
+    return list(perm[: n // batch_size * batch_size].to(device).view(-1, batch_size))
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work (only where a timer stops; never per step)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# END SHARED
+
+
+def train_step(run: SimpleNamespace, groups: list) -> tuple:
+    """One GroCo step on this rank's crops (one tensor per group). Returns (loss, pos_sim, neg_sim), detached."""
+    args = run.args
+    with run.autocast:
+        z = run.ddp_model([x.contiguous(memory_format=run.fmt) for x in groups])
+    loss = groco_loss(z, args.topk_neg, args.steepness, args.n_large, args.stop_grad)  # fp32, outside autocast
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    with torch.no_grad():  # monitoring (official info_pos / info_neg): view 0 vs view 1, and view 0's hardest negative
+        z0, z1 = F.normalize(z[0].float(), dim=1), F.normalize(z[1].float(), dim=1)
+        sim = z0 @ z0.T - 3 * torch.eye(len(z0), device=z0.device)
+        pos_sim, neg_sim = (z0 * z1).sum(1).mean(), sim.amax(1).mean()
+    return loss.detach(), pos_sim, neg_sim
+
+
+def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
+    """Train from step start_step of `epoch` to its end (or to --max-steps). Returns averaged metrics."""
+    args, opt, device = run.args, run.opt, run.device
+    spe, is_main = run.steps_per_epoch, run.rank == 0
+    in_memory = torch.is_tensor(run.data["train_x"])
+    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, epoch, device if in_memory else None)
+    last = min(spe, run.total_steps - epoch * spe)
+    keys = [(args.seed, "train", epoch, s) for s in range(start_step, last)]
+    stream = view_batches(run, run.data["train_x"], batches[start_step:last], keys, run.groups)
+    sums, window = torch.zeros(3, device=device), torch.zeros(3, device=device)  # loss, positive and negative cosine
+    no_bad = 2**62
+    bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
+    run.model.train()
+    bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=not is_main, dynamic_ncols=True)
+    t0, n_done, n_logged, wait = time.perf_counter(), 0, 0, 0.0
+    for step in bar:
+        gstep = epoch * spe + step
+        lr = lr_at(gstep, args, spe)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        tw = time.perf_counter()
+        groups = next(stream)
+        wait += time.perf_counter() - tw  # host time spent waiting for (or making) the crops
+        loss, pos_sim, neg_sim = train_step(run, groups)
+        bad_step = torch.minimum(bad_step, torch.where(torch.isfinite(loss), no_bad, gstep + 1))
+        window += torch.stack([loss, pos_sim, neg_sim])
+        n_done += 1
+        run.global_step = gstep + 1
+        if (step + 1) % args.log_every == 0 or step + 1 == last:
+            if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
+                dist.all_reduce(window)
+                window /= run.world_size
+                dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+            if bad_step.item() < no_bad:
+                raise RunError(f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); try a lower --lr")
+            m = (window / (n_done - n_logged)).tolist()  # mean over the steps since the last log line
+            sums, window, n_logged = sums + window, torch.zeros_like(window), n_done
+            if is_main:
+                bar.set_postfix(loss=f"{m[0]:.4f}", pos=f"{m[1]:.2f}", neg=f"{m[2]:.2f}", lr=f"{lr:.3f}")
+                rec = dict(step=gstep + 1, epoch=epoch, loss=m[0], pos_sim=m[1], neg_sim=m[2])
+                log_jsonl(run, dict(type="train", lr=lr, **rec))
+        if args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe:
+            sync(device)  # a checkpoint does not count as training time
+            run.train_time_s += time.perf_counter() - t0
+            save_state(run)
+            t0 = time.perf_counter()
+    sync(device)
+    run.train_time_s += time.perf_counter() - t0
+    run.data_wait_s += wait
+    run.images_seen += n_done * args.batch_size
+    m = (sums / max(n_done, 1)).tolist()
+    return dict(loss=m[0], pos_sim=m[1], neg_sim=m[2], lr=lr_at(run.global_step - 1, args, spe))
+
+
+# SHARED: bench
+def measure_ceiling(run: SimpleNamespace, steps: int) -> float:
+    """Bare torchvision ResNet forward+backward on synthetic crops of this recipe, one pass per resolution (no
+    augmentation, head, loss or optimizer): images/s, the ceiling the whole SwAV step is compared with."""
+    args, device = run.args, run.device
+    make = getattr(torchvision.models, args.arch, None) or RESNETS[args.arch]  # resnet18-cifar: ours
+    bare = make().to(device, memory_format=run.fmt).train()
+    b = args.batch_size // run.world_size
+    groups = [
+        torch.randn(g.n * b, 3, g.size, g.size, device=device).contiguous(memory_format=run.fmt) for g in run.groups
+    ]
+    for i in range(steps + 2):  # 2 warm-up steps
+        if i == 2:
+            sync(device)
+            t0 = time.perf_counter()
+        with run.autocast:
+            out = torch.cat([bare(x) for x in groups])
+        out.float().sum().backward()
+    sync(device)
+    return steps * args.batch_size / (time.perf_counter() - t0)
+
+
+def measure_data(run: SimpleNamespace, steps: int) -> float:
+    """The data pipeline alone (read, decode, crops, colour, normalise) for `steps` global batches: images/s."""
+    args = run.args
+    in_memory = torch.is_tensor(run.data["train_x"])
+    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, -1, run.device if in_memory else None)
+    batches = (batches * math.ceil((steps + 1) / len(batches)))[: steps + 1]
+    stream = view_batches(
+        run, run.data["train_x"], batches, [(args.seed, "bench", i) for i in range(steps + 1)], run.groups
+    )
+    next(stream)  # workers started
+    sync(run.device)
+    t0 = time.perf_counter()
+    for _ in stream:
+        pass
+    sync(run.device)
+    return steps * args.batch_size / (time.perf_counter() - t0)
+
+
+# END SHARED
+
+
+# ==== 7. EVALUATION ====
+# SHARED: encode
+@torch.no_grad()
+def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pooled backbone features [n, F] (fp32, eval-mode BN) of centre crops (streamed) or whole images (in memory),
+    sharded over ranks and gathered; `subset` selects image indices."""
+    args, model, device, rank, world = run.args, run.model, run.device, run.rank, run.world_size
+    images = run.data[f"{split}_x"]
+    ids = torch.arange(len(run.data[f"{split}_y"])) if subset is None else subset
+    per_rank = math.ceil(len(ids) / world)
+    mine = ids[torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp(max=len(ids) - 1)]  # padded, trimmed later
+    model.eval()
+    if torch.is_tensor(images):
+        mine_dev = mine.to(images.device)
+
+        def load(c):
+            x = images[c].to(device).float()
+            if x.shape[-1] != args.large_size:
+                x = F.interpolate(x, size=(args.large_size, args.large_size), mode="bilinear", antialias=True)
+            return x
+
+        stream = (load(c) for c in mine_dev.split(args.eval_chunk))
+        n_chunks = math.ceil(len(mine) / args.eval_chunk)
+    else:
+        chunks = [[images[i] for i in c] for c in mine.split(args.eval_chunk)]
+        # PAPER: Resize(256) + CenterCrop(224), decoded by the workers, one chunk per item
+        decode = partial(decode_files, size=round(args.large_size * 256 / 224), crop=args.large_size)
+        loader = DataLoader(chunks, batch_size=None, collate_fn=decode, num_workers=args.workers)
+        stream, n_chunks = (x.to(device, non_blocking=True).float() for x in loader), len(chunks)
+    mean = torch.tensor(args.mean, device=device)[:, None, None] * 255
+    std = torch.tensor(args.std, device=device)[:, None, None] * 255
+    feats = []
+    for x in tqdm(stream, total=n_chunks, desc=f"encode {split}", disable=rank != 0, leave=False):
+        with run.autocast:
+            feats.append(model.backbone(((x - mean) / std).contiguous(memory_format=run.fmt)).float())
+    feats = torch.cat(feats)
+    if world > 1:
+        out = [torch.empty_like(feats) for _ in range(world)]
+        dist.all_gather(out, feats)
+        feats = torch.cat(out)
+    return feats[: len(ids)]
+
+
+# END SHARED
+
+
+# SHARED: knn
+@torch.no_grad()
+def knn_eval(x_train, y_train, x_test, y_test, num_classes, k=20, t=0.07, chunk=256) -> tuple:
+    """Weighted k-NN (DINO protocol): cosine similarity on L2-normalised features, votes weighted by exp(sim / t).
+
+    Returns (top1, top5) in percent. The test set is processed in chunks of a fixed size."""
+    x_train, x_test = F.normalize(x_train.float(), dim=1), F.normalize(x_test.float(), dim=1)
+    k = min(k, len(x_train))
+    correct1 = correct5 = 0
+    for i in range(0, len(x_test), chunk):
+        sim, idx = (x_test[i : i + chunk] @ x_train.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, y_train[idx], (sim / t).exp())
+        pred = votes.topk(min(5, num_classes), dim=1).indices
+        target = y_test[i : i + chunk, None]
+        correct1 += (pred[:, :1] == target).sum().item()
+        correct5 += (pred == target).any(1).sum().item()
+    return 100.0 * correct1 / len(x_test), 100.0 * correct5 / len(x_test)
+
+
+# END SHARED
+
+
+# SHARED: linear-probe
+def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0.03, wd=5e-5, batch_size=100, seed=0):
+    """Linear classifier on frozen, precomputed features, on their device: SGD (momentum 0.9), cosine LR per epoch
+    (CosineAnnealingLR(T_max=epochs)), shuffled batches with drop_last. Returns last and best test top-1 (percent)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # a seeded head without touching the caller's RNG state
+        torch.manual_seed(seed)
+        head = nn.Linear(x_train.shape[1], num_classes).to(x_train.device)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    n = len(x_train) // batch_size * batch_size
+    accs = []
+    for epoch in range(epochs):
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        for idx in torch.randperm(len(x_train), generator=gen)[:n].to(x_train.device).view(-1, batch_size):
+            loss = F.cross_entropy(head(x_train[idx]), y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            accs.append((head(x_test).argmax(1) == y_test).float().mean())  # no host sync per epoch
+    accs = (torch.stack(accs) * 100).tolist()
+    return dict(last=accs[-1], best=max(accs))
+
+
+# END SHARED
+
+
+# SHARED: probe-evaluate
+def linear_probe_augmented(run: SimpleNamespace, x_test: torch.Tensor, y_test: torch.Tensor) -> dict:
+    """The official augmented probe: frozen backbone in eval mode, Linear(F, C) with weights N(0, 0.01) and bias 0,
+    SGD (momentum 0.9; LARC trust 0.001 if --probe-lars) at --probe-lr per 256, cosine per epoch to 0, train crops
+    RandomResizedCrop(0.08, 1) + flip, validation on centre-crop features every epoch. Returns the last and best
+    top-1 (and the last top-5)."""
+    args, model, device, world, rank = run.args, run.model, run.device, run.world_size, run.rank
+    data, nc = run.data, run.data["num_classes"]
+    group = CropGroup(1, args.large_size, (0.08, 1.0), colour=False)
+    gen = torch.Generator().manual_seed(args.seed)
+    head = nn.Linear(model.backbone.num_features, nc).to(device)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
+        head.bias.zero_()
+    lr = args.probe_lr * args.probe_batch_size / 256
+    params = [dict(params=list(head.parameters()), lars=args.probe_lars)]  # LARC: every parameter, no clipping
+    opt = LARS(params, lr=lr, momentum=0.9, weight_decay=args.probe_wd, eta=0.001, clip=False)
+    in_memory, n, train_y = torch.is_tensor(data["train_x"]), len(data["train_y"]), data["train_y"].to(device)
+    b = args.probe_batch_size // world
+    model.eval()
+    top1, top5 = [], []
+    for epoch in tqdm(range(args.probe_epochs), desc="linear probe", disable=rank != 0, leave=False):
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / args.probe_epochs))
+        batches = epoch_batches(n, args.probe_batch_size, args.seed, ("probe", epoch), device if in_memory else None)
+        keys = [(args.seed, "probe", epoch, s) for s in range(len(batches))]
+        for idx, (x,) in zip(batches, view_batches(run, data["train_x"], batches, keys, [group])):
+            with torch.no_grad(), run.autocast:
+                f = model.backbone(x.contiguous(memory_format=run.fmt)).float()
+            y = train_y[idx[rank * b : (rank + 1) * b].to(device)]
+            loss = F.cross_entropy(head(f), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:  # the gradient of the global-batch mean
+                for p in head.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            opt.step()
+        with torch.no_grad():
+            pred = head(x_test).topk(min(5, nc), dim=1).indices
+            top1.append((pred[:, 0] == y_test).float().mean())
+            top5.append((pred == y_test[:, None]).any(1).float().mean())
+    top1, top5 = (torch.stack(top1) * 100).tolist(), (torch.stack(top5) * 100).tolist()
+    return dict(last=top1[-1], best=max(top1), top5=top5[-1])
+
+
+def evaluate(run: SimpleNamespace, tag: str) -> dict:
+    """Weighted k-NN on pooled backbone features (a seeded subset during training, everything at the end), and at the
+    end the linear probe (augmented per spec 8.1, or fast on precomputed features, labelled linear_fast_*)."""
+    args, data, device = run.args, run.data, run.device
+    final, nc = tag == "final", data["num_classes"]
+    t0 = time.perf_counter()
+    subsets = {}
+    for split, size in (("train", args.eval_subset_train), ("test", args.eval_subset_test)):
+        n = len(data[f"{split}_y"])
+        g = torch.Generator().manual_seed(rng_seed(args.seed, "eval-subset", split))
+        subsets[split] = None if final or size >= n else torch.randperm(n, generator=g)[:size].sort().values
+    # the final features are cached per weights digest, so a rerun of a finished run skips the encoding
+    use_cache = final and run.world_size == 1
+    digest = state_dict_digest(run.model.state_dict()) if use_cache else None
+    key = rng_seed(digest, args.dataset, args.data_dir, args.large_size, args.mean, args.std)
+    cache = ArtifactCache(Path(args.out_dir) / "cache", f"{key:014x}")
+    feats = {}
+    for split in ("train", "test"):
+        feats[split] = cache.get(split) if use_cache else None
+        if feats[split] is None:
+            feats[split] = extract_features(run, split, subsets[split])
+            if use_cache:
+                cache.put(split, feats[split].cpu())
+        feats[split] = feats[split].to(device)
+    labels = {s: data[f"{s}_y"] if subsets[s] is None else data[f"{s}_y"][subsets[s]] for s in subsets}
+    ytr, yte = labels["train"].to(device), labels["test"].to(device)
+    res, times = {}, dict(encode_s=time.perf_counter() - t0)
+    if run.rank == 0:
+        t0 = time.perf_counter()
+        res["knn_top1"], res["knn_top5"] = knn_eval(feats["train"], ytr, feats["test"], yte, nc, args.knn_k, args.knn_t)
+        times["knn_s"] = time.perf_counter() - t0
+        if final and args.probe == "features":
+            t0 = time.perf_counter()
+            probe = linear_probe(
+                feats["train"], ytr, feats["test"], yte, nc, args.probe_epochs, args.probe_lr, args.probe_wd,
+                args.probe_batch_size, args.seed,
+            )  # fmt: skip
+            res["linear_fast_top1"], res["linear_fast_top1_best"] = probe["last"], probe["best"]
+            times["probe_s"] = time.perf_counter() - t0
+    if final and args.probe == "augmented":  # every rank takes part (data-parallel head)
+        t0 = time.perf_counter()
+        probe = linear_probe_augmented(run, feats["test"], yte)
+        res.update(linear_top1=probe["last"], linear_top1_best=probe["best"], linear_top5=probe["top5"])
+        times["probe_s"] = time.perf_counter() - t0
+    if run.world_size > 1:
+        dist.barrier()
+    if run.rank == 0:
+        log_jsonl(run, dict(type="eval", tag=tag, step=run.global_step, **res, **times))
+        print(f"eval @ {tag} | " + " | ".join(f"{k} {v:.2f}" for k, v in {**res, **times}.items()))
+    for k, v in times.items():
+        run.times[k] = run.times.get(k, 0.0) + v
+    return res
+
+
+# END SHARED
+
+
+# ==== 8. MAIN ====
+# SHARED: ddp-setup
+def setup_distributed(device_arg: Optional[str]) -> tuple:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per device, nccl on GPU, gloo on CPU.
+    Without them: a single process, no process group. Returns (rank, world_size, device)."""
+    use_cuda = torch.cuda.is_available() and (device_arg or "cuda") != "cpu"
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device_arg or ("cuda" if use_cuda else "cpu"))
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    return rank, world_size, device
+
+
+# END SHARED
+
+
+def log_jsonl(run: SimpleNamespace, record: dict) -> None:
+    with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_state(run: SimpleNamespace) -> None:
+    """out_dir/last.pt, written atomically by rank 0: model, optimizer, scaler, step and timers."""
+    if run.rank != 0:
+        return
+    t0 = time.perf_counter()
+    state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
+    state.update(step=run.global_step, train_time_s=run.train_time_s, images_seen=run.images_seen)
+    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args))
+    save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
+    run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
+
+
+# SHARED: results
+def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, res: dict, t_start: float) -> None:
+    """out_dir/results.json (rank 0, atomic): args, machine, timings, throughput against the bare ceiling, metrics."""
+    args, device = run.args, run.device
+    imgs_per_s = run.images_seen / max(run.train_time_s, 1e-9)
+    ceiling = bench.get("ceiling_images_per_s")
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    results = dict(script=Path(__file__).name, paper=paper, exp_name=args.exp_name)
+    results.update(args=dataclasses.asdict(args), world_size=run.world_size, steps_per_epoch=run.steps_per_epoch)
+    results.update(extra, device=dev_name, python=platform.python_version())
+    results.update(torch=torch.__version__, torchvision=torchvision.__version__)
+    results.update(epochs_done=run.global_step / run.steps_per_epoch, steps_done=run.global_step)
+    view = "whole images" if args.in_memory else "centre crops"
+    protocol = f"pooled backbone features of {view}, eval-mode BN; weighted k-NN k={args.knn_k} T={args.knn_t}"
+    results.update(eval_protocol=f"{protocol}; linear probe: {args.probe}, {args.probe_epochs} epochs")
+    results.update(data_time_s=run.data_time_s, train_time_s=run.train_time_s, data_wait_s=run.data_wait_s, **run.times)
+    results.update(total_time_s=time.perf_counter() - t_start, images_seen=run.images_seen, images_per_s=imgs_per_s)
+    results.update(crops_per_s=imgs_per_s * (args.n_large + args.n_small), **bench)
+    results.update(ceiling_ratio=imgs_per_s / ceiling if ceiling else None)
+    results.update(peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+    results.update(script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)
+    tmp = Path(args.out_dir) / f"results.json.tmp.{os.getpid()}"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, Path(args.out_dir) / "results.json")  # atomic, like the checkpoints
+    print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=2))
+
+
+# END SHARED
+
+
+def check_args(args: Args, world_size: int) -> None:
+    """Refuse bad input with one clear line, before any data is read or process group created."""
+    if args.arch not in RESNETS:
+        raise RunError(f"unknown --arch {args.arch!r}; choose one of {', '.join(RESNETS)}")
+    if args.device is not None and args.device != "cpu" and not args.device.startswith("cuda"):
+        raise RunError(f"unknown --device {args.device!r}; use cuda, cuda:N or cpu")
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"--device {args.device} but no CUDA device is available")
+    at_least = {
+        1: "batch_size n_large large_size small_size proj_dim topk_neg epochs probe_batch_size knn_k eval_chunk "
+        "log_every image_size train_repeat probe_epochs",
+        0: "n_small workers save_every_steps eval_every max_steps bench_ceiling_steps bench_data_steps "
+        "eval_subset_train eval_subset_test",
+    }
+    for low, names in at_least.items():
+        for name in names.split():
+            value = getattr(args, name)
+            if value is not None and value < low:
+                raise RunError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    for name in ("steepness", "lr"):
+        if getattr(args, name) <= 0:
+            raise RunError(f"--{name} must be > 0, got {getattr(args, name)}")
+    for name in ("large_scale", "small_scale"):
+        lo, hi = getattr(args, name)
+        if not 0 < lo <= hi <= 1:
+            raise RunError(f"--{name.replace('_', '-')} must satisfy 0 < min <= max <= 1, got {lo} {hi}")
+    if args.n_large < 2:
+        raise RunError(f"--n-large {args.n_large}: GroCo needs at least 2 global views (an anchor needs a positive)")
+    if args.batch_size % world_size:
+        raise RunError(f"--batch-size {args.batch_size} does not divide by the world size {world_size}")
+    if args.batch_size < args.topk_neg + 1:  # the negatives are drawn from the global batch
+        raise RunError(f"--batch-size {args.batch_size} is too small for --topk-neg {args.topk_neg}: need >= K + 1")
+    if args.probe_batch_size % world_size:
+        raise RunError(f"--probe-batch-size {args.probe_batch_size} does not divide by the world size {world_size}")
+    if args.decode == "device" and (args.in_memory or args.dataset != "imagefolder"):
+        raise RunError("--decode device applies to streamed image folders; in-memory data is cut on the device anyway")
+
+
+def run_training(args: Args) -> dict:
+    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))  # before any process group: bad input fails fast
+    rank, world_size, device = setup_distributed(args.device)
+    is_main = rank == 0
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.backends.cudnn.benchmark = not args.deterministic
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # only matters with --amp none
+    t_start = time.perf_counter()
+
+    t0 = time.perf_counter()
+    data = load_data(args)
+    steps_per_epoch = len(data["train_y"]) // args.batch_size
+    if steps_per_epoch == 0:
+        raise RunError(f"--batch-size {args.batch_size} exceeds the {len(data['train_y'])} training images")
+    if args.probe != "none" and len(data["train_y"]) < args.probe_batch_size:
+        raise RunError(f"--probe-batch-size {args.probe_batch_size} exceeds the {len(data['train_y'])} training images")
+    if torch.is_tensor(data["train_x"]):  # CRUCIAL: decode once, keep the uint8 images on the device (CIFAR: 150 MB)
+        data.update(train_x=data["train_x"].to(device), test_x=data["test_x"].to(device))
+    data_time_s = time.perf_counter() - t0
+
+    torch.manual_seed(args.seed)  # the same initial model on every rank
+    model = GroCo(args.arch, args.proj_dim)
+    fmt = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
+    model = model.to(device, memory_format=fmt)
+    run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, data=data, model=model, fmt=fmt)
+    run.groups = crop_groups(args)
+    # PAPER: plain SGD with momentum 0.9, weight decay on every parameter (BN and biases too); no LARS/LARC
+    params = [p for p in model.parameters() if p.requires_grad]
+    run.opt = torch.optim.SGD(params, lr=scaled_lr(args), momentum=args.momentum, weight_decay=args.weight_decay)
+    use_amp = device.type == "cuda" and args.amp != "none"
+    run.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and args.amp == "fp16")
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
+    # DEVIATION: bf16 autocast (official: fp16 autocast with a GradScaler); the loss and the sort stay fp32
+    run.autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
+    run.steps_per_epoch, run.global_step, run.train_time_s, run.images_seen = steps_per_epoch, 0, 0.0, 0
+    run.data_wait_s, run.times, run.data_time_s = 0.0, {}, data_time_s
+    ckpt_path = find_resume(out_dir, args.resume)
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        needed = {"model", "optimizer", "scaler", "step", "args", "train_time_s", "images_seen", "data_wait_s"}
+        if not isinstance(ckpt, dict) or needed - ckpt.keys():
+            raise CheckpointError(f"{ckpt_path} is not a training checkpoint of this script (needs {sorted(needed)})")
+        if ckpt["args"]["batch_size"] != args.batch_size:  # steps would map to other images and epochs
+            raise CheckpointError(
+                f"{ckpt_path} was trained with --batch-size {ckpt['args']['batch_size']}, not {args.batch_size}"
+            )
+        load_state_dict_strict(model, ckpt["model"], what=f"model in {ckpt_path}")
+        try:
+            run.opt.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"optimizer state in {ckpt_path} does not match: {e}")
+        run.scaler.load_state_dict(ckpt["scaler"])
+        run.global_step, run.train_time_s, run.images_seen = ckpt["step"], ckpt["train_time_s"], ckpt["images_seen"]
+        run.data_wait_s = ckpt["data_wait_s"]
+        if is_main:
+            print(f"resumed from {ckpt_path} at step {ckpt['step']}")
+
+    net = model
+    if world_size > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (PyTorch's needs CUDA)
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if world_size > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    run.ddp_model = torch.compile(net) if args.compile else net
+
+    bench = {}
+    if args.bench_ceiling_steps:
+        bench["ceiling_images_per_s"] = measure_ceiling(run, args.bench_ceiling_steps)
+    if args.bench_data_steps:
+        bench["data_images_per_s"] = measure_data(run, args.bench_data_steps)
+    if is_main and bench:
+        print("benchmarks: " + ", ".join(f"{k} {v:,.0f}" for k, v in bench.items()))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    total_steps = steps_per_epoch * args.epochs
+    run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    while run.global_step < run.total_steps:
+        epoch, start = divmod(run.global_step, steps_per_epoch)
+        m = train_one_epoch(run, epoch, start)
+        save_state(run)
+        knn = ""
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.global_step < run.total_steps:
+            knn = f" | knn@1 {evaluate(run, tag=f'epoch {epoch + 1}').get('knn_top1', 0):.1f}"
+        if is_main:
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
+            print(
+                f"ep {epoch + 1}/{args.epochs} | loss {m['loss']:.4f} | pos {m['pos_sim']:.3f} neg {m['neg_sim']:.3f}"
+                f" | lr {m['lr']:.3f}{knn} | {run.train_time_s:.1f} s | {mem:.1f} GB"
+            )
+
+    res = evaluate(run, tag="final")
+    if is_main:
+        paper = "GroCo, Learning by Sorting (arXiv 2301.02009)"
+        write_results(run, paper, dict(scaled_lr=scaled_lr(args), n_pos_augs=args.n_large), bench, res, t_start)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return res
+
+
+def main(args: Args) -> None:
+    try:
+        run_training(args)
+    except (RunError, CheckpointError) as e:  # CRUCIAL: bad input -> one clear line and exit code 1, no traceback
+        msg = str(e).strip().splitlines()[-1].split("RunError: ", 1)[-1]  # a DataLoader worker's error: its last line
+        sys.exit(f"{Path(__file__).name}: error: {msg}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(RECIPES, default=Args()))
