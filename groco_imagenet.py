@@ -679,6 +679,20 @@ def sorter(size: int, steepness: float, device: torch.device) -> diffsort.DiffSo
     return _SORTERS[key]
 
 
+def ordering_loss(s: torch.Tensor, k: int, steepness: float = 1.0) -> torch.Tensor:
+    """The group-ordering BCE of pre-ordered rows s [R, n] (k negatives, then n - k positives), mean over rows.
+
+    diffsort's soft permutation P [R, n, n] (sorted = s @ P, ascending; P[r, i, j] = P(input i -> rank j)) gives each
+    input's probability of landing among the k lowest ranks, q_neg, and among the others, q_pos. The loss is
+    (BCE(q_pos, t_pos) + BCE(q_neg, t_neg)) / 2 with t = the identity permutation's sums (t_neg[i] = i < k)."""
+    n = s.shape[1]
+    _, perm = sorter(n, steepness, s.device)(s.float())
+    q_neg = perm[:, :, :k].sum(2).clamp(0, 1)  # clamped: rounding can leave [0, 1] (official)
+    q_pos = perm[:, :, k:].sum(2).clamp(0, 1)
+    t_neg = (torch.arange(n, device=s.device) < k).float().expand_as(q_neg)
+    return (F.binary_cross_entropy(q_pos, 1 - t_neg) + F.binary_cross_entropy(q_neg, t_neg)) / 2  # log clamped -100
+
+
 def groco_loss(
     views: list, topk_neg: int = 10, steepness: float = 1.0, n_pos_augs: Optional[int] = None, stop_grad: bool = True
 ) -> torch.Tensor:
@@ -726,13 +740,7 @@ def groco_loss(
                  for a in range(lo, hi)]
             ).sort(2).values  # fmt: skip  # [A, B, n_p]: plain cosines, ascending
             s = torch.cat([neg[lo:hi], pos], 2).flatten(0, 1)  # [A*B, K + n_p]: negatives first
-            n = s.shape[1]
-            _, perm = sorter(n, steepness, device)(s)  # [A*B, n, n]; rows: inputs, columns: ranks (ascending)
-            q_neg = perm[:, :, :k].sum(2).clamp(0, 1)  # P(input i lands among the K lowest ranks)
-            q_pos = perm[:, :, k:].sum(2).clamp(0, 1)
-            t_neg = (torch.arange(n, device=device) < k).float().expand_as(q_neg)  # the identity permutation's sums
-            bce = F.binary_cross_entropy(q_pos, 1 - t_neg) + F.binary_cross_entropy(q_neg, t_neg)  # log clamped -100
-            loss = loss + (hi - lo) * bce / 2  # the mean over A*B rows = the mean of the A anchors' means
+            loss = loss + (hi - lo) * ordering_loss(s, k, steepness)  # A x the mean over A*B rows = sum of A means
         return loss / n_views
 
 
