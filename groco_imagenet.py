@@ -146,7 +146,7 @@ class Args:
     arch: str = "resnet50"
     """backbone from common/resnet.py: resnet50, resnet18 or resnet18-cifar (zero_init_residual, official)"""
     proj_dim: int = 2048
-    """width of the three projector layers and of the embedding (official 2048)"""
+    """embedding width (official 2048); the projector's two hidden layers are as wide as the backbone's features"""
     sync_bn: bool = True
     """SyncBatchNorm on CUDA under DDP (PyTorch's SyncBN is GPU-only: CPU/gloo runs keep per-rank BN)"""
 
@@ -229,7 +229,7 @@ CIFAR_PROXY = dataclasses.replace(
     dataset="cifar10", in_memory=True, image_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
     large_size=32, large_scale=(0.14, 1.0), n_small=0,  # 2 x 32 px, the DINO pipeline
     large_blur=(0.0, 0.0),                               # no blur on 32-px images (as solo-learn's CIFAR recipes)
-    arch="resnet18-cifar", proj_dim=2048,
+    arch="resnet18-cifar",                               # projector 512-512-2048
     epochs=100, batch_size=256, lr=0.75, lr_scaling="linear", warmup_epochs=10, weight_decay=1e-6,  # lr 6 at 256
     eval_every=10, eval_subset_train=50000,
     probe="features", probe_epochs=100, probe_lr=0.1, probe_batch_size=256, probe_lars=False,  # fast probe
@@ -516,7 +516,7 @@ def finish_views(x: torch.Tensor, p: dict, group: CropGroup, args: Args) -> torc
         x = torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
         x = torch.where(p["blur"][:, None, None, None], gaussian_blur(x, p["sigma"]), x)
         if group.solarize > 0:
-            x = torch.where(p["solarize"][:, None, None, None] & (x >= 0.5), 1 - x, x)
+            x = torch.where(p["solarize"][:, None, None, None] & (x >= 128 / 255), 1 - x, x)  # PIL: v >= 128
     return torch.stack([(x[:, c] - m) / sd for c, (m, sd) in enumerate(zip(args.mean, args.std))], 1)  # no H2D copy
 
 
@@ -637,20 +637,21 @@ def decode_checked(data: torch.Tensor, path) -> torch.Tensor:
 
 # ==== 3. MODEL ====
 class GroCo(nn.Module):
-    """ResNet -> projector 2048-2048-2048 ending in BatchNorm1d(affine=False) (spec 2). No predictor, no momentum."""
+    """ResNet -> projector F-F-D ending in BatchNorm1d(affine=False) (spec 2; F = D = 2048 for ResNet-50). No
+    predictor, no momentum encoder."""
 
     def __init__(self, arch: str, proj_dim: int):
         super().__init__()
         self.backbone = RESNETS[arch](zero_init_residual=True)  # PAPER: torchvision resnet50(zero_init_residual=True)
         f = self.backbone.num_features
-        self.projector = nn.Sequential(
-            nn.Linear(f, proj_dim, bias=False),
-            nn.BatchNorm1d(proj_dim),
+        self.projector = nn.Sequential(  # official RegularProjection: hidden layers as wide as the backbone's output
+            nn.Linear(f, f, bias=False),
+            nn.BatchNorm1d(f),
             nn.ReLU(inplace=True),
-            nn.Linear(proj_dim, proj_dim, bias=False),
-            nn.BatchNorm1d(proj_dim),
+            nn.Linear(f, f, bias=False),
+            nn.BatchNorm1d(f),
             nn.ReLU(inplace=True),
-            nn.Linear(proj_dim, proj_dim),
+            nn.Linear(f, proj_dim),
             nn.BatchNorm1d(proj_dim, affine=False),  # CRUCIAL: no affine parameters
         )
         self.projector[6].bias.requires_grad_(False)  # official: frozen (redundant before BN), not in the optimizer
@@ -686,7 +687,8 @@ def ordering_loss(s: torch.Tensor, k: int, steepness: float = 1.0) -> torch.Tens
     input's probability of landing among the k lowest ranks, q_neg, and among the others, q_pos. The loss is
     (BCE(q_pos, t_pos) + BCE(q_neg, t_neg)) / 2 with t = the identity permutation's sums (t_neg[i] = i < k)."""
     n = s.shape[1]
-    _, perm = sorter(n, steepness, s.device)(s.float())
+    with torch.autocast(s.device.type, enabled=False):  # CRUCIAL: the sort in fp32 (autocast would run it in bf16)
+        _, perm = sorter(n, steepness, s.device)(s.float())
     q_neg = perm[:, :, :k].sum(2).clamp(0, 1)  # clamped: rounding can leave [0, 1] (official)
     q_pos = perm[:, :, k:].sum(2).clamp(0, 1)
     t_neg = (torch.arange(n, device=s.device) < k).float().expand_as(q_neg)
@@ -1247,6 +1249,9 @@ def check_args(args: Args, world_size: int) -> None:
     for name in ("steepness", "lr"):
         if getattr(args, name) <= 0:
             raise RunError(f"--{name} must be > 0, got {getattr(args, name)}")
+    for name in ("warmup_epochs", "momentum", "weight_decay", "probe_wd", "probe_lr"):
+        if getattr(args, name) < 0:
+            raise RunError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("large_scale", "small_scale"):
         lo, hi = getattr(args, name)
         if not 0 < lo <= hi <= 1:

@@ -521,7 +521,7 @@ def finish_views(x: torch.Tensor, p: dict, group: CropGroup, args: Args) -> torc
         x = torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
         x = torch.where(p["blur"][:, None, None, None], gaussian_blur(x, p["sigma"]), x)
         if group.solarize > 0:
-            x = torch.where(p["solarize"][:, None, None, None] & (x >= 0.5), 1 - x, x)
+            x = torch.where(p["solarize"][:, None, None, None] & (x >= 128 / 255), 1 - x, x)  # PIL: v >= 128
     return torch.stack([(x[:, c] - m) / sd for c, (m, sd) in enumerate(zip(args.mean, args.std))], 1)  # no H2D copy
 
 
