@@ -678,6 +678,7 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
         scaler.update()
         window += torch.stack([loss, inv, tcr]).detach()
         n_done += 1
+        run.patches_seen += args.batch_size * args.n_patches  # per step: mid-epoch checkpoints hold the count
         run.global_step = gstep + 1
         if (step + 1) % args.log_every == 0 or step + 1 == last:
             if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
@@ -707,7 +708,6 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
             t0 = time.perf_counter()
     sync(device)
     run.train_time_s += time.perf_counter() - t0
-    run.patches_seen += n_done * args.batch_size * args.n_patches
     m = (sums / max(n_done, 1)).tolist()
     return dict(loss=m[0], cos=-m[1], R=-m[2], lr=lr_at(run.global_step - 1, args, spe), steps=n_done)
 

@@ -34,7 +34,7 @@ config's base LR, scaling, warm-up and weight decay.
 
 Deviations (each marked `# DEVIATION:` below): crops are resized bilinearly (official: bicubic) by torchvision's
 tensor ops in the CPU workers, or with a batched roi_align on the device, and colour/blur/solarize run batched on the
-device; bf16 autocast (official: fp16 with a GradScaler) with the loss and the sort in fp32; under DDP with
+device; the evaluation's Resize(256) + CenterCrop(224) is antialiased bilinear (the official final k-NN: bicubic); bf16 autocast (official: fp16 with a GradScaler) with the loss and the sort in fp32; under DDP with
 --no-stop-grad the negatives pass every rank's gradient back (the official gather keeps only the local one); the
 final linear probe validates on the whole validation set (official: the first floor(50000/4096)*4096 images); seeded,
 resumable random streams (official seed: none).
@@ -89,6 +89,7 @@ class Args:
     """which preset these defaults came from (set by the subcommand: imagenet or cifar)"""
     exp_name: str = "groco"
     """name stored in results.json"""
+    # DEVIATION: seeded, resumable random streams (the official runs set no seed)
     seed: int = 0
     """seed for the model init, the data order and every augmentation draw (the official runs are unseeded)"""
     out_dir: str = "runs/groco"
@@ -139,6 +140,7 @@ class Args:
     """blur probability of the local crops (official; no solarisation)"""
     mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
     """normalisation mean (ImageNet)"""
+    # DEVIATION: the evaluation's Resize(256) + CenterCrop(224) is antialiased bilinear (official final k-NN: bicubic)
     std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
     """normalisation std (ImageNet)"""
 
@@ -183,6 +185,7 @@ class Args:
     """training images used as the k-NN memory during training (official 30,000; the final k-NN uses all)"""
     eval_subset_test: int = 10000
     """test images used during training"""
+    # DEVIATION: the probe validates on every test image (official: the first floor(50000/4096)*4096 = 49,152)
     probe: Literal["augmented", "features", "none"] = "augmented"
     """final linear probe: augmented (official, spec 5.2) or features (fast, precomputed centre crops)"""
     probe_epochs: int = 90
@@ -494,6 +497,7 @@ def crop_groups(args: Args) -> list:
     """One group per global view (spec 4: view 1 blur 1.0; view 2 blur 0.1 + solarize 0.2; views 3, 4 repeat them)
     and one for the local crops (blur 0.5). The jitter is DINO's (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale 0.2."""
     jit = tuple(args.jitter)
+    # DEVIATION: the crops are resized bilinearly (official RandomResizedCrop: bicubic), see resized_crops/FolderViews
     groups = [
         CropGroup(1, args.large_size, tuple(args.large_scale), jit, args.large_blur[i % 2], args.large_solarize[i % 2])
         for i in range(args.n_large)
@@ -689,10 +693,14 @@ def ordering_loss(s: torch.Tensor, k: int, steepness: float = 1.0) -> torch.Tens
     n = s.shape[1]
     with torch.autocast(s.device.type, enabled=False):  # CRUCIAL: the sort in fp32 (autocast would run it in bf16)
         _, perm = sorter(n, steepness, s.device)(s.float())
-    q_neg = perm[:, :, :k].sum(2).clamp(0, 1)  # clamped: rounding can leave [0, 1] (official)
-    q_pos = perm[:, :, k:].sum(2).clamp(0, 1)
+    # CRUCIAL: a NaN would make BCE raise (CPU) or assert (CUDA) before the step check can name the step: the
+    # probabilities are made finite for BCE and the loss is returned as NaN, which train_one_epoch reports
+    finite = torch.isfinite(perm).all()
+    q_neg = perm[:, :, :k].sum(2).nan_to_num(0.5).clamp(0, 1)  # clamped: rounding can leave [0, 1] (official)
+    q_pos = perm[:, :, k:].sum(2).nan_to_num(0.5).clamp(0, 1)
     t_neg = (torch.arange(n, device=s.device) < k).float().expand_as(q_neg)
-    return (F.binary_cross_entropy(q_pos, 1 - t_neg) + F.binary_cross_entropy(q_neg, t_neg)) / 2  # log clamped -100
+    loss = (F.binary_cross_entropy(q_pos, 1 - t_neg) + F.binary_cross_entropy(q_neg, t_neg)) / 2  # log clamped -100
+    return torch.where(finite, loss, float("nan"))
 
 
 def groco_loss(
@@ -878,7 +886,7 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
     bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
     run.model.train()
     bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=not is_main, dynamic_ncols=True)
-    t0, n_done, n_logged, wait = time.perf_counter(), 0, 0, 0.0
+    t0, n_done, n_logged = time.perf_counter(), 0, 0
     for step in bar:
         gstep = epoch * spe + step
         lr = lr_at(gstep, args, spe)
@@ -886,11 +894,12 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
             group["lr"] = lr
         tw = time.perf_counter()
         groups = next(stream)
-        wait += time.perf_counter() - tw  # host time spent waiting for (or making) the crops
+        run.data_wait_s += time.perf_counter() - tw  # host time spent waiting for (or making) the crops
         loss, pos_sim, neg_sim = train_step(run, groups)
         bad_step = torch.minimum(bad_step, torch.where(torch.isfinite(loss), no_bad, gstep + 1))
         window += torch.stack([loss, pos_sim, neg_sim])
         n_done += 1
+        run.images_seen += args.batch_size  # counted per step: a mid-epoch checkpoint holds the true count
         run.global_step = gstep + 1
         if (step + 1) % args.log_every == 0 or step + 1 == last:
             if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
@@ -912,8 +921,6 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
             t0 = time.perf_counter()
     sync(device)
     run.train_time_s += time.perf_counter() - t0
-    run.data_wait_s += wait
-    run.images_seen += n_done * args.batch_size
     m = (sums / max(n_done, 1)).tolist()
     return dict(loss=m[0], pos_sim=m[1], neg_sim=m[2], lr=lr_at(run.global_step - 1, args, spe))
 

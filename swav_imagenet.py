@@ -895,7 +895,7 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
     bad_stats = torch.zeros(3, device=device)  # min, max, norm of that step's scores
     model.train()
     bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=not is_main, dynamic_ncols=True)
-    t0, n_done, n_logged, wait = time.perf_counter(), 0, 0, 0.0
+    t0, n_done, n_logged = time.perf_counter(), 0, 0
     for step in bar:
         gstep = epoch * spe + step
         lr = lr_at(gstep, args, spe)
@@ -903,7 +903,7 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
             group["lr"] = lr
         tw = time.perf_counter()
         groups = next(stream)
-        wait += time.perf_counter() - tw  # host time spent waiting for (or making) the crops
+        run.data_wait_s += time.perf_counter() - tw  # host time spent waiting for (or making) the crops
         loss, z, scores = train_step(run, groups, gstep)
         scores_v = scores.view(n_crops, b, k)
         finite = torch.isfinite(loss)
@@ -916,6 +916,7 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
             ent = -(p_mean * p_mean.clamp_min(1e-12).log()).sum() / math.log(k)
             window += torch.stack([loss, loss / math.log(k), used.float(), ent])
         n_done += 1
+        run.images_seen += args.batch_size  # counted per step: a mid-epoch checkpoint holds the true count
         run.global_step = gstep + 1
         if (step + 1) % args.log_every == 0 or step + 1 == last:
             if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
@@ -941,8 +942,6 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
             t0 = time.perf_counter()
     sync(device)
     run.train_time_s += time.perf_counter() - t0
-    run.data_wait_s += wait
-    run.images_seen += n_done * args.batch_size
     m = (sums / max(n_done, 1)).tolist()
     return dict(loss=m[0], loss_over_lnK=m[1], protos_used=m[2], entropy=m[3], lr=lr_at(run.global_step - 1, args, spe))
 

@@ -523,7 +523,6 @@ def test_rrc_boxes_match_torchvision_get_params():
     """Same draws, same boxes, for photo sizes, tiny images and extreme aspect ratios (which force the fallback).
 
     Both take exp(log_ratio) in float32 and the rest in float64, so every box must match exactly."""
-    args = S.Args()
     sizes = [(375, 500), (500, 333), (224, 224), (32, 32), (20, 400), (400, 20), (1, 1), (3, 3), (7, 5), (96, 300)]
     n, ties, fallbacks = 300, 0, 0
     for hh, ww in sizes:
