@@ -45,6 +45,12 @@ def cifar_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cifar2k_dir(tmp_path_factory) -> Path:
+    """2,000 train + 500 test real CIFAR-10 images (JPEG q75 copy): enough to show features being learned."""
+    return extract_cifar_subset(tmp_path_factory.mktemp("cifar10-2k"), 200, 50)
+
+
+@pytest.fixture(scope="session")
 def imagewoof_dir(tmp_path_factory) -> Path:
     """160 real ImageNet photos (10 dog classes) in the ImageNet folder layout, train/ and val/."""
     dst = tmp_path_factory.mktemp("imagewoof-mini")
@@ -62,7 +68,7 @@ def start_script(args) -> subprocess.Popen:
 
 def run_script(args, timeout=300, nproc=None, env=None) -> subprocess.CompletedProcess:
     """Run `python script.py args` (or `torchrun --standalone --nproc_per_node=nproc ...`) from the project root."""
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}  # env wins
     cmd = [sys.executable]
     if nproc:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
