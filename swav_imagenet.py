@@ -1227,7 +1227,7 @@ def save_state(run: SimpleNamespace) -> None:
 
 
 # SHARED: results
-def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, res: dict, t_start: float) -> None:
+def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, res: dict) -> None:
     """out_dir/results.json (rank 0, atomic): args, machine, timings, throughput against the bare ceiling, metrics."""
     args, device = run.args, run.device
     imgs_per_s = run.images_seen / max(run.train_time_s, 1e-9)
@@ -1242,7 +1242,7 @@ def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, re
     protocol = f"pooled backbone features of {view}, eval-mode BN; weighted k-NN k={args.knn_k} T={args.knn_t}"
     results.update(eval_protocol=f"{protocol}; linear probe: {args.probe}, {args.probe_epochs} epochs")
     results.update(data_time_s=run.data_time_s, train_time_s=run.train_time_s, data_wait_s=run.data_wait_s, **run.times)
-    results.update(total_time_s=time.perf_counter() - t_start, images_seen=run.images_seen, images_per_s=imgs_per_s)
+    results.update(total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen, images_per_s=imgs_per_s)
     results.update(crops_per_s=imgs_per_s * (args.n_large + args.n_small), **bench)
     results.update(ceiling_ratio=imgs_per_s / ceiling if ceiling else None)
     results.update(peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
@@ -1308,95 +1308,38 @@ def convert_sync_bn(model: nn.Module, args: Args, rank: int, world_size: int) ->
 
 
 def run_training(args: Args) -> dict:
-    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))  # before any process group: bad input fails fast
-    rank, world_size, device = setup_distributed(args.device)
-    is_main = rank == 0
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.backends.cudnn.benchmark = not args.deterministic
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    # DEVIATION: TF32 for fp32 matmuls/convs; it only matters with --amp none (the scores and Sinkhorn are tiny)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    t_start = time.perf_counter()
-
-    t0 = time.perf_counter()
-    data = load_data(args)
-    steps_per_epoch = len(data["train_y"]) // args.batch_size
-    if steps_per_epoch == 0:
-        raise RunError(f"--batch-size {args.batch_size} exceeds the {len(data['train_y'])} training images")
-    if args.probe != "none" and len(data["train_y"]) < args.probe_batch_size:
-        raise RunError(f"--probe-batch-size {args.probe_batch_size} exceeds the {len(data['train_y'])} training images")
-    if torch.is_tensor(data["train_x"]):  # CRUCIAL: decode once, keep the uint8 images on the device (CIFAR: 150 MB)
-        data.update(train_x=data["train_x"].to(device), test_x=data["test_x"].to(device))
-    data_time_s = time.perf_counter() - t0
-
+    run = start_run(args)
+    device, world_size, is_main = run.device, run.world_size, run.rank == 0
     torch.manual_seed(args.seed)  # the same initial model on every rank
-    model = SwAV(args.arch, args.hidden_dim, args.feat_dim, args.n_prototypes)
-    fmt = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
-    model = model.to(device, memory_format=fmt)
-    run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, data=data, model=model, fmt=fmt)
+    run.model = model = SwAV(args.arch, args.hidden_dim, args.feat_dim, args.n_prototypes).to(
+        device, memory_format=run.fmt
+    )
     run.groups, run.queue = crop_groups(args), None
     # PAPER: SGD (momentum 0.9) wrapped in LARC(trust_coefficient=0.001, clip=False), weight decay 1e-6
     run.opt = LARS(
         param_groups(model, args), lr=args.lr, momentum=args.momentum, eta=args.lars_eta, clip=args.lars_clip
     )
-    use_amp = device.type == "cuda" and args.amp != "none"
-    run.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and args.amp == "fp16")
-    amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
-    # DEVIATION: bf16 autocast (official: apex fp16 O1); scores, Sinkhorn and the loss stay fp32
-    run.autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
-    run.steps_per_epoch, run.global_step, run.train_time_s, run.images_seen = steps_per_epoch, 0, 0.0, 0
-    run.data_wait_s, run.times, run.data_time_s = 0.0, {}, data_time_s
     # epochs, not iterations (swav#76). DEVIATION: 1 epoch at 4096 is 312 steps here (drop_last); official: 313
-    run.freeze_steps = round(args.freeze_prototypes_epochs * steps_per_epoch)
-    ckpt_path = find_resume(out_dir, args.resume)
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        needed = {"model", "optimizer", "scaler", "step", "args", "train_time_s", "images_seen", "queue", "data_wait_s"}
-        if not isinstance(ckpt, dict) or needed - ckpt.keys():
-            raise CheckpointError(f"{ckpt_path} is not a training checkpoint of this script (needs {sorted(needed)})")
-        if ckpt["args"]["batch_size"] != args.batch_size:  # steps would map to other images and epochs
-            raise CheckpointError(
-                f"{ckpt_path} was trained with --batch-size {ckpt['args']['batch_size']}, not {args.batch_size}"
-            )
-        load_state_dict_strict(model, ckpt["model"], what=f"model in {ckpt_path}")
-        try:
-            run.opt.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"optimizer state in {ckpt_path} does not match: {e}")
-        run.scaler.load_state_dict(ckpt["scaler"])
-        run.global_step, run.train_time_s, run.images_seen = ckpt["step"], ckpt["train_time_s"], ckpt["images_seen"]
-        run.data_wait_s = ckpt["data_wait_s"]
-        if ckpt["queue"] is not None:  # this rank's part; a new world size re-slices the same embeddings
-            qz = ckpt["queue"]["z"].to(device).transpose(0, 1).flatten(1, 2)  # [n_assign, L, D]
-            run.queue = Queue(qz.shape[0], qz.shape[1] // world_size, qz.shape[2], device)
-            run.queue.z = qz.view(qz.shape[0], world_size, -1, qz.shape[2])[:, rank].contiguous()
-            run.queue.filled = min(ckpt["queue"]["filled"], run.queue.z.shape[1])
-        if is_main:
-            print(f"resumed from {ckpt_path} at step {ckpt['step']}")
+    run.freeze_steps = round(args.freeze_prototypes_epochs * run.steps_per_epoch)
+    ckpt = resume_state(run, {"queue"})
+    if ckpt is not None and ckpt["queue"] is not None:  # this rank's part; a new world size re-slices the queue
+        qz = ckpt["queue"]["z"].to(device).transpose(0, 1).flatten(1, 2)  # [n_assign, L, D]
+        run.queue = Queue(qz.shape[0], qz.shape[1] // world_size, qz.shape[2], device)
+        run.queue.z = qz.view(qz.shape[0], world_size, -1, qz.shape[2])[:, run.rank].contiguous()
+        run.queue.filled = min(ckpt["queue"]["filled"], run.queue.z.shape[1])
 
     net = model
     if world_size > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (PyTorch's needs CUDA)
-        net = convert_sync_bn(model, args, rank, world_size)
+        net = convert_sync_bn(model, args, run.rank, world_size)
     if world_size > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     run.ddp_model = torch.compile(net) if args.compile else net
+    bench = run_benchmarks(run)
 
-    bench = {}
-    if args.bench_ceiling_steps:
-        bench["ceiling_images_per_s"] = measure_ceiling(run, args.bench_ceiling_steps)
-    if args.bench_data_steps:
-        bench["data_images_per_s"] = measure_data(run, args.bench_data_steps)
-    if is_main and bench:
-        print("benchmarks: " + ", ".join(f"{k} {v:,.0f}" for k, v in bench.items()))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    total_steps = steps_per_epoch * args.epochs
+    total_steps = run.steps_per_epoch * args.epochs
     run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
     while run.global_step < run.total_steps:
-        epoch, start = divmod(run.global_step, steps_per_epoch)
+        epoch, start = divmod(run.global_step, run.steps_per_epoch)
         m = train_one_epoch(run, epoch, start)
         save_state(run)
         knn = ""
@@ -1414,12 +1357,85 @@ def run_training(args: Args) -> dict:
 
     res = evaluate(run, tag="final")
     if is_main:
-        write_results(
-            run, "SwAV (arXiv 2006.09882)", dict(base_lr=args.lr * args.batch_size / 256), bench, res, t_start
-        )
+        write_results(run, "SwAV (arXiv 2006.09882)", dict(base_lr=args.lr * args.batch_size / 256), bench, res)
     if dist.is_initialized():
         dist.destroy_process_group()
     return res
+
+
+# SHARED: run-state
+def start_run(args: Args) -> SimpleNamespace:
+    """Check the args, join the process group, read the data (kept on the device when in memory), set precision.
+    Returns the run's state: args, rank, world_size, device, data, fmt, autocast, scaler, counters and timers."""
+    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))  # before any process group: bad input fails fast
+    t_start = time.perf_counter()
+    rank, world_size, device = setup_distributed(args.device)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    torch.backends.cudnn.benchmark = not args.deterministic
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    # DEVIATION: TF32 for fp32 matmuls/convs; it only matters with --amp none (the losses compute in fp32 anyway)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    data = load_data(args)
+    n = len(data["train_y"])
+    if n < args.batch_size:
+        raise RunError(f"--batch-size {args.batch_size} exceeds the {n} training images")
+    if args.probe != "none" and n < args.probe_batch_size:
+        raise RunError(f"--probe-batch-size {args.probe_batch_size} exceeds the {n} training images")
+    if torch.is_tensor(data["train_x"]):  # CRUCIAL: decode once, keep the uint8 images on the device (CIFAR: 150 MB)
+        data.update(train_x=data["train_x"].to(device), test_x=data["test_x"].to(device))
+    run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, data=data, t_start=t_start)
+    run.data_time_s, run.steps_per_epoch = time.perf_counter() - t_start, n // args.batch_size
+    run.fmt = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
+    use_amp = device.type == "cuda" and args.amp != "none"
+    run.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and args.amp == "fp16")
+    # DEVIATION: bf16 autocast by default (the official precision is in the docstring); the loss stays fp32
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
+    run.autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
+    run.global_step, run.train_time_s, run.images_seen, run.data_wait_s, run.times = 0, 0.0, 0, 0.0, {}
+    return run
+
+
+def resume_state(run: SimpleNamespace, extra_keys: set) -> Optional[dict]:
+    """Load out_dir/last.pt (or --resume) into run.model (strictly), run.opt, run.scaler and the counters.
+    Returns the checkpoint (the caller restores extra_keys), or None when there is nothing to resume."""
+    args = run.args
+    ckpt_path = find_resume(Path(args.out_dir), args.resume)
+    if ckpt_path is None:
+        return None
+    ckpt = load_checkpoint(ckpt_path, map_location=run.device)
+    needed = {"model", "optimizer", "scaler", "step", "args", "train_time_s", "images_seen", "data_wait_s", *extra_keys}
+    if not isinstance(ckpt, dict) or needed - ckpt.keys():
+        raise CheckpointError(f"{ckpt_path} is not a training checkpoint of this script (needs {sorted(needed)})")
+    if ckpt["args"]["batch_size"] != args.batch_size:  # steps would map to other images and epochs
+        raise CheckpointError(
+            f"{ckpt_path} was trained with --batch-size {ckpt['args']['batch_size']}, not {args.batch_size}"
+        )
+    load_state_dict_strict(run.model, ckpt["model"], what=f"model in {ckpt_path}")
+    try:
+        run.opt.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"optimizer state in {ckpt_path} does not match: {e}")
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.global_step, run.train_time_s, run.images_seen = ckpt["step"], ckpt["train_time_s"], ckpt["images_seen"]
+    run.data_wait_s = ckpt["data_wait_s"]
+    if run.rank == 0:
+        print(f"resumed from {ckpt_path} at step {ckpt['step']}")
+    return ckpt
+
+
+def run_benchmarks(run: SimpleNamespace) -> dict:
+    """--bench-ceiling-steps / --bench-data-steps before training; then the peak-memory counter starts afresh."""
+    args, bench = run.args, {}
+    if args.bench_ceiling_steps:
+        bench["ceiling_images_per_s"] = measure_ceiling(run, args.bench_ceiling_steps)
+    if args.bench_data_steps:
+        bench["data_images_per_s"] = measure_data(run, args.bench_data_steps)
+    if run.rank == 0 and bench:
+        print("benchmarks: " + ", ".join(f"{k} {v:,.0f}" for k, v in bench.items()))
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    return bench
 
 
 def main(args: Args) -> None:
@@ -1428,6 +1444,9 @@ def main(args: Args) -> None:
     except (RunError, CheckpointError) as e:  # CRUCIAL: bad input -> one clear line and exit code 1, no traceback
         msg = str(e).strip().splitlines()[-1].split("RunError: ", 1)[-1]  # a DataLoader worker's error: its last line
         sys.exit(f"{Path(__file__).name}: error: {msg}")
+
+
+# END SHARED
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Shared fixtures: small real-image folders cut from ../shared/data, and a helper to run scripts as subprocesses."""
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -84,3 +86,17 @@ def assert_one_line_error(proc, *needles):
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     for needle in needles:
         assert needle in err_lines[0], err_lines[0]
+
+
+def read_log(out) -> list:
+    """The records of a run's log.jsonl."""
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def read_results(out) -> dict:
+    return json.loads((Path(out) / "results.json").read_text())
+
+
+def assert_finite_results(res: dict, *keys):
+    for key in keys:
+        assert isinstance(res.get(key), (int, float)) and math.isfinite(res[key]), (key, res.get(key))

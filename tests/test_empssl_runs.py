@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, run_script, start_script
+from conftest import ROOT, assert_one_line_error, read_log, run_script, start_script
 
 SCRIPT = ROOT / "empssl_cifar.py"
 # small and fast on 2 CPU cores: the ImageNet-stem ResNet-18 on 32x32 costs 1/16 of the CIFAR stem
@@ -27,10 +27,6 @@ def empssl(data_dir, out_dir, extra: str = "") -> list:
 
 def imagefolder(path):
     return ["--dataset", "imagefolder", "--data-dir", path]
-
-
-def read_log(out):
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
 def test_learns_on_real_cifar(cifar_dir, tmp_path):

@@ -11,7 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, run_script, start_script
+from conftest import (
+    ROOT,
+    assert_finite_results,
+    assert_one_line_error,
+    read_log,
+    read_results,
+    run_script,
+    start_script,
+)
 
 SCRIPT = ROOT / "groco_imagenet.py"
 # small and fast on 2 CPU cores: the ImageNet-stem ResNet-18 (on 32 px its stem leaves 8 x 8), a 32-wide projector
@@ -32,19 +40,6 @@ def cifar(data_dir, out_dir, extra: str = "") -> list:
 def imagenet(data_dir, out_dir, extra: str = "") -> list:
     """A tiny `imagenet`-recipe run streaming an ImageNet-layout folder; later flags override IMAGENET_TINY's."""
     return [SCRIPT, "imagenet", "--data-dir", data_dir, *IMAGENET_TINY.split(), *extra.split(), "--out-dir", out_dir]
-
-
-def read_log(out) -> list:
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-
-
-def read_results(out) -> dict:
-    return json.loads((out / "results.json").read_text())
-
-
-def assert_finite_results(res: dict, *keys):
-    for key in keys:
-        assert isinstance(res.get(key), (int, float)) and math.isfinite(res[key]), (key, res.get(key))
 
 
 # ---- learning ---------------------------------------------------------------------------------------------------
