@@ -43,13 +43,13 @@ def imagenet(data_dir, out_dir, extra: str = "") -> list:
 
 
 # ---- learning ---------------------------------------------------------------------------------------------------
-# 3 epochs (93 steps of 64) of the cifar recipe on 2,000 real CIFAR-10 images: ResNet-18 (ImageNet stem), projector
-# 512-512-256, the recipe's DINO views, K 10, steepness 1, the official rule's high LR (12 x 64/32 = 24, the 100-epoch
-# configs' value at batch 1024), no warm-up. On this fixture (the first 200 / 50 images of each class) the development
-# machine gave k-NN / probe 22.2 / 28.8 trained against 19.2 / 20.2 untrained (another 2,000-image subset: 24.8 / 32.4
-# against 17.0 / 19.6). The loss itself moves little (0.208 -> 0.205): at steepness 1 it lives in a narrow band
-# (spec 1.3), so the features are what the test checks.
-LEARN = "--batch-size 64 --proj-dim 256 --epochs 3 --lr 12 --warmup-epochs 0 --eval-every 0 --log-every 31"
+# 2 epochs (62 steps of 64) of the cifar recipe on 2,000 real CIFAR-10 images: ResNet-18 (ImageNet stem), projector
+# 512-512-256, the recipe's DINO views, K 10, steepness 1, no warm-up and a high LR (48 x 64/32 = 96 at the peak): the
+# loss's gradients are tiny (spec 1.3), and at this scale a higher LR learns faster (manual runs on this fixture: base
+# LR 12 / 24 / 48 gave k-NN 20.2 / 23.6 / 28.4 and probe 26.4 / 33.4 / 36.8, against 19.2 / 20.2 untrained; 500 test
+# images). The loss itself moves little (0.210 -> 0.207): at steepness 1 it lives in a narrow band, so the features
+# are what the test checks.
+LEARN = "--batch-size 64 --proj-dim 256 --epochs 2 --lr 48 --warmup-epochs 0 --eval-every 0 --log-every 31"
 LEARN += " --probe-epochs 30 --probe-batch-size 100"
 
 
@@ -61,9 +61,9 @@ def test_features_beat_the_untrained_network(cifar2k_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert untrained.wait(timeout=300) == 0
     res0, res = read_results(tmp_path / "untrained"), read_results(tmp_path / "trained")
-    assert res0["steps_done"] == 0 and res["steps_done"] == 93 and res["images_seen"] == 93 * 64
-    assert res["knn_top1"] > res0["knn_top1"] + 1, (res0["knn_top1"], res["knn_top1"])
-    assert res["linear_fast_top1"] > res0["linear_fast_top1"] + 4, (res0["linear_fast_top1"], res["linear_fast_top1"])
+    assert res0["steps_done"] == 0 and res["steps_done"] == 62 and res["images_seen"] == 62 * 64
+    assert res["knn_top1"] > res0["knn_top1"] + 4, (res0["knn_top1"], res["knn_top1"])
+    assert res["linear_fast_top1"] > res0["linear_fast_top1"] + 8, (res0["linear_fast_top1"], res["linear_fast_top1"])
     epochs = [r for r in read_log(tmp_path / "trained") if r["type"] == "epoch"]
     assert epochs[-1]["pos_sim"] > epochs[0]["pos_sim"] and epochs[-1]["loss"] < epochs[0]["loss"], epochs
 
