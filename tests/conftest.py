@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -38,6 +39,15 @@ def extract_cifar_subset(dst: Path, n_train_per_class: int, n_test_per_class: in
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(tar.extractfile(member).read())
     return dst
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and far faster on a busy machine (no OpenMP spin contention)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +110,10 @@ def read_results(out) -> dict:
 def assert_finite_results(res: dict, *keys):
     for key in keys:
         assert isinstance(res.get(key), (int, float)) and math.isfinite(res[key]), (key, res.get(key))
+
+
+def recipe_cmd(script, recipe: str, base: str, data_dir, out_dir, extra: str = "") -> list:
+    """`script recipe` on an image folder (the cifar recipe reads it in memory, imagenet streams it) with the flags
+    of base, then extra (later flags override earlier ones), writing to out_dir."""
+    folder = ["--dataset", "imagefolder"] if recipe == "cifar" else []
+    return [script, recipe, *folder, "--data-dir", data_dir, *base.split(), *extra.split(), "--out-dir", out_dir]

@@ -20,15 +20,7 @@ sys.path.insert(0, str(ROOT))
 import groco_imagenet as G  # noqa: E402
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and far faster on a busy machine (no OpenMP spin contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run on one thread
 
 
 # ---------------------------------------------------------------- reference (spec 1.2, written out per anchor)

@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from conftest import (
     assert_one_line_error,
     read_log,
     read_results,
+    recipe_cmd,
     run_script,
     start_script,
 )
@@ -32,15 +34,8 @@ IMAGENET_TINY = TINY + " --batch-size 16 --large-size 64 --small-size 32 --n-sma
 IMAGENET_TINY += " --probe-epochs 1 --probe-batch-size 16 --eval-chunk 40"
 
 
-def cifar(data_dir, out_dir, extra: str = "") -> list:
-    """A tiny `cifar`-recipe run on an image folder; later flags override CIFAR_TINY's."""
-    return [SCRIPT, "cifar", "--dataset", "imagefolder", "--data-dir", data_dir, *CIFAR_TINY.split(), *extra.split(),
-            "--out-dir", out_dir]  # fmt: skip
-
-
-def imagenet(data_dir, out_dir, extra: str = "") -> list:
-    """A tiny `imagenet`-recipe run streaming an ImageNet-layout folder; later flags override IMAGENET_TINY's."""
-    return [SCRIPT, "imagenet", "--data-dir", data_dir, *IMAGENET_TINY.split(), *extra.split(), "--out-dir", out_dir]
+cifar = partial(recipe_cmd, SCRIPT, "cifar", CIFAR_TINY)  # cifar(data_dir, out_dir, extra="") -> command
+imagenet = partial(recipe_cmd, SCRIPT, "imagenet", IMAGENET_TINY)
 
 
 # ---- learning ---------------------------------------------------------------------------------------------------

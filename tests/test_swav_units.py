@@ -22,16 +22,10 @@ sys.path.insert(0, str(ROOT))
 import swav_imagenet as S  # noqa: E402
 
 CPU = torch.device("cpu")
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision.io decoders
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and far faster on a busy machine (no OpenMP spin contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # torchvision.io decoders
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def unit_scores(b, k, d=16, seed=0):
