@@ -34,10 +34,11 @@ config's base LR, scaling, warm-up and weight decay.
 
 Deviations (each marked `# DEVIATION:` below): crops are resized bilinearly (official: bicubic) by torchvision's
 tensor ops in the CPU workers, or with a batched roi_align on the device, and colour/blur/solarize run batched on the
-device; the evaluation's Resize(256) + CenterCrop(224) is antialiased bilinear (the official final k-NN: bicubic); bf16 autocast (official: fp16 with a GradScaler) with the loss and the sort in fp32; under DDP with
---no-stop-grad the negatives pass every rank's gradient back (the official gather keeps only the local one); the
-final linear probe validates on the whole validation set (official: the first floor(50000/4096)*4096 images); seeded,
-resumable random streams (official seed: none).
+device; the evaluation's Resize(256) + CenterCrop(224) is antialiased bilinear (official final k-NN: bicubic); bf16
+autocast (official: fp16 with a GradScaler) with the loss and the sort in fp32; under DDP with --no-stop-grad the
+negatives pass every rank's gradient back (the official gather keeps only the local one); the final linear probe
+validates on the whole validation set (official: the first floor(50000/4096)*4096 images); seeded, resumable random
+streams (official seed: none).
 """
 
 import dataclasses
@@ -745,10 +746,9 @@ def groco_loss(
         for lo, hi in ((0, n_pos), (n_pos, n_views)):
             if hi == lo:
                 continue
-            pos = torch.stack(
-                [torch.stack([F.cosine_similarity(z[a], pos_side[p], dim=1, eps=1e-8) for p in range(n_pos) if p != a], 1)
-                 for a in range(lo, hi)]
-            ).sort(2).values  # fmt: skip  # [A, B, n_p]: plain cosines, ascending
+            cos = [[F.cosine_similarity(z[a], pos_side[p], dim=1, eps=1e-8) for p in range(n_pos) if p != a]
+                   for a in range(lo, hi)]  # fmt: skip
+            pos = torch.stack([torch.stack(c, 1) for c in cos]).sort(2).values  # [A, B, n_p]: plain cosines, ascending
             s = torch.cat([neg[lo:hi], pos], 2).flatten(0, 1)  # [A*B, K + n_p]: negatives first
             loss = loss + (hi - lo) * ordering_loss(s, k, steepness)  # A x the mean over A*B rows = sum of A means
         return loss / n_views
