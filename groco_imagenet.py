@@ -100,6 +100,7 @@ class Args:
     save_every_steps: int = 1000
     """also save out_dir/last.pt every this many steps (0: only at epoch ends)"""
 
+    # SHARED: args-data
     # --- data
     dataset: Literal["cifar10", "cifar100", "imagefolder", "fake"] = "imagefolder"
     """imagefolder: --data-dir with train/ and val/ (or test/) class folders (ImageNet); cifar10/100 via torchvision"""
@@ -117,6 +118,8 @@ class Args:
     """DataLoader workers per process for streamed files"""
     train_repeat: int = 1
     """repeat the training file list this many times (benchmarks on a small folder)"""
+
+    # END SHARED
 
     # --- views (spec 4: the "dino" and "dino_multicrop" transforms)
     n_large: int = 2
@@ -206,11 +209,12 @@ class Args:
     eval_chunk: int = 256
     """images encoded per forward during evaluation (memory knob only)"""
 
+    # SHARED: args-system
     # --- system
     device: Optional[str] = None
     """cuda or cpu (default: cuda when available); under torchrun each rank takes cuda:LOCAL_RANK"""
     amp: Literal["bf16", "fp16", "none"] = "bf16"
-    """autocast precision on CUDA (CPU runs in fp32); the loss and the sort are always fp32"""
+    """autocast precision on CUDA (CPU runs in fp32); the loss and what feeds it are always fp32 (see LOSS)"""
     channels_last: bool = True
     """channels_last memory format on CUDA"""
     compile: bool = False
@@ -223,6 +227,7 @@ class Args:
     """before training, time this many bare torchvision-ResNet forward+backward steps on synthetic crops"""
     bench_data_steps: int = 0
     """before training, time this many steps of the data pipeline alone (decode, crops, colour): can it keep up?"""
+    # END SHARED
 
 
 # The CIFAR proxy (ours, spec 6: the repo has no CIFAR config and the paper no CIFAR numbers). The loss is unchanged
@@ -1234,8 +1239,10 @@ def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, re
 # END SHARED
 
 
-def check_args(args: Args, world_size: int) -> None:
-    """Refuse bad input with one clear line, before any data is read or process group created."""
+# SHARED: check-args
+def check_common_args(args: Args, world_size: int, at_least_1: str, at_least_0: str, positive: str) -> None:
+    """The checks every recipe needs, each failing with one clear line; the method's own integer flags (>= 1, >= 0)
+    and positive float flags are named by the caller."""
     if args.arch not in RESNETS:
         raise RunError(f"unknown --arch {args.arch!r}; choose one of {', '.join(RESNETS)}")
     if args.device is not None and args.device != "cpu" and not args.device.startswith("cuda"):
@@ -1243,17 +1250,17 @@ def check_args(args: Args, world_size: int) -> None:
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RunError(f"--device {args.device} but no CUDA device is available")
     at_least = {
-        1: "batch_size n_large large_size small_size proj_dim topk_neg epochs probe_batch_size knn_k eval_chunk "
-        "log_every image_size train_repeat probe_epochs",
+        1: "batch_size n_large large_size small_size epochs probe_batch_size knn_k eval_chunk log_every image_size "
+        "train_repeat probe_epochs " + at_least_1,
         0: "n_small workers save_every_steps eval_every max_steps bench_ceiling_steps bench_data_steps "
-        "eval_subset_train eval_subset_test",
+        "eval_subset_train eval_subset_test " + at_least_0,
     }
     for low, names in at_least.items():
         for name in names.split():
             value = getattr(args, name)
             if value is not None and value < low:
                 raise RunError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-    for name in ("steepness", "lr"):
+    for name in ("lr", *positive.split()):
         if getattr(args, name) <= 0:
             raise RunError(f"--{name} must be > 0, got {getattr(args, name)}")
     for name in ("warmup_epochs", "momentum", "weight_decay", "probe_wd", "probe_lr"):
@@ -1263,16 +1270,24 @@ def check_args(args: Args, world_size: int) -> None:
         lo, hi = getattr(args, name)
         if not 0 < lo <= hi <= 1:
             raise RunError(f"--{name.replace('_', '-')} must satisfy 0 < min <= max <= 1, got {lo} {hi}")
-    if args.n_large < 2:
-        raise RunError(f"--n-large {args.n_large}: GroCo needs at least 2 global views (an anchor needs a positive)")
     if args.batch_size % world_size:
         raise RunError(f"--batch-size {args.batch_size} does not divide by the world size {world_size}")
-    if args.batch_size < args.topk_neg + 1:  # the negatives are drawn from the global batch
-        raise RunError(f"--batch-size {args.batch_size} is too small for --topk-neg {args.topk_neg}: need >= K + 1")
     if args.probe_batch_size % world_size:
         raise RunError(f"--probe-batch-size {args.probe_batch_size} does not divide by the world size {world_size}")
     if args.decode == "device" and (args.in_memory or args.dataset != "imagefolder"):
         raise RunError("--decode device applies to streamed image folders; in-memory data is cut on the device anyway")
+
+
+# END SHARED
+
+
+def check_args(args: Args, world_size: int) -> None:
+    """Refuse bad input with one clear line, before any data is read or process group created."""
+    check_common_args(args, world_size, "proj_dim topk_neg", "", "steepness")
+    if args.n_large < 2:
+        raise RunError(f"--n-large {args.n_large}: GroCo needs at least 2 global views (an anchor needs a positive)")
+    if args.batch_size < args.topk_neg + 1:  # the negatives are drawn from the global batch
+        raise RunError(f"--batch-size {args.batch_size} is too small for --topk-neg {args.topk_neg}: need >= K + 1")
 
 
 def run_training(args: Args) -> dict:

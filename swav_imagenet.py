@@ -83,6 +83,7 @@ class Args:
     save_every_steps: int = 1000
     """also save out_dir/last.pt every this many steps (0: only at epoch ends)"""
 
+    # SHARED: args-data
     # --- data
     dataset: Literal["cifar10", "cifar100", "imagefolder", "fake"] = "imagefolder"
     """imagefolder: --data-dir with train/ and val/ (or test/) class folders (ImageNet); cifar10/100 via torchvision"""
@@ -97,9 +98,11 @@ class Args:
     decode: Literal["workers", "device"] = "workers"
     """streamed files: workers decode and crop on the CPU; device: workers read bytes, the device decodes (nvjpeg)"""
     workers: int = 10
-    """DataLoader workers per process for streamed files (official 10)"""
+    """DataLoader workers per process for streamed files"""
     train_repeat: int = 1
     """repeat the training file list this many times (benchmarks on a small folder)"""
+
+    # END SHARED
 
     # --- multi-crop (spec 1)
     n_large: int = 2
@@ -210,11 +213,12 @@ class Args:
     eval_chunk: int = 256
     """images encoded per forward during evaluation (memory knob only)"""
 
+    # SHARED: args-system
     # --- system
     device: Optional[str] = None
     """cuda or cpu (default: cuda when available); under torchrun each rank takes cuda:LOCAL_RANK"""
     amp: Literal["bf16", "fp16", "none"] = "bf16"
-    """autocast precision on CUDA (CPU runs in fp32); prototype scores, Sinkhorn and the loss are always fp32"""
+    """autocast precision on CUDA (CPU runs in fp32); the loss and what feeds it are always fp32 (see LOSS)"""
     channels_last: bool = True
     """channels_last memory format on CUDA"""
     compile: bool = False
@@ -227,6 +231,7 @@ class Args:
     """before training, time this many bare torchvision-ResNet forward+backward steps on synthetic crops"""
     bench_data_steps: int = 0
     """before training, time this many steps of the data pipeline alone (decode, crops, colour): can it keep up?"""
+    # END SHARED
 
 
 # The CIFAR proxy (spec 9.2; not a paper recipe): solo-learn's scripts/pretrain/cifar/swav.yaml + symmetric.yaml.
@@ -1256,8 +1261,10 @@ def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, re
 # END SHARED
 
 
-def check_args(args: Args, world_size: int) -> None:
-    """Refuse bad input with one clear line, before any data is read or process group created."""
+# SHARED: check-args
+def check_common_args(args: Args, world_size: int, at_least_1: str, at_least_0: str, positive: str) -> None:
+    """The checks every recipe needs, each failing with one clear line; the method's own integer flags (>= 1, >= 0)
+    and positive float flags are named by the caller."""
     if args.arch not in RESNETS:
         raise RunError(f"unknown --arch {args.arch!r}; choose one of {', '.join(RESNETS)}")
     if args.device is not None and args.device != "cpu" and not args.device.startswith("cuda"):
@@ -1265,34 +1272,48 @@ def check_args(args: Args, world_size: int) -> None:
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RunError(f"--device {args.device} but no CUDA device is available")
     at_least = {
-        1: "batch_size n_large large_size small_size feat_dim n_prototypes sinkhorn_iters epochs probe_batch_size "
-        "knn_k eval_chunk log_every image_size train_repeat probe_epochs",
-        0: "n_small hidden_dim queue_length queue_start_epoch workers save_every_steps eval_every max_steps "
-        "bench_ceiling_steps bench_data_steps syncbn_group_size eval_subset_train eval_subset_test",
+        1: "batch_size n_large large_size small_size epochs probe_batch_size knn_k eval_chunk log_every image_size "
+        "train_repeat probe_epochs " + at_least_1,
+        0: "n_small workers save_every_steps eval_every max_steps bench_ceiling_steps bench_data_steps "
+        "eval_subset_train eval_subset_test " + at_least_0,
     }
     for low, names in at_least.items():
         for name in names.split():
             value = getattr(args, name)
             if value is not None and value < low:
                 raise RunError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-    for name in ("temperature", "epsilon", "lr"):
+    for name in ("lr", *positive.split()):
         if getattr(args, name) <= 0:
             raise RunError(f"--{name} must be > 0, got {getattr(args, name)}")
+    for name in ("warmup_epochs", "momentum", "weight_decay", "probe_wd", "probe_lr"):
+        if getattr(args, name) < 0:
+            raise RunError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("large_scale", "small_scale"):
         lo, hi = getattr(args, name)
         if not 0 < lo <= hi <= 1:
             raise RunError(f"--{name.replace('_', '-')} must satisfy 0 < min <= max <= 1, got {lo} {hi}")
-    n_crops = args.n_large + args.n_small
-    if n_crops < 2 or not args.crops_for_assign or any(not 0 <= i < n_crops for i in args.crops_for_assign):
-        raise RunError(f"--crops-for-assign {args.crops_for_assign} must name crops among the {n_crops} (>= 2) crops")
     if args.batch_size % world_size:
         raise RunError(f"--batch-size {args.batch_size} does not divide by the world size {world_size}")
     if args.probe_batch_size % world_size:
         raise RunError(f"--probe-batch-size {args.probe_batch_size} does not divide by the world size {world_size}")
-    if args.queue_length and args.queue_length < args.batch_size:
-        raise RunError(f"--queue-length {args.queue_length} is shorter than one global batch ({args.batch_size})")
     if args.decode == "device" and (args.in_memory or args.dataset != "imagefolder"):
         raise RunError("--decode device applies to streamed image folders; in-memory data is cut on the device anyway")
+
+
+# END SHARED
+
+
+def check_args(args: Args, world_size: int) -> None:
+    """Refuse bad input with one clear line, before any data is read or process group created."""
+    check_common_args(
+        args, world_size, "feat_dim n_prototypes sinkhorn_iters", "hidden_dim queue_length queue_start_epoch "
+        "syncbn_group_size", "temperature epsilon",
+    )  # fmt: skip
+    n_crops = args.n_large + args.n_small
+    if n_crops < 2 or not args.crops_for_assign or any(not 0 <= i < n_crops for i in args.crops_for_assign):
+        raise RunError(f"--crops-for-assign {args.crops_for_assign} must name crops among the {n_crops} (>= 2) crops")
+    if args.queue_length and args.queue_length < args.batch_size:
+        raise RunError(f"--queue-length {args.queue_length} is shorter than one global batch ({args.batch_size})")
     if args.syncbn_group_size and world_size % args.syncbn_group_size:
         raise RunError(f"--syncbn-group-size {args.syncbn_group_size} does not divide the world size {world_size}")
 
