@@ -183,6 +183,8 @@ class Args:
     """weight decay on every parameter (official 2e-6 for multi-crop 200-800 and 4x224 200-400 epochs, else 1e-6)"""
 
     # --- evaluation (spec 5)
+    # DEVIATION: the online monitor encodes centre crops of a seeded subset (official: the first 30,000 training
+    # images with random crops against all 50,000 val images); it is not the paper's metric, the final k-NN is
     eval_every: int = 10
     """epochs between k-NN evaluations on a subset during training (official online k-NN every 10; 0: off)"""
     eval_subset_train: int = 30000
