@@ -1228,7 +1228,7 @@ def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, re
     results.update(eval_protocol=f"{protocol}; linear probe: {args.probe}, {args.probe_epochs} epochs")
     results.update(data_time_s=run.data_time_s, train_time_s=run.train_time_s, data_wait_s=run.data_wait_s, **run.times)
     results.update(total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen, images_per_s=imgs_per_s)
-    results.update(crops_per_s=imgs_per_s * (args.n_large + args.n_small), **bench)
+    results.update(crops_per_s=imgs_per_s * sum(g.n for g in run.groups), **bench)
     results.update(ceiling_ratio=imgs_per_s / ceiling if ceiling else None)
     results.update(peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
     results.update(script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)
@@ -1242,9 +1242,11 @@ def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, re
 
 
 # SHARED: check-args
-def check_common_args(args: Args, world_size: int, at_least_1: str, at_least_0: str, positive: str) -> None:
-    """The checks every recipe needs, each failing with one clear line; the method's own integer flags (>= 1, >= 0)
-    and positive float flags are named by the caller."""
+def check_common_args(
+    args: Args, world_size: int, at_least_1: str, at_least_0: str, positive: str, scales: str
+) -> None:
+    """The checks every recipe needs, each failing with one clear line; the method's own integer flags (>= 1, >= 0),
+    positive float flags and (min, max) crop-scale flags besides large_scale are named by the caller."""
     if args.arch not in RESNETS:
         raise RunError(f"unknown --arch {args.arch!r}; choose one of {', '.join(RESNETS)}")
     if args.device is not None and args.device != "cpu" and not args.device.startswith("cuda"):
@@ -1252,9 +1254,9 @@ def check_common_args(args: Args, world_size: int, at_least_1: str, at_least_0: 
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RunError(f"--device {args.device} but no CUDA device is available")
     at_least = {
-        1: "batch_size n_large large_size small_size epochs probe_batch_size knn_k eval_chunk log_every image_size "
-        "train_repeat probe_epochs " + at_least_1,
-        0: "n_small workers save_every_steps eval_every max_steps bench_ceiling_steps bench_data_steps "
+        1: "batch_size large_size epochs probe_batch_size knn_k eval_chunk log_every image_size train_repeat "
+        "probe_epochs " + at_least_1,
+        0: "workers save_every_steps eval_every max_steps bench_ceiling_steps bench_data_steps "
         "eval_subset_train eval_subset_test " + at_least_0,
     }
     for low, names in at_least.items():
@@ -1268,7 +1270,7 @@ def check_common_args(args: Args, world_size: int, at_least_1: str, at_least_0: 
     for name in ("warmup_epochs", "momentum", "weight_decay", "probe_wd", "probe_lr"):
         if getattr(args, name) < 0:
             raise RunError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("large_scale", "small_scale"):
+    for name in ("large_scale", *scales.split()):
         lo, hi = getattr(args, name)
         if not 0 < lo <= hi <= 1:
             raise RunError(f"--{name.replace('_', '-')} must satisfy 0 < min <= max <= 1, got {lo} {hi}")
@@ -1285,7 +1287,7 @@ def check_common_args(args: Args, world_size: int, at_least_1: str, at_least_0: 
 
 def check_args(args: Args, world_size: int) -> None:
     """Refuse bad input with one clear line, before any data is read or process group created."""
-    check_common_args(args, world_size, "proj_dim topk_neg", "", "steepness")
+    check_common_args(args, world_size, "proj_dim topk_neg n_large small_size", "n_small", "steepness", "small_scale")
     if args.n_large < 2:
         raise RunError(f"--n-large {args.n_large}: GroCo needs at least 2 global views (an anchor needs a positive)")
     if args.batch_size < args.topk_neg + 1:  # the negatives are drawn from the global batch

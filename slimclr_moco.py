@@ -1,0 +1,1773 @@
+"""SlimCLR: Slimmable Networks for Contrastive Self-supervised Learning (Zhao, Zhu, Wang, Yang; IJCV 2024),
+arXiv 2209.15525.
+
+What we reproduce: one pre-training run trains ONE slimmable ResNet-50 whose leading channels form networks of width
+1.0, 0.75, 0.5 and 0.25 (25.6M / 14.8M / 6.9M / 2.0M parameters with a 1000-way classifier, 4.1 / 2.3 / 1.1 / 0.28
+GMACs), each width with its own BatchNorm copies. The objective is MoCo v2 (queue 65536, momentum 0.999, T 0.2) or
+MoCo v3 (projector + predictor, symmetric loss, cosine momentum) applied at every width, plus the three SlimCLR
+techniques: a slow start (the sub-networks join halfway), online distillation of the full network's contrastive
+logits into every sub-network, and loss re-weighting (the full network's loss x 1 + sum of the sub-widths). The keys
+and the queue always come from the full-width momentum encoder. Evaluation: a switchable linear probe (one head per
+width, the sub-width heads distilled from the full one) and, our addition, a weighted k-NN per width. Official code:
+mzhaoshuai/SlimCLR (scripts/mocov2.sh, scripts/mocov3.sh); spec: ../shared/specs/slimclr.md.
+
+Runs (ImageNet, global batch 1024; flags override the recipe):
+    torchrun --nproc_per_node=4 slimclr_moco.py mocov2 --data-dir IMAGENET            # SlimCLR-MoCov2, 200 epochs
+    torchrun --nproc_per_node=4 slimclr_moco.py mocov2 --data-dir IMAGENET --epochs 800 --slim-start-epoch 400 \\
+        --warmup-epochs 10                                                           # SlimCLR-MoCov2, 800 epochs
+    torchrun --nproc_per_node=8 slimclr_moco.py mocov3 --data-dir IMAGENET            # SlimCLR-MoCov3, 300 epochs
+    torchrun --nproc_per_node=4 slimclr_moco.py mocov2 --data-dir IMAGENET --widths 1.0   # plain MoCo v2 (67.5)
+    torchrun --nproc_per_node=8 slimclr_moco.py mocov3 --data-dir IMAGENET --widths 1.0   # plain MoCo v3
+    python slimclr_moco.py cifar-mocov2 --dataset imagefolder --data-dir CIFAR10_JPEG  # CIFAR proxy (ours)
+    python slimclr_moco.py cifar-mocov3 --dataset cifar10 --data-dir CIFAR10          # CIFAR proxy (ours)
+Published targets: the plain baselines MoCo v2 R50 67.5 (200 ep) / 71.1 (800 ep) and MoCo v3 R50 72.8 (300 ep, batch
+4096). The paper's per-width SlimCLR table could not be retrieved when this script was written (spec 5); the
+official probe logs are in release 1.0.0 of mzhaoshuai/SlimCLR.
+
+The slow-start learning rate (spec 2.4, 3.4): at epoch --slim-start-epoch the official loop replaces the cosine's
+peak by --slim-start-lr and continues the cosine from the current step. MoCo v3 sets it to 3.2 at batch 1024 (0.8 per
+256 here; the LR jumps up). For MoCo v2 the official script passes nothing, so the params.py default 1e-4 applies and
+the LR collapses from about 0.11 to 5e-5 halfway, which looks unintended; our mocov2 default keeps the peak
+(--slim-start-lr unset). `--slim-start-lr 1e-4` reproduces the shipped behaviour.
+
+Deviations (each marked `# DEVIATION:` below): crops are resized bilinearly (official: bilinear via PIL, here by
+torchvision's tensor ops or one roi_align) and colour/blur run batched on the device; bf16 autocast (official: fp16
+AMP) with every loss in fp32; the shuffle-BN permutation is drawn from a seeded stream on every rank instead of being
+broadcast from rank 0; the queue pointer is a function of the step; the probe's evaluation and k-NN features use an
+antialiased bilinear Resize(256) + CenterCrop(224); the k-NN (k 200, T 0.07) is ours, SlimCLR reports none.
+"""
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Annotated, Literal, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import tyro
+from torch.utils.data import DataLoader
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torchvision.ops import roi_align
+from torchvision.transforms import v2 as T
+from tqdm import tqdm
+
+from common.checkpoint import (
+    ArtifactCache,
+    CheckpointError,
+    find_resume,
+    load_checkpoint,
+    load_state_dict_strict,
+    save_checkpoint,
+    state_dict_digest,
+)
+from common.resnet import RESNETS
+
+
+# ==== 1. ARGS ====
+@dataclass
+class Args:
+    # --- I/O & experiment
+    recipe: str = "mocov2"
+    """which preset these defaults came from (set by the subcommand: mocov2, mocov3, cifar-mocov2, cifar-mocov3)"""
+    exp_name: str = "slimclr-mocov2"
+    """name stored in results.json"""
+    seed: int = 3407
+    """seed for the model init, the data order and every augmentation draw (official scripts: 3407)"""
+    out_dir: str = "runs/slimclr-mocov2"
+    """where last.pt, log.jsonl, results.json and the feature cache go; an existing last.pt is resumed"""
+    resume: Optional[str] = None
+    """resume from this checkpoint instead of out_dir/last.pt"""
+    save_every_steps: int = 1000
+    """also save out_dir/last.pt every this many steps (0: only at epoch ends)"""
+
+    # SHARED: args-data
+    # --- data
+    dataset: Literal["cifar10", "cifar100", "imagefolder", "fake"] = "imagefolder"
+    """imagefolder: --data-dir with train/ and val/ (or test/) class folders (ImageNet); cifar10/100 via torchvision"""
+    data_dir: str = "data"
+    """dataset root"""
+    download: bool = False
+    """let torchvision download CIFAR when it is not in --data-dir"""
+    in_memory: bool = False
+    """decode every image once at --image-size and keep the uint8 tensor on the device (CIFAR); off: stream files"""
+    image_size: int = 256
+    """in-memory images are resized (shorter side) and centre-cropped to this size at load time"""
+    decode: Literal["workers", "device"] = "workers"
+    """streamed files: workers decode and crop on the CPU; device: workers read bytes, the device decodes (nvjpeg)"""
+    workers: int = 10
+    """DataLoader workers per process for streamed files"""
+    train_repeat: int = 1
+    """repeat the training file list this many times (benchmarks on a small folder)"""
+
+    # END SHARED
+
+    # --- views (spec 2.4: MoCo v2 "aug+"; spec 3.4: MoCo v3's asymmetric BYOL views)
+    large_size: int = 224
+    """view size in pixels (both views; also the evaluation's centre crop)"""
+    large_scale: Tuple[float, float] = (0.2, 1.0)
+    """RandomResizedCrop area range of both views (official 0.2-1 for v2 and v3)"""
+    jitter: Tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    """ColorJitter brightness, contrast, saturation, hue, with p 0.8 (v2: 0.4/0.4/0.4/0.1; v3: 0.4/0.4/0.2/0.1)"""
+    blur: Tuple[float, float] = (0.5, 0.5)
+    """Gaussian-blur probability (sigma U(0.1, 2)) of view 1 and view 2 (v2: 0.5, 0.5; v3: 1.0, 0.1)"""
+    solarize: Tuple[float, float] = (0.0, 0.0)
+    """solarisation probability of view 1 and view 2 (v2: none; v3: 0, 0.2)"""
+    mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+    """normalisation mean (ImageNet)"""
+    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+    """normalisation std (ImageNet)"""
+
+    # --- model (spec 1, 2.1, 3.1)
+    moco: Literal["v2", "v3"] = "v2"
+    """MoCo v2 (queue, one query view, shuffle-BN) or MoCo v3 (predictor, symmetric loss, keys of the batch)"""
+    arch: str = "resnet50"
+    """slimmable backbone: resnet50, resnet18 or resnet18-cifar (3x3 stem, no max-pool)"""
+    widths: Tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
+    """width multipliers trained together; must contain 1.0, the full network (official [1, .75, .5, .25])"""
+    dim: int = 128
+    """output dimension of the head (never sliced; v2 128, v3 256)"""
+    mlp_dim: int = 4096
+    """v3: hidden width of the projector and predictor at width 1.0 (official 4096; v2's head is as wide as the
+    backbone's features)"""
+    sync_bn: bool = True
+    """v3: SyncBatchNorm on CUDA under DDP (official); v2 uses shuffle-BN instead (PyTorch's SyncBN is GPU-only)"""
+
+    # --- method (spec 2.2, 3.2)
+    queue_size: int = 65536
+    """v2: K keys in the queue; a multiple of the global batch (official 65536)"""
+    moco_m: float = 0.999
+    """momentum of the key encoder (v2 0.999 constant; v3 0.99, rising to 1 with --moco-m-cos)"""
+    moco_m_cos: bool = False
+    """v3: momentum 1 - (1 - moco_m)(1 + cos(pi epoch / epochs)) / 2, per step (official v3)"""
+    temperature: float = 0.2
+    """contrastive temperature T (v2 0.2, v3 1.0)"""
+    slim_start_epoch: float = 100.0
+    """slow start: the sub-networks join the loss from this (fractional) epoch (official: epochs / 2; -1: at once)"""
+    distill_weight: float = 0.5
+    """a: a sub-network's loss is (1 - a) InfoNCE + a distillation from the full network (official 0.5; 0: none)"""
+    distill_temperature: float = 5.0
+    """t: distillation temperature; the term is multiplied by t^2 (v2 5.0, v3 1.0)"""
+    reweight: bool = True
+    """loss re-weighting (official option 5): the full network's loss x (1 + sum of the sub-widths) after the slow start"""
+    full_distill: bool = False
+    """each sub-network distils from every larger width too (averaged; official option, off in every run)"""
+
+    # --- optimisation (spec 2.4, 3.4)
+    epochs: int = 200
+    """training epochs (v2 200 or 800, v3 300)"""
+    max_steps: Optional[int] = None
+    """stop after this many steps in total without changing the schedule (benchmarks; 0: evaluate the init)"""
+    batch_size: int = 1024
+    """images per step, global over all ranks (official 1024: 4 GPUs x 256 for v2, 8 x 128 for v3)"""
+    optimizer: Literal["sgd", "lars"] = "sgd"
+    """v2: SGD; v3: LARS (MoCo v3's: trust 0.001, no weight decay or trust ratio for 1-D parameters)"""
+    lr: float = 0.2
+    """peak LR (v2 0.2 at any batch; v3 0.3 per 256 images, see --lr-scaling)"""
+    lr_scaling: Literal["none", "linear"] = "none"
+    """none: --lr is the peak; linear: the peak is lr x batch/256 (v3: 1.2 at 1024)"""
+    slim_start_lr: Optional[float] = None
+    """peak LR from --slim-start-epoch on, scaled like --lr (v3 0.8 per 256 = 3.2; v2: unset, see the docstring)"""
+    warmup_epochs: float = 10.0
+    """linear warm-up from 1e-8, per step (official v2 5% of 200 = 10 epochs; v3 3.3% of 300 = 9.9)"""
+    momentum: float = 0.9
+    """SGD / LARS momentum (official)"""
+    weight_decay: float = 1e-4
+    """weight decay (v2 1e-4 on every parameter, BN and biases included; v3 1e-6 on matrices and kernels only)"""
+
+    # --- evaluation (spec 4)
+    eval_every: int = 10
+    """epochs between per-width k-NN evaluations on a subset during training (0: off)"""
+    eval_subset_train: int = 30000
+    """training images used as the k-NN memory during training (the final k-NN uses all)"""
+    eval_subset_test: int = 10000
+    """test images used during training"""
+    probe: Literal["augmented", "features", "none"] = "augmented"
+    """final switchable probe: augmented (official: RandomResizedCrop + flip batches) or features (fast, precomputed)"""
+    probe_epochs: int = 100
+    """switchable-probe epochs (v2 100, v3 90)"""
+    probe_lr: float = 60.0
+    """switchable-probe LR at --probe-batch-size (official v2 60.0, v3 0.4)"""
+    probe_schedule: Literal["step", "cosine"] = "step"
+    """step: x0.1 at 60% and 80% of the epochs (v2: 60, 80 of 100); cosine per epoch without warm-up (v3)"""
+    probe_wd: float = 0.0
+    """switchable-probe weight decay (official 0)"""
+    probe_batch_size: int = 1024
+    """switchable-probe global batch (official 1024)"""
+    probe_eval_every: int = 2
+    """evaluate the probe every this many epochs (official 2; the best epoch is picked by the full width's top-1)"""
+    knn_k: int = 200
+    """neighbours of the weighted k-NN (ours, spec 4: k 200)"""
+    knn_t: float = 0.07
+    """temperature of the k-NN vote weights exp(sim/t)"""
+    eval_chunk: int = 256
+    """images encoded per forward during evaluation (memory knob only)"""
+
+    # SHARED: args-system
+    # --- system
+    device: Optional[str] = None
+    """cuda or cpu (default: cuda when available); under torchrun each rank takes cuda:LOCAL_RANK"""
+    amp: Literal["bf16", "fp16", "none"] = "bf16"
+    """autocast precision on CUDA (CPU runs in fp32); the loss and what feeds it are always fp32 (see LOSS)"""
+    channels_last: bool = True
+    """channels_last memory format on CUDA"""
+    compile: bool = False
+    """torch.compile the model"""
+    deterministic: bool = False
+    """deterministic algorithms (slower); otherwise cudnn.benchmark"""
+    log_every: int = 25
+    """steps between progress-bar/log.jsonl updates (each costs one host sync)"""
+    bench_ceiling_steps: int = 0
+    """before training, time this many bare torchvision-ResNet forward+backward steps on synthetic crops"""
+    bench_data_steps: int = 0
+    """before training, time this many steps of the data pipeline alone (decode, crops, colour): can it keep up?"""
+    # END SHARED
+
+
+# MoCo v3 (spec 3.4, scripts/mocov3.sh run "01"): LARS, LR 0.3 x batch/256 = 1.2 at 1024, the slow start raises the
+# peak to 0.8 x batch/256 = 3.2; T 1; momentum 0.99 -> 1; asymmetric views.
+# fmt: off
+MOCOV3 = dataclasses.replace(
+    Args(), recipe="mocov3", exp_name="slimclr-mocov3", out_dir="runs/slimclr-mocov3",
+    jitter=(0.4, 0.4, 0.2, 0.1), blur=(1.0, 0.1), solarize=(0.0, 0.2),
+    moco="v3", dim=256, moco_m=0.99, moco_m_cos=True, temperature=1.0, slim_start_epoch=150,
+    distill_temperature=1.0, epochs=300, optimizer="lars", lr=0.3, lr_scaling="linear", slim_start_lr=0.8,
+    warmup_epochs=9.9, weight_decay=1e-6,
+    probe_epochs=90, probe_lr=0.4, probe_schedule="cosine",
+)
+# The CIFAR proxies (ours: the paper has no CIFAR runs). Slimmable ResNet-18 with the 3x3 stem, 2 x 32 px, no blur,
+# data decoded once and kept on the device; v2 after the MoCo CIFAR-10 demo (K 4096, m 0.99, T 0.1, lr 0.06, wd 5e-4).
+CIFAR_PROXY = dict(
+    dataset="cifar10", in_memory=True, image_size=32, large_size=32, mean=(0.4914, 0.4822, 0.4465),
+    std=(0.2470, 0.2435, 0.2616), arch="resnet18-cifar", save_every_steps=0, epochs=100, slim_start_epoch=50,
+    batch_size=512, warmup_epochs=5, eval_every=10, eval_subset_train=50000, knn_k=200,
+    probe="features", probe_epochs=100, probe_lr=0.1, probe_schedule="cosine", probe_batch_size=256,
+)
+CIFAR_MOCOV2 = dataclasses.replace(
+    Args(), recipe="cifar-mocov2", exp_name="slimclr-cifar-mocov2", out_dir="runs/slimclr-cifar-mocov2", **CIFAR_PROXY,
+    blur=(0.0, 0.0), queue_size=4096, moco_m=0.99, temperature=0.1, lr=0.06, weight_decay=5e-4,
+)
+CIFAR_MOCOV3 = dataclasses.replace(
+    MOCOV3, recipe="cifar-mocov3", exp_name="slimclr-cifar-mocov3", out_dir="runs/slimclr-cifar-mocov3", **CIFAR_PROXY,
+    blur=(0.0, 0.0), mlp_dim=2048, temperature=0.2, lr=0.3, slim_start_lr=None, weight_decay=1e-5,
+)
+# fmt: on
+RECIPES = Union[
+    Annotated[Args, tyro.conf.subcommand("mocov2", default=Args(), description="SlimCLR-MoCov2, 200 epochs")],
+    Annotated[Args, tyro.conf.subcommand("mocov3", default=MOCOV3, description="SlimCLR-MoCov3, 300 epochs")],
+    Annotated[Args, tyro.conf.subcommand("cifar-mocov2", default=CIFAR_MOCOV2, description="CIFAR proxy (ours)")],
+    Annotated[Args, tyro.conf.subcommand("cifar-mocov3", default=CIFAR_MOCOV3, description="CIFAR proxy (ours)")],
+]
+
+
+# SHARED: run-utils
+class RunError(Exception):
+    """A bad input or a failed run: main prints its one-line message and exits non-zero."""
+
+
+def rng_seed(*keys) -> int:
+    """A 56-bit seed derived from any keys, e.g. (seed, 'train', epoch, step): independent, reproducible streams."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:7], "little")
+
+
+# END SHARED
+
+
+# ==== 2. DATA & AUGMENTATIONS ====
+# SHARED: image-folder
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def decode_files(paths: list, size: int, crop: Optional[int] = None) -> torch.Tensor:
+    """Read and decode image files into uint8 [n, 3, crop, crop]: shorter side resized to size, centre crop."""
+    crop = crop or size
+
+    def fit(img):
+        if img.shape[-2:] == (crop, crop) and size == crop:
+            return img
+        return T.functional.center_crop(T.functional.resize(img, size, antialias=True), [crop, crop])
+
+    def decode_one(path, data):
+        try:
+            return decode_image(data, mode=ImageReadMode.RGB)
+        except RuntimeError as e:
+            raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
+
+    datas = [read_file(str(p)) for p in paths]
+    jpeg = [i for i, p in enumerate(paths) if p.suffix.lower() in (".jpg", ".jpeg")]
+    imgs = [None] * len(paths)
+    try:  # batched libjpeg-turbo decode (~60 us per CIFAR image on one core)
+        for i, img in zip(jpeg, decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB) if jpeg else []):
+            imgs[i] = img
+    except RuntimeError:  # a bad file in the batch: decode one by one below, which names it
+        pass
+    return torch.stack([fit(img if img is not None else decode_one(p, d)) for p, d, img in zip(paths, datas, imgs)])
+
+
+def folder_splits(root: Path) -> tuple:
+    """(train dir, test dir, class names) of an image folder with train/ and test/ (or val/) class folders."""
+    if not root.is_dir():
+        raise RunError(f"data dir not found: {root}")
+    test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if not (root / "train").is_dir() or test_root is None:
+        raise RunError(f"{root} must hold train/ and test/ (or val/) class folders")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    if sorted(d.name for d in test_root.iterdir() if d.is_dir()) != classes:
+        raise RunError(f"class folders differ between {root / 'train'} and {test_root}")
+    return root / "train", test_root, classes
+
+
+def list_image_files(root: Path, classes: list) -> tuple:
+    """Sorted image paths under root/<class>/ and their int64 labels."""
+    files = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir())]
+    files = [(p, c) for p, c in files if p.suffix.lower() in IMAGE_EXTS]
+    if not files:
+        raise RunError(f"no images in {root}")
+    return [p for p, _ in files], torch.tensor([c for _, c in files])
+
+
+def load_image_folder(root: Path, classes: list, size: int) -> tuple:
+    """Decode every image under root/<class>/ once (batched libjpeg-turbo, in chunks on all cores)."""
+    paths, labels = list_image_files(root, classes)
+    chunks = [paths[i : i + 1000] for i in range(0, len(paths), 1000)]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        images = torch.cat(list(pool.map(lambda c: decode_files(c, size), chunks)))
+    return images, labels
+
+
+# END SHARED
+
+
+# SHARED: load-data
+CIFAR = {"cifar10": (torchvision.datasets.CIFAR10, 10), "cifar100": (torchvision.datasets.CIFAR100, 100)}
+
+
+def load_data(args: Args) -> dict:
+    """Both splits: uint8 images [N, 3, S, S] (in memory) or file paths (streamed), int64 labels, on the CPU."""
+    if args.dataset == "fake":  # random images, for shape tests and synthetic-data benchmarks
+        g = torch.Generator().manual_seed(args.seed)
+        n = max(256, 16 * args.batch_size)
+        x = torch.randint(0, 256, (n + 64, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
+        y = torch.arange(n + 64) % 10
+        return dict(train_x=x[:n], train_y=y[:n], test_x=x[n:], test_y=y[n:], num_classes=10)
+    root = Path(args.data_dir)
+    if args.dataset in CIFAR:
+        cls, num_classes = CIFAR[args.dataset]
+        try:
+            splits = [cls(str(root), train=train, download=args.download) for train in (True, False)]
+        except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted", or a failed download
+            raise RunError(f"{args.dataset} not found in {root} ({e}); pass --data-dir or allow --download")
+        tr, te = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in splits]
+        return dict(train_x=tr[0], train_y=tr[1], test_x=te[0], test_y=te[1], num_classes=num_classes)
+    train_root, test_root, classes = folder_splits(root)
+    if args.in_memory:
+        train_x, train_y = load_image_folder(train_root, classes, args.image_size)
+        test_x, test_y = load_image_folder(test_root, classes, args.image_size)
+    else:
+        train_x, train_y = list_image_files(train_root, classes)
+        test_x, test_y = list_image_files(test_root, classes)
+        train_x, train_y = train_x * args.train_repeat, train_y.repeat(args.train_repeat)
+    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=len(classes))
+
+
+# END SHARED
+
+
+# SHARED: multi-crop
+@dataclass(frozen=True)
+class CropGroup:
+    """n crops per image: RandomResizedCrop(size, scale), flip 0.5, then (if colour) ColorJitter(*jitter) with p 0.8,
+    grayscale p 0.2, Gaussian blur (sigma U(0.1, 2)) with p blur and solarisation with p solarize."""
+
+    n: int
+    size: int
+    scale: tuple
+    jitter: tuple = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation, hue strengths
+    blur: float = 0.5
+    solarize: float = 0.0
+    colour: bool = True
+
+
+def sample_view_params(gen: torch.Generator, n: int, group: CropGroup) -> dict:
+    """Random draws of the per-crop transform for n crops, on the generator's device."""
+    dev, (b, c, s, h) = gen.device, group.jitter
+
+    def u(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(n, *shape, generator=gen, device=dev)
+
+    # fmt: off
+    return dict(
+        area=u(*group.scale, 10), log_ratio=u(math.log(3 / 4), math.log(4 / 3), 10),  # RandomResizedCrop: 10 tries
+        pos=u(0, 1, 2, 10),                                                             # top/left of each try
+        flip=u(0, 1) < 0.5,                                                             # RandomHorizontalFlip
+        jitter=u(0, 1) < 0.8,                                                           # RandomApply(ColorJitter, .8)
+        factors=torch.stack([u(max(0, 1 - b), 1 + b), u(max(0, 1 - c), 1 + c), u(max(0, 1 - s), 1 + s), u(-h, h)], 1),
+        order=torch.rand(n, 4, generator=gen, device=dev).argsort(1),                  # ColorJitter's random op order
+        gray=u(0, 1) < 0.2,                                                             # RandomGrayscale(p=0.2)
+        blur=u(0, 1) < group.blur, sigma=u(0.1, 2.0),                                   # PIL GaussianBlur(U(.1, 2))
+        solarize=u(0, 1) < group.solarize,                                              # PIL Solarize(128)
+    )
+    # fmt: on
+
+
+def take_params(params: dict, idx: torch.Tensor) -> dict:
+    return {k: v[idx] for k, v in params.items()}
+
+
+def rrc_boxes(h: torch.Tensor, w: torch.Tensor, p: dict) -> torch.Tensor:
+    """torchvision RandomResizedCrop.get_params, batched: the first of 10 tries that fits, else a centre crop.
+
+    h, w: float [n] image sizes; p: sample_view_params draws. Returns boxes [n, 4] (x1, y1, x2, y2) in pixels."""
+    h, w = h[:, None].double(), w[:, None].double()  # float64 like torchvision's Python floats: same rounding
+    target, ratio = h * w * p["area"].double(), torch.exp(p["log_ratio"]).double()  # exp in float32 as torchvision
+    cw, ch = torch.round(torch.sqrt(target * ratio)), torch.round(torch.sqrt(target / ratio))
+    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = fits.int().argmax(1, keepdim=True)  # index of the first fitting try
+    cw, ch = cw.gather(1, first), ch.gather(1, first)
+    top = torch.floor(p["pos"][:, 0].gather(1, first) * (h - ch + 1))  # randint(0, h - ch + 1)
+    left = torch.floor(p["pos"][:, 1].gather(1, first) * (w - cw + 1))
+    # fallback when no try fits: the largest centre crop with the ratio clamped to [3/4, 4/3]
+    fw = torch.where(w / h > 4 / 3, torch.round(h * 4 / 3), w)
+    fh = torch.where(w / h < 3 / 4, torch.round(w * 4 / 3), h)
+    ok = fits.any(1, keepdim=True)
+    cw, ch = torch.where(ok, cw, fw), torch.where(ok, ch, fh)
+    top, left = torch.where(ok, top, torch.floor((h - fh) / 2)), torch.where(ok, left, torch.floor((w - fw) / 2))
+    return torch.cat([left, top, left + cw, top + ch], 1).float()
+
+
+def resized_crops(images: torch.Tensor, owner: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Cut boxes [n, 4] out of images [m, 3, H, W] (float 0..255; owner [n] picks the image) and resize to size.
+
+    Used where the crops are cut on the device (in-memory data, --decode device); CPU workers use torchvision's crop
+    and antialiased resize. DEVIATION: one batched roi_align instead of PIL's crop + bilinear resize. It is exact
+    bilinear when enlarging and averages a grid of bilinear samples when shrinking (PIL uses a triangle filter);
+    samples at the crop's edge may read the neighbouring pixel outside the crop instead of repeating the edge."""
+    rois = torch.cat([owner[:, None].to(boxes), boxes], 1)
+    return roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+# END SHARED
+
+
+# SHARED: gpu-color
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601-2 luma, as PIL's convert('L') and torchvision: [N, 3, H, W] -> [N, 1, H, W]."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of RGB images in [0, 1] by shift (fraction of a turn, [N]) through HSV."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    s = delta / maxc.clamp_min(1e-12)
+    d = delta.clamp_min(1e-12)
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h6 = ((h / 6.0 + shift[:, None, None]) % 1.0) * 6.0  # hue in sixths of a turn, [0, 6)
+    # HSV -> RGB in closed form: channel n (r=5, g=3, b=1) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device)  # 5, 3, 1 (an arange, not a host-to-device copy)
+    k = (n[None, :, None, None] + h6[:, None]) % 6
+    return maxc[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """torchvision ColorJitter semantics, batched: brightness, contrast, saturation, hue in a per-image random order.
+
+    factors: [N, 4] (brightness, contrast, saturation factors; hue shift); order: [N, 4] permutations; apply: [N].
+    Brightness, contrast and saturation are blends f x + (1 - f) m with m = 0, the mean luma, or the luma image. The
+    costly hue rotation runs once: first the blends that precede each image's hue slot, then hue, then the rest."""
+    hue_slot = torch.where(apply, (order == 3).int().argmax(1), -1)  # -1: jitter not applied to this image
+
+    def blends(x, before: bool):
+        for slot in range(4):
+            use = slot < hue_slot if before else (slot > hue_slot) & (hue_slot >= 0)
+            op = torch.where(use, order[:, slot], -1).view(-1, 1, 1, 1)  # never 3 (hue) here
+            f = factors.gather(1, op.view(-1, 1).clamp(min=0)).view(-1, 1, 1, 1)
+            gray = grayscale(x)
+            m = torch.where(op == 1, gray.mean((1, 2, 3), keepdim=True), torch.where(op == 2, gray, 0.0))
+            x = torch.where(op >= 0, (f * x + (1 - f) * m).clamp(0, 1), x)
+        return x
+
+    x = blends(x, before=True)
+    x = torch.where(hue_slot.view(-1, 1, 1, 1) >= 0, adjust_hue(x, factors[:, 3]), x)
+    return blends(x, before=False)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 6) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image sigma (replicate padding, as PIL extends edges)."""
+    n, c, h, w = x.shape
+    k = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kern = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None] ** 2))
+    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n*c, 2r+1]
+    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="replicate")
+    y = F.conv2d(y, kern[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, kern[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, h, w)
+
+
+# END SHARED
+
+
+def crop_groups(args: Args) -> list:
+    """The two views, one group each: RandomResizedCrop(scale), flip, ColorJitter(*jitter) p 0.8, grayscale p 0.2,
+    blur and solarize with each view's probability (v2: the same pipeline twice; v3: blur 1.0 / 0.1, solarize 0 / 0.2).
+    """
+    jit, scale = tuple(args.jitter), tuple(args.large_scale)
+    return [CropGroup(1, args.large_size, scale, jit, args.blur[v], args.solarize[v]) for v in range(2)]
+
+
+# SHARED: views
+def finish_views(x: torch.Tensor, p: dict, group: CropGroup, args: Args) -> torch.Tensor:
+    """Flip, colour distortion, grayscale, blur (and solarize) on crops [n, 3, S, S] in 0..255, then Normalize.
+
+    The official per-crop order (SwAV, DINO), batched on the device. DEVIATION: float arithmetic instead of PIL's uint8
+    rounding after every op, and an exact Gaussian (radius 6 = 3 sigma at sigma 2) instead of PIL's box approximation.
+    """
+    x = x / 255
+    x = torch.where(p["flip"][:, None, None, None], x.flip(-1), x)
+    if group.colour:
+        x = color_jitter(x, p["factors"], p["order"], p["jitter"])
+        x = torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
+        x = torch.where(p["blur"][:, None, None, None], gaussian_blur(x, p["sigma"]), x)
+        if group.solarize > 0:
+            x = torch.where(p["solarize"][:, None, None, None] & (x >= 128 / 255), 1 - x, x)  # PIL: v >= 128
+    return torch.stack([(x[:, c] - m) / sd for c, (m, sd) in enumerate(zip(args.mean, args.std))], 1)  # no H2D copy
+
+
+class FolderViews(torch.utils.data.Dataset):
+    """Streamed multi-crop items. An item (index, seed) fixes every draw, so ranks and resumed runs replay the same
+    crops. decode='workers': the worker decodes and cuts the crops (uint8); 'device': it only reads the file bytes."""
+
+    def __init__(self, files: list, groups: list, args: Args):
+        self.files, self.groups, self.args = files, groups, args
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, item):
+        index, seed = item
+        gen = torch.Generator().manual_seed(seed)
+        params = [sample_view_params(gen, g.n, g) for g in self.groups]
+        if self.args.decode == "device":  # plain bytes: thousands of tiny shared-memory tensors would exhaust fds
+            return Path(self.files[index]).read_bytes(), params
+        img = decode_checked(read_file(str(self.files[index])), self.files[index])
+        h, w = (torch.full((1,), float(d)) for d in img.shape[-2:])
+        crops = []
+        for g, p in zip(self.groups, params):  # torchvision's tensor RandomResizedCrop: crop, antialiased uint8 resize
+            boxes = rrc_boxes(h.expand(g.n), w.expand(g.n), p).int().tolist()
+            resize = [F.interpolate(img[None, :, y1:y2, x1:x2], (g.size, g.size), mode="bilinear", antialias=True)
+                      for x1, y1, x2, y2 in boxes]  # fmt: skip
+            crops.append(torch.cat(resize))
+        return crops, params
+
+
+def crop_images(imgs: list, p: dict, group: CropGroup) -> torch.Tensor:
+    """group.n RandomResizedCrops of each uint8 image [3, H, W] (p: draws, image-major) -> float [b, n, 3, S, S]."""
+    dev = imgs[0].device
+    hw = torch.tensor([img.shape[-2:] for img in imgs], dtype=torch.float32).repeat_interleave(group.n, 0)
+    hw = hw.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else hw  # no host sync
+    boxes = rrc_boxes(hw[:, 0], hw[:, 1], p).view(len(imgs), group.n, 4)
+    zeros = torch.zeros(group.n, device=dev)
+    return torch.stack([resized_crops(img[None].float(), zeros, bx, group.size) for img, bx in zip(imgs, boxes)])
+
+
+def collate_views(batch: list) -> tuple:
+    """[(crops or bytes, params per group)] -> (per-group crops [b, n, 3, S, S] or a list of bytes, params [b*n])."""
+    first, params = zip(*batch)
+    params = [{k: torch.cat([p[g][k] for p in params]) for k in params[0][g]} for g in range(len(params[0]))]
+    if isinstance(first[0], bytes):
+        return [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in first], params
+    return [torch.stack([c[g] for c in first]) for g in range(len(first[0]))], params
+
+
+def view_batches(run: SimpleNamespace, images, batches: list, keys: list, groups: list):
+    """Yield this rank's crops for each global index batch: a list (one per group) of float [n*b, 3, S, S],
+    crop-major (row v*b + i is crop v of image i), normalised, on the device.
+
+    In memory (CIFAR): CRUCIAL: the uint8 images never leave the device; the draws are made for the whole global
+    batch from a key, and each rank keeps its contiguous share, so a 2-rank run sees exactly a 1-rank run's crops.
+    Streamed (ImageNet): DataLoader workers read (and decode and crop) the files; seeds per image position."""
+    args, device, rank, world = run.args, run.device, run.rank, run.world_size
+    if torch.is_tensor(images):
+        gen = torch.Generator(device=device)
+        for idx, key in zip(batches, keys):
+            b = len(idx) // world
+            local = idx[rank * b : (rank + 1) * b].to(device)
+            x = images[local].float()
+            gen.manual_seed(rng_seed(*key))
+            out = []
+            for g in groups:
+                p = sample_view_params(gen, g.n * len(idx), g)  # [n, B] crop-major, for the global batch
+                sel = torch.arange(g.n, device=device)[:, None] * len(idx) + rank * b + torch.arange(b, device=device)
+                p = take_params(p, sel.flatten())
+                h, w = (torch.full((g.n * b,), float(d), device=device) for d in x.shape[-2:])
+                crops = resized_crops(x, torch.arange(b, device=device).repeat(g.n), rrc_boxes(h, w, p), g.size)
+                out.append(finish_views(crops, p, g, args))
+            yield out
+        return
+    items = []  # one list of (file index, item seed) per step: this rank's share of the global batch
+    for idx, key in zip(batches, keys):
+        b = len(idx) // world
+        items.append([(int(i), rng_seed(*key, rank * b + j)) for j, i in enumerate(idx[rank * b : (rank + 1) * b])])
+    loader = DataLoader(
+        FolderViews(images, groups, args),
+        batch_sampler=items,
+        num_workers=args.workers,
+        collate_fn=collate_views,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if args.workers else None,
+    )
+    for (crops, params), step_items in zip(loader, items):
+        params = [{k: v.to(device, non_blocking=True) for k, v in p.items()} for p in params]
+        if args.decode == "device":  # CRUCIAL: nvjpeg batch decode on CUDA, then the same crops as the workers cut
+            imgs = decode_on_device(crops, [images[i] for i, _ in step_items], device)
+            crops = [crop_images(imgs, p, g) for g, p in zip(groups, params)]
+        else:
+            crops = [c.to(device, non_blocking=True).float() for c in crops]
+        out = []  # [b, n, 3, S, S] image-major -> crop-major rows, with the params reordered the same way
+        for g, c, p in zip(groups, crops, params):
+            order = torch.arange(c.shape[0] * g.n, device=device).view(-1, g.n).T.flatten()
+            out.append(finish_views(c.transpose(0, 1).flatten(0, 1), take_params(p, order), g, args))
+        yield out
+
+
+def decode_on_device(datas: list, paths: list, device: torch.device) -> list:
+    """Batched JPEG decode on the device (nvjpeg on CUDA); files nvjpeg refuses (PNG, CMYK) decode on the CPU."""
+    try:
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return [decode_checked(d, p).to(device) for d, p in zip(datas, paths)]
+
+
+def decode_checked(data: torch.Tensor, path) -> torch.Tensor:
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)  # JPEG, PNG, WebP; grayscale and CMYK become RGB
+    except RuntimeError as e:
+        raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
+
+
+# END SHARED
+
+
+# ==== 3. MODEL ====
+def slim(c: int, width: float) -> int:
+    """Channels of a layer of full size c at this width. PAPER: int(c x w), truncation, no rounding (spec 1.1)."""
+    return int(c * width)
+
+
+class SlimConv2d(nn.Conv2d):
+    """One full-size kernel; width w uses the leading slice weight[:int(out x w), :c_in] (0.25 in 0.5 in 0.75 in 1).
+    c_in is the input's channel count: the previous layer's slice, or 3 at the stem (slim_in=False, never sliced)."""
+
+    def __init__(self, c_in, c_out, k, stride=1, padding=0, slim_in=True):
+        super().__init__(c_in, c_out, k, stride, padding, bias=False)
+        self.slim_in = slim_in
+
+    def forward(self, x: torch.Tensor, width: float) -> torch.Tensor:
+        return F.conv2d(x, self.weight[: slim(self.out_channels, width), : x.shape[1]], None, self.stride, self.padding)
+
+    def active_params(self, width: float) -> int:
+        c_in = slim(self.in_channels, width) if self.slim_in else self.in_channels
+        return slim(self.out_channels, width) * c_in * self.weight[0, 0].numel()
+
+
+class SlimLinear(nn.Linear):
+    """Linear layer sliced like SlimConv2d; slim_out=False keeps every output (the 128/256-d embeddings, classes)."""
+
+    def __init__(self, f_in, f_out, bias=True, slim_in=True, slim_out=True):
+        super().__init__(f_in, f_out, bias=bias)
+        self.slim_in, self.slim_out = slim_in, slim_out
+
+    def forward(self, x: torch.Tensor, width: float) -> torch.Tensor:
+        out = slim(self.out_features, width) if self.slim_out else self.out_features
+        return F.linear(x, self.weight[:out, : x.shape[-1]], None if self.bias is None else self.bias[:out])
+
+    def active_params(self, width: float) -> int:
+        f_in = slim(self.in_features, width) if self.slim_in else self.in_features
+        f_out = slim(self.out_features, width) if self.slim_out else self.out_features
+        return f_out * (f_in + (self.bias is not None))
+
+
+class SwitchBN(nn.Module):
+    """Switchable BatchNorm (spec 1.2): one independent BN per width (own affine parameters AND running statistics),
+    sized for that width's slice (or full size, slim=False); the width picks the copy. Nothing is shared."""
+
+    def __init__(self, c: int, widths, dims: int = 2, affine: bool = True, slim: bool = True):
+        super().__init__()
+        bn = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
+        self.widths = [float(w) for w in widths]
+        self.bn = nn.ModuleList(bn(int(c * w) if slim else c, affine=affine) for w in self.widths)
+
+    def forward(self, x: torch.Tensor, width: float) -> torch.Tensor:
+        return self.bn[self.widths.index(width)](x)
+
+    def active_params(self, width: float) -> int:
+        return sum(p.numel() for p in self.bn[self.widths.index(width)].parameters())
+
+
+class SlimSequential(nn.Sequential):
+    """nn.Sequential that passes the width to the slimmable layers."""
+
+    def forward(self, x: torch.Tensor, width: float) -> torch.Tensor:
+        for m in self:
+            x = m(x, width) if isinstance(m, (SlimConv2d, SlimLinear, SwitchBN, SlimBlock)) else m(x)
+        return x
+
+
+class SlimBlock(nn.Module):
+    """ResNet v1.5 block (the stride on the 3x3 conv): bottleneck (1x1, 3x3, 1x1; mid = out / 4) or basic (3x3, 3x3);
+    a projection shortcut (1x1 conv + BN) exactly when the stride or the channel count changes; ReLU after the add."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, widths, bottleneck: bool):
+        super().__init__()
+        if bottleneck:
+            mid = c_out // 4
+            convs = [SlimConv2d(c_in, mid, 1), SlimConv2d(mid, mid, 3, stride, 1), SlimConv2d(mid, c_out, 1)]
+        else:
+            convs = [SlimConv2d(c_in, c_out, 3, stride, 1), SlimConv2d(c_out, c_out, 3, 1, 1)]
+        self.convs = nn.ModuleList(convs)
+        self.bns = nn.ModuleList(SwitchBN(c.out_channels, widths) for c in convs)
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = SlimSequential(SlimConv2d(c_in, c_out, 1, stride), SwitchBN(c_out, widths))
+
+    def forward(self, x: torch.Tensor, width: float) -> torch.Tensor:
+        out = x
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            out = bn(conv(out, width), width)
+            out = F.relu(out) if i + 1 < len(self.convs) else out
+        return F.relu(out + (x if self.shortcut is None else self.shortcut(x, width)))
+
+
+class SlimResNet(nn.Module):
+    """Slimmable ResNet (spec 1.1): stem int(64w) (its 3 input channels never sliced), stages of int(64 2^s e w)
+    channels (e = 4 for bottlenecks), global average pooling to int(F w) features, an optional slimmable classifier
+    (inputs sliced, num_classes outputs never). forward(x, width=None) returns {width: output}, every width in turn
+    (a separate pass each, its own BN) when width is None; forward_width(x, width) returns the tensor."""
+
+    def __init__(self, layers, widths, bottleneck: bool, cifar_stem: bool = False, num_classes: int = 0):
+        super().__init__()
+        self.widths = sorted((float(w) for w in widths), reverse=True)
+        if cifar_stem:  # 3x3 stride 1, no max-pool (32-px images)
+            self.conv1 = SlimConv2d(3, 64, 3, 1, 1, slim_in=False)
+        else:
+            self.conv1 = SlimConv2d(3, 64, 7, 2, 3, slim_in=False)
+        self.bn1, self.maxpool = SwitchBN(64, self.widths), not cifar_stem
+        c_in, e = 64, 4 if bottleneck else 1
+        stages = []
+        for s, n in enumerate(layers):
+            c_out, stride = 64 * 2**s * e, 1 if s == 0 else 2
+            blocks = [SlimBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1, self.widths, bottleneck)
+                      for i in range(n)]  # fmt: skip
+            stages.append(SlimSequential(*blocks))
+            c_in = c_out
+        self.layers = nn.ModuleList(stages)
+        self.num_features = c_in
+        self.fc = SlimLinear(c_in, num_classes, slim_out=False) if num_classes else None
+        init_slim(self)
+
+    def forward_width(self, x: torch.Tensor, width: float) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x, width), width))
+        if self.maxpool:
+            x = F.max_pool2d(x, 3, 2, 1)
+        for stage in self.layers:
+            x = stage(x, width)
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return x if self.fc is None else self.fc(x, width)
+
+    def forward(self, x: torch.Tensor, width: Optional[float] = None) -> dict:
+        return {w: self.forward_width(x, w) for w in (self.widths if width is None else [float(width)])}
+
+
+def init_slim(module: nn.Module) -> None:
+    """Official init (spec 1.3): convs Kaiming-normal (fan_out, relu); BN gamma 1, beta 0, and the last BN of every
+    residual block zero for every width copy (zero_init_residual); every Linear N(0, 0.01) with bias 0."""
+    for m in module.modules():
+        if isinstance(m, SlimConv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        if isinstance(m, SlimBlock):
+            for bn in m.bns[-1].bn:
+                nn.init.zeros_(bn.weight)  # CRUCIAL: zero-init residuals in every width's copy
+
+
+def slimmable_resnet50(num_classes: int = 1000, widths=(1.0, 0.75, 0.5, 0.25)) -> SlimResNet:
+    """Slimmable ResNet-50 (blocks [3, 4, 6, 3]); num_classes 0: no classifier (the SSL backbone, 2048w features)."""
+    return SlimResNet([3, 4, 6, 3], widths, bottleneck=True, num_classes=num_classes)
+
+
+SLIM_RESNETS = {
+    "resnet50": slimmable_resnet50,
+    "resnet18": lambda num_classes=0, widths=(1.0,): SlimResNet([2, 2, 2, 2], widths, False, False, num_classes),
+    "resnet18-cifar": lambda num_classes=0, widths=(1.0,): SlimResNet([2, 2, 2, 2], widths, False, True, num_classes),
+}
+
+
+def active_param_count(model: nn.Module, width: float) -> int:
+    """Parameters the network of this width uses (spec 1.4): the weight and bias slices of every slimmable layer,
+    its own BN copy, and every other parameter in full. Running statistics are buffers and not counted."""
+    slimmable = [m for m in model.modules() if isinstance(m, (SlimConv2d, SlimLinear, SwitchBN))]
+    inside = {id(p) for m in slimmable for p in m.parameters()}
+    rest = sum(p.numel() for p in model.parameters() if id(p) not in inside)
+    return rest + sum(m.active_params(float(width)) for m in slimmable)
+
+
+@torch.no_grad()
+def active_macs(model: SlimResNet, width: float, size: int) -> int:
+    """Multiply-accumulates of one size x size image through the convs and linear layers at this width."""
+    total = []
+
+    def count(m, inputs, out):
+        k = m.weight[0, 0].numel() if isinstance(m, SlimConv2d) else 1
+        total.append(out.numel() * inputs[0].shape[1] * k)
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (SlimConv2d, SlimLinear))]
+    was_training = model.training
+    model.eval()
+    p = next(model.parameters())
+    model.forward_width(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype), float(width))
+    model.train(was_training)
+    for h in hooks:
+        h.remove()
+    return sum(total)
+
+
+class SlimEncoder(nn.Module):
+    """Backbone + head at one width: v2 head Linear(F w, F w) - ReLU - Linear(F w, 128) with biases, no BN (spec 2.1);
+    v3 projector Linear(F w, 4096 w) - BN - ReLU - Linear(4096 w, 256) - BN(affine=False), no biases (spec 3.1)."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        self.backbone = SLIM_RESNETS[args.arch](num_classes=0, widths=args.widths)
+        f, w = self.backbone.num_features, self.backbone.widths
+        if args.moco == "v2":
+            self.head = SlimSequential(SlimLinear(f, f), nn.ReLU(inplace=True), SlimLinear(f, args.dim, slim_out=False))
+        else:
+            self.head = SlimSequential(
+                SlimLinear(f, args.mlp_dim, bias=False),
+                SwitchBN(args.mlp_dim, w, dims=1),
+                nn.ReLU(inplace=True),
+                SlimLinear(args.mlp_dim, args.dim, bias=False, slim_out=False),
+                SwitchBN(args.dim, w, dims=1, affine=False, slim=False),  # per width, but 256 wide at every width
+            )
+        init_slim(self)  # PAPER: every Linear inside the encoder N(0, 0.01)
+
+    def forward(self, x: torch.Tensor, width: float) -> torch.Tensor:
+        return self.head(self.backbone.forward_width(x, width), width)
+
+
+class Online(nn.Module):
+    """The trained branch: the encoder, and for v3 the predictor Linear(256, 4096 w) - BN - ReLU - Linear(4096 w, 256)
+    (outside the encoder: PyTorch's default Linear init, spec 1.3). The one module DDP wraps."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        self.encoder = SlimEncoder(args)
+        self.predictor = None
+        if args.moco == "v3":
+            self.predictor = SlimSequential(
+                SlimLinear(args.dim, args.mlp_dim, bias=False, slim_in=False),
+                SwitchBN(args.mlp_dim, self.encoder.backbone.widths, dims=1),
+                nn.ReLU(inplace=True),
+                SlimLinear(args.mlp_dim, args.dim, bias=False, slim_out=False),
+            )
+
+    def forward(self, views: list, widths: list) -> list:
+        """views: images [b, 3, S, S] each. Returns per view {width: embedding [b, D]} (not normalised).
+        CRUCIAL: every width is a separate pass of the same images, with its own BN batch statistics (spec 7.5)."""
+        out = []
+        for x in views:
+            z = {w: self.encoder(x, w) for w in widths}
+            out.append(z if self.predictor is None else {w: self.predictor(e, w) for w, e in z.items()})
+        return out
+
+
+class SlimCLR(nn.Module):
+    """Online branch, full-width momentum encoder (a copy of the encoder, every BN copy included, no gradient) and, for
+    v2, the queue [K, D] of L2-normalised full-width keys, initialised with normalised Gaussian noise."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        self.online = Online(args)
+        self.momentum_encoder = copy.deepcopy(self.online.encoder).requires_grad_(False)
+        if args.moco == "v2":
+            self.register_buffer("queue", F.normalize(torch.randn(args.queue_size, args.dim), dim=1))
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, m: float) -> None:
+    """teacher <- m teacher + (1 - m) student, every parameter (the full tensors and every BN copy; spec 2.1)."""
+    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1.0 - m)
+
+
+def momentum_at(step: int, args: Args, steps_per_epoch: int) -> float:
+    """v2: constant. v3 (spec 3.1): 1 - (1 + cos(pi epoch / epochs)) / 2 (1 - m), the epoch fractional: 0.99 -> 1."""
+    if not args.moco_m_cos:
+        return args.moco_m
+    return 1 - 0.5 * (1 + math.cos(math.pi * step / (steps_per_epoch * args.epochs))) * (1 - args.moco_m)
+
+
+@torch.no_grad()
+def momentum_keys(run: SimpleNamespace, x: torch.Tensor, step: int) -> tuple:
+    """Full-width keys of this rank's images [b, D] and of the global batch [B, D], L2-normalised, fp32.
+
+    v2 under DDP: shuffle-BN (spec 2.1): the global key batch is permuted, each rank encodes one share (so BN
+    statistics never see a query's own key-batch neighbours), and the keys are gathered and un-permuted.
+    DEVIATION: the permutation comes from a seeded stream identical on every rank (official: drawn on rank 0 and
+    broadcast). v3: no shuffle (SyncBN on CUDA)."""
+    enc, rank, world = run.model.momentum_encoder, run.rank, run.world_size
+    with run.autocast:
+        if run.args.moco == "v3" or world == 1:
+            k = F.normalize(enc(x.contiguous(memory_format=run.fmt), 1.0).float(), dim=1)
+            return k, gather_with_grad(k)
+        b = len(x)
+        x_all = gather_with_grad(x)
+        gen = torch.Generator(device=x.device).manual_seed(rng_seed(run.args.seed, "shuffle-bn", step))
+        perm = torch.randperm(len(x_all), generator=gen, device=x.device)
+        k = F.normalize(
+            enc(x_all[perm[rank * b : (rank + 1) * b]].contiguous(memory_format=run.fmt), 1.0).float(), dim=1
+        )
+    k_all = torch.empty(len(x_all), k.shape[1], device=k.device)
+    k_all[perm] = gather_with_grad(k)
+    return k_all[rank * b : (rank + 1) * b], k_all
+
+
+# ==== 4. LOSS ====
+def distill_ce(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """t^2 mean_b[-sum_j softmax(teacher / t)_j log_softmax(student / t)_j], the teacher detached. PAPER (official
+    kd_distill_loss_v2): cross-entropy, not KL (larger by t^2 H(teacher), the same gradient)."""
+    p = F.softmax(teacher.detach().float() / t, dim=1)
+    return t * t * -(p * F.log_softmax(student.float() / t, dim=1)).sum(1).mean()
+
+
+def slimclr_combine(logits: dict, nce, active: bool, distill_weight, distill_temperature, reweight, full_distill):
+    """The SlimCLR combination (spec 2.2 steps 4-6). logits: {width: [B, C]}, the full width first; nce: logits ->
+    the contrastive loss of one width. Before the slow start: the full network's loss alone, unweighted. After it:
+        lambda_max nce_max + sum_w<max [(1 - a) nce_w + a kd_w],  lambda_max = 1 + sum of the sub-widths (reweight)
+    with kd_w the distillation of the full network's logits (and the larger sub-widths', full_distill)."""
+    widths = sorted(logits, reverse=True)
+    top = widths[0]
+    if not active:  # PAPER: the sub-networks are not run and contribute exactly 0; lambda_max not applied
+        return nce(logits[top])
+    lam = 1 + sum(widths[1:]) if reweight else 1.0  # PAPER: official loss_weights_generate option 5
+    loss = lam * nce(logits[top])
+    a, t = distill_weight, distill_temperature
+    for i, w in enumerate(widths[1:], 1):
+        sub = nce(logits[w])
+        if a > 0:
+            teachers = widths[:i] if full_distill else [top]
+            kd = sum(distill_ce(logits[w], logits[v], t) for v in teachers) / len(teachers)
+            sub = (1 - a) * sub + a * kd
+        loss = loss + sub
+    return loss
+
+
+def slimclr_mocov2_loss(
+    q_by_width: dict, k: torch.Tensor, queue: torch.Tensor, *, temperature: float = 0.2, epoch: float,
+    slim_start_epoch: float, distill_weight: float = 0.5, distill_temperature: float = 5.0, reweight: bool = True,
+    full_distill: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """SlimCLR-MoCov2 loss (spec 2.2). q_by_width: {width: [B, D]} L2-normalised queries; k: [B, D] full-width keys;
+    queue: [K, D]. Raw logits z_w = [q_w . k, q_w Q^T] (plain cosines) per width; nce_w = CE(z_w / T, 0); the
+    distillation works on the raw z_w with temperature t (spec 7.2: around 25 ln(K+1) per sub-width is normal).
+    The sub-width entries are ignored before the slow start (epoch < slim_start_epoch; -1: always active)."""
+    active = epoch >= slim_start_epoch
+    widths = sorted(q_by_width, reverse=True)
+    k, queue = k.float(), queue.float()
+    z = {}
+    for w in widths if active else widths[:1]:
+        q = q_by_width[w].float()  # q: [B, D], L2-normalised
+        z[w] = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1)  # [B, 1 + K], the positive first
+
+    def nce(logits):
+        return F.cross_entropy(logits / temperature, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+    return slimclr_combine(z, nce, active, distill_weight, distill_temperature, reweight, full_distill)
+
+
+def slimclr_mocov3_loss(
+    q1_by_width: dict, q2_by_width: dict, k1: torch.Tensor, k2: torch.Tensor, *, temperature: float = 1.0,
+    epoch: float, slim_start_epoch: float, distill_weight: float = 0.5, distill_temperature: float = 1.0,
+    reweight: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """SlimCLR-MoCov3 loss (spec 3.2): direction(q1, k2) + direction(q2, k1), each with l_w = q_w k^T / T,
+    nce_w = 2T CE(l_w, labels) and the distillation on l_w (already divided by T). q: {width: [B, D]} normalised;
+    k: [B, D] normalised keys, or the keys of every rank [B x world, D] under DDP (labels offset by rank)."""
+    active = epoch >= slim_start_epoch
+
+    def direction(q_by_width, k):
+        widths = sorted(q_by_width, reverse=True)
+        b = len(q_by_width[widths[0]])
+        offset = dist.get_rank() * b if len(k) > b else 0  # CRUCIAL: this rank's rows of the gathered keys
+        labels = torch.arange(b, device=k.device) + offset
+        logits = {w: q_by_width[w].float() @ k.float().T / temperature for w in (widths if active else widths[:1])}
+        nce = lambda l: 2 * temperature * F.cross_entropy(l, labels)  # noqa: E731  PAPER: the 2T factor
+        return slimclr_combine(logits, nce, active, distill_weight, distill_temperature, reweight, False)
+
+    return direction(q1_by_width, k2) + direction(q2_by_width, k1)
+
+
+def slimclr_linear_probe_loss(logits_by_width: dict, targets: torch.Tensor) -> torch.Tensor:
+    """Switchable probe loss (spec 4; official inplace_distill_mixed): CE(full) + sum over sub-widths of
+    (softCE(logits_w, softmax(full) detached) + CE(logits_w, y)) / 2, no temperature."""
+    widths = sorted(logits_by_width, reverse=True)
+    top = logits_by_width[widths[0]].float()
+    loss = F.cross_entropy(top, targets)
+    p = F.softmax(top.detach(), dim=1)
+    for w in widths[1:]:
+        s = logits_by_width[w].float()
+        loss = loss + 0.5 * (-(p * F.log_softmax(s, dim=1)).sum(1).mean() + F.cross_entropy(s, targets))
+    return loss
+
+
+# SHARED: ddp-gather
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums every rank's gradient and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on every rank's x
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from all ranks along dim 0, gradient flowing back to each rank's own rows; identity on 1 rank."""
+    return _GatherWithGrad.apply(x) if dist.is_initialized() and dist.get_world_size() > 1 else x
+
+
+# END SHARED
+
+
+# ==== 5. OPTIMIZER & SCHEDULES ====
+class MoCoV3LARS(torch.optim.Optimizer):
+    """LARS as in MoCo v3 (and SlimCLR's utils/optim.py), spec 3.4. For parameters with ndim > 1:
+        g <- g + wd p;  g <- g x eta ||p|| / ||g||  (1 where a norm is 0)
+    1-D parameters (BN, biases) take g unchanged: no weight decay, no trust ratio. Then mu <- m mu + g; p <- p - lr mu.
+    (Unlike solo-learn's LARS, the trust ratio divides by ||g + wd p||, with no eps or clipping.)"""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if p.ndim > 1:
+                    g = g.add(p, alpha=group["weight_decay"])
+                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    ok = (p_norm > 0) & (g_norm > 0)  # no host sync
+                    g = g * torch.where(ok, group["eta"] * p_norm / g_norm, 1.0)
+                mu = self.state[p].get("mu")
+                mu = self.state[p]["mu"] = g.clone() if mu is None else mu.mul_(group["momentum"]).add_(g)
+                p.add_(mu, alpha=-group["lr"])
+
+
+def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
+    """Per-step LR (official lr_scheduler, mode cos): a linear warm-up from 1e-8 to the peak over W steps, then
+    0.5 peak (1 + cos(pi (s - W) / (S - W))), floored at 1e-8. From the epoch --slim-start-epoch on (whole epochs,
+    as the official loop) the peak is --slim-start-lr when set. A pure function of the step."""
+    scale = args.batch_size / 256 if args.lr_scaling == "linear" else 1.0
+    peak = args.lr
+    if (
+        args.slim_start_lr is not None
+        and args.slim_start_epoch > 0
+        and step // steps_per_epoch >= args.slim_start_epoch
+    ):
+        peak = args.slim_start_lr  # PAPER: scheduler.init_lr = slim_start_lr (spec 2.4, 3.4)
+    peak *= scale
+    total, warmup = steps_per_epoch * args.epochs, int(args.warmup_epochs * steps_per_epoch)
+    if warmup > 0 and step <= warmup:
+        return min(step / warmup * (peak - 1e-8) + 1e-8, peak)
+    return max(0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))), 1e-8)
+
+
+def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
+    """v2: SGD (momentum 0.9) with weight decay on every parameter: the official scheduler rewrites every group's decay
+    to the base value each step, so BN and biases decay too (spec 2.4 [!]). v3: MoCo v3's LARS (spec 3.4)."""
+    params = [p for p in model.online.parameters() if p.requires_grad]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    return MoCoV3LARS(params, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum)
+
+
+# ==== 6. TRAIN LOOP ====
+# SHARED: train-utils
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, device=None) -> list:
+    """The epoch's global batches: a seeded permutation cut into full batches (drop_last).
+
+    CRUCIAL: moved to the device once per epoch; a per-step copy from pageable memory would sync the host."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(rng_seed(seed, "order", epoch)))
+    return list(perm[: n // batch_size * batch_size].to(device).view(-1, batch_size))
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work (only where a timer stops; never per step)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# END SHARED
+
+
+def train_step(run: SimpleNamespace, views: list, step: int) -> tuple:
+    """One SlimCLR step on this rank's two views. Returns (loss, contrastive top-1 per width [n_widths]), detached.
+    Order as the official forward: queries (with gradient), then the momentum update, then the keys."""
+    args, model, spe = run.args, run.model, run.steps_per_epoch
+    epoch = step / spe  # PAPER: the fractional epoch decides the slow start
+    active = epoch >= args.slim_start_epoch
+    widths = run.widths if active else run.widths[:1]
+    queries = views[:1] if args.moco == "v2" else views  # v2: view 1 is the query, view 2 the key
+    with run.autocast:
+        z = run.ddp_model([x.contiguous(memory_format=run.fmt) for x in queries], widths)
+    q = [{w: F.normalize(e.float(), dim=1) for w, e in zv.items()} for zv in z]  # q: [b, D], L2-normalised, fp32
+    ema_update(model.momentum_encoder, model.online.encoder, momentum_at(step, args, spe))
+    kw = dict(epoch=epoch, slim_start_epoch=args.slim_start_epoch, distill_weight=args.distill_weight)
+    kw.update(distill_temperature=args.distill_temperature, reweight=args.reweight, temperature=args.temperature)
+    if args.moco == "v2":
+        k, k_all = momentum_keys(run, views[1], step)
+        loss = slimclr_mocov2_loss(q[0], k, model.queue, full_distill=args.full_distill, **kw)
+    else:
+        (_, k1_all), (k2, k2_all) = momentum_keys(run, views[0], step), momentum_keys(run, views[1], step)
+        loss = slimclr_mocov3_loss(q[0], q[1], k1_all, k2_all, **kw)
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    with torch.no_grad():  # monitoring: how often the positive wins, per width (0 for widths not yet trained)
+        acc = torch.zeros(len(run.widths), device=run.device)
+        for i, w in enumerate(widths):
+            if args.moco == "v2":
+                acc[i] = ((q[0][w] * k).sum(1) > (q[0][w] @ model.queue.T).amax(1)).float().mean()
+            else:
+                offset = run.rank * len(k2) if run.world_size > 1 else 0
+                labels = torch.arange(len(k2), device=run.device) + offset
+                acc[i] = ((q[0][w] @ k2_all.T).argmax(1) == labels).float().mean()
+        if args.moco == "v2":  # CRUCIAL: enqueue the global batch's keys; the pointer follows from the step (no sync)
+            ptr = step * args.batch_size % args.queue_size
+            model.queue[ptr : ptr + len(k_all)] = k_all
+    return loss.detach(), 100 * acc
+
+
+def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
+    """Train from step start_step of `epoch` to its end (or to --max-steps). Returns averaged metrics."""
+    args, opt, device = run.args, run.opt, run.device
+    spe, is_main, nw = run.steps_per_epoch, run.rank == 0, len(run.widths)
+    in_memory = torch.is_tensor(run.data["train_x"])
+    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, epoch, device if in_memory else None)
+    last = min(spe, run.total_steps - epoch * spe)
+    keys = [(args.seed, "train", epoch, s) for s in range(start_step, last)]
+    stream = view_batches(run, run.data["train_x"], batches[start_step:last], keys, run.groups)
+    sums, window = torch.zeros(1 + nw, device=device), torch.zeros(1 + nw, device=device)  # loss, top-1 per width
+    no_bad = 2**62
+    bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
+    run.model.train()
+    bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=not is_main, dynamic_ncols=True)
+    t0, n_done, n_logged = time.perf_counter(), 0, 0
+    for step in bar:
+        gstep = epoch * spe + step
+        lr = lr_at(gstep, args, spe)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        tw = time.perf_counter()
+        views = next(stream)
+        run.data_wait_s += time.perf_counter() - tw  # host time spent waiting for (or making) the crops
+        loss, acc = train_step(run, views, gstep)
+        bad_step = torch.minimum(bad_step, torch.where(torch.isfinite(loss), no_bad, gstep + 1))
+        window += torch.cat([loss[None], acc])
+        n_done += 1
+        run.images_seen += args.batch_size  # counted per step: a mid-epoch checkpoint holds the true count
+        run.global_step = gstep + 1
+        if (step + 1) % args.log_every == 0 or step + 1 == last:
+            if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
+                dist.all_reduce(window)
+                window /= run.world_size
+                dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+            if bad_step.item() < no_bad:
+                raise RunError(f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); try a lower --lr")
+            m = (window / (n_done - n_logged)).tolist()  # mean over the steps since the last log line
+            sums, window, n_logged = sums + window, torch.zeros_like(window), n_done
+            if is_main:
+                bar.set_postfix(loss=f"{m[0]:.4f}", top1=f"{m[1]:.1f}", lr=f"{lr:.4f}")
+                top1 = {f"top1@{w}": a for w, a in zip(run.widths, m[1:])}
+                log_jsonl(run, dict(type="train", step=gstep + 1, epoch=epoch, lr=lr, loss=m[0], **top1))
+        if args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe:
+            sync(device)  # a checkpoint does not count as training time
+            run.train_time_s += time.perf_counter() - t0
+            save_state(run)
+            t0 = time.perf_counter()
+    sync(device)
+    run.train_time_s += time.perf_counter() - t0
+    m = (sums / max(n_done, 1)).tolist()
+    return dict(
+        loss=m[0], lr=lr_at(run.global_step - 1, args, spe), **{f"top1@{w}": a for w, a in zip(run.widths, m[1:])}
+    )
+
+
+# SHARED: bench
+def measure_ceiling(run: SimpleNamespace, steps: int) -> float:
+    """Bare torchvision ResNet forward+backward on synthetic crops of this recipe, one pass per resolution (no
+    augmentation, head, loss or optimizer): images/s, the ceiling the whole SwAV step is compared with."""
+    args, device = run.args, run.device
+    make = getattr(torchvision.models, args.arch, None) or RESNETS[args.arch]  # resnet18-cifar: ours
+    bare = make().to(device, memory_format=run.fmt).train()
+    b = args.batch_size // run.world_size
+    groups = [
+        torch.randn(g.n * b, 3, g.size, g.size, device=device).contiguous(memory_format=run.fmt) for g in run.groups
+    ]
+    for i in range(steps + 2):  # 2 warm-up steps
+        if i == 2:
+            sync(device)
+            t0 = time.perf_counter()
+        with run.autocast:
+            out = torch.cat([bare(x) for x in groups])
+        out.float().sum().backward()
+    sync(device)
+    return steps * args.batch_size / (time.perf_counter() - t0)
+
+
+def measure_data(run: SimpleNamespace, steps: int) -> float:
+    """The data pipeline alone (read, decode, crops, colour, normalise) for `steps` global batches: images/s."""
+    args = run.args
+    in_memory = torch.is_tensor(run.data["train_x"])
+    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, -1, run.device if in_memory else None)
+    batches = (batches * math.ceil((steps + 1) / len(batches)))[: steps + 1]
+    stream = view_batches(
+        run, run.data["train_x"], batches, [(args.seed, "bench", i) for i in range(steps + 1)], run.groups
+    )
+    next(stream)  # workers started
+    sync(run.device)
+    t0 = time.perf_counter()
+    for _ in stream:
+        pass
+    sync(run.device)
+    return steps * args.batch_size / (time.perf_counter() - t0)
+
+
+# END SHARED
+
+
+# ==== 7. EVALUATION ====
+class AtWidth(nn.Module):
+    """The slimmable backbone at one width, shaped as the shared evaluation code expects (model.backbone(x) -> [B, F])."""
+
+    def __init__(self, backbone: SlimResNet, width: float):
+        super().__init__()
+        self.net, self.width, self.num_features = backbone, width, slim(backbone.num_features, width)
+
+    @property
+    def backbone(self):
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_width(x, self.width)
+
+
+# SHARED: encode
+@torch.no_grad()
+def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pooled backbone features [n, F] (fp32, eval-mode BN) of centre crops (streamed) or whole images (in memory),
+    sharded over ranks and gathered; `subset` selects image indices."""
+    args, model, device, rank, world = run.args, run.model, run.device, run.rank, run.world_size
+    images = run.data[f"{split}_x"]
+    ids = torch.arange(len(run.data[f"{split}_y"])) if subset is None else subset
+    per_rank = math.ceil(len(ids) / world)
+    mine = ids[torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp(max=len(ids) - 1)]  # padded, trimmed later
+    model.eval()
+    if torch.is_tensor(images):
+        mine_dev = mine.to(images.device)
+
+        def load(c):
+            x = images[c].to(device).float()
+            if x.shape[-1] != args.large_size:
+                x = F.interpolate(x, size=(args.large_size, args.large_size), mode="bilinear", antialias=True)
+            return x
+
+        stream = (load(c) for c in mine_dev.split(args.eval_chunk))
+        n_chunks = math.ceil(len(mine) / args.eval_chunk)
+    else:
+        chunks = [[images[i] for i in c] for c in mine.split(args.eval_chunk)]
+        # PAPER: Resize(256) + CenterCrop(224), decoded by the workers, one chunk per item
+        decode = partial(decode_files, size=round(args.large_size * 256 / 224), crop=args.large_size)
+        loader = DataLoader(chunks, batch_size=None, collate_fn=decode, num_workers=args.workers)
+        stream, n_chunks = (x.to(device, non_blocking=True).float() for x in loader), len(chunks)
+    mean = torch.tensor(args.mean, device=device)[:, None, None] * 255
+    std = torch.tensor(args.std, device=device)[:, None, None] * 255
+    feats = []
+    for x in tqdm(stream, total=n_chunks, desc=f"encode {split}", disable=rank != 0, leave=False):
+        with run.autocast:
+            feats.append(model.backbone(((x - mean) / std).contiguous(memory_format=run.fmt)).float())
+    feats = torch.cat(feats)
+    if world > 1:
+        out = [torch.empty_like(feats) for _ in range(world)]
+        dist.all_gather(out, feats)
+        feats = torch.cat(out)
+    return feats[: len(ids)]
+
+
+# END SHARED
+
+
+# SHARED: knn
+@torch.no_grad()
+def knn_eval(x_train, y_train, x_test, y_test, num_classes, k=20, t=0.07, chunk=256) -> tuple:
+    """Weighted k-NN (DINO protocol): cosine similarity on L2-normalised features, votes weighted by exp(sim / t).
+
+    Returns (top1, top5) in percent. The test set is processed in chunks of a fixed size."""
+    x_train, x_test = F.normalize(x_train.float(), dim=1), F.normalize(x_test.float(), dim=1)
+    k = min(k, len(x_train))
+    correct1 = correct5 = 0
+    for i in range(0, len(x_test), chunk):
+        sim, idx = (x_test[i : i + chunk] @ x_train.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, y_train[idx], (sim / t).exp())
+        pred = votes.topk(min(5, num_classes), dim=1).indices
+        target = y_test[i : i + chunk, None]
+        correct1 += (pred[:, :1] == target).sum().item()
+        correct5 += (pred == target).any(1).sum().item()
+    return 100.0 * correct1 / len(x_test), 100.0 * correct5 / len(x_test)
+
+
+# END SHARED
+
+
+def switchable_probe(run: SimpleNamespace, train_feats: Optional[dict], test_feats: dict, y_test: torch.Tensor) -> dict:
+    """The switchable linear probe (spec 4): one Linear(F w, C) per width (N(0, 0.01), bias 0) on the frozen eval-mode
+    backbone, trained together with slimclr_linear_probe_loss; SGD momentum 0.9, --probe-lr at --probe-batch-size,
+    step (x0.1 at 60% and 80%) or cosine per epoch; fp32 heads. Train inputs: RandomResizedCrop(0.08, 1) + flip views
+    through the backbone at every width (augmented, official), or precomputed features {width: [N, F w]} (features).
+    Evaluated every --probe-eval-every epochs and at the end. Returns {width: dict(last, best, top5)}, best = that
+    width's top-1 at the epoch where the full width's is best (official)."""
+    args, device, world, rank, nc = run.args, run.device, run.world_size, run.rank, run.data["num_classes"]
+    backbone, widths = run.model.online.encoder.backbone, run.widths
+    gen = torch.Generator().manual_seed(args.seed)
+    heads = nn.ModuleList(nn.Linear(slim(backbone.num_features, w), nc) for w in widths).to(device)
+    with torch.no_grad():
+        for h in heads:
+            h.weight.copy_(torch.randn(h.weight.shape, generator=gen) * 0.01)
+            h.bias.zero_()
+    opt = torch.optim.SGD(heads.parameters(), lr=args.probe_lr, momentum=0.9, weight_decay=args.probe_wd)
+    in_memory, n = torch.is_tensor(run.data["train_x"]), len(run.data["train_y"])
+    train_y = run.data["train_y"].to(device)
+    group = CropGroup(1, args.large_size, (0.08, 1.0), colour=False)
+    b = args.probe_batch_size // world
+    backbone.eval()
+    history = []  # per evaluated epoch: top-1 and top-5 per width
+    for epoch in tqdm(range(args.probe_epochs), desc="switchable probe", disable=rank != 0, leave=False):
+        if args.probe_schedule == "step":  # PAPER (v2): x0.1 at epochs 60 and 80 of 100
+            lr = args.probe_lr * 0.1 ** sum(epoch >= round(f * args.probe_epochs) for f in (0.6, 0.8))
+        else:
+            lr = args.probe_lr * 0.5 * (1 + math.cos(math.pi * epoch / args.probe_epochs))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        on_device = train_feats is not None or in_memory
+        batches = epoch_batches(n, args.probe_batch_size, args.seed, ("probe", epoch), device if on_device else None)
+        if train_feats is not None:
+            stream = ([{w: train_feats[w][idx] for w in widths}] for idx in batches)
+        else:
+            keys = [(args.seed, "probe", epoch, s) for s in range(len(batches))]
+            stream = view_batches(run, run.data["train_x"], batches, keys, [group])
+        for idx, inputs in zip(batches, stream):
+            if train_feats is None:
+                with torch.no_grad(), run.autocast:
+                    x = inputs[0].contiguous(memory_format=run.fmt)
+                    inputs = [{w: backbone.forward_width(x, w).float() for w in widths}]
+            local = idx if train_feats is not None else idx[rank * b : (rank + 1) * b]
+            logits = {w: h(inputs[0][w]) for w, h in zip(widths, heads)}
+            loss = slimclr_linear_probe_loss(logits, train_y[local.to(device)])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1 and train_feats is None:  # the gradient of the global-batch mean
+                for p in heads.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            opt.step()
+        if (epoch + 1) % args.probe_eval_every == 0 or epoch + 1 == args.probe_epochs:
+            with torch.no_grad():
+                res = []
+                for w, h in zip(widths, heads):
+                    pred = h(test_feats[w]).topk(min(5, nc), dim=1).indices
+                    res.append(
+                        torch.stack(
+                            [(pred[:, 0] == y_test).float().mean(), (pred == y_test[:, None]).any(1).float().mean()]
+                        )
+                    )
+                history.append(torch.stack(res) * 100)  # [n_widths, 2], no host sync per epoch
+    history = torch.stack(history).tolist()
+    best = max(range(len(history)), key=lambda i: history[i][0][0])  # PAPER: the best epoch by the full width
+    return {
+        w: dict(last=history[-1][i][0], best=history[best][i][0], top5=history[-1][i][1]) for i, w in enumerate(widths)
+    }
+
+
+def evaluate(run: SimpleNamespace, tag: str) -> dict:
+    """Per width: weighted k-NN on pooled backbone features (a seeded subset during training, everything at the end),
+    and at the end the switchable probe. Keys: knn_top1@W, linear_top1@W (...); the full width also without @W."""
+    args, data, device = run.args, run.data, run.device
+    final, nc = tag == "final", data["num_classes"]
+    t0 = time.perf_counter()
+    subsets = {}
+    for split, size in (("train", args.eval_subset_train), ("test", args.eval_subset_test)):
+        n = len(data[f"{split}_y"])
+        g = torch.Generator().manual_seed(rng_seed(args.seed, "eval-subset", split))
+        subsets[split] = None if final or size >= n else torch.randperm(n, generator=g)[:size].sort().values
+    # the final features are cached per weights digest, so a rerun of a finished run skips the encoding
+    use_cache = final and run.world_size == 1
+    digest = state_dict_digest(run.model.state_dict()) if use_cache else None
+    key = rng_seed(digest, args.dataset, args.data_dir, args.large_size, args.mean, args.std)
+    cache = ArtifactCache(Path(args.out_dir) / "cache", f"{key:014x}")
+    backbone, feats = run.model.online.encoder.backbone, {}
+    for w in run.widths:
+        at_width = SimpleNamespace(**{**vars(run), "model": AtWidth(backbone, w)})
+        for split in ("train", "test"):
+            f = cache.get(f"{split}@{w}") if use_cache else None
+            if f is None:
+                f = extract_features(at_width, split, subsets[split])
+                if use_cache:
+                    cache.put(f"{split}@{w}", f.cpu())
+            feats[split, w] = f.to(device)
+    labels = {s: data[f"{s}_y"] if subsets[s] is None else data[f"{s}_y"][subsets[s]] for s in subsets}
+    ytr, yte = labels["train"].to(device), labels["test"].to(device)
+    res, times = {}, dict(encode_s=time.perf_counter() - t0)
+    if run.rank == 0:
+        t0 = time.perf_counter()
+        for w in run.widths:
+            top1, top5 = knn_eval(feats["train", w], ytr, feats["test", w], yte, nc, args.knn_k, args.knn_t)
+            res[f"knn_top1@{w}"], res[f"knn_top5@{w}"] = top1, top5
+        times["knn_s"] = time.perf_counter() - t0
+    test_feats = {w: feats["test", w] for w in run.widths}
+    probe = None
+    if final and args.probe == "features" and run.rank == 0:
+        t0 = time.perf_counter()
+        probe = switchable_probe(run, {w: feats["train", w] for w in run.widths}, test_feats, yte)
+        times["probe_s"] = time.perf_counter() - t0
+    if final and args.probe == "augmented":  # every rank takes part (data-parallel heads)
+        t0 = time.perf_counter()
+        probe = switchable_probe(run, None, test_feats, yte)
+        times["probe_s"] = time.perf_counter() - t0
+    for w, p in (probe or {}).items():
+        res.update({f"linear_top1@{w}": p["last"], f"linear_top1_best@{w}": p["best"], f"linear_top5@{w}": p["top5"]})
+    for name in ("knn_top1", "knn_top5", "linear_top1", "linear_top1_best", "linear_top5"):
+        if f"{name}@1.0" in res:
+            res[name] = res[f"{name}@1.0"]
+    if run.world_size > 1:
+        dist.barrier()
+    if run.rank == 0:
+        log_jsonl(run, dict(type="eval", tag=tag, step=run.global_step, **res, **times))
+        shown = {k: v for k, v in res.items() if "top5" not in k and "best" not in k and "@" in k}
+        print(f"eval @ {tag} | " + " | ".join(f"{k} {v:.2f}" for k, v in {**shown, **times}.items()))
+    for k, v in times.items():
+        run.times[k] = run.times.get(k, 0.0) + v
+    return res
+
+
+# ==== 8. MAIN ====
+# SHARED: ddp-setup
+def setup_distributed(device_arg: Optional[str]) -> tuple:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per device, nccl on GPU, gloo on CPU.
+    Without them: a single process, no process group. Returns (rank, world_size, device)."""
+    use_cuda = torch.cuda.is_available() and (device_arg or "cuda") != "cpu"
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device_arg or ("cuda" if use_cuda else "cpu"))
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    return rank, world_size, device
+
+
+# END SHARED
+
+
+def log_jsonl(run: SimpleNamespace, record: dict) -> None:
+    with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_state(run: SimpleNamespace) -> None:
+    """out_dir/last.pt, written atomically by rank 0: model (with the momentum encoder and the queue), optimizer,
+    scaler, step and timers."""
+    if run.rank != 0:
+        return
+    t0 = time.perf_counter()
+    state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
+    state.update(step=run.global_step, train_time_s=run.train_time_s, images_seen=run.images_seen)
+    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args))
+    save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
+    run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
+
+
+# SHARED: results
+def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, res: dict) -> None:
+    """out_dir/results.json (rank 0, atomic): args, machine, timings, throughput against the bare ceiling, metrics."""
+    args, device = run.args, run.device
+    imgs_per_s = run.images_seen / max(run.train_time_s, 1e-9)
+    ceiling = bench.get("ceiling_images_per_s")
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    results = dict(script=Path(__file__).name, paper=paper, exp_name=args.exp_name)
+    results.update(args=dataclasses.asdict(args), world_size=run.world_size, steps_per_epoch=run.steps_per_epoch)
+    results.update(extra, device=dev_name, python=platform.python_version())
+    results.update(torch=torch.__version__, torchvision=torchvision.__version__)
+    results.update(epochs_done=run.global_step / run.steps_per_epoch, steps_done=run.global_step)
+    view = "whole images" if args.in_memory else "centre crops"
+    protocol = f"pooled backbone features of {view}, eval-mode BN; weighted k-NN k={args.knn_k} T={args.knn_t}"
+    results.update(eval_protocol=f"{protocol}; linear probe: {args.probe}, {args.probe_epochs} epochs")
+    results.update(data_time_s=run.data_time_s, train_time_s=run.train_time_s, data_wait_s=run.data_wait_s, **run.times)
+    results.update(total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen, images_per_s=imgs_per_s)
+    results.update(crops_per_s=imgs_per_s * sum(g.n for g in run.groups), **bench)
+    results.update(ceiling_ratio=imgs_per_s / ceiling if ceiling else None)
+    results.update(peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+    results.update(script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)
+    tmp = Path(args.out_dir) / f"results.json.tmp.{os.getpid()}"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, Path(args.out_dir) / "results.json")  # atomic, like the checkpoints
+    print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=2))
+
+
+# END SHARED
+
+
+# SHARED: check-args
+def check_common_args(
+    args: Args, world_size: int, at_least_1: str, at_least_0: str, positive: str, scales: str
+) -> None:
+    """The checks every recipe needs, each failing with one clear line; the method's own integer flags (>= 1, >= 0),
+    positive float flags and (min, max) crop-scale flags besides large_scale are named by the caller."""
+    if args.arch not in RESNETS:
+        raise RunError(f"unknown --arch {args.arch!r}; choose one of {', '.join(RESNETS)}")
+    if args.device is not None and args.device != "cpu" and not args.device.startswith("cuda"):
+        raise RunError(f"unknown --device {args.device!r}; use cuda, cuda:N or cpu")
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"--device {args.device} but no CUDA device is available")
+    at_least = {
+        1: "batch_size large_size epochs probe_batch_size knn_k eval_chunk log_every image_size train_repeat "
+        "probe_epochs " + at_least_1,
+        0: "workers save_every_steps eval_every max_steps bench_ceiling_steps bench_data_steps "
+        "eval_subset_train eval_subset_test " + at_least_0,
+    }
+    for low, names in at_least.items():
+        for name in names.split():
+            value = getattr(args, name)
+            if value is not None and value < low:
+                raise RunError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    for name in ("lr", *positive.split()):
+        if getattr(args, name) <= 0:
+            raise RunError(f"--{name} must be > 0, got {getattr(args, name)}")
+    for name in ("warmup_epochs", "momentum", "weight_decay", "probe_wd", "probe_lr"):
+        if getattr(args, name) < 0:
+            raise RunError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("large_scale", *scales.split()):
+        lo, hi = getattr(args, name)
+        if not 0 < lo <= hi <= 1:
+            raise RunError(f"--{name.replace('_', '-')} must satisfy 0 < min <= max <= 1, got {lo} {hi}")
+    if args.batch_size % world_size:
+        raise RunError(f"--batch-size {args.batch_size} does not divide by the world size {world_size}")
+    if args.probe_batch_size % world_size:
+        raise RunError(f"--probe-batch-size {args.probe_batch_size} does not divide by the world size {world_size}")
+    if args.decode == "device" and (args.in_memory or args.dataset != "imagefolder"):
+        raise RunError("--decode device applies to streamed image folders; in-memory data is cut on the device anyway")
+
+
+# END SHARED
+
+
+def check_args(args: Args, world_size: int) -> None:
+    """Refuse bad input with one clear line, before any data is read or process group created."""
+    check_common_args(args, world_size, "dim mlp_dim probe_eval_every", "", "temperature distill_temperature", "")
+    widths = [float(w) for w in args.widths]
+    if 1.0 not in widths:
+        raise RunError(f"--widths {' '.join(map(str, args.widths))} must contain 1.0, the full network")
+    if len(set(widths)) != len(widths) or not all(0 < w <= 1 and slim(64, w) >= 1 for w in widths):
+        raise RunError(f"--widths must be distinct values in [1/64, 1], got {' '.join(map(str, args.widths))}")
+    if not 0 <= args.distill_weight <= 1:
+        raise RunError(f"--distill-weight must be in [0, 1], got {args.distill_weight}")
+    if not 0 <= args.moco_m <= 1:
+        raise RunError(f"--moco-m must be in [0, 1], got {args.moco_m}")
+    if args.slim_start_lr is not None and args.slim_start_lr <= 0:
+        raise RunError(f"--slim-start-lr must be > 0, got {args.slim_start_lr}")
+    if args.moco == "v2" and (args.queue_size < args.batch_size or args.queue_size % args.batch_size):
+        raise RunError(
+            f"--queue-size {args.queue_size} must be a multiple of the global --batch-size {args.batch_size}"
+        )
+
+
+def run_training(args: Args) -> dict:
+    run = start_run(args)
+    device, world_size, is_main = run.device, run.world_size, run.rank == 0
+    torch.manual_seed(args.seed)  # the same initial model on every rank
+    run.model = model = SlimCLR(args).to(device, memory_format=run.fmt)
+    run.widths = model.online.encoder.backbone.widths  # descending, the full width first
+    run.groups = crop_groups(args)
+    run.opt = build_optimizer(model, args)
+    resume_state(run, set())
+
+    net = model.online
+    if world_size > 1 and args.moco == "v3" and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN for v3 only
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        model.momentum_encoder = nn.SyncBatchNorm.convert_sync_batchnorm(model.momentum_encoder)
+    if world_size > 1:  # CRUCIAL: before the slow start the sub-widths' BN copies get no gradient
+        ids = [device] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=len(run.widths) > 1)
+    run.ddp_model = torch.compile(net) if args.compile else net
+    bench = run_benchmarks(run)
+
+    total_steps = run.steps_per_epoch * args.epochs
+    run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    while run.global_step < run.total_steps:
+        epoch, start = divmod(run.global_step, run.steps_per_epoch)
+        m = train_one_epoch(run, epoch, start)
+        save_state(run)
+        knn = ""
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.global_step < run.total_steps:
+            res = evaluate(run, tag=f"epoch {epoch + 1}")
+            knn = " | knn@1 " + " ".join(f"{res.get(f'knn_top1@{w}', 0):.1f}" for w in run.widths)
+        if is_main:
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
+            top1 = " ".join(f"{m[f'top1@{w}']:.1f}" for w in run.widths)
+            print(
+                f"ep {epoch + 1}/{args.epochs} | loss {m['loss']:.4f} | top1 {top1} | lr {m['lr']:.4f}{knn}"
+                f" | {run.train_time_s:.1f} s | {mem:.1f} GB"
+            )
+
+    res = evaluate(run, tag="final")
+    if is_main:
+        backbone = model.online.encoder.backbone
+        per_width = {}
+        for w in run.widths:  # the network a user deploys: backbone + a C-way classifier, at the evaluation size
+            net_w = SLIM_RESNETS[args.arch](num_classes=run.data["num_classes"], widths=run.widths)
+            per_width[str(w)] = dict(
+                params=active_param_count(net_w, w),
+                backbone_params=active_param_count(backbone, w),
+                gmacs=active_macs(net_w, w, args.large_size) / 1e9,
+                **{k.split("@")[0]: v for k, v in res.items() if k.endswith(f"@{w}")},
+            )
+        scale = args.batch_size / 256 if args.lr_scaling == "linear" else 1.0
+        extra = dict(widths=per_width, peak_lr=args.lr * scale, slim_start_lr=args.slim_start_lr)
+        paper = "SlimCLR, Slimmable Networks for Contrastive Self-supervised Learning (arXiv 2209.15525)"
+        write_results(run, paper, extra, bench, res)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return res
+
+
+# SHARED: run-state
+def start_run(args: Args) -> SimpleNamespace:
+    """Check the args, join the process group, read the data (kept on the device when in memory), set precision.
+    Returns the run's state: args, rank, world_size, device, data, fmt, autocast, scaler, counters and timers."""
+    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))  # before any process group: bad input fails fast
+    t_start = time.perf_counter()
+    rank, world_size, device = setup_distributed(args.device)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    torch.backends.cudnn.benchmark = not args.deterministic
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    # DEVIATION: TF32 for fp32 matmuls/convs; it only matters with --amp none (the losses compute in fp32 anyway)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    data = load_data(args)
+    n = len(data["train_y"])
+    if n < args.batch_size:
+        raise RunError(f"--batch-size {args.batch_size} exceeds the {n} training images")
+    if args.probe != "none" and n < args.probe_batch_size:
+        raise RunError(f"--probe-batch-size {args.probe_batch_size} exceeds the {n} training images")
+    if torch.is_tensor(data["train_x"]):  # CRUCIAL: decode once, keep the uint8 images on the device (CIFAR: 150 MB)
+        data.update(train_x=data["train_x"].to(device), test_x=data["test_x"].to(device))
+    run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, data=data, t_start=t_start)
+    run.data_time_s, run.steps_per_epoch = time.perf_counter() - t_start, n // args.batch_size
+    run.fmt = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
+    use_amp = device.type == "cuda" and args.amp != "none"
+    run.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and args.amp == "fp16")
+    # DEVIATION: bf16 autocast by default (the official precision is in the docstring); the loss stays fp32
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
+    run.autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
+    run.global_step, run.train_time_s, run.images_seen, run.data_wait_s, run.times = 0, 0.0, 0, 0.0, {}
+    return run
+
+
+def resume_state(run: SimpleNamespace, extra_keys: set) -> Optional[dict]:
+    """Load out_dir/last.pt (or --resume) into run.model (strictly), run.opt, run.scaler and the counters.
+    Returns the checkpoint (the caller restores extra_keys), or None when there is nothing to resume."""
+    args = run.args
+    ckpt_path = find_resume(Path(args.out_dir), args.resume)
+    if ckpt_path is None:
+        return None
+    ckpt = load_checkpoint(ckpt_path, map_location=run.device)
+    needed = {"model", "optimizer", "scaler", "step", "args", "train_time_s", "images_seen", "data_wait_s", *extra_keys}
+    if not isinstance(ckpt, dict) or needed - ckpt.keys():
+        raise CheckpointError(f"{ckpt_path} is not a training checkpoint of this script (needs {sorted(needed)})")
+    if ckpt["args"]["batch_size"] != args.batch_size:  # steps would map to other images and epochs
+        raise CheckpointError(
+            f"{ckpt_path} was trained with --batch-size {ckpt['args']['batch_size']}, not {args.batch_size}"
+        )
+    load_state_dict_strict(run.model, ckpt["model"], what=f"model in {ckpt_path}")
+    try:
+        run.opt.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"optimizer state in {ckpt_path} does not match: {e}")
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.global_step, run.train_time_s, run.images_seen = ckpt["step"], ckpt["train_time_s"], ckpt["images_seen"]
+    run.data_wait_s = ckpt["data_wait_s"]
+    if run.rank == 0:
+        print(f"resumed from {ckpt_path} at step {ckpt['step']}")
+    return ckpt
+
+
+def run_benchmarks(run: SimpleNamespace) -> dict:
+    """--bench-ceiling-steps / --bench-data-steps before training; then the peak-memory counter starts afresh."""
+    args, bench = run.args, {}
+    if args.bench_ceiling_steps:
+        bench["ceiling_images_per_s"] = measure_ceiling(run, args.bench_ceiling_steps)
+    if args.bench_data_steps:
+        bench["data_images_per_s"] = measure_data(run, args.bench_data_steps)
+    if run.rank == 0 and bench:
+        print("benchmarks: " + ", ".join(f"{k} {v:,.0f}" for k, v in bench.items()))
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    return bench
+
+
+def main(args: Args) -> None:
+    try:
+        run_training(args)
+    except (RunError, CheckpointError) as e:  # CRUCIAL: bad input -> one clear line and exit code 1, no traceback
+        msg = str(e).strip().splitlines()[-1].split("RunError: ", 1)[-1]  # a DataLoader worker's error: its last line
+        sys.exit(f"{Path(__file__).name}: error: {msg}")
+
+
+# END SHARED
+
+
+if __name__ == "__main__":
+    main(tyro.cli(RECIPES, default=Args()))
