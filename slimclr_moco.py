@@ -254,7 +254,7 @@ MOCOV3 = dataclasses.replace(
 CIFAR_PROXY = dict(
     dataset="cifar10", in_memory=True, image_size=32, large_size=32, mean=(0.4914, 0.4822, 0.4465),
     std=(0.2470, 0.2435, 0.2616), arch="resnet18-cifar", save_every_steps=0, epochs=100, slim_start_epoch=50,
-    batch_size=512, warmup_epochs=5, eval_every=10, eval_subset_train=50000, knn_k=200,
+    batch_size=512, warmup_epochs=5, eval_every=10, eval_subset_train=50000,
     probe="features", probe_epochs=100, probe_lr=0.1, probe_schedule="cosine", probe_batch_size=256,
 )
 CIFAR_MOCOV2 = dataclasses.replace(
@@ -1666,12 +1666,12 @@ def run_training(args: Args) -> dict:
     if is_main:
         backbone = model.online.encoder.backbone
         per_width = {}
-        for w in run.widths:  # the network a user deploys: backbone + a C-way classifier, at the evaluation size
-            net_w = SLIM_RESNETS[args.arch](num_classes=run.data["num_classes"], widths=run.widths)
+        net = SLIM_RESNETS[args.arch](num_classes=run.data["num_classes"], widths=run.widths)  # + a C-way classifier
+        for w in run.widths:  # what a user deploys at each width, at the evaluation size
             per_width[str(w)] = dict(
-                params=active_param_count(net_w, w),
+                params=active_param_count(net, w),
                 backbone_params=active_param_count(backbone, w),
-                gmacs=active_macs(net_w, w, args.large_size) / 1e9,
+                gmacs=active_macs(net, w, args.large_size) / 1e9,
                 **{k.split("@")[0]: v for k, v in res.items() if k.endswith(f"@{w}")},
             )
         scale = args.batch_size / 256 if args.lr_scaling == "linear" else 1.0
