@@ -807,9 +807,10 @@ def init_slim(module: nn.Module) -> None:
             nn.init.normal_(m.weight, 0, 0.01)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+    for m in module.modules():  # CRUCIAL: after the loop above, which visits the BNs after their block
         if isinstance(m, SlimBlock):
             for bn in m.bns[-1].bn:
-                nn.init.zeros_(bn.weight)  # CRUCIAL: zero-init residuals in every width's copy
+                nn.init.zeros_(bn.weight)  # zero-init residuals in every width's copy
 
 
 def slimmable_resnet50(num_classes: int = 1000, widths=(1.0, 0.75, 0.5, 0.25)) -> SlimResNet:
