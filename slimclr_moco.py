@@ -30,11 +30,10 @@ peak by --slim-start-lr and continues the cosine from the current step. MoCo v3 
 the LR collapses from about 0.11 to 5e-5 halfway, which looks unintended; our mocov2 default keeps the peak
 (--slim-start-lr unset). `--slim-start-lr 1e-4` reproduces the shipped behaviour.
 
-Deviations (each marked `# DEVIATION:` below): crops are resized bilinearly (official: bilinear via PIL, here by
-torchvision's tensor ops or one roi_align) and colour/blur run batched on the device; bf16 autocast (official: fp16
-AMP) with every loss in fp32; the shuffle-BN permutation is drawn from a seeded stream on every rank instead of being
-broadcast from rank 0; the queue pointer is a function of the step; the probe's evaluation and k-NN features use an
-antialiased bilinear Resize(256) + CenterCrop(224); the k-NN (k 200, T 0.07) is ours, SlimCLR reports none.
+Deviations (each marked `# DEVIATION:` below): crops are cut and resized by torchvision's tensor ops in the workers
+or one roi_align on the device (official: PIL), and colour/blur run batched on the device in float; bf16 autocast
+(official: fp16 AMP) with every loss in fp32; the shuffle-BN permutation is drawn from a seeded stream on every rank
+instead of being broadcast from rank 0; the k-NN (k 200, T 0.07) is ours, SlimCLR reports none.
 """
 
 import copy
@@ -180,6 +179,7 @@ class Args:
     """peak LR (v2 0.2 at any batch; v3 0.3 per 256 images, see --lr-scaling)"""
     lr_scaling: Literal["none", "linear"] = "none"
     """none: --lr is the peak; linear: the peak is lr x batch/256 (v3: 1.2 at 1024)"""
+    # DEVIATION: v2 keeps its peak at the slow start (the official v2 script falls back to 1e-4, see the docstring)
     slim_start_lr: Optional[float] = None
     """peak LR from --slim-start-epoch on, scaled like --lr (v3 0.8 per 256 = 3.2; v2: unset, see the docstring)"""
     warmup_epochs: float = 10.0
@@ -196,6 +196,7 @@ class Args:
     """training images used as the k-NN memory during training (the final k-NN uses all)"""
     eval_subset_test: int = 10000
     """test images used during training"""
+    # DEVIATION: the probe's validation crops are an antialiased bilinear Resize(256) + CenterCrop(224) of tensors
     probe: Literal["augmented", "features", "none"] = "augmented"
     """final switchable probe: augmented (official: RandomResizedCrop + flip batches) or features (fast, precomputed)"""
     probe_epochs: int = 100
@@ -210,6 +211,7 @@ class Args:
     """switchable-probe global batch (official 1024)"""
     probe_eval_every: int = 2
     """evaluate the probe every this many epochs (official 2; the best epoch is picked by the full width's top-1)"""
+    # DEVIATION: a project requirement, not in SlimCLR: the standard weighted k-NN per width
     knn_k: int = 200
     """neighbours of the weighted k-NN (ours, spec 4: k 200)"""
     knn_t: float = 0.07
