@@ -7,6 +7,7 @@ import shutil
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
@@ -158,49 +159,48 @@ def test_pil_reference_path_and_val_folder(imagewoof_dir, tmp_path):
 
 
 # ---- bad inputs: one clear line on stderr, non-zero exit --------------------------------------------------------
-def test_missing_data_dir(tmp_path):
-    proc = run_script(empssl(tmp_path / "nope", tmp_path / "o"))
-    assert_one_line_error(proc, "data dir not found", "nope")
-
-
-def test_unknown_arch(cifar_dir, tmp_path):
-    proc = run_script(empssl(cifar_dir, tmp_path, "--arch resnet19"))
-    assert_one_line_error(proc, "unknown --arch 'resnet19'")
-
-
-def test_batch_not_divisible_by_world_size(cifar_dir, tmp_path):
-    """Checked from torchrun's environment before any process group is created."""
-    env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
-    proc = run_script(empssl(cifar_dir, tmp_path, "--batch-size 15"), env=env)
-    assert_one_line_error(proc, "--batch-size 15 does not divide by the world size 2")
-
-
-def test_checkpoint_from_another_model(cifar_dir, tmp_path):
-    flags = empssl(cifar_dir, tmp_path, "--max-steps 1 --eval-patches 0")
-    assert run_script(flags).returncode == 0
-    proc = run_script([*flags, "--z-dim", "16"])
-    assert_one_line_error(proc, "last.pt", "shape mismatch", "projection.3.weight")
-
-
-def test_non_finite_loss_names_the_step(cifar_dir, tmp_path):
-    """An absurd LR blows the un-LARS'd BatchNorm parameters up; the run stops naming the first bad step."""
-    proc = run_script(empssl(cifar_dir, tmp_path, "--lr 1e20 --lr-schedule constant --eval-patches 0"))
-    assert_one_line_error(proc, "non-finite loss at step 2")
-
-
-def test_corrupt_image_is_named(cifar_dir, tmp_path):
+def test_bad_inputs_fail_with_one_line(cifar_dir, tmp_path):
+    """Each bad input in its own process, two at a time: exit code != 0 and one `error:` line naming the problem, no
+    traceback. Missing data, an unknown arch, a batch that does not split over torchrun's 2 ranks (checked from the
+    environment before any process group), a checkpoint of another model (strict load, after a 1-step run), an absurd
+    LR (the un-LARS'd BatchNorm parameters blow up: the first bad step is named), a corrupt image (named), a file that
+    is not a training checkpoint, --device cuda without CUDA, an image folder without a test split."""
     data = tmp_path / "data"
     shutil.copytree(cifar_dir, data)
     bad = sorted((data / "train" / "cat").iterdir())[3]
     bad.write_bytes(b"not a jpeg")
-    proc = run_script(empssl(data, tmp_path / "o"))
-    assert_one_line_error(proc, "cannot decode image", str(bad))
-
-
-def test_resume_from_a_file_that_is_not_a_training_checkpoint(cifar_dir, tmp_path):
     torch.save({"model": {}}, tmp_path / "weights.pt")  # e.g. exported weights, not a run's last.pt
-    proc = run_script(empssl(cifar_dir, tmp_path / "o", f"--resume {tmp_path / 'weights.pt'}"))
-    assert_one_line_error(proc, "is not a training checkpoint of this script")
+    (tmp_path / "no-test" / "train").mkdir(parents=True)
+    ddp_env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
+    trained = empssl(cifar_dir, tmp_path / "run", "--max-steps 1 --eval-patches 0")
+    cases = [  # (command, env, needles)
+        (empssl(tmp_path / "nope", tmp_path / "o1"), None, ["data dir not found", "nope"]),
+        (empssl(cifar_dir, tmp_path / "o2", "--arch resnet19"), None, ["unknown --arch 'resnet19'"]),
+        (empssl(cifar_dir, tmp_path / "o3", "--batch-size 15"), ddp_env,
+         ["--batch-size 15 does not divide by the world size 2"]),
+        (empssl(cifar_dir, tmp_path / "o4", "--lr 1e20 --lr-schedule constant --eval-patches 0"), None,
+         ["non-finite loss at step 2"]),
+        (empssl(data, tmp_path / "o5"), None, ["cannot decode image", str(bad)]),
+        (empssl(cifar_dir, tmp_path / "o6", f"--resume {tmp_path / 'weights.pt'}"), None,
+         ["is not a training checkpoint of this script"]),
+        (empssl(tmp_path / "no-test", tmp_path / "o7"), None, ["must hold train/ and test/"]),
+    ]  # fmt: skip
+    if not torch.cuda.is_available():
+        cases.append((empssl(cifar_dir, tmp_path / "o8", "--device cuda"), None, ["--device cuda but no CUDA device"]))
+    after_training = [([*trained, "--z-dim", "16"], None, ["last.pt", "shape mismatch", "projection.3.weight"])]
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(run_script, trained)
+        jobs = [pool.submit(run_script, cmd, env=env) for cmd, env, _ in cases]
+        assert first.result().returncode == 0, first.result().stderr[-3000:]
+        jobs += [pool.submit(run_script, cmd, env=env) for cmd, env, _ in after_training]
+        procs = [job.result() for job in jobs]
+    failures = []
+    for (cmd, _, needles), proc in zip(cases + after_training, procs, strict=True):
+        try:
+            assert_one_line_error(proc, *needles)
+        except AssertionError as e:
+            failures.append(f"{' '.join(map(str, cmd[1:]))}:\n{e}")
+    assert not failures, "\n\n".join(failures)
 
 
 @pytest.mark.parametrize(
@@ -221,18 +221,6 @@ def test_out_of_range_arguments(flags, message):
 
     with pytest.raises(E.RunError, match=re.escape(message)):
         E.check_args(E.Args(**flags), world_size=1)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_requested_without_cuda(cifar_dir, tmp_path):
-    proc = run_script(empssl(cifar_dir, tmp_path, "--device cuda"))
-    assert_one_line_error(proc, "--device cuda but no CUDA device is available")
-
-
-def test_image_folder_without_test_split(cifar_dir, tmp_path):
-    (tmp_path / "data" / "train").mkdir(parents=True)
-    proc = run_script(empssl(tmp_path / "data", tmp_path / "o"))
-    assert_one_line_error(proc, "must hold train/ and test/")
 
 
 def test_bag_features_are_the_mean_h_of_each_splits_own_patches():
