@@ -935,10 +935,11 @@ def momentum_at(step: int, args: Args, steps_per_epoch: int) -> float:
 def momentum_keys(run: SimpleNamespace, x: torch.Tensor, step: int) -> tuple:
     """Full-width keys of this rank's images [b, D] and of the global batch [B, D], L2-normalised, fp32.
 
-    v2 under DDP: shuffle-BN (spec 2.1): the global key batch is permuted, each rank encodes one share (so BN
-    statistics never see a query's own key-batch neighbours), and the keys are gathered and un-permuted.
-    DEVIATION: the permutation comes from a seeded stream identical on every rank (official: drawn on rank 0 and
-    broadcast). v3: no shuffle (SyncBN on CUDA)."""
+    v2 under DDP: shuffle-BN (spec 2.1): the global key batch is permuted, each rank encodes one share and the keys
+    are gathered and un-permuted, so a key's BN statistics come from other images than its query's (MoCo: per-rank
+    batch statistics would otherwise leak which key is the positive). DEVIATION: the permutation comes from a seeded
+    stream identical on every rank (official: drawn on rank 0 and broadcast). On one process there is nothing to
+    shuffle across (the official code requires DDP). v3: no shuffle (SyncBN on CUDA)."""
     enc, rank, world = run.model.momentum_encoder, run.rank, run.world_size
     with run.autocast:
         if run.args.moco == "v3" or world == 1:
