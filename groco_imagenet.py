@@ -1194,13 +1194,15 @@ def setup_distributed(device_arg: Optional[str]) -> tuple:
 # END SHARED
 
 
+# SHARED: save-state
 def log_jsonl(run: SimpleNamespace, record: dict) -> None:
     with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def save_state(run: SimpleNamespace) -> None:
-    """out_dir/last.pt, written atomically by rank 0: model, optimizer, scaler, step and timers."""
+    """out_dir/last.pt, written atomically by rank 0: model (its buffers too: running statistics, a queue), optimizer,
+    scaler, step and timers."""
     if run.rank != 0:
         return
     t0 = time.perf_counter()
@@ -1209,6 +1211,9 @@ def save_state(run: SimpleNamespace) -> None:
     state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args))
     save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
     run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
+
+
+# END SHARED
 
 
 # SHARED: results

@@ -1515,13 +1515,14 @@ def setup_distributed(device_arg: Optional[str]) -> tuple:
 # END SHARED
 
 
+# SHARED: save-state
 def log_jsonl(run: SimpleNamespace, record: dict) -> None:
     with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def save_state(run: SimpleNamespace) -> None:
-    """out_dir/last.pt, written atomically by rank 0: model (with the momentum encoder and the queue), optimizer,
+    """out_dir/last.pt, written atomically by rank 0: model (its buffers too: running statistics, a queue), optimizer,
     scaler, step and timers."""
     if run.rank != 0:
         return
@@ -1531,6 +1532,9 @@ def save_state(run: SimpleNamespace) -> None:
     state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args))
     save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
     run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
+
+
+# END SHARED
 
 
 # SHARED: results
