@@ -1023,7 +1023,8 @@ def slimclr_mocov3_loss(
     def direction(q_by_width, k):
         widths = sorted(q_by_width, reverse=True)
         b = len(q_by_width[widths[0]])
-        offset = dist.get_rank() * b if len(k) > b else 0  # CRUCIAL: this rank's rows of the gathered keys
+        gathered = len(k) > b and dist.is_initialized()  # k of every rank: the positives are this rank's rows
+        offset = dist.get_rank() * b if gathered else 0  # CRUCIAL: labels offset by rank
         labels = torch.arange(b, device=k.device) + offset
         logits = {w: q_by_width[w].float() @ k.float().T / temperature for w in (widths if active else widths[:1])}
         nce = lambda l: 2 * temperature * F.cross_entropy(l, labels)  # noqa: E731  PAPER: the 2T factor
