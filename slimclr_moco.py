@@ -16,12 +16,12 @@ Runs (ImageNet, global batch 1024; flags override the recipe):
     torchrun --nproc_per_node=4 slimclr_moco.py mocov2 --data-dir IMAGENET --epochs 800 --slim-start-epoch 400 \\
         --warmup-epochs 10                                                           # SlimCLR-MoCov2, 800 epochs
     torchrun --nproc_per_node=8 slimclr_moco.py mocov3 --data-dir IMAGENET            # SlimCLR-MoCov3, 300 epochs
-    torchrun --nproc_per_node=4 slimclr_moco.py mocov2 --data-dir IMAGENET --widths 1.0   # plain MoCo v2 (67.5)
-    torchrun --nproc_per_node=8 slimclr_moco.py mocov3 --data-dir IMAGENET --widths 1.0   # plain MoCo v3
+    torchrun --nproc_per_node=4 slimclr_moco.py mocov2 --data-dir IMAGENET --widths 1.0   # MoCo v2, SlimCLR's recipe
+    torchrun --nproc_per_node=8 slimclr_moco.py mocov3 --data-dir IMAGENET --widths 1.0   # MoCo v3, SlimCLR's recipe
     python slimclr_moco.py cifar-mocov2 --dataset imagefolder --data-dir CIFAR10_JPEG  # CIFAR proxy (ours)
     python slimclr_moco.py cifar-mocov3 --dataset cifar10 --data-dir CIFAR10          # CIFAR proxy (ours)
-Published targets: the plain baselines MoCo v2 R50 67.5 (200 ep) / 71.1 (800 ep) and MoCo v3 R50 72.8 (300 ep, batch
-4096). The paper's per-width SlimCLR table could not be retrieved when this script was written (spec 5); the
+Published targets: the plain baselines MoCo v2 R50 67.5 (200 ep) / 71.1 (800 ep; MoCo's own recipe: batch 256, lr
+0.03) and MoCo v3 R50 72.8 (300 ep, batch 4096). The paper's per-width SlimCLR table could not be retrieved when this script was written (spec 5); the
 official probe logs are in release 1.0.0 of mzhaoshuai/SlimCLR.
 
 The slow-start learning rate (spec 2.4, 3.4): at epoch --slim-start-epoch the official loop replaces the cosine's
