@@ -1630,6 +1630,16 @@ def check_args(args: Args, world_size: int) -> None:
         raise RunError(
             f"--queue-size {args.queue_size} must be a multiple of the global --batch-size {args.batch_size}"
         )
+    warnings = []  # legal but probably not meant: said once, on rank 0, never silently
+    if args.slim_start_lr is not None and args.slim_start_epoch <= 0:  # PAPER: official loop needs slim_start_epoch > 0
+        warnings.append(f"--slim-start-lr {args.slim_start_lr} is unused: it applies only with --slim-start-epoch > 0")
+    if len(widths) > 1 and args.slim_start_epoch >= args.epochs:
+        warnings.append(
+            f"--slim-start-epoch {args.slim_start_epoch} >= --epochs {args.epochs}: the sub-networks are never trained"
+        )
+    if os.environ.get("RANK", "0") == "0":
+        for w in warnings:
+            print(f"{Path(__file__).name}: warning: {w}", file=sys.stderr)
 
 
 def run_training(args: Args) -> dict:

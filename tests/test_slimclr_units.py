@@ -835,3 +835,16 @@ def test_check_args_queue_only_for_v2():
     """v3 has no queue: a queue size that is no multiple of the batch is fine there."""
     S.check_args(dataclasses.replace(S.MOCOV3, queue_size=1000), 1)
     S.check_args(dataclasses.replace(S.MOCOV3, queue_size=100), 1)
+
+
+def test_check_args_warns_about_settings_without_effect(capsys):
+    """Legal settings that change nothing are said on stderr, not silently dropped: a slow-start LR without a slow
+    start (the official loop applies it only for slim_start_epoch > 0) and a slow start after the last epoch."""
+    S.check_args(dataclasses.replace(S.MOCOV3, slim_start_epoch=-1), 1)
+    S.check_args(dataclasses.replace(S.Args(), epochs=100, slim_start_epoch=100), 1)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(ln.startswith("slimclr_moco.py: warning: ") for ln in err), err
+    assert "--slim-start-lr 0.8 is unused" in err[0] and "the sub-networks are never trained" in err[1]
+    S.check_args(S.MOCOV3, 1)
+    S.check_args(dataclasses.replace(S.Args(), widths=(1.0,), slim_start_epoch=500), 1)  # plain MoCo: nothing to say
+    assert capsys.readouterr().err == ""
