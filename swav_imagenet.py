@@ -973,6 +973,10 @@ def measure_ceiling(run: SimpleNamespace, steps: int) -> float:
     return steps * args.batch_size / (time.perf_counter() - t0)
 
 
+# END SHARED
+
+
+# SHARED: bench-data
 def measure_data(run: SimpleNamespace, steps: int) -> float:
     """The data pipeline alone (read, decode, crops, colour, normalise) for `steps` global batches: images/s."""
     args = run.args

@@ -1,0 +1,1955 @@
+"""Towards Sustainable Self-supervised Learning (Gao, Zhou, Cheng, Yan; TEC), arXiv 2210.11016.
+
+What we reproduce: Target-Enhanced Conditional pretraining. A frozen, already pretrained ViT (the base model: MAE or
+iBOT) sees the whole image and gives two targets: the mean of its last 2 block outputs on the patch tokens (feature
+target) and the last block's attention rows of the CLS query and the top-k patch queries CLS attends to most
+(relation target, softened by tau). A NEW, randomly initialised ViT of the same size sees 25% of the patches (MAE
+masking), with a CLS token made by an MLP (input adapter) and a fusion of all its block outputs (encoder adapter); a
+2-block decoder shared by two heads predicts the normalised features of the masked patches (MSE) and the relation
+distributions (soft cross-entropy, through its own q/k head). Afterwards the adapters and decoders are dropped and the
+encoder is fine-tuned like MAE. Official code: sail-sg/TEC (on facebookresearch/mae); spec: ../shared/specs/tec.md.
+
+Modes (the first argument picks a recipe; flags override it):
+    torchrun --nproc_per_node=8 tec_mae.py pretrain --data-dir IMAGENET           # TEC ViT-B/16, MAE ViT-B base, 300 ep
+    torchrun --nproc_per_node=8 tec_mae.py pretrain --data-dir IMAGENET --epochs 800            # ... 800 epochs
+    torchrun --nproc_per_node=8 tec_mae.py pretrain-ibot --data-dir IMAGENET      # iBOT ViT-B base (k 9, tau 1.0)
+    torchrun --nproc_per_node=8 tec_mae.py pretrain-large --data-dir IMAGENET     # ViT-L/16, MAE ViT-L base
+    torchrun --nproc_per_node=8 tec_mae.py finetune --data-dir IMAGENET --init runs/tec-pretrain/last.pt \\
+        --layer-decay 0.65                                                        # 0.55 after 800 ep (spec 7 table)
+    torchrun --nproc_per_node=8 tec_mae.py linear --data-dir IMAGENET --init runs/tec-pretrain/last.pt
+    python tec_mae.py convert --init runs/tec-pretrain/last.pt --convert-out tec_vitb.pth   # plain ViT weights
+    torchrun --nproc_per_node=8 tec_mae.py mae --data-dir IMAGENET                # a plain MAE base model, from scratch
+CIFAR-10 proxy (ours; ViT-Tiny, patch 4, 32 x 32, data kept on the device):
+    python tec_mae.py cifar-mae --data-dir CIFAR10_JPEG --dataset imagefolder      # base model, N epochs
+    python tec_mae.py cifar-pretrain --data-dir CIFAR10_JPEG --dataset imagefolder --base-checkpoint \\
+        runs/tec-cifar-mae/last.pt                                                 # TEC on top, N epochs
+    python tec_mae.py cifar-finetune --data-dir CIFAR10_JPEG --dataset imagefolder --init runs/tec-cifar-pretrain/last.pt
+    python tec_mae.py cifar-linear --data-dir CIFAR10_JPEG --dataset imagefolder --init runs/tec-cifar-pretrain/last.pt
+Published targets (sail-sg/TEC README, ImageNet-1k fine-tuning top-1): ViT-B with the MAE ViT-B base 84.7 (300 ep) /
+84.8 (800 ep), with the iBOT ViT-B base 84.8 / 85.1, ViT-L with the MAE ViT-L base 86.5 (300 ep); the bases fine-tune
+to 83.6 (MAE ViT-B), 85.9 (MAE ViT-L) and 84.0 (iBOT ViT-B). Fine-tuning: blr 5e-4 at batch 1024, layer decay 0.65
+(MAE base 300 ep) / 0.55 (800 ep) / 0.50 (iBOT 300 ep), warm-up 20 epochs (iBOT 300 ep: 5), 100 epochs; ViT-L: blr
+1e-3, 50 epochs, warm-up 5, min_lr 1e-5.
+
+Deviations (each marked `# DEVIATION:` below): bf16 autocast for the base and the new model (official fp16 AMP), every
+target and loss in fp32; crops cut and resized with antialiased bilinear tensor ops or one roi_align (official: PIL
+bicubic), RandAugment batched on the device in float with bilinear resampling; mixup/cutmix draws from our seeded
+streams; the converted checkpoint keeps `norm.*` (official conversion drops it); the k-NN readout after pretraining and
+the fast feature probe are ours (TEC reports neither).
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Annotated, Literal, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import tyro
+from torch.utils.data import DataLoader
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torchvision.ops import roi_align
+from torchvision.transforms import v2 as T
+from tqdm import tqdm
+
+from common.checkpoint import (
+    CheckpointError,
+    find_resume,
+    load_checkpoint,
+    load_state_dict_strict,
+    save_checkpoint,
+)
+from common.vit import VITS, Block, LayerNorm, Mlp, VisionTransformer, sincos_pos_embed_2d
+
+SIZES = {  # common/vit.py's sizes, without building the models
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+MAE_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_{}.pth"
+IBOT_URL = "https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/vitb_16/checkpoint_teacher.pth"
+
+
+# ==== 1. ARGS ====
+@dataclass
+class Args:
+    # --- I/O & experiment
+    recipe: str = "pretrain"
+    """which preset these defaults came from (set by the subcommand)"""
+    mode: Literal["pretrain", "mae", "finetune", "linear", "convert"] = "pretrain"
+    """pretrain: TEC on a base model; mae: a plain MAE; finetune / linear: evaluate an encoder; convert: export it"""
+    exp_name: str = "tec-pretrain"
+    """name stored in results.json"""
+    seed: int = 0
+    """seed for the model init, the data order, the masks and every augmentation draw"""
+    out_dir: str = "runs/tec-pretrain"
+    """where last.pt, log.jsonl, results.json and the feature cache go; an existing last.pt is resumed"""
+    resume: Optional[str] = None
+    """resume from this checkpoint instead of out_dir/last.pt"""
+    save_every_steps: int = 1000
+    """also save out_dir/last.pt every this many steps (0: only at epoch ends)"""
+
+    # SHARED: args-data
+    # --- data
+    dataset: Literal["cifar10", "cifar100", "imagefolder", "fake"] = "imagefolder"
+    """imagefolder: --data-dir with train/ and val/ (or test/) class folders (ImageNet); cifar10/100 via torchvision"""
+    data_dir: str = "data"
+    """dataset root"""
+    download: bool = False
+    """let torchvision download CIFAR when it is not in --data-dir"""
+    in_memory: bool = False
+    """decode every image once at --image-size and keep the uint8 tensor on the device (CIFAR); off: stream files"""
+    image_size: int = 256
+    """in-memory images are resized (shorter side) and centre-cropped to this size at load time"""
+    decode: Literal["workers", "device"] = "workers"
+    """streamed files: workers decode and crop on the CPU; device: workers read bytes, the device decodes (nvjpeg)"""
+    workers: int = 10
+    """DataLoader workers per process for streamed files"""
+    train_repeat: int = 1
+    """repeat the training file list this many times (benchmarks on a small folder)"""
+
+    # END SHARED
+
+    # --- views (spec 5: RandomResizedCrop(224, scale=(0.2, 1)) + flip for pretraining; 0.08-1 for evaluation)
+    large_size: int = 224
+    """crop size in pixels (also the evaluation's centre crop)"""
+    large_scale: Tuple[float, float] = (0.2, 1.0)
+    """RandomResizedCrop area range (pretrain and mae 0.2-1; finetune and linear 0.08-1)"""
+    mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+    """normalisation mean (ImageNet)"""
+    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+    """normalisation std (ImageNet)"""
+
+    # --- model (spec 3)
+    arch: str = "vit_base"
+    """the ViT trained here: vit_tiny, vit_small, vit_base or vit_large (common/vit.py)"""
+    patch_size: int = 16
+    """patch size in pixels"""
+    decoder_dim: int = 512
+    """decoder width (TEC: 512 for ViT-B, 768 for ViT-L; MAE: 512)"""
+    decoder_depth: int = 2
+    """decoder blocks (TEC: 2, shared by both heads; MAE: 8)"""
+    decoder_heads: int = 16
+    """decoder attention heads (16)"""
+    mask_ratio: float = 0.75
+    """fraction of patches removed from the encoder's input (MAE, TEC: 0.75)"""
+
+    # --- method (spec 2.3, 4; mae: MAE's norm_pix_loss)
+    base_checkpoint: Optional[str] = MAE_URL.format("base")
+    """pretrain: the frozen base model, a path or URL in the MAE format ({'model': sd}), iBOT's or one of our runs"""
+    base_arch: Optional[str] = None
+    """architecture of the base model (default: --arch)"""
+    topk: int = 15
+    """k patch queries (those CLS attends to most) in the relation target (MAE ViT-B/L 15, iBOT ViT-B 9)"""
+    tau: float = 1.8
+    """temperature of the relation target softmax(R / tau) (MAE ViT-B 1.8, ViT-L 1.4, iBOT ViT-B 1.0)"""
+    last_layers: int = 2
+    """the feature target is the mean of the base model's last this-many block outputs (2)"""
+    norm_pix: bool = True
+    """mae: the pixel target is normalised per patch (MAE's released models)"""
+
+    # --- finetune / linear / convert (spec 6, 7)
+    init: Optional[str] = None
+    """finetune / linear / convert: the pretrained encoder (ours, MAE's, iBOT's or TEC's files); finetune: unset =
+    from scratch"""
+    keep_cls_mlp: bool = True
+    """finetune: keep the CLS-token MLP of a TEC checkpoint and train it (official --mlp_token); off: bake it in"""
+    pool: Literal["avg", "cls"] = "avg"
+    """features: avg = mean of the patch tokens (finetune: + fc_norm, official), cls = the CLS token after norm"""
+    layer_decay: float = 0.65
+    """finetune: block i's LR is scaled by layer_decay^(depth + 1 - (i + 1)) (0.65; 0.55 / 0.50 in spec 7's table)"""
+    drop_path: float = 0.1
+    """finetune: stochastic depth rate of the last block (0.1)"""
+    mixup: float = 0.8
+    """finetune: mixup alpha (0.8; 0: off)"""
+    cutmix: float = 1.0
+    """finetune: cutmix alpha (1.0; 0: off); with both on, each batch picks one (switch prob 0.5)"""
+    smoothing: float = 0.1
+    """finetune: label smoothing (0.1)"""
+    reprob: float = 0.25
+    """finetune: random-erasing probability per image (0.25, mode pixel, one box)"""
+    randaug_n: int = 2
+    """finetune: RandAugment ops per image (timm rand-m9-mstd0.5-inc1: 2; 0: off)"""
+    randaug_m: float = 9.0
+    """finetune: RandAugment magnitude (9 of 10), jittered with std --randaug-mstd per op"""
+    randaug_mstd: float = 0.5
+    """finetune: std of the magnitude noise (0.5)"""
+    convert_out: Optional[str] = None
+    """convert: where the plain ViT checkpoint ({'model': sd}) is written"""
+
+    # --- optimisation (spec 5, 7)
+    epochs: int = 300
+    """training epochs (TEC 100 / 300 / 800; MAE 800; finetune 100; linear 90)"""
+    max_steps: Optional[int] = None
+    """stop after this many steps in total without changing the schedule (benchmarks; 0: evaluate the init)"""
+    batch_size: int = 4096
+    """images per optimizer step, global over all ranks and --accum-iter (pretrain 4096, finetune 1024, linear 16384)"""
+    accum_iter: int = 1
+    """split each rank's share into this many micro-batches, one backward each (official pretraining: 2)"""
+    blr: float = 1.5e-4
+    """base LR per 256 images: lr = blr x batch_size / 256 (pretrain 1.5e-4, finetune 5e-4, linear 0.1)"""
+    min_lr: float = 0.0
+    """the cosine ends here (pretrain 0, finetune 1e-6)"""
+    warmup_epochs: float = 40.0
+    """linear warm-up from 0, per step (pretrain 40, finetune 20, linear 10)"""
+    weight_decay: float = 0.05
+    """AdamW weight decay on matrices and tokens (0.05; linear: 0); never on biases or norms"""
+    betas: Tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (pretrain 0.9, 0.95; finetune PyTorch's 0.9, 0.999)"""
+
+    # --- evaluation
+    eval_every: int = 10
+    """epochs between evaluations (pretrain / mae: k-NN on a subset; finetune / linear: test top-1) (0: off)"""
+    eval_subset_train: int = 30000
+    """pretrain / mae: training images used as the k-NN memory during training (the final k-NN uses all)"""
+    eval_subset_test: int = 10000
+    """pretrain / mae: test images used during training"""
+    # DEVIATION: a project requirement, not in TEC: a k-NN and a fast feature probe after pretraining
+    probe: Literal["features", "none"] = "none"
+    """pretrain / mae: at the end also a fast linear probe on precomputed features (the real one is `linear`)"""
+    probe_epochs: int = 100
+    """fast probe epochs"""
+    probe_lr: float = 0.1
+    """fast probe SGD LR (cosine per epoch)"""
+    probe_wd: float = 0.0
+    """fast probe weight decay"""
+    probe_batch_size: int = 256
+    """fast probe batch"""
+    knn_k: int = 20
+    """neighbours of the weighted k-NN"""
+    knn_t: float = 0.07
+    """temperature of the k-NN vote weights exp(sim/t)"""
+    eval_chunk: int = 256
+    """images encoded per forward during evaluation (memory knob only)"""
+
+    # SHARED: args-system
+    # --- system
+    device: Optional[str] = None
+    """cuda or cpu (default: cuda when available); under torchrun each rank takes cuda:LOCAL_RANK"""
+    amp: Literal["bf16", "fp16", "none"] = "bf16"
+    """autocast precision on CUDA (CPU runs in fp32); the loss and what feeds it are always fp32 (see LOSS)"""
+    channels_last: bool = True
+    """channels_last memory format on CUDA"""
+    compile: bool = False
+    """torch.compile the model"""
+    deterministic: bool = False
+    """deterministic algorithms (slower); otherwise cudnn.benchmark"""
+    log_every: int = 25
+    """steps between progress-bar/log.jsonl updates (each costs one host sync)"""
+    bench_ceiling_steps: int = 0
+    """before training, time this many bare torchvision-ResNet forward+backward steps on synthetic crops"""
+    bench_data_steps: int = 0
+    """before training, time this many steps of the data pipeline alone (decode, crops, colour): can it keep up?"""
+    # END SHARED
+
+
+# fmt: off
+IBOT = dict(base_checkpoint=IBOT_URL, topk=9, tau=1.0)
+LARGE = dict(arch="vit_large", decoder_dim=768, base_checkpoint=MAE_URL.format("large"), tau=1.4)
+MAE = dict(mode="mae", decoder_depth=8, base_checkpoint=None, epochs=800)
+FINETUNE = dict(
+    mode="finetune", large_scale=(0.08, 1.0), base_checkpoint=None, epochs=100, batch_size=1024, blr=5e-4,
+    min_lr=1e-6, warmup_epochs=20, betas=(0.9, 0.999), eval_every=1,
+)
+LINEAR = dict(
+    mode="linear", large_scale=(0.08, 1.0), base_checkpoint=None, pool="cls", epochs=90, batch_size=16384, blr=0.1,
+    warmup_epochs=10, weight_decay=0.0, eval_every=10,
+)
+# The CIFAR-10 proxy (ours): ViT-Tiny, patch 4 on 32 x 32 (64 patches), data decoded once and kept on the device;
+# decoders 128 wide; k 5 of 64 patches (about the official 15 of 196); batch 512 at blr 5e-4 (lr 1e-3).
+CIFAR = dict(
+    dataset="cifar10", in_memory=True, image_size=32, large_size=32, mean=(0.4914, 0.4822, 0.4465),
+    std=(0.2470, 0.2435, 0.2616), arch="vit_tiny", patch_size=4, decoder_dim=128, decoder_heads=4, save_every_steps=0,
+    epochs=100, batch_size=512, blr=5e-4, warmup_epochs=10, eval_every=10, eval_subset_train=50000, probe="features",
+)
+CIFAR_MAE = {**CIFAR, **MAE, "decoder_depth": 4, "epochs": 100}
+CIFAR_PRETRAIN = {**CIFAR, "topk": 5, "base_checkpoint": "runs/tec-cifar-mae/last.pt"}
+CIFAR_FINETUNE = {**CIFAR, **FINETUNE, "epochs": 100, "eval_every": 10, "batch_size": 256, "warmup_epochs": 5}
+CIFAR_LINEAR = {**CIFAR, **LINEAR, "batch_size": 1024, "epochs": 90, "eval_every": 10}
+# fmt: on
+
+
+def recipe(name: str, **kw) -> Args:
+    return dataclasses.replace(Args(), recipe=name, exp_name=f"tec-{name}", out_dir=f"runs/tec-{name}", **kw)
+
+
+RECIPES = {
+    "pretrain": (recipe("pretrain", seed=5), "TEC ViT-B/16 on the MAE ViT-B base, 300 epochs"),
+    "pretrain-ibot": (recipe("pretrain-ibot", seed=5, **IBOT), "TEC ViT-B/16 on the iBOT ViT-B base, 300 epochs"),
+    "pretrain-large": (recipe("pretrain-large", seed=5, **LARGE), "TEC ViT-L/16 on the MAE ViT-L base, 300 epochs"),
+    "mae": (recipe("mae", **MAE), "a plain MAE ViT-B/16 (the base-model recipe), 800 epochs"),
+    "finetune": (recipe("finetune", **FINETUNE), "MAE/TEC fine-tuning, ViT-B/16, 100 epochs"),
+    "linear": (recipe("linear", **LINEAR), "MAE's linear probe (LARS, BN head), 90 epochs"),
+    "convert": (recipe("convert", mode="convert", base_checkpoint=None), "a TEC checkpoint -> plain ViT weights"),
+    "cifar-mae": (recipe("cifar-mae", **CIFAR_MAE), "CIFAR proxy (ours): the MAE base model"),
+    "cifar-pretrain": (recipe("cifar-pretrain", **CIFAR_PRETRAIN), "CIFAR proxy (ours): TEC on top of it"),
+    "cifar-finetune": (recipe("cifar-finetune", **CIFAR_FINETUNE), "CIFAR proxy (ours): fine-tuning"),
+    "cifar-linear": (recipe("cifar-linear", **CIFAR_LINEAR), "CIFAR proxy (ours): linear probe"),
+}
+SUBCOMMANDS = Union[
+    tuple(Annotated[Args, tyro.conf.subcommand(n, default=a, description=d)] for n, (a, d) in RECIPES.items())
+]
+BASE_SETTINGS = {  # PAPER (spec 2.3, sail-sg/TEC README): per base model k, tau; last_layers 2 everywhere
+    "MAE ViT-B": (15, 1.8),
+    "iBOT ViT-B": (9, 1.0),
+    "MAE ViT-L": (15, 1.4),
+}
+
+
+# SHARED: run-utils
+class RunError(Exception):
+    """A bad input or a failed run: main prints its one-line message and exits non-zero."""
+
+
+def rng_seed(*keys) -> int:
+    """A 56-bit seed derived from any keys, e.g. (seed, 'train', epoch, step): independent, reproducible streams."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:7], "little")
+
+
+# END SHARED
+
+
+# ==== 2. DATA & AUGMENTATIONS ====
+# SHARED: image-folder
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def decode_files(paths: list, size: int, crop: Optional[int] = None) -> torch.Tensor:
+    """Read and decode image files into uint8 [n, 3, crop, crop]: shorter side resized to size, centre crop."""
+    crop = crop or size
+
+    def fit(img):
+        if img.shape[-2:] == (crop, crop) and size == crop:
+            return img
+        return T.functional.center_crop(T.functional.resize(img, size, antialias=True), [crop, crop])
+
+    def decode_one(path, data):
+        try:
+            return decode_image(data, mode=ImageReadMode.RGB)
+        except RuntimeError as e:
+            raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
+
+    datas = [read_file(str(p)) for p in paths]
+    jpeg = [i for i, p in enumerate(paths) if p.suffix.lower() in (".jpg", ".jpeg")]
+    imgs = [None] * len(paths)
+    try:  # batched libjpeg-turbo decode (~60 us per CIFAR image on one core)
+        for i, img in zip(jpeg, decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB) if jpeg else []):
+            imgs[i] = img
+    except RuntimeError:  # a bad file in the batch: decode one by one below, which names it
+        pass
+    return torch.stack([fit(img if img is not None else decode_one(p, d)) for p, d, img in zip(paths, datas, imgs)])
+
+
+def folder_splits(root: Path) -> tuple:
+    """(train dir, test dir, class names) of an image folder with train/ and test/ (or val/) class folders."""
+    if not root.is_dir():
+        raise RunError(f"data dir not found: {root}")
+    test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if not (root / "train").is_dir() or test_root is None:
+        raise RunError(f"{root} must hold train/ and test/ (or val/) class folders")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    if sorted(d.name for d in test_root.iterdir() if d.is_dir()) != classes:
+        raise RunError(f"class folders differ between {root / 'train'} and {test_root}")
+    return root / "train", test_root, classes
+
+
+def list_image_files(root: Path, classes: list) -> tuple:
+    """Sorted image paths under root/<class>/ and their int64 labels."""
+    files = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir())]
+    files = [(p, c) for p, c in files if p.suffix.lower() in IMAGE_EXTS]
+    if not files:
+        raise RunError(f"no images in {root}")
+    return [p for p, _ in files], torch.tensor([c for _, c in files])
+
+
+def load_image_folder(root: Path, classes: list, size: int) -> tuple:
+    """Decode every image under root/<class>/ once (batched libjpeg-turbo, in chunks on all cores)."""
+    paths, labels = list_image_files(root, classes)
+    chunks = [paths[i : i + 1000] for i in range(0, len(paths), 1000)]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        images = torch.cat(list(pool.map(lambda c: decode_files(c, size), chunks)))
+    return images, labels
+
+
+# END SHARED
+
+
+# SHARED: load-data
+CIFAR = {"cifar10": (torchvision.datasets.CIFAR10, 10), "cifar100": (torchvision.datasets.CIFAR100, 100)}
+
+
+def load_data(args: Args) -> dict:
+    """Both splits: uint8 images [N, 3, S, S] (in memory) or file paths (streamed), int64 labels, on the CPU."""
+    if args.dataset == "fake":  # random images, for shape tests and synthetic-data benchmarks
+        g = torch.Generator().manual_seed(args.seed)
+        n = max(256, 16 * args.batch_size)
+        x = torch.randint(0, 256, (n + 64, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
+        y = torch.arange(n + 64) % 10
+        return dict(train_x=x[:n], train_y=y[:n], test_x=x[n:], test_y=y[n:], num_classes=10)
+    root = Path(args.data_dir)
+    if args.dataset in CIFAR:
+        cls, num_classes = CIFAR[args.dataset]
+        try:
+            splits = [cls(str(root), train=train, download=args.download) for train in (True, False)]
+        except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted", or a failed download
+            raise RunError(f"{args.dataset} not found in {root} ({e}); pass --data-dir or allow --download")
+        tr, te = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in splits]
+        return dict(train_x=tr[0], train_y=tr[1], test_x=te[0], test_y=te[1], num_classes=num_classes)
+    train_root, test_root, classes = folder_splits(root)
+    if args.in_memory:
+        train_x, train_y = load_image_folder(train_root, classes, args.image_size)
+        test_x, test_y = load_image_folder(test_root, classes, args.image_size)
+    else:
+        train_x, train_y = list_image_files(train_root, classes)
+        test_x, test_y = list_image_files(test_root, classes)
+        train_x, train_y = train_x * args.train_repeat, train_y.repeat(args.train_repeat)
+    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=len(classes))
+
+
+# END SHARED
+
+
+# SHARED: multi-crop
+@dataclass(frozen=True)
+class CropGroup:
+    """n crops per image: RandomResizedCrop(size, scale), flip 0.5, then (if colour) ColorJitter(*jitter) with p 0.8,
+    grayscale p 0.2, Gaussian blur (sigma U(0.1, 2)) with p blur and solarisation with p solarize."""
+
+    n: int
+    size: int
+    scale: tuple
+    jitter: tuple = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation, hue strengths
+    blur: float = 0.5
+    solarize: float = 0.0
+    colour: bool = True
+
+
+def sample_view_params(gen: torch.Generator, n: int, group: CropGroup) -> dict:
+    """Random draws of the per-crop transform for n crops, on the generator's device."""
+    dev, (b, c, s, h) = gen.device, group.jitter
+
+    def u(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(n, *shape, generator=gen, device=dev)
+
+    # fmt: off
+    return dict(
+        area=u(*group.scale, 10), log_ratio=u(math.log(3 / 4), math.log(4 / 3), 10),  # RandomResizedCrop: 10 tries
+        pos=u(0, 1, 2, 10),                                                             # top/left of each try
+        flip=u(0, 1) < 0.5,                                                             # RandomHorizontalFlip
+        jitter=u(0, 1) < 0.8,                                                           # RandomApply(ColorJitter, .8)
+        factors=torch.stack([u(max(0, 1 - b), 1 + b), u(max(0, 1 - c), 1 + c), u(max(0, 1 - s), 1 + s), u(-h, h)], 1),
+        order=torch.rand(n, 4, generator=gen, device=dev).argsort(1),                  # ColorJitter's random op order
+        gray=u(0, 1) < 0.2,                                                             # RandomGrayscale(p=0.2)
+        blur=u(0, 1) < group.blur, sigma=u(0.1, 2.0),                                   # PIL GaussianBlur(U(.1, 2))
+        solarize=u(0, 1) < group.solarize,                                              # PIL Solarize(128)
+    )
+    # fmt: on
+
+
+def take_params(params: dict, idx: torch.Tensor) -> dict:
+    return {k: v[idx] for k, v in params.items()}
+
+
+def rrc_boxes(h: torch.Tensor, w: torch.Tensor, p: dict) -> torch.Tensor:
+    """torchvision RandomResizedCrop.get_params, batched: the first of 10 tries that fits, else a centre crop.
+
+    h, w: float [n] image sizes; p: sample_view_params draws. Returns boxes [n, 4] (x1, y1, x2, y2) in pixels."""
+    h, w = h[:, None].double(), w[:, None].double()  # float64 like torchvision's Python floats: same rounding
+    target, ratio = h * w * p["area"].double(), torch.exp(p["log_ratio"]).double()  # exp in float32 as torchvision
+    cw, ch = torch.round(torch.sqrt(target * ratio)), torch.round(torch.sqrt(target / ratio))
+    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = fits.int().argmax(1, keepdim=True)  # index of the first fitting try
+    cw, ch = cw.gather(1, first), ch.gather(1, first)
+    top = torch.floor(p["pos"][:, 0].gather(1, first) * (h - ch + 1))  # randint(0, h - ch + 1)
+    left = torch.floor(p["pos"][:, 1].gather(1, first) * (w - cw + 1))
+    # fallback when no try fits: the largest centre crop with the ratio clamped to [3/4, 4/3]
+    fw = torch.where(w / h > 4 / 3, torch.round(h * 4 / 3), w)
+    fh = torch.where(w / h < 3 / 4, torch.round(w * 4 / 3), h)
+    ok = fits.any(1, keepdim=True)
+    cw, ch = torch.where(ok, cw, fw), torch.where(ok, ch, fh)
+    top, left = torch.where(ok, top, torch.floor((h - fh) / 2)), torch.where(ok, left, torch.floor((w - fw) / 2))
+    return torch.cat([left, top, left + cw, top + ch], 1).float()
+
+
+def resized_crops(images: torch.Tensor, owner: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Cut boxes [n, 4] out of images [m, 3, H, W] (float 0..255; owner [n] picks the image) and resize to size.
+
+    Used where the crops are cut on the device (in-memory data, --decode device); CPU workers use torchvision's crop
+    and antialiased resize. DEVIATION: one batched roi_align instead of PIL's crop + bilinear resize. It is exact
+    bilinear when enlarging and averages a grid of bilinear samples when shrinking (PIL uses a triangle filter);
+    samples at the crop's edge may read the neighbouring pixel outside the crop instead of repeating the edge."""
+    rois = torch.cat([owner[:, None].to(boxes), boxes], 1)
+    return roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+# END SHARED
+
+
+# SHARED: gpu-color
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601-2 luma, as PIL's convert('L') and torchvision: [N, 3, H, W] -> [N, 1, H, W]."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of RGB images in [0, 1] by shift (fraction of a turn, [N]) through HSV."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    s = delta / maxc.clamp_min(1e-12)
+    d = delta.clamp_min(1e-12)
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h6 = ((h / 6.0 + shift[:, None, None]) % 1.0) * 6.0  # hue in sixths of a turn, [0, 6)
+    # HSV -> RGB in closed form: channel n (r=5, g=3, b=1) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device)  # 5, 3, 1 (an arange, not a host-to-device copy)
+    k = (n[None, :, None, None] + h6[:, None]) % 6
+    return maxc[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """torchvision ColorJitter semantics, batched: brightness, contrast, saturation, hue in a per-image random order.
+
+    factors: [N, 4] (brightness, contrast, saturation factors; hue shift); order: [N, 4] permutations; apply: [N].
+    Brightness, contrast and saturation are blends f x + (1 - f) m with m = 0, the mean luma, or the luma image. The
+    costly hue rotation runs once: first the blends that precede each image's hue slot, then hue, then the rest."""
+    hue_slot = torch.where(apply, (order == 3).int().argmax(1), -1)  # -1: jitter not applied to this image
+
+    def blends(x, before: bool):
+        for slot in range(4):
+            use = slot < hue_slot if before else (slot > hue_slot) & (hue_slot >= 0)
+            op = torch.where(use, order[:, slot], -1).view(-1, 1, 1, 1)  # never 3 (hue) here
+            f = factors.gather(1, op.view(-1, 1).clamp(min=0)).view(-1, 1, 1, 1)
+            gray = grayscale(x)
+            m = torch.where(op == 1, gray.mean((1, 2, 3), keepdim=True), torch.where(op == 2, gray, 0.0))
+            x = torch.where(op >= 0, (f * x + (1 - f) * m).clamp(0, 1), x)
+        return x
+
+    x = blends(x, before=True)
+    x = torch.where(hue_slot.view(-1, 1, 1, 1) >= 0, adjust_hue(x, factors[:, 3]), x)
+    return blends(x, before=False)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 6) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image sigma (replicate padding, as PIL extends edges)."""
+    n, c, h, w = x.shape
+    k = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kern = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None] ** 2))
+    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n*c, 2r+1]
+    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="replicate")
+    y = F.conv2d(y, kern[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, kern[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, h, w)
+
+
+# END SHARED
+
+
+def crop_groups(args: Args) -> list:
+    """One crop per image: RandomResizedCrop(large_size, large_scale) + flip, no colour (spec 5, 7). Fine-tuning adds
+    RandAugment and random erasing after this (augment_finetune)."""
+    return [CropGroup(1, args.large_size, tuple(args.large_scale), colour=False)]
+
+
+# SHARED: views
+def finish_views(x: torch.Tensor, p: dict, group: CropGroup, args: Args) -> torch.Tensor:
+    """Flip, colour distortion, grayscale, blur (and solarize) on crops [n, 3, S, S] in 0..255, then Normalize.
+
+    The official per-crop order (SwAV, DINO), batched on the device. DEVIATION: float arithmetic instead of PIL's uint8
+    rounding after every op, and an exact Gaussian (radius 6 = 3 sigma at sigma 2) instead of PIL's box approximation.
+    """
+    x = x / 255
+    x = torch.where(p["flip"][:, None, None, None], x.flip(-1), x)
+    if group.colour:
+        x = color_jitter(x, p["factors"], p["order"], p["jitter"])
+        x = torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
+        x = torch.where(p["blur"][:, None, None, None], gaussian_blur(x, p["sigma"]), x)
+        if group.solarize > 0:
+            x = torch.where(p["solarize"][:, None, None, None] & (x >= 128 / 255), 1 - x, x)  # PIL: v >= 128
+    return torch.stack([(x[:, c] - m) / sd for c, (m, sd) in enumerate(zip(args.mean, args.std))], 1)  # no H2D copy
+
+
+class FolderViews(torch.utils.data.Dataset):
+    """Streamed multi-crop items. An item (index, seed) fixes every draw, so ranks and resumed runs replay the same
+    crops. decode='workers': the worker decodes and cuts the crops (uint8); 'device': it only reads the file bytes."""
+
+    def __init__(self, files: list, groups: list, args: Args):
+        self.files, self.groups, self.args = files, groups, args
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, item):
+        index, seed = item
+        gen = torch.Generator().manual_seed(seed)
+        params = [sample_view_params(gen, g.n, g) for g in self.groups]
+        if self.args.decode == "device":  # plain bytes: thousands of tiny shared-memory tensors would exhaust fds
+            return Path(self.files[index]).read_bytes(), params
+        img = decode_checked(read_file(str(self.files[index])), self.files[index])
+        h, w = (torch.full((1,), float(d)) for d in img.shape[-2:])
+        crops = []
+        for g, p in zip(self.groups, params):  # torchvision's tensor RandomResizedCrop: crop, antialiased uint8 resize
+            boxes = rrc_boxes(h.expand(g.n), w.expand(g.n), p).int().tolist()
+            resize = [F.interpolate(img[None, :, y1:y2, x1:x2], (g.size, g.size), mode="bilinear", antialias=True)
+                      for x1, y1, x2, y2 in boxes]  # fmt: skip
+            crops.append(torch.cat(resize))
+        return crops, params
+
+
+def crop_images(imgs: list, p: dict, group: CropGroup) -> torch.Tensor:
+    """group.n RandomResizedCrops of each uint8 image [3, H, W] (p: draws, image-major) -> float [b, n, 3, S, S]."""
+    dev = imgs[0].device
+    hw = torch.tensor([img.shape[-2:] for img in imgs], dtype=torch.float32).repeat_interleave(group.n, 0)
+    hw = hw.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else hw  # no host sync
+    boxes = rrc_boxes(hw[:, 0], hw[:, 1], p).view(len(imgs), group.n, 4)
+    zeros = torch.zeros(group.n, device=dev)
+    return torch.stack([resized_crops(img[None].float(), zeros, bx, group.size) for img, bx in zip(imgs, boxes)])
+
+
+def collate_views(batch: list) -> tuple:
+    """[(crops or bytes, params per group)] -> (per-group crops [b, n, 3, S, S] or a list of bytes, params [b*n])."""
+    first, params = zip(*batch)
+    params = [{k: torch.cat([p[g][k] for p in params]) for k in params[0][g]} for g in range(len(params[0]))]
+    if isinstance(first[0], bytes):
+        return [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in first], params
+    return [torch.stack([c[g] for c in first]) for g in range(len(first[0]))], params
+
+
+def view_batches(run: SimpleNamespace, images, batches: list, keys: list, groups: list):
+    """Yield this rank's crops for each global index batch: a list (one per group) of float [n*b, 3, S, S],
+    crop-major (row v*b + i is crop v of image i), normalised, on the device.
+
+    In memory (CIFAR): CRUCIAL: the uint8 images never leave the device; the draws are made for the whole global
+    batch from a key, and each rank keeps its contiguous share, so a 2-rank run sees exactly a 1-rank run's crops.
+    Streamed (ImageNet): DataLoader workers read (and decode and crop) the files; seeds per image position."""
+    args, device, rank, world = run.args, run.device, run.rank, run.world_size
+    if torch.is_tensor(images):
+        gen = torch.Generator(device=device)
+        for idx, key in zip(batches, keys):
+            b = len(idx) // world
+            local = idx[rank * b : (rank + 1) * b].to(device)
+            x = images[local].float()
+            gen.manual_seed(rng_seed(*key))
+            out = []
+            for g in groups:
+                p = sample_view_params(gen, g.n * len(idx), g)  # [n, B] crop-major, for the global batch
+                sel = torch.arange(g.n, device=device)[:, None] * len(idx) + rank * b + torch.arange(b, device=device)
+                p = take_params(p, sel.flatten())
+                h, w = (torch.full((g.n * b,), float(d), device=device) for d in x.shape[-2:])
+                crops = resized_crops(x, torch.arange(b, device=device).repeat(g.n), rrc_boxes(h, w, p), g.size)
+                out.append(finish_views(crops, p, g, args))
+            yield out
+        return
+    items = []  # one list of (file index, item seed) per step: this rank's share of the global batch
+    for idx, key in zip(batches, keys):
+        b = len(idx) // world
+        items.append([(int(i), rng_seed(*key, rank * b + j)) for j, i in enumerate(idx[rank * b : (rank + 1) * b])])
+    loader = DataLoader(
+        FolderViews(images, groups, args),
+        batch_sampler=items,
+        num_workers=args.workers,
+        collate_fn=collate_views,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if args.workers else None,
+    )
+    for (crops, params), step_items in zip(loader, items):
+        params = [{k: v.to(device, non_blocking=True) for k, v in p.items()} for p in params]
+        if args.decode == "device":  # CRUCIAL: nvjpeg batch decode on CUDA, then the same crops as the workers cut
+            imgs = decode_on_device(crops, [images[i] for i, _ in step_items], device)
+            crops = [crop_images(imgs, p, g) for g, p in zip(groups, params)]
+        else:
+            crops = [c.to(device, non_blocking=True).float() for c in crops]
+        out = []  # [b, n, 3, S, S] image-major -> crop-major rows, with the params reordered the same way
+        for g, c, p in zip(groups, crops, params):
+            order = torch.arange(c.shape[0] * g.n, device=device).view(-1, g.n).T.flatten()
+            out.append(finish_views(c.transpose(0, 1).flatten(0, 1), take_params(p, order), g, args))
+        yield out
+
+
+def decode_on_device(datas: list, paths: list, device: torch.device) -> list:
+    """Batched JPEG decode on the device (nvjpeg on CUDA); files nvjpeg refuses (PNG, CMYK) decode on the CPU."""
+    try:
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return [decode_checked(d, p).to(device) for d, p in zip(datas, paths)]
+
+
+def decode_checked(data: torch.Tensor, path) -> torch.Tensor:
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)  # JPEG, PNG, WebP; grayscale and CMYK become RGB
+    except RuntimeError as e:
+        raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
+
+
+# END SHARED
+
+
+def rand_augment(x: torch.Tensor, gen: torch.Generator, n: int, m: float, mstd: float, fill: torch.Tensor):
+    """timm RandAugment 'rand-m{m}-mstd{mstd}-inc1', batched: per image n ops drawn uniformly (with replacement) from
+    the 15 'increasing' ops, each applied with p 0.5 at magnitude N(m, mstd) clipped to [0, 10] (of 10).
+
+    x: float [B, 3, S, S] in 0..255 (rounded after every op, like PIL's uint8); fill: [3] for uncovered pixels.
+    DEVIATION: bilinear resampling for the geometric ops (timm: PIL bicubic)."""
+    B, dev = x.shape[0], x.device
+
+    def blend(a, b, f):  # PIL ImageEnhance: b + f (a - b), clipped
+        return (b + f.view(-1, 1, 1, 1) * (a - b)).clamp(0, 255)
+
+    for _ in range(n):
+        op = torch.randint(0, 15, (B,), generator=gen, device=dev)
+        on = torch.rand(B, generator=gen, device=dev) < 0.5
+        mag = (m + mstd * torch.randn(B, generator=gen, device=dev)).clamp(0, 10) / 10  # level / 10
+        sign = torch.where(torch.rand(B, generator=gen, device=dev) < 0.5, -1.0, 1.0)
+        op = torch.where(on, op, -1)
+        # geometric: 3 Rotate (30 deg), 11 ShearX, 12 ShearY (0.3), 13 TranslateXRel, 14 TranslateYRel (0.45)
+        ang, sh, tr = mag * 30 * sign * math.pi / 180, mag * 0.3 * sign, mag * 0.45 * sign * 2  # grid units: 2 = side
+        one, zero = torch.ones(B, device=dev), torch.zeros(B, device=dev)
+        cos, sin = torch.where(op == 3, ang.cos(), one), torch.where(op == 3, ang.sin(), zero)
+        theta = torch.stack([cos, -sin, zero, sin, cos, zero], 1).view(B, 2, 3)  # output -> input coordinates
+        theta[:, 0, 1] += torch.where(op == 11, sh, zero)
+        theta[:, 1, 0] += torch.where(op == 12, sh, zero)
+        theta[:, 0, 2] += torch.where(op == 13, tr, zero)
+        theta[:, 1, 2] += torch.where(op == 14, tr, zero)
+        geo = ((op == 3) | (op >= 11)).view(-1, 1, 1, 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        ones = torch.ones_like(x[:, :1])
+        warped = F.grid_sample(torch.cat([x, ones], 1), grid, mode="bilinear", align_corners=False)
+        cover = warped[:, 3:]  # 1 where the source image covers the output pixel
+        warped = warped[:, :3] + (1 - cover) * fill.view(1, 3, 1, 1)
+        y = torch.where(geo, warped, x)
+        # pixel ops on uint8 values
+        q = x.round()
+        gray = grayscale(x)
+        f = 1 + mag * 0.9 * sign  # Color / Contrast / Brightness / Sharpness 'increasing': 1 +- 0.9 level
+        lo, hi = q.amin((2, 3), keepdim=True), q.amax((2, 3), keepdim=True)
+        auto = torch.where(hi > lo, ((q - lo) * 255 / (hi - lo).clamp_min(1)).floor(), q)  # 0 AutoContrast
+        smooth = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate").flatten(0, 1)[:, None], SMOOTH.to(x))
+        smooth = smooth.view_as(x)
+        smooth[..., 0, :], smooth[..., -1, :], smooth[..., :, 0], smooth[..., :, -1] = (
+            x[..., 0, :],
+            x[..., -1, :],
+            x[..., :, 0],
+            x[..., :, -1],  # PIL SMOOTH leaves the border unchanged
+        )
+        bits = (4 - (mag * 4).floor()).view(-1, 1, 1, 1)  # 5 PosterizeIncreasing: keep 4 - int(4 level) bits
+        post = torch.where(bits >= 8, q, (q / 2 ** (8 - bits)).floor() * 2 ** (8 - bits))
+        thresh = (256 - (mag * 256).floor()).view(-1, 1, 1, 1)  # 6 SolarizeIncreasing
+        add = (mag * 110).floor().view(-1, 1, 1, 1)  # 7 SolarizeAdd (threshold 128)
+        results = {
+            0: auto,
+            1: equalize(q),
+            2: 255 - q,
+            5: post,
+            6: torch.where(q >= thresh, 255 - q, q),
+            7: torch.where(q < 128, (q + add).clamp(max=255), q),
+            8: blend(x, gray.expand_as(x), f),  # ColorIncreasing (saturation)
+            9: blend(x, gray.mean((1, 2, 3), keepdim=True).expand_as(x), f),  # ContrastIncreasing
+            10: blend(x, torch.zeros_like(x), f),  # BrightnessIncreasing
+            4: blend(x, smooth, f),  # SharpnessIncreasing
+        }
+        for k, r in results.items():
+            y = torch.where((op == k).view(-1, 1, 1, 1), r, y)
+        x = y.round().clamp(0, 255)
+    return x
+
+
+SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]).view(1, 1, 3, 3) / 13  # PIL SMOOTH
+
+
+def equalize(q: torch.Tensor) -> torch.Tensor:
+    """PIL ImageOps.equalize per channel of uint8-valued images [B, C, H, W]: the cumulative histogram maps each level,
+    step = (pixels - count of the last non-zero level) // 255; channels with step 0 stay unchanged."""
+    B, C = q.shape[:2]
+    v = q.flatten(2).long()  # [B, C, P]
+    hist = torch.zeros(B, C, 256, device=q.device).scatter_add_(2, v, torch.ones_like(v, dtype=torch.float))
+    last = hist.gather(2, (255 - (hist.flip(2) > 0).int().argmax(2, keepdim=True)))  # count of the top level
+    step = ((hist.sum(2, keepdim=True) - last) / 255).floor()
+    lut = ((hist.cumsum(2) - hist + (step / 2).floor()) / step.clamp_min(1)).floor().clamp(max=255)
+    out = lut.gather(2, v).view_as(q)
+    return torch.where(step.view(B, C, 1, 1) > 0, out, q)
+
+
+def random_erasing(x: torch.Tensor, gen: torch.Generator, prob: float) -> torch.Tensor:
+    """timm RandomErasing(prob, mode='pixel', max_count=1) on normalised images [B, 3, S, S], batched: with prob p,
+    the first of 10 tries whose box fits (area U(0.02, 1/3) of the image, log aspect U(log 0.3, log 1/0.3)) is
+    filled with N(0, 1) noise per pixel and channel."""
+    B, _, H, W = x.shape
+    dev = x.device
+    area = H * W * (0.02 + (1 / 3 - 0.02) * torch.rand(B, 10, generator=gen, device=dev))
+    ratio = torch.exp(
+        math.log(0.3) + (math.log(1 / 0.3) - math.log(0.3)) * torch.rand(B, 10, generator=gen, device=dev)
+    )
+    h, w = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
+    fits = (h < H) & (w < W)
+    first = fits.int().argmax(1, keepdim=True)
+    h, w = h.gather(1, first), w.gather(1, first)
+    top = (torch.rand(B, 1, generator=gen, device=dev) * (H - h + 1)).floor()
+    left = (torch.rand(B, 1, generator=gen, device=dev) * (W - w + 1)).floor()
+    erase = (torch.rand(B, 1, generator=gen, device=dev) < prob) & fits.any(1, keepdim=True)
+    rows, cols = torch.arange(H, device=dev).view(1, -1), torch.arange(W, device=dev).view(1, -1)
+    in_rows = (rows >= top) & (rows < top + h)  # [B, H]
+    in_cols = (cols >= left) & (cols < left + w)
+    box = (in_rows[:, :, None] & in_cols[:, None, :] & erase[:, :, None])[:, None]  # [B, 1, H, W]
+    return torch.where(box, torch.randn(x.shape, generator=gen, device=dev), x)
+
+
+def mixup_cutmix(x: torch.Tensor, y: torch.Tensor, num_classes: int, args: Args, gen: torch.Generator) -> tuple:
+    """timm Mixup(mixup_alpha, cutmix_alpha, prob 1, switch_prob 0.5, mode 'batch', correct_lam, label_smoothing):
+    one lambda per batch; the batch is mixed with its reverse. Returns (images, soft targets [B, C]).
+    gen: a CPU generator (the draws are Python numbers: no device sync)."""
+    off = args.smoothing / num_classes
+    y1 = torch.full((len(y), num_classes), off, device=x.device).scatter_(1, y[:, None], 1 - args.smoothing + off)
+    if args.mixup <= 0 and args.cutmix <= 0:
+        return x, y1
+    u = torch.rand(4, generator=gen).tolist()
+    cut = args.cutmix > 0 and (args.mixup <= 0 or u[0] < 0.5)
+
+    def beta(a):  # Beta(a, a) from two Gamma draws of the seeded stream
+        g = torch._standard_gamma(torch.tensor([a, a]), generator=gen)
+        return (g[0] / g.sum()).item()
+
+    lam = beta(args.cutmix if cut else args.mixup)
+    if cut:  # PAPER (timm rand_bbox + correct_lam): a box of area (1 - lam), lam corrected by clipping
+        H, W = x.shape[-2:]
+        r = math.sqrt(1 - lam)
+        ch, cw = int(H * r), int(W * r)
+        cy, cx = int(u[1] * H), int(u[2] * W)
+        y0, y1_, x0, x1_ = max(cy - ch // 2, 0), min(cy + ch // 2, H), max(cx - cw // 2, 0), min(cx + cw // 2, W)
+        x = x.clone()
+        x[..., y0:y1_, x0:x1_] = x.flip(0)[..., y0:y1_, x0:x1_]
+        lam = 1 - (y1_ - y0) * (x1_ - x0) / (H * W)
+    else:
+        x = x * lam + x.flip(0) * (1 - lam)
+    return x, y1 * lam + y1.flip(0) * (1 - lam)
+
+
+def augment_finetune(run: SimpleNamespace, x: torch.Tensor, key: tuple) -> torch.Tensor:
+    """Fine-tuning's per-image augmentation after the crop and flip (spec 7): RandAugment, then Normalize (already
+    done by the views; undone here and redone), then random erasing. x: normalised [b, 3, S, S]."""
+    args, dev = run.args, x.device
+    gen = torch.Generator(device=dev).manual_seed(rng_seed(*key))
+    mean, std = (torch.tensor(v, device=dev).view(1, 3, 1, 1) for v in (args.mean, args.std))
+    if args.randaug_n > 0:
+        fill = (torch.tensor(args.mean, device=dev) * 255).round()  # timm: the mean pixel
+        x01 = rand_augment(x * std * 255 + mean * 255, gen, args.randaug_n, args.randaug_m, args.randaug_mstd, fill)
+        x = (x01 / 255 - mean) / std
+    if args.reprob > 0:
+        x = random_erasing(x, gen, args.reprob)
+    return x
+
+
+# ==== 3. MODEL ====
+def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor) -> tuple:
+    """MAE's per-sample masking. x: [B, N, D] patch tokens (positions added); noise: [B, N] in [0, 1).
+    The int(N (1 - ratio)) tokens with the smallest noise are kept, in that order. Returns (kept [B, n_keep, D],
+    mask [B, N] float with 1 = removed, ids_restore [B, N]: the permutation that puts the tokens back)."""
+    B, N, D = x.shape
+    n_keep = int(N * (1 - mask_ratio))
+    ids_shuffle = noise.argsort(dim=1)  # ascending: small noise is kept
+    ids_restore = ids_shuffle.argsort(dim=1)
+    kept = x.gather(1, ids_shuffle[:, :n_keep, None].expand(-1, -1, D))
+    mask = (ids_restore >= n_keep).float()  # CRUCIAL: 1 = removed, in the original patch order
+    return kept, mask, ids_restore
+
+
+def unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    """Decoder input: [B, 1 + n_keep, d] (CLS first) -> [B, 1 + N, d] with mask tokens at the removed patches."""
+    B, n_vis, d = x.shape
+    rest = torch.cat([x[:, 1:], mask_token.to(x.dtype).expand(B, ids_restore.shape[1] + 1 - n_vis, d)], 1)
+    rest = rest.gather(1, ids_restore[..., None].expand(-1, -1, d))
+    return torch.cat([x[:, :1], rest], 1)
+
+
+def fixed_pos_embed(dim: int, grid: int) -> nn.Parameter:
+    """[1, 1 + grid^2, dim] 2-D sin-cos positions with a zero row for CLS; not trained."""
+    return nn.Parameter(torch.cat([torch.zeros(1, dim), sincos_pos_embed_2d(dim, grid)])[None], requires_grad=False)
+
+
+def init_new_modules(model: nn.Module) -> None:
+    """MAE/TEC init: Linear xavier_uniform + zero bias, LayerNorm 1/0, mask tokens and cls tokens N(0, 0.02)."""
+    model.apply(VisionTransformer._init_weights)
+    for name, p in model.named_parameters():
+        if name.endswith(("mask_token", "cls_token")):
+            nn.init.normal_(p, std=0.02)
+
+
+class MaskedEncoder(VisionTransformer):
+    """The common ViT with MAE's masked forward: positions added, then masking, then the CLS token prepended.
+    mlp_token: the CLS token is MLP(cls_token) (TEC's input adapter, spec 3.1)."""
+
+    def __init__(self, mlp_token: bool = False, **vit):
+        super().__init__(**vit)
+        if mlp_token:
+            self.cls_token_mlp = Mlp(self.embed_dim, 4 * self.embed_dim)
+
+    def cls(self, B: int) -> torch.Tensor:
+        cls = self.cls_token_mlp(self.cls_token) if hasattr(self, "cls_token_mlp") else self.cls_token
+        return (cls + self.pos_embed[:, :1]).expand(B, -1, -1)
+
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:  # the full image (finetune, linear, readout)
+        return torch.cat([self.cls(len(x)), self.patch_embed(x) + self.pos_embed[:, 1:]], 1)
+
+    def encode_masked(self, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float) -> tuple:
+        """-> (every block's output [B, 1 + n_keep, D], the last one after norm; mask; ids_restore)."""
+        kept, mask, ids_restore = random_masking(self.patch_embed(imgs) + self.pos_embed[:, 1:], mask_ratio, noise)
+        x, outs = torch.cat([self.cls(len(imgs)), kept], 1), []
+        for blk in self.blocks:
+            x = blk(x)
+            outs.append(x)
+        outs[-1] = self.norm(x)  # PAPER (spec 3.1): the last output enters the adapter after the final norm
+        return outs, mask, ids_restore
+
+
+class MAEModel(MaskedEncoder):
+    """MAE (facebookresearch/mae models_mae, same key names): encoder on the visible patches, decoder_depth blocks on
+    all tokens, a linear pixel head. Trains the base model where no official checkpoint is at hand."""
+
+    def __init__(self, decoder_dim: int, decoder_depth: int, decoder_heads: int, **vit):
+        super().__init__(**vit)
+        D, p, grid = self.embed_dim, self.patch_embed.patch_size, self.patch_embed.grid_size
+        self.decoder_embed = nn.Linear(D, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_pos_embed = fixed_pos_embed(decoder_dim, grid)
+        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_heads) for _ in range(decoder_depth)])
+        self.decoder_norm = LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, p * p * 3)
+        init_new_modules(self)
+
+    def forward(self, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float) -> tuple:
+        outs, mask, ids_restore = self.encode_masked(imgs, noise, mask_ratio)
+        x = unshuffle(self.decoder_embed(outs[-1]), self.mask_token, ids_restore) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:], mask  # [B, N, p*p*3], CLS dropped
+
+
+class FeatureAdaptor(nn.Module):
+    """TEC's encoder adapter (spec 3.2): LN over every block's output concatenated ([B, T, depth D]), split into
+    num_adap chunks of consecutive layers; y_i = Linear_i(chunk_i), y_i += MLP_i(y_i); LN(sum_i y_i)."""
+
+    def __init__(self, dim: int, depth: int, num_adap: int, hidden: int):
+        super().__init__()
+        # CRUCIAL: both LayerNorms are PyTorch's default (eps 1e-5), unlike every other LN here (1e-6)
+        self.adap_before = nn.LayerNorm(dim * depth)
+        self.fuse_fcs = nn.ModuleList([nn.Linear(dim * (depth // num_adap), dim) for _ in range(num_adap)])
+        self.adap_mlps = nn.ModuleList([Mlp(dim, hidden) for _ in range(num_adap)])
+        self.adap_after = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = 0
+        for chunk, fc, mlp in zip(self.adap_before(x).chunk(len(self.fuse_fcs), dim=-1), self.fuse_fcs, self.adap_mlps):
+            y = fc(chunk)
+            out = out + y + mlp(y)
+        return self.adap_after(out)
+
+
+class DecoderHead(nn.Module):
+    """One of TEC's two heads on the shared decoder trunk (spec 3.3): own decoder_embed, mask_token and final LN."""
+
+    def __init__(self, dim: int, decoder_dim: int, out_dim: int, out_name: str):
+        super().__init__()
+        self.decoder_embed = nn.Linear(dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_norm = LayerNorm(decoder_dim)
+        setattr(self, out_name, nn.Linear(decoder_dim, out_dim))  # decoder_pred (features) or decoder_qk (relations)
+        self.out = getattr(self, out_name)
+
+    def forward(self, a: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor, blocks: nn.ModuleList):
+        x = unshuffle(self.decoder_embed(a), self.mask_token, ids_restore) + pos
+        for blk in blocks:
+            x = blk(x)
+        return self.out(self.decoder_norm(x))  # [B, 1 + N, out_dim]
+
+
+class TECModel(MaskedEncoder):
+    """The new model (spec 3), official key names: the encoder (with cls_token_mlp), encoder_adaptor,
+    forward_fea_decoder, forward_att_decoder, the shared decoder_blocks and decoder_pos_embed."""
+
+    def __init__(self, decoder_dim: int, decoder_depth: int, decoder_heads: int, rel_heads: int, **vit):
+        super().__init__(mlp_token=True, **vit)
+        D, depth, grid = self.embed_dim, self.depth, self.patch_embed.grid_size
+        self.rel_heads = rel_heads  # PAPER: H of the relation head = the base model's heads
+        self.encoder_adaptor = FeatureAdaptor(D, depth, max(1, depth // 3), 4 * decoder_dim)
+        self.forward_fea_decoder = DecoderHead(D, decoder_dim, D, "decoder_pred")
+        self.forward_att_decoder = DecoderHead(D, decoder_dim, 2 * D, "decoder_qk")
+        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_heads) for _ in range(decoder_depth)])
+        self.decoder_pos_embed = fixed_pos_embed(decoder_dim, grid)
+        init_new_modules(self)
+
+    def forward(self, imgs: torch.Tensor, noise: torch.Tensor, topk_idx: torch.Tensor, mask_ratio: float) -> tuple:
+        """-> (pred_feat [B, N, D], pred_rel_logits [B, 1+k, H, N], mask [B, N] with 1 = removed)."""
+        outs, mask, ids_restore = self.encode_masked(imgs, noise, mask_ratio)
+        a = self.encoder_adaptor(torch.cat(outs, dim=-1))  # [B, 1 + n_keep, D]
+        pos, blocks = self.decoder_pos_embed, self.decoder_blocks  # CRUCIAL: one trunk, run once per head
+        pred_feat = self.forward_fea_decoder(a, ids_restore, pos, blocks)[:, 1:]
+        qk = self.forward_att_decoder(a, ids_restore, pos, blocks)
+        B, T, _ = qk.shape
+        q, k = qk.reshape(B, T, 2, self.rel_heads, -1).permute(2, 0, 3, 1, 4)  # PAPER: (2, H, D/H) split; [B, H, T, d]
+        rel = student_relation_logits(q.float(), k.float(), topk_idx, self.embed_dim**-0.5)  # fp32, small
+        return pred_feat, rel, mask
+
+
+class Classifier(MaskedEncoder):
+    """MAE's fine-tuning / linear-probe ViT (spec 7): pool avg = mean of the patch tokens, then fc_norm (finetune,
+    official global_pool: no final norm) or the final norm (linear); pool cls = the CLS token after the final norm.
+    Positions are learned from the checkpoint's values; the head is trunc_normal(std 2e-5) (finetune) and a
+    BatchNorm1d(affine=False, eps 1e-6) precedes it in the linear probe."""
+
+    def __init__(self, pool: str, linear: bool, mlp_token: bool, num_classes: int, **vit):
+        super().__init__(mlp_token=mlp_token, pos_embed="learned", num_classes=num_classes, **vit)
+        self.pool, self.linear = pool, linear
+        if pool == "avg" and not linear:
+            self.fc_norm, self.norm = LayerNorm(self.embed_dim), nn.Identity()  # official: global_pool deletes norm
+        if linear:
+            self.head = nn.Sequential(nn.BatchNorm1d(self.embed_dim, affine=False, eps=1e-6), self.head)
+        head = self.head[-1] if linear else self.head
+        nn.init.trunc_normal_(head.weight, std=0.01 if linear else 2e-5)  # PAPER: MAE main_linprobe / main_finetune
+        nn.init.zeros_(head.bias)
+        if mlp_token:
+            self.cls_token_mlp.apply(VisionTransformer._init_weights)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.prepare_tokens(x)
+        for blk in self.blocks:
+            x = blk(x)
+        if self.pool == "cls":
+            return self.norm(x)[:, 0]
+        return self.norm(x)[:, 1:].mean(1) if self.linear else self.fc_norm(x[:, 1:].mean(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.linear:  # CRUCIAL: the encoder is frozen; only the BN + Linear head trains
+            with torch.no_grad():
+                f = self.features(x)
+            return self.head(f.float())
+        return self.head(self.features(x))
+
+
+class Readout(nn.Module):
+    """Features (or logits) of a model, shaped as the shared evaluation code expects: model.backbone(x) -> [B, F]."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    @property
+    def backbone(self):
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def encoder_features(model: MaskedEncoder, pool: str):
+    """pretrain / mae readout: the CLS token or the mean patch token of the unmasked image, after the final norm."""
+
+    def fn(x):
+        x = model.prepare_tokens(x)
+        for blk in model.blocks:
+            x = blk(x)
+        x = model.norm(x)
+        return x[:, 0] if pool == "cls" else x[:, 1:].mean(1)
+
+    return fn
+
+
+# --- base models and checkpoints (spec 2.2, 6)
+ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.")  # cls_token_mlp. too; and norm.*
+
+
+def encoder_state_dict(ckpt: dict, bake_cls_mlp: bool = True) -> dict:
+    """The plain-ViT encoder weights of any of: MAE's {'model': sd}, iBOT's {'state_dict': sd} or {'student': sd}
+    (module.backbone. stripped), our training checkpoints (TEC, MAE, finetune) or a bare state dict. Prefixes module.,
+    backbone., _orig_mod. are stripped; decoders, adapters, heads, fc_norm, mask tokens are dropped. bake_cls_mlp:
+    a TEC CLS MLP is folded into cls_token (exact: cls = MLP(cls_token) + pos[0] either way, spec 6)."""
+    sd = ckpt
+    for key in ("model", "state_dict", "student", "teacher"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise CheckpointError("not a model checkpoint: expected a state dict, or one under 'model' or 'state_dict'")
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "backbone.", "_orig_mod."):
+            k = k[len(prefix) :] if k.startswith(prefix) else k
+        if k.startswith(ENCODER_PREFIXES) or k in ("norm.weight", "norm.bias"):
+            out[k] = v
+    if bake_cls_mlp and "cls_token_mlp.fc1.weight" in out:
+        w = {k[len("cls_token_mlp.") :]: out.pop(k).float() for k in list(out) if k.startswith("cls_token_mlp.")}
+        h = F.gelu(F.linear(out["cls_token"].float(), w["fc1.weight"], w["fc1.bias"]))
+        out["cls_token"] = F.linear(h, w["fc2.weight"], w["fc2.bias"]).to(out["cls_token"].dtype)
+    return out
+
+
+def read_checkpoint(source) -> dict:
+    """A checkpoint from a path, an http(s) URL (downloaded once into torch's hub cache) or an already loaded dict."""
+    if isinstance(source, dict):
+        return source
+    if str(source).startswith(("http://", "https://")):
+        try:
+            return torch.hub.load_state_dict_from_url(str(source), map_location="cpu", weights_only=False)
+        except Exception as e:  # no network, a bad URL
+            raise CheckpointError(f"cannot download {source}: {' '.join(str(e).split())}")
+    return load_checkpoint(source)
+
+
+def load_encoder(model: nn.Module, source, what: str) -> list:
+    """Load encoder weights strictly into `model`; only the keys a pretrained encoder cannot have (head, fc_norm, a
+    norm the source lacks) keep their init. Returns the names of those. A missing block, patch_embed, cls_token
+    or pos_embed key, or any shape mismatch, is a one-line CheckpointError."""
+    mine = model.state_dict()
+    sd = encoder_state_dict(read_checkpoint(source), bake_cls_mlp="cls_token_mlp.fc1.weight" not in mine)
+    if "cls_token_mlp.fc1.weight" in mine and "cls_token_mlp.fc1.weight" not in sd:
+        raise CheckpointError(f"{what}: the checkpoint has no CLS MLP; pass --no-keep-cls-mlp")
+    fresh = [k for k in mine if k.startswith(("head.", "fc_norm.")) or (k.startswith("norm.") and k not in sd)]
+    sd = {k: v for k, v in sd.items() if k in mine or not k.startswith("norm.")}  # global pool: norm unused
+    load_state_dict_strict(model, {**{k: mine[k] for k in fresh}, **sd}, what=what)
+    return fresh
+
+
+def load_base_model(
+    checkpoint, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12, num_heads: int = 12
+) -> VisionTransformer:
+    """The frozen base model (spec 2.2): a common ViT loaded strictly from a path, URL or loaded dict in the MAE format
+    (or iBOT's, or one of our runs), every parameter frozen, in eval mode. Only norm.* may be absent (unused)."""
+    model = VisionTransformer(img_size, patch_size, 3, embed_dim, depth, num_heads, pos_embed="learned")
+    fresh = load_encoder(model, checkpoint, what="base model")
+    if fresh and os.environ.get("RANK", "0") == "0":
+        print(f"base model: kept the init of {', '.join(fresh)} (unused by the targets)")
+    return model.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def base_forward(model: VisionTransformer, images: torch.Tensor, last_layers: int) -> tuple:
+    """The base model on the full image. Returns (feats [L, B, 1+N, D]: the last L block outputs before the final
+    norm, attn_logits [B, H, 1+N, 1+N]: the last block's pre-softmax attention, scaled by d_head^-0.5)."""
+    x, feats, depth = model.prepare_tokens(images), [], len(model.blocks)
+    for i, blk in enumerate(model.blocks):
+        if i == depth - 1:
+            x, logits = blk(x, return_logits=True)  # only the last block leaves the fused attention kernel
+        else:
+            x = blk(x)
+        if i >= depth - last_layers:
+            feats.append(x)
+    return torch.stack(feats), logits
+
+
+# ==== 4. LOSS ====
+def relation_rows(attn: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+    """Rows CLS and 1 + topk_idx of [B, H, 1+N, 1+N] scores, CLS key dropped: -> [B, 1+k, H, N]."""
+    rows = torch.cat([torch.zeros_like(topk_idx[:, :1]), topk_idx + 1], 1)  # token positions, CLS first
+    picked = attn.gather(2, rows[:, None, :, None].expand(-1, attn.shape[1], -1, attn.shape[-1]))
+    return picked[..., 1:].transpose(1, 2)
+
+
+def enhance_targets(feats: torch.Tensor, attn_logits: torch.Tensor, topk: int, tau: float) -> tuple:
+    """The patch-relation enhanced targets (spec 2.3). feats [L, B, 1+N, D]; attn_logits [B, H, 1+N, 1+N].
+    Returns (feat_target [B, N, D]: the mean over L, CLS dropped, not normalised; rel_target [B, 1+k, H, N]:
+    softmax(R / tau) over the N patch keys; topk_idx [B, k]: the patches CLS attends to most, descending)."""
+    feat_target = feats[:, :, 1:].sum(0) / len(feats)
+    rank = attn_logits[:, :, 0, 1:].mean(1)  # CRUCIAL: the head mean of the PRE-softmax CLS -> patch logits
+    topk_idx = rank.topk(topk, dim=1).indices  # sorted, largest first
+    rel_logits = relation_rows(attn_logits, topk_idx)  # R: CLS key removed BEFORE the softmax
+    return feat_target, F.softmax(rel_logits / tau, dim=-1), topk_idx
+
+
+def student_relation_logits(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, scale: float) -> torch.Tensor:
+    """The new model's relation logits (spec 3.3): q, k [B, H, 1+N, d]; the CLS row and rows 1 + topk_idx of q against
+    every key, times scale (PAPER: D^-0.5 with the full width D, not d_head), CLS key dropped -> [B, 1+k, H, N]."""
+    rows = torch.cat([torch.zeros_like(topk_idx[:, :1]), topk_idx + 1], 1)
+    q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))  # [B, H, 1+k, d]
+    return ((q @ k.transpose(-2, -1)) * scale)[..., 1:].transpose(1, 2)
+
+
+def tec_loss(pred_feat, pred_rel_logits, feat_target, rel_target, mask) -> tuple:
+    """Spec 4: (total, loss_fea, loss_att). pred_feat, feat_target [B, N, D]; pred_rel_logits, rel_target
+    [B, 1+k, H, N]; mask [B, N] with 1 = removed. Computed in fp32.
+    loss_fea: MSE on the removed patches against the target normalised per image and channel over the N patches
+    (unbiased variance, eps 1e-6 inside the root); loss_att: soft cross-entropy over every row (no mask, no
+    temperature on the prediction), averaged over (b, row, head); total = loss_fea + loss_att."""
+    t = feat_target.float()
+    t = (t - t.mean(1, keepdim=True)) / (t.var(1, keepdim=True) + 1e-6) ** 0.5  # CRUCIAL: over patches (dim 1)
+    per_patch = ((pred_feat.float() - t) ** 2).mean(-1)  # [B, N]
+    loss_fea = (per_patch * mask).sum() / mask.sum()
+    loss_att = -(rel_target.float() * F.log_softmax(pred_rel_logits.float(), dim=-1)).sum(-1).mean()
+    return loss_fea + loss_att, loss_fea, loss_att
+
+
+def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, N, p*p*3] in MAE's order (patch rows, then pixels (py, px, channel))."""
+    B, C, H, W = imgs.shape
+    x = imgs.reshape(B, C, H // p, p, W // p, p)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, p: int, norm_pix: bool) -> torch.Tensor:
+    """MAE: MSE on the removed patches; norm_pix: each target patch normalised by its own mean and (unbiased) var."""
+    target = patchify(imgs.float(), p)
+    if norm_pix:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    per_patch = ((pred.float() - target) ** 2).mean(-1)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """timm SoftTargetCrossEntropy: mean over the batch of -sum_c target_c log_softmax(logits)_c."""
+    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+# ==== 5. OPTIMIZER & SCHEDULES ====
+# SHARED: lars
+class LARS(torch.optim.Optimizer):
+    """SGD (momentum, optional Nesterov) with layer-wise adaptive rate scaling (solo-learn's LARSWrapper, apex LARC).
+
+    For every parameter of a group with lars=True and non-zero ||p||, ||g||:
+        local = eta ||p|| / (||g|| + wd ||p|| + eps);  ratio = min(local / lr, 1) if clip else local
+        g <- (g + wd p) * ratio
+    Groups with lars=False take plain SGD with weight decay wd p added to g. The update is then
+        buf <- momentum buf + g;  p <- p - lr (g + momentum buf if nesterov else buf)."""
+
+    def __init__(self, params, lr, momentum=0.9, nesterov=False, weight_decay=0.0, eta=0.001, clip=False, eps=1e-8):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta=eta, clip=clip)
+        super().__init__(params, dict(defaults, eps=eps, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if group["lars"]:
+                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    local = group["eta"] * p_norm / (g_norm + wd * p_norm + group["eps"])
+                    ratio = (local / lr).clamp(max=1.0) if group["clip"] else local
+                    ok = (p_norm > 0) & (g_norm > 0)  # no host sync: zero norms leave g untouched
+                    g = torch.where(ok, (g + wd * p) * ratio, g)
+                elif wd:
+                    g = g + wd * p
+                if mom:
+                    buf = self.state[p].get("momentum_buffer")
+                    buf = self.state[p]["momentum_buffer"] = g.clone() if buf is None else buf.mul_(mom).add_(g)
+                    g = g + mom * buf if group["nesterov"] else buf
+                p.add_(g, alpha=-lr)
+
+
+# END SHARED
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list:
+    """timm add_weight_decay (spec 5): no decay for 1-D parameters and biases; cls_token, cls_token_mlp and the mask
+    tokens are decayed; the fixed positions (requires_grad False) are left out."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [dict(params=no_decay, weight_decay=0.0), dict(params=decay, weight_decay=weight_decay)]
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list:
+    """MAE's param_groups_lrd with TEC's quirk (spec 7): with L = depth + 1 layers, lr_scale = layer_decay^(L - id);
+    id 0: patch_embed, pos_embed; id i + 1: blocks.i; id L (scale 1): everything else (head, fc_norm, norm,
+    cls_token_mlp) and, CRUCIAL, cls_token too (TEC gives it id -1, which Python's list indexing turns into scale 1;
+    MAE puts it at 0). No weight decay on 1-D parameters, pos_embed and cls_token."""
+    n_layers = len(model.blocks) + 1
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith(("patch_embed", "pos_embed")):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        else:
+            layer = n_layers
+        no_wd = p.ndim == 1 or name in ("pos_embed", "cls_token")
+        key = (layer, no_wd)
+        if key not in groups:
+            scale = layer_decay ** (n_layers - layer)
+            groups[key] = dict(params=[], weight_decay=0.0 if no_wd else weight_decay, lr_scale=scale, layer=layer)
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
+    """pretrain / mae: AdamW(betas (0.9, 0.95), wd 0.05, timm groups); finetune: AdamW with layer decay;
+    linear: LARS (MAE's: trust 0.001 on the head's weight, plain momentum SGD for its bias), wd 0."""
+    if args.mode == "linear":
+        w, b = model.head[-1].weight, model.head[-1].bias
+        groups = [dict(params=[w], lars=True), dict(params=[b], lars=False)]
+        return LARS(groups, lr=0.0, momentum=0.9, weight_decay=args.weight_decay, eta=0.001)
+    if args.mode == "finetune":
+        groups = layer_decay_groups(model, args.weight_decay, args.layer_decay)
+    else:
+        groups = param_groups(model, args.weight_decay)
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(args.betas), fused=fused)
+
+
+def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
+    """MAE's lr_sched per step at the fractional epoch: linear warm-up from 0 to blr x batch/256 over warmup_epochs,
+    then a half cosine to min_lr at the last epoch."""
+    peak, epoch = args.blr * args.batch_size / 256, step / steps_per_epoch  # PAPER: lr = blr x eff. batch / 256
+    if epoch < args.warmup_epochs:
+        return peak * epoch / args.warmup_epochs
+    t = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-12)
+    return args.min_lr + (peak - args.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+# ==== 6. TRAIN LOOP ====
+# SHARED: train-utils
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, device=None) -> list:
+    """The epoch's global batches: a seeded permutation cut into full batches (drop_last).
+
+    CRUCIAL: moved to the device once per epoch; a per-step copy from pageable memory would sync the host."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(rng_seed(seed, "order", epoch)))
+    return list(perm[: n // batch_size * batch_size].to(device).view(-1, batch_size))
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work (only where a timer stops; never per step)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# END SHARED
+
+
+def step_loss(run: SimpleNamespace, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, key: tuple) -> tuple:
+    """One micro-batch's loss (fp32) and the logged terms: pretrain (total, loss_fea, loss_att), mae (loss),
+    finetune / linear (loss, top-1 against the hard labels)."""
+    args, mode = run.args, run.args.mode
+    if mode == "pretrain":
+        with run.autocast:
+            feats, attn = base_forward(run.base, x, args.last_layers)
+        feat_target, rel_target, topk_idx = enhance_targets(feats.float(), attn.float(), args.topk, args.tau)
+        with run.autocast:
+            pred_feat, pred_rel, mask = run.ddp_model(x, noise, topk_idx, args.mask_ratio)
+        total, fea, att = tec_loss(pred_feat, pred_rel, feat_target, rel_target, mask)
+        return total, torch.stack([total, fea, att]).detach()
+    if mode == "mae":
+        with run.autocast:
+            pred, mask = run.ddp_model(x, noise, args.mask_ratio)
+        loss = mae_loss(pred, x, mask, args.patch_size, args.norm_pix)
+        return loss, loss.detach()[None]
+    if mode == "finetune":
+        x = augment_finetune(run, x, key)
+        x, target = mixup_cutmix(x, y, run.data["num_classes"], args, torch.Generator().manual_seed(rng_seed(*key)))
+    with run.autocast:
+        logits = run.ddp_model(x)
+    loss = soft_cross_entropy(logits, target) if mode == "finetune" else F.cross_entropy(logits.float(), y)
+    return loss, torch.stack([loss.detach(), 100 * (logits.argmax(1) == y).float().mean()])
+
+
+METRICS = {"pretrain": ("loss", "loss_fea", "loss_att"), "mae": ("loss",), "finetune": ("loss", "top1")}
+METRICS["linear"] = METRICS["finetune"]
+
+
+def train_step(run: SimpleNamespace, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+    """One optimizer step on this rank's share x [b, 3, S, S], y [b], in --accum-iter micro-batches (the loss of each
+    divided by accum_iter; DDP reduces gradients after the last only). The masking noise is drawn for the global batch
+    from the step's seed and each rank keeps its rows, so any world size sees the same masks."""
+    args, b = run.args, len(x)
+    n = run.model.patch_embed.num_patches
+    gen = torch.Generator(device=run.device).manual_seed(rng_seed(args.seed, "mask", step))
+    noise = torch.rand(args.batch_size, n, generator=gen, device=run.device)[run.rank * b : (run.rank + 1) * b]
+    parts = zip(x.chunk(args.accum_iter), y.chunk(args.accum_iter), noise.chunk(args.accum_iter))
+    metrics = 0
+    for i, (xi, yi, ni) in enumerate(parts):
+        last = i == args.accum_iter - 1
+        sync_ctx = run.ddp_model.no_sync() if run.world_size > 1 and not last else nullcontext()
+        with sync_ctx:
+            loss, m = step_loss(run, xi, yi, ni, (args.seed, "aug", step, run.rank, i))
+            run.scaler.scale(loss / args.accum_iter).backward()
+        metrics = metrics + m / args.accum_iter
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.opt.zero_grad(set_to_none=True)
+    return metrics
+
+
+def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
+    """Train from step start_step of `epoch` to its end (or to --max-steps). Returns the averaged metrics."""
+    args, opt, device = run.args, run.opt, run.device
+    spe, is_main, names = run.steps_per_epoch, run.rank == 0, METRICS[args.mode]
+    in_memory = torch.is_tensor(run.data["train_x"])
+    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, epoch, device if in_memory else None)
+    last = min(spe, run.total_steps - epoch * spe)
+    keys = [(args.seed, "train", epoch, s) for s in range(start_step, last)]
+    stream = view_batches(run, run.data["train_x"], batches[start_step:last], keys, run.groups)
+    train_y, b = run.data["train_y"].to(device), args.batch_size // run.world_size
+    sums, window = torch.zeros(len(names), device=device), torch.zeros(len(names), device=device)
+    no_bad = 2**62
+    bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
+    run.model.train()
+    bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=not is_main, dynamic_ncols=True)
+    t0, n_done, n_logged = time.perf_counter(), 0, 0
+    for step in bar:
+        gstep = epoch * spe + step
+        lr = lr_at(gstep, args, spe)
+        for group in opt.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        tw = time.perf_counter()
+        (x,) = next(stream)
+        run.data_wait_s += time.perf_counter() - tw  # host time spent waiting for (or making) the crops
+        y = train_y[batches[step][run.rank * b : (run.rank + 1) * b].to(device)]
+        m = train_step(run, x, y, gstep)
+        bad_step = torch.minimum(bad_step, torch.where(torch.isfinite(m[0]), no_bad, gstep + 1))
+        window += m
+        n_done += 1
+        run.images_seen += args.batch_size  # counted per step: a mid-epoch checkpoint holds the true count
+        run.global_step = gstep + 1
+        if (step + 1) % args.log_every == 0 or step + 1 == last:
+            if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
+                dist.all_reduce(window)
+                window /= run.world_size
+                dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+            if bad_step.item() < no_bad:
+                raise RunError(f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); try a lower --blr")
+            mean = (window / (n_done - n_logged)).tolist()  # mean over the steps since the last log line
+            sums, window, n_logged = sums + window, torch.zeros_like(window), n_done
+            if is_main:
+                bar.set_postfix(**{k: f"{v:.4f}" for k, v in zip(names, mean)}, lr=f"{lr:.2e}")
+                log_jsonl(run, dict(type="train", step=gstep + 1, epoch=epoch, lr=lr, **dict(zip(names, mean))))
+        if args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe:
+            sync(device)  # a checkpoint does not count as training time
+            run.train_time_s += time.perf_counter() - t0
+            save_state(run)
+            t0 = time.perf_counter()
+    sync(device)
+    run.train_time_s += time.perf_counter() - t0
+    return dict(zip(names, (sums / max(n_done, 1)).tolist()), lr=lr_at(run.global_step - 1, args, spe))
+
+
+def measure_ceiling(run: SimpleNamespace, steps: int) -> float:
+    """The bare cost of this mode's networks on random images (no data, adapter, decoder, loss or optimizer), in
+    images/s: pretrain = the base model's forward on every token (fused attention, no grad) + a plain ViT of the new
+    model's size forward+backward on the CLS and visible tokens; mae the latter alone; finetune a ViT forward+backward
+    on every token; linear its forward."""
+    args, device, mode = run.args, run.device, run.args.mode
+    vit = VITS[args.arch](img_size=args.large_size, patch_size=args.patch_size).to(device)
+    x = torch.randn(args.batch_size // run.world_size, 3, args.large_size, args.large_size, device=device)
+    n_keep = 1 + int(vit.num_patches * (1 - args.mask_ratio))
+    for i in range(steps + 2):  # 2 warm-up steps
+        if i == 2:
+            sync(device)
+            t0 = time.perf_counter()
+        with run.autocast:
+            if mode == "pretrain":
+                with torch.no_grad():
+                    run.base.forward_features(x)
+            with torch.no_grad() if mode == "linear" else nullcontext():
+                h = vit.prepare_tokens(x)[:, :n_keep] if mode in ("pretrain", "mae") else vit.prepare_tokens(x)
+                for blk in vit.blocks:
+                    h = blk(h)
+                out = vit.norm(h)
+        if mode != "linear":
+            out.float().sum().backward()
+    sync(device)
+    return steps * args.batch_size / (time.perf_counter() - t0)
+
+
+# SHARED: bench-data
+def measure_data(run: SimpleNamespace, steps: int) -> float:
+    """The data pipeline alone (read, decode, crops, colour, normalise) for `steps` global batches: images/s."""
+    args = run.args
+    in_memory = torch.is_tensor(run.data["train_x"])
+    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, -1, run.device if in_memory else None)
+    batches = (batches * math.ceil((steps + 1) / len(batches)))[: steps + 1]
+    stream = view_batches(
+        run, run.data["train_x"], batches, [(args.seed, "bench", i) for i in range(steps + 1)], run.groups
+    )
+    next(stream)  # workers started
+    sync(run.device)
+    t0 = time.perf_counter()
+    for _ in stream:
+        pass
+    sync(run.device)
+    return steps * args.batch_size / (time.perf_counter() - t0)
+
+
+# END SHARED
+
+
+# ==== 7. EVALUATION ====
+# SHARED: encode
+@torch.no_grad()
+def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pooled backbone features [n, F] (fp32, eval-mode BN) of centre crops (streamed) or whole images (in memory),
+    sharded over ranks and gathered; `subset` selects image indices."""
+    args, model, device, rank, world = run.args, run.model, run.device, run.rank, run.world_size
+    images = run.data[f"{split}_x"]
+    ids = torch.arange(len(run.data[f"{split}_y"])) if subset is None else subset
+    per_rank = math.ceil(len(ids) / world)
+    mine = ids[torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp(max=len(ids) - 1)]  # padded, trimmed later
+    model.eval()
+    if torch.is_tensor(images):
+        mine_dev = mine.to(images.device)
+
+        def load(c):
+            x = images[c].to(device).float()
+            if x.shape[-1] != args.large_size:
+                x = F.interpolate(x, size=(args.large_size, args.large_size), mode="bilinear", antialias=True)
+            return x
+
+        stream = (load(c) for c in mine_dev.split(args.eval_chunk))
+        n_chunks = math.ceil(len(mine) / args.eval_chunk)
+    else:
+        chunks = [[images[i] for i in c] for c in mine.split(args.eval_chunk)]
+        # PAPER: Resize(256) + CenterCrop(224), decoded by the workers, one chunk per item
+        decode = partial(decode_files, size=round(args.large_size * 256 / 224), crop=args.large_size)
+        loader = DataLoader(chunks, batch_size=None, collate_fn=decode, num_workers=args.workers)
+        stream, n_chunks = (x.to(device, non_blocking=True).float() for x in loader), len(chunks)
+    mean = torch.tensor(args.mean, device=device)[:, None, None] * 255
+    std = torch.tensor(args.std, device=device)[:, None, None] * 255
+    feats = []
+    for x in tqdm(stream, total=n_chunks, desc=f"encode {split}", disable=rank != 0, leave=False):
+        with run.autocast:
+            feats.append(model.backbone(((x - mean) / std).contiguous(memory_format=run.fmt)).float())
+    feats = torch.cat(feats)
+    if world > 1:
+        out = [torch.empty_like(feats) for _ in range(world)]
+        dist.all_gather(out, feats)
+        feats = torch.cat(out)
+    return feats[: len(ids)]
+
+
+# END SHARED
+
+
+# SHARED: knn
+@torch.no_grad()
+def knn_eval(x_train, y_train, x_test, y_test, num_classes, k=20, t=0.07, chunk=256) -> tuple:
+    """Weighted k-NN (DINO protocol): cosine similarity on L2-normalised features, votes weighted by exp(sim / t).
+
+    Returns (top1, top5) in percent. The test set is processed in chunks of a fixed size."""
+    x_train, x_test = F.normalize(x_train.float(), dim=1), F.normalize(x_test.float(), dim=1)
+    k = min(k, len(x_train))
+    correct1 = correct5 = 0
+    for i in range(0, len(x_test), chunk):
+        sim, idx = (x_test[i : i + chunk] @ x_train.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, y_train[idx], (sim / t).exp())
+        pred = votes.topk(min(5, num_classes), dim=1).indices
+        target = y_test[i : i + chunk, None]
+        correct1 += (pred[:, :1] == target).sum().item()
+        correct5 += (pred == target).any(1).sum().item()
+    return 100.0 * correct1 / len(x_test), 100.0 * correct5 / len(x_test)
+
+
+# END SHARED
+
+
+# SHARED: linear-probe
+def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0.03, wd=5e-5, batch_size=100, seed=0):
+    """Linear classifier on frozen, precomputed features, on their device: SGD (momentum 0.9), cosine LR per epoch
+    (CosineAnnealingLR(T_max=epochs)), shuffled batches with drop_last. Returns last and best test top-1 (percent)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # a seeded head without touching the caller's RNG state
+        torch.manual_seed(seed)
+        head = nn.Linear(x_train.shape[1], num_classes).to(x_train.device)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    n = len(x_train) // batch_size * batch_size
+    accs = []
+    for epoch in range(epochs):
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        for idx in torch.randperm(len(x_train), generator=gen)[:n].to(x_train.device).view(-1, batch_size):
+            loss = F.cross_entropy(head(x_train[idx]), y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            accs.append((head(x_test).argmax(1) == y_test).float().mean())  # no host sync per epoch
+    accs = (torch.stack(accs) * 100).tolist()
+    return dict(last=accs[-1], best=max(accs))
+
+
+# END SHARED
+
+
+def evaluate(run: SimpleNamespace, tag: str) -> dict:
+    """pretrain / mae: weighted k-NN on the encoder's readout of the unmasked image (a seeded subset during training,
+    everything at the end; our addition) and at the end the fast feature probe (--probe features).
+    finetune / linear: top-1 / top-5 of the classifier on the test split (centre crops)."""
+    args, data, device, final = run.args, run.data, run.device, tag == "final"
+    nc, t0 = data["num_classes"], time.perf_counter()
+    res, times = {}, {}
+    if args.mode in ("finetune", "linear"):
+        logits = extract_features(SimpleNamespace(**{**vars(run), "model": Readout(run.model)}), "test")
+        pred, y = logits.topk(min(5, nc), dim=1).indices, data["test_y"].to(device)
+        res = dict(
+            top1=100 * (pred[:, 0] == y).float().mean().item(),
+            top5=100 * (pred == y[:, None]).any(1).float().mean().item(),
+        )
+        run.best_top1 = max(getattr(run, "best_top1", 0.0), res["top1"])
+        res["top1_best"] = run.best_top1
+        times["encode_s"] = time.perf_counter() - t0
+    else:
+        subsets = {}
+        for split, size in (("train", args.eval_subset_train), ("test", args.eval_subset_test)):
+            n = len(data[f"{split}_y"])
+            g = torch.Generator().manual_seed(rng_seed(args.seed, "eval-subset", split))
+            subsets[split] = None if final or size >= n else torch.randperm(n, generator=g)[:size].sort().values
+        run.model.eval()
+        reader = SimpleNamespace(**{**vars(run), "model": Readout(encoder_features(run.model, args.pool))})
+        feats = {s: extract_features(reader, s, subsets[s]) for s in subsets}
+        labels = {s: (data[f"{s}_y"] if subsets[s] is None else data[f"{s}_y"][subsets[s]]).to(device) for s in subsets}
+        times["encode_s"] = time.perf_counter() - t0
+        if run.rank == 0:
+            t0 = time.perf_counter()
+            res["knn_top1"], res["knn_top5"] = knn_eval(
+                feats["train"], labels["train"], feats["test"], labels["test"], nc, args.knn_k, args.knn_t
+            )
+            times["knn_s"] = time.perf_counter() - t0
+            if final and args.probe == "features":
+                t0 = time.perf_counter()
+                probe = linear_probe(
+                    feats["train"], labels["train"], feats["test"], labels["test"], nc, args.probe_epochs,
+                    args.probe_lr, args.probe_wd, args.probe_batch_size, args.seed,
+                )  # fmt: skip
+                res["linear_fast_top1"], res["linear_fast_top1_best"] = probe["last"], probe["best"]
+                times["probe_s"] = time.perf_counter() - t0
+    if run.world_size > 1:
+        dist.barrier()
+    if run.rank == 0:
+        log_jsonl(run, dict(type="eval", tag=tag, step=run.global_step, **res, **times))
+        print(f"eval @ {tag} | " + " | ".join(f"{k} {v:.2f}" for k, v in {**res, **times}.items()))
+    for k, v in times.items():
+        run.times[k] = run.times.get(k, 0.0) + v
+    return res
+
+
+# ==== 8. MAIN ====
+# SHARED: ddp-setup
+def setup_distributed(device_arg: Optional[str]) -> tuple:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per device, nccl on GPU, gloo on CPU.
+    Without them: a single process, no process group. Returns (rank, world_size, device)."""
+    use_cuda = torch.cuda.is_available() and (device_arg or "cuda") != "cpu"
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device_arg or ("cuda" if use_cuda else "cpu"))
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    return rank, world_size, device
+
+
+# END SHARED
+
+
+# SHARED: save-state
+def log_jsonl(run: SimpleNamespace, record: dict) -> None:
+    with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_state(run: SimpleNamespace) -> None:
+    """out_dir/last.pt, written atomically by rank 0: model (its buffers too: running statistics, a queue), optimizer,
+    scaler, step and timers."""
+    if run.rank != 0:
+        return
+    t0 = time.perf_counter()
+    state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
+    state.update(step=run.global_step, train_time_s=run.train_time_s, images_seen=run.images_seen)
+    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args))
+    save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
+    run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
+
+
+# END SHARED
+
+
+# SHARED: results
+def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, res: dict) -> None:
+    """out_dir/results.json (rank 0, atomic): args, machine, timings, throughput against the bare ceiling, metrics."""
+    args, device = run.args, run.device
+    imgs_per_s = run.images_seen / max(run.train_time_s, 1e-9)
+    ceiling = bench.get("ceiling_images_per_s")
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    results = dict(script=Path(__file__).name, paper=paper, exp_name=args.exp_name)
+    results.update(args=dataclasses.asdict(args), world_size=run.world_size, steps_per_epoch=run.steps_per_epoch)
+    results.update(extra, device=dev_name, python=platform.python_version())
+    results.update(torch=torch.__version__, torchvision=torchvision.__version__)
+    results.update(epochs_done=run.global_step / run.steps_per_epoch, steps_done=run.global_step)
+    view = "whole images" if args.in_memory else "centre crops"
+    protocol = f"pooled backbone features of {view}, eval-mode BN; weighted k-NN k={args.knn_k} T={args.knn_t}"
+    results.update(eval_protocol=f"{protocol}; linear probe: {args.probe}, {args.probe_epochs} epochs")
+    results.update(data_time_s=run.data_time_s, train_time_s=run.train_time_s, data_wait_s=run.data_wait_s, **run.times)
+    results.update(total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen, images_per_s=imgs_per_s)
+    results.update(crops_per_s=imgs_per_s * sum(g.n for g in run.groups), **bench)
+    results.update(ceiling_ratio=imgs_per_s / ceiling if ceiling else None)
+    results.update(peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+    results.update(script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)
+    tmp = Path(args.out_dir) / f"results.json.tmp.{os.getpid()}"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, Path(args.out_dir) / "results.json")  # atomic, like the checkpoints
+    print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=2))
+
+
+# END SHARED
+
+
+def check_args(args: Args, world_size: int) -> None:
+    """Refuse bad input with one clear line, before any data is read or process group created."""
+    for name in (args.arch, args.base_arch or args.arch):
+        if name not in SIZES:
+            raise RunError(f"unknown --arch {name!r}; choose one of {', '.join(SIZES)}")
+    if args.device is not None and args.device != "cpu" and not args.device.startswith("cuda"):
+        raise RunError(f"unknown --device {args.device!r}; use cuda, cuda:N or cpu")
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"--device {args.device} but no CUDA device is available")
+    if args.mode == "convert":
+        if args.init is None or args.convert_out is None:
+            raise RunError("convert needs --init (a checkpoint) and --convert-out (where the plain ViT goes)")
+        return
+    at_least = {
+        1: "batch_size accum_iter large_size epochs patch_size decoder_dim decoder_depth decoder_heads topk "
+        "last_layers knn_k eval_chunk log_every image_size train_repeat probe_epochs probe_batch_size",
+        0: "workers save_every_steps eval_every max_steps bench_ceiling_steps bench_data_steps eval_subset_train "
+        "eval_subset_test randaug_n",
+    }
+    for low, names in at_least.items():
+        for name in names.split():
+            value = getattr(args, name)
+            if value is not None and value < low:
+                raise RunError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    for name in ("blr", "tau", "probe_lr"):
+        if getattr(args, name) <= 0:
+            raise RunError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("min_lr", "warmup_epochs", "weight_decay", "probe_wd", "mixup", "cutmix", "randaug_mstd"):
+        if getattr(args, name) < 0:
+            raise RunError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("smoothing", "reprob", "drop_path"):
+        if not 0 <= getattr(args, name) < 1:
+            raise RunError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    if not 0 < args.layer_decay <= 1:
+        raise RunError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+    if not 0 <= args.mask_ratio < 1:
+        raise RunError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
+    lo, hi = args.large_scale
+    if not 0 < lo <= hi <= 1:
+        raise RunError(f"--large-scale must satisfy 0 < min <= max <= 1, got {lo} {hi}")
+    if args.large_size % args.patch_size:
+        raise RunError(f"--large-size {args.large_size} does not divide into --patch-size {args.patch_size} patches")
+    n_patches = (args.large_size // args.patch_size) ** 2
+    if args.mode == "pretrain":
+        if args.base_checkpoint is None:
+            raise RunError("pretrain needs --base-checkpoint (a pretrained MAE/iBOT ViT, or a run of `mae`)")
+        if args.topk > n_patches:
+            raise RunError(f"--topk {args.topk} exceeds the {n_patches} patches")
+        depth = SIZES[args.arch]["depth"]
+        if depth % max(1, depth // 3):
+            raise RunError(f"the encoder adapter needs a depth divisible by depth // 3, got {depth}")
+    if args.mode in ("pretrain", "mae") and int(n_patches * (1 - args.mask_ratio)) < 1:
+        raise RunError(f"--mask-ratio {args.mask_ratio} keeps no patch of {n_patches}")
+    if args.mode == "linear" and args.init is None:
+        raise RunError("linear needs --init (the pretrained encoder to probe)")
+    if args.batch_size % world_size:
+        raise RunError(f"--batch-size {args.batch_size} does not divide by the world size {world_size}")
+    if (args.batch_size // world_size) % args.accum_iter:
+        raise RunError(
+            f"the per-rank batch {args.batch_size // world_size} does not divide into --accum-iter {args.accum_iter}"
+        )
+    if args.decode == "device" and (args.in_memory or args.dataset != "imagefolder"):
+        raise RunError("--decode device applies to streamed image folders; in-memory data is cut on the device anyway")
+
+
+def convert(args: Args) -> dict:
+    """Spec 6: a pretraining checkpoint -> the plain ViT encoder {'model': sd} that common/vit.py (and timm-style code)
+    loads: cls_token := MLP(cls_token), adapters, decoders and heads dropped. DEVIATION: norm.* is kept (official
+    conversion drops it because global pooling deletes the norm; the CLS-token readout needs it)."""
+    sd = encoder_state_dict(read_checkpoint(args.init), bake_cls_mlp=True)
+    missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.norm1.weight") if k not in sd]
+    if missing:
+        raise CheckpointError(f"{args.init}: not a ViT encoder checkpoint (missing {', '.join(missing)})")
+    save_checkpoint({"model": sd}, args.convert_out)
+    n_blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    print(f"wrote {args.convert_out}: {len(sd)} tensors, {n_blocks} blocks, width {sd['cls_token'].shape[-1]}")
+    return dict(tensors=len(sd))
+
+
+def build_model(run: SimpleNamespace) -> nn.Module:
+    """The trained module of this mode (random init from the seed; finetune / linear then load --init)."""
+    args, nc = run.args, run.data["num_classes"]
+    vit = dict(img_size=args.large_size, patch_size=args.patch_size, **SIZES[args.arch])
+    dec = dict(decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads)
+    if args.mode == "pretrain":
+        base = SIZES[args.base_arch or args.arch]
+        run.base = load_base_model(read_checkpoint(args.base_checkpoint), args.large_size, args.patch_size, **base)
+        run.base = run.base.to(run.device)
+        return TECModel(rel_heads=base["num_heads"], **dec, **vit)
+    if args.mode == "mae":
+        return MAEModel(**dec, **vit)
+    init_mlp = (
+        args.keep_cls_mlp
+        and args.init is not None
+        and "cls_token_mlp.fc1.weight" in encoder_state_dict(read_checkpoint(args.init), bake_cls_mlp=False)
+    )
+    linear = args.mode == "linear"
+    drop = 0.0 if linear else args.drop_path
+    model = Classifier(args.pool, linear, init_mlp, nc, drop_path_rate=drop, **vit)
+    if args.init is None:
+        if run.rank == 0:
+            print(f"{Path(__file__).name}: warning: no --init: fine-tuning from a random init", file=sys.stderr)
+    else:
+        load_encoder(model, args.init, what=f"--init {args.init}")
+    if linear:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("head."))
+    return model
+
+
+def run_training(args: Args) -> dict:
+    if args.mode == "convert":
+        check_args(args, 1)
+        return convert(args)
+    run = start_run(args)
+    device, world_size, is_main = run.device, run.world_size, run.rank == 0
+    torch.manual_seed(args.seed)  # the same initial model on every rank
+    run.model = model = build_model(run).to(device)
+    run.groups = crop_groups(args)
+    run.opt = build_optimizer(model, args)
+    resume_state(run, set())
+    net = model
+    if world_size > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    run.ddp_model = torch.compile(net) if args.compile else net
+    bench = run_benchmarks(run)
+
+    total_steps = run.steps_per_epoch * args.epochs
+    run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    while run.global_step < run.total_steps:
+        epoch, start = divmod(run.global_step, run.steps_per_epoch)
+        m = train_one_epoch(run, epoch, start)
+        save_state(run)
+        ev = ""
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.global_step < run.total_steps:
+            res = evaluate(run, tag=f"epoch {epoch + 1}")
+            ev = " | " + " | ".join(f"{k} {v:.1f}" for k, v in res.items() if k in ("knn_top1", "top1"))
+        if is_main:
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
+            shown = " | ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "lr")
+            print(
+                f"ep {epoch + 1}/{args.epochs} | {shown} | lr {m['lr']:.2e}{ev} | {run.train_time_s:.1f} s | {mem:.1f} GB"
+            )
+
+    res = evaluate(run, tag="final")
+    if is_main:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        extra = dict(mode=args.mode, peak_lr=args.blr * args.batch_size / 256, trainable_params=trainable)
+        if args.mode == "pretrain":
+            extra.update(base_checkpoint=args.base_checkpoint, topk=args.topk, tau=args.tau)
+        paper = "TEC, Towards Sustainable Self-supervised Learning (arXiv 2210.11016)"
+        write_results(run, paper, extra, bench, res)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return res
+
+
+# SHARED: run-state
+def start_run(args: Args) -> SimpleNamespace:
+    """Check the args, join the process group, read the data (kept on the device when in memory), set precision.
+    Returns the run's state: args, rank, world_size, device, data, fmt, autocast, scaler, counters and timers."""
+    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))  # before any process group: bad input fails fast
+    t_start = time.perf_counter()
+    rank, world_size, device = setup_distributed(args.device)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    torch.backends.cudnn.benchmark = not args.deterministic
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    # DEVIATION: TF32 for fp32 matmuls/convs; it only matters with --amp none (the losses compute in fp32 anyway)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    data = load_data(args)
+    n = len(data["train_y"])
+    if n < args.batch_size:
+        raise RunError(f"--batch-size {args.batch_size} exceeds the {n} training images")
+    if args.probe != "none" and n < args.probe_batch_size:
+        raise RunError(f"--probe-batch-size {args.probe_batch_size} exceeds the {n} training images")
+    if torch.is_tensor(data["train_x"]):  # CRUCIAL: decode once, keep the uint8 images on the device (CIFAR: 150 MB)
+        data.update(train_x=data["train_x"].to(device), test_x=data["test_x"].to(device))
+    run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, data=data, t_start=t_start)
+    run.data_time_s, run.steps_per_epoch = time.perf_counter() - t_start, n // args.batch_size
+    run.fmt = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
+    use_amp = device.type == "cuda" and args.amp != "none"
+    run.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and args.amp == "fp16")
+    # DEVIATION: bf16 autocast by default (the official precision is in the docstring); the loss stays fp32
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
+    run.autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
+    run.global_step, run.train_time_s, run.images_seen, run.data_wait_s, run.times = 0, 0.0, 0, 0.0, {}
+    return run
+
+
+def resume_state(run: SimpleNamespace, extra_keys: set) -> Optional[dict]:
+    """Load out_dir/last.pt (or --resume) into run.model (strictly), run.opt, run.scaler and the counters.
+    Returns the checkpoint (the caller restores extra_keys), or None when there is nothing to resume."""
+    args = run.args
+    ckpt_path = find_resume(Path(args.out_dir), args.resume)
+    if ckpt_path is None:
+        return None
+    ckpt = load_checkpoint(ckpt_path, map_location=run.device)
+    needed = {"model", "optimizer", "scaler", "step", "args", "train_time_s", "images_seen", "data_wait_s", *extra_keys}
+    if not isinstance(ckpt, dict) or needed - ckpt.keys():
+        raise CheckpointError(f"{ckpt_path} is not a training checkpoint of this script (needs {sorted(needed)})")
+    if ckpt["args"]["batch_size"] != args.batch_size:  # steps would map to other images and epochs
+        raise CheckpointError(
+            f"{ckpt_path} was trained with --batch-size {ckpt['args']['batch_size']}, not {args.batch_size}"
+        )
+    load_state_dict_strict(run.model, ckpt["model"], what=f"model in {ckpt_path}")
+    try:
+        run.opt.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"optimizer state in {ckpt_path} does not match: {e}")
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.global_step, run.train_time_s, run.images_seen = ckpt["step"], ckpt["train_time_s"], ckpt["images_seen"]
+    run.data_wait_s = ckpt["data_wait_s"]
+    if run.rank == 0:
+        print(f"resumed from {ckpt_path} at step {ckpt['step']}")
+    return ckpt
+
+
+def run_benchmarks(run: SimpleNamespace) -> dict:
+    """--bench-ceiling-steps / --bench-data-steps before training; then the peak-memory counter starts afresh."""
+    args, bench = run.args, {}
+    if args.bench_ceiling_steps:
+        bench["ceiling_images_per_s"] = measure_ceiling(run, args.bench_ceiling_steps)
+    if args.bench_data_steps:
+        bench["data_images_per_s"] = measure_data(run, args.bench_data_steps)
+    if run.rank == 0 and bench:
+        print("benchmarks: " + ", ".join(f"{k} {v:,.0f}" for k, v in bench.items()))
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    return bench
+
+
+def main(args: Args) -> None:
+    try:
+        run_training(args)
+    except (RunError, CheckpointError) as e:  # CRUCIAL: bad input -> one clear line and exit code 1, no traceback
+        msg = str(e).strip().splitlines()[-1].split("RunError: ", 1)[-1]  # a DataLoader worker's error: its last line
+        sys.exit(f"{Path(__file__).name}: error: {msg}")
+
+
+# END SHARED
+
+
+if __name__ == "__main__":
+    main(tyro.cli(SUBCOMMANDS, default=Args()))
