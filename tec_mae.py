@@ -969,10 +969,11 @@ class DecoderHead(nn.Module):
         setattr(self, out_name, nn.Linear(decoder_dim, out_dim))  # decoder_pred (features) or decoder_qk (relations)
         self.out = getattr(self, out_name)
 
-    def forward(self, a: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor, blocks: nn.ModuleList):
-        x = unshuffle(self.decoder_embed(a), self.mask_token, ids_restore) + pos
-        for blk in blocks:
-            x = blk(x)
+    def embed(self, a: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Adapter output [B, 1 + n_keep, D] -> the trunk's input [B, 1 + N, d]: embedded, mask tokens, positions."""
+        return unshuffle(self.decoder_embed(a), self.mask_token, ids_restore) + pos
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.decoder_norm(x))  # [B, 1 + N, out_dim]
 
 
@@ -995,9 +996,14 @@ class TECModel(MaskedEncoder):
         """-> (pred_feat [B, N, D], pred_rel_logits [B, 1+k, H, N], mask [B, N] with 1 = removed)."""
         outs, mask, ids_restore = self.encode_masked(imgs, noise, mask_ratio)
         a = self.encoder_adaptor(torch.cat(outs, dim=-1))  # [B, 1 + n_keep, D]
-        pos, blocks = self.decoder_pos_embed, self.decoder_blocks  # CRUCIAL: one trunk, run once per head
-        pred_feat = self.forward_fea_decoder(a, ids_restore, pos, blocks)[:, 1:]
-        qk = self.forward_att_decoder(a, ids_restore, pos, blocks)
+        fea, att, pos = self.forward_fea_decoder, self.forward_att_decoder, self.decoder_pos_embed
+        # CRUCIAL: one trunk for both heads (official: run once per head); both inputs go through it as one batch of
+        # 2B, which computes the same thing in one pass (no batch statistics in a ViT)
+        x = torch.cat([fea.embed(a, ids_restore, pos), att.embed(a, ids_restore, pos)])
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x_fea, x_att = x.chunk(2)
+        pred_feat, qk = fea.finish(x_fea)[:, 1:], att.finish(x_att)
         B, T, _ = qk.shape
         q, k = qk.reshape(B, T, 2, self.rel_heads, -1).permute(2, 0, 3, 1, 4)  # PAPER: (2, H, D/H) split; [B, H, T, d]
         rel = student_relation_logits(q.float(), k.float(), topk_idx, self.embed_dim**-0.5)  # fp32, small
@@ -1366,9 +1372,11 @@ def train_step(run: SimpleNamespace, x: torch.Tensor, y: torch.Tensor, step: int
     divided by accum_iter; DDP reduces gradients after the last only). The masking noise is drawn for the global batch
     from the step's seed and each rank keeps its rows, so any world size sees the same masks."""
     args, b = run.args, len(x)
-    n = run.model.patch_embed.num_patches
-    gen = torch.Generator(device=run.device).manual_seed(rng_seed(args.seed, "mask", step))
-    noise = torch.rand(args.batch_size, n, generator=gen, device=run.device)[run.rank * b : (run.rank + 1) * b]
+    noise = torch.zeros(b, 1, device=run.device)  # finetune / linear: no masking
+    if args.mode in ("pretrain", "mae"):
+        gen = torch.Generator(device=run.device).manual_seed(rng_seed(args.seed, "mask", step))
+        noise = torch.rand(args.batch_size, run.model.patch_embed.num_patches, generator=gen, device=run.device)
+        noise = noise[run.rank * b : (run.rank + 1) * b]
     parts = zip(x.chunk(args.accum_iter), y.chunk(args.accum_iter), noise.chunk(args.accum_iter))
     metrics = 0
     for i, (xi, yi, ni) in enumerate(parts):
@@ -1793,8 +1801,12 @@ def build_model(run: SimpleNamespace) -> nn.Module:
     dec = dict(decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads)
     if args.mode == "pretrain":
         base = SIZES[args.base_arch or args.arch]
-        run.base = load_base_model(read_checkpoint(args.base_checkpoint), args.large_size, args.patch_size, **base)
-        run.base = run.base.to(run.device)
+        if run.world_size > 1 and run.rank > 0:  # rank 0 alone downloads a URL into the cache; the others wait
+            dist.barrier()
+        ckpt = read_checkpoint(args.base_checkpoint)
+        if run.world_size > 1 and run.rank == 0:
+            dist.barrier()
+        run.base = load_base_model(ckpt, args.large_size, args.patch_size, **base).to(run.device)
         return TECModel(rel_heads=base["num_heads"], **dec, **vit)
     if args.mode == "mae":
         return MAEModel(**dec, **vit)
@@ -1810,7 +1822,9 @@ def build_model(run: SimpleNamespace) -> nn.Module:
         if run.rank == 0:
             print(f"{Path(__file__).name}: warning: no --init: fine-tuning from a random init", file=sys.stderr)
     else:
-        load_encoder(model, args.init, what=f"--init {args.init}")
+        fresh = load_encoder(model, args.init, what=f"--init {args.init}")
+        if run.rank == 0:
+            print(f"loaded the encoder of {args.init}; initialised here: {', '.join(fresh) or 'nothing'}")
     if linear:
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("head."))
