@@ -721,10 +721,11 @@ def rand_augment(x: torch.Tensor, gen: torch.Generator, n: int, m: float, mstd: 
         one, zero = torch.ones(B, device=dev), torch.zeros(B, device=dev)
         cos, sin = torch.where(op == 3, ang.cos(), one), torch.where(op == 3, ang.sin(), zero)
         theta = torch.stack([cos, -sin, zero, sin, cos, zero], 1).view(B, 2, 3)  # output -> input coordinates
+        # PIL shears about the top-left corner (x_in = x + s y in pixels): a centred shear plus a shift of s
         theta[:, 0, 1] += torch.where(op == 11, sh, zero)
         theta[:, 1, 0] += torch.where(op == 12, sh, zero)
-        theta[:, 0, 2] += torch.where(op == 13, tr, zero)
-        theta[:, 1, 2] += torch.where(op == 14, tr, zero)
+        theta[:, 0, 2] += torch.where(op == 13, tr, torch.where(op == 11, sh, zero))
+        theta[:, 1, 2] += torch.where(op == 14, tr, torch.where(op == 12, sh, zero))
         geo = ((op == 3) | (op >= 11)).view(-1, 1, 1, 1)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         ones = torch.ones_like(x[:, :1])
@@ -843,9 +844,9 @@ def augment_finetune(run: SimpleNamespace, x: torch.Tensor, key: tuple) -> torch
     done by the views; undone here and redone), then random erasing. x: normalised [b, 3, S, S]."""
     args, dev = run.args, x.device
     gen = torch.Generator(device=dev).manual_seed(rng_seed(*key))
-    mean, std = (torch.tensor(v, device=dev).view(1, 3, 1, 1) for v in (args.mean, args.std))
+    mean, std = run.pixel_mean.view(1, 3, 1, 1), run.pixel_std.view(1, 3, 1, 1)  # on the device once: no copies here
     if args.randaug_n > 0:
-        fill = (torch.tensor(args.mean, device=dev) * 255).round()  # timm: the mean pixel
+        fill = (run.pixel_mean * 255).round()  # timm: the mean pixel
         x01 = rand_augment(x * std * 255 + mean * 255, gen, args.randaug_n, args.randaug_m, args.randaug_mstd, fill)
         x = (x01 / 255 - mean) / std
     if args.reprob > 0:
@@ -1840,6 +1841,7 @@ def run_training(args: Args) -> dict:
     torch.manual_seed(args.seed)  # the same initial model on every rank
     run.model = model = build_model(run).to(device)
     run.groups = crop_groups(args)
+    run.pixel_mean, run.pixel_std = (torch.tensor(v, device=device) for v in (args.mean, args.std))
     run.opt = build_optimizer(model, args)
     resume_state(run, set())
     net = model
