@@ -1373,6 +1373,7 @@ def train_step(run: SimpleNamespace, x: torch.Tensor, y: torch.Tensor, step: int
     divided by accum_iter; DDP reduces gradients after the last only). The masking noise is drawn for the global batch
     from the step's seed and each rank keeps its rows, so any world size sees the same masks."""
     args, b = run.args, len(x)
+    torch.manual_seed(rng_seed(args.seed, "step", step, run.rank))  # drop path: a resumed run replays the same masks
     noise = torch.zeros(b, 1, device=run.device)  # finetune / linear: no masking
     if args.mode in ("pretrain", "mae"):
         gen = torch.Generator(device=run.device).manual_seed(rng_seed(args.seed, "mask", step))
