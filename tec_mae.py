@@ -263,12 +263,12 @@ IBOT = dict(base_checkpoint=IBOT_URL, topk=9, tau=1.0)
 LARGE = dict(arch="vit_large", decoder_dim=768, base_checkpoint=MAE_URL.format("large"), tau=1.4)
 MAE = dict(mode="mae", decoder_depth=8, base_checkpoint=None, epochs=800)
 FINETUNE = dict(
-    mode="finetune", large_scale=(0.08, 1.0), base_checkpoint=None, epochs=100, batch_size=1024, blr=5e-4,
-    min_lr=1e-6, warmup_epochs=20, betas=(0.9, 0.999), eval_every=1,
+    mode="finetune", large_scale=(0.08, 1.0), base_checkpoint=None, probe="none", epochs=100, batch_size=1024,
+    blr=5e-4, min_lr=1e-6, warmup_epochs=20, betas=(0.9, 0.999), eval_every=1,
 )
 LINEAR = dict(
-    mode="linear", large_scale=(0.08, 1.0), base_checkpoint=None, pool="cls", epochs=90, batch_size=16384, blr=0.1,
-    warmup_epochs=10, weight_decay=0.0, eval_every=10,
+    mode="linear", large_scale=(0.08, 1.0), base_checkpoint=None, probe="none", pool="cls", epochs=90,
+    batch_size=16384, blr=0.1, warmup_epochs=10, weight_decay=0.0, eval_every=10,
 )
 # The CIFAR-10 proxy (ours): ViT-Tiny, patch 4 on 32 x 32 (64 patches), data decoded once and kept on the device;
 # decoders 128 wide; k 5 of 64 patches (about the official 15 of 196); batch 512 at blr 5e-4 (lr 1e-3).
@@ -1770,6 +1770,8 @@ def check_args(args: Args, world_size: int) -> None:
             raise RunError(f"the encoder adapter needs a depth divisible by depth // 3, got {depth}")
     if args.mode in ("pretrain", "mae") and int(n_patches * (1 - args.mask_ratio)) < 1:
         raise RunError(f"--mask-ratio {args.mask_ratio} keeps no patch of {n_patches}")
+    if args.mode in ("finetune", "linear") and args.probe != "none":
+        raise RunError(f"--probe {args.probe} is the pretraining readout; {args.mode} evaluates its own classifier")
     if args.mode == "linear" and args.init is None:
         raise RunError("linear needs --init (the pretrained encoder to probe)")
     if args.batch_size % world_size:
@@ -1845,6 +1847,12 @@ def run_training(args: Args) -> dict:
     run.pixel_mean, run.pixel_std = (torch.tensor(v, device=device) for v in (args.mean, args.std))
     run.opt = build_optimizer(model, args)
     resume_state(run, set())
+    log = Path(args.out_dir) / "log.jsonl"
+    if args.mode in ("finetune", "linear") and run.global_step and log.is_file():  # the best top-1 before a resume
+        evals = [json.loads(line) for line in log.read_text().splitlines()]
+        run.best_top1 = max(
+            [e["top1"] for e in evals if e.get("type") == "eval" and e["step"] <= run.global_step] + [0]
+        )
     net = model
     if world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
