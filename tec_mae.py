@@ -23,7 +23,8 @@ CIFAR-10 proxy (ours; ViT-Tiny, patch 4, 32 x 32, data kept on the device):
     python tec_mae.py cifar-mae --data-dir CIFAR10_JPEG --dataset imagefolder      # base model, N epochs
     python tec_mae.py cifar-pretrain --data-dir CIFAR10_JPEG --dataset imagefolder --base-checkpoint \\
         runs/tec-cifar-mae/last.pt                                                 # TEC on top, N epochs
-    python tec_mae.py cifar-finetune --data-dir CIFAR10_JPEG --dataset imagefolder --init runs/tec-cifar-pretrain/last.pt
+    python tec_mae.py cifar-finetune --data-dir CIFAR10_JPEG --dataset imagefolder \\
+        --init runs/tec-cifar-pretrain/last.pt
     python tec_mae.py cifar-linear --data-dir CIFAR10_JPEG --dataset imagefolder --init runs/tec-cifar-pretrain/last.pt
 Published targets (sail-sg/TEC README, ImageNet-1k fine-tuning top-1): ViT-B with the MAE ViT-B base 84.7 (300 ep) /
 84.8 (800 ep), with the iBOT ViT-B base 84.8 / 85.1, ViT-L with the MAE ViT-L base 86.5 (300 ep); the bases fine-tune
@@ -1874,7 +1875,8 @@ def run_training(args: Args) -> dict:
             log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
             shown = " | ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "lr")
             print(
-                f"ep {epoch + 1}/{args.epochs} | {shown} | lr {m['lr']:.2e}{ev} | {run.train_time_s:.1f} s | {mem:.1f} GB"
+                f"ep {epoch + 1}/{args.epochs} | {shown} | lr {m['lr']:.2e}{ev} | {run.train_time_s:.1f} s"
+                f" | {mem:.1f} GB"
             )
 
     res = evaluate(run, tag="final")
