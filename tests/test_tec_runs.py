@@ -11,33 +11,26 @@
   moments, the weights), through tests/tec_ddp_step.py;
 - --accum-iter 2: the logged losses and the gradients of --accum-iter 1;
 - bad inputs fail with one `tec_mae.py: error:` line and no traceback; a non-finite loss names its step;
-- xfail (a bug): cifar-linear / cifar-finetune refused for the fast probe's batch size, which they never use.
+- cifar-linear on fewer training images than the fast probe's batch (which it never uses) runs.
 
 Budget (75 s on 2 cores; a fresh process spends 4 s importing torch, torchvision and tyro): the CIFAR runs use 100
 train / 50 test images of the cifar_dir fixture (10 / 5 per class: 3 steps of 32 per epoch; the final k-NN encodes
 every image at 32 px, 10 ms each on one core), and every tec_mae.py command line but the torchrun one runs in a
-child forked from a helper process that did those imports once (run_commands: own argv, environment, stdout and
+child forked from a helper process that did those imports once (tests/forkrun.py: own argv, environment, stdout and
 stderr, exit status as from the interpreter; nothing passes between runs but their files). One module fixture starts
 the jobs of the selected tests two at a time: the torchrun run, two chains of CIFAR runs (the second waits for the
 cifar-mae checkpoint), the DDP helper and the bad inputs. Not here: a kill mid-run (test_groco_runs covers the shared
 checkpointing) and a learning test (a ViT-Tiny step at batch 32 costs about 1 s on one core)."""
 
-import importlib
-import json
 import math
-import os
-import runpy
-import signal
-import subprocess
 import sys
-import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
+from forkrun import forked_runs
 from conftest import (
     ROOT,
     assert_finite_results,
@@ -81,82 +74,6 @@ def summary_lines(proc) -> list:
 
 def load(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-# ---- running tec_mae.py: one process, a fork per command line ----------------------------------------------------
-def run_commands(spec: Path) -> None:
-    """`python tests/test_tec_runs.py SPEC`: run each command line of SPEC (a JSON list of args, env, stdout and stderr
-    paths), in order, as `python tec_mae.py ARGS` would, each in a child forked after torch, torchvision and tyro were
-    imported once (4 s a process otherwise): the child sets its environment, sends stdout and stderr to the files,
-    runs tec_mae.py as __main__ with sys.argv and sys.path[0] as the interpreter sets them, and exits like the
-    interpreter (sys.exit(message): the message on stderr and status 1; an uncaught exception: its traceback and
-    status 1). Nothing passes between the runs but their files. A case with "after" waits (up to 5 minutes) for that
-    file: STDOUT.rc, which holds a run's exit code once it has ended, of another helper's run. Writes the exit codes
-    into SPEC."""
-    cases = json.loads(spec.read_text())
-    sys.path.insert(0, str(ROOT))
-    importlib.import_module("tec_mae")  # torch, torchvision, tyro: the imports every command would pay for, once
-    for case in cases:
-        t0 = time.perf_counter()
-        while case.get("after") and not Path(case["after"]).exists() and time.perf_counter() < t0 + 300:
-            time.sleep(0.05)
-        t0 = time.perf_counter()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.environ.update(case["env"])
-                for fd, name in ((1, "stdout"), (2, "stderr")):
-                    os.dup2(os.open(case[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-                sys.argv, sys.path[0] = [str(SCRIPT), *case["args"]], str(ROOT)
-                try:
-                    runpy.run_path(str(SCRIPT), run_name="__main__")
-                    code = 0
-                except SystemExit as e:
-                    code = e.code if isinstance(e.code, int) else int(e.code is not None)
-                    if not isinstance(e.code, (int, type(None))):
-                        print(e.code, file=sys.stderr)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.perf_counter() > t0 + 240:  # a hung run is killed (exit code -9)
-                os.kill(pid, signal.SIGKILL)
-            time.sleep(0.02)
-        case["returncode"] = os.waitstatus_to_exitcode(status)
-        case["seconds"] = time.perf_counter() - t0
-        Path(case["stdout"] + ".rc").write_text(str(case["returncode"]))
-    spec.write_text(json.dumps(cases))
-
-
-def forked_runs(cases: dict, tmp: Path, after: dict = None) -> dict:
-    """name -> CompletedProcess of each case's command line, run in order by run_commands in one subprocess, its output
-    in tmp/NAME.out and .err; after: name -> the name of a run (of another call, same tmp) to wait for."""
-    assert all(cmd[0] == SCRIPT for cmd, *_ in cases.values())
-    spec = [
-        dict(name=n, args=[str(a) for a in cmd[1:]], env=env or {}, stdout=str(tmp / f"{n}.out"))
-        for n, (cmd, env, *_) in cases.items()
-    ]
-    for case in spec:
-        case["stderr"] = case["stdout"][: -len(".out")] + ".err"
-        if case["name"] in (after or {}):
-            case["after"] = str(tmp / f"{after[case['name']]}.out.rc")
-    path = tmp / f"{spec[0]['name']}.json"
-    path.write_text(json.dumps(spec))
-    proc = run_script([Path(__file__), path], timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {
-        c["name"]: subprocess.CompletedProcess(
-            c["args"], c["returncode"], Path(c["stdout"]).read_text(), Path(c["stderr"]).read_text()
-        )
-        for c in json.loads(path.read_text())
-    }
 
 
 def out_dir(cmd) -> Path:
@@ -635,7 +552,3 @@ def test_finetune_recipes_ignore_the_probe_batch_size(jobs):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = out_dir(jobs["bad"]["probe_unused"][0])
     assert_finite_results(read_results(out), "top1", "top5")
-
-
-if __name__ == "__main__":
-    run_commands(Path(sys.argv[1]))

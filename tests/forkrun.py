@@ -1,0 +1,100 @@
+"""Run many short `python SCRIPT ARGS` command lines without paying for torch's import each time.
+
+Every fresh process spends about 4 s importing torch, torchvision and tyro; a bad-input case fails in well under a
+second after that. `forked_runs` hands command lines to `python tests/forkrun.py SPEC`, which imports each script once
+(module level only: importing our scripts runs nothing) and then runs every command line in a child forked from it,
+as the interpreter would run `python SCRIPT ARGS`: its own environment, argv, sys.path[0], stdout and stderr files, the
+script run as __main__, and the interpreter's exit status (sys.exit(message): the message on stderr and status 1; an
+uncaught exception: its traceback and status 1). Nothing passes between the runs but their files."""
+
+import importlib.util
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_commands(spec: Path) -> None:
+    """Run the cases of SPEC (a JSON list: args with the script first, env, stdout and stderr paths) in order, each in
+    a forked child. A case with "after" first waits (up to 5 minutes) for that file: STDOUT.rc, which holds a run's
+    exit code once it has ended (of another runner's case). A run still going after 4 minutes is killed (-9). Writes
+    the exit codes and times into SPEC."""
+    cases = json.loads(spec.read_text())
+    sys.path.insert(0, str(ROOT))
+    for script in dict.fromkeys(c["args"][0] for c in cases):  # the imports every command would pay for, once
+        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(Path(script).stem, script))
+        module.__spec__.loader.exec_module(module)
+    for case in cases:
+        t0 = time.perf_counter()
+        while case.get("after") and not Path(case["after"]).exists() and time.perf_counter() < t0 + 300:
+            time.sleep(0.05)
+        t0 = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.environ.update(case["env"])
+                for fd, name in ((1, "stdout"), (2, "stderr")):
+                    os.dup2(os.open(case[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+                sys.argv, sys.path[0] = list(case["args"]), str(Path(case["args"][0]).parent)
+                try:
+                    runpy.run_path(case["args"][0], run_name="__main__")
+                    code = 0
+                except SystemExit as e:
+                    code = e.code if isinstance(e.code, int) else int(e.code is not None)
+                    if not isinstance(e.code, (int, type(None))):
+                        print(e.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.perf_counter() > t0 + 240:  # a hung run is killed (exit code -9)
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.02)
+        case["returncode"] = os.waitstatus_to_exitcode(status)
+        case["seconds"] = time.perf_counter() - t0
+        Path(case["stdout"] + ".rc").write_text(str(case["returncode"]))
+    spec.write_text(json.dumps(cases))
+
+
+def forked_runs(cases: dict, tmp: Path, after: dict = None) -> dict:
+    """name -> CompletedProcess of each case (name -> (command with the script first, env, ...)), run in order by
+    run_commands in one subprocess; outputs in tmp/NAME.out and .err. after: name -> the name of a run (of another
+    call with the same tmp) to wait for."""
+    from conftest import run_script  # the same subprocess environment as every other test run
+
+    spec = [
+        dict(name=n, args=[str(a) for a in cmd], env=env or {}, stdout=str(tmp / f"{n}.out"))
+        for n, (cmd, env, *_) in cases.items()
+    ]
+    for case in spec:
+        case["stderr"] = case["stdout"][: -len(".out")] + ".err"
+        if case["name"] in (after or {}):
+            case["after"] = str(tmp / f"{after[case['name']]}.out.rc")
+    path = tmp / f"{spec[0]['name']}.json"
+    path.write_text(json.dumps(spec))
+    proc = run_script([Path(__file__), path], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {
+        c["name"]: subprocess.CompletedProcess(
+            c["args"], c["returncode"], Path(c["stdout"]).read_text(), Path(c["stderr"]).read_text()
+        )
+        for c in json.loads(path.read_text())
+    }
+
+
+if __name__ == "__main__":
+    run_commands(Path(sys.argv[1]))
