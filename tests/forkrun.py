@@ -96,5 +96,24 @@ def forked_runs(cases: dict, tmp: Path, after: dict = None) -> dict:
     }
 
 
+def forked_in_two(first: list, cases: list, after_first: list, tmp: Path) -> tuple:
+    """Two runners at once (2 CI cores): one runs the command `first`, then after_first (which need its output),
+    then every other case; the other the remaining cases. cases, after_first: [(command, env, ...)].
+    Returns (first's CompletedProcess, [CompletedProcess of cases + after_first, in order])."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    one = {"first": (first, None), **{f"after{i}": c[:2] for i, c in enumerate(after_first)}}
+    one.update({f"case{i}": c[:2] for i, c in enumerate(cases) if i % 2})
+    two = {f"case{i}": c[:2] for i, c in enumerate(cases) if i % 2 == 0}
+    with ThreadPoolExecutor(2) as pool:
+        jobs = []
+        for k, part in enumerate((one, two)):
+            (tmp / f"runner{k}").mkdir(parents=True, exist_ok=True)
+            jobs.append(pool.submit(forked_runs, part, tmp / f"runner{k}"))
+        done = {name: proc for job in jobs for name, proc in job.result().items()}
+    names = [f"case{i}" for i in range(len(cases))] + [f"after{i}" for i in range(len(after_first))]
+    return done["first"], [done[n] for n in names]
+
+
 if __name__ == "__main__":
     run_commands(Path(sys.argv[1]))
