@@ -14,6 +14,7 @@ from functools import partial
 import pytest
 import torch
 
+from forkrun import forked_runs
 from conftest import (
     ROOT,
     assert_finite_results,
@@ -108,8 +109,8 @@ NEEDS = {  # test -> the jobs whose results it reads
     "test_resume_after_a_stop_equals_uninterrupted": {"smoke_v2", "resume"},
     "test_ddp_two_ranks_equal_one_process": {"ddp", "ddp_ref"},
     "test_torchrun_mocov2_recipe_streamed": {"imagewoof"},
-    "test_bad_inputs_fail_with_one_line": {"smoke_v2", *BAD},
-    "test_non_finite_loss_names_the_step": {"non_finite"},
+    "test_bad_inputs_fail_with_one_line": {"smoke_v2", "bad"},
+    "test_non_finite_loss_names_the_step": {"bad"},
 }
 
 
@@ -136,8 +137,8 @@ def jobs(request, imagewoof_dir, tmp_path_factory) -> dict:
         submit("smoke_v2", smoke_then_strict_load, cifar_dir, mktemp("smoke_v2"), tmp)
         submit("smoke_v3", run_in, partial(cifar_v3, cifar_dir, extra=SMOKE_V3), mktemp("smoke_v3"))
         submit("ddp_ref", ddp_step, cifar_dir, mktemp("ddp") / "ref", "--emulate-ranks", "2")
-        for name, (cmd, env, _) in bad.items():  # the non-finite loss (2 steps) first
-            submit(name, run_script, cmd, env=env, timeout=120)
+        # every bad input forked from one process that imported the script once (tests/forkrun.py): 4 s less each
+        submit("bad", forked_runs, bad, mktemp("bad_logs"))
         yield dict(futures=futures, bad=bad)  # leaving the pool waits for every job: none writes after the tests
 
 
@@ -341,7 +342,7 @@ def test_bad_inputs_fail_with_one_line(jobs, smoke_v2):
     """Widths without the full network, an unknown arch, a batch that does not split over 2 ranks, a queue that is not
     a multiple of the batch, missing data, and a checkpoint of another model (the smoke run's, widths 1.0 and 0.5,
     resumed with --widths 1.0: strict load, the 0.5 BN copies unexpected)."""
-    cases = [(jobs["bad"][name][0], jobs["bad"][name][2], jobs["futures"][name].result()) for name in BAD]
+    cases = [(jobs["bad"][name][0], jobs["bad"][name][2], jobs["futures"]["bad"].result()[name]) for name in BAD]
     cases.append(jobs["futures"]["smoke_v2"].result()["strict"])
     failures = []
     for cmd, needles, proc in cases:
@@ -356,4 +357,4 @@ def test_non_finite_loss_names_the_step(jobs):
     """An absurd LR (1e30, no warm-up) makes the weights NaN after step 1's update: the run stops with one line naming
     step 2, the first bad step, and writes no results.json."""
     cmd, _, needles = jobs["bad"]["non_finite"]
-    check_bad_run(cmd, needles, jobs["futures"]["non_finite"].result())
+    check_bad_run(cmd, needles, jobs["futures"]["bad"].result()["non_finite"])
