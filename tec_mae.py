@@ -1773,6 +1773,11 @@ def check_args(args: Args, world_size: int) -> None:
         raise RunError(f"--mask-ratio {args.mask_ratio} keeps no patch of {n_patches}")
     if args.mode in ("finetune", "linear") and args.probe != "none":
         raise RunError(f"--probe {args.probe} is the pretraining readout; {args.mode} evaluates its own classifier")
+    if args.mode in ("pretrain", "mae") and args.init is not None:  # never silently ignored
+        raise RunError(f"--init applies to finetune, linear and convert; {args.mode} starts from random weights "
+                       "(--resume continues a run)")  # fmt: skip
+    if args.mode != "pretrain" and args.base_checkpoint is not None:
+        raise RunError(f"--base-checkpoint applies to pretrain only, not {args.mode}")
     if args.mode == "linear" and args.init is None:
         raise RunError("linear needs --init (the pretrained encoder to probe)")
     if args.batch_size % world_size:

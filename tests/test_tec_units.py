@@ -902,3 +902,23 @@ def test_rand_augment_light():
     one = TEC.rand_augment(x, torch.Generator().manual_seed(3), 1, 9.0, 0.5, fill)
     same = (one == x).flatten(1).all(1)
     assert 2 <= int(same.sum()) <= 14, same
+
+
+@pytest.mark.parametrize(
+    "recipe, flags, message",
+    [
+        ("cifar-pretrain", dict(init="x.pt"), "--init applies to finetune, linear and convert"),
+        ("cifar-mae", dict(init="x.pt"), "--init applies to finetune, linear and convert"),
+        ("cifar-finetune", dict(base_checkpoint="b.pt"), "--base-checkpoint applies to pretrain only, not finetune"),
+        ("cifar-linear", dict(init="x.pt", base_checkpoint="b.pt"), "--base-checkpoint applies to pretrain only"),
+    ],
+)
+def test_flags_of_other_modes_are_refused(recipe, flags, message):
+    """A flag another mode reads is an error, not silently ignored (e.g. --init on pretraining, which starts from
+    random weights); the recipes themselves pass."""
+    args = dataclasses.replace(TEC.RECIPES[recipe][0], **flags)
+    with pytest.raises(TEC.RunError, match=message.replace("-", r"\-")):
+        TEC.check_args(args, 1)
+    for name, (recipe_args, _) in TEC.RECIPES.items():
+        if name != "convert":
+            TEC.check_args(dataclasses.replace(recipe_args, init="x.pt") if "linear" in name else recipe_args, 1)
