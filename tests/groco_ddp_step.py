@@ -3,13 +3,16 @@ global batch, backward, SGD step) on the first two global batches of epoch 0 of 
 (official) and once without (the gathered negatives then carry gradient back across ranks).
 
 Run under torchrun (DDP, gloo) or as a plain process; rank r saves, per variant, its losses (the mean of the rank
-losses, as logged), both steps' gradients and the updated weights to OUT/rank{r}.pt. With --emulate-ranks K (single
+losses, as logged), both steps' gradients and the updated weights to OUT/rank{r}.pt (and rank 0 of a DDP run its state
+after step 1 to OUT/state1-VARIANT.pt). With --emulate-ranks K (single
 process), the model runs on each of K contiguous image shares separately, so BatchNorm sees exactly what each DDP
 rank's BatchNorm sees (PyTorch's SyncBN is GPU-only: CPU/gloo runs keep per-rank BN), while groco_loss runs once on the
 global batch (each view's embeddings concatenated over the ranks, rank-major rows): negatives over all B images,
 positives per row, the mean over all rows (= the mean of the per-rank means): the reference a K-rank DDP run must
 equal. K = topk_neg = 9 hardest negatives with 8 images per rank: a rank-local top-k (7 candidates) cannot exist.
-Usage: python tests/groco_ddp_step.py DATA_DIR OUT [--emulate-ranks K]"""
+CRUCIAL: the reference takes step 2 from the DDP run's state after step 1 (--state1-dir DDP_OUT), not from its own,
+which differs by float32 rounding (tests/ddp_handoff.py says why).
+Usage: python tests/groco_ddp_step.py DATA_DIR OUT [--emulate-ranks K --state1-dir DDP_OUT]"""
 
 import dataclasses
 import sys
@@ -22,12 +25,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import groco_imagenet as G  # noqa: E402
+from ddp_handoff import hand_off  # noqa: E402
 
 VARIANTS = {"stop_grad": True, "no_stop_grad": False}
 
 
-def two_steps(args, data, rank: int, world_size: int, world: int, device) -> dict:
-    """Two steps from the seeded initial model, as run_training builds them (SGD, per-step LR)."""
+def two_steps(args, data, rank: int, world_size: int, world: int, device, tag: str, out: Path, state_dir) -> dict:
+    """Two steps from the seeded initial model, as run_training builds them (SGD, per-step LR); the reference's step 2
+    from the DDP run's state after step 1 (tests/ddp_handoff.py)."""
     torch.manual_seed(args.seed)  # the same initial model on every rank
     model = G.GroCo(args.arch, args.proj_dim).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -70,6 +75,9 @@ def two_steps(args, data, rank: int, world_size: int, world: int, device) -> dic
             loss = loss.detach()
         losses.append(loss)
         saved[f"grads{step + 1}"] = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        if step == 0:
+            saved["weights1"] = {k: p.detach().clone() for k, p in model.named_parameters()}
+            hand_off(tag, model, opt, rank, world_size, out, state_dir)
     saved["losses"] = torch.stack(losses)
     saved["weights"] = {k: p.detach().clone() for k, p in model.named_parameters()}  # BN running stats stay per rank
     return saved
@@ -77,7 +85,8 @@ def two_steps(args, data, rank: int, world_size: int, world: int, device) -> dic
 
 def main():
     data_dir, out = sys.argv[1], Path(sys.argv[2])
-    emulate = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[3] == "--emulate-ranks" else 1
+    opts = dict(zip(sys.argv[3::2], sys.argv[4::2]))  # --emulate-ranks K, --state1-dir DIR
+    emulate, state_dir = int(opts.get("--emulate-ranks", 1)), opts.get("--state1-dir")
     args = dataclasses.replace(
         G.CIFAR_PROXY,
         dataset="imagefolder",
@@ -91,7 +100,7 @@ def main():
         proj_dim=32,
         epochs=1,
         warmup_epochs=0,
-        lr=2.0,  # x 16/32 = 1: the weights move far beyond the tolerances; larger LRs make step 2 chaotic
+        lr=2.0,  # x 16/32 = 1: the weights move far beyond the tolerances
         device="cpu",
     )
     rank, world_size, device = G.setup_distributed("cpu")
@@ -99,7 +108,8 @@ def main():
     data = G.load_data(args)
     saved = {}
     for name, stop_grad in VARIANTS.items():
-        saved[name] = two_steps(dataclasses.replace(args, stop_grad=stop_grad), data, rank, world_size, world, device)
+        variant = dataclasses.replace(args, stop_grad=stop_grad)
+        saved[name] = two_steps(variant, data, rank, world_size, world, device, name, out, state_dir)
     torch.save(saved, out / f"rank{rank}.pt")
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -13,7 +13,9 @@ the CPU (PyTorch's SyncBN is GPU-only), so the online branch runs on each of K c
   v3: the momentum encoder runs on each rank's share, the keys of all ranks are gathered, and rank r's loss (written
       out below from spec 3.2, not the script's) uses the labels arange(b) + r b over the B gathered keys;
 and DDP's averaged gradient is that of the mean of the K rank losses: one backward of the mean, one optimizer step.
-Usage: python tests/slimclr_ddp_step.py DATA_DIR OUT [--emulate-ranks K]"""
+CRUCIAL: the reference takes step 2 from the DDP run's state after step 1 (--state1-dir DDP_OUT, where rank 0 writes
+state1-VARIANT.pt), not from its own, which differs by float32 rounding (tests/ddp_handoff.py says why).
+Usage: python tests/slimclr_ddp_step.py DATA_DIR OUT [--emulate-ranks K --state1-dir DDP_OUT]"""
 
 import dataclasses
 import sys
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import slimclr_moco as S  # noqa: E402
+from ddp_handoff import hand_off, sample  # noqa: E402
 
 SPE = 400 // 16  # steps per epoch of the 400-image fixture at batch 16
 VARIANTS = {
@@ -36,15 +39,6 @@ VARIANTS = {
     # LARS: a matrix moves by lr x 0.001 of its norm per step; 1-D parameters by lr x their gradient
     "v3": dict(recipe=S.CIFAR_MOCOV3, slim_start_epoch=0.0, mlp_dim=64, lr=5.0, lr_scaling="none"),
 }
-
-
-def sample(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor when small, else 4,096 fixed entries of it (the same on every process): the files stay small
-    (every tensor of ResNet-18 in full, six times over: 0.5 GB)."""
-    if t.numel() <= 4096:
-        return t.detach().clone()
-    idx = torch.randperm(t.numel(), generator=torch.Generator().manual_seed(t.numel()))[:4096]
-    return t.detach().flatten()[idx]
 
 
 def v3_rank_loss(q1: dict, q2: dict, k1_all, k2_all, rank: int, args, epoch: float):
@@ -112,8 +106,9 @@ def reference_step(run, model, shares: list, step: int, world: int) -> torch.Ten
     return loss.detach()
 
 
-def two_steps(args, data, rank: int, world_size: int, world: int, device) -> dict:
-    """Two steps from the seeded initial model, as run_training builds them (the recipe's optimizer, per-step LR)."""
+def two_steps(args, data, rank: int, world_size: int, world: int, device, tag: str, out: Path, state_dir) -> dict:
+    """Two steps from the seeded initial model, as run_training builds them (the recipe's optimizer, per-step LR); the
+    reference's step 2 from the DDP run's state after step 1 (online and momentum encoders, queue, optimizer)."""
     torch.manual_seed(args.seed)  # the same initial model (and queue) on every rank
     model = S.SlimCLR(args).to(device)
     online = model.online
@@ -155,6 +150,9 @@ def two_steps(args, data, rank: int, world_size: int, world: int, device) -> dic
             loss = reference_step(run, model, shares, step, world)
         losses.append(loss)
         saved[f"grads{step + 1}"] = {k: sample(p.grad) for k, p in online.named_parameters() if p.grad is not None}
+        if step == 0:
+            saved["weights1"] = {k: sample(p) for k, p in online.named_parameters()}
+            hand_off(tag, model, run.opt, rank, world_size, out, state_dir)
     saved["losses"] = torch.stack(losses)
     # BN running statistics stay per rank: parameters only; how far each moved in the two steps
     saved["weights"] = {k: sample(p) for k, p in online.named_parameters()}
@@ -168,7 +166,8 @@ def two_steps(args, data, rank: int, world_size: int, world: int, device) -> dic
 
 def main():
     data_dir, out = sys.argv[1], Path(sys.argv[2])
-    emulate = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[3] == "--emulate-ranks" else 1
+    opts = dict(zip(sys.argv[3::2], sys.argv[4::2]))  # --emulate-ranks K, --state1-dir DIR
+    emulate, state_dir = int(opts.get("--emulate-ranks", 1)), opts.get("--state1-dir")
     rank, world_size, device = S.setup_distributed("cpu")
     world = max(world_size, emulate)
     data = None
@@ -188,7 +187,7 @@ def main():
             **over,
         )
         data = data or S.load_data(args)
-        saved[name] = two_steps(args, data, rank, world_size, world, device)
+        saved[name] = two_steps(args, data, rank, world_size, world, device, name, out, state_dir)
     torch.save(saved, out / f"rank{rank}.pt")
     if dist.is_initialized():
         dist.destroy_process_group()

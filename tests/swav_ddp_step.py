@@ -1,12 +1,16 @@
 """Distributed Sinkhorn on a fixed score matrix, then two SwAV training steps (multi-crop views, forward, Sinkhorn,
 swapped-prediction loss, backward, LARS step) on the first two global batches of epoch 0, the second with the queue.
 
-Run under torchrun (DDP, gloo) or as a plain process; rank r saves its Sinkhorn rows, losses, step-2 gradients and
-updated weights to OUT/rank{r}.pt. With --emulate-ranks K (single process), the model runs on each of K contiguous
-image shares separately, so BatchNorm sees exactly what each DDP rank's BatchNorm sees (PyTorch's SyncBN is GPU-only:
-CPU/gloo runs keep per-rank BN), while Sinkhorn and the loss cover the whole global batch (and the K ranks' queues
-concatenated): the reference a K-rank DDP run must equal.
-Usage: python tests/swav_ddp_step.py DATA_DIR OUT [--emulate-ranks K]"""
+Run under torchrun (DDP, gloo) or as a plain process; rank r saves its Sinkhorn rows, losses, both steps' gradients
+and the weights after each step (4,096 fixed entries of the large tensors) to OUT/rank{r}.pt, and rank 0 of a DDP run
+its state after step 1 to OUT/state1-swav.pt. With --emulate-ranks K (single process), the model runs on each of K
+contiguous image shares separately, so BatchNorm sees exactly what each DDP rank's BatchNorm sees (PyTorch's SyncBN is
+GPU-only: CPU/gloo runs keep per-rank BN), while Sinkhorn and the loss cover the whole global batch (and the K ranks'
+queues concatenated): the reference a K-rank DDP run must equal.
+
+CRUCIAL: each compared step starts from the same state: the reference takes step 2 from the DDP run's state after
+step 1 (--state1-dir DDP_OUT), not from its own, which differs by float32 rounding (tests/ddp_handoff.py says why).
+Usage: python tests/swav_ddp_step.py DATA_DIR OUT [--emulate-ranks K --state1-dir DDP_OUT]"""
 
 import dataclasses
 import sys
@@ -19,6 +23,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import swav_imagenet as S  # noqa: E402
+from ddp_handoff import hand_off, sample  # noqa: E402
 
 EPS, ITERS = 0.05, 3
 
@@ -34,7 +39,8 @@ def sinkhorn_scores(world: int) -> torch.Tensor:
 
 def main():
     data_dir, out = sys.argv[1], Path(sys.argv[2])
-    emulate = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[3] == "--emulate-ranks" else 1
+    opts = dict(zip(sys.argv[3::2], sys.argv[4::2]))  # --emulate-ranks K, --state1-dir DIR
+    emulate, state_dir = int(opts.get("--emulate-ranks", 1)), opts.get("--state1-dir")
     args = dataclasses.replace(
         S.CIFAR_PROXY,
         dataset="imagefolder",
@@ -89,7 +95,7 @@ def main():
     b = args.batch_size // world  # images per (emulated) rank
     # this rank's queue (global length 8 = one global batch): empty at step 1, full (step 1's z) at step 2
     run.queue = S.Queue(n_assign, args.queue_length // world, args.feat_dim, device)
-    saved["init"] = {k: p.detach().clone() for k, p in model.named_parameters()}
+    saved["init"] = {k: sample(p) for k, p in model.named_parameters()}
     batches = S.epoch_batches(len(data["train_y"]), args.batch_size, args.seed, 0)[:2]
     losses = []
     queue_z = None  # the reference's global queue: every emulated rank's step-1 z of the assignment crops
@@ -119,10 +125,12 @@ def main():
             opt.step()
             loss = loss.detach()
         losses.append(loss)
+        saved[f"grads{step + 1}"] = {k: sample(p.grad) for k, p in model.named_parameters()}
+        saved[f"weights{step + 1}"] = {k: sample(p) for k, p in model.named_parameters()}  # BN stats stay per rank
+        if step == 0:  # the reference's step 2 starts from the DDP run's state (tests/ddp_handoff.py)
+            hand_off("swav", model, opt, rank, world_size, out, state_dir)
     saved["queue_full"] = run.queue.full if world_size > 1 else True
     saved["losses"] = torch.stack(losses)
-    saved["grads"] = {k: p.grad.clone() for k, p in model.named_parameters()}  # step 2's
-    saved["weights"] = {k: p.detach().clone() for k, p in model.named_parameters()}  # BN running stats stay per rank
     torch.save(saved, out / f"rank{rank}.pt")
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -150,20 +150,24 @@ def test_resume_after_stop_and_kill_equals_uninterrupted(cifar_dir, tmp_path):
 # ---- DDP --------------------------------------------------------------------------------------------------------
 def test_ddp_two_ranks_equal_one_process(cifar_dir, tmp_path):
     """2-process torchrun (gloo): distributed Sinkhorn gives each rank exactly its rows of the 1-process Sinkhorn on
-    the full matrix; two training steps (multi-crop, the second with the queue) give the same losses, gradients and
-    LARS-updated weights as one process on the same global batches (per-rank BatchNorm emulated by running each
-    rank's images separately; the loss every rank logs is the mean of the rank losses)."""
+    the full matrix; two training steps (multi-crop, the second with the queue), each from the same state, give the
+    same losses, gradients and LARS-updated weights as one process on the same global batches (per-rank BatchNorm
+    emulated by running each rank's images separately; the loss every rank logs is the mean of the rank losses).
+    The reference takes step 2 from the DDP run's state after step 1 (its own differs by float32 rounding, enough to
+    flip a ReLU gate: tests/ddp_handoff.py)."""
     import swav_ddp_step as helper  # tests/ is on sys.path (conftest); it imports the script
     import swav_imagenet as S
 
     worker = ROOT / "tests" / "swav_ddp_step.py"
     (tmp_path / "ddp").mkdir()
     (tmp_path / "ref").mkdir()
-    reference = start_script([worker, cifar_dir, tmp_path / "ref", "--emulate-ranks", "2"])
+    # the reference waits for the DDP run's state after step 1 and takes step 2 from it (tests/ddp_handoff.py)
+    reference_cmd = [worker, cifar_dir, tmp_path / "ref", "--emulate-ranks", "2", "--state1-dir", tmp_path / "ddp"]
+    reference = start_script(reference_cmd)
     proc = run_script([worker, cifar_dir, tmp_path / "ddp"], nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     if reference.wait(timeout=300) != 0:  # rerun to show why
-        proc = run_script([worker, cifar_dir, tmp_path / "ref", "--emulate-ranks", "2"])
+        proc = run_script(reference_cmd)
         pytest.fail(proc.stderr[-3000:])
     ref = torch.load(tmp_path / "ref" / "rank0.pt")
     for rank in (0, 1):
@@ -173,16 +177,20 @@ def test_ddp_two_ranks_equal_one_process(cifar_dir, tmp_path):
         torch.testing.assert_close(got["sinkhorn64"], ref["sinkhorn64"][rows], rtol=1e-6, atol=1e-9)
         assert got["queue_full"]
         torch.testing.assert_close(got["losses"], ref["losses"], rtol=1e-5, atol=1e-5)
-        for k, g in ref["grads"].items():  # tolerance relative to each tensor's largest gradient
-            tol = 1e-4 * g.abs().max().item() + 1e-7
-            torch.testing.assert_close(got["grads"][k], g, rtol=0, atol=tol, msg=lambda m: f"grad {k}: {m}")
-        for k, w in ref["weights"].items():
-            torch.testing.assert_close(got["weights"][k], w, rtol=1e-5, atol=2e-5, msg=lambda m: f"weight {k}: {m}")
+        for step in (1, 2):
+            for k, g in ref[f"grads{step}"].items():  # tolerance relative to each tensor's largest gradient
+                tol = 1e-4 * g.abs().max().item() + 1e-7
+                msg = lambda m: f"step {step} grad {k} (rank {rank}): {m}"  # noqa: E731
+                torch.testing.assert_close(got[f"grads{step}"][k], g, rtol=0, atol=tol, msg=msg)
+            for k, w in ref[f"weights{step}"].items():
+                msg = lambda m: f"step {step} weight {k} (rank {rank}): {m}"  # noqa: E731
+                torch.testing.assert_close(got[f"weights{step}"][k], w, rtol=1e-5, atol=2e-5, msg=msg)
     # the comparisons are not vacuous: a rank-local Sinkhorn differs, and the weights moved far beyond the tolerance
     local = S.sinkhorn(helper.sinkhorn_scores(2)[6:], helper.EPS, helper.ITERS, distributed=False)
     assert (local - ref["sinkhorn"][6:]).abs().max() > 1e-2
     for k in ("backbone.conv1.weight", "head.3.weight", "prototypes.weight"):
-        assert (ref["weights"][k] - ref["init"][k]).abs().max() > 100 * 2e-5, k
+        for step, before in ((1, ref["init"]), (2, ref["weights1"])):
+            assert (ref[f"weights{step}"][k] - before[k]).abs().max() > 100 * 2e-5, (step, k)
     assert ref["losses"][0] != ref["losses"][1]
 
 
