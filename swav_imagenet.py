@@ -728,22 +728,24 @@ def swav_loss(
     iters: int,
     crops_for_assign=(0, 1),
     queue_scores: Optional[list] = None,
+    fp64: bool = False,
 ) -> torch.Tensor:
     """Swapped prediction (spec 4): for each assignment crop i, q_i = sinkhorn(scores[i]) (no gradient), and every other
     crop v predicts it: CE(i, v) = mean_b -sum_k q_i log softmax(scores[v] / T). Returns the mean of CE(i, v) over all
     ordered pairs (i in crops_for_assign, v != i), i.e. (1/|assign|) sum_i sum_{v != i} CE(i, v) / (n - 1).
 
     scores: n tensors [B, K] of raw scores, large crops first. queue_scores: optional list (one per assignment crop)
-    of [L, K] scores of queued embeddings, put before the batch in the Sinkhorn input only (spec 5)."""
+    of [L, K] scores of queued embeddings, put before the batch in the Sinkhorn input only (spec 5). fp64: Sinkhorn in
+    float64 (--sinkhorn-fp64; the official use_double_precision switch)."""
     n = len(scores)
     log_p = F.log_softmax(torch.stack(scores).float() / temperature, dim=-1)  # [n, B, K], fp32
     total = 0.0
     for j, i in enumerate(crops_for_assign):
         s = scores[i].detach()
         if queue_scores is not None:
-            q = sinkhorn(torch.cat([queue_scores[j], s]), eps, iters)[-len(s) :]  # keep the batch's codes
+            q = sinkhorn(torch.cat([queue_scores[j], s]), eps, iters, fp64=fp64)[-len(s) :]  # the batch's codes
         else:
-            q = sinkhorn(s, eps, iters)
+            q = sinkhorn(s, eps, iters, fp64=fp64)
         ce = -(q * log_p).sum(-1).mean(-1)  # [n]: CE(i, v) for every crop v
         total = total + (ce.sum() - ce[i]) / (n - 1)  # all v != i (no list indexing: no host-to-device copy)
     return total / len(crops_for_assign)
@@ -866,7 +868,10 @@ def train_step(run: SimpleNamespace, groups: list, gstep: int) -> tuple:
     use_queue = run.queue is not None and run.queue.full
     queue_scores = run.queue.scores(model.prototypes.weight) if use_queue else None
     scores_v = list(scores.view(n_crops, b, -1))
-    loss = swav_loss(scores_v, args.temperature, args.epsilon, args.sinkhorn_iters, args.crops_for_assign, queue_scores)
+    loss = swav_loss(
+        scores_v, args.temperature, args.epsilon, args.sinkhorn_iters, args.crops_for_assign, queue_scores,
+        args.sinkhorn_fp64,
+    )  # fmt: skip
     if run.queue is not None:
         run.queue.push(torch.stack([z.view(n_crops, b, -1)[i] for i in args.crops_for_assign]))
     run.opt.zero_grad(set_to_none=True)

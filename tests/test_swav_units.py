@@ -487,6 +487,32 @@ def test_train_step_loss_and_queue():
     assert was_full and queue.full  # filled after two steps of b = 4 into L = 8, used at the third
 
 
+def test_sinkhorn_fp64_flag_reaches_every_sinkhorn_call(monkeypatch):
+    """--sinkhorn-fp64 runs every Sinkhorn of a training step in float64 (with and without the queue), and only then;
+    swav_loss passes its fp64 on (Sinkhorn's float64 accuracy: test_sinkhorn_half_precision_and_large_scores)."""
+    calls = []
+
+    def spy(scores, *a, fp64=False, **kw):
+        calls.append(fp64)
+        return sinkhorn(scores, *a, fp64=fp64, **kw)
+
+    sinkhorn = S.sinkhorn
+    monkeypatch.setattr(S, "sinkhorn", spy)
+    for flag in (False, True):
+        model = small_model()
+        args = dataclasses.replace(TINY, sinkhorn_fp64=flag)
+        run = make_run(args, model, freeze_steps=0, queue=S.Queue(2, 4, 16, CPU))
+        calls.clear()
+        for step in range(2):  # the queue (4 = one batch) is full at the second step
+            S.train_step(run, tiny_groups(20 + step), step)
+        assert run.queue.full and calls == [flag] * 4, (flag, calls)
+    # and swav_loss itself: the codes it uses are float64 Sinkhorn's (the spy saw fp64=True twice: two assigned crops)
+    calls.clear()
+    scores = list(torch.rand(3, 16, 12, generator=torch.Generator().manual_seed(5)))
+    S.swav_loss(scores, 0.1, 0.05, 3, fp64=True)
+    assert calls == [True, True]
+
+
 # ---------------------------------------------------------------- crop geometry vs torchvision (spec 1.1)
 def torchvision_rrc(height, width, area, log_ratio, pos):
     """torchvision RandomResizedCrop.get_params with its random draws replaced by the given ones:
