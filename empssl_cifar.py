@@ -178,6 +178,11 @@ class Args:
     """before training, time this many bare forward+backward steps on synthetic patches (the speed ceiling)"""
 
 
+def parse_args(argv: Optional[list] = None) -> Args:
+    """The command line: flags that override the paper's defaults."""
+    return tyro.cli(Args, args=argv)
+
+
 # SHARED: run-utils
 class RunError(Exception):
     """A bad input or a failed run: main prints its one-line message and exits non-zero."""
@@ -1064,4 +1069,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args())

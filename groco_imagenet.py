@@ -252,6 +252,12 @@ RECIPES = Union[
 ]
 
 
+def parse_args(argv: Optional[list] = None) -> Args:
+    """The command line: a recipe subcommand, then flags that override it. Without one, the first recipe runs with
+    its own defaults (CRUCIAL: tyro's `default=` must be that recipe itself, or it replaces the recipe's values)."""
+    return tyro.cli(RECIPES, default=Args(), args=argv)
+
+
 # SHARED: run-utils
 class RunError(Exception):
     """A bad input or a failed run: main prints its one-line message and exits non-zero."""
@@ -1435,4 +1441,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(RECIPES, default=Args()))
+    main(parse_args())

@@ -305,6 +305,14 @@ RECIPES = {
 SUBCOMMANDS = Union[
     tuple(Annotated[Args, tyro.conf.subcommand(n, default=a, description=d)] for n, (a, d) in RECIPES.items())
 ]
+
+
+def parse_args(argv: Optional[list] = None) -> Args:
+    """The command line: a recipe subcommand, then flags that override it. Without one, the first recipe runs with
+    its own defaults (CRUCIAL: tyro's `default=` must be that recipe itself, or it replaces the recipe's values)."""
+    return tyro.cli(SUBCOMMANDS, default=RECIPES["pretrain"][0], args=argv)
+
+
 BASE_SETTINGS = {  # PAPER (spec 2.3, sail-sg/TEC README): per base model k, tau; last_layers 2 everywhere
     "MAE ViT-B": (15, 1.8),
     "iBOT ViT-B": (9, 1.0),
@@ -1984,4 +1992,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(SUBCOMMANDS, default=Args()))
+    main(parse_args())

@@ -70,7 +70,7 @@ def train(argv: list, out: Path, name: str) -> None:
 
     T.start_run = recording_start_run
     T.evaluate = lambda run, tag: {}
-    T.main(T.tyro.cli(T.SUBCOMMANDS, default=T.Args(), args=argv))  # as tec_mae.py parses its command line
+    T.main(T.parse_args(argv))  # as tec_mae.py parses its command line
     (rec,) = recorders
     model, opt = rec.run.model, rec.run.opt
     state = {k: opt.state[p] for k, p in model.named_parameters() if p in opt.state}
