@@ -784,6 +784,9 @@ def knn_eval(x_train, y_train, x_test, y_test, num_classes, k=20, t=0.07, chunk=
     return 100.0 * correct1 / len(x_test), 100.0 * correct5 / len(x_test)
 
 
+# END SHARED
+
+
 # SHARED: linear-probe
 def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0.03, wd=5e-5, batch_size=100, seed=0):
     """Linear classifier on frozen, precomputed features, on their device: SGD (momentum 0.9), cosine LR per epoch

@@ -374,6 +374,9 @@ def load_data(args: Args) -> dict:
     return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=len(classes))
 
 
+# END SHARED
+
+
 # SHARED: multi-crop
 @dataclass(frozen=True)
 class CropGroup:
@@ -1052,6 +1055,9 @@ def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Te
     return feats[: len(ids)]
 
 
+# END SHARED
+
+
 # SHARED: knn
 @torch.no_grad()
 def knn_eval(x_train, y_train, x_test, y_test, num_classes, k=20, t=0.07, chunk=256) -> tuple:
@@ -1070,6 +1076,9 @@ def knn_eval(x_train, y_train, x_test, y_test, num_classes, k=20, t=0.07, chunk=
         correct1 += (pred[:, :1] == target).sum().item()
         correct5 += (pred == target).any(1).sum().item()
     return 100.0 * correct1 / len(x_test), 100.0 * correct5 / len(x_test)
+
+
+# END SHARED
 
 
 # SHARED: linear-probe
