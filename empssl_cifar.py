@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 import torchvision
 import tyro
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
@@ -94,8 +96,8 @@ class Args:
     """PIL solarize threshold (official: PIL default 128; kachayev used 192)"""
     aug: Literal["gpu", "pil"] = "gpu"
     """gpu: batched tensor augmentation on the device; pil: the official torchvision/PIL pipeline on CPU workers"""
-    pil_workers: int = 8
-    """DataLoader workers for --aug pil"""
+    pil_workers: Optional[int] = None
+    """DataLoader workers for --aug pil (default: this machine's CPUs per process, at most 10)"""
 
     # --- model (spec 3)
     arch: str = "resnet18-cifar"
@@ -142,8 +144,8 @@ class Args:
     # --- evaluation (spec 6)
     eval_patches: int = 128
     """patches averaged into each image's feature (official --test_patches 128); 0 skips evaluation"""
-    eval_chunk: int = 100
-    """images encoded per forward during evaluation (memory knob only)"""
+    eval_memory_gb: float = 2.0
+    """activation memory one evaluation forward may use: patches are encoded in chunks sized to it (memory knob only)"""
     eval_every_steps: int = 0
     """also evaluate (k-NN and probe) every this many steps, for accuracy within an epoch (0: only at the end)"""
     eval_whole_image: bool = False
@@ -185,12 +187,101 @@ def parse_args(argv: Optional[list] = None) -> Args:
 
 # SHARED: run-utils
 class RunError(Exception):
-    """A bad input or a failed run: main prints its one-line message and exits non-zero."""
+    """A bad input or a failed run: main prints its one-line message and exits non-zero. every_rank: raised alike on
+    every rank (arguments, out-dir, data), so under torchrun rank 0 alone prints it."""
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 def rng_seed(*keys) -> int:
     """A 56-bit seed derived from any keys, e.g. (seed, 'train', epoch, step): independent, reproducible streams."""
     return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:7], "little")
+
+
+def cpus_per_process() -> int:
+    """The CPUs this process may use (its affinity, as DataLoader counts them) over torchrun's local ranks, at most
+    10: the default number of DataLoader workers."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(10, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Create --out-dir and write a file in it before any data is read: a run must not train and then fail to save."""
+    probe = Path(out_dir) / f".write-test-{os.getpid()}"
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"--out-dir {out_dir} cannot be written: {e.strerror or e}", every_rank=True)
+
+
+class RunStopped(Exception):
+    """A stop signal ended the run: main prints one line (stop_message) and exits with 128 + the signal number."""
+
+
+class Stop:
+    """SIGTERM (what a cluster scheduler sends before it kills a job) and SIGINT (Ctrl-C). During the training steps
+    (in_steps) they only set signum: every rank finishes its step, last.pt is saved and the run exits (stop_now,
+    stop_if_asked); elsewhere (loading data, evaluating) the run ends at once. `run`: the run main reports on."""
+
+    signum: Optional[int] = None
+    in_steps: bool = False
+    run: Optional[SimpleNamespace] = None
+
+    @staticmethod
+    def handler(signum, frame) -> None:
+        Stop.signum = signum
+        if not Stop.in_steps:
+            raise RunStopped()
+
+    @staticmethod
+    def install() -> None:
+        Stop.signum, Stop.in_steps, Stop.run = None, False, None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, Stop.handler)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: a scheduler signals every process of the job; the workers leave it to the main
+    process, which stops them after its step (a worker killed by SIGTERM would break the step)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_now(run: SimpleNamespace) -> bool:
+    """After every step: did any rank get a stop signal? Under DDP a CPU all-reduce of one integer (gloo, no device
+    sync), so every rank stops after the same step."""
+    asked = Stop.signum or 0
+    if run.world_size > 1:
+        if not hasattr(run, "stop_group"):  # first step, on every rank alike
+            run.stop_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        flag = torch.tensor([asked])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.stop_group)
+        asked = int(flag)
+        Stop.signum = Stop.signum or asked or None
+    return asked > 0
+
+
+def stop_if_asked(run: SimpleNamespace) -> None:
+    """After the checkpoint that follows the steps: end the run if a stop signal came."""
+    if Stop.signum:
+        raise RunStopped()
+
+
+def stop_message(run: Optional[SimpleNamespace]) -> str:
+    """The one line main prints for a stop: where the run was and what rerunning the same command does."""
+    sig, again = signal.Signals(Stop.signum).name, "rerun the same command to"
+    if run is None or not hasattr(run, "total_steps"):
+        return f"stopped by {sig} before training; {again} start"
+    last, at = Path(run.args.out_dir) / "last.pt", f"step {run.global_step} of {run.total_steps}"
+    if Stop.in_steps:
+        return f"stopped at {at} by {sig}; saved {last}; {again} resume"
+    if run.global_step >= run.total_steps and last.is_file():
+        return f"stopped by {sig} while evaluating; the trained weights are in {last}; {again} evaluate them"
+    return f"stopped by {sig} at {at}; {again} resume"
 
 
 # END SHARED
@@ -277,7 +368,10 @@ def load_data(args: Args) -> dict:
         try:
             splits = [cls(str(root), train=train, download=args.download) for train in (True, False)]
         except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted", or a failed download
-            raise RunError(f"{args.dataset} not found in {root} ({e}); pass --data-dir or allow --download")
+            if args.download:  # it was allowed and failed: no network, or a bad --data-dir
+                raise RunError(f"could not download {args.dataset} into {root} ({e}); without network, give a copy in "
+                               "--data-dir (torchvision's layout) or use --dataset imagefolder")  # fmt: skip
+            raise RunError(f"{args.dataset} not found in {root} ({e}); pass its --data-dir, or --download")
         tr, te = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in splits]
         return dict(train_x=tr[0], train_y=tr[1], test_x=te[0], test_y=te[1], num_classes=num_classes)
     train_root, test_root, classes = folder_splits(root)
@@ -647,6 +741,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def epoch_state(run: SimpleNamespace, epoch: int, size: int) -> dict:
+    """This epoch's running sums of `size` logged metrics, their step count n and the run's train time at the epoch's
+    start, kept in run.epoch_sums and saved in last.pt: a run resumed mid-epoch still reports the whole epoch."""
+    e = getattr(run, "epoch_sums", None)
+    if e is None or e["epoch"] != epoch:
+        e = dict(epoch=epoch, sums=torch.zeros(size), n=0, t0=run.train_time_s)
+    run.epoch_sums = dict(e, sums=e["sums"].to(run.device))
+    return run.epoch_sums
+
+
+def memory_note(device: torch.device) -> str:
+    """' | 11.2 GB': the peak GPU memory for the epoch line (nothing on the CPU)."""
+    return f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB" if device.type == "cuda" else ""
+
+
 # END SHARED
 
 
@@ -660,7 +769,7 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
     stream = patch_batches(
         run.data["train_x"], batches[start_step:last], keys, args.n_patches, args, device, run.rank, run.world_size
     )
-    sums, window = torch.zeros(3, device=device), torch.zeros(3, device=device)  # loss, invariance, -TCR
+    tally, window = epoch_state(run, epoch, 3), torch.zeros(3, device=device)  # loss, invariance, -TCR
     no_bad = 2**62
     bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
     model.train()
@@ -685,23 +794,27 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
         n_done += 1
         run.patches_seen += args.batch_size * args.n_patches  # per step: mid-epoch checkpoints hold the count
         run.global_step = gstep + 1
-        if (step + 1) % args.log_every == 0 or step + 1 == last:
+        stop = stop_now(run)  # a stop signal: this step is the last (its checkpoint follows)
+        save_now = args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe and not stop
+        eval_now = args.eval_every_steps and (gstep + 1) % args.eval_every_steps == 0 and gstep + 1 < run.total_steps
+        if (step + 1) % args.log_every == 0 or step + 1 == last or save_now or stop:  # a checkpoint holds every step
             if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
                 dist.all_reduce(window)
                 window /= run.world_size
                 dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
             if bad_step.item() < no_bad:
-                raise RunError(
-                    f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); try a lower --lr or --amp none"
-                )
+                msg = f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); try a lower --lr or --amp none"
+                raise RunError(msg, every_rank=True)
             m = (window / (n_done - n_logged)).tolist()  # mean over the steps since the last log line
-            sums, window, n_logged = sums + window, torch.zeros_like(window), n_done
+            tally["sums"] += window
+            tally["n"] += n_done - n_logged
+            window, n_logged = torch.zeros_like(window), n_done
             rec = dict(step=gstep + 1, epoch=epoch, loss=m[0], cos=-m[1], R=-m[2], lr=lr)
             if is_main:
                 bar.set_postfix(loss=f"{m[0]:.2f}", cos=f"{-m[1]:.3f}", R=f"{-m[2]:.1f}", lr=f"{lr:.3f}")
                 log_jsonl(run, dict(type="train", **rec))
-        save_now = args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe
-        eval_now = args.eval_every_steps and (gstep + 1) % args.eval_every_steps == 0 and gstep + 1 < run.total_steps
+        if stop:  # its checkpoint is saved after the loop
+            break
         if save_now or eval_now:  # neither counts as training time
             sync(device)
             run.train_time_s += time.perf_counter() - t0
@@ -713,8 +826,9 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
             t0 = time.perf_counter()
     sync(device)
     run.train_time_s += time.perf_counter() - t0
-    m = (sums / max(n_done, 1)).tolist()
-    return dict(loss=m[0], cos=-m[1], R=-m[2], lr=lr_at(run.global_step - 1, args, spe), steps=n_done)
+    m = (tally["sums"] / max(tally["n"], 1)).tolist()  # the whole epoch's means, steps before a resume included
+    lr = lr_at(run.global_step - 1, args, spe)
+    return dict(loss=m[0], cos=-m[1], R=-m[2], lr=lr, steps=tally["n"], time_s=run.train_time_s - tally["t0"])
 
 
 def measure_ceiling(run: SimpleNamespace, size: int, steps: int) -> float:
@@ -736,28 +850,65 @@ def measure_ceiling(run: SimpleNamespace, size: int, steps: int) -> float:
 
 
 # ==== 7. EVALUATION ====
+EVAL_BLOCK = 100  # images whose evaluation patches are drawn from one seed (the former default --eval-chunk)
+
+
+# SHARED: eval-memory
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any op makes while active (modules or functional code)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if torch.is_tensor(t):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@torch.no_grad()
+def inputs_per_chunk(net, one: torch.Tensor, budget_gb: float) -> int:
+    """How many inputs like `one` ([1, ...]) one no-grad forward of `net` may take within --eval-memory-gb: the peak
+    is estimated as 4x the largest tensor one input makes (an op's input and output, a residual, attention scores),
+    counted in float32. Evaluation memory is then bounded whatever the image count or size."""
+    with LargestTensor() as largest:
+        net(one)
+    return max(1, int(budget_gb * 2**30 // (4 * 4 * max(largest.numel, one.numel()))))
+
+
+# END SHARED
+
+
 @torch.no_grad()
 def encode_bag(run: SimpleNamespace, images: torch.Tensor, split: str, n_patches: int) -> torch.Tensor:
     """Official protocol (spec 2.4, 6.1): h averaged over n_patches random training-transform patches, eval mode.
 
-    n_patches=0 encodes the whole unaugmented image instead. Shards the images over ranks and gathers: [N, hidden]."""
+    n_patches=0 encodes the whole unaugmented image instead. Shards the images over ranks and gathers: [N, hidden].
+    The patches of each block of EVAL_BLOCK images come from one seed; they go through the network in chunks sized
+    to --eval-memory-gb (128 patches of 100 images at once took 16 GB), which changes no feature."""
     args, model, device, rank, world = run.args, run.model, run.device, run.rank, run.world_size
     model.eval()
     n = len(images)
     per_rank = math.ceil(n / world)
     mine = torch.arange(rank * per_rank, (rank + 1) * per_rank, device=device).clamp(max=n - 1)  # padded, trimmed later
-    chunks = list(mine.split(args.eval_chunk))
+    blocks = list(mine.split(EVAL_BLOCK))
+    one = torch.zeros(1, 3, images.shape[-1], images.shape[-1], device=device).contiguous(memory_format=run.fmt)
+    chunk = inputs_per_chunk(model.encode, one, args.eval_memory_gb)  # patches per forward
     feats = []
     if n_patches:
-        keys = [(args.seed, "eval", split, rank, i) for i in range(len(chunks))]
-        stream = patch_batches(images, chunks, keys, n_patches, args, device)
+        keys = [(args.seed, "eval", split, rank, i) for i in range(len(blocks))]
+        stream = patch_batches(images, blocks, keys, n_patches, args, device)
     else:
-        stream = ((images[c.to(images.device)].to(device).float() / 255 - 0.5) / 0.5 for c in chunks)
-    for c, x in zip(chunks, tqdm(stream, total=len(chunks), desc=f"encode {split}", disable=rank != 0, leave=False)):
-        x = x.contiguous(memory_format=run.fmt)
-        with run.autocast:
-            h = model.encode(x).float()
-        feats.append(h.view(max(n_patches, 1), len(c), -1).mean(0))
+        stream = ((images[c.to(images.device)].to(device).float() / 255 - 0.5) / 0.5 for c in blocks)
+    for c, x in zip(blocks, tqdm(stream, total=len(blocks), desc=f"encode {split}", disable=rank != 0, leave=False)):
+        h = []
+        for part in x.split(chunk):  # [P * b, 3, S, S], patch-major
+            with run.autocast:
+                h.append(model.encode(part.contiguous(memory_format=run.fmt)).float())
+        feats.append(torch.cat(h).view(max(n_patches, 1), len(c), -1).mean(0))
     feats = torch.cat(feats)
     if world > 1:
         feats = gather_with_grad(feats)
@@ -904,8 +1055,24 @@ def save_state(run: SimpleNamespace) -> None:
     t0 = time.perf_counter()
     state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
     state.update(step=run.global_step, train_time_s=run.train_time_s, patches_seen=run.patches_seen)
-    save_checkpoint(dict(state, args=dataclasses.asdict(run.args)), Path(run.args.out_dir) / "last.pt")
+    state.update(args=dataclasses.asdict(run.args), epoch_sums=run.epoch_sums)
+    save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
     run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
+
+
+# SHARED: check-ranges
+def check_ranges(args, at_least_1: str = "", at_least_0: str = "", positive: str = "", non_negative: str = "") -> None:
+    """One clear line for the first flag out of its range (names separated by spaces; a None value is unset):
+    integers >= 1 or >= 0, floats > 0 or >= 0."""
+    rules = ((at_least_1, 1, ">="), (at_least_0, 0, ">="), (positive, 0, ">"), (non_negative, 0, ">="))
+    for names, low, op in rules:
+        for name in names.split():
+            value = getattr(args, name)
+            if value is not None and (value < low if op == ">=" else value <= low):
+                raise RunError(f"--{name.replace('_', '-')} must be {op} {low}, got {value}")
+
+
+# END SHARED
 
 
 def check_args(args: Args, world_size: int) -> None:
@@ -916,17 +1083,16 @@ def check_args(args: Args, world_size: int) -> None:
         raise RunError(f"unknown --device {args.device!r}; use cuda, cuda:N or cpu")
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RunError(f"--device {args.device} but no CUDA device is available")
-    at_least = {
-        1: "batch_size n_patches eval_chunk log_every probe_epochs probe_batch_size knn_k image_size hidden_dim z_dim",
-        0: "epochs eval_patches save_every_steps eval_every_steps bench_ceiling_steps max_steps lr_epochs",
-    }
-    for low, names in at_least.items():
-        for name in names.split():
-            value = getattr(args, name)
-            if value is not None and value < low:
-                raise RunError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-    if not 0 < args.crop_scale <= 1 or args.eps <= 0:
-        raise RunError(f"--crop-scale must be in (0, 1] and --eps > 0, got {args.crop_scale} and {args.eps}")
+    check_ranges(
+        args,
+        at_least_1="batch_size n_patches epochs lr_epochs log_every probe_epochs probe_batch_size knn_k image_size "
+        "hidden_dim z_dim",
+        at_least_0="eval_patches save_every_steps eval_every_steps bench_ceiling_steps max_steps pil_workers",
+        positive="lr eps lars_eta probe_lr knn_t eval_memory_gb",
+        non_negative="inv_weight tcr_weight momentum weight_decay probe_wd",
+    )
+    if not 0 < args.crop_scale <= 1:
+        raise RunError(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
     if args.batch_size % world_size:
         raise RunError(f"--batch-size {args.batch_size} does not divide by the world size {world_size}")
     if args.lr_epochs is not None and args.lr_epochs < args.epochs:
@@ -937,11 +1103,18 @@ def check_args(args: Args, world_size: int) -> None:
 
 
 def run_training(args: Args) -> dict:
-    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))  # before any process group: bad input fails fast
+    try:  # before any process group and data: bad input fails fast, alike on every rank
+        check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+        check_out_dir(args.out_dir)
+    except RunError as e:
+        raise RunError(str(e), every_rank=True)
     rank, world_size, device = setup_distributed(args.device)
+    if device.type != "cuda":  # autocast runs on CUDA only: say so in results.json
+        args = dataclasses.replace(args, amp="none", channels_last=False)
+    if args.pil_workers is None:
+        args = dataclasses.replace(args, pil_workers=cpus_per_process())
     is_main = rank == 0
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.backends.cudnn.benchmark = not args.deterministic
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -951,10 +1124,18 @@ def run_training(args: Args) -> dict:
     t_start = time.perf_counter()
 
     t0 = time.perf_counter()
-    data = load_data(args)
+    try:
+        data = load_data(args)
+    except RunError as e:
+        raise RunError(str(e), every_rank=True)
     steps_per_epoch = len(data["train_x"]) // args.batch_size
     if steps_per_epoch == 0:
-        raise RunError(f"--batch-size {args.batch_size} exceeds the {len(data['train_x'])} training images")
+        raise RunError(f"--batch-size {args.batch_size} exceeds the {len(data['train_x'])} training images", True)
+    if len(data["train_x"]) < args.probe_batch_size:  # a small folder: the probe's batch shrinks to the data
+        if is_main:
+            print(f"note: --probe-batch-size {args.probe_batch_size} exceeds the {len(data['train_x'])} training "
+                  f"images: {len(data['train_x'])}")  # fmt: skip
+        args = dataclasses.replace(args, probe_batch_size=len(data["train_x"]))
     if args.aug == "gpu":  # CRUCIAL: decode once, keep the uint8 images on the device (150 MB for CIFAR)
         data.update(train_x=data["train_x"].to(device), test_x=data["test_x"].to(device))
     data_time = time.perf_counter() - t0
@@ -966,6 +1147,7 @@ def run_training(args: Args) -> dict:
     fmt = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
     model = model.to(device, memory_format=fmt)
     run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, data=data, model=model, fmt=fmt)
+    Stop.run, run.epoch_sums = run, None  # main reports a stop on this run
     # PAPER: SGD with Nesterov momentum inside LARSWrapper(eta=0.005, clip=True, exclude_bias_n_norm=True)
     groups = param_groups(model, args.weight_decay)
     run.opt = LARS(groups, lr=args.lr, momentum=args.momentum, nesterov=True, eta=args.lars_eta, clip=True)
@@ -977,7 +1159,10 @@ def run_training(args: Args) -> dict:
     run.steps_per_epoch, run.global_step, run.train_time_s, run.patches_seen, run.times = steps_per_epoch, 0, 0.0, 0, {}
     ckpt_path = find_resume(out_dir, args.resume)
     if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        try:  # every rank reads the same file
+            ckpt = load_checkpoint(ckpt_path, map_location=device)
+        except CheckpointError as e:
+            raise RunError(str(e), every_rank=True)
         needed = {"model", "optimizer", "scaler", "step", "args", "train_time_s", "patches_seen"}
         if not isinstance(ckpt, dict) or needed - ckpt.keys():
             raise CheckpointError(f"{ckpt_path} is not a training checkpoint of this script (needs {sorted(needed)})")
@@ -992,6 +1177,7 @@ def run_training(args: Args) -> dict:
             raise CheckpointError(f"optimizer state in {ckpt_path} does not match: {e}")
         run.scaler.load_state_dict(ckpt["scaler"])
         run.global_step, run.train_time_s, run.patches_seen = ckpt["step"], ckpt["train_time_s"], ckpt["patches_seen"]
+        run.epoch_sums = ckpt.get("epoch_sums")
         if is_main:
             print(f"resumed from {ckpt_path} at step {ckpt['step']}")
 
@@ -1013,17 +1199,21 @@ def run_training(args: Args) -> dict:
 
     total_steps = steps_per_epoch * args.epochs
     total_steps = run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    Stop.in_steps = True  # a stop signal now ends the run after the current step, with a checkpoint
     while run.global_step < total_steps:
         epoch, start = divmod(run.global_step, steps_per_epoch)
         m = train_one_epoch(run, epoch, start)
         save_state(run)
+        if run.global_step % steps_per_epoch:
+            stop_if_asked(run)  # stopped within the epoch: no epoch line
         if is_main:
-            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
             log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
             print(
                 f"ep {epoch + 1}/{args.epochs} | loss {m['loss']:.3f} | cos {m['cos']:.4f} | R {m['R']:.2f} | "
-                f"lr {m['lr']:.4f} | {run.train_time_s:.1f} s | {mem:.1f} GB"
+                f"lr {m['lr']:.4f} | {m['time_s']:.1f} s{memory_note(device)}"
             )
+        stop_if_asked(run)
+    Stop.in_steps = False
 
     res = evaluate(run, tag="final") if args.eval_patches else {}
     if is_main:
@@ -1058,17 +1248,36 @@ def run_training(args: Args) -> dict:
         tmp = out_dir / f"results.json.tmp.{os.getpid()}"
         tmp.write_text(json.dumps(results, indent=2))
         os.replace(tmp, out_dir / "results.json")  # atomic, like the checkpoints
-        print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=2))
+        print(summary_line(res, results, out_dir / "results.json"))
     if dist.is_initialized():
         dist.destroy_process_group()
     return res
 
 
+# SHARED: entry
+def summary_line(res: dict, results: dict, path: Path) -> str:
+    """The run's last line: its metrics, steps and training time, and where results.json has the rest."""
+    metrics = " | ".join(f"{k} {v:.2f}" for k, v in res.items() if isinstance(v, float)) or "no evaluation"
+    return f"done: {metrics} | {results['steps_done']} steps in {results['train_time_s']:.1f} s | {path}"
+
+
 def main(args: Args) -> None:
+    """Run; a bad input or a failed run ends with one line (from rank 0 alone when every rank has it) and exit code 1,
+    a stop signal with one line and 128 + its number. No traceback."""
+    Stop.install()
+    quiet = int(os.environ.get("RANK", 0)) != 0  # torchrun's other ranks
     try:
         run_training(args)
     except (RunError, CheckpointError) as e:  # CRUCIAL: bad input -> one clear line and exit code 1, no traceback
-        sys.exit(f"{Path(__file__).name}: error: {e}")
+        msg = str(e).strip().splitlines()[-1].split("RunError: ", 1)[-1]  # a DataLoader worker's error: its last line
+        sys.exit(1 if quiet and getattr(e, "every_rank", False) else f"{Path(__file__).name}: error: {msg}")
+    except RunStopped:
+        if not quiet:
+            print(f"{Path(__file__).name}: {stop_message(Stop.run)}", file=sys.stderr)
+        sys.exit(128 + Stop.signum)
+
+
+# END SHARED
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import tyro
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.ops import roi_align
@@ -108,8 +110,8 @@ class Args:
     """in-memory images are resized (shorter side) and centre-cropped to this size at load time"""
     decode: Literal["workers", "device"] = "workers"
     """streamed files: workers decode and crop on the CPU; device: workers read bytes, the device decodes (nvjpeg)"""
-    workers: int = 10
-    """DataLoader workers per process for streamed files"""
+    workers: Optional[int] = None
+    """DataLoader workers per process for streamed files (default: this machine's CPUs per process, at most 10)"""
     train_repeat: int = 1
     """repeat the training file list this many times (benchmarks on a small folder)"""
 
@@ -216,8 +218,8 @@ class Args:
     """neighbours of the weighted k-NN (ours, spec 4: k 200)"""
     knn_t: float = 0.07
     """temperature of the k-NN vote weights exp(sim/t)"""
-    eval_chunk: int = 256
-    """images encoded per forward during evaluation (memory knob only)"""
+    eval_memory_gb: float = 2.0
+    """activation memory one evaluation forward may use: images are encoded in chunks sized to it (memory knob only)"""
 
     # SHARED: args-system
     # --- system
@@ -284,12 +286,101 @@ def parse_args(argv: Optional[list] = None) -> Args:
 
 # SHARED: run-utils
 class RunError(Exception):
-    """A bad input or a failed run: main prints its one-line message and exits non-zero."""
+    """A bad input or a failed run: main prints its one-line message and exits non-zero. every_rank: raised alike on
+    every rank (arguments, out-dir, data), so under torchrun rank 0 alone prints it."""
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 def rng_seed(*keys) -> int:
     """A 56-bit seed derived from any keys, e.g. (seed, 'train', epoch, step): independent, reproducible streams."""
     return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:7], "little")
+
+
+def cpus_per_process() -> int:
+    """The CPUs this process may use (its affinity, as DataLoader counts them) over torchrun's local ranks, at most
+    10: the default number of DataLoader workers."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(10, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Create --out-dir and write a file in it before any data is read: a run must not train and then fail to save."""
+    probe = Path(out_dir) / f".write-test-{os.getpid()}"
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"--out-dir {out_dir} cannot be written: {e.strerror or e}", every_rank=True)
+
+
+class RunStopped(Exception):
+    """A stop signal ended the run: main prints one line (stop_message) and exits with 128 + the signal number."""
+
+
+class Stop:
+    """SIGTERM (what a cluster scheduler sends before it kills a job) and SIGINT (Ctrl-C). During the training steps
+    (in_steps) they only set signum: every rank finishes its step, last.pt is saved and the run exits (stop_now,
+    stop_if_asked); elsewhere (loading data, evaluating) the run ends at once. `run`: the run main reports on."""
+
+    signum: Optional[int] = None
+    in_steps: bool = False
+    run: Optional[SimpleNamespace] = None
+
+    @staticmethod
+    def handler(signum, frame) -> None:
+        Stop.signum = signum
+        if not Stop.in_steps:
+            raise RunStopped()
+
+    @staticmethod
+    def install() -> None:
+        Stop.signum, Stop.in_steps, Stop.run = None, False, None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, Stop.handler)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: a scheduler signals every process of the job; the workers leave it to the main
+    process, which stops them after its step (a worker killed by SIGTERM would break the step)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_now(run: SimpleNamespace) -> bool:
+    """After every step: did any rank get a stop signal? Under DDP a CPU all-reduce of one integer (gloo, no device
+    sync), so every rank stops after the same step."""
+    asked = Stop.signum or 0
+    if run.world_size > 1:
+        if not hasattr(run, "stop_group"):  # first step, on every rank alike
+            run.stop_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        flag = torch.tensor([asked])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.stop_group)
+        asked = int(flag)
+        Stop.signum = Stop.signum or asked or None
+    return asked > 0
+
+
+def stop_if_asked(run: SimpleNamespace) -> None:
+    """After the checkpoint that follows the steps: end the run if a stop signal came."""
+    if Stop.signum:
+        raise RunStopped()
+
+
+def stop_message(run: Optional[SimpleNamespace]) -> str:
+    """The one line main prints for a stop: where the run was and what rerunning the same command does."""
+    sig, again = signal.Signals(Stop.signum).name, "rerun the same command to"
+    if run is None or not hasattr(run, "total_steps"):
+        return f"stopped by {sig} before training; {again} start"
+    last, at = Path(run.args.out_dir) / "last.pt", f"step {run.global_step} of {run.total_steps}"
+    if Stop.in_steps:
+        return f"stopped at {at} by {sig}; saved {last}; {again} resume"
+    if run.global_step >= run.total_steps and last.is_file():
+        return f"stopped by {sig} while evaluating; the trained weights are in {last}; {again} evaluate them"
+    return f"stopped by {sig} at {at}; {again} resume"
 
 
 # END SHARED
@@ -378,7 +469,10 @@ def load_data(args: Args) -> dict:
         try:
             splits = [cls(str(root), train=train, download=args.download) for train in (True, False)]
         except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted", or a failed download
-            raise RunError(f"{args.dataset} not found in {root} ({e}); pass --data-dir or allow --download")
+            if args.download:  # it was allowed and failed: no network, or a bad --data-dir
+                raise RunError(f"could not download {args.dataset} into {root} ({e}); without network, give a copy in "
+                               "--data-dir (torchvision's layout) or use --dataset imagefolder")  # fmt: skip
+            raise RunError(f"{args.dataset} not found in {root} ({e}); pass its --data-dir, or --download")
         tr, te = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in splits]
         return dict(train_x=tr[0], train_y=tr[1], test_x=te[0], test_y=te[1], num_classes=num_classes)
     train_root, test_root, classes = folder_splits(root)
@@ -1149,6 +1243,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def epoch_state(run: SimpleNamespace, epoch: int, size: int) -> dict:
+    """This epoch's running sums of `size` logged metrics, their step count n and the run's train time at the epoch's
+    start, kept in run.epoch_sums and saved in last.pt: a run resumed mid-epoch still reports the whole epoch."""
+    e = getattr(run, "epoch_sums", None)
+    if e is None or e["epoch"] != epoch:
+        e = dict(epoch=epoch, sums=torch.zeros(size), n=0, t0=run.train_time_s)
+    run.epoch_sums = dict(e, sums=e["sums"].to(run.device))
+    return run.epoch_sums
+
+
+def memory_note(device: torch.device) -> str:
+    """' | 11.2 GB': the peak GPU memory for the epoch line (nothing on the CPU)."""
+    return f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB" if device.type == "cuda" else ""
+
+
 # END SHARED
 
 
@@ -1200,7 +1309,7 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
     last = min(spe, run.total_steps - epoch * spe)
     keys = [(args.seed, "train", epoch, s) for s in range(start_step, last)]
     stream = view_batches(run, run.data["train_x"], batches[start_step:last], keys, run.groups)
-    sums, window = torch.zeros(1 + nw, device=device), torch.zeros(1 + nw, device=device)  # loss, top-1 per width
+    tally, window = epoch_state(run, epoch, 1 + nw), torch.zeros(1 + nw, device=device)  # loss, top-1 per width
     no_bad = 2**62
     bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
     run.model.train()
@@ -1220,30 +1329,36 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
         n_done += 1
         run.images_seen += args.batch_size  # counted per step: a mid-epoch checkpoint holds the true count
         run.global_step = gstep + 1
-        if (step + 1) % args.log_every == 0 or step + 1 == last:
+        stop = stop_now(run)  # a stop signal: this step is the last (its checkpoint follows)
+        save_now = args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe
+        if (step + 1) % args.log_every == 0 or step + 1 == last or save_now or stop:  # a checkpoint holds every step
             if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
                 dist.all_reduce(window)
                 window /= run.world_size
                 dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
             if bad_step.item() < no_bad:
-                raise RunError(f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); try a lower --lr")
+                msg = f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); try a lower --lr"
+                raise RunError(msg, every_rank=True)
             m = (window / (n_done - n_logged)).tolist()  # mean over the steps since the last log line
-            sums, window, n_logged = sums + window, torch.zeros_like(window), n_done
+            tally["sums"] += window
+            tally["n"] += n_done - n_logged
+            window, n_logged = torch.zeros_like(window), n_done
             if is_main:
                 bar.set_postfix(loss=f"{m[0]:.4f}", top1=f"{m[1]:.1f}", lr=f"{lr:.4f}")
                 top1 = {f"top1@{w}": a for w, a in zip(run.widths, m[1:])}
                 log_jsonl(run, dict(type="train", step=gstep + 1, epoch=epoch, lr=lr, loss=m[0], **top1))
-        if args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe:
+        if save_now and not stop:  # a stop saves after the loop
             sync(device)  # a checkpoint does not count as training time
             run.train_time_s += time.perf_counter() - t0
             save_state(run)
             t0 = time.perf_counter()
+        if stop:
+            break
     sync(device)
     run.train_time_s += time.perf_counter() - t0
-    m = (sums / max(n_done, 1)).tolist()
-    return dict(
-        loss=m[0], lr=lr_at(run.global_step - 1, args, spe), **{f"top1@{w}": a for w, a in zip(run.widths, m[1:])}
-    )
+    m = (tally["sums"] / max(tally["n"], 1)).tolist()  # the whole epoch's means, steps before a resume included
+    top1 = {f"top1@{w}": a for w, a in zip(run.widths, m[1:])}
+    return dict(loss=m[0], lr=lr_at(run.global_step - 1, args, spe), **top1, time_s=run.train_time_s - tally["t0"])
 
 
 # SHARED: bench
@@ -1309,6 +1424,35 @@ class AtWidth(nn.Module):
         return self.net.forward_width(x, self.width)
 
 
+# SHARED: eval-memory
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any op makes while active (modules or functional code)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if torch.is_tensor(t):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@torch.no_grad()
+def inputs_per_chunk(net, one: torch.Tensor, budget_gb: float) -> int:
+    """How many inputs like `one` ([1, ...]) one no-grad forward of `net` may take within --eval-memory-gb: the peak
+    is estimated as 4x the largest tensor one input makes (an op's input and output, a residual, attention scores),
+    counted in float32. Evaluation memory is then bounded whatever the image count or size."""
+    with LargestTensor() as largest:
+        net(one)
+    return max(1, int(budget_gb * 2**30 // (4 * 4 * max(largest.numel, one.numel()))))
+
+
+# END SHARED
+
+
 # SHARED: encode
 @torch.no_grad()
 def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -1320,6 +1464,8 @@ def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Te
     per_rank = math.ceil(len(ids) / world)
     mine = ids[torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp(max=len(ids) - 1)]  # padded, trimmed later
     model.eval()
+    one = torch.zeros(1, 3, args.large_size, args.large_size, device=device).contiguous(memory_format=run.fmt)
+    chunk = inputs_per_chunk(model.backbone, one, args.eval_memory_gb)
     if torch.is_tensor(images):
         mine_dev = mine.to(images.device)
 
@@ -1329,13 +1475,15 @@ def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Te
                 x = F.interpolate(x, size=(args.large_size, args.large_size), mode="bilinear", antialias=True)
             return x
 
-        stream = (load(c) for c in mine_dev.split(args.eval_chunk))
-        n_chunks = math.ceil(len(mine) / args.eval_chunk)
+        stream = (load(c) for c in mine_dev.split(chunk))
+        n_chunks = math.ceil(len(mine) / chunk)
     else:
-        chunks = [[images[i] for i in c] for c in mine.split(args.eval_chunk)]
+        chunks = [[images[i] for i in c] for c in mine.split(chunk)]
         # PAPER: Resize(256) + CenterCrop(224), decoded by the workers, one chunk per item
         decode = partial(decode_files, size=round(args.large_size * 256 / 224), crop=args.large_size)
-        loader = DataLoader(chunks, batch_size=None, collate_fn=decode, num_workers=args.workers)
+        loader = DataLoader(
+            chunks, batch_size=None, collate_fn=decode, num_workers=args.workers, worker_init_fn=ignore_stop_signals
+        )
         stream, n_chunks = (x.to(device, non_blocking=True).float() for x in loader), len(chunks)
     mean = torch.tensor(args.mean, device=device)[:, None, None] * 255
     std = torch.tensor(args.std, device=device)[:, None, None] * 255
@@ -1540,7 +1688,7 @@ def save_state(run: SimpleNamespace) -> None:
     t0 = time.perf_counter()
     state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
     state.update(step=run.global_step, train_time_s=run.train_time_s, images_seen=run.images_seen)
-    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args))
+    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args), epoch_sums=run.epoch_sums)
     save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
     run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
 
@@ -1572,7 +1720,22 @@ def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, re
     tmp = Path(args.out_dir) / f"results.json.tmp.{os.getpid()}"
     tmp.write_text(json.dumps(results, indent=2))
     os.replace(tmp, Path(args.out_dir) / "results.json")  # atomic, like the checkpoints
-    print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=2))
+    print(summary_line(res, results, Path(args.out_dir) / "results.json"))
+
+
+# END SHARED
+
+
+# SHARED: check-ranges
+def check_ranges(args, at_least_1: str = "", at_least_0: str = "", positive: str = "", non_negative: str = "") -> None:
+    """One clear line for the first flag out of its range (names separated by spaces; a None value is unset):
+    integers >= 1 or >= 0, floats > 0 or >= 0."""
+    rules = ((at_least_1, 1, ">="), (at_least_0, 0, ">="), (positive, 0, ">"), (non_negative, 0, ">="))
+    for names, low, op in rules:
+        for name in names.split():
+            value = getattr(args, name)
+            if value is not None and (value < low if op == ">=" else value <= low):
+                raise RunError(f"--{name.replace('_', '-')} must be {op} {low}, got {value}")
 
 
 # END SHARED
@@ -1580,33 +1743,25 @@ def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, re
 
 # SHARED: check-args
 def check_common_args(
-    args: Args, world_size: int, at_least_1: str, at_least_0: str, positive: str, scales: str
+    args: Args, world_size: int, at_least_1: str, at_least_0: str, positive: str, non_negative: str, scales: str
 ) -> None:
     """The checks every recipe needs, each failing with one clear line; the method's own integer flags (>= 1, >= 0),
-    positive float flags and (min, max) crop-scale flags besides large_scale are named by the caller."""
+    float flags (> 0, >= 0) and (min, max) crop-scale flags besides large_scale are named by the caller."""
     if args.arch not in RESNETS:
         raise RunError(f"unknown --arch {args.arch!r}; choose one of {', '.join(RESNETS)}")
     if args.device is not None and args.device != "cpu" and not args.device.startswith("cuda"):
         raise RunError(f"unknown --device {args.device!r}; use cuda, cuda:N or cpu")
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RunError(f"--device {args.device} but no CUDA device is available")
-    at_least = {
-        1: "batch_size large_size epochs probe_batch_size knn_k eval_chunk log_every image_size train_repeat "
-        "probe_epochs " + at_least_1,
-        0: "workers save_every_steps eval_every max_steps bench_ceiling_steps bench_data_steps "
+    check_ranges(
+        args,
+        at_least_1="batch_size large_size epochs probe_batch_size knn_k log_every image_size train_repeat probe_epochs "
+        + at_least_1,
+        at_least_0="workers save_every_steps eval_every max_steps bench_ceiling_steps bench_data_steps "
         "eval_subset_train eval_subset_test " + at_least_0,
-    }
-    for low, names in at_least.items():
-        for name in names.split():
-            value = getattr(args, name)
-            if value is not None and value < low:
-                raise RunError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-    for name in ("lr", *positive.split()):
-        if getattr(args, name) <= 0:
-            raise RunError(f"--{name} must be > 0, got {getattr(args, name)}")
-    for name in ("warmup_epochs", "momentum", "weight_decay", "probe_wd", "probe_lr"):
-        if getattr(args, name) < 0:
-            raise RunError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+        positive="lr probe_lr knn_t eval_memory_gb " + positive,
+        non_negative="warmup_epochs momentum weight_decay probe_wd " + non_negative,
+    )
     for name in ("large_scale", *scales.split()):
         lo, hi = getattr(args, name)
         if not 0 < lo <= hi <= 1:
@@ -1624,7 +1779,9 @@ def check_common_args(
 
 def check_args(args: Args, world_size: int) -> None:
     """Refuse bad input with one clear line, before any data is read or process group created."""
-    check_common_args(args, world_size, "dim mlp_dim probe_eval_every", "", "temperature distill_temperature", "")
+    check_common_args(
+        args, world_size, "dim mlp_dim probe_eval_every", "", "temperature distill_temperature slim_start_lr", "", "",
+    )  # fmt: skip
     widths = [float(w) for w in args.widths]
     if 1.0 not in widths:
         raise RunError(f"--widths {' '.join(map(str, args.widths))} must contain 1.0, the full network")
@@ -1634,8 +1791,6 @@ def check_args(args: Args, world_size: int) -> None:
         raise RunError(f"--distill-weight must be in [0, 1], got {args.distill_weight}")
     if not 0 <= args.moco_m <= 1:
         raise RunError(f"--moco-m must be in [0, 1], got {args.moco_m}")
-    if args.slim_start_lr is not None and args.slim_start_lr <= 0:
-        raise RunError(f"--slim-start-lr must be > 0, got {args.slim_start_lr}")
     if args.moco == "v2" and (args.queue_size < args.batch_size or args.queue_size % args.batch_size):
         raise RunError(
             f"--queue-size {args.queue_size} must be a multiple of the global --batch-size {args.batch_size}"
@@ -1654,6 +1809,7 @@ def check_args(args: Args, world_size: int) -> None:
 
 def run_training(args: Args) -> dict:
     run = start_run(args)
+    args = run.args  # as start_run settled them (precision, probe batch)
     device, world_size, is_main = run.device, run.world_size, run.rank == 0
     torch.manual_seed(args.seed)  # the same initial model on every rank
     run.model = model = SlimCLR(args).to(device, memory_format=run.fmt)
@@ -1674,22 +1830,26 @@ def run_training(args: Args) -> dict:
 
     total_steps = run.steps_per_epoch * args.epochs
     run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    Stop.in_steps = True  # a stop signal now ends the run after the current step, with a checkpoint
     while run.global_step < run.total_steps:
         epoch, start = divmod(run.global_step, run.steps_per_epoch)
         m = train_one_epoch(run, epoch, start)
         save_state(run)
+        if run.global_step % run.steps_per_epoch:
+            stop_if_asked(run)  # stopped within the epoch: no epoch line
         knn = ""
         if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.global_step < run.total_steps:
             res = evaluate(run, tag=f"epoch {epoch + 1}")
             knn = " | knn@1 " + " ".join(f"{res.get(f'knn_top1@{w}', 0):.1f}" for w in run.widths)
         if is_main:
-            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
             log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
             top1 = " ".join(f"{m[f'top1@{w}']:.1f}" for w in run.widths)
             print(
                 f"ep {epoch + 1}/{args.epochs} | loss {m['loss']:.4f} | top1 {top1} | lr {m['lr']:.4f}{knn}"
-                f" | {run.train_time_s:.1f} s | {mem:.1f} GB"
+                f" | {m['time_s']:.1f} s{memory_note(device)}"
             )
+        stop_if_asked(run)
+    Stop.in_steps = False
 
     res = evaluate(run, tag="final")
     if is_main:
@@ -1716,24 +1876,38 @@ def run_training(args: Args) -> dict:
 def start_run(args: Args) -> SimpleNamespace:
     """Check the args, join the process group, read the data (kept on the device when in memory), set precision.
     Returns the run's state: args, rank, world_size, device, data, fmt, autocast, scaler, counters and timers."""
-    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))  # before any process group: bad input fails fast
+    try:  # before any process group and data: bad input fails fast, alike on every rank
+        check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+        check_out_dir(args.out_dir)
+    except RunError as e:
+        raise RunError(str(e), every_rank=True)
     t_start = time.perf_counter()
     rank, world_size, device = setup_distributed(args.device)
-    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    if device.type != "cuda":  # autocast runs on CUDA only: say so in results.json
+        args = dataclasses.replace(args, amp="none", channels_last=False)
+    if args.workers is None:
+        args = dataclasses.replace(args, workers=cpus_per_process())
     torch.backends.cudnn.benchmark = not args.deterministic
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     # DEVIATION: TF32 for fp32 matmuls/convs; it only matters with --amp none (the losses compute in fp32 anyway)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    data = load_data(args)
+    try:
+        data = load_data(args)
+    except RunError as e:
+        raise RunError(str(e), every_rank=True)
     n = len(data["train_y"])
     if n < args.batch_size:
-        raise RunError(f"--batch-size {args.batch_size} exceeds the {n} training images")
-    if args.probe != "none" and n < args.probe_batch_size:
-        raise RunError(f"--probe-batch-size {args.probe_batch_size} exceeds the {n} training images")
+        raise RunError(f"--batch-size {args.batch_size} exceeds the {n} training images", every_rank=True)
+    if args.probe != "none" and n < args.probe_batch_size:  # a small folder: the probe's batch shrinks to the data
+        probe_batch = n // world_size * world_size
+        if rank == 0:
+            print(f"note: --probe-batch-size {args.probe_batch_size} exceeds the {n} training images: {probe_batch}")
+        args = dataclasses.replace(args, probe_batch_size=probe_batch)
     if torch.is_tensor(data["train_x"]):  # CRUCIAL: decode once, keep the uint8 images on the device (CIFAR: 150 MB)
         data.update(train_x=data["train_x"].to(device), test_x=data["test_x"].to(device))
     run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, data=data, t_start=t_start)
+    Stop.run, run.epoch_sums = run, None  # main reports a stop on this run
     run.data_time_s, run.steps_per_epoch = time.perf_counter() - t_start, n // args.batch_size
     run.fmt = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
     use_amp = device.type == "cuda" and args.amp != "none"
@@ -1752,7 +1926,10 @@ def resume_state(run: SimpleNamespace, extra_keys: set) -> Optional[dict]:
     ckpt_path = find_resume(Path(args.out_dir), args.resume)
     if ckpt_path is None:
         return None
-    ckpt = load_checkpoint(ckpt_path, map_location=run.device)
+    try:  # every rank reads the same file
+        ckpt = load_checkpoint(ckpt_path, map_location=run.device)
+    except CheckpointError as e:
+        raise RunError(str(e), every_rank=True)
     needed = {"model", "optimizer", "scaler", "step", "args", "train_time_s", "images_seen", "data_wait_s", *extra_keys}
     if not isinstance(ckpt, dict) or needed - ckpt.keys():
         raise CheckpointError(f"{ckpt_path} is not a training checkpoint of this script (needs {sorted(needed)})")
@@ -1767,7 +1944,7 @@ def resume_state(run: SimpleNamespace, extra_keys: set) -> Optional[dict]:
         raise CheckpointError(f"optimizer state in {ckpt_path} does not match: {e}")
     run.scaler.load_state_dict(ckpt["scaler"])
     run.global_step, run.train_time_s, run.images_seen = ckpt["step"], ckpt["train_time_s"], ckpt["images_seen"]
-    run.data_wait_s = ckpt["data_wait_s"]
+    run.data_wait_s, run.epoch_sums = ckpt["data_wait_s"], ckpt.get("epoch_sums")
     if run.rank == 0:
         print(f"resumed from {ckpt_path} at step {ckpt['step']}")
     return ckpt
@@ -1787,12 +1964,30 @@ def run_benchmarks(run: SimpleNamespace) -> dict:
     return bench
 
 
+# END SHARED
+
+
+# SHARED: entry
+def summary_line(res: dict, results: dict, path: Path) -> str:
+    """The run's last line: its metrics, steps and training time, and where results.json has the rest."""
+    metrics = " | ".join(f"{k} {v:.2f}" for k, v in res.items() if isinstance(v, float)) or "no evaluation"
+    return f"done: {metrics} | {results['steps_done']} steps in {results['train_time_s']:.1f} s | {path}"
+
+
 def main(args: Args) -> None:
+    """Run; a bad input or a failed run ends with one line (from rank 0 alone when every rank has it) and exit code 1,
+    a stop signal with one line and 128 + its number. No traceback."""
+    Stop.install()
+    quiet = int(os.environ.get("RANK", 0)) != 0  # torchrun's other ranks
     try:
         run_training(args)
     except (RunError, CheckpointError) as e:  # CRUCIAL: bad input -> one clear line and exit code 1, no traceback
         msg = str(e).strip().splitlines()[-1].split("RunError: ", 1)[-1]  # a DataLoader worker's error: its last line
-        sys.exit(f"{Path(__file__).name}: error: {msg}")
+        sys.exit(1 if quiet and getattr(e, "every_rank", False) else f"{Path(__file__).name}: error: {msg}")
+    except RunStopped:
+        if not quiet:
+            print(f"{Path(__file__).name}: {stop_message(Stop.run)}", file=sys.stderr)
+        sys.exit(128 + Stop.signum)
 
 
 # END SHARED

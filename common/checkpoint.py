@@ -1,7 +1,10 @@
-"""Checkpoint helpers: atomic save, clear-error load, strict state_dict loading, weight digests, artifact cache."""
+"""Checkpoint helpers: atomic save, safe clear-error load, strict state_dict loading, weight digests, artifact cache."""
 
+import argparse
 import hashlib
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -13,6 +16,25 @@ PathLike = Union[str, os.PathLike]
 
 class CheckpointError(Exception):
     """A checkpoint is missing, unreadable or does not fit the model. The message is a single line."""
+
+
+# CRUCIAL: every file is loaded with weights_only=True: tensors, dicts, lists, tuples, strings and numbers, nothing
+# that runs code. The one type more that official containers need: MAE's and TEC's checkpoints keep their
+# argparse.Namespace of training args next to the weights.
+torch.serialization.add_safe_globals([argparse.Namespace])
+
+
+def load_error(source, e: Exception) -> CheckpointError:
+    """The one-line error for a failed torch.load: a file that weights_only=True refused (naming the type it asked
+    for: a pickle that would run code), or one that cannot be read at all."""
+    text = " ".join(str(e).split())
+    if isinstance(e, pickle.UnpicklingError) and "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:")[1].split(" Check the documentation")[0].strip()
+        m = re.search(r"GLOBAL (\S+)", text)
+        if m:
+            return CheckpointError(f"refused to load {source}: it asks for {m.group(1)}, which weights never need "
+                                   "(loaded with weights_only=True: a checkpoint must not run code)")  # fmt: skip
+    return CheckpointError(f"cannot read checkpoint {source}: {type(e).__name__}: {text}")
 
 
 def save_checkpoint(obj: Any, path: PathLike) -> None:
@@ -32,15 +54,15 @@ def save_checkpoint(obj: Any, path: PathLike) -> None:
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
-    """torch.load a checkpoint written by save_checkpoint (weights_only=False: it holds plain args dicts)."""
+    """torch.load a checkpoint with weights_only=True (ours hold tensors and plain args dicts); a file that asks for
+    any other type is refused in one line and nothing of it runs."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        reason = " ".join(f"{type(e).__name__}: {e}".split())
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from e
+        raise load_error(path, e) from e
 
 
 def find_resume(out_dir: PathLike, resume: Optional[PathLike] = None) -> Optional[Path]:

@@ -1,5 +1,6 @@
 """End-to-end runs of empssl_cifar.py on real CIFAR-10 images: smoke, learning, resume after a kill, DDP, bad inputs."""
 
+import dataclasses
 import json
 import math
 import re
@@ -203,11 +204,15 @@ def test_bad_inputs_fail_with_one_line(cifar_dir, tmp_path):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (dict(eval_chunk=0), "--eval-chunk must be >= 1"),
+        (dict(eval_memory_gb=0.0), "--eval-memory-gb must be > 0"),
         (dict(log_every=0), "--log-every must be >= 1"),
         (dict(max_steps=-1), "--max-steps must be >= 0"),
         (dict(crop_scale=1.5), "--crop-scale must be in (0, 1]"),
-        (dict(eps=0.0), "--eps > 0"),
+        (dict(eps=0.0), "--eps must be > 0"),
+        (dict(lr=-0.3), "--lr must be > 0, got -0.3"),
+        (dict(epochs=0), "--epochs must be >= 1"),
+        (dict(n_patches=0), "--n-patches must be >= 1"),
+        (dict(probe_lr=0.0), "--probe-lr must be > 0"),
         (dict(device="mps"), "unknown --device 'mps'"),
     ],
 )
@@ -227,7 +232,7 @@ def test_bag_features_are_the_mean_h_of_each_splits_own_patches():
     sys.path.insert(0, str(ROOT))
     import empssl_cifar as E
 
-    args = E.Args(dataset="fake", arch="resnet18", hidden_dim=32, z_dim=8, eval_chunk=5, device="cpu")
+    args = E.Args(dataset="fake", arch="resnet18", hidden_dim=32, z_dim=8, device="cpu")
     torch.manual_seed(0)
     model = E.EMPSSL(args.arch, args.hidden_dim, args.z_dim)
     run = SimpleNamespace(
@@ -250,3 +255,13 @@ def test_bag_features_are_the_mean_h_of_each_splits_own_patches():
     whole = E.encode_bag(run, a, "test", 0)  # whole unaugmented images
     with torch.no_grad():
         torch.testing.assert_close(whole, model.encode((a.float() / 255 - 0.5) / 0.5))
+    # a memory budget of about 5 patches per forward: the same features from forwards of at most that many patches
+    # (the first forward, of one patch, is the estimate's; the patches of a block come from one seed whatever the
+    # budget; 128 patches of 100 images at once took 16 GB)
+    one = torch.zeros(1, 3, 32, 32)
+    per_patch = E.inputs_per_chunk(model.encode, one, 1.0) ** -1  # GB one patch may take, by the estimate
+    run.args = dataclasses.replace(args, eval_memory_gb=5.5 * per_patch)
+    sizes, encode = [], model.encode
+    model.encode = lambda x: sizes.append(len(x)) or encode(x)
+    torch.testing.assert_close(E.encode_bag(run, a, "test", 3), feats_a)
+    assert sizes == [1, 5, 5, 5] and E.inputs_per_chunk(encode, one, run.args.eval_memory_gb) == 5
