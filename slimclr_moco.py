@@ -20,6 +20,8 @@ Runs (ImageNet, global batch 1024; flags override the recipe):
     torchrun --nproc_per_node=8 slimclr_moco.py mocov3 --data-dir IMAGENET --widths 1.0   # MoCo v3, SlimCLR's recipe
     python slimclr_moco.py cifar-mocov2 --dataset imagefolder --data-dir CIFAR10_JPEG  # CIFAR proxy (ours)
     python slimclr_moco.py cifar-mocov3 --dataset cifar10 --data-dir CIFAR10          # CIFAR proxy (ours)
+    python slimclr_moco.py cifar-mocov2 --dataset imagefolder --data-dir DIR --arch resnet18 --batch-size 32 \\
+        --queue-size 64 --epochs 1 --device cpu --out-dir OUT   # quick CPU run: about a minute on 200 images
 Published targets: the plain baselines MoCo v2 R50 67.5 (200 ep) / 71.1 (800 ep; MoCo's own recipe: batch 256, lr
 0.03) and MoCo v3 R50 72.8 (300 ep, batch 4096). The paper's per-width SlimCLR table could not be retrieved when this script was written (spec 5); the
 official probe logs are in release 1.0.0 of mzhaoshuai/SlimCLR.
@@ -1982,8 +1984,12 @@ def main(args: Args) -> None:
     try:
         run_training(args)
     except (RunError, CheckpointError) as e:  # CRUCIAL: bad input -> one clear line and exit code 1, no traceback
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun ends the other ranks once one fails: quietly
         msg = str(e).strip().splitlines()[-1].split("RunError: ", 1)[-1]  # a DataLoader worker's error: its last line
-        sys.exit(1 if quiet and getattr(e, "every_rank", False) else f"{Path(__file__).name}: error: {msg}")
+        if quiet and getattr(e, "every_rank", False):
+            time.sleep(3)  # rank 0 has the same error: let it say it before torchrun stops everyone
+            sys.exit(1)
+        sys.exit(f"{Path(__file__).name}: error: {msg}")
     except RunStopped:
         if not quiet:
             print(f"{Path(__file__).name}: {stop_message(Stop.run)}", file=sys.stderr)

@@ -57,6 +57,18 @@ def cifar_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_cifar_dir(cifar_dir, tmp_path_factory) -> Path:
+    """100 train + 50 test images: the first 10 and 5 of every class of cifar_dir, linked."""
+    dst = tmp_path_factory.mktemp("cifar10-100")
+    for split, n in (("train", 10), ("test", 5)):
+        for cls in sorted((cifar_dir / split).iterdir()):
+            (dst / split / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:n]:
+                (dst / split / cls.name / f.name).symlink_to(f)
+    return dst
+
+
+@pytest.fixture(scope="session")
 def cifar2k_dir(tmp_path_factory) -> Path:
     """2,000 train + 500 test real CIFAR-10 images (JPEG q75 copy): enough to show features being learned."""
     return extract_cifar_subset(tmp_path_factory.mktemp("cifar10-2k"), 200, 50)

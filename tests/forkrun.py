@@ -12,6 +12,7 @@ import json
 import os
 import runpy
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,11 +22,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def has_train_record(log: Path) -> bool:
+    """The run's log.jsonl holds a training line: it is inside its steps."""
+    return log.is_file() and '"type": "train"' in log.read_text()
+
+
 def run_commands(spec: Path) -> None:
     """Run the cases of SPEC (a JSON list: args with the script first, env, stdout and stderr paths) in order, each in
-    a forked child. A case with "after" first waits (up to 5 minutes) for that file: STDOUT.rc, which holds a run's
-    exit code once it has ended (of another runner's case). A run still going after 4 minutes is killed (-9). Writes
-    the exit codes and times into SPEC."""
+    forked children. A case with "after" first waits (up to 5 minutes) for that file: STDOUT.rc, which holds a run's
+    exit code once it has ended (of another runner's case). A case with "ranks": K runs as K ranks, each with the
+    variables torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT; rank r > 0
+    writes STDOUT.rankR and STDERR.rankR); with "term_after": LOG, every rank gets SIGTERM, as torchrun forwards a
+    scheduler's, once LOG holds a training line. A run still going after 4 minutes is killed (-9). Writes each case's
+    exit code (the first non-zero of its ranks) and time into SPEC."""
     cases = json.loads(spec.read_text())
     sys.path.insert(0, str(ROOT))
     for script in dict.fromkeys(c["args"][0] for c in cases):  # the imports every command would pay for, once
@@ -36,54 +51,80 @@ def run_commands(spec: Path) -> None:
         while case.get("after") and not Path(case["after"]).exists() and time.perf_counter() < t0 + 300:
             time.sleep(0.05)
         t0 = time.perf_counter()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.environ.update(case["env"])
-                for fd, name in ((1, "stdout"), (2, "stderr")):
-                    os.dup2(os.open(case[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-                sys.argv, sys.path[0] = list(case["args"]), str(Path(case["args"][0]).parent)
-                try:
-                    runpy.run_path(case["args"][0], run_name="__main__")
-                    code = 0
-                except SystemExit as e:
-                    code = e.code if isinstance(e.code, int) else int(e.code is not None)
-                    if not isinstance(e.code, (int, type(None))):
-                        print(e.code, file=sys.stderr)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
+        ranks = case.get("ranks", 1)
+        ddp = dict(WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1")
+        ddp["MASTER_PORT"] = str(free_port())
+        pids = []
+        for rank in range(ranks):
+            pid = os.fork()
+            if pid == 0:
+                env = {**case["env"], **(dict(ddp, RANK=str(rank), LOCAL_RANK=str(rank)) if ranks > 1 else {})}
+                suffix = f".rank{rank}" if rank else ""
+                run_child(case["args"], env, case["stdout"] + suffix, case["stderr"] + suffix)
+            pids.append(pid)
+        status, signalled = {}, False
+        while len(status) < len(pids):
+            for pid in pids:
+                if pid not in status:
+                    done, st = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        status[pid] = st
+            if case.get("term_after") and not signalled and has_train_record(Path(case["term_after"])):
+                signalled = True
+                for pid in set(pids) - set(status):
+                    os.kill(pid, signal.SIGTERM)
             if time.perf_counter() > t0 + 240:  # a hung run is killed (exit code -9)
-                os.kill(pid, signal.SIGKILL)
+                for pid in set(pids) - set(status):
+                    os.kill(pid, signal.SIGKILL)
             time.sleep(0.02)
-        case["returncode"] = os.waitstatus_to_exitcode(status)
+        codes = [os.waitstatus_to_exitcode(status[pid]) for pid in pids]
+        case["returncode"] = next((c for c in codes if c), 0)
         case["seconds"] = time.perf_counter() - t0
         Path(case["stdout"] + ".rc").write_text(str(case["returncode"]))
     spec.write_text(json.dumps(cases))
 
 
-def forked_runs(cases: dict, tmp: Path, after: dict = None) -> dict:
+def run_child(args: list, env: dict, stdout: str, stderr: str) -> None:
+    """In a forked child: run `python ARGS` as the interpreter would (environment, argv, sys.path[0], output files,
+    the script as __main__, the exit status), then leave."""
+    code = 1
+    try:
+        os.environ.update(env)
+        for fd, name in ((1, stdout), (2, stderr)):
+            os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv, sys.path[0] = list(args), str(Path(args[0]).parent)
+        try:
+            runpy.run_path(args[0], run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def forked_runs(cases: dict, tmp: Path, after: dict = None, options: dict = None) -> dict:
     """name -> CompletedProcess of each case (name -> (command with the script first, env, ...)), run in order by
     run_commands in one subprocess; outputs in tmp/NAME.out and .err. after: name -> the name of a run (of another
-    call with the same tmp) to wait for."""
+    call with the same tmp) to wait for. options: name -> {"ranks": K, "term_after": LOG} (see run_commands)."""
     from conftest import run_script  # the same subprocess environment as every other test run
 
+    options = options or {}
     spec = [
-        dict(name=n, args=[str(a) for a in cmd], env=env or {}, stdout=str(tmp / f"{n}.out"))
+        dict(name=n, args=[str(a) for a in cmd], env=env or {}, stdout=str(tmp / f"{n}.out"), **options.get(n, {}))
         for n, (cmd, env, *_) in cases.items()
     ]
     for case in spec:
         case["stderr"] = case["stdout"][: -len(".out")] + ".err"
         if case["name"] in (after or {}):
             case["after"] = str(tmp / f"{after[case['name']]}.out.rc")
+        if "term_after" in case:
+            case["term_after"] = str(case["term_after"])
     path = tmp / f"{spec[0]['name']}.json"
     path.write_text(json.dumps(spec))
     proc = run_script([Path(__file__), path], timeout=600)

@@ -32,7 +32,7 @@ TINY = "--arch resnet18 --hidden-dim 64 --feat-dim 32 --n-prototypes 30 --device
 CIFAR_TINY = TINY + " --batch-size 16 --queue-length 0 --probe-epochs 10 --probe-batch-size 100"
 # the imagenet recipe streams the files: 2 x 64 px + 2 x 32 px crops
 IMAGENET_TINY = TINY + " --batch-size 16 --large-size 64 --small-size 32 --n-small 2 --workers 0 --epochs 1"
-IMAGENET_TINY += " --probe-epochs 1 --probe-batch-size 16 --eval-chunk 40"
+IMAGENET_TINY += " --probe-epochs 1 --probe-batch-size 16"
 
 
 cifar = partial(recipe_cmd, SCRIPT, "cifar", CIFAR_TINY)  # cifar(data_dir, out_dir, extra="") -> command

@@ -50,7 +50,7 @@ SPE = N_TRAIN // 32  # steps per epoch at batch 32
 PEAK = 5e-4 * 32 / 256  # the cifar recipes' blr 5e-4 at batch 32
 LN10 = math.log(10)
 # ViT-Tiny, patch 4 on 32 x 32 (the cifar recipes' model); log every step; the fast probe for 2 epochs
-TINY = "--dataset imagefolder --device cpu --batch-size 32 --log-every 1 --eval-chunk 64 --probe-epochs 2"
+TINY = "--dataset imagefolder --device cpu --batch-size 32 --log-every 1 --probe-epochs 2"
 TINY += " --probe-batch-size 32"
 PRETRAIN = "--epochs 2 --max-steps 4"  # the first epoch (3 steps) and one step of the second
 SUBSETS = "--eval-subset-train 40 --eval-subset-test 20"  # the k-NN during training

@@ -1,0 +1,329 @@
+"""A run's life in every script, on real CIFAR-10 images: a stop signal mid-epoch (one process and 2 DDP ranks) saves
+the step and a rerun ends bit-identical to an uninterrupted run; a checkpoint whose pickle would run code is refused
+on every path that loads one; an out-dir that cannot be written stops the run before the data is read; an error every
+rank hits is printed once; the CIFAR recipes run on a folder smaller than their probe batch.
+
+Every command runs forked from a process that imported its script once (tests/forkrun.py: the ranks get the
+variables torchrun sets, and SIGTERM as torchrun forwards a scheduler's); one script's stop also runs under torchrun
+itself."""
+
+import json
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from forkrun import forked_runs
+from conftest import ROOT, assert_one_line_error, read_log, read_results, run_script
+
+# name -> (script, recipe subcommand or None, tiny flags on an image folder read into memory)
+SCRIPTS = {
+    "empssl": ("empssl_cifar.py", None, "--batch-size 16 --n-patches 2 --arch resnet18 --hidden-dim 64 --z-dim 16 "
+               "--probe-epochs 2 --eval-patches 2"),
+    "swav": ("swav_imagenet.py", "cifar", "--arch resnet18 --hidden-dim 64 --feat-dim 32 --n-prototypes 30 "
+             "--batch-size 16 --queue-length 0 --probe-epochs 2"),
+    "groco": ("groco_imagenet.py", "cifar", "--arch resnet18 --proj-dim 32 --batch-size 16 --probe-epochs 2"),
+    "slimclr": ("slimclr_moco.py", "cifar-mocov2", "--arch resnet18 --widths 1.0 0.5 --batch-size 16 "
+                "--queue-size 32 --probe-epochs 2"),
+    "tec": ("tec_mae.py", "cifar-mae", "--batch-size 16 --probe-epochs 2"),
+}  # fmt: skip
+STEPS = 4  # of the 6 steps of an epoch (100 images at batch 16): a stop after step 1 or 2 is mid-epoch
+STOP_FLAGS = f"--epochs 1 --max-steps {STEPS} --log-every 1 --save-every-steps 0 --device cpu"
+
+
+def command(name: str, data, out, extra: str = "") -> list:
+    script, recipe, tiny = SCRIPTS[name]
+    sub = [recipe] if recipe else []
+    return [ROOT / script, *sub, "--dataset", "imagefolder", "--data-dir", data, *tiny.split(), *extra.split(),
+            "--out-dir", out]  # fmt: skip
+
+
+class RunsCode:
+    """A pickled object whose unpickling calls open(marker, "w"): what torch.load(weights_only=False) would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def code_running_checkpoint(path: Path, marker: Path) -> Path:
+    """A file shaped like a checkpoint (model, step, ...) that carries a RunsCode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {}, "step": 1, "args": {}, "payload": RunsCode(marker)}, path)
+    return path
+
+
+# ---- stop signals ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stop_runs(small_cifar_dir, tmp_path_factory) -> dict:
+    """Per script and per mode (one process, 2 ranks): an uninterrupted run of STEPS steps, the same run sent SIGTERM
+    once it logged a step, and the same command again. Two runners at once (2 CI cores), each importing its scripts
+    once. Returns (script, mode) -> dict(ref=..., stopped=..., rerun=...) of (CompletedProcess, out dir)."""
+    tmp = tmp_path_factory.mktemp("stop")
+    jobs = []  # (runner cases, options): one runner per script pair
+    for name in SCRIPTS:
+        for mode, ranks in (("1", 1), ("ddp", 2)):
+            outs = {part: tmp / f"{name}-{mode}-{part}" for part in ("ref", "stopped")}
+            cases = {
+                f"{name}-{mode}-ref": (command(name, small_cifar_dir, outs["ref"], STOP_FLAGS), None),
+                f"{name}-{mode}-stopped": (command(name, small_cifar_dir, outs["stopped"], STOP_FLAGS), None),
+                f"{name}-{mode}-rerun": (command(name, small_cifar_dir, outs["stopped"], STOP_FLAGS), None),
+            }
+            opts = {n: dict(ranks=ranks) for n in cases}
+            opts[f"{name}-{mode}-stopped"]["term_after"] = outs["stopped"] / "log.jsonl"
+            jobs.append((cases, opts, outs, len(jobs) % 2))
+    with ThreadPoolExecutor(2) as pool:
+        futures = []
+        for i in range(2):  # the one-process runs in one runner, the 2-rank runs in the other
+            part = [j for j in jobs if j[3] == i]
+            cases = {k: v for c, *_ in part for k, v in c.items()}
+            opts = {k: v for _, o, *_ in part for k, v in o.items()}
+            (tmp / f"logs{i}").mkdir()
+            futures.append(pool.submit(forked_runs, cases, tmp / f"logs{i}", None, opts))
+        procs = {k: v for f in futures for k, v in f.result().items()}
+    runs = {}
+    for _, _, outs, i in jobs:
+        name, mode = outs["ref"].name.split("-")[:2]
+        key = f"{name}-{mode}"
+        runs[(name, mode)] = dict(
+            ref=(procs[f"{key}-ref"], outs["ref"]),
+            stopped=(procs[f"{key}-stopped"], outs["stopped"]),
+            rerun=(procs[f"{key}-rerun"], outs["stopped"]),
+            rank1_err=tmp / f"logs{i}" / f"{key}-stopped.err.rank1",
+        )
+    return runs
+
+
+def assert_same_checkpoint(a: dict, b: dict):
+    assert a["step"] == b["step"] == STEPS
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    flat = lambda sd: {f"{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}  # noqa: E731
+    sa, sb = flat(a["optimizer"]), flat(b["optimizer"])
+    assert sa.keys() == sb.keys() and sa
+    for k in sa:
+        assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), k
+
+
+@pytest.mark.parametrize("mode", ["1", "ddp"])
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_sigterm_mid_epoch_saves_and_rerun_equals_uninterrupted(stop_runs, name, mode):
+    """SIGTERM after a logged step: the run (every rank) finishes its step, saves last.pt at that step (mid-epoch),
+    prints one line (rank 0 alone) saying so and how to resume, writes no results, exits with 128 + 15. The same
+    command then resumes there and ends with weights, optimizer state and the epoch's mean loss equal to an
+    uninterrupted run's."""
+    runs = stop_runs[(name, mode)]
+    (ref, ref_out), (stopped, out), (rerun, _) = runs["ref"], runs["stopped"], runs["rerun"]
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    lines = [ln for ln in stopped.stderr.splitlines() if "stopped" in ln]
+    ckpt = torch.load(out / "last.pt")
+    n = ckpt["step"]
+    assert 0 < n < STEPS, n
+    script = SCRIPTS[name][0]
+    want = f"{script}: stopped at step {n} of {STEPS} by SIGTERM; saved {out / 'last.pt'}; rerun the same command"
+    assert len(lines) == 1 and lines[0].startswith(want), stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr and not (out / "results.json").exists()
+    if mode == "ddp":  # rank 1 stopped after the same step (the checkpoint is rank 0's), silently
+        assert "stopped" not in runs["rank1_err"].read_text() and "Traceback" not in runs["rank1_err"].read_text()
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from {out / 'last.pt'} at step {n}" in rerun.stdout
+    assert_same_checkpoint(torch.load(ref_out / "last.pt"), torch.load(out / "last.pt"))
+    epoch = lambda d: [r for r in read_log(d) if r["type"] == "epoch"]  # noqa: E731
+    (e_ref,), (e_run,) = epoch(ref_out), epoch(out)  # one epoch line: the stopped run printed none
+    keys = [k for k in e_ref if k != "time_s"]
+    assert e_ref.keys() == e_run.keys()
+    for k in keys:
+        assert e_run[k] == pytest.approx(e_ref[k], rel=1e-5, abs=1e-6), k  # the whole epoch, not the resumed part
+
+
+# ---- bad starts: one line, nothing run -------------------------------------------------------------------------
+def bad_start_cases(data, tmp: Path, url: str = "") -> dict:
+    """name -> (command, env, needles, marker or None) of runs that must stop with one line before training."""
+    cases = {}
+    (tmp / "a-file").write_text("")
+    for name in SCRIPTS:
+        markers = {k: tmp / f"{name}-{k}-ran" for k in ("auto", "resume")}
+        auto = tmp / f"{name}-auto"  # an out-dir whose last.pt would run code: the automatic resume
+        code_running_checkpoint(auto / "last.pt", markers["auto"])
+        evil = code_running_checkpoint(tmp / f"{name}-evil.pt", markers["resume"])
+        cases[f"{name}-auto"] = (command(name, data, auto), None, ["refused to load", str(auto / "last.pt"),
+                                 "io.open"], markers["auto"])  # fmt: skip
+        cases[f"{name}-resume"] = (command(name, data, tmp / f"{name}-o1", f"--resume {evil}"), None,
+                                   ["refused to load", str(evil), "io.open"], markers["resume"])  # fmt: skip
+        # an out-dir under a file cannot be created (root may write anywhere else); checked before the data is read
+        cases[f"{name}-out"] = (command(name, tmp / "no-data", tmp / "a-file" / "sub"), None,
+                                ["--out-dir", "a-file/sub", "cannot be written"], None)  # fmt: skip
+        # rank 1 of 2 (torchrun's variables; the check runs before any process group): rank 0 alone says it
+        env = dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+        cases[f"{name}-rank1"] = (command(name, data, tmp / f"{name}-o2", "--batch-size 15"), env, [], None)
+        cases[f"{name}-rank0"] = (command(name, data, tmp / f"{name}-o3", "--batch-size 15"), dict(env, RANK="0"),
+                                  ["--batch-size 15 does not divide by the world size 2"], None)  # fmt: skip
+    # TEC loads a base model (pretrain: a path or a URL), an --init (finetune, linear, convert): each refuses code
+    for mode, flag in (("cifar-pretrain", "--base-checkpoint"), ("cifar-finetune", "--init")):
+        marker = tmp / f"tec-{mode}-ran"
+        evil = code_running_checkpoint(tmp / f"tec-{mode}.pt", marker)
+        cmd = [ROOT / "tec_mae.py", mode, "--dataset", "imagefolder", "--data-dir", data, "--device", "cpu",
+               "--batch-size", "16", flag, evil, "--out-dir", tmp / f"tec-{mode}"]  # fmt: skip
+        cases[f"tec-{mode}"] = (cmd, None, ["refused to load", str(evil), "io.open"], marker)
+    if url:  # served by the test: torch.hub downloads it into TORCH_HOME, then the same safe load
+        marker = tmp / "tec-url-ran"
+        code_running_checkpoint(tmp / "served" / "evil.pth", marker)
+        cmd = [ROOT / "tec_mae.py", "cifar-pretrain", "--dataset", "imagefolder", "--data-dir", data, "--device",
+               "cpu", "--batch-size", "16", "--base-checkpoint", f"{url}/evil.pth", "--out-dir", tmp / "tec-url"]
+        cases["tec-url"] = (cmd, dict(TORCH_HOME=str(tmp / "hub")), ["refused to load", "evil.pth", "io.open"],
+                            marker)  # fmt: skip
+    marker = tmp / "tec-convert-ran"
+    evil = code_running_checkpoint(tmp / "tec-convert.pt", marker)
+    cmd = [ROOT / "tec_mae.py", "convert", "--init", evil, "--convert-out", tmp / "vit.pth"]
+    cases["tec-convert"] = (cmd, None, ["refused to load", str(evil), "io.open"], marker)
+    return cases
+
+
+def test_bad_starts_stop_with_one_line(small_cifar_dir, tmp_path):
+    """In every script: a last.pt or --resume file whose pickle would run code is refused in one line naming the type
+    it asks for, and its code does not run (also TEC's --base-checkpoint, as a path and as an http URL, its --init,
+    and convert); an out-dir that
+    cannot be created stops the run in one line before the data is read (the data dir does not even exist); an error
+    every rank has is printed by rank 0 alone (rank 1 exits 1 without a word)."""
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "served").mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "served"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cases = bad_start_cases(small_cifar_dir, tmp_path, f"http://127.0.0.1:{server.server_address[1]}")
+    names = list(cases)
+    parts = [names[0::2], names[1::2]]
+    with ThreadPoolExecutor(2) as pool:
+        jobs = []
+        for i, part in enumerate(parts):
+            (tmp_path / f"logs{i}").mkdir()
+            jobs.append(pool.submit(forked_runs, {n: cases[n][:2] for n in part}, tmp_path / f"logs{i}"))
+        procs = {k: v for j in jobs for k, v in j.result().items()}
+    server.shutdown()
+    failures = []
+    for name, (cmd, _, needles, marker) in cases.items():
+        proc = procs[name]
+        try:
+            if name.endswith("rank1"):
+                assert proc.returncode == 1 and "error" not in proc.stderr and "Traceback" not in proc.stderr
+            else:
+                assert_one_line_error(proc, *needles)
+            assert marker is None or not marker.exists(), f"{marker} exists: the checkpoint's code ran"
+        except AssertionError as e:
+            failures.append(f"{name}: {' '.join(map(str, cmd[1:]))}:\n{e}")
+    assert not failures, "\n\n".join(failures)
+
+
+def test_feature_cache_refuses_code(tmp_path):
+    """The evaluation's feature cache (out_dir/cache) is read through the same safe load."""
+    from common.checkpoint import ArtifactCache, CheckpointError
+
+    cache = ArtifactCache(tmp_path, "key")
+    marker = tmp_path / "ran"
+    code_running_checkpoint(cache.path("train"), marker)
+    with pytest.raises(CheckpointError, match="refused to load .*io.open"):
+        cache.get("train")
+    assert not marker.exists()
+
+
+# ---- the documented quick CPU runs -------------------------------------------------------------------------------
+def quick_command(script: str) -> list:
+    """The module docstring's `# quick CPU run` command line (continued with a backslash), split into arguments."""
+    import importlib
+
+    doc = importlib.import_module(script[:-3]).__doc__
+    end = doc.index("# quick CPU run")
+    start = doc.rindex("python ", 0, end)
+    return doc[start:end].replace("\\\n", " ").split()[1:]  # without `python`
+
+
+def test_quick_cpu_runs_on_a_small_folder(small_cifar_dir, tmp_path):
+    """Every script's documented quick CPU command (2 epochs here) runs on a folder of 100 training images: a probe
+    batch larger than the data shrinks to it with a one-line note; one line per epoch with that epoch's time (not the
+    running total) and no GPU memory on the CPU; the run ends with one summary line naming results.json (not a JSON
+    dump); results.json records the precision that ran (no autocast on the CPU) and the workers it used (this
+    machine's CPUs, at most 10: no DataLoader warning)."""
+    import importlib
+
+    import empssl_cifar
+
+    cases, outs = {}, {}
+    for name, (script, *_) in SCRIPTS.items():
+        outs[name] = tmp_path / name
+        cmd = [str(a) for a in quick_command(script)]
+        cmd = [ROOT / cmd[0], *(str(small_cifar_dir) if a == "DIR" else str(outs[name]) if a == "OUT" else a
+                               for a in cmd[1:]), "--epochs", "2"]  # fmt: skip
+        cases[name] = (cmd, None)
+    modules = {n: importlib.import_module(s[:-3]) for n, (s, *_) in SCRIPTS.items()}
+    recipes = {n: modules[n].parse_args([str(a) for a in cases[n][0][1:]]) for n in cases}
+    assert sum(r.probe_batch_size > 100 for r in recipes.values()) >= 3  # not vacuous: most recipes' is larger
+    names = list(cases)
+    with ThreadPoolExecutor(2) as pool:
+        jobs = []
+        for i, part in enumerate((names[0::2], names[1::2])):
+            (tmp_path / f"logs{i}").mkdir()
+            jobs.append(pool.submit(forked_runs, {n: cases[n] for n in part}, tmp_path / f"logs{i}"))
+        procs = {k: v for j in jobs for k, v in j.result().items()}
+    cpus = empssl_cifar.cpus_per_process()
+    failures = []
+    for name, proc in procs.items():
+        try:
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            res = read_results(outs[name])
+            lines = proc.stdout.strip().splitlines()
+            assert lines[-1].startswith("done: ") and lines[-1].endswith(str(outs[name] / "results.json")), lines[-1]
+            assert not any(ln.startswith(("{", "}")) for ln in lines)
+            epochs = [ln for ln in lines if ln.startswith("ep ")]
+            assert [ln.split(" |")[0] for ln in epochs] == ["ep 1/2", "ep 2/2"] and "GB" not in "".join(epochs)
+            t = [float(ln.rsplit("|", 1)[1].split()[0]) for ln in epochs]  # the epoch's seconds, the last field
+            assert sum(t) == pytest.approx(res["train_time_s"], rel=0.05, abs=0.2) and t[1] < res["train_time_s"]
+            assert res["args"]["amp"] == "none" and res["steps_done"] == 2 * res["steps_per_epoch"]
+            assert "suggested max number of worker" not in proc.stderr
+            workers = res["args"].get("workers", res["args"].get("pil_workers"))
+            assert workers == cpus, (workers, cpus)
+            recipe = recipes[name].probe_batch_size  # what the command asks for
+            notes = [ln for ln in lines if ln.startswith("note: --probe-batch-size")]
+            assert len(notes) == (recipe > 100) and res["args"]["probe_batch_size"] == min(recipe, 100), notes
+        except AssertionError as e:
+            failures.append(f"{name}: {' '.join(map(str, proc.args[1:]))}:\n{e}")
+    assert not failures, "\n\n".join(failures)
+
+
+def test_sigterm_to_torchrun_reaches_every_rank(stop_runs, small_cifar_dir, tmp_path):
+    """What a scheduler does: SIGTERM to torchrun, which forwards it to both ranks; they finish the step, save and
+    exit, torchrun fails. The same torchrun command resumes and ends bit-identical to the uninterrupted 2-rank run."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(a) for a in command("empssl", small_cifar_dir, out, STOP_FLAGS)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    victim = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while victim.poll() is None and time.time() < deadline and '"type": "train"' not in (
+        (out / "log.jsonl").read_text() if (out / "log.jsonl").is_file() else ""
+    ):
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGTERM)
+    _, err = victim.communicate(timeout=120)
+    assert victim.returncode != 0
+    n = torch.load(out / "last.pt")["step"]
+    assert 0 < n < STEPS, err[-3000:]
+    said = [ln for ln in err.splitlines() if "empssl_cifar.py: stopped at step" in ln]
+    assert len(said) == 1 and f"step {n} of {STEPS} by SIGTERM" in said[0], err[-3000:]
+    rerun = run_script(command("empssl", small_cifar_dir, out, STOP_FLAGS), nproc=2)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from {out / 'last.pt'} at step {n}" in rerun.stdout
+    _, ref_out = stop_runs[("empssl", "ddp")]["ref"]
+    assert_same_checkpoint(torch.load(ref_out / "last.pt"), torch.load(out / "last.pt"))
