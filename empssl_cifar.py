@@ -14,7 +14,7 @@ Runs (one GPU each unless torchrun is shown; the official README numbers are lin
     python empssl_cifar.py --dataset cifar100                 # README: 58.5%
     torchrun --nproc_per_node=8 empssl_cifar.py --n-patches 200 --sync-bn
     python empssl_cifar.py --dataset imagefolder --data-dir DIR --batch-size 16 --n-patches 4 --eval-patches 4 \\
-        --device cpu --out-dir OUT          # quick CPU run: about a minute on a 200-image folder (train/, test/)
+        --arch resnet18 --device cpu --out-dir OUT   # quick CPU run: under a minute on 200 images (train/, test/)
 
 Deviations (each marked `# DEVIATION:` below): patches are augmented on the GPU in batches (`--aug pil` keeps the
 official PIL pipeline as the reference); bf16 autocast with channels_last (the TCR log-det in fp64); a Cholesky

@@ -28,7 +28,7 @@ Runs (the `imagenet` recipe is the multi-crop 800-epoch config, the paper's best
     python groco_imagenet.py cifar --dataset cifar10        # CIFAR proxy (ours: no published CIFAR numbers exist)
     python groco_imagenet.py cifar --dataset imagefolder --data-dir CIFAR10_JPEG
     python groco_imagenet.py imagenet --data-dir DIR --batch-size 16 --epochs 1 --arch resnet18 --large-size 64 \\
-        --small-size 32 --probe-epochs 1 --device cpu --out-dir OUT   # quick CPU run: about a minute on 200 images
+        --small-size 32 --probe-epochs 1 --device cpu --out-dir OUT   # quick CPU run: under a minute on 200 images
 Every row of the README table (2x224 / 4x224 / 2x224+6x96 at 100-800 epochs) is such a command: spec 3 lists each
 config's base LR, scaling, warm-up and weight decay.
 
@@ -1459,7 +1459,9 @@ def check_common_args(
 
 def check_args(args: Args, world_size: int) -> None:
     """Refuse bad input with one clear line, before any data is read or process group created."""
-    check_common_args(args, world_size, "proj_dim topk_neg n_large small_size", "n_small", "steepness", "", "small_scale")
+    check_common_args(
+        args, world_size, "proj_dim topk_neg n_large small_size", "n_small", "steepness", "", "small_scale"
+    )
     if args.n_large < 2:
         raise RunError(f"--n-large {args.n_large}: GroCo needs at least 2 global views (an anchor needs a positive)")
     if args.batch_size < args.topk_neg + 1:  # the negatives are drawn from the global batch

@@ -21,10 +21,10 @@ Runs (ImageNet, global batch 1024; flags override the recipe):
     python slimclr_moco.py cifar-mocov2 --dataset imagefolder --data-dir CIFAR10_JPEG  # CIFAR proxy (ours)
     python slimclr_moco.py cifar-mocov3 --dataset cifar10 --data-dir CIFAR10          # CIFAR proxy (ours)
     python slimclr_moco.py cifar-mocov2 --dataset imagefolder --data-dir DIR --arch resnet18 --batch-size 32 \\
-        --queue-size 64 --epochs 1 --device cpu --out-dir OUT   # quick CPU run: about a minute on 200 images
+        --queue-size 64 --epochs 1 --device cpu --out-dir OUT   # quick CPU run: under a minute on 200 images
 Published targets: the plain baselines MoCo v2 R50 67.5 (200 ep) / 71.1 (800 ep; MoCo's own recipe: batch 256, lr
-0.03) and MoCo v3 R50 72.8 (300 ep, batch 4096). The paper's per-width SlimCLR table could not be retrieved when this script was written (spec 5); the
-official probe logs are in release 1.0.0 of mzhaoshuai/SlimCLR.
+0.03) and MoCo v3 R50 72.8 (300 ep, batch 4096). The paper's per-width SlimCLR table could not be retrieved when this
+script was written (spec 5); the official probe logs are in release 1.0.0 of mzhaoshuai/SlimCLR.
 
 The slow-start learning rate (spec 2.4, 3.4): at epoch --slim-start-epoch the official loop replaces the cosine's
 peak by --slim-start-lr and continues the cosine from the current step. MoCo v3 sets it to 3.2 at batch 1024 (0.8 per
@@ -166,7 +166,7 @@ class Args:
     distill_temperature: float = 5.0
     """t: distillation temperature; the term is multiplied by t^2 (v2 5.0, v3 1.0)"""
     reweight: bool = True
-    """loss re-weighting (official option 5): the full network's loss x (1 + sum of the sub-widths) after the slow start"""
+    """loss re-weighting (official option 5): the full network's loss x (1 + sum of sub-widths) after the slow start"""
     full_distill: bool = False
     """each sub-network distils from every larger width too (averaged; official option, off in every run)"""
 
@@ -1412,7 +1412,7 @@ def measure_data(run: SimpleNamespace, steps: int) -> float:
 
 # ==== 7. EVALUATION ====
 class AtWidth(nn.Module):
-    """The slimmable backbone at one width, shaped as the shared evaluation code expects (model.backbone(x) -> [B, F])."""
+    """The slimmable backbone at one width, as the shared evaluation code expects it: model.backbone(x) -> [B, F]."""
 
     def __init__(self, backbone: SlimResNet, width: float):
         super().__init__()

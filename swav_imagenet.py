@@ -16,7 +16,7 @@ Runs (the `imagenet` recipe is the paper's; flags override it; linear top-1 from
     python swav_imagenet.py cifar --dataset cifar10            # CIFAR proxy (spec 9.2, solo-learn-like recipe)
     python swav_imagenet.py cifar --dataset imagefolder --data-dir CIFAR10_JPEG --epochs 100
     python swav_imagenet.py imagenet --data-dir DIR --batch-size 8 --epochs 1 --arch resnet18 --large-size 64 \\
-        --small-size 32 --probe-epochs 1 --device cpu --out-dir OUT   # quick CPU run: about a minute on 200 images
+        --small-size 32 --probe-epochs 1 --device cpu --out-dir OUT   # quick CPU run: under a minute on 200 images
 
 Deviations (each marked `# DEVIATION:` below): crops are cut by torchvision's tensor ops in the CPU workers, or with
 a batched roi_align on the device (in-memory data, --decode device), not by PIL, and colour/blur run batched on the

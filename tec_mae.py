@@ -27,7 +27,7 @@ CIFAR-10 proxy (ours; ViT-Tiny, patch 4, 32 x 32, data kept on the device):
         --init runs/tec-cifar-pretrain/last.pt
     python tec_mae.py cifar-linear --data-dir CIFAR10_JPEG --dataset imagefolder --init runs/tec-cifar-pretrain/last.pt
     python tec_mae.py cifar-mae --dataset imagefolder --data-dir DIR --batch-size 32 --epochs 1 --device cpu \\
-        --out-dir OUT                                     # quick CPU run: about a minute on a 200-image folder
+        --out-dir OUT                                     # quick CPU run: under a minute on a 200-image folder
 Published targets (sail-sg/TEC README, ImageNet-1k fine-tuning top-1): ViT-B with the MAE ViT-B base 84.7 (300 ep) /
 84.8 (800 ep), with the iBOT ViT-B base 84.8 / 85.1, ViT-L with the MAE ViT-L base 86.5 (300 ep); the bases fine-tune
 to 83.6 (MAE ViT-B), 85.9 (MAE ViT-L) and 84.0 (iBOT ViT-B). Fine-tuning: blr 5e-4 at batch 1024, layer decay 0.65

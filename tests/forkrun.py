@@ -28,19 +28,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def has_train_record(log: Path) -> bool:
-    """The run's log.jsonl holds a training line: it is inside its steps."""
-    return log.is_file() and '"type": "train"' in log.read_text()
-
-
 def run_commands(spec: Path) -> None:
     """Run the cases of SPEC (a JSON list: args with the script first, env, stdout and stderr paths) in order, each in
     forked children. A case with "after" first waits (up to 5 minutes) for that file: STDOUT.rc, which holds a run's
     exit code once it has ended (of another runner's case). A case with "ranks": K runs as K ranks, each with the
     variables torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT; rank r > 0
-    writes STDOUT.rankR and STDERR.rankR); with "term_after": LOG, every rank gets SIGTERM, as torchrun forwards a
-    scheduler's, once LOG holds a training line. A run still going after 4 minutes is killed (-9). Writes each case's
-    exit code (the first non-zero of its ranks) and time into SPEC."""
+    writes STDOUT.rankR and STDERR.rankR); with "term_at_step": S, every rank gets SIGTERM at the start of its
+    training step S, as torchrun forwards a scheduler's (tests/sigterm_at_step.py). A run still going after 4 minutes
+    is killed (-9). Writes each case's exit code (the first non-zero of its ranks) and time into SPEC."""
     cases = json.loads(spec.read_text())
     sys.path.insert(0, str(ROOT))
     for script in dict.fromkeys(c["args"][0] for c in cases):  # the imports every command would pay for, once
@@ -60,19 +55,19 @@ def run_commands(spec: Path) -> None:
             if pid == 0:
                 env = {**case["env"], **(dict(ddp, RANK=str(rank), LOCAL_RANK=str(rank)) if ranks > 1 else {})}
                 suffix = f".rank{rank}" if rank else ""
+                if case.get("term_at_step"):
+                    from sigterm_at_step import stop_at
+
+                    stop_at(case["term_at_step"], os.getpid(), 0.0)
                 run_child(case["args"], env, case["stdout"] + suffix, case["stderr"] + suffix)
             pids.append(pid)
-        status, signalled = {}, False
+        status = {}
         while len(status) < len(pids):
             for pid in pids:
                 if pid not in status:
                     done, st = os.waitpid(pid, os.WNOHANG)
                     if done:
                         status[pid] = st
-            if case.get("term_after") and not signalled and has_train_record(Path(case["term_after"])):
-                signalled = True
-                for pid in set(pids) - set(status):
-                    os.kill(pid, signal.SIGTERM)
             if time.perf_counter() > t0 + 240:  # a hung run is killed (exit code -9)
                 for pid in set(pids) - set(status):
                     os.kill(pid, signal.SIGKILL)
@@ -111,7 +106,7 @@ def run_child(args: list, env: dict, stdout: str, stderr: str) -> None:
 def forked_runs(cases: dict, tmp: Path, after: dict = None, options: dict = None) -> dict:
     """name -> CompletedProcess of each case (name -> (command with the script first, env, ...)), run in order by
     run_commands in one subprocess; outputs in tmp/NAME.out and .err. after: name -> the name of a run (of another
-    call with the same tmp) to wait for. options: name -> {"ranks": K, "term_after": LOG} (see run_commands)."""
+    call with the same tmp) to wait for. options: name -> {"ranks": K, "term_at_step": S} (see run_commands)."""
     from conftest import run_script  # the same subprocess environment as every other test run
 
     options = options or {}
@@ -123,8 +118,6 @@ def forked_runs(cases: dict, tmp: Path, after: dict = None, options: dict = None
         case["stderr"] = case["stdout"][: -len(".out")] + ".err"
         if case["name"] in (after or {}):
             case["after"] = str(tmp / f"{after[case['name']]}.out.rc")
-        if "term_after" in case:
-            case["term_after"] = str(case["term_after"])
     path = tmp / f"{spec[0]['name']}.json"
     path.write_text(json.dumps(spec))
     proc = run_script([Path(__file__), path], timeout=600)

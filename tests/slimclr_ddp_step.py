@@ -5,7 +5,8 @@ every width) and for MoCo v3 with every width from step 0.
 
 Run under torchrun (DDP, gloo) or as a plain process; rank r saves, per variant, its losses (the mean of the rank
 losses, as logged), both steps' gradients, the updated online and momentum-encoder weights (4,096 fixed entries of
-the large tensors), the queue and how far every parameter moved to OUT/rank{r}.pt. With --emulate-ranks K (single process) the reference is written out by hand: BatchNorm is per rank on
+the large tensors), the queue and how far every parameter moved to OUT/rank{r}.pt. With --emulate-ranks K (single
+process) the reference is written out by hand: BatchNorm is per rank on
 the CPU (PyTorch's SyncBN is GPU-only), so the online branch runs on each of K contiguous image shares separately;
   v2: shuffle-BN: the global key batch (rank-major) is permuted by the seeded shuffle-bn stream of the step, the
       momentum encoder runs on each share of the permuted batch, the keys are un-permuted; rank r's loss is

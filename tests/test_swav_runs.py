@@ -220,8 +220,8 @@ def test_decode_on_device_streamed_cpu(imagewoof_dir, tmp_path):
 
 # ---- bad inputs: one clear line on stderr, non-zero exit --------------------------------------------------------
 def test_bad_inputs_fail_with_one_line(cifar_dir, tmp_path):
-    """Each bad input in its own process (forked), two at a time: exit code != 0 and one `error:` line, no traceback. The
-    checkpoint cases resume a tiny trained run (the first job) with another K or backbone: strict-load errors."""
+    """Each bad input in its own process (forked), two at a time: exit code != 0 and one `error:` line, no traceback.
+    The checkpoint cases resume a tiny trained run (the first job) with another K or backbone: strict-load errors."""
     data = tmp_path / "data"
     shutil.copytree(cifar_dir, data)
     bad = sorted((data / "train" / "cat").iterdir())[3]
@@ -294,10 +294,3 @@ def test_corrupt_streamed_image_is_named(imagewoof_dir, tmp_path):
         workers, device = pool.map(run_script, cmds)
     assert_one_line_error(workers, "cannot decode image", bad.name)
     assert_one_line_error(device, "cannot decode image", bad.name)
-
-
-def test_probe_batch_larger_than_the_training_set_is_refused(cifar_dir, tmp_path):
-    """A linear-probe batch larger than the 400 training images (drop_last) would train the probe for zero steps and
-    report a random head's accuracy as linear top-1; it must be refused in one line instead."""
-    proc = run_script(cifar(cifar_dir, tmp_path, "--max-steps 0 --probe-batch-size 512"))
-    assert_one_line_error(proc, "--probe-batch-size 512")
