@@ -163,9 +163,10 @@ def test_pil_reference_path_and_val_folder(imagewoof_dir, tmp_path):
 def test_bad_inputs_fail_with_one_line(cifar_dir, tmp_path):
     """Each bad input in its own process (forked), two at a time: exit code != 0 and one `error:` line naming the
     problem, no traceback. Missing data, an unknown arch, a batch that does not split over torchrun's 2 ranks
-    (checked from the environment before any process group), a checkpoint of another model (strict load, after a 1-step run), an absurd
-    LR (the un-LARS'd BatchNorm parameters blow up: the first bad step is named), a corrupt image (named), a file that
-    is not a training checkpoint, --device cuda without CUDA, an image folder without a test split."""
+    (checked from the environment before any process group), a checkpoint of another model (strict load, after a
+    1-step run), an absurd LR (the un-LARS'd BatchNorm parameters blow up: the first bad step is named), a corrupt
+    image (named), a file that is not a training checkpoint, --device cuda without CUDA, an image folder without a
+    test split."""
     data = tmp_path / "data"
     shutil.copytree(cifar_dir, data)
     bad = sorted((data / "train" / "cat").iterdir())[3]
