@@ -555,8 +555,9 @@ def patch_batches(images: torch.Tensor, batches: list, keys: list, n_patches: in
         ds = PILPatches(images, n_patches, args.crop_scale, args.solarize_threshold)
         pin = device.type == "cuda"
         loader = DataLoader(
-            ds, batch_sampler=items, num_workers=args.pil_workers, collate_fn=patch_major, pin_memory=pin
-        )
+            ds, batch_sampler=items, num_workers=args.pil_workers, collate_fn=patch_major, pin_memory=pin,
+            worker_init_fn=ignore_stop_signals,
+        )  # fmt: skip
         yield from (x.to(device, non_blocking=True) for x in loader)
         return
     gen = torch.Generator(device=device)

@@ -773,6 +773,7 @@ def view_batches(run: SimpleNamespace, images, batches: list, keys: list, groups
         collate_fn=collate_views,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if args.workers else None,
+        worker_init_fn=ignore_stop_signals,
     )
     for (crops, params), step_items in zip(loader, items):
         params = [{k: v.to(device, non_blocking=True) for k, v in p.items()} for p in params]

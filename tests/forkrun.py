@@ -34,7 +34,8 @@ def run_commands(spec: Path) -> None:
     exit code once it has ended (of another runner's case). A case with "ranks": K runs as K ranks, each with the
     variables torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT; rank r > 0
     writes STDOUT.rankR and STDERR.rankR); with "term_at_step": S, every rank gets SIGTERM at the start of its
-    training step S, as torchrun forwards a scheduler's (tests/sigterm_at_step.py). A run still going after 4 minutes
+    training step S, as torchrun forwards a scheduler's (tests/sigterm_at_step.py; "term_loop": the description of
+    another progress bar, "term_sig": another signal). A run still going after 4 minutes
     is killed (-9). Writes each case's exit code (the first non-zero of its ranks) and time into SPEC."""
     cases = json.loads(spec.read_text())
     sys.path.insert(0, str(ROOT))
@@ -58,7 +59,8 @@ def run_commands(spec: Path) -> None:
                 if case.get("term_at_step"):
                     from sigterm_at_step import stop_at
 
-                    stop_at(case["term_at_step"], os.getpid(), 0.0)
+                    loop, sig = case.get("term_loop", "ep "), case.get("term_sig", signal.SIGTERM)
+                    stop_at(case["term_at_step"], os.getpid(), 0.0, loop, sig)
                 run_child(case["args"], env, case["stdout"] + suffix, case["stderr"] + suffix)
             pids.append(pid)
         status = {}

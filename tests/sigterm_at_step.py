@@ -14,24 +14,25 @@ from pathlib import Path
 import tqdm
 
 
-def stop_at(step: int, target: int, wait: float) -> None:
-    """Patch tqdm.tqdm (the scripts import it by name when they run): the k-th item of the first step loop sends
-    SIGTERM to `target` (if any) and waits `wait` seconds before it is handed out."""
+def stop_at(step: int, target: int, wait: float, loop: str = "ep ", sig: int = signal.SIGTERM) -> None:
+    """Patch tqdm.tqdm (the scripts import it by name when they run): the k-th item of the first loop whose progress
+    bar's description starts with `loop` (the training steps; "encode": the evaluation) sends `sig` to `target` (if
+    any) and waits `wait` seconds before it is handed out."""
     real = tqdm.tqdm
 
     class StopAt(real):
         done = False
 
         def __init__(self, *args, **kwargs):
-            self.steps = str(kwargs.get("desc", "")).startswith("ep ")
+            self.watched = str(kwargs.get("desc", "")).startswith(loop)
             super().__init__(*args, **kwargs)
 
         def __iter__(self):
             for i, item in enumerate(super().__iter__()):
-                if self.steps and i == step - 1 and not StopAt.done:
+                if self.watched and i == step - 1 and not StopAt.done:
                     StopAt.done = True
                     if target:
-                        os.kill(target, signal.SIGTERM)
+                        os.kill(target, sig)
                     time.sleep(wait)
                 yield item
 

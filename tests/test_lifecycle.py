@@ -1,12 +1,15 @@
 """A run's life in every script, on real CIFAR-10 images: a stop signal mid-epoch (one process and 2 DDP ranks) saves
-the step and a rerun ends bit-identical to an uninterrupted run; a checkpoint whose pickle would run code is refused
-on every path that loads one; an out-dir that cannot be written stops the run before the data is read; an error every
-rank hits is printed once; the CIFAR recipes run on a folder smaller than their probe batch.
+the step and a rerun ends bit-identical to an uninterrupted run (Ctrl-C too; a stop while evaluating keeps the
+trained weights); a checkpoint whose pickle would run code is refused on every path that loads one; an out-dir that
+cannot be written stops the run before the data is read; an error every rank hits is printed once; a missing CIFAR
+copy is reported as the --download flag warrants; the documented quick CPU commands run on a small folder (the probe
+batch shrinks to it, one line per epoch, one summary line).
 
 Every command runs forked from a process that imported its script once (tests/forkrun.py: the ranks get the
 variables torchrun sets, and SIGTERM as torchrun forwards a scheduler's); one script's stop also runs under torchrun
 itself."""
 
+import dataclasses
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -75,6 +78,14 @@ def stop_runs(small_cifar_dir, tmp_path_factory) -> dict:
             opts = {n: dict(ranks=ranks) for n in cases}
             opts[f"{name}-{mode}-stopped"]["term_at_step"] = STOP_AT
             jobs.append((cases, opts, outs, len(jobs) % 2))
+    # Ctrl-C (SIGINT) in the steps, and SIGTERM while the final evaluation encodes: the trained weights are saved
+    extra = {
+        "tec-sigint": (command("tec", small_cifar_dir, tmp / "tec-sigint", STOP_FLAGS), None),
+        "empssl-eval": (command("empssl", small_cifar_dir, tmp / "empssl-eval", STOP_FLAGS), None),
+    }
+    extra_opts = {"tec-sigint": dict(term_at_step=STOP_AT, term_sig=int(signal.SIGINT)),
+                  "empssl-eval": dict(term_at_step=1, term_loop="encode")}  # fmt: skip
+    jobs.append((extra, extra_opts, None, 0))
     with ThreadPoolExecutor(2) as pool:
         futures = []
         for i in range(2):  # the one-process runs in one runner, the 2-rank runs in the other
@@ -84,8 +95,8 @@ def stop_runs(small_cifar_dir, tmp_path_factory) -> dict:
             (tmp / f"logs{i}").mkdir()
             futures.append(pool.submit(forked_runs, cases, tmp / f"logs{i}", None, opts))
         procs = {k: v for f in futures for k, v in f.result().items()}
-    runs = {}
-    for _, _, outs, i in jobs:
+    runs = {k: (procs[k], tmp / k) for k in extra}
+    for _, _, outs, i in jobs[:-1]:
         name, mode = outs["ref"].name.split("-")[:2]
         key = f"{name}-{mode}"
         runs[(name, mode)] = dict(
@@ -95,6 +106,23 @@ def stop_runs(small_cifar_dir, tmp_path_factory) -> dict:
             rank1_err=tmp / f"logs{i}" / f"{key}-stopped.err.rank1",
         )
     return runs
+
+
+def test_sigint_and_a_stop_while_evaluating(stop_runs):
+    """Ctrl-C in the steps stops like SIGTERM (exit 130); a SIGTERM while the final evaluation encodes ends the run at
+    once, saying that the trained weights are already in last.pt (saved before the evaluation started)."""
+    proc, out = stop_runs["tec-sigint"]
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-3000:]
+    said = [ln for ln in proc.stderr.splitlines() if "stopped" in ln]
+    assert said == [f"tec_mae.py: stopped at step {STOP_AT} of {STEPS} by SIGINT; saved {out / 'last.pt'}; rerun the "
+                    "same command to resume"], proc.stderr[-2000:]  # fmt: skip
+    assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr
+    proc, out = stop_runs["empssl-eval"]
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    said = [ln for ln in proc.stderr.splitlines() if "stopped" in ln]
+    assert said == [f"empssl_cifar.py: stopped by SIGTERM while evaluating; the trained weights are in "
+                    f"{out / 'last.pt'}; rerun the same command to evaluate them"], proc.stderr[-2000:]  # fmt: skip
+    assert torch.load(out / "last.pt")["step"] == STEPS and not (out / "results.json").exists()
 
 
 def assert_same_checkpoint(a: dict, b: dict):
@@ -311,3 +339,25 @@ def test_sigterm_to_torchrun_reaches_every_rank(stop_runs, small_cifar_dir, tmp_
     assert f"resumed from {out / 'last.pt'} at step {STOP_AT}" in rerun.stdout
     _, ref_out = stop_runs[("empssl", "ddp")]["ref"]
     assert_same_checkpoint(torch.load(ref_out / "last.pt"), torch.load(out / "last.pt"))
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_missing_cifar_message_fits_the_download_flag(name, tmp_path, monkeypatch):
+    """A CIFAR copy that is not there: with --download on (EMP-SSL's default) the message says the download failed
+    and what to do offline, not "allow --download"; with it off, it says to pass --download."""
+    import importlib
+
+    module = importlib.import_module(SCRIPTS[name][0][:-3])
+
+    class Missing:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("Dataset not found or corrupted.")
+
+    monkeypatch.setitem(module.CIFAR, "cifar10", (Missing, 10))
+    args = module.parse_args(([SCRIPTS[name][1]] if SCRIPTS[name][1] else []) + ["--data-dir", str(tmp_path)])
+    with pytest.raises(module.RunError) as e:
+        module.load_data(dataclasses.replace(args, dataset="cifar10", download=True))
+    assert "could not download cifar10" in str(e.value) and "allow --download" not in str(e.value)
+    with pytest.raises(module.RunError) as e:
+        module.load_data(dataclasses.replace(args, dataset="cifar10", download=False))
+    assert "cifar10 not found in" in str(e.value) and "or --download" in str(e.value)
