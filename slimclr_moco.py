@@ -344,12 +344,19 @@ class Stop:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, Stop.handler)
 
+    @staticmethod
+    def uninstall() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: a scheduler signals every process of the job; the workers leave it to the main
-    process, which stops them after its step (a worker killed by SIGTERM would break the step)."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+    """DataLoader worker_init_fn. Ctrl-C reaches every process of the terminal: the main process handles it and stops
+    the workers after its step, so a worker ignores it. SIGTERM (the DataLoader's own shutdown, or a scheduler that
+    signals every process of the job) ends a worker at once with exit code 0, so the main process, which finishes
+    its step with the batch it holds, does not take it for a crash."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 def stop_now(run: SimpleNamespace) -> bool:
@@ -1985,13 +1992,14 @@ def main(args: Args) -> None:
     try:
         run_training(args)
     except (RunError, CheckpointError) as e:  # CRUCIAL: bad input -> one clear line and exit code 1, no traceback
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun ends the other ranks once one fails: quietly
+        Stop.uninstall()  # torchrun ends the other ranks once one fails: quietly
         msg = str(e).strip().splitlines()[-1].split("RunError: ", 1)[-1]  # a DataLoader worker's error: its last line
         if quiet and getattr(e, "every_rank", False):
             time.sleep(3)  # rank 0 has the same error: let it say it before torchrun stops everyone
             sys.exit(1)
         sys.exit(f"{Path(__file__).name}: error: {msg}")
     except RunStopped:
+        Stop.uninstall()  # a second signal now ends the process at once
         if not quiet:
             print(f"{Path(__file__).name}: {stop_message(Stop.run)}", file=sys.stderr)
         sys.exit(128 + Stop.signum)

@@ -198,10 +198,10 @@ def bad_start_cases(data, tmp: Path, url: str = "") -> dict:
     if url:  # served by the test: torch.hub downloads it into TORCH_HOME, then the same safe load
         marker = tmp / "tec-url-ran"
         code_running_checkpoint(tmp / "served" / "evil.pth", marker)
-        cmd = [ROOT / "tec_mae.py", "cifar-pretrain", "--dataset", "imagefolder", "--data-dir", data, "--device",
-               "cpu", "--batch-size", "16", "--base-checkpoint", f"{url}/evil.pth", "--out-dir", tmp / "tec-url"]
-        cases["tec-url"] = (cmd, dict(TORCH_HOME=str(tmp / "hub")), ["refused to load", "evil.pth", "io.open"],
-                            marker)  # fmt: skip
+        flags = f"--dataset imagefolder --device cpu --batch-size 16 --base-checkpoint {url}/evil.pth".split()
+        cmd = [ROOT / "tec_mae.py", "cifar-pretrain", "--data-dir", data, *flags, "--out-dir", tmp / "tec-url"]
+        needles = ["refused to load", "evil.pth", "io.open"]
+        cases["tec-url"] = (cmd, dict(TORCH_HOME=str(tmp / "hub")), needles, marker)
     marker = tmp / "tec-convert-ran"
     evil = code_running_checkpoint(tmp / "tec-convert.pt", marker)
     cmd = [ROOT / "tec_mae.py", "convert", "--init", evil, "--convert-out", tmp / "vit.pth"]
@@ -326,7 +326,8 @@ def test_quick_cpu_runs_on_a_small_folder(small_cifar_dir, tmp_path):
 def test_sigterm_to_torchrun_reaches_every_rank(stop_runs, small_cifar_dir, tmp_path):
     """What a scheduler does: SIGTERM to torchrun (sent by rank 0 at the start of step 2, tests/sigterm_at_step.py),
     which forwards it to both ranks; they finish step 2, save and exit, torchrun fails. The same torchrun command
-    resumes and ends bit-identical to the uninterrupted 2-rank run."""
+    resumes and ends bit-identical to the uninterrupted 2-rank run, then evaluates on features gathered from both
+    ranks and writes one results.json."""
     out = tmp_path / "run"
     victim = [ROOT / "tests" / "sigterm_at_step.py", STOP_AT, "--to-parent"]
     stopped = run_script(victim + command("empssl", small_cifar_dir, out, STOP_FLAGS), nproc=2)
@@ -339,6 +340,9 @@ def test_sigterm_to_torchrun_reaches_every_rank(stop_runs, small_cifar_dir, tmp_
     assert f"resumed from {out / 'last.pt'} at step {STOP_AT}" in rerun.stdout
     _, ref_out = stop_runs[("empssl", "ddp")]["ref"]
     assert_same_checkpoint(torch.load(ref_out / "last.pt"), torch.load(out / "last.pt"))
+    res = read_results(out)
+    assert res["world_size"] == 2 and res["steps_done"] == STEPS
+    assert 0 <= res["knn_top1"] <= 100 and 0 <= res["linear_top1"] <= 100
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
