@@ -63,10 +63,12 @@ def code_running_checkpoint(path: Path, marker: Path) -> Path:
 @pytest.fixture(scope="module")
 def stop_runs(small_cifar_dir, tmp_path_factory) -> dict:
     """Per script and per mode (one process, 2 ranks): an uninterrupted run of STEPS steps, the same run sent SIGTERM
-    once it logged a step, and the same command again. Two runners at once (2 CI cores), each importing its scripts
-    once. Returns (script, mode) -> dict(ref=..., stopped=..., rerun=...) of (CompletedProcess, out dir)."""
+    during step STOP_AT (every rank, tests/sigterm_at_step.py), and the same command again; and two single runs (see
+    test_sigint_and_a_stop_while_evaluating). Two runners at once (2 CI cores: the one-process runs, the 2-rank runs),
+    each importing the scripts once. Returns (script, mode) -> dict(ref=, stopped=, rerun=) of (CompletedProcess,
+    out dir) and rank1_err (rank 1's stderr of the stopped run), and name -> (CompletedProcess, out dir)."""
     tmp = tmp_path_factory.mktemp("stop")
-    jobs = []  # (runner cases, options): one runner per script pair
+    jobs = []  # (cases, options, out dirs, runner)
     for name in SCRIPTS:
         for mode, ranks in (("1", 1), ("ddp", 2)):
             outs = {part: tmp / f"{name}-{mode}-{part}" for part in ("ref", "stopped")}
@@ -126,7 +128,10 @@ def test_sigint_and_a_stop_while_evaluating(stop_runs):
 
 
 def assert_same_checkpoint(a: dict, b: dict):
+    """The same step, image count, weights and buffers (BN statistics, a queue) and optimizer state, bit for bit."""
     assert a["step"] == b["step"] == STEPS
+    seen = "patches_seen" if "patches_seen" in a else "images_seen"
+    assert a[seen] == b[seen] and a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     flat = lambda sd: {f"{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}  # noqa: E731
@@ -365,3 +370,50 @@ def test_missing_cifar_message_fits_the_download_flag(name, tmp_path, monkeypatc
     with pytest.raises(module.RunError) as e:
         module.load_data(dataclasses.replace(args, dataset="cifar10", download=False))
     assert "cifar10 not found in" in str(e.value) and "or --download" in str(e.value)
+
+
+def test_shared_encoder_keeps_to_the_memory_budget():
+    """extract_features (the `encode` block of SwAV, GroCo, SlimCLR and TEC, identical in each): with a budget of
+    about 3 images' activations it feeds the backbone 3 images at a time (in memory and streamed the same), and the
+    features equal one pass over all of them. The estimate: 4 x 4 bytes x the largest tensor one image makes."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    import swav_imagenet as S
+
+    torch.manual_seed(0)
+    model = S.SwAV("resnet18", hidden_dim=32, feat_dim=16, n_prototypes=10)
+    images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    args = dataclasses.replace(S.CIFAR_PROXY, arch="resnet18", large_size=32, device="cpu")
+    run = SimpleNamespace(args=args, model=model, device=torch.device("cpu"), rank=0, world_size=1,
+                          data=dict(train_x=images, train_y=torch.arange(7)), autocast=nullcontext(),
+                          fmt=torch.contiguous_format)  # fmt: skip
+    whole = S.extract_features(run, "train")
+    one = torch.zeros(1, 3, 32, 32)
+    per_image = 1 / S.inputs_per_chunk(model.backbone, one, 1.0)  # GB, by the estimate
+    with S.LargestTensor() as largest:
+        model.backbone(one)
+    assert per_image == pytest.approx(16 * largest.numel / 2**30, rel=1e-3)
+    assert largest.numel == 64 * 16 * 16  # resnet18's stem output at 32 px: the largest tensor
+    run.args = dataclasses.replace(args, eval_memory_gb=3.5 * per_image)
+    sizes = []
+    hook = model.backbone.register_forward_pre_hook(lambda module, inputs: sizes.append(len(inputs[0])))
+    torch.testing.assert_close(S.extract_features(run, "train"), whole, rtol=1e-4, atol=1e-5)  # another conv batch
+    hook.remove()
+    assert sizes == [1, 3, 3, 1]  # the first is the estimate's own probe
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_non_positive_settings_are_refused(name):
+    """Every script refuses a non-positive LR, epoch count or batch, and an evaluation budget of 0, in one line."""
+    import importlib
+
+    module = importlib.import_module(SCRIPTS[name][0][:-3])
+    args = module.parse_args([SCRIPTS[name][1]] if SCRIPTS[name][1] else [])
+    lr = "blr" if name == "tec" else "lr"
+    cases = {lr: -0.3, "epochs": 0, "batch_size": 0, "eval_memory_gb": 0.0, "probe_lr": 0.0, "knn_t": 0.0}
+    for field, value in cases.items():
+        with pytest.raises(module.RunError) as e:
+            module.check_args(dataclasses.replace(args, **{field: value}), 1)
+        flag = "--" + field.replace("_", "-")
+        assert str(e.value).startswith(f"{flag} must be ") and "\n" not in str(e.value), (field, str(e.value))
