@@ -215,7 +215,7 @@ def test_bag_features_are_the_mean_h_of_each_splits_own_patches():
     with torch.no_grad():
         torch.testing.assert_close(whole, model.encode((a.float() / 255 - 0.5) / 0.5))
     # a memory budget of about 5 patches per forward: the same features from forwards of at most that many patches
-    # (the first forward, of one patch, is the estimate's; the patches of a block come from one seed whatever the
+    # (the first forward, of 3 patches, is the estimate's; the patches of a block come from one seed whatever the
     # budget; 128 patches of 100 images at once took 16 GB)
     one = torch.zeros(1, 3, 32, 32)
     per_patch = E.inputs_per_chunk(model.encode, one, 1.0) ** -1  # GB one patch may take, by the estimate
@@ -223,4 +223,4 @@ def test_bag_features_are_the_mean_h_of_each_splits_own_patches():
     sizes, encode = [], model.encode
     model.encode = lambda x: sizes.append(len(x)) or encode(x)
     torch.testing.assert_close(E.encode_bag(run, a, "test", 3), feats_a)
-    assert sizes == [1, 5, 5, 5] and E.inputs_per_chunk(encode, one, run.args.eval_memory_gb) == 5
+    assert sizes == [3, 5, 5, 5] and E.inputs_per_chunk(encode, one, run.args.eval_memory_gb) == 5

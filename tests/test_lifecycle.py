@@ -375,7 +375,7 @@ def test_missing_cifar_message_fits_the_download_flag(name, tmp_path, monkeypatc
 def test_shared_encoder_keeps_to_the_memory_budget():
     """extract_features (the `encode` block of SwAV, GroCo, SlimCLR and TEC, identical in each): with a budget of
     about 3 images' activations it feeds the backbone 3 images at a time (in memory and streamed the same), and the
-    features equal one pass over all of them. The estimate: 4 x 4 bytes x the largest tensor one image makes."""
+    features equal one pass over all of them. The estimate: 6 x 4 bytes x the largest activation of one image."""
     from contextlib import nullcontext
     from types import SimpleNamespace
 
@@ -391,16 +391,22 @@ def test_shared_encoder_keeps_to_the_memory_budget():
     whole = S.extract_features(run, "train")
     one = torch.zeros(1, 3, 32, 32)
     per_image = 1 / S.inputs_per_chunk(model.backbone, one, 1.0)  # GB, by the estimate
-    with S.LargestTensor() as largest:
-        model.backbone(one)
-    assert per_image == pytest.approx(16 * largest.numel / 2**30, rel=1e-3)
-    assert largest.numel == 64 * 16 * 16  # resnet18's stem output at 32 px: the largest tensor
+    with S.LargestTensor(2) as largest:  # activations have the batch first; weights (and their views) do not count
+        model.backbone(torch.zeros(2, 3, 32, 32))
+    assert largest.numel == 2 * 64 * 16 * 16  # resnet18's stem output at 32 px: the largest activation
+    assert per_image == pytest.approx(24 * 64 * 16 * 16 / 2**30, rel=1e-3)
     run.args = dataclasses.replace(args, eval_memory_gb=3.5 * per_image)
     sizes = []
     hook = model.backbone.register_forward_pre_hook(lambda module, inputs: sizes.append(len(inputs[0])))
     torch.testing.assert_close(S.extract_features(run, "train"), whole, rtol=1e-4, atol=1e-5)  # another conv batch
     hook.remove()
-    assert sizes == [1, 3, 3, 1]  # the first is the estimate's own probe
+    assert sizes == [3, 3, 3, 1]  # the first is the estimate's own probe (3 images)
+    # EMP-SSL's paper model: the largest activation of a 32 px patch is the CIFAR stem's 64 x 32 x 32; its 4096 x 4096
+    # projection weight (16.8M entries, as a transposed view in the forward) is not an activation
+    import empssl_cifar as E
+
+    emp = E.EMPSSL("resnet18-cifar", 4096, 1024).eval()
+    assert E.inputs_per_chunk(emp.encode, torch.zeros(1, 3, 32, 32), 1.0) == 2**30 // (24 * 64 * 32 * 32)
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
