@@ -847,7 +847,7 @@ def swav_loss(
 
     scores: n tensors [B, K] of raw scores, large crops first. queue_scores: optional list (one per assignment crop)
     of [L, K] scores of queued embeddings, put before the batch in the Sinkhorn input only (spec 5). fp64: Sinkhorn in
-    float64 (--sinkhorn-fp64; the official use_double_precision switch)."""
+    float64 (--sinkhorn-fp64; VISSL's use_double_precision switch)."""
     n = len(scores)
     log_p = F.log_softmax(torch.stack(scores).float() / temperature, dim=-1)  # [n, B, K], fp32
     total = 0.0
