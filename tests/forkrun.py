@@ -35,7 +35,8 @@ def run_commands(spec: Path) -> None:
     variables torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT; rank r > 0
     writes STDOUT.rankR and STDERR.rankR); with "term_at_step": S, every rank gets SIGTERM at the start of its
     training step S, as torchrun forwards a scheduler's (tests/sigterm_at_step.py; "term_loop": the description of
-    another progress bar, "term_sig": another signal). A run still going after 4 minutes
+    another progress bar, "term_sig": another signal); once a rank fails, the others get SIGTERM and 30 s, as under
+    torchrun. A run still going after 4 minutes
     is killed (-9). Writes each case's exit code (the first non-zero of its ranks) and time into SPEC."""
     cases = json.loads(spec.read_text())
     sys.path.insert(0, str(ROOT))
@@ -63,14 +64,19 @@ def run_commands(spec: Path) -> None:
                     stop_at(case["term_at_step"], os.getpid(), 0.0, loop, sig)
                 run_child(case["args"], env, case["stdout"] + suffix, case["stderr"] + suffix)
             pids.append(pid)
-        status = {}
+        status, failed_at = {}, None
         while len(status) < len(pids):
             for pid in pids:
                 if pid not in status:
                     done, st = os.waitpid(pid, os.WNOHANG)
                     if done:
                         status[pid] = st
-            if time.perf_counter() > t0 + 240:  # a hung run is killed (exit code -9)
+                        if os.waitstatus_to_exitcode(st) and failed_at is None:  # as torchrun: SIGTERM the others
+                            failed_at = time.perf_counter()
+                            for other in set(pids) - set(status):
+                                os.kill(other, signal.SIGTERM)
+            late = failed_at is not None and time.perf_counter() > failed_at + 30  # torchrun's grace period
+            if late or time.perf_counter() > t0 + 240:  # a hung run is killed (exit code -9)
                 for pid in set(pids) - set(status):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.02)

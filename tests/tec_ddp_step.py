@@ -17,7 +17,6 @@ Usage: python tests/tec_ddp_step.py OUT RECIPE [tec_mae.py flags, without --out-
 
 import os
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -28,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tec_mae as T  # noqa: E402
+from forkrun import free_port  # noqa: E402  (tests/ is this script's sys.path[0])
 
 WORLD = 2
 
@@ -77,12 +77,6 @@ def train(argv: list, out: Path, name: str) -> None:
     saved = dict(grads=rec.grads, init=rec.init, weights={k: sample(p) for k, p in model.named_parameters()})
     saved.update({m: {k: sample(s[m]) for k, s in state.items()} for m in ("exp_avg", "exp_avg_sq")})
     torch.save(saved, out / f"{name}.pt")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def forked(fn, *args, env=None) -> int:
