@@ -185,181 +185,8 @@ def parse_args(argv: Optional[list] = None) -> Args:
     return tyro.cli(Args, args=argv)
 
 
-# SHARED: run-utils
-class RunError(Exception):
-    """A bad input or a failed run: main prints its one-line message and exits non-zero. every_rank: raised alike on
-    every rank (arguments, out-dir, data), so under torchrun rank 0 alone prints it."""
-
-    def __init__(self, message: str, every_rank: bool = False):
-        super().__init__(message)
-        self.every_rank = every_rank
-
-
-def rng_seed(*keys) -> int:
-    """A 56-bit seed derived from any keys, e.g. (seed, 'train', epoch, step): independent, reproducible streams."""
-    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:7], "little")
-
-
-def cpus_per_process() -> int:
-    """The CPUs this process may use (its affinity, as DataLoader counts them) over torchrun's local ranks, at most
-    10: the default number of DataLoader workers."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(10, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
-def check_out_dir(out_dir: str) -> None:
-    """Create --out-dir and write a file in it before any data is read: a run must not train and then fail to save."""
-    probe = Path(out_dir) / f".write-test-{os.getpid()}"
-    try:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise RunError(f"--out-dir {out_dir} cannot be written: {e.strerror or e}", every_rank=True)
-
-
-class RunStopped(Exception):
-    """A stop signal ended the run: main prints one line (stop_message) and exits with 128 + the signal number."""
-
-
-class Stop:
-    """SIGTERM (what a cluster scheduler sends before it kills a job) and SIGINT (Ctrl-C). During the training steps
-    (in_steps) they only set signum: every rank finishes its step, last.pt is saved and the run exits (stop_now,
-    stop_if_asked); elsewhere (loading data, evaluating) the run ends at once. `run`: the run main reports on."""
-
-    signum: Optional[int] = None
-    in_steps: bool = False
-    run: Optional[SimpleNamespace] = None
-
-    @staticmethod
-    def handler(signum, frame) -> None:
-        Stop.signum = signum
-        if not Stop.in_steps:
-            raise RunStopped()
-
-    @staticmethod
-    def install() -> None:
-        Stop.signum, Stop.in_steps, Stop.run = None, False, None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, Stop.handler)
-
-    @staticmethod
-    def uninstall() -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
-
-
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn. Ctrl-C reaches every process of the terminal: the main process handles it and stops
-    the workers after its step, so a worker ignores it. SIGTERM (the DataLoader's own shutdown, or a scheduler that
-    signals every process of the job) ends a worker at once with exit code 0, so the main process, which finishes
-    its step with the batch it holds, does not take it for a crash."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
-
-
-def stop_now(run: SimpleNamespace) -> bool:
-    """After every step: did any rank get a stop signal? Under DDP a CPU all-reduce of one integer (gloo, no device
-    sync), so every rank stops after the same step."""
-    asked = Stop.signum or 0
-    if run.world_size > 1:
-        if not hasattr(run, "stop_group"):  # first step, on every rank alike
-            run.stop_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-        flag = torch.tensor([asked])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.stop_group)
-        asked = int(flag)
-        Stop.signum = Stop.signum or asked or None
-    return asked > 0
-
-
-def stop_if_asked(run: SimpleNamespace) -> None:
-    """After the checkpoint that follows the steps: end the run if a stop signal came."""
-    if Stop.signum:
-        raise RunStopped()
-
-
-def stop_message(run: Optional[SimpleNamespace]) -> str:
-    """The one line main prints for a stop: where the run was and what rerunning the same command does."""
-    sig, again = signal.Signals(Stop.signum).name, "rerun the same command to"
-    if run is None or not hasattr(run, "total_steps"):
-        return f"stopped by {sig} before training; {again} start"
-    last, at = Path(run.args.out_dir) / "last.pt", f"step {run.global_step} of {run.total_steps}"
-    if Stop.in_steps:
-        return f"stopped at {at} by {sig}; saved {last}; {again} resume"
-    if run.global_step >= run.total_steps and last.is_file():
-        return f"stopped by {sig} while evaluating; the trained weights are in {last}; {again} evaluate them"
-    return f"stopped by {sig} at {at}; {again} resume"
-
-
-# END SHARED
-
-
 # ==== 2. DATA & AUGMENTATIONS ====
 CIFAR = {"cifar10": (torchvision.datasets.CIFAR10, 10), "cifar100": (torchvision.datasets.CIFAR100, 100)}
-
-
-# SHARED: image-folder
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-
-
-def decode_files(paths: list, size: int, crop: Optional[int] = None) -> torch.Tensor:
-    """Read and decode image files into uint8 [n, 3, crop, crop]: shorter side resized to size, centre crop."""
-    crop = crop or size
-
-    def fit(img):
-        if img.shape[-2:] == (crop, crop) and size == crop:
-            return img
-        return T.functional.center_crop(T.functional.resize(img, size, antialias=True), [crop, crop])
-
-    def decode_one(path, data):
-        try:
-            return decode_image(data, mode=ImageReadMode.RGB)
-        except RuntimeError as e:
-            raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
-
-    datas = [read_file(str(p)) for p in paths]
-    jpeg = [i for i, p in enumerate(paths) if p.suffix.lower() in (".jpg", ".jpeg")]
-    imgs = [None] * len(paths)
-    try:  # batched libjpeg-turbo decode (~60 us per CIFAR image on one core)
-        for i, img in zip(jpeg, decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB) if jpeg else []):
-            imgs[i] = img
-    except RuntimeError:  # a bad file in the batch: decode one by one below, which names it
-        pass
-    return torch.stack([fit(img if img is not None else decode_one(p, d)) for p, d, img in zip(paths, datas, imgs)])
-
-
-def folder_splits(root: Path) -> tuple:
-    """(train dir, test dir, class names) of an image folder with train/ and test/ (or val/) class folders."""
-    if not root.is_dir():
-        raise RunError(f"data dir not found: {root}")
-    test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
-    if not (root / "train").is_dir() or test_root is None:
-        raise RunError(f"{root} must hold train/ and test/ (or val/) class folders")
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
-    if sorted(d.name for d in test_root.iterdir() if d.is_dir()) != classes:
-        raise RunError(f"class folders differ between {root / 'train'} and {test_root}")
-    return root / "train", test_root, classes
-
-
-def list_image_files(root: Path, classes: list) -> tuple:
-    """Sorted image paths under root/<class>/ and their int64 labels."""
-    files = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir())]
-    files = [(p, c) for p, c in files if p.suffix.lower() in IMAGE_EXTS]
-    if not files:
-        raise RunError(f"no images in {root}")
-    return [p for p, _ in files], torch.tensor([c for _, c in files])
-
-
-def load_image_folder(root: Path, classes: list, size: int) -> tuple:
-    """Decode every image under root/<class>/ once (batched libjpeg-turbo, in chunks on all cores)."""
-    paths, labels = list_image_files(root, classes)
-    chunks = [paths[i : i + 1000] for i in range(0, len(paths), 1000)]
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        images = torch.cat(list(pool.map(lambda c: decode_files(c, size), chunks)))
-    return images, labels
-
-
-# END SHARED
 
 
 def load_data(args: Args) -> dict:
@@ -411,66 +238,6 @@ def sample_patch_params(gen: torch.Generator, n: int, size: int, crop: int) -> d
 
 def take_params(params: dict, idx: torch.Tensor) -> dict:
     return {k: v[idx] for k, v in params.items()}
-
-
-# SHARED: gpu-color
-def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601-2 luma, as PIL's convert('L') and torchvision: [N, 3, H, W] -> [N, 1, H, W]."""
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-
-
-def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of RGB images in [0, 1] by shift (fraction of a turn, [N]) through HSV."""
-    r, g, b = x.unbind(1)
-    maxc, minc = x.amax(1), x.amin(1)
-    delta = maxc - minc
-    s = delta / maxc.clamp_min(1e-12)
-    d = delta.clamp_min(1e-12)
-    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h6 = ((h / 6.0 + shift[:, None, None]) % 1.0) * 6.0  # hue in sixths of a turn, [0, 6)
-    # HSV -> RGB in closed form: channel n (r=5, g=3, b=1) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6
-    n = torch.arange(5.0, 0.0, -2.0, device=x.device)  # 5, 3, 1 (an arange, not a host-to-device copy)
-    k = (n[None, :, None, None] + h6[:, None]) % 6
-    return maxc[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
-
-
-def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
-    """torchvision ColorJitter semantics, batched: brightness, contrast, saturation, hue in a per-image random order.
-
-    factors: [N, 4] (brightness, contrast, saturation factors; hue shift); order: [N, 4] permutations; apply: [N].
-    Brightness, contrast and saturation are blends f x + (1 - f) m with m = 0, the mean luma, or the luma image. The
-    costly hue rotation runs once: first the blends that precede each image's hue slot, then hue, then the rest."""
-    hue_slot = torch.where(apply, (order == 3).int().argmax(1), -1)  # -1: jitter not applied to this image
-
-    def blends(x, before: bool):
-        for slot in range(4):
-            use = slot < hue_slot if before else (slot > hue_slot) & (hue_slot >= 0)
-            op = torch.where(use, order[:, slot], -1).view(-1, 1, 1, 1)  # never 3 (hue) here
-            f = factors.gather(1, op.view(-1, 1).clamp(min=0)).view(-1, 1, 1, 1)
-            gray = grayscale(x)
-            m = torch.where(op == 1, gray.mean((1, 2, 3), keepdim=True), torch.where(op == 2, gray, 0.0))
-            x = torch.where(op >= 0, (f * x + (1 - f) * m).clamp(0, 1), x)
-        return x
-
-    x = blends(x, before=True)
-    x = torch.where(hue_slot.view(-1, 1, 1, 1) >= 0, adjust_hue(x, factors[:, 3]), x)
-    return blends(x, before=False)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 6) -> torch.Tensor:
-    """Separable Gaussian blur with a per-image sigma (replicate padding, as PIL extends edges)."""
-    n, c, h, w = x.shape
-    k = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kern = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None] ** 2))
-    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n*c, 2r+1]
-    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="replicate")
-    y = F.conv2d(y, kern[:, None, None, :], groups=n * c)
-    y = F.conv2d(y, kern[:, None, :, None], groups=n * c)
-    return y.reshape(n, c, h, w)
-
-
-# END SHARED
 
 
 def augment_patches(images: torch.Tensor, p: dict, crop: int, solarize_threshold: int) -> torch.Tensor:
@@ -636,32 +403,6 @@ def invariance_loss(z: torch.Tensor) -> torch.Tensor:
     return -F.cosine_similarity(z, zbar, dim=-1).mean()
 
 
-# SHARED: ddp-gather
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward sums every rank's gradient and returns this rank's slice."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return torch.cat(out, 0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every rank's loss depends on every rank's x
-        n = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x from all ranks along dim 0, gradient flowing back to each rank's own rows; identity on 1 rank."""
-    return _GatherWithGrad.apply(x) if dist.is_initialized() and dist.get_world_size() > 1 else x
-
-
-# END SHARED
-
-
 def empssl_loss(z: torch.Tensor, args: Args) -> tuple:
     """z: this rank's [P, B_local, D]. Returns (total, invariance, -TCR), all fp32 scalars (spec 4.5).
 
@@ -674,46 +415,6 @@ def empssl_loss(z: torch.Tensor, args: Args) -> tuple:
 
 
 # ==== 5. OPTIMIZER & SCHEDULES ====
-# SHARED: lars
-class LARS(torch.optim.Optimizer):
-    """SGD (momentum, optional Nesterov) with layer-wise adaptive rate scaling (solo-learn's LARSWrapper, apex LARC).
-
-    For every parameter of a group with lars=True and non-zero ||p||, ||g||:
-        local = eta ||p|| / (||g|| + wd ||p|| + eps);  ratio = min(local / lr, 1) if clip else local
-        g <- (g + wd p) * ratio
-    Groups with lars=False take plain SGD with weight decay wd p added to g. The update is then
-        buf <- momentum buf + g;  p <- p - lr (g + momentum buf if nesterov else buf)."""
-
-    def __init__(self, params, lr, momentum=0.9, nesterov=False, weight_decay=0.0, eta=0.001, clip=False, eps=1e-8):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta=eta, clip=clip)
-        super().__init__(params, dict(defaults, eps=eps, lars=True))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if group["lars"]:
-                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                    local = group["eta"] * p_norm / (g_norm + wd * p_norm + group["eps"])
-                    ratio = (local / lr).clamp(max=1.0) if group["clip"] else local
-                    ok = (p_norm > 0) & (g_norm > 0)  # no host sync: zero norms leave g untouched
-                    g = torch.where(ok, (g + wd * p) * ratio, g)
-                elif wd:
-                    g = g + wd * p
-                if mom:
-                    buf = self.state[p].get("momentum_buffer")
-                    buf = self.state[p]["momentum_buffer"] = g.clone() if buf is None else buf.mul_(mom).add_(g)
-                    g = g + mom * buf if group["nesterov"] else buf
-                p.add_(g, alpha=-lr)
-
-
-# END SHARED
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list:
     """Matrices and convs: LARS + weight decay. 1-D tensors (biases, norms): neither (official exclude_bias_n_norm)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
@@ -734,39 +435,6 @@ def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
 
 
 # ==== 6. TRAIN LOOP ====
-# SHARED: train-utils
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, device=None) -> list:
-    """The epoch's global batches: a seeded permutation cut into full batches (drop_last).
-
-    CRUCIAL: moved to the device once per epoch; a per-step copy from pageable memory would sync the host."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(rng_seed(seed, "order", epoch)))
-    return list(perm[: n // batch_size * batch_size].to(device).view(-1, batch_size))
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work (only where a timer stops; never per step)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def epoch_state(run: SimpleNamespace, epoch: int, size: int) -> dict:
-    """This epoch's running sums of `size` logged metrics, their step count n and the run's train time at the epoch's
-    start, kept in run.epoch_sums and saved in last.pt: a run resumed mid-epoch still reports the whole epoch."""
-    e = getattr(run, "epoch_sums", None)
-    if e is None or e["epoch"] != epoch:
-        e = dict(epoch=epoch, sums=torch.zeros(size), n=0, t0=run.train_time_s)
-    run.epoch_sums = dict(e, sums=e["sums"].to(run.device))
-    return run.epoch_sums
-
-
-def memory_note(device: torch.device) -> str:
-    """' | 11.2 GB': the peak GPU memory for the epoch line (nothing on the CPU)."""
-    return f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB" if device.type == "cuda" else ""
-
-
-# END SHARED
-
-
 def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
     """Train from step start_step of `epoch` to its end (or to --max-steps). Returns averaged metrics."""
     args, model, opt, scaler, device = run.args, run.model, run.opt, run.scaler, run.device
@@ -861,38 +529,6 @@ def measure_ceiling(run: SimpleNamespace, size: int, steps: int) -> float:
 EVAL_BLOCK = 100  # images whose evaluation patches are drawn from one seed (the former default --eval-chunk)
 
 
-# SHARED: eval-memory
-class LargestTensor(TorchDispatchMode):
-    """Records the element count of the largest tensor any op makes while active (modules or functional code) among
-    those whose first dimension is `batch`: activations, not weights or their views."""
-
-    def __init__(self, batch: int):
-        super().__init__()
-        self.batch, self.numel = batch, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if torch.is_tensor(t) and t.dim() and t.shape[0] == self.batch:
-                self.numel = max(self.numel, t.numel())
-        return out
-
-
-@torch.no_grad()
-def inputs_per_chunk(net, one: torch.Tensor, budget_gb: float) -> int:
-    """How many inputs like `one` ([1, ...]) one no-grad forward of `net` may take within --eval-memory-gb: the peak
-    is estimated as 6x the largest activation an input makes (an op's input and output, a residual, the kernels'
-    own buffers; measured on the CPU: 0.8x of the budget for ResNet-18 at 32 px, 0.35x for ResNet-50 at 224), in
-    float32, from a forward of 3 such inputs. Evaluation memory is then bounded whatever the image count or size."""
-    with LargestTensor(3) as largest:
-        net(one.expand(3, *one.shape[1:]).contiguous())
-    per_input = max(largest.numel, 3 * one.numel()) / 3
-    return max(1, int(budget_gb * 2**30 // (6 * 4 * per_input)))
-
-
-# END SHARED
-
-
 @torch.no_grad()
 def encode_bag(run: SimpleNamespace, images: torch.Tensor, split: str, n_patches: int) -> torch.Tensor:
     """Official protocol (spec 2.4, 6.1): h averaged over n_patches random training-transform patches, eval mode.
@@ -924,57 +560,6 @@ def encode_bag(run: SimpleNamespace, images: torch.Tensor, split: str, n_patches
     if world > 1:
         feats = gather_with_grad(feats)
     return feats[:n]
-
-
-# SHARED: knn
-@torch.no_grad()
-def knn_eval(x_train, y_train, x_test, y_test, num_classes, k=20, t=0.07, chunk=256) -> tuple:
-    """Weighted k-NN (DINO protocol): cosine similarity on L2-normalised features, votes weighted by exp(sim / t).
-
-    Returns (top1, top5) in percent. The test set is processed in chunks of a fixed size."""
-    x_train, x_test = F.normalize(x_train.float(), dim=1), F.normalize(x_test.float(), dim=1)
-    k = min(k, len(x_train))
-    correct1 = correct5 = 0
-    for i in range(0, len(x_test), chunk):
-        sim, idx = (x_test[i : i + chunk] @ x_train.T).topk(k, dim=1)
-        votes = torch.zeros(len(sim), num_classes, device=sim.device)
-        votes.scatter_add_(1, y_train[idx], (sim / t).exp())
-        pred = votes.topk(min(5, num_classes), dim=1).indices
-        target = y_test[i : i + chunk, None]
-        correct1 += (pred[:, :1] == target).sum().item()
-        correct5 += (pred == target).any(1).sum().item()
-    return 100.0 * correct1 / len(x_test), 100.0 * correct5 / len(x_test)
-
-
-# END SHARED
-
-
-# SHARED: linear-probe
-def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0.03, wd=5e-5, batch_size=100, seed=0):
-    """Linear classifier on frozen, precomputed features, on their device: SGD (momentum 0.9), cosine LR per epoch
-    (CosineAnnealingLR(T_max=epochs)), shuffled batches with drop_last. Returns last and best test top-1 (percent)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):  # a seeded head without touching the caller's RNG state
-        torch.manual_seed(seed)
-        head = nn.Linear(x_train.shape[1], num_classes).to(x_train.device)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
-    n = len(x_train) // batch_size * batch_size
-    accs = []
-    for epoch in range(epochs):
-        for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-        for idx in torch.randperm(len(x_train), generator=gen)[:n].to(x_train.device).view(-1, batch_size):
-            loss = F.cross_entropy(head(x_train[idx]), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            accs.append((head(x_test).argmax(1) == y_test).float().mean())  # no host sync per epoch
-    accs = (torch.stack(accs) * 100).tolist()
-    return dict(last=accs[-1], best=max(accs))
-
-
-# END SHARED
 
 
 def evaluate(run: SimpleNamespace, tag: str) -> dict:
@@ -1036,24 +621,6 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
 
 
 # ==== 8. MAIN ====
-# SHARED: ddp-setup
-def setup_distributed(device_arg: Optional[str]) -> tuple:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per device, nccl on GPU, gloo on CPU.
-    Without them: a single process, no process group. Returns (rank, world_size, device)."""
-    use_cuda = torch.cuda.is_available() and (device_arg or "cuda") != "cpu"
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device_arg or ("cuda" if use_cuda else "cpu"))
-    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
-    return rank, world_size, device
-
-
-# END SHARED
-
-
 def log_jsonl(run: SimpleNamespace, record: dict) -> None:
     with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -1069,21 +636,6 @@ def save_state(run: SimpleNamespace) -> None:
     state.update(args=dataclasses.asdict(run.args), epoch_sums=run.epoch_sums)
     save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
     run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
-
-
-# SHARED: check-ranges
-def check_ranges(args, at_least_1: str = "", at_least_0: str = "", positive: str = "", non_negative: str = "") -> None:
-    """One clear line for the first flag out of its range (names separated by spaces; a None value is unset):
-    integers >= 1 or >= 0, floats > 0 or >= 0."""
-    rules = ((at_least_1, 1, ">="), (at_least_0, 0, ">="), (positive, 0, ">"), (non_negative, 0, ">="))
-    for names, low, op in rules:
-        for name in names.split():
-            value = getattr(args, name)
-            if value is not None and (value < low if op == ">=" else value <= low):
-                raise RunError(f"--{name.replace('_', '-')} must be {op} {low}, got {value}")
-
-
-# END SHARED
 
 
 def check_args(args: Args, world_size: int) -> None:
@@ -1263,6 +815,457 @@ def run_training(args: Args) -> dict:
     if dist.is_initialized():
         dist.destroy_process_group()
     return res
+
+
+# ==== SHARED APPENDIX: identical in every script ====
+
+
+# SHARED: image-folder
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def decode_files(paths: list, size: int, crop: Optional[int] = None) -> torch.Tensor:
+    """Read and decode image files into uint8 [n, 3, crop, crop]: shorter side resized to size, centre crop."""
+    crop = crop or size
+
+    def fit(img):
+        if img.shape[-2:] == (crop, crop) and size == crop:
+            return img
+        return T.functional.center_crop(T.functional.resize(img, size, antialias=True), [crop, crop])
+
+    def decode_one(path, data):
+        try:
+            return decode_image(data, mode=ImageReadMode.RGB)
+        except RuntimeError as e:
+            raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
+
+    datas = [read_file(str(p)) for p in paths]
+    jpeg = [i for i, p in enumerate(paths) if p.suffix.lower() in (".jpg", ".jpeg")]
+    imgs = [None] * len(paths)
+    try:  # batched libjpeg-turbo decode (~60 us per CIFAR image on one core)
+        for i, img in zip(jpeg, decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB) if jpeg else []):
+            imgs[i] = img
+    except RuntimeError:  # a bad file in the batch: decode one by one below, which names it
+        pass
+    return torch.stack([fit(img if img is not None else decode_one(p, d)) for p, d, img in zip(paths, datas, imgs)])
+
+
+def folder_splits(root: Path) -> tuple:
+    """(train dir, test dir, class names) of an image folder with train/ and test/ (or val/) class folders."""
+    if not root.is_dir():
+        raise RunError(f"data dir not found: {root}")
+    test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if not (root / "train").is_dir() or test_root is None:
+        raise RunError(f"{root} must hold train/ and test/ (or val/) class folders")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    if sorted(d.name for d in test_root.iterdir() if d.is_dir()) != classes:
+        raise RunError(f"class folders differ between {root / 'train'} and {test_root}")
+    return root / "train", test_root, classes
+
+
+def list_image_files(root: Path, classes: list) -> tuple:
+    """Sorted image paths under root/<class>/ and their int64 labels."""
+    files = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir())]
+    files = [(p, c) for p, c in files if p.suffix.lower() in IMAGE_EXTS]
+    if not files:
+        raise RunError(f"no images in {root}")
+    return [p for p, _ in files], torch.tensor([c for _, c in files])
+
+
+def load_image_folder(root: Path, classes: list, size: int) -> tuple:
+    """Decode every image under root/<class>/ once (batched libjpeg-turbo, in chunks on all cores)."""
+    paths, labels = list_image_files(root, classes)
+    chunks = [paths[i : i + 1000] for i in range(0, len(paths), 1000)]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        images = torch.cat(list(pool.map(lambda c: decode_files(c, size), chunks)))
+    return images, labels
+
+
+# END SHARED
+
+
+# SHARED: gpu-color
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601-2 luma, as PIL's convert('L') and torchvision: [N, 3, H, W] -> [N, 1, H, W]."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of RGB images in [0, 1] by shift (fraction of a turn, [N]) through HSV."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    s = delta / maxc.clamp_min(1e-12)
+    d = delta.clamp_min(1e-12)
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h6 = ((h / 6.0 + shift[:, None, None]) % 1.0) * 6.0  # hue in sixths of a turn, [0, 6)
+    # HSV -> RGB in closed form: channel n (r=5, g=3, b=1) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device)  # 5, 3, 1 (an arange, not a host-to-device copy)
+    k = (n[None, :, None, None] + h6[:, None]) % 6
+    return maxc[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """torchvision ColorJitter semantics, batched: brightness, contrast, saturation, hue in a per-image random order.
+
+    factors: [N, 4] (brightness, contrast, saturation factors; hue shift); order: [N, 4] permutations; apply: [N].
+    Brightness, contrast and saturation are blends f x + (1 - f) m with m = 0, the mean luma, or the luma image. The
+    costly hue rotation runs once: first the blends that precede each image's hue slot, then hue, then the rest."""
+    hue_slot = torch.where(apply, (order == 3).int().argmax(1), -1)  # -1: jitter not applied to this image
+
+    def blends(x, before: bool):
+        for slot in range(4):
+            use = slot < hue_slot if before else (slot > hue_slot) & (hue_slot >= 0)
+            op = torch.where(use, order[:, slot], -1).view(-1, 1, 1, 1)  # never 3 (hue) here
+            f = factors.gather(1, op.view(-1, 1).clamp(min=0)).view(-1, 1, 1, 1)
+            gray = grayscale(x)
+            m = torch.where(op == 1, gray.mean((1, 2, 3), keepdim=True), torch.where(op == 2, gray, 0.0))
+            x = torch.where(op >= 0, (f * x + (1 - f) * m).clamp(0, 1), x)
+        return x
+
+    x = blends(x, before=True)
+    x = torch.where(hue_slot.view(-1, 1, 1, 1) >= 0, adjust_hue(x, factors[:, 3]), x)
+    return blends(x, before=False)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 6) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image sigma (replicate padding, as PIL extends edges)."""
+    n, c, h, w = x.shape
+    k = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kern = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None] ** 2))
+    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n*c, 2r+1]
+    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="replicate")
+    y = F.conv2d(y, kern[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, kern[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, h, w)
+
+
+# END SHARED
+
+
+# SHARED: lars
+class LARS(torch.optim.Optimizer):
+    """SGD (momentum, optional Nesterov) with layer-wise adaptive rate scaling (solo-learn's LARSWrapper, apex LARC).
+
+    For every parameter of a group with lars=True and non-zero ||p||, ||g||:
+        local = eta ||p|| / (||g|| + wd ||p|| + eps);  ratio = min(local / lr, 1) if clip else local
+        g <- (g + wd p) * ratio
+    Groups with lars=False take plain SGD with weight decay wd p added to g. The update is then
+        buf <- momentum buf + g;  p <- p - lr (g + momentum buf if nesterov else buf)."""
+
+    def __init__(self, params, lr, momentum=0.9, nesterov=False, weight_decay=0.0, eta=0.001, clip=False, eps=1e-8):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta=eta, clip=clip)
+        super().__init__(params, dict(defaults, eps=eps, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if group["lars"]:
+                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    local = group["eta"] * p_norm / (g_norm + wd * p_norm + group["eps"])
+                    ratio = (local / lr).clamp(max=1.0) if group["clip"] else local
+                    ok = (p_norm > 0) & (g_norm > 0)  # no host sync: zero norms leave g untouched
+                    g = torch.where(ok, (g + wd * p) * ratio, g)
+                elif wd:
+                    g = g + wd * p
+                if mom:
+                    buf = self.state[p].get("momentum_buffer")
+                    buf = self.state[p]["momentum_buffer"] = g.clone() if buf is None else buf.mul_(mom).add_(g)
+                    g = g + mom * buf if group["nesterov"] else buf
+                p.add_(g, alpha=-lr)
+
+
+# END SHARED
+
+
+# SHARED: ddp-gather
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums every rank's gradient and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on every rank's x
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from all ranks along dim 0, gradient flowing back to each rank's own rows; identity on 1 rank."""
+    return _GatherWithGrad.apply(x) if dist.is_initialized() and dist.get_world_size() > 1 else x
+
+
+# END SHARED
+
+
+# SHARED: ddp-setup
+def setup_distributed(device_arg: Optional[str]) -> tuple:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per device, nccl on GPU, gloo on CPU.
+    Without them: a single process, no process group. Returns (rank, world_size, device)."""
+    use_cuda = torch.cuda.is_available() and (device_arg or "cuda") != "cpu"
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device_arg or ("cuda" if use_cuda else "cpu"))
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    return rank, world_size, device
+
+
+# END SHARED
+
+
+# SHARED: train-utils
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, device=None) -> list:
+    """The epoch's global batches: a seeded permutation cut into full batches (drop_last).
+
+    CRUCIAL: moved to the device once per epoch; a per-step copy from pageable memory would sync the host."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(rng_seed(seed, "order", epoch)))
+    return list(perm[: n // batch_size * batch_size].to(device).view(-1, batch_size))
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work (only where a timer stops; never per step)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def epoch_state(run: SimpleNamespace, epoch: int, size: int) -> dict:
+    """This epoch's running sums of `size` logged metrics, their step count n and the run's train time at the epoch's
+    start, kept in run.epoch_sums and saved in last.pt: a run resumed mid-epoch still reports the whole epoch."""
+    e = getattr(run, "epoch_sums", None)
+    if e is None or e["epoch"] != epoch:
+        e = dict(epoch=epoch, sums=torch.zeros(size), n=0, t0=run.train_time_s)
+    run.epoch_sums = dict(e, sums=e["sums"].to(run.device))
+    return run.epoch_sums
+
+
+def memory_note(device: torch.device) -> str:
+    """' | 11.2 GB': the peak GPU memory for the epoch line (nothing on the CPU)."""
+    return f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB" if device.type == "cuda" else ""
+
+
+# END SHARED
+
+
+# SHARED: eval-memory
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any op makes while active (modules or functional code) among
+    those whose first dimension is `batch`: activations, not weights or their views."""
+
+    def __init__(self, batch: int):
+        super().__init__()
+        self.batch, self.numel = batch, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if torch.is_tensor(t) and t.dim() and t.shape[0] == self.batch:
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@torch.no_grad()
+def inputs_per_chunk(net, one: torch.Tensor, budget_gb: float) -> int:
+    """How many inputs like `one` ([1, ...]) one no-grad forward of `net` may take within --eval-memory-gb: the peak
+    is estimated as 6x the largest activation an input makes (an op's input and output, a residual, the kernels'
+    own buffers; measured on the CPU: 0.8x of the budget for ResNet-18 at 32 px, 0.35x for ResNet-50 at 224), in
+    float32, from a forward of 3 such inputs. Evaluation memory is then bounded whatever the image count or size."""
+    with LargestTensor(3) as largest:
+        net(one.expand(3, *one.shape[1:]).contiguous())
+    per_input = max(largest.numel, 3 * one.numel()) / 3
+    return max(1, int(budget_gb * 2**30 // (6 * 4 * per_input)))
+
+
+# END SHARED
+
+
+# SHARED: knn
+@torch.no_grad()
+def knn_eval(x_train, y_train, x_test, y_test, num_classes, k=20, t=0.07, chunk=256) -> tuple:
+    """Weighted k-NN (DINO protocol): cosine similarity on L2-normalised features, votes weighted by exp(sim / t).
+
+    Returns (top1, top5) in percent. The test set is processed in chunks of a fixed size."""
+    x_train, x_test = F.normalize(x_train.float(), dim=1), F.normalize(x_test.float(), dim=1)
+    k = min(k, len(x_train))
+    correct1 = correct5 = 0
+    for i in range(0, len(x_test), chunk):
+        sim, idx = (x_test[i : i + chunk] @ x_train.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, y_train[idx], (sim / t).exp())
+        pred = votes.topk(min(5, num_classes), dim=1).indices
+        target = y_test[i : i + chunk, None]
+        correct1 += (pred[:, :1] == target).sum().item()
+        correct5 += (pred == target).any(1).sum().item()
+    return 100.0 * correct1 / len(x_test), 100.0 * correct5 / len(x_test)
+
+
+# END SHARED
+
+
+# SHARED: linear-probe
+def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0.03, wd=5e-5, batch_size=100, seed=0):
+    """Linear classifier on frozen, precomputed features, on their device: SGD (momentum 0.9), cosine LR per epoch
+    (CosineAnnealingLR(T_max=epochs)), shuffled batches with drop_last. Returns last and best test top-1 (percent)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # a seeded head without touching the caller's RNG state
+        torch.manual_seed(seed)
+        head = nn.Linear(x_train.shape[1], num_classes).to(x_train.device)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    n = len(x_train) // batch_size * batch_size
+    accs = []
+    for epoch in range(epochs):
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        for idx in torch.randperm(len(x_train), generator=gen)[:n].to(x_train.device).view(-1, batch_size):
+            loss = F.cross_entropy(head(x_train[idx]), y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            accs.append((head(x_test).argmax(1) == y_test).float().mean())  # no host sync per epoch
+    accs = (torch.stack(accs) * 100).tolist()
+    return dict(last=accs[-1], best=max(accs))
+
+
+# END SHARED
+
+
+# SHARED: check-ranges
+def check_ranges(args, at_least_1: str = "", at_least_0: str = "", positive: str = "", non_negative: str = "") -> None:
+    """One clear line for the first flag out of its range (names separated by spaces; a None value is unset):
+    integers >= 1 or >= 0, floats > 0 or >= 0."""
+    rules = ((at_least_1, 1, ">="), (at_least_0, 0, ">="), (positive, 0, ">"), (non_negative, 0, ">="))
+    for names, low, op in rules:
+        for name in names.split():
+            value = getattr(args, name)
+            if value is not None and (value < low if op == ">=" else value <= low):
+                raise RunError(f"--{name.replace('_', '-')} must be {op} {low}, got {value}")
+
+
+# END SHARED
+
+
+# SHARED: run-utils
+class RunError(Exception):
+    """A bad input or a failed run: main prints its one-line message and exits non-zero. every_rank: raised alike on
+    every rank (arguments, out-dir, data), so under torchrun rank 0 alone prints it."""
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
+
+
+def rng_seed(*keys) -> int:
+    """A 56-bit seed derived from any keys, e.g. (seed, 'train', epoch, step): independent, reproducible streams."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:7], "little")
+
+
+def cpus_per_process() -> int:
+    """The CPUs this process may use (its affinity, as DataLoader counts them) over torchrun's local ranks, at most
+    10: the default number of DataLoader workers."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(10, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Create --out-dir and write a file in it before any data is read: a run must not train and then fail to save."""
+    probe = Path(out_dir) / f".write-test-{os.getpid()}"
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"--out-dir {out_dir} cannot be written: {e.strerror or e}", every_rank=True)
+
+
+class RunStopped(Exception):
+    """A stop signal ended the run: main prints one line (stop_message) and exits with 128 + the signal number."""
+
+
+class Stop:
+    """SIGTERM (what a cluster scheduler sends before it kills a job) and SIGINT (Ctrl-C). During the training steps
+    (in_steps) they only set signum: every rank finishes its step, last.pt is saved and the run exits (stop_now,
+    stop_if_asked); elsewhere (loading data, evaluating) the run ends at once. `run`: the run main reports on."""
+
+    signum: Optional[int] = None
+    in_steps: bool = False
+    run: Optional[SimpleNamespace] = None
+
+    @staticmethod
+    def handler(signum, frame) -> None:
+        Stop.signum = signum
+        if not Stop.in_steps:
+            raise RunStopped()
+
+    @staticmethod
+    def install() -> None:
+        Stop.signum, Stop.in_steps, Stop.run = None, False, None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, Stop.handler)
+
+    @staticmethod
+    def uninstall() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn. Ctrl-C reaches every process of the terminal: the main process handles it and stops
+    the workers after its step, so a worker ignores it. SIGTERM (the DataLoader's own shutdown, or a scheduler that
+    signals every process of the job) ends a worker at once with exit code 0, so the main process, which finishes
+    its step with the batch it holds, does not take it for a crash."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+def stop_now(run: SimpleNamespace) -> bool:
+    """After every step: did any rank get a stop signal? Under DDP a CPU all-reduce of one integer (gloo, no device
+    sync), so every rank stops after the same step."""
+    asked = Stop.signum or 0
+    if run.world_size > 1:
+        if not hasattr(run, "stop_group"):  # first step, on every rank alike
+            run.stop_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        flag = torch.tensor([asked])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.stop_group)
+        asked = int(flag)
+        Stop.signum = Stop.signum or asked or None
+    return asked > 0
+
+
+def stop_if_asked(run: SimpleNamespace) -> None:
+    """After the checkpoint that follows the steps: end the run if a stop signal came."""
+    if Stop.signum:
+        raise RunStopped()
+
+
+def stop_message(run: Optional[SimpleNamespace]) -> str:
+    """The one line main prints for a stop: where the run was and what rerunning the same command does."""
+    sig, again = signal.Signals(Stop.signum).name, "rerun the same command to"
+    if run is None or not hasattr(run, "total_steps"):
+        return f"stopped by {sig} before training; {again} start"
+    last, at = Path(run.args.out_dir) / "last.pt", f"step {run.global_step} of {run.total_steps}"
+    if Stop.in_steps:
+        return f"stopped at {at} by {sig}; saved {last}; {again} resume"
+    if run.global_step >= run.total_steps and last.is_file():
+        return f"stopped by {sig} while evaluating; the trained weights are in {last}; {again} evaluate them"
+    return f"stopped by {sig} at {at}; {again} resume"
+
+
+# END SHARED
 
 
 # SHARED: entry

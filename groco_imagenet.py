@@ -260,116 +260,295 @@ def parse_args(argv: Optional[list] = None) -> Args:
     return tyro.cli(RECIPES, default=Args(), args=argv)
 
 
-# SHARED: run-utils
-class RunError(Exception):
-    """A bad input or a failed run: main prints its one-line message and exits non-zero. every_rank: raised alike on
-    every rank (arguments, out-dir, data), so under torchrun rank 0 alone prints it."""
-
-    def __init__(self, message: str, every_rank: bool = False):
-        super().__init__(message)
-        self.every_rank = every_rank
-
-
-def rng_seed(*keys) -> int:
-    """A 56-bit seed derived from any keys, e.g. (seed, 'train', epoch, step): independent, reproducible streams."""
-    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:7], "little")
-
-
-def cpus_per_process() -> int:
-    """The CPUs this process may use (its affinity, as DataLoader counts them) over torchrun's local ranks, at most
-    10: the default number of DataLoader workers."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(10, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
-def check_out_dir(out_dir: str) -> None:
-    """Create --out-dir and write a file in it before any data is read: a run must not train and then fail to save."""
-    probe = Path(out_dir) / f".write-test-{os.getpid()}"
-    try:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise RunError(f"--out-dir {out_dir} cannot be written: {e.strerror or e}", every_rank=True)
-
-
-class RunStopped(Exception):
-    """A stop signal ended the run: main prints one line (stop_message) and exits with 128 + the signal number."""
-
-
-class Stop:
-    """SIGTERM (what a cluster scheduler sends before it kills a job) and SIGINT (Ctrl-C). During the training steps
-    (in_steps) they only set signum: every rank finishes its step, last.pt is saved and the run exits (stop_now,
-    stop_if_asked); elsewhere (loading data, evaluating) the run ends at once. `run`: the run main reports on."""
-
-    signum: Optional[int] = None
-    in_steps: bool = False
-    run: Optional[SimpleNamespace] = None
-
-    @staticmethod
-    def handler(signum, frame) -> None:
-        Stop.signum = signum
-        if not Stop.in_steps:
-            raise RunStopped()
-
-    @staticmethod
-    def install() -> None:
-        Stop.signum, Stop.in_steps, Stop.run = None, False, None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, Stop.handler)
-
-    @staticmethod
-    def uninstall() -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
-
-
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn. Ctrl-C reaches every process of the terminal: the main process handles it and stops
-    the workers after its step, so a worker ignores it. SIGTERM (the DataLoader's own shutdown, or a scheduler that
-    signals every process of the job) ends a worker at once with exit code 0, so the main process, which finishes
-    its step with the batch it holds, does not take it for a crash."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
-
-
-def stop_now(run: SimpleNamespace) -> bool:
-    """After every step: did any rank get a stop signal? Under DDP a CPU all-reduce of one integer (gloo, no device
-    sync), so every rank stops after the same step."""
-    asked = Stop.signum or 0
-    if run.world_size > 1:
-        if not hasattr(run, "stop_group"):  # first step, on every rank alike
-            run.stop_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-        flag = torch.tensor([asked])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.stop_group)
-        asked = int(flag)
-        Stop.signum = Stop.signum or asked or None
-    return asked > 0
-
-
-def stop_if_asked(run: SimpleNamespace) -> None:
-    """After the checkpoint that follows the steps: end the run if a stop signal came."""
-    if Stop.signum:
-        raise RunStopped()
-
-
-def stop_message(run: Optional[SimpleNamespace]) -> str:
-    """The one line main prints for a stop: where the run was and what rerunning the same command does."""
-    sig, again = signal.Signals(Stop.signum).name, "rerun the same command to"
-    if run is None or not hasattr(run, "total_steps"):
-        return f"stopped by {sig} before training; {again} start"
-    last, at = Path(run.args.out_dir) / "last.pt", f"step {run.global_step} of {run.total_steps}"
-    if Stop.in_steps:
-        return f"stopped at {at} by {sig}; saved {last}; {again} resume"
-    if run.global_step >= run.total_steps and last.is_file():
-        return f"stopped by {sig} while evaluating; the trained weights are in {last}; {again} evaluate them"
-    return f"stopped by {sig} at {at}; {again} resume"
-
-
-# END SHARED
-
-
 # ==== 2. DATA & AUGMENTATIONS ====
+def crop_groups(args: Args) -> list:
+    """One group per global view (spec 4: view 1 blur 1.0; view 2 blur 0.1 + solarize 0.2; views 3, 4 repeat them)
+    and one for the local crops (blur 0.5). The jitter is DINO's (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale 0.2."""
+    jit = tuple(args.jitter)
+    # DEVIATION: the crops are resized bilinearly (official RandomResizedCrop: bicubic), see resized_crops/FolderViews
+    groups = [
+        CropGroup(1, args.large_size, tuple(args.large_scale), jit, args.large_blur[i % 2], args.large_solarize[i % 2])
+        for i in range(args.n_large)
+    ]
+    small = CropGroup(args.n_small, args.small_size, tuple(args.small_scale), jit, args.small_blur, 0.0)
+    return groups + ([small] if args.n_small else [])
+
+
+# ==== 3. MODEL ====
+class GroCo(nn.Module):
+    """ResNet -> projector F-F-D ending in BatchNorm1d(affine=False) (spec 2; F = D = 2048 for ResNet-50). No
+    predictor, no momentum encoder."""
+
+    def __init__(self, arch: str, proj_dim: int):
+        super().__init__()
+        self.backbone = RESNETS[arch](zero_init_residual=True)  # PAPER: torchvision resnet50(zero_init_residual=True)
+        f = self.backbone.num_features
+        self.projector = nn.Sequential(  # official RegularProjection: hidden layers as wide as the backbone's output
+            nn.Linear(f, f, bias=False),
+            nn.BatchNorm1d(f),
+            nn.ReLU(inplace=True),
+            nn.Linear(f, f, bias=False),
+            nn.BatchNorm1d(f),
+            nn.ReLU(inplace=True),
+            nn.Linear(f, proj_dim),
+            nn.BatchNorm1d(proj_dim, affine=False),  # CRUCIAL: no affine parameters
+        )
+        self.projector[6].bias.requires_grad_(False)  # official: frozen (redundant before BN), not in the optimizer
+
+    def forward(self, groups: list) -> list:
+        """groups: one tensor per crop group, crop-major [n*b, 3, S, S]. Returns one embedding [b, D] per view.
+
+        CRUCIAL: every view goes through backbone and projector on its own, so BN statistics are per view (official:
+        one forward per view key), local crops included."""
+        return [self.projector(self.backbone(v)) for x in groups for v in x.chunk(x.shape[0] // groups[0].shape[0])]
+
+
+# ==== 4. LOSS ====
+_SORTERS: dict = {}
+
+
+def sorter(size: int, steepness: float, device: torch.device) -> diffsort.DiffSortNet:
+    """The odd-even sorting network with the Cauchy relaxation, one per (size, steepness, device), built there.
+
+    CRUCIAL: DiffSortNet keeps its network in a plain list, so module.to(device) would not move it (spec 8.1)."""
+    key = (size, float(steepness), str(device))
+    if key not in _SORTERS:
+        _SORTERS[key] = diffsort.DiffSortNet(
+            "odd_even", size, device=device, steepness=steepness, distribution="cauchy"
+        )
+    return _SORTERS[key]
+
+
+def ordering_loss(s: torch.Tensor, k: int, steepness: float = 1.0) -> torch.Tensor:
+    """The group-ordering BCE of pre-ordered rows s [R, n] (k negatives, then n - k positives), mean over rows.
+
+    diffsort's soft permutation P [R, n, n] (sorted = s @ P, ascending; P[r, i, j] = P(input i -> rank j)) gives each
+    input's probability of landing among the k lowest ranks, q_neg, and among the others, q_pos. The loss is
+    (BCE(q_pos, t_pos) + BCE(q_neg, t_neg)) / 2 with t = the identity permutation's sums (t_neg[i] = i < k)."""
+    n = s.shape[1]
+    with torch.autocast(s.device.type, enabled=False):  # CRUCIAL: the sort in fp32 (autocast would run it in bf16)
+        _, perm = sorter(n, steepness, s.device)(s.float())
+    # CRUCIAL: a NaN would make BCE raise (CPU) or assert (CUDA) before the step check can name the step: the
+    # probabilities are made finite for BCE and the loss is returned as NaN, which train_one_epoch reports
+    finite = torch.isfinite(perm).all()
+    q_neg = perm[:, :, :k].sum(2).nan_to_num(0.5).clamp(0, 1)  # clamped: rounding can leave [0, 1] (official)
+    q_pos = perm[:, :, k:].sum(2).nan_to_num(0.5).clamp(0, 1)
+    t_neg = (torch.arange(n, device=s.device) < k).float().expand_as(q_neg)
+    loss = (F.binary_cross_entropy(q_pos, 1 - t_neg) + F.binary_cross_entropy(q_neg, t_neg)) / 2  # log clamped -100
+    return torch.where(finite, loss, float("nan"))
+
+
+def groco_loss(
+    views: list, topk_neg: int = 10, steepness: float = 1.0, n_pos_augs: Optional[int] = None, stop_grad: bool = True
+) -> torch.Tensor:
+    """The GroCo loss (spec 1.2), a scalar, in fp32 outside autocast.
+
+    views: V embeddings [B, D] (row b of every view is one image; the positive views first). Every view is an anchor:
+    positives = the other views among the first n_pos_augs (default all), negatives = the topk_neg most similar other
+    images of the anchor's own view (under DDP: over the global batch). s = [negatives ascending, positives ascending]
+    is sorted by diffsort (sorted = s @ P, P[b, i, j] = P(input i -> rank j)); the BCE of the probability mass each
+    input puts on the K negative ranks (and on the rest) against its group, halved, mean over rows; mean over anchors.
+    stop_grad: the positives and the negative candidates are detached; only the anchor side gets gradient."""
+    n_views, k = len(views), topk_neg
+    n_pos = n_views if n_pos_augs is None else n_pos_augs
+    if not 2 <= n_pos <= n_views:
+        raise ValueError(f"n_pos_augs {n_pos} must be between 2 and the number of views {n_views}")
+    with torch.autocast(views[0].device.type, enabled=False):  # CRUCIAL: cosines and the sort in fp32
+        z = torch.stack(views).float()  # [V, B, D]
+        b, device = z.shape[1], z.device
+        zn = F.normalize(z, dim=2, eps=1e-8)
+        cand, rank = (zn.detach() if stop_grad else zn), 0  # negative candidates: each anchor's own view
+        if dist.is_initialized() and dist.get_world_size() > 1:  # PAPER: negatives from the global batch
+            world, rank = dist.get_world_size(), dist.get_rank()
+            flat = cand.flatten(0, 1)  # [V*B, D]; rank-major after the gather
+            if stop_grad:
+                parts = [torch.empty_like(flat) for _ in range(world)]
+                dist.all_gather(parts, flat.contiguous())
+                flat = torch.cat(parts)
+            else:  # DEVIATION: every rank's gradient flows back (official GatherLayer keeps only the local one)
+                flat = gather_with_grad(flat)
+            cand = flat.view(world, n_views, b, -1).transpose(0, 1).flatten(1, 2)  # [V, B_global, D]
+        if cand.shape[1] - 1 < k:
+            raise ValueError(f"topk_neg {k} needs at least {k + 1} images in the (global) batch, got {cand.shape[1]}")
+        me = torch.arange(b, device=device)
+        is_self = me[:, None] + rank * b == torch.arange(cand.shape[1], device=device)  # [B, B_global]
+        neg = (zn @ cand.transpose(1, 2)).masked_fill(is_self, float("-inf"))  # CRUCIAL: self masked before top-k
+        neg = neg.topk(k, dim=2).values.flip(2)  # [V, B, K]: the hardest negatives, ascending
+        pos_side = z.detach() if stop_grad else z
+        loss = 0.0
+        # anchors with the same number of positives share one sort: global ones n_pos - 1, local ones n_pos
+        for lo, hi in ((0, n_pos), (n_pos, n_views)):
+            if hi == lo:
+                continue
+            cos = [[F.cosine_similarity(z[a], pos_side[p], dim=1, eps=1e-8) for p in range(n_pos) if p != a]
+                   for a in range(lo, hi)]  # fmt: skip
+            pos = torch.stack([torch.stack(c, 1) for c in cos]).sort(2).values  # [A, B, n_p]: plain cosines, ascending
+            s = torch.cat([neg[lo:hi], pos], 2).flatten(0, 1)  # [A*B, K + n_p]: negatives first
+            loss = loss + (hi - lo) * ordering_loss(s, k, steepness)  # A x the mean over A*B rows = sum of A means
+        return loss / n_views
+
+
+# ==== 5. OPTIMIZER & SCHEDULES ====
+# PAPER: pre-training is plain SGD (no LARS, spec 3); LARC wraps only the linear probe (spec 5.2)
+def scaled_lr(args: Args) -> float:
+    """PAPER: linear lr x batch/32 (= lr x 32 x batch/1024), or sqrt lr x sqrt(batch): 6 (800 ep) to 24 (100 ep)."""
+    return args.lr * (args.batch_size / 32 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
+
+
+def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
+    """Per-step LR (official CustomCosineSchedulerWithWarmup stepped every iteration): step / warmup x lr during the
+    warm-up (0 at the first step), then a cosine from lr to 0 over the remaining steps. A pure function of the step."""
+    base, warmup = scaled_lr(args), round(args.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return base * step / warmup
+    return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / (steps_per_epoch * args.epochs - warmup)))
+
+
+# ==== 6. TRAIN LOOP ====
+def train_step(run: SimpleNamespace, groups: list) -> tuple:
+    """One GroCo step on this rank's crops (one tensor per group). Returns (loss, pos_sim, neg_sim), detached."""
+    args = run.args
+    with run.autocast:
+        z = run.ddp_model([x.contiguous(memory_format=run.fmt) for x in groups])
+    loss = groco_loss(z, args.topk_neg, args.steepness, args.n_large, args.stop_grad)  # fp32, outside autocast
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    with torch.no_grad():  # monitoring (official info_pos / info_neg): view 0 vs view 1, and view 0's hardest negative
+        z0, z1 = F.normalize(z[0].float(), dim=1), F.normalize(z[1].float(), dim=1)
+        sim = z0 @ z0.T - 3 * torch.eye(len(z0), device=z0.device)
+        pos_sim, neg_sim = (z0 * z1).sum(1).mean(), sim.amax(1).mean()
+    return loss.detach(), pos_sim, neg_sim
+
+
+def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
+    """Train from step start_step of `epoch` to its end (or to --max-steps). Returns averaged metrics."""
+    args, opt, device = run.args, run.opt, run.device
+    spe, is_main = run.steps_per_epoch, run.rank == 0
+    in_memory = torch.is_tensor(run.data["train_x"])
+    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, epoch, device if in_memory else None)
+    last = min(spe, run.total_steps - epoch * spe)
+    keys = [(args.seed, "train", epoch, s) for s in range(start_step, last)]
+    stream = view_batches(run, run.data["train_x"], batches[start_step:last], keys, run.groups)
+    tally, window = epoch_state(run, epoch, 3), torch.zeros(3, device=device)  # loss, positive and negative cosine
+    no_bad = 2**62
+    bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
+    run.model.train()
+    bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=not is_main, dynamic_ncols=True)
+    t0, n_done, n_logged = time.perf_counter(), 0, 0
+    for step in bar:
+        gstep = epoch * spe + step
+        lr = lr_at(gstep, args, spe)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        tw = time.perf_counter()
+        groups = next(stream)
+        run.data_wait_s += time.perf_counter() - tw  # host time spent waiting for (or making) the crops
+        loss, pos_sim, neg_sim = train_step(run, groups)
+        bad_step = torch.minimum(bad_step, torch.where(torch.isfinite(loss), no_bad, gstep + 1))
+        window += torch.stack([loss, pos_sim, neg_sim])
+        n_done += 1
+        run.images_seen += args.batch_size  # counted per step: a mid-epoch checkpoint holds the true count
+        run.global_step = gstep + 1
+        stop = stop_now(run)  # a stop signal: this step is the last (its checkpoint follows)
+        save_now = args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe
+        if (step + 1) % args.log_every == 0 or step + 1 == last or save_now or stop:  # a checkpoint holds every step
+            if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
+                dist.all_reduce(window)
+                window /= run.world_size
+                dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+            if bad_step.item() < no_bad:
+                msg = f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); try a lower --lr"
+                raise RunError(msg, every_rank=True)
+            m = (window / (n_done - n_logged)).tolist()  # mean over the steps since the last log line
+            tally["sums"] += window
+            tally["n"] += n_done - n_logged
+            window, n_logged = torch.zeros_like(window), n_done
+            if is_main:
+                bar.set_postfix(loss=f"{m[0]:.4f}", pos=f"{m[1]:.2f}", neg=f"{m[2]:.2f}", lr=f"{lr:.3f}")
+                rec = dict(step=gstep + 1, epoch=epoch, loss=m[0], pos_sim=m[1], neg_sim=m[2])
+                log_jsonl(run, dict(type="train", lr=lr, **rec))
+        if save_now and not stop:  # a stop saves after the loop
+            sync(device)  # a checkpoint does not count as training time
+            run.train_time_s += time.perf_counter() - t0
+            save_state(run)
+            t0 = time.perf_counter()
+        if stop:
+            break
+    sync(device)
+    run.train_time_s += time.perf_counter() - t0
+    m = (tally["sums"] / max(tally["n"], 1)).tolist()  # the whole epoch's means, steps before a resume included
+    lr = lr_at(run.global_step - 1, args, spe)
+    return dict(loss=m[0], pos_sim=m[1], neg_sim=m[2], lr=lr, time_s=run.train_time_s - tally["t0"])
+
+
+# ==== 7. EVALUATION ====
+# ==== 8. MAIN ====
+def check_args(args: Args, world_size: int) -> None:
+    """Refuse bad input with one clear line, before any data is read or process group created."""
+    check_common_args(
+        args, world_size, "proj_dim topk_neg n_large small_size", "n_small", "steepness", "", "small_scale"
+    )
+    if args.n_large < 2:
+        raise RunError(f"--n-large {args.n_large}: GroCo needs at least 2 global views (an anchor needs a positive)")
+    if args.batch_size < args.topk_neg + 1:  # the negatives are drawn from the global batch
+        raise RunError(f"--batch-size {args.batch_size} is too small for --topk-neg {args.topk_neg}: need >= K + 1")
+
+
+def run_training(args: Args) -> dict:
+    run = start_run(args)
+    args = run.args  # as start_run settled them (precision, probe batch)
+    device, world_size, is_main = run.device, run.world_size, run.rank == 0
+    torch.manual_seed(args.seed)  # the same initial model on every rank
+    run.model = model = GroCo(args.arch, args.proj_dim).to(device, memory_format=run.fmt)
+    run.groups = crop_groups(args)
+    # PAPER: plain SGD with momentum 0.9, weight decay on every parameter (BN and biases too); no LARS/LARC
+    params = [p for p in model.parameters() if p.requires_grad]
+    run.opt = torch.optim.SGD(params, lr=scaled_lr(args), momentum=args.momentum, weight_decay=args.weight_decay)
+    resume_state(run, set())
+
+    net = model
+    if world_size > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (PyTorch's needs CUDA)
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if world_size > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    run.ddp_model = torch.compile(net) if args.compile else net
+    bench = run_benchmarks(run)
+
+    total_steps = run.steps_per_epoch * args.epochs
+    run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    Stop.in_steps = True  # a stop signal now ends the run after the current step, with a checkpoint
+    while run.global_step < run.total_steps:
+        epoch, start = divmod(run.global_step, run.steps_per_epoch)
+        m = train_one_epoch(run, epoch, start)
+        save_state(run)
+        if run.global_step % run.steps_per_epoch:
+            stop_if_asked(run)  # stopped within the epoch: no epoch line
+        knn = ""
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.global_step < run.total_steps:
+            knn = f" | knn@1 {evaluate(run, tag=f'epoch {epoch + 1}').get('knn_top1', 0):.1f}"
+        if is_main:
+            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
+            print(
+                f"ep {epoch + 1}/{args.epochs} | loss {m['loss']:.4f} | pos {m['pos_sim']:.3f} neg {m['neg_sim']:.3f}"
+                f" | lr {m['lr']:.3f}{knn} | {m['time_s']:.1f} s{memory_note(device)}"
+            )
+        stop_if_asked(run)
+    Stop.in_steps = False
+
+    res = evaluate(run, tag="final")
+    if is_main:
+        paper = "GroCo, Learning by Sorting (arXiv 2301.02009)"
+        write_results(run, paper, dict(scaled_lr=scaled_lr(args), n_pos_augs=args.n_large), bench, res)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return res
+
+
+# ==== SHARED APPENDIX: identical in every script ====
+
+
 # SHARED: image-folder
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -608,19 +787,6 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 6) -> torc
 # END SHARED
 
 
-def crop_groups(args: Args) -> list:
-    """One group per global view (spec 4: view 1 blur 1.0; view 2 blur 0.1 + solarize 0.2; views 3, 4 repeat them)
-    and one for the local crops (blur 0.5). The jitter is DINO's (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale 0.2."""
-    jit = tuple(args.jitter)
-    # DEVIATION: the crops are resized bilinearly (official RandomResizedCrop: bicubic), see resized_crops/FolderViews
-    groups = [
-        CropGroup(1, args.large_size, tuple(args.large_scale), jit, args.large_blur[i % 2], args.large_solarize[i % 2])
-        for i in range(args.n_large)
-    ]
-    small = CropGroup(args.n_small, args.small_size, tuple(args.small_scale), jit, args.small_blur, 0.0)
-    return groups + ([small] if args.n_small else [])
-
-
 # SHARED: views
 def finish_views(x: torch.Tensor, p: dict, group: CropGroup, args: Args) -> torch.Tensor:
     """Flip, colour distortion, grayscale, blur (and solarize) on crops [n, 3, S, S] in 0..255, then Normalize.
@@ -755,148 +921,6 @@ def decode_checked(data: torch.Tensor, path) -> torch.Tensor:
 # END SHARED
 
 
-# ==== 3. MODEL ====
-class GroCo(nn.Module):
-    """ResNet -> projector F-F-D ending in BatchNorm1d(affine=False) (spec 2; F = D = 2048 for ResNet-50). No
-    predictor, no momentum encoder."""
-
-    def __init__(self, arch: str, proj_dim: int):
-        super().__init__()
-        self.backbone = RESNETS[arch](zero_init_residual=True)  # PAPER: torchvision resnet50(zero_init_residual=True)
-        f = self.backbone.num_features
-        self.projector = nn.Sequential(  # official RegularProjection: hidden layers as wide as the backbone's output
-            nn.Linear(f, f, bias=False),
-            nn.BatchNorm1d(f),
-            nn.ReLU(inplace=True),
-            nn.Linear(f, f, bias=False),
-            nn.BatchNorm1d(f),
-            nn.ReLU(inplace=True),
-            nn.Linear(f, proj_dim),
-            nn.BatchNorm1d(proj_dim, affine=False),  # CRUCIAL: no affine parameters
-        )
-        self.projector[6].bias.requires_grad_(False)  # official: frozen (redundant before BN), not in the optimizer
-
-    def forward(self, groups: list) -> list:
-        """groups: one tensor per crop group, crop-major [n*b, 3, S, S]. Returns one embedding [b, D] per view.
-
-        CRUCIAL: every view goes through backbone and projector on its own, so BN statistics are per view (official:
-        one forward per view key), local crops included."""
-        return [self.projector(self.backbone(v)) for x in groups for v in x.chunk(x.shape[0] // groups[0].shape[0])]
-
-
-# ==== 4. LOSS ====
-_SORTERS: dict = {}
-
-
-def sorter(size: int, steepness: float, device: torch.device) -> diffsort.DiffSortNet:
-    """The odd-even sorting network with the Cauchy relaxation, one per (size, steepness, device), built there.
-
-    CRUCIAL: DiffSortNet keeps its network in a plain list, so module.to(device) would not move it (spec 8.1)."""
-    key = (size, float(steepness), str(device))
-    if key not in _SORTERS:
-        _SORTERS[key] = diffsort.DiffSortNet(
-            "odd_even", size, device=device, steepness=steepness, distribution="cauchy"
-        )
-    return _SORTERS[key]
-
-
-def ordering_loss(s: torch.Tensor, k: int, steepness: float = 1.0) -> torch.Tensor:
-    """The group-ordering BCE of pre-ordered rows s [R, n] (k negatives, then n - k positives), mean over rows.
-
-    diffsort's soft permutation P [R, n, n] (sorted = s @ P, ascending; P[r, i, j] = P(input i -> rank j)) gives each
-    input's probability of landing among the k lowest ranks, q_neg, and among the others, q_pos. The loss is
-    (BCE(q_pos, t_pos) + BCE(q_neg, t_neg)) / 2 with t = the identity permutation's sums (t_neg[i] = i < k)."""
-    n = s.shape[1]
-    with torch.autocast(s.device.type, enabled=False):  # CRUCIAL: the sort in fp32 (autocast would run it in bf16)
-        _, perm = sorter(n, steepness, s.device)(s.float())
-    # CRUCIAL: a NaN would make BCE raise (CPU) or assert (CUDA) before the step check can name the step: the
-    # probabilities are made finite for BCE and the loss is returned as NaN, which train_one_epoch reports
-    finite = torch.isfinite(perm).all()
-    q_neg = perm[:, :, :k].sum(2).nan_to_num(0.5).clamp(0, 1)  # clamped: rounding can leave [0, 1] (official)
-    q_pos = perm[:, :, k:].sum(2).nan_to_num(0.5).clamp(0, 1)
-    t_neg = (torch.arange(n, device=s.device) < k).float().expand_as(q_neg)
-    loss = (F.binary_cross_entropy(q_pos, 1 - t_neg) + F.binary_cross_entropy(q_neg, t_neg)) / 2  # log clamped -100
-    return torch.where(finite, loss, float("nan"))
-
-
-def groco_loss(
-    views: list, topk_neg: int = 10, steepness: float = 1.0, n_pos_augs: Optional[int] = None, stop_grad: bool = True
-) -> torch.Tensor:
-    """The GroCo loss (spec 1.2), a scalar, in fp32 outside autocast.
-
-    views: V embeddings [B, D] (row b of every view is one image; the positive views first). Every view is an anchor:
-    positives = the other views among the first n_pos_augs (default all), negatives = the topk_neg most similar other
-    images of the anchor's own view (under DDP: over the global batch). s = [negatives ascending, positives ascending]
-    is sorted by diffsort (sorted = s @ P, P[b, i, j] = P(input i -> rank j)); the BCE of the probability mass each
-    input puts on the K negative ranks (and on the rest) against its group, halved, mean over rows; mean over anchors.
-    stop_grad: the positives and the negative candidates are detached; only the anchor side gets gradient."""
-    n_views, k = len(views), topk_neg
-    n_pos = n_views if n_pos_augs is None else n_pos_augs
-    if not 2 <= n_pos <= n_views:
-        raise ValueError(f"n_pos_augs {n_pos} must be between 2 and the number of views {n_views}")
-    with torch.autocast(views[0].device.type, enabled=False):  # CRUCIAL: cosines and the sort in fp32
-        z = torch.stack(views).float()  # [V, B, D]
-        b, device = z.shape[1], z.device
-        zn = F.normalize(z, dim=2, eps=1e-8)
-        cand, rank = (zn.detach() if stop_grad else zn), 0  # negative candidates: each anchor's own view
-        if dist.is_initialized() and dist.get_world_size() > 1:  # PAPER: negatives from the global batch
-            world, rank = dist.get_world_size(), dist.get_rank()
-            flat = cand.flatten(0, 1)  # [V*B, D]; rank-major after the gather
-            if stop_grad:
-                parts = [torch.empty_like(flat) for _ in range(world)]
-                dist.all_gather(parts, flat.contiguous())
-                flat = torch.cat(parts)
-            else:  # DEVIATION: every rank's gradient flows back (official GatherLayer keeps only the local one)
-                flat = gather_with_grad(flat)
-            cand = flat.view(world, n_views, b, -1).transpose(0, 1).flatten(1, 2)  # [V, B_global, D]
-        if cand.shape[1] - 1 < k:
-            raise ValueError(f"topk_neg {k} needs at least {k + 1} images in the (global) batch, got {cand.shape[1]}")
-        me = torch.arange(b, device=device)
-        is_self = me[:, None] + rank * b == torch.arange(cand.shape[1], device=device)  # [B, B_global]
-        neg = (zn @ cand.transpose(1, 2)).masked_fill(is_self, float("-inf"))  # CRUCIAL: self masked before top-k
-        neg = neg.topk(k, dim=2).values.flip(2)  # [V, B, K]: the hardest negatives, ascending
-        pos_side = z.detach() if stop_grad else z
-        loss = 0.0
-        # anchors with the same number of positives share one sort: global ones n_pos - 1, local ones n_pos
-        for lo, hi in ((0, n_pos), (n_pos, n_views)):
-            if hi == lo:
-                continue
-            cos = [[F.cosine_similarity(z[a], pos_side[p], dim=1, eps=1e-8) for p in range(n_pos) if p != a]
-                   for a in range(lo, hi)]  # fmt: skip
-            pos = torch.stack([torch.stack(c, 1) for c in cos]).sort(2).values  # [A, B, n_p]: plain cosines, ascending
-            s = torch.cat([neg[lo:hi], pos], 2).flatten(0, 1)  # [A*B, K + n_p]: negatives first
-            loss = loss + (hi - lo) * ordering_loss(s, k, steepness)  # A x the mean over A*B rows = sum of A means
-        return loss / n_views
-
-
-# SHARED: ddp-gather
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward sums every rank's gradient and returns this rank's slice."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return torch.cat(out, 0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every rank's loss depends on every rank's x
-        n = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x from all ranks along dim 0, gradient flowing back to each rank's own rows; identity on 1 rank."""
-    return _GatherWithGrad.apply(x) if dist.is_initialized() and dist.get_world_size() > 1 else x
-
-
-# END SHARED
-
-
-# ==== 5. OPTIMIZER & SCHEDULES ====
-# PAPER: pre-training is plain SGD (no LARS, spec 3); LARC wraps only the linear probe (spec 5.2)
 # SHARED: lars
 class LARS(torch.optim.Optimizer):
     """SGD (momentum, optional Nesterov) with layer-wise adaptive rate scaling (solo-learn's LARSWrapper, apex LARC).
@@ -937,21 +961,50 @@ class LARS(torch.optim.Optimizer):
 # END SHARED
 
 
-def scaled_lr(args: Args) -> float:
-    """PAPER: linear lr x batch/32 (= lr x 32 x batch/1024), or sqrt lr x sqrt(batch): 6 (800 ep) to 24 (100 ep)."""
-    return args.lr * (args.batch_size / 32 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
+# SHARED: ddp-gather
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums every rank's gradient and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on every rank's x
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
 
 
-def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
-    """Per-step LR (official CustomCosineSchedulerWithWarmup stepped every iteration): step / warmup x lr during the
-    warm-up (0 at the first step), then a cosine from lr to 0 over the remaining steps. A pure function of the step."""
-    base, warmup = scaled_lr(args), round(args.warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        return base * step / warmup
-    return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / (steps_per_epoch * args.epochs - warmup)))
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from all ranks along dim 0, gradient flowing back to each rank's own rows; identity on 1 rank."""
+    return _GatherWithGrad.apply(x) if dist.is_initialized() and dist.get_world_size() > 1 else x
 
 
-# ==== 6. TRAIN LOOP ====
+# END SHARED
+
+
+# SHARED: ddp-setup
+def setup_distributed(device_arg: Optional[str]) -> tuple:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per device, nccl on GPU, gloo on CPU.
+    Without them: a single process, no process group. Returns (rank, world_size, device)."""
+    use_cuda = torch.cuda.is_available() and (device_arg or "cuda") != "cpu"
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device_arg or ("cuda" if use_cuda else "cpu"))
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    return rank, world_size, device
+
+
+# END SHARED
+
+
 # SHARED: train-utils
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, device=None) -> list:
     """The epoch's global batches: a seeded permutation cut into full batches (drop_last).
@@ -983,84 +1036,6 @@ def memory_note(device: torch.device) -> str:
 
 
 # END SHARED
-
-
-def train_step(run: SimpleNamespace, groups: list) -> tuple:
-    """One GroCo step on this rank's crops (one tensor per group). Returns (loss, pos_sim, neg_sim), detached."""
-    args = run.args
-    with run.autocast:
-        z = run.ddp_model([x.contiguous(memory_format=run.fmt) for x in groups])
-    loss = groco_loss(z, args.topk_neg, args.steepness, args.n_large, args.stop_grad)  # fp32, outside autocast
-    run.opt.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    run.scaler.step(run.opt)
-    run.scaler.update()
-    with torch.no_grad():  # monitoring (official info_pos / info_neg): view 0 vs view 1, and view 0's hardest negative
-        z0, z1 = F.normalize(z[0].float(), dim=1), F.normalize(z[1].float(), dim=1)
-        sim = z0 @ z0.T - 3 * torch.eye(len(z0), device=z0.device)
-        pos_sim, neg_sim = (z0 * z1).sum(1).mean(), sim.amax(1).mean()
-    return loss.detach(), pos_sim, neg_sim
-
-
-def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
-    """Train from step start_step of `epoch` to its end (or to --max-steps). Returns averaged metrics."""
-    args, opt, device = run.args, run.opt, run.device
-    spe, is_main = run.steps_per_epoch, run.rank == 0
-    in_memory = torch.is_tensor(run.data["train_x"])
-    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, epoch, device if in_memory else None)
-    last = min(spe, run.total_steps - epoch * spe)
-    keys = [(args.seed, "train", epoch, s) for s in range(start_step, last)]
-    stream = view_batches(run, run.data["train_x"], batches[start_step:last], keys, run.groups)
-    tally, window = epoch_state(run, epoch, 3), torch.zeros(3, device=device)  # loss, positive and negative cosine
-    no_bad = 2**62
-    bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
-    run.model.train()
-    bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=not is_main, dynamic_ncols=True)
-    t0, n_done, n_logged = time.perf_counter(), 0, 0
-    for step in bar:
-        gstep = epoch * spe + step
-        lr = lr_at(gstep, args, spe)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        tw = time.perf_counter()
-        groups = next(stream)
-        run.data_wait_s += time.perf_counter() - tw  # host time spent waiting for (or making) the crops
-        loss, pos_sim, neg_sim = train_step(run, groups)
-        bad_step = torch.minimum(bad_step, torch.where(torch.isfinite(loss), no_bad, gstep + 1))
-        window += torch.stack([loss, pos_sim, neg_sim])
-        n_done += 1
-        run.images_seen += args.batch_size  # counted per step: a mid-epoch checkpoint holds the true count
-        run.global_step = gstep + 1
-        stop = stop_now(run)  # a stop signal: this step is the last (its checkpoint follows)
-        save_now = args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe
-        if (step + 1) % args.log_every == 0 or step + 1 == last or save_now or stop:  # a checkpoint holds every step
-            if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
-                dist.all_reduce(window)
-                window /= run.world_size
-                dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
-            if bad_step.item() < no_bad:
-                msg = f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); try a lower --lr"
-                raise RunError(msg, every_rank=True)
-            m = (window / (n_done - n_logged)).tolist()  # mean over the steps since the last log line
-            tally["sums"] += window
-            tally["n"] += n_done - n_logged
-            window, n_logged = torch.zeros_like(window), n_done
-            if is_main:
-                bar.set_postfix(loss=f"{m[0]:.4f}", pos=f"{m[1]:.2f}", neg=f"{m[2]:.2f}", lr=f"{lr:.3f}")
-                rec = dict(step=gstep + 1, epoch=epoch, loss=m[0], pos_sim=m[1], neg_sim=m[2])
-                log_jsonl(run, dict(type="train", lr=lr, **rec))
-        if save_now and not stop:  # a stop saves after the loop
-            sync(device)  # a checkpoint does not count as training time
-            run.train_time_s += time.perf_counter() - t0
-            save_state(run)
-            t0 = time.perf_counter()
-        if stop:
-            break
-    sync(device)
-    run.train_time_s += time.perf_counter() - t0
-    m = (tally["sums"] / max(tally["n"], 1)).tolist()  # the whole epoch's means, steps before a resume included
-    lr = lr_at(run.global_step - 1, args, spe)
-    return dict(loss=m[0], pos_sim=m[1], neg_sim=m[2], lr=lr, time_s=run.train_time_s - tally["t0"])
 
 
 # SHARED: bench
@@ -1110,7 +1085,6 @@ def measure_data(run: SimpleNamespace, steps: int) -> float:
 # END SHARED
 
 
-# ==== 7. EVALUATION ====
 # SHARED: eval-memory
 class LargestTensor(TorchDispatchMode):
     """Records the element count of the largest tensor any op makes while active (modules or functional code) among
@@ -1346,25 +1320,6 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
 # END SHARED
 
 
-# ==== 8. MAIN ====
-# SHARED: ddp-setup
-def setup_distributed(device_arg: Optional[str]) -> tuple:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per device, nccl on GPU, gloo on CPU.
-    Without them: a single process, no process group. Returns (rank, world_size, device)."""
-    use_cuda = torch.cuda.is_available() and (device_arg or "cuda") != "cpu"
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device_arg or ("cuda" if use_cuda else "cpu"))
-    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
-    return rank, world_size, device
-
-
-# END SHARED
-
-
 # SHARED: save-state
 def log_jsonl(run: SimpleNamespace, record: dict) -> None:
     with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
@@ -1468,67 +1423,6 @@ def check_common_args(
 # END SHARED
 
 
-def check_args(args: Args, world_size: int) -> None:
-    """Refuse bad input with one clear line, before any data is read or process group created."""
-    check_common_args(
-        args, world_size, "proj_dim topk_neg n_large small_size", "n_small", "steepness", "", "small_scale"
-    )
-    if args.n_large < 2:
-        raise RunError(f"--n-large {args.n_large}: GroCo needs at least 2 global views (an anchor needs a positive)")
-    if args.batch_size < args.topk_neg + 1:  # the negatives are drawn from the global batch
-        raise RunError(f"--batch-size {args.batch_size} is too small for --topk-neg {args.topk_neg}: need >= K + 1")
-
-
-def run_training(args: Args) -> dict:
-    run = start_run(args)
-    args = run.args  # as start_run settled them (precision, probe batch)
-    device, world_size, is_main = run.device, run.world_size, run.rank == 0
-    torch.manual_seed(args.seed)  # the same initial model on every rank
-    run.model = model = GroCo(args.arch, args.proj_dim).to(device, memory_format=run.fmt)
-    run.groups = crop_groups(args)
-    # PAPER: plain SGD with momentum 0.9, weight decay on every parameter (BN and biases too); no LARS/LARC
-    params = [p for p in model.parameters() if p.requires_grad]
-    run.opt = torch.optim.SGD(params, lr=scaled_lr(args), momentum=args.momentum, weight_decay=args.weight_decay)
-    resume_state(run, set())
-
-    net = model
-    if world_size > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (PyTorch's needs CUDA)
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if world_size > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    run.ddp_model = torch.compile(net) if args.compile else net
-    bench = run_benchmarks(run)
-
-    total_steps = run.steps_per_epoch * args.epochs
-    run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-    Stop.in_steps = True  # a stop signal now ends the run after the current step, with a checkpoint
-    while run.global_step < run.total_steps:
-        epoch, start = divmod(run.global_step, run.steps_per_epoch)
-        m = train_one_epoch(run, epoch, start)
-        save_state(run)
-        if run.global_step % run.steps_per_epoch:
-            stop_if_asked(run)  # stopped within the epoch: no epoch line
-        knn = ""
-        if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.global_step < run.total_steps:
-            knn = f" | knn@1 {evaluate(run, tag=f'epoch {epoch + 1}').get('knn_top1', 0):.1f}"
-        if is_main:
-            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
-            print(
-                f"ep {epoch + 1}/{args.epochs} | loss {m['loss']:.4f} | pos {m['pos_sim']:.3f} neg {m['neg_sim']:.3f}"
-                f" | lr {m['lr']:.3f}{knn} | {m['time_s']:.1f} s{memory_note(device)}"
-            )
-        stop_if_asked(run)
-    Stop.in_steps = False
-
-    res = evaluate(run, tag="final")
-    if is_main:
-        paper = "GroCo, Learning by Sorting (arXiv 2301.02009)"
-        write_results(run, paper, dict(scaled_lr=scaled_lr(args), n_pos_augs=args.n_large), bench, res)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return res
-
-
 # SHARED: run-state
 def start_run(args: Args) -> SimpleNamespace:
     """Check the args, join the process group, read the data (kept on the device when in memory), set precision.
@@ -1619,6 +1513,115 @@ def run_benchmarks(run: SimpleNamespace) -> dict:
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     return bench
+
+
+# END SHARED
+
+
+# SHARED: run-utils
+class RunError(Exception):
+    """A bad input or a failed run: main prints its one-line message and exits non-zero. every_rank: raised alike on
+    every rank (arguments, out-dir, data), so under torchrun rank 0 alone prints it."""
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
+
+
+def rng_seed(*keys) -> int:
+    """A 56-bit seed derived from any keys, e.g. (seed, 'train', epoch, step): independent, reproducible streams."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:7], "little")
+
+
+def cpus_per_process() -> int:
+    """The CPUs this process may use (its affinity, as DataLoader counts them) over torchrun's local ranks, at most
+    10: the default number of DataLoader workers."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(10, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Create --out-dir and write a file in it before any data is read: a run must not train and then fail to save."""
+    probe = Path(out_dir) / f".write-test-{os.getpid()}"
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"--out-dir {out_dir} cannot be written: {e.strerror or e}", every_rank=True)
+
+
+class RunStopped(Exception):
+    """A stop signal ended the run: main prints one line (stop_message) and exits with 128 + the signal number."""
+
+
+class Stop:
+    """SIGTERM (what a cluster scheduler sends before it kills a job) and SIGINT (Ctrl-C). During the training steps
+    (in_steps) they only set signum: every rank finishes its step, last.pt is saved and the run exits (stop_now,
+    stop_if_asked); elsewhere (loading data, evaluating) the run ends at once. `run`: the run main reports on."""
+
+    signum: Optional[int] = None
+    in_steps: bool = False
+    run: Optional[SimpleNamespace] = None
+
+    @staticmethod
+    def handler(signum, frame) -> None:
+        Stop.signum = signum
+        if not Stop.in_steps:
+            raise RunStopped()
+
+    @staticmethod
+    def install() -> None:
+        Stop.signum, Stop.in_steps, Stop.run = None, False, None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, Stop.handler)
+
+    @staticmethod
+    def uninstall() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn. Ctrl-C reaches every process of the terminal: the main process handles it and stops
+    the workers after its step, so a worker ignores it. SIGTERM (the DataLoader's own shutdown, or a scheduler that
+    signals every process of the job) ends a worker at once with exit code 0, so the main process, which finishes
+    its step with the batch it holds, does not take it for a crash."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+def stop_now(run: SimpleNamespace) -> bool:
+    """After every step: did any rank get a stop signal? Under DDP a CPU all-reduce of one integer (gloo, no device
+    sync), so every rank stops after the same step."""
+    asked = Stop.signum or 0
+    if run.world_size > 1:
+        if not hasattr(run, "stop_group"):  # first step, on every rank alike
+            run.stop_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        flag = torch.tensor([asked])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.stop_group)
+        asked = int(flag)
+        Stop.signum = Stop.signum or asked or None
+    return asked > 0
+
+
+def stop_if_asked(run: SimpleNamespace) -> None:
+    """After the checkpoint that follows the steps: end the run if a stop signal came."""
+    if Stop.signum:
+        raise RunStopped()
+
+
+def stop_message(run: Optional[SimpleNamespace]) -> str:
+    """The one line main prints for a stop: where the run was and what rerunning the same command does."""
+    sig, again = signal.Signals(Stop.signum).name, "rerun the same command to"
+    if run is None or not hasattr(run, "total_steps"):
+        return f"stopped by {sig} before training; {again} start"
+    last, at = Path(run.args.out_dir) / "last.pt", f"step {run.global_step} of {run.total_steps}"
+    if Stop.in_steps:
+        return f"stopped at {at} by {sig}; saved {last}; {again} resume"
+    if run.global_step >= run.total_steps and last.is_file():
+        return f"stopped by {sig} while evaluating; the trained weights are in {last}; {again} evaluate them"
+    return f"stopped by {sig} at {at}; {again} resume"
 
 
 # END SHARED

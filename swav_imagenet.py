@@ -266,116 +266,395 @@ def parse_args(argv: Optional[list] = None) -> Args:
     return tyro.cli(RECIPES, default=Args(), args=argv)
 
 
-# SHARED: run-utils
-class RunError(Exception):
-    """A bad input or a failed run: main prints its one-line message and exits non-zero. every_rank: raised alike on
-    every rank (arguments, out-dir, data), so under torchrun rank 0 alone prints it."""
-
-    def __init__(self, message: str, every_rank: bool = False):
-        super().__init__(message)
-        self.every_rank = every_rank
-
-
-def rng_seed(*keys) -> int:
-    """A 56-bit seed derived from any keys, e.g. (seed, 'train', epoch, step): independent, reproducible streams."""
-    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:7], "little")
-
-
-def cpus_per_process() -> int:
-    """The CPUs this process may use (its affinity, as DataLoader counts them) over torchrun's local ranks, at most
-    10: the default number of DataLoader workers."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(10, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
-def check_out_dir(out_dir: str) -> None:
-    """Create --out-dir and write a file in it before any data is read: a run must not train and then fail to save."""
-    probe = Path(out_dir) / f".write-test-{os.getpid()}"
-    try:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise RunError(f"--out-dir {out_dir} cannot be written: {e.strerror or e}", every_rank=True)
-
-
-class RunStopped(Exception):
-    """A stop signal ended the run: main prints one line (stop_message) and exits with 128 + the signal number."""
-
-
-class Stop:
-    """SIGTERM (what a cluster scheduler sends before it kills a job) and SIGINT (Ctrl-C). During the training steps
-    (in_steps) they only set signum: every rank finishes its step, last.pt is saved and the run exits (stop_now,
-    stop_if_asked); elsewhere (loading data, evaluating) the run ends at once. `run`: the run main reports on."""
-
-    signum: Optional[int] = None
-    in_steps: bool = False
-    run: Optional[SimpleNamespace] = None
-
-    @staticmethod
-    def handler(signum, frame) -> None:
-        Stop.signum = signum
-        if not Stop.in_steps:
-            raise RunStopped()
-
-    @staticmethod
-    def install() -> None:
-        Stop.signum, Stop.in_steps, Stop.run = None, False, None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, Stop.handler)
-
-    @staticmethod
-    def uninstall() -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
-
-
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn. Ctrl-C reaches every process of the terminal: the main process handles it and stops
-    the workers after its step, so a worker ignores it. SIGTERM (the DataLoader's own shutdown, or a scheduler that
-    signals every process of the job) ends a worker at once with exit code 0, so the main process, which finishes
-    its step with the batch it holds, does not take it for a crash."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
-
-
-def stop_now(run: SimpleNamespace) -> bool:
-    """After every step: did any rank get a stop signal? Under DDP a CPU all-reduce of one integer (gloo, no device
-    sync), so every rank stops after the same step."""
-    asked = Stop.signum or 0
-    if run.world_size > 1:
-        if not hasattr(run, "stop_group"):  # first step, on every rank alike
-            run.stop_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-        flag = torch.tensor([asked])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.stop_group)
-        asked = int(flag)
-        Stop.signum = Stop.signum or asked or None
-    return asked > 0
-
-
-def stop_if_asked(run: SimpleNamespace) -> None:
-    """After the checkpoint that follows the steps: end the run if a stop signal came."""
-    if Stop.signum:
-        raise RunStopped()
-
-
-def stop_message(run: Optional[SimpleNamespace]) -> str:
-    """The one line main prints for a stop: where the run was and what rerunning the same command does."""
-    sig, again = signal.Signals(Stop.signum).name, "rerun the same command to"
-    if run is None or not hasattr(run, "total_steps"):
-        return f"stopped by {sig} before training; {again} start"
-    last, at = Path(run.args.out_dir) / "last.pt", f"step {run.global_step} of {run.total_steps}"
-    if Stop.in_steps:
-        return f"stopped at {at} by {sig}; saved {last}; {again} resume"
-    if run.global_step >= run.total_steps and last.is_file():
-        return f"stopped by {sig} while evaluating; the trained weights are in {last}; {again} evaluate them"
-    return f"stopped by {sig} at {at}; {again} resume"
-
-
-# END SHARED
-
-
 # ==== 2. DATA & AUGMENTATIONS ====
+def crop_groups(args: Args) -> list:
+    """The official multi-crop (spec 1.2): every crop gets ColorJitter(.8s, .8s, .8s, .2s), blur p 0.5, no solarize."""
+    st = args.jitter_strength
+    aug = dict(jitter=(0.8 * st, 0.8 * st, 0.8 * st, 0.2 * st), blur=args.blur_prob, solarize=args.solarize_prob)
+    groups = [CropGroup(args.n_large, args.large_size, tuple(args.large_scale), **aug)]
+    return groups + ([CropGroup(args.n_small, args.small_size, tuple(args.small_scale), **aug)] if args.n_small else [])
+
+
+# ==== 3. MODEL ====
+class SwAV(nn.Module):
+    """ResNet -> head (2048-2048-128, BN) -> L2-normalised z -> scores against K unit prototypes (spec 2)."""
+
+    def __init__(self, arch: str, hidden_dim: int, feat_dim: int, n_prototypes: int):
+        super().__init__()
+        self.backbone = RESNETS[arch]()  # PAPER: torchvision ResNet-50, zero_init_residual=False, no fc
+        f = self.backbone.num_features
+        if hidden_dim:
+            self.head = nn.Sequential(
+                nn.Linear(f, hidden_dim),
+                nn.BatchNorm1d(hidden_dim),
+                nn.ReLU(inplace=True),
+                nn.Linear(hidden_dim, feat_dim),
+            )
+        else:
+            self.head = nn.Linear(f, feat_dim)
+        self.prototypes = nn.Linear(feat_dim, n_prototypes, bias=False)  # CRUCIAL: no bias (lightly adds one)
+
+    def forward(self, groups: list) -> tuple:
+        """groups: one tensor per resolution, crop-major [n*b, 3, S, S]. Returns z [N, D] and scores [N, K], fp32.
+
+        CRUCIAL: each resolution goes through the backbone in one pass (BN statistics per resolution), and the pooled
+        features of all crops go through the head together (official multi-resolution forward)."""
+        h = torch.cat([self.backbone(x) for x in groups])
+        z = F.normalize(self.head(h).float(), dim=1)  # z: [N, D], unit norm
+        with torch.autocast(z.device.type, enabled=False):  # the scores in fp32: bf16 noise would be amplified 1/eps
+            scores = self.prototypes(z)  # [N, K], cosine similarities in [-1, 1]
+        return z, scores
+
+
+@torch.no_grad()
+def normalize_prototypes(model: SwAV) -> None:
+    """PAPER: every row of C is L2-normalised before each forward (official); the momentum buffer is left alone."""
+    w = model.prototypes.weight
+    w.copy_(F.normalize(w, dim=1))
+
+
+# ==== 4. LOSS ====
+@torch.no_grad()
+def sinkhorn(
+    scores: torch.Tensor, eps: float = 0.05, iters: int = 3, distributed: Optional[bool] = None, fp64: bool = False
+) -> torch.Tensor:
+    """Soft codes q [B, K] from raw prototype scores [B, K] with Sinkhorn-Knopp (spec 3; paper App. A.1).
+
+    Q = exp(S / eps)^T (K x B), normalised to total mass 1; then `iters` times: every prototype row to mass 1/K, then
+    every sample column to mass 1/B; finally columns times B, so each returned row sums to 1. The scores are
+    similarities, so this is exp(+S/eps) (POT's exp(-C/eps) with C = -S). Under DDP (default when a process group of
+    size > 1 exists) the total and the row sums are all-reduced and B is the global batch: the result equals one
+    process on the concatenated batch (spec 3.3). DEVIATION: fp32 (or fp64) with the global max of S/eps subtracted
+    before exp, which changes nothing mathematically and removes overflow (the official code exponentiates as is)."""
+    distributed = dist.is_initialized() and dist.get_world_size() > 1 if distributed is None else distributed
+    world = dist.get_world_size() if distributed else 1
+    s = scores.detach().to(torch.float64 if fp64 else torch.float32) / eps
+    shift = s.max()
+    if distributed:
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    q = torch.exp(s - shift).T  # [K, b]
+    k, b = q.shape
+    n = b * world  # the global B as in the official code (a constant factor: the next normalisation cancels it)
+    total = q.sum()
+    if distributed:
+        dist.all_reduce(total)
+    q /= total
+    for _ in range(iters):
+        rows = q.sum(1, keepdim=True)  # per-prototype mass over the global batch
+        if distributed:
+            dist.all_reduce(rows)
+        q /= rows
+        q /= k
+        q /= q.sum(0, keepdim=True)  # per-sample mass: each column lives on one rank
+        q /= n
+    q *= n
+    return q.T.float()
+
+
+def swav_loss(
+    scores: list,
+    temperature: float,
+    eps: float,
+    iters: int,
+    crops_for_assign=(0, 1),
+    queue_scores: Optional[list] = None,
+    fp64: bool = False,
+) -> torch.Tensor:
+    """Swapped prediction (spec 4): for each assignment crop i, q_i = sinkhorn(scores[i]) (no gradient), and every other
+    crop v predicts it: CE(i, v) = mean_b -sum_k q_i log softmax(scores[v] / T). Returns the mean of CE(i, v) over all
+    ordered pairs (i in crops_for_assign, v != i), i.e. (1/|assign|) sum_i sum_{v != i} CE(i, v) / (n - 1).
+
+    scores: n tensors [B, K] of raw scores, large crops first. queue_scores: optional list (one per assignment crop)
+    of [L, K] scores of queued embeddings, put before the batch in the Sinkhorn input only (spec 5). fp64: Sinkhorn in
+    float64 (--sinkhorn-fp64; VISSL's use_double_precision switch)."""
+    n = len(scores)
+    log_p = F.log_softmax(torch.stack(scores).float() / temperature, dim=-1)  # [n, B, K], fp32
+    total = 0.0
+    for j, i in enumerate(crops_for_assign):
+        s = scores[i].detach()
+        if queue_scores is not None:
+            q = sinkhorn(torch.cat([queue_scores[j], s]), eps, iters, fp64=fp64)[-len(s) :]  # the batch's codes
+        else:
+            q = sinkhorn(s, eps, iters, fp64=fp64)
+        ce = -(q * log_p).sum(-1).mean(-1)  # [n]: CE(i, v) for every crop v
+        total = total + (ce.sum() - ce[i]) / (n - 1)  # all v != i (no list indexing: no host-to-device copy)
+    return total / len(crops_for_assign)
+
+
+class Queue:
+    """FIFO of this rank's recent z per assignment crop, [n_assign, L_local, D], newest first (spec 5).
+
+    It enters Sinkhorn only once full (official: the last slot is non-zero), with scores recomputed from the current
+    prototypes every step, and it is updated after it was read, so the current batch never appears twice."""
+
+    def __init__(self, n_assign: int, length: int, dim: int, device: torch.device):
+        self.z = torch.zeros(n_assign, length, dim, device=device)
+        self.filled = 0
+
+    @property
+    def full(self) -> bool:
+        return self.filled >= self.z.shape[1]
+
+    @torch.no_grad()
+    def scores(self, prototypes: torch.Tensor) -> list:
+        return list(self.z @ prototypes.detach().float().T)  # [L, K] per assignment crop
+
+    @torch.no_grad()
+    def push(self, z: torch.Tensor) -> None:
+        """z: [n_assign, b, D] of the current batch (this rank)."""
+        self.z = torch.cat([z.detach().float(), self.z[:, : -z.shape[1]]], 1)
+        self.filled = min(self.filled + z.shape[1], self.z.shape[1])
+
+
+# ==== 5. OPTIMIZER & SCHEDULES ====
+def param_groups(model: nn.Module, args: Args) -> list:
+    """Official LARC: one group, every parameter with LARS and weight decay (biases, BN and prototypes included).
+    --lars-exclude-1d (solo-learn, the CIFAR proxy): biases and norms get neither."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not args.lars_exclude_1d:
+        return [dict(params=params, weight_decay=args.weight_decay)]
+    decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
+    return [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0, lars=False)]
+
+
+def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
+    """Per-step LR (official): linear warm-up from start_warmup to the scaled base LR (numpy linspace, both ends
+    included), then a cosine from base to final over the remaining steps. A pure function of the step."""
+    base = args.lr * args.batch_size / 256  # PAPER: 4.8 at batch 4096 (0.3 per 256)
+    final = base * args.final_lr_ratio
+    warmup = round(args.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return args.start_warmup + (base - args.start_warmup) * step / max(warmup - 1, 1)
+    t, span = step - warmup, steps_per_epoch * args.epochs - warmup
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * t / span))
+
+
+# ==== 6. TRAIN LOOP ====
+def train_step(run: SimpleNamespace, groups: list, gstep: int) -> tuple:
+    """One SwAV step on this rank's crops (one tensor per resolution). Returns (loss, z, scores), detached."""
+    args, model = run.args, run.model
+    n_crops, b = args.n_large + args.n_small, groups[0].shape[0] // args.n_large
+    normalize_prototypes(model)
+    with run.autocast:
+        z, scores = run.ddp_model([x.contiguous(memory_format=run.fmt) for x in groups])
+    use_queue = run.queue is not None and run.queue.full
+    queue_scores = run.queue.scores(model.prototypes.weight) if use_queue else None
+    scores_v = list(scores.view(n_crops, b, -1))
+    loss = swav_loss(
+        scores_v, args.temperature, args.epsilon, args.sinkhorn_iters, args.crops_for_assign, queue_scores,
+        args.sinkhorn_fp64,
+    )  # fmt: skip
+    if run.queue is not None:
+        run.queue.push(torch.stack([z.view(n_crops, b, -1)[i] for i in args.crops_for_assign]))
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if gstep < run.freeze_steps:  # PAPER: prototypes frozen for the first epoch; grad=None skips LARC entirely
+        model.prototypes.weight.grad = None
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    return loss.detach(), z.detach(), scores.detach()
+
+
+def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
+    """Train from step start_step of `epoch` to its end (or to --max-steps). Returns averaged metrics."""
+    args, model, opt, device = run.args, run.model, run.opt, run.device
+    spe, is_main, k = run.steps_per_epoch, run.rank == 0, args.n_prototypes
+    if args.queue_length and epoch >= args.queue_start_epoch and run.queue is None:
+        length = args.queue_length // args.batch_size * args.batch_size // run.world_size  # PAPER: rounded down
+        run.queue = Queue(len(args.crops_for_assign), length, args.feat_dim, device)
+        if is_main:
+            print(f"queue created at epoch {epoch + 1}: {length * run.world_size} embeddings, used once full")
+    in_memory = torch.is_tensor(run.data["train_x"])
+    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, epoch, device if in_memory else None)
+    last = min(spe, run.total_steps - epoch * spe)
+    keys = [(args.seed, "train", epoch, s) for s in range(start_step, last)]
+    stream = view_batches(run, run.data["train_x"], batches[start_step:last], keys, run.groups)
+    n_crops = args.n_large + args.n_small
+    b = args.batch_size // run.world_size
+    tally, window = epoch_state(run, epoch, 4), torch.zeros(4, device=device)  # loss, loss/lnK, used, entropy
+    no_bad = 2**62
+    bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
+    bad_stats = torch.zeros(3, device=device)  # min, max, norm of that step's scores
+    model.train()
+    bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=not is_main, dynamic_ncols=True)
+    t0, n_done, n_logged = time.perf_counter(), 0, 0
+    for step in bar:
+        gstep = epoch * spe + step
+        lr = lr_at(gstep, args, spe)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        tw = time.perf_counter()
+        groups = next(stream)
+        run.data_wait_s += time.perf_counter() - tw  # host time spent waiting for (or making) the crops
+        loss, z, scores = train_step(run, groups, gstep)
+        scores_v = scores.view(n_crops, b, k)
+        finite = torch.isfinite(loss)
+        first_bad = ~finite & (bad_step == no_bad)
+        bad_stats = torch.where(first_bad, torch.stack([scores.min(), scores.max(), z.norm(dim=1).max()]), bad_stats)
+        bad_step = torch.minimum(bad_step, torch.where(finite, no_bad, gstep + 1))
+        with torch.no_grad():  # collapse diagnostics of crop 0 (spec 4.4): distinct argmax prototypes, entropy
+            used = torch.zeros(k, device=device).index_fill_(0, scores_v[0].argmax(1), 1).sum()  # CUDA bincount syncs
+            p_mean = F.softmax(scores_v[0] / args.temperature, dim=1).mean(0)
+            ent = -(p_mean * p_mean.clamp_min(1e-12).log()).sum() / math.log(k)
+            window += torch.stack([loss, loss / math.log(k), used.float(), ent])
+        n_done += 1
+        run.images_seen += args.batch_size  # counted per step: a mid-epoch checkpoint holds the true count
+        run.global_step = gstep + 1
+        stop = stop_now(run)  # a stop signal: this step is the last (its checkpoint follows)
+        save_now = args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe
+        if (step + 1) % args.log_every == 0 or step + 1 == last or save_now or stop:  # a checkpoint holds every step
+            if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
+                dist.all_reduce(window)
+                window /= run.world_size
+                dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+            if bad_step.item() < no_bad:
+                lo, hi, zn = bad_stats.tolist()
+                raise RunError(
+                    f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}; scores min {lo:.3g} max {hi:.3g}, "
+                    f"max |z| {zn:.3g}); try a lower --lr, --amp none or --sinkhorn-fp64", every_rank=True,
+                )  # fmt: skip
+            m = (window / (n_done - n_logged)).tolist()  # mean over the steps since the last log line
+            tally["sums"] += window
+            tally["n"] += n_done - n_logged
+            window, n_logged = torch.zeros_like(window), n_done
+            rec = dict(step=gstep + 1, epoch=epoch, loss=m[0], loss_over_lnK=m[1], protos_used=m[2], entropy=m[3])
+            if is_main:
+                bar.set_postfix(loss=f"{m[0]:.3f}", used=f"{m[2]:.0f}", lr=f"{lr:.3f}")
+                log_jsonl(run, dict(type="train", lr=lr, queue=run.queue is not None and run.queue.full, **rec))
+        if save_now and not stop:  # a stop saves after the loop
+            sync(device)  # a checkpoint does not count as training time
+            run.train_time_s += time.perf_counter() - t0
+            save_state(run)
+            t0 = time.perf_counter()
+        if stop:
+            break
+    sync(device)
+    run.train_time_s += time.perf_counter() - t0
+    m = (tally["sums"] / max(tally["n"], 1)).tolist()  # the whole epoch's means, steps before a resume included
+    lr = lr_at(run.global_step - 1, args, spe)
+    m = dict(loss=m[0], loss_over_lnK=m[1], protos_used=m[2], entropy=m[3], lr=lr)
+    return dict(m, time_s=run.train_time_s - tally["t0"])
+
+
+# ==== 7. EVALUATION ====
+# ==== 8. MAIN ====
+def log_jsonl(run: SimpleNamespace, record: dict) -> None:
+    with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_state(run: SimpleNamespace) -> None:
+    """out_dir/last.pt, written atomically by rank 0: model, optimizer, scaler, step, timers and every rank's queue."""
+    queue = None
+    if run.queue is not None:  # collective: each rank holds its own queue
+        parts = [run.queue.z]
+        if run.world_size > 1:
+            parts = [torch.empty_like(run.queue.z) for _ in range(run.world_size)]
+            dist.all_gather(parts, run.queue.z)
+        queue = dict(z=torch.stack(parts).cpu(), filled=run.queue.filled)
+    if run.rank != 0:
+        return
+    t0 = time.perf_counter()
+    state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
+    state.update(step=run.global_step, train_time_s=run.train_time_s, images_seen=run.images_seen, queue=queue)
+    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args), epoch_sums=run.epoch_sums)
+    save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
+    run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
+
+
+def check_args(args: Args, world_size: int) -> None:
+    """Refuse bad input with one clear line, before any data is read or process group created."""
+    check_common_args(
+        args, world_size, "feat_dim n_prototypes sinkhorn_iters n_large small_size", "n_small hidden_dim queue_length "
+        "queue_start_epoch syncbn_group_size", "temperature epsilon lars_eta", "final_lr_ratio start_warmup "
+        "freeze_prototypes_epochs jitter_strength", "small_scale",
+    )  # fmt: skip
+    for name in ("blur_prob", "solarize_prob"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise RunError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    n_crops = args.n_large + args.n_small
+    if n_crops < 2 or not args.crops_for_assign or any(not 0 <= i < n_crops for i in args.crops_for_assign):
+        raise RunError(f"--crops-for-assign {args.crops_for_assign} must name crops among the {n_crops} (>= 2) crops")
+    if args.queue_length and args.queue_length < args.batch_size:
+        raise RunError(f"--queue-length {args.queue_length} is shorter than one global batch ({args.batch_size})")
+    if args.syncbn_group_size and world_size % args.syncbn_group_size:
+        raise RunError(f"--syncbn-group-size {args.syncbn_group_size} does not divide the world size {world_size}")
+
+
+def convert_sync_bn(model: nn.Module, args: Args, rank: int, world_size: int) -> nn.Module:
+    """Global SyncBN, or groups of --syncbn-group-size consecutive ranks (official apex runs: groups of 8)."""
+    group = None
+    if args.syncbn_group_size:
+        size = args.syncbn_group_size
+        groups = [dist.new_group(list(range(i, i + size))) for i in range(0, world_size, size)]  # every rank calls all
+        group = groups[rank // size]
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model, group)
+
+
+def run_training(args: Args) -> dict:
+    run = start_run(args)
+    args = run.args  # as start_run settled them (precision, probe batch)
+    device, world_size, is_main = run.device, run.world_size, run.rank == 0
+    torch.manual_seed(args.seed)  # the same initial model on every rank
+    run.model = model = SwAV(args.arch, args.hidden_dim, args.feat_dim, args.n_prototypes).to(
+        device, memory_format=run.fmt
+    )
+    run.groups, run.queue = crop_groups(args), None
+    # PAPER: SGD (momentum 0.9) wrapped in LARC(trust_coefficient=0.001, clip=False), weight decay 1e-6
+    run.opt = LARS(
+        param_groups(model, args), lr=args.lr, momentum=args.momentum, eta=args.lars_eta, clip=args.lars_clip
+    )
+    # epochs, not iterations (swav#76). DEVIATION: 1 epoch at 4096 is 312 steps here (drop_last); official: 313
+    run.freeze_steps = round(args.freeze_prototypes_epochs * run.steps_per_epoch)
+    ckpt = resume_state(run, {"queue"})
+    if ckpt is not None and ckpt["queue"] is not None:  # this rank's part; a new world size re-slices the queue
+        qz = ckpt["queue"]["z"].to(device).transpose(0, 1).flatten(1, 2)  # [n_assign, L, D]
+        run.queue = Queue(qz.shape[0], qz.shape[1] // world_size, qz.shape[2], device)
+        run.queue.z = qz.view(qz.shape[0], world_size, -1, qz.shape[2])[:, run.rank].contiguous()
+        run.queue.filled = min(ckpt["queue"]["filled"], run.queue.z.shape[1])
+
+    net = model
+    if world_size > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (PyTorch's needs CUDA)
+        net = convert_sync_bn(model, args, run.rank, world_size)
+    if world_size > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    run.ddp_model = torch.compile(net) if args.compile else net
+    bench = run_benchmarks(run)
+
+    total_steps = run.steps_per_epoch * args.epochs
+    run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    Stop.in_steps = True  # a stop signal now ends the run after the current step, with a checkpoint
+    while run.global_step < run.total_steps:
+        epoch, start = divmod(run.global_step, run.steps_per_epoch)
+        m = train_one_epoch(run, epoch, start)
+        save_state(run)
+        if run.global_step % run.steps_per_epoch:
+            stop_if_asked(run)  # stopped within the epoch: no epoch line
+        knn = ""
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.global_step < run.total_steps:
+            knn = f" | knn@1 {evaluate(run, tag=f'epoch {epoch + 1}').get('knn_top1', 0):.1f}"
+        if is_main:
+            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
+            print(
+                f"ep {epoch + 1}/{args.epochs} | loss {m['loss']:.3f} ({m['loss_over_lnK']:.2f} lnK) | "
+                f"used {m['protos_used']:.0f} | lr {m['lr']:.4f}{knn} | {m['time_s']:.1f} s{memory_note(device)}"
+            )
+            if epoch + 1 > args.warmup_epochs and m["loss_over_lnK"] > 0.99:
+                print("warning: the loss sits at ln K: collapse (try --epsilon 0.03 or a longer prototype freeze)")
+        stop_if_asked(run)
+    Stop.in_steps = False
+
+    res = evaluate(run, tag="final")
+    if is_main:
+        write_results(run, "SwAV (arXiv 2006.09882)", dict(base_lr=args.lr * args.batch_size / 256), bench, res)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return res
+
+
+# ==== SHARED APPENDIX: identical in every script ====
+
+
 # SHARED: image-folder
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -614,14 +893,6 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 6) -> torc
 # END SHARED
 
 
-def crop_groups(args: Args) -> list:
-    """The official multi-crop (spec 1.2): every crop gets ColorJitter(.8s, .8s, .8s, .2s), blur p 0.5, no solarize."""
-    st = args.jitter_strength
-    aug = dict(jitter=(0.8 * st, 0.8 * st, 0.8 * st, 0.2 * st), blur=args.blur_prob, solarize=args.solarize_prob)
-    groups = [CropGroup(args.n_large, args.large_size, tuple(args.large_scale), **aug)]
-    return groups + ([CropGroup(args.n_small, args.small_size, tuple(args.small_scale), **aug)] if args.n_small else [])
-
-
 # SHARED: views
 def finish_views(x: torch.Tensor, p: dict, group: CropGroup, args: Args) -> torch.Tensor:
     """Flip, colour distortion, grayscale, blur (and solarize) on crops [n, 3, S, S] in 0..255, then Normalize.
@@ -756,138 +1027,6 @@ def decode_checked(data: torch.Tensor, path) -> torch.Tensor:
 # END SHARED
 
 
-# ==== 3. MODEL ====
-class SwAV(nn.Module):
-    """ResNet -> head (2048-2048-128, BN) -> L2-normalised z -> scores against K unit prototypes (spec 2)."""
-
-    def __init__(self, arch: str, hidden_dim: int, feat_dim: int, n_prototypes: int):
-        super().__init__()
-        self.backbone = RESNETS[arch]()  # PAPER: torchvision ResNet-50, zero_init_residual=False, no fc
-        f = self.backbone.num_features
-        if hidden_dim:
-            self.head = nn.Sequential(
-                nn.Linear(f, hidden_dim),
-                nn.BatchNorm1d(hidden_dim),
-                nn.ReLU(inplace=True),
-                nn.Linear(hidden_dim, feat_dim),
-            )
-        else:
-            self.head = nn.Linear(f, feat_dim)
-        self.prototypes = nn.Linear(feat_dim, n_prototypes, bias=False)  # CRUCIAL: no bias (lightly adds one)
-
-    def forward(self, groups: list) -> tuple:
-        """groups: one tensor per resolution, crop-major [n*b, 3, S, S]. Returns z [N, D] and scores [N, K], fp32.
-
-        CRUCIAL: each resolution goes through the backbone in one pass (BN statistics per resolution), and the pooled
-        features of all crops go through the head together (official multi-resolution forward)."""
-        h = torch.cat([self.backbone(x) for x in groups])
-        z = F.normalize(self.head(h).float(), dim=1)  # z: [N, D], unit norm
-        with torch.autocast(z.device.type, enabled=False):  # the scores in fp32: bf16 noise would be amplified 1/eps
-            scores = self.prototypes(z)  # [N, K], cosine similarities in [-1, 1]
-        return z, scores
-
-
-@torch.no_grad()
-def normalize_prototypes(model: SwAV) -> None:
-    """PAPER: every row of C is L2-normalised before each forward (official); the momentum buffer is left alone."""
-    w = model.prototypes.weight
-    w.copy_(F.normalize(w, dim=1))
-
-
-# ==== 4. LOSS ====
-@torch.no_grad()
-def sinkhorn(
-    scores: torch.Tensor, eps: float = 0.05, iters: int = 3, distributed: Optional[bool] = None, fp64: bool = False
-) -> torch.Tensor:
-    """Soft codes q [B, K] from raw prototype scores [B, K] with Sinkhorn-Knopp (spec 3; paper App. A.1).
-
-    Q = exp(S / eps)^T (K x B), normalised to total mass 1; then `iters` times: every prototype row to mass 1/K, then
-    every sample column to mass 1/B; finally columns times B, so each returned row sums to 1. The scores are
-    similarities, so this is exp(+S/eps) (POT's exp(-C/eps) with C = -S). Under DDP (default when a process group of
-    size > 1 exists) the total and the row sums are all-reduced and B is the global batch: the result equals one
-    process on the concatenated batch (spec 3.3). DEVIATION: fp32 (or fp64) with the global max of S/eps subtracted
-    before exp, which changes nothing mathematically and removes overflow (the official code exponentiates as is)."""
-    distributed = dist.is_initialized() and dist.get_world_size() > 1 if distributed is None else distributed
-    world = dist.get_world_size() if distributed else 1
-    s = scores.detach().to(torch.float64 if fp64 else torch.float32) / eps
-    shift = s.max()
-    if distributed:
-        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
-    q = torch.exp(s - shift).T  # [K, b]
-    k, b = q.shape
-    n = b * world  # the global B as in the official code (a constant factor: the next normalisation cancels it)
-    total = q.sum()
-    if distributed:
-        dist.all_reduce(total)
-    q /= total
-    for _ in range(iters):
-        rows = q.sum(1, keepdim=True)  # per-prototype mass over the global batch
-        if distributed:
-            dist.all_reduce(rows)
-        q /= rows
-        q /= k
-        q /= q.sum(0, keepdim=True)  # per-sample mass: each column lives on one rank
-        q /= n
-    q *= n
-    return q.T.float()
-
-
-def swav_loss(
-    scores: list,
-    temperature: float,
-    eps: float,
-    iters: int,
-    crops_for_assign=(0, 1),
-    queue_scores: Optional[list] = None,
-    fp64: bool = False,
-) -> torch.Tensor:
-    """Swapped prediction (spec 4): for each assignment crop i, q_i = sinkhorn(scores[i]) (no gradient), and every other
-    crop v predicts it: CE(i, v) = mean_b -sum_k q_i log softmax(scores[v] / T). Returns the mean of CE(i, v) over all
-    ordered pairs (i in crops_for_assign, v != i), i.e. (1/|assign|) sum_i sum_{v != i} CE(i, v) / (n - 1).
-
-    scores: n tensors [B, K] of raw scores, large crops first. queue_scores: optional list (one per assignment crop)
-    of [L, K] scores of queued embeddings, put before the batch in the Sinkhorn input only (spec 5). fp64: Sinkhorn in
-    float64 (--sinkhorn-fp64; VISSL's use_double_precision switch)."""
-    n = len(scores)
-    log_p = F.log_softmax(torch.stack(scores).float() / temperature, dim=-1)  # [n, B, K], fp32
-    total = 0.0
-    for j, i in enumerate(crops_for_assign):
-        s = scores[i].detach()
-        if queue_scores is not None:
-            q = sinkhorn(torch.cat([queue_scores[j], s]), eps, iters, fp64=fp64)[-len(s) :]  # the batch's codes
-        else:
-            q = sinkhorn(s, eps, iters, fp64=fp64)
-        ce = -(q * log_p).sum(-1).mean(-1)  # [n]: CE(i, v) for every crop v
-        total = total + (ce.sum() - ce[i]) / (n - 1)  # all v != i (no list indexing: no host-to-device copy)
-    return total / len(crops_for_assign)
-
-
-class Queue:
-    """FIFO of this rank's recent z per assignment crop, [n_assign, L_local, D], newest first (spec 5).
-
-    It enters Sinkhorn only once full (official: the last slot is non-zero), with scores recomputed from the current
-    prototypes every step, and it is updated after it was read, so the current batch never appears twice."""
-
-    def __init__(self, n_assign: int, length: int, dim: int, device: torch.device):
-        self.z = torch.zeros(n_assign, length, dim, device=device)
-        self.filled = 0
-
-    @property
-    def full(self) -> bool:
-        return self.filled >= self.z.shape[1]
-
-    @torch.no_grad()
-    def scores(self, prototypes: torch.Tensor) -> list:
-        return list(self.z @ prototypes.detach().float().T)  # [L, K] per assignment crop
-
-    @torch.no_grad()
-    def push(self, z: torch.Tensor) -> None:
-        """z: [n_assign, b, D] of the current batch (this rank)."""
-        self.z = torch.cat([z.detach().float(), self.z[:, : -z.shape[1]]], 1)
-        self.filled = min(self.filled + z.shape[1], self.z.shape[1])
-
-
-# ==== 5. OPTIMIZER & SCHEDULES ====
 # SHARED: lars
 class LARS(torch.optim.Optimizer):
     """SGD (momentum, optional Nesterov) with layer-wise adaptive rate scaling (solo-learn's LARSWrapper, apex LARC).
@@ -928,29 +1067,24 @@ class LARS(torch.optim.Optimizer):
 # END SHARED
 
 
-def param_groups(model: nn.Module, args: Args) -> list:
-    """Official LARC: one group, every parameter with LARS and weight decay (biases, BN and prototypes included).
-    --lars-exclude-1d (solo-learn, the CIFAR proxy): biases and norms get neither."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not args.lars_exclude_1d:
-        return [dict(params=params, weight_decay=args.weight_decay)]
-    decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
-    return [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0, lars=False)]
+# SHARED: ddp-setup
+def setup_distributed(device_arg: Optional[str]) -> tuple:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per device, nccl on GPU, gloo on CPU.
+    Without them: a single process, no process group. Returns (rank, world_size, device)."""
+    use_cuda = torch.cuda.is_available() and (device_arg or "cuda") != "cpu"
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device_arg or ("cuda" if use_cuda else "cpu"))
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    return rank, world_size, device
 
 
-def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
-    """Per-step LR (official): linear warm-up from start_warmup to the scaled base LR (numpy linspace, both ends
-    included), then a cosine from base to final over the remaining steps. A pure function of the step."""
-    base = args.lr * args.batch_size / 256  # PAPER: 4.8 at batch 4096 (0.3 per 256)
-    final = base * args.final_lr_ratio
-    warmup = round(args.warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        return args.start_warmup + (base - args.start_warmup) * step / max(warmup - 1, 1)
-    t, span = step - warmup, steps_per_epoch * args.epochs - warmup
-    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * t / span))
+# END SHARED
 
 
-# ==== 6. TRAIN LOOP ====
 # SHARED: train-utils
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, device=None) -> list:
     """The epoch's global batches: a seeded permutation cut into full batches (drop_last).
@@ -982,112 +1116,6 @@ def memory_note(device: torch.device) -> str:
 
 
 # END SHARED
-
-
-def train_step(run: SimpleNamespace, groups: list, gstep: int) -> tuple:
-    """One SwAV step on this rank's crops (one tensor per resolution). Returns (loss, z, scores), detached."""
-    args, model = run.args, run.model
-    n_crops, b = args.n_large + args.n_small, groups[0].shape[0] // args.n_large
-    normalize_prototypes(model)
-    with run.autocast:
-        z, scores = run.ddp_model([x.contiguous(memory_format=run.fmt) for x in groups])
-    use_queue = run.queue is not None and run.queue.full
-    queue_scores = run.queue.scores(model.prototypes.weight) if use_queue else None
-    scores_v = list(scores.view(n_crops, b, -1))
-    loss = swav_loss(
-        scores_v, args.temperature, args.epsilon, args.sinkhorn_iters, args.crops_for_assign, queue_scores,
-        args.sinkhorn_fp64,
-    )  # fmt: skip
-    if run.queue is not None:
-        run.queue.push(torch.stack([z.view(n_crops, b, -1)[i] for i in args.crops_for_assign]))
-    run.opt.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    if gstep < run.freeze_steps:  # PAPER: prototypes frozen for the first epoch; grad=None skips LARC entirely
-        model.prototypes.weight.grad = None
-    run.scaler.step(run.opt)
-    run.scaler.update()
-    return loss.detach(), z.detach(), scores.detach()
-
-
-def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
-    """Train from step start_step of `epoch` to its end (or to --max-steps). Returns averaged metrics."""
-    args, model, opt, device = run.args, run.model, run.opt, run.device
-    spe, is_main, k = run.steps_per_epoch, run.rank == 0, args.n_prototypes
-    if args.queue_length and epoch >= args.queue_start_epoch and run.queue is None:
-        length = args.queue_length // args.batch_size * args.batch_size // run.world_size  # PAPER: rounded down
-        run.queue = Queue(len(args.crops_for_assign), length, args.feat_dim, device)
-        if is_main:
-            print(f"queue created at epoch {epoch + 1}: {length * run.world_size} embeddings, used once full")
-    in_memory = torch.is_tensor(run.data["train_x"])
-    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, epoch, device if in_memory else None)
-    last = min(spe, run.total_steps - epoch * spe)
-    keys = [(args.seed, "train", epoch, s) for s in range(start_step, last)]
-    stream = view_batches(run, run.data["train_x"], batches[start_step:last], keys, run.groups)
-    n_crops = args.n_large + args.n_small
-    b = args.batch_size // run.world_size
-    tally, window = epoch_state(run, epoch, 4), torch.zeros(4, device=device)  # loss, loss/lnK, used, entropy
-    no_bad = 2**62
-    bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
-    bad_stats = torch.zeros(3, device=device)  # min, max, norm of that step's scores
-    model.train()
-    bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=not is_main, dynamic_ncols=True)
-    t0, n_done, n_logged = time.perf_counter(), 0, 0
-    for step in bar:
-        gstep = epoch * spe + step
-        lr = lr_at(gstep, args, spe)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        tw = time.perf_counter()
-        groups = next(stream)
-        run.data_wait_s += time.perf_counter() - tw  # host time spent waiting for (or making) the crops
-        loss, z, scores = train_step(run, groups, gstep)
-        scores_v = scores.view(n_crops, b, k)
-        finite = torch.isfinite(loss)
-        first_bad = ~finite & (bad_step == no_bad)
-        bad_stats = torch.where(first_bad, torch.stack([scores.min(), scores.max(), z.norm(dim=1).max()]), bad_stats)
-        bad_step = torch.minimum(bad_step, torch.where(finite, no_bad, gstep + 1))
-        with torch.no_grad():  # collapse diagnostics of crop 0 (spec 4.4): distinct argmax prototypes, entropy
-            used = torch.zeros(k, device=device).index_fill_(0, scores_v[0].argmax(1), 1).sum()  # CUDA bincount syncs
-            p_mean = F.softmax(scores_v[0] / args.temperature, dim=1).mean(0)
-            ent = -(p_mean * p_mean.clamp_min(1e-12).log()).sum() / math.log(k)
-            window += torch.stack([loss, loss / math.log(k), used.float(), ent])
-        n_done += 1
-        run.images_seen += args.batch_size  # counted per step: a mid-epoch checkpoint holds the true count
-        run.global_step = gstep + 1
-        stop = stop_now(run)  # a stop signal: this step is the last (its checkpoint follows)
-        save_now = args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe
-        if (step + 1) % args.log_every == 0 or step + 1 == last or save_now or stop:  # a checkpoint holds every step
-            if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
-                dist.all_reduce(window)
-                window /= run.world_size
-                dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
-            if bad_step.item() < no_bad:
-                lo, hi, zn = bad_stats.tolist()
-                raise RunError(
-                    f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}; scores min {lo:.3g} max {hi:.3g}, "
-                    f"max |z| {zn:.3g}); try a lower --lr, --amp none or --sinkhorn-fp64", every_rank=True,
-                )  # fmt: skip
-            m = (window / (n_done - n_logged)).tolist()  # mean over the steps since the last log line
-            tally["sums"] += window
-            tally["n"] += n_done - n_logged
-            window, n_logged = torch.zeros_like(window), n_done
-            rec = dict(step=gstep + 1, epoch=epoch, loss=m[0], loss_over_lnK=m[1], protos_used=m[2], entropy=m[3])
-            if is_main:
-                bar.set_postfix(loss=f"{m[0]:.3f}", used=f"{m[2]:.0f}", lr=f"{lr:.3f}")
-                log_jsonl(run, dict(type="train", lr=lr, queue=run.queue is not None and run.queue.full, **rec))
-        if save_now and not stop:  # a stop saves after the loop
-            sync(device)  # a checkpoint does not count as training time
-            run.train_time_s += time.perf_counter() - t0
-            save_state(run)
-            t0 = time.perf_counter()
-        if stop:
-            break
-    sync(device)
-    run.train_time_s += time.perf_counter() - t0
-    m = (tally["sums"] / max(tally["n"], 1)).tolist()  # the whole epoch's means, steps before a resume included
-    lr = lr_at(run.global_step - 1, args, spe)
-    m = dict(loss=m[0], loss_over_lnK=m[1], protos_used=m[2], entropy=m[3], lr=lr)
-    return dict(m, time_s=run.train_time_s - tally["t0"])
 
 
 # SHARED: bench
@@ -1137,7 +1165,6 @@ def measure_data(run: SimpleNamespace, steps: int) -> float:
 # END SHARED
 
 
-# ==== 7. EVALUATION ====
 # SHARED: eval-memory
 class LargestTensor(TorchDispatchMode):
     """Records the element count of the largest tensor any op makes while active (modules or functional code) among
@@ -1373,49 +1400,6 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
 # END SHARED
 
 
-# ==== 8. MAIN ====
-# SHARED: ddp-setup
-def setup_distributed(device_arg: Optional[str]) -> tuple:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per device, nccl on GPU, gloo on CPU.
-    Without them: a single process, no process group. Returns (rank, world_size, device)."""
-    use_cuda = torch.cuda.is_available() and (device_arg or "cuda") != "cpu"
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device_arg or ("cuda" if use_cuda else "cpu"))
-    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
-    return rank, world_size, device
-
-
-# END SHARED
-
-
-def log_jsonl(run: SimpleNamespace, record: dict) -> None:
-    with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def save_state(run: SimpleNamespace) -> None:
-    """out_dir/last.pt, written atomically by rank 0: model, optimizer, scaler, step, timers and every rank's queue."""
-    queue = None
-    if run.queue is not None:  # collective: each rank holds its own queue
-        parts = [run.queue.z]
-        if run.world_size > 1:
-            parts = [torch.empty_like(run.queue.z) for _ in range(run.world_size)]
-            dist.all_gather(parts, run.queue.z)
-        queue = dict(z=torch.stack(parts).cpu(), filled=run.queue.filled)
-    if run.rank != 0:
-        return
-    t0 = time.perf_counter()
-    state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
-    state.update(step=run.global_step, train_time_s=run.train_time_s, images_seen=run.images_seen, queue=queue)
-    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args), epoch_sums=run.epoch_sums)
-    save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
-    run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
-
-
 # SHARED: results
 def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, res: dict) -> None:
     """out_dir/results.json (rank 0, atomic): args, machine, timings, throughput against the bare ceiling, metrics."""
@@ -1495,96 +1479,6 @@ def check_common_args(
 
 
 # END SHARED
-
-
-def check_args(args: Args, world_size: int) -> None:
-    """Refuse bad input with one clear line, before any data is read or process group created."""
-    check_common_args(
-        args, world_size, "feat_dim n_prototypes sinkhorn_iters n_large small_size", "n_small hidden_dim queue_length "
-        "queue_start_epoch syncbn_group_size", "temperature epsilon lars_eta", "final_lr_ratio start_warmup "
-        "freeze_prototypes_epochs jitter_strength", "small_scale",
-    )  # fmt: skip
-    for name in ("blur_prob", "solarize_prob"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise RunError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    n_crops = args.n_large + args.n_small
-    if n_crops < 2 or not args.crops_for_assign or any(not 0 <= i < n_crops for i in args.crops_for_assign):
-        raise RunError(f"--crops-for-assign {args.crops_for_assign} must name crops among the {n_crops} (>= 2) crops")
-    if args.queue_length and args.queue_length < args.batch_size:
-        raise RunError(f"--queue-length {args.queue_length} is shorter than one global batch ({args.batch_size})")
-    if args.syncbn_group_size and world_size % args.syncbn_group_size:
-        raise RunError(f"--syncbn-group-size {args.syncbn_group_size} does not divide the world size {world_size}")
-
-
-def convert_sync_bn(model: nn.Module, args: Args, rank: int, world_size: int) -> nn.Module:
-    """Global SyncBN, or groups of --syncbn-group-size consecutive ranks (official apex runs: groups of 8)."""
-    group = None
-    if args.syncbn_group_size:
-        size = args.syncbn_group_size
-        groups = [dist.new_group(list(range(i, i + size))) for i in range(0, world_size, size)]  # every rank calls all
-        group = groups[rank // size]
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model, group)
-
-
-def run_training(args: Args) -> dict:
-    run = start_run(args)
-    args = run.args  # as start_run settled them (precision, probe batch)
-    device, world_size, is_main = run.device, run.world_size, run.rank == 0
-    torch.manual_seed(args.seed)  # the same initial model on every rank
-    run.model = model = SwAV(args.arch, args.hidden_dim, args.feat_dim, args.n_prototypes).to(
-        device, memory_format=run.fmt
-    )
-    run.groups, run.queue = crop_groups(args), None
-    # PAPER: SGD (momentum 0.9) wrapped in LARC(trust_coefficient=0.001, clip=False), weight decay 1e-6
-    run.opt = LARS(
-        param_groups(model, args), lr=args.lr, momentum=args.momentum, eta=args.lars_eta, clip=args.lars_clip
-    )
-    # epochs, not iterations (swav#76). DEVIATION: 1 epoch at 4096 is 312 steps here (drop_last); official: 313
-    run.freeze_steps = round(args.freeze_prototypes_epochs * run.steps_per_epoch)
-    ckpt = resume_state(run, {"queue"})
-    if ckpt is not None and ckpt["queue"] is not None:  # this rank's part; a new world size re-slices the queue
-        qz = ckpt["queue"]["z"].to(device).transpose(0, 1).flatten(1, 2)  # [n_assign, L, D]
-        run.queue = Queue(qz.shape[0], qz.shape[1] // world_size, qz.shape[2], device)
-        run.queue.z = qz.view(qz.shape[0], world_size, -1, qz.shape[2])[:, run.rank].contiguous()
-        run.queue.filled = min(ckpt["queue"]["filled"], run.queue.z.shape[1])
-
-    net = model
-    if world_size > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (PyTorch's needs CUDA)
-        net = convert_sync_bn(model, args, run.rank, world_size)
-    if world_size > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    run.ddp_model = torch.compile(net) if args.compile else net
-    bench = run_benchmarks(run)
-
-    total_steps = run.steps_per_epoch * args.epochs
-    run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-    Stop.in_steps = True  # a stop signal now ends the run after the current step, with a checkpoint
-    while run.global_step < run.total_steps:
-        epoch, start = divmod(run.global_step, run.steps_per_epoch)
-        m = train_one_epoch(run, epoch, start)
-        save_state(run)
-        if run.global_step % run.steps_per_epoch:
-            stop_if_asked(run)  # stopped within the epoch: no epoch line
-        knn = ""
-        if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.global_step < run.total_steps:
-            knn = f" | knn@1 {evaluate(run, tag=f'epoch {epoch + 1}').get('knn_top1', 0):.1f}"
-        if is_main:
-            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
-            print(
-                f"ep {epoch + 1}/{args.epochs} | loss {m['loss']:.3f} ({m['loss_over_lnK']:.2f} lnK) | "
-                f"used {m['protos_used']:.0f} | lr {m['lr']:.4f}{knn} | {m['time_s']:.1f} s{memory_note(device)}"
-            )
-            if epoch + 1 > args.warmup_epochs and m["loss_over_lnK"] > 0.99:
-                print("warning: the loss sits at ln K: collapse (try --epsilon 0.03 or a longer prototype freeze)")
-        stop_if_asked(run)
-    Stop.in_steps = False
-
-    res = evaluate(run, tag="final")
-    if is_main:
-        write_results(run, "SwAV (arXiv 2006.09882)", dict(base_lr=args.lr * args.batch_size / 256), bench, res)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return res
 
 
 # SHARED: run-state
@@ -1677,6 +1571,115 @@ def run_benchmarks(run: SimpleNamespace) -> dict:
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     return bench
+
+
+# END SHARED
+
+
+# SHARED: run-utils
+class RunError(Exception):
+    """A bad input or a failed run: main prints its one-line message and exits non-zero. every_rank: raised alike on
+    every rank (arguments, out-dir, data), so under torchrun rank 0 alone prints it."""
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
+
+
+def rng_seed(*keys) -> int:
+    """A 56-bit seed derived from any keys, e.g. (seed, 'train', epoch, step): independent, reproducible streams."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:7], "little")
+
+
+def cpus_per_process() -> int:
+    """The CPUs this process may use (its affinity, as DataLoader counts them) over torchrun's local ranks, at most
+    10: the default number of DataLoader workers."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(10, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Create --out-dir and write a file in it before any data is read: a run must not train and then fail to save."""
+    probe = Path(out_dir) / f".write-test-{os.getpid()}"
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"--out-dir {out_dir} cannot be written: {e.strerror or e}", every_rank=True)
+
+
+class RunStopped(Exception):
+    """A stop signal ended the run: main prints one line (stop_message) and exits with 128 + the signal number."""
+
+
+class Stop:
+    """SIGTERM (what a cluster scheduler sends before it kills a job) and SIGINT (Ctrl-C). During the training steps
+    (in_steps) they only set signum: every rank finishes its step, last.pt is saved and the run exits (stop_now,
+    stop_if_asked); elsewhere (loading data, evaluating) the run ends at once. `run`: the run main reports on."""
+
+    signum: Optional[int] = None
+    in_steps: bool = False
+    run: Optional[SimpleNamespace] = None
+
+    @staticmethod
+    def handler(signum, frame) -> None:
+        Stop.signum = signum
+        if not Stop.in_steps:
+            raise RunStopped()
+
+    @staticmethod
+    def install() -> None:
+        Stop.signum, Stop.in_steps, Stop.run = None, False, None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, Stop.handler)
+
+    @staticmethod
+    def uninstall() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn. Ctrl-C reaches every process of the terminal: the main process handles it and stops
+    the workers after its step, so a worker ignores it. SIGTERM (the DataLoader's own shutdown, or a scheduler that
+    signals every process of the job) ends a worker at once with exit code 0, so the main process, which finishes
+    its step with the batch it holds, does not take it for a crash."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+def stop_now(run: SimpleNamespace) -> bool:
+    """After every step: did any rank get a stop signal? Under DDP a CPU all-reduce of one integer (gloo, no device
+    sync), so every rank stops after the same step."""
+    asked = Stop.signum or 0
+    if run.world_size > 1:
+        if not hasattr(run, "stop_group"):  # first step, on every rank alike
+            run.stop_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        flag = torch.tensor([asked])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.stop_group)
+        asked = int(flag)
+        Stop.signum = Stop.signum or asked or None
+    return asked > 0
+
+
+def stop_if_asked(run: SimpleNamespace) -> None:
+    """After the checkpoint that follows the steps: end the run if a stop signal came."""
+    if Stop.signum:
+        raise RunStopped()
+
+
+def stop_message(run: Optional[SimpleNamespace]) -> str:
+    """The one line main prints for a stop: where the run was and what rerunning the same command does."""
+    sig, again = signal.Signals(Stop.signum).name, "rerun the same command to"
+    if run is None or not hasattr(run, "total_steps"):
+        return f"stopped by {sig} before training; {again} start"
+    last, at = Path(run.args.out_dir) / "last.pt", f"step {run.global_step} of {run.total_steps}"
+    if Stop.in_steps:
+        return f"stopped at {at} by {sig}; saved {last}; {again} resume"
+    if run.global_step >= run.total_steps and last.is_file():
+        return f"stopped by {sig} while evaluating; the trained weights are in {last}; {again} evaluate them"
+    return f"stopped by {sig} at {at}; {again} resume"
 
 
 # END SHARED
