@@ -263,15 +263,11 @@ def parse_args(argv: Optional[list] = None) -> Args:
 
 # ==== 2. VIEWS ====
 def crop_groups(args: Args) -> list:
-    """The official multi-crop (main_swav.py, spec 1.2): n_large crops at large_size and n_small at small_size, each
-    RandomResizedCrop(size, scale) and flip p 0.5, then the same colour recipe on every crop (grayscale p 0.2). The
-    ops that apply it, batched, are in the appendix (SHARED: multi-crop, gpu-color, views)."""
+    """The official multi-crop (main_swav.py, spec 1.2): RandomResizedCrop(size, scale) and flip p 0.5, then on every
+    crop ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p 0.8 (s = 1), grayscale p 0.2 and Gaussian blur (sigma U(0.1, 2))
+    p 0.5; no solarisation. The appendix applies it, batched (SHARED: multi-crop, gpu-color, views)."""
     s = args.jitter_strength
-    colour = dict(
-        jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),  # PAPER: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p 0.8, s = 1
-        blur=args.blur_prob,  # PAPER: Gaussian blur, sigma ~ U(0.1, 2), p 0.5 (official PILRandomGaussianBlur)
-        solarize=args.solarize_prob,  # SwAV has none; solo-learn's CIFAR multi-crop variant
-    )
+    colour = dict(jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), blur=args.blur_prob, solarize=args.solarize_prob)
     large = CropGroup(args.n_large, args.large_size, tuple(args.large_scale), **colour)  # PAPER: 2 x 224, (0.14, 1)
     small = CropGroup(args.n_small, args.small_size, tuple(args.small_scale), **colour)  # PAPER: 6 x 96, (0.05, 0.14)
     return [large, small] if args.n_small else [large]
@@ -286,12 +282,8 @@ class SwAV(nn.Module):
         self.backbone = RESNETS[arch]()  # PAPER: torchvision ResNet-50, zero_init_residual=False, no fc
         f = self.backbone.num_features
         if hidden_dim:
-            self.head = nn.Sequential(
-                nn.Linear(f, hidden_dim),
-                nn.BatchNorm1d(hidden_dim),
-                nn.ReLU(inplace=True),
-                nn.Linear(hidden_dim, feat_dim),
-            )
+            mlp = [nn.Linear(f, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+            self.head = nn.Sequential(*mlp, nn.Linear(hidden_dim, feat_dim))
         else:
             self.head = nn.Linear(f, feat_dim)
         self.prototypes = nn.Linear(feat_dim, n_prototypes, bias=False)  # CRUCIAL: no bias (lightly adds one)
@@ -353,15 +345,8 @@ def sinkhorn(
     return q.T.float()
 
 
-def swav_loss(
-    scores: list,
-    temperature: float,
-    eps: float,
-    iters: int,
-    crops_for_assign=(0, 1),
-    queue_scores: Optional[list] = None,
-    fp64: bool = False,
-) -> torch.Tensor:
+def swav_loss(scores: list, temperature: float, eps: float, iters: int, crops_for_assign=(0, 1),
+              queue_scores: Optional[list] = None, fp64: bool = False) -> torch.Tensor:  # fmt: skip
     """Swapped prediction (spec 4): for each assignment crop i, q_i = sinkhorn(scores[i]) (no gradient), and every other
     crop v predicts it: CE(i, v) = mean_b -sum_k q_i log softmax(scores[v] / T). Returns the mean of CE(i, v) over all
     ordered pairs (i in crops_for_assign, v != i), i.e. (1/|assign|) sum_i sum_{v != i} CE(i, v) / (n - 1).
@@ -374,20 +359,18 @@ def swav_loss(
     total = 0.0
     for j, i in enumerate(crops_for_assign):
         s = scores[i].detach()
-        if queue_scores is not None:
-            q = sinkhorn(torch.cat([queue_scores[j], s]), eps, iters, fp64=fp64)[-len(s) :]  # the batch's codes
-        else:
-            q = sinkhorn(s, eps, iters, fp64=fp64)
+        s_all = s if queue_scores is None else torch.cat([queue_scores[j], s])  # the queue first, then the batch
+        q = sinkhorn(s_all, eps, iters, fp64=fp64)[-len(s) :]  # the batch's codes
         ce = -(q * log_p).sum(-1).mean(-1)  # [n]: CE(i, v) for every crop v
         total = total + (ce.sum() - ce[i]) / (n - 1)  # all v != i (no list indexing: no host-to-device copy)
     return total / len(crops_for_assign)
 
 
 class Queue:
-    """FIFO of this rank's recent z per assignment crop, [n_assign, L_local, D], newest first (spec 5). Its whole life
-    is here: created at --queue-start-epoch (start), it enters Sinkhorn only once full (official: the last slot is
-    non-zero) with scores from the current prototypes (scores), is updated after it was read, so the current batch
-    never appears twice (push), and goes into last.pt with every rank's part (state, restore)."""
+    """FIFO of this rank's recent z per assignment crop, [n_assign, L_local, D], newest first (spec 5). Its whole life:
+    created at --queue-start-epoch (start); enters Sinkhorn only once full (official: the last slot is non-zero), with
+    scores from the current prototypes (scores); updated after it was read, so the current batch never appears twice
+    (push); saved in last.pt with every rank's part (state) and restored (restore)."""
 
     def __init__(self, n_assign: int, length: int, dim: int, device: torch.device):
         self.z = torch.zeros(n_assign, length, dim, device=device)
@@ -430,9 +413,9 @@ class Queue:
         """This rank's part of a saved queue (None if none was saved); a new world size re-slices it."""
         if saved is None:
             return None
-        qz = saved["z"].to(run.device).transpose(0, 1).flatten(1, 2)  # [n_assign, L, D]
-        queue = Queue(qz.shape[0], qz.shape[1] // run.world_size, qz.shape[2], run.device)
-        queue.z = qz.view(qz.shape[0], run.world_size, -1, qz.shape[2])[:, run.rank].contiguous()
+        z = torch.cat(list(saved["z"].to(run.device)), 1)  # [n_assign, L, D]: the saved ranks' parts in order
+        queue = Queue(z.shape[0], z.shape[1] // run.world_size, z.shape[2], run.device)
+        queue.z = z.chunk(run.world_size, 1)[run.rank].contiguous()
         queue.filled = min(saved["filled"], queue.z.shape[1])
         return queue
 
@@ -466,9 +449,8 @@ METRICS = ("loss", "loss_over_lnK", "protos_used", "entropy", "queue")  # what t
 
 def train_step(run: SimpleNamespace, groups: list, step: int) -> torch.Tensor:
     """One SwAV step (global step `step`) on this rank's crops, one tensor per resolution. Returns METRICS, detached:
-    the loss, loss / ln K and, for crop 0, the prototypes used (distinct argmax) and the entropy of the mean prediction
-    over ln K (collapse diagnostics, spec 4.4: both fall when every crop goes to a few prototypes), and 1 if the queue
-    entered Sinkhorn."""
+    the loss, loss / ln K, crop 0's collapse diagnostics (spec 4.4: the prototypes used as argmax, the entropy of the
+    mean prediction over ln K) and 1 if the queue entered Sinkhorn."""
     args, model, k = run.args, run.model, run.args.n_prototypes
     normalize_prototypes(model)
     with run.autocast:
@@ -477,10 +459,8 @@ def train_step(run: SimpleNamespace, groups: list, step: int) -> torch.Tensor:
     z, scores = z.view(n_crops, -1, z.shape[1]), scores.view(n_crops, -1, k)  # crop-major: [n_crops, b, D or K]
     use_queue = run.queue is not None and run.queue.full
     queue_scores = run.queue.scores(model.prototypes.weight) if use_queue else None
-    loss = swav_loss(
-        list(scores), args.temperature, args.epsilon, args.sinkhorn_iters, args.crops_for_assign, queue_scores,
-        args.sinkhorn_fp64,
-    )  # fmt: skip
+    loss = swav_loss(list(scores), args.temperature, args.epsilon, args.sinkhorn_iters, args.crops_for_assign,
+                     queue_scores, args.sinkhorn_fp64)  # fmt: skip
     if run.queue is not None:
         run.queue.push(torch.stack([z[i] for i in args.crops_for_assign]))
     run.opt.zero_grad(set_to_none=True)
@@ -518,16 +498,16 @@ def run_training(args: Args) -> dict:
     model = SwAV(args.arch, args.hidden_dim, args.feat_dim, args.n_prototypes).to(device, memory_format=run.fmt)
     run.model, run.encode, run.groups, run.metrics = model, model.backbone, crop_groups(args), METRICS
     # PAPER: SGD (momentum 0.9) wrapped in LARC(trust_coefficient=0.001, clip=False), weight decay 1e-6
-    run.opt = LARS(
-        param_groups(model, args), lr=args.lr, momentum=args.momentum, eta=args.lars_eta, clip=args.lars_clip
-    )
+    run.opt = LARS(param_groups(model, args), args.lr, momentum=args.momentum, eta=args.lars_eta, clip=args.lars_clip)
     # epochs, not iterations (swav#76). DEVIATION: 1 epoch at 4096 is 312 steps here (drop_last); official: 313
     run.freeze_steps = round(args.freeze_prototypes_epochs * run.steps_per_epoch)
     ckpt = resume_state(run, {"queue"})
     run.queue = Queue.restore(ckpt["queue"], run) if ckpt is not None else None
     net = model
     if world_size > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (PyTorch's needs CUDA)
-        net = convert_sync_bn(model, args, run.rank, world_size)
+        size = args.syncbn_group_size or world_size  # groups of consecutive ranks (official apex runs: 8)
+        groups = [dist.new_group(list(range(i, i + size))) for i in range(0, world_size, size)]  # every rank calls all
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(model, groups[run.rank // size])
     if world_size > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     run.ddp_model = torch.compile(net) if args.compile else net
@@ -546,21 +526,9 @@ def run_training(args: Args) -> dict:
 
 def warn_if_collapsed(run: SimpleNamespace) -> None:
     """After the warm-up, a last epoch whose mean loss sat at ln K (uniform predictions) has collapsed (spec 4.4)."""
-    e = run.epoch_sums
-    if run.rank == 0 and e is not None and e["n"] and e["epoch"] + 1 > run.args.warmup_epochs:
-        if e["sums"][METRICS.index("loss_over_lnK")].item() / e["n"] > 0.99:
-            print(f"warning: the loss sat at ln K in epoch {e['epoch'] + 1}: collapse (try --epsilon 0.03 or a longer "
-                  "prototype freeze)")  # fmt: skip
-
-
-def convert_sync_bn(model: nn.Module, args: Args, rank: int, world_size: int) -> nn.Module:
-    """Global SyncBN, or groups of --syncbn-group-size consecutive ranks (official apex runs: groups of 8)."""
-    group = None
-    if args.syncbn_group_size:
-        size = args.syncbn_group_size
-        groups = [dist.new_group(list(range(i, i + size))) for i in range(0, world_size, size)]  # every rank calls all
-        group = groups[rank // size]
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model, group)
+    e, hint = run.epoch_sums, "try --epsilon 0.03 or a longer prototype freeze"  # e["sums"][1]: loss / ln K
+    if run.rank == 0 and e and e["n"] and e["epoch"] + 1 > run.args.warmup_epochs and e["sums"][1] / e["n"] > 0.99:
+        print(f"warning: epoch {e['epoch'] + 1}: the loss sits at ln K: collapse ({hint})")
 
 
 def save_state(run: SimpleNamespace) -> None:
@@ -601,8 +569,7 @@ def check_args(args: Args, world_size: int) -> None:
 
 
 # ==== 8. MAIN ====
-# `python swav_imagenet.py RECIPE --flags` runs main(parse_args()) (SHARED: entry, the file's last block): run_training
-# with one-line errors and a clean stop on SIGTERM / Ctrl-C.
+# The last line runs main(parse_args()) (SHARED: entry): run_training, one-line errors, a clean stop on SIGTERM.
 
 
 # ==== SHARED APPENDIX: identical in every script ====
