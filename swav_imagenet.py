@@ -56,15 +56,8 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from common.checkpoint import (
-    ArtifactCache,
-    CheckpointError,
-    find_resume,
-    load_checkpoint,
-    load_state_dict_strict,
-    save_checkpoint,
-    state_dict_digest,
-)
+from common.checkpoint import ArtifactCache, CheckpointError, find_resume, load_checkpoint, load_state_dict_strict
+from common.checkpoint import save_checkpoint, state_dict_digest
 from common.resnet import RESNETS
 
 
@@ -192,6 +185,8 @@ class Args:
     # --- evaluation (spec 8)
     eval_every: int = 0
     """epochs between k-NN evaluations on a subset during training (0: only at the end)"""
+    eval_every_steps: int = 0
+    """also evaluate (k-NN on the subset) every this many steps, for accuracy within an epoch (0: never)"""
     eval_subset_train: int = 50000
     """training images used as the k-NN memory during training (the final k-NN uses all)"""
     eval_subset_test: int = 10000
@@ -266,13 +261,16 @@ def parse_args(argv: Optional[list] = None) -> Args:
     return tyro.cli(RECIPES, default=Args(), args=argv)
 
 
-# ==== 2. DATA & AUGMENTATIONS ====
+# ==== 2. VIEWS ====
 def crop_groups(args: Args) -> list:
-    """The official multi-crop (spec 1.2): every crop gets ColorJitter(.8s, .8s, .8s, .2s), blur p 0.5, no solarize."""
-    st = args.jitter_strength
-    aug = dict(jitter=(0.8 * st, 0.8 * st, 0.8 * st, 0.2 * st), blur=args.blur_prob, solarize=args.solarize_prob)
-    groups = [CropGroup(args.n_large, args.large_size, tuple(args.large_scale), **aug)]
-    return groups + ([CropGroup(args.n_small, args.small_size, tuple(args.small_scale), **aug)] if args.n_small else [])
+    """The official multi-crop (main_swav.py, spec 1.2): RandomResizedCrop(size, scale) and flip p 0.5, then on every
+    crop ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p 0.8 (s = 1), grayscale p 0.2 and Gaussian blur (sigma U(0.1, 2))
+    p 0.5; no solarisation. The appendix applies it, batched (SHARED: multi-crop, gpu-color, views)."""
+    s = args.jitter_strength
+    colour = dict(jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), blur=args.blur_prob, solarize=args.solarize_prob)
+    large = CropGroup(args.n_large, args.large_size, tuple(args.large_scale), **colour)  # PAPER: 2 x 224, (0.14, 1)
+    small = CropGroup(args.n_small, args.small_size, tuple(args.small_scale), **colour)  # PAPER: 6 x 96, (0.05, 0.14)
+    return [large, small] if args.n_small else [large]
 
 
 # ==== 3. MODEL ====
@@ -284,12 +282,8 @@ class SwAV(nn.Module):
         self.backbone = RESNETS[arch]()  # PAPER: torchvision ResNet-50, zero_init_residual=False, no fc
         f = self.backbone.num_features
         if hidden_dim:
-            self.head = nn.Sequential(
-                nn.Linear(f, hidden_dim),
-                nn.BatchNorm1d(hidden_dim),
-                nn.ReLU(inplace=True),
-                nn.Linear(hidden_dim, feat_dim),
-            )
+            mlp = [nn.Linear(f, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+            self.head = nn.Sequential(*mlp, nn.Linear(hidden_dim, feat_dim))
         else:
             self.head = nn.Linear(f, feat_dim)
         self.prototypes = nn.Linear(feat_dim, n_prototypes, bias=False)  # CRUCIAL: no bias (lightly adds one)
@@ -351,15 +345,8 @@ def sinkhorn(
     return q.T.float()
 
 
-def swav_loss(
-    scores: list,
-    temperature: float,
-    eps: float,
-    iters: int,
-    crops_for_assign=(0, 1),
-    queue_scores: Optional[list] = None,
-    fp64: bool = False,
-) -> torch.Tensor:
+def swav_loss(scores: list, temperature: float, eps: float, iters: int, crops_for_assign=(0, 1),
+              queue_scores: Optional[list] = None, fp64: bool = False) -> torch.Tensor:  # fmt: skip
     """Swapped prediction (spec 4): for each assignment crop i, q_i = sinkhorn(scores[i]) (no gradient), and every other
     crop v predicts it: CE(i, v) = mean_b -sum_k q_i log softmax(scores[v] / T). Returns the mean of CE(i, v) over all
     ordered pairs (i in crops_for_assign, v != i), i.e. (1/|assign|) sum_i sum_{v != i} CE(i, v) / (n - 1).
@@ -372,24 +359,32 @@ def swav_loss(
     total = 0.0
     for j, i in enumerate(crops_for_assign):
         s = scores[i].detach()
-        if queue_scores is not None:
-            q = sinkhorn(torch.cat([queue_scores[j], s]), eps, iters, fp64=fp64)[-len(s) :]  # the batch's codes
-        else:
-            q = sinkhorn(s, eps, iters, fp64=fp64)
+        s_all = s if queue_scores is None else torch.cat([queue_scores[j], s])  # the queue first, then the batch
+        q = sinkhorn(s_all, eps, iters, fp64=fp64)[-len(s) :]  # the batch's codes
         ce = -(q * log_p).sum(-1).mean(-1)  # [n]: CE(i, v) for every crop v
         total = total + (ce.sum() - ce[i]) / (n - 1)  # all v != i (no list indexing: no host-to-device copy)
     return total / len(crops_for_assign)
 
 
 class Queue:
-    """FIFO of this rank's recent z per assignment crop, [n_assign, L_local, D], newest first (spec 5).
-
-    It enters Sinkhorn only once full (official: the last slot is non-zero), with scores recomputed from the current
-    prototypes every step, and it is updated after it was read, so the current batch never appears twice."""
+    """FIFO of this rank's recent z per assignment crop, [n_assign, L_local, D], newest first (spec 5). Its whole life:
+    created at --queue-start-epoch (start); enters Sinkhorn only once full (official: the last slot is non-zero), with
+    scores from the current prototypes (scores); updated after it was read, so the current batch never appears twice
+    (push); saved in last.pt with every rank's part (state) and restored (restore)."""
 
     def __init__(self, n_assign: int, length: int, dim: int, device: torch.device):
         self.z = torch.zeros(n_assign, length, dim, device=device)
         self.filled = 0
+
+    @staticmethod
+    def start(run: SimpleNamespace, epoch: int) -> None:
+        """Create run.queue at --queue-start-epoch: --queue-length rounded down to whole global batches, per rank."""
+        args = run.args
+        if args.queue_length and epoch >= args.queue_start_epoch and run.queue is None:
+            length = args.queue_length // args.batch_size * args.batch_size // run.world_size  # PAPER: rounded down
+            run.queue = Queue(len(args.crops_for_assign), length, args.feat_dim, run.device)
+            if run.rank == 0:
+                print(f"queue created at epoch {epoch + 1}: {length * run.world_size} embeddings, used once full")
 
     @property
     def full(self) -> bool:
@@ -404,6 +399,25 @@ class Queue:
         """z: [n_assign, b, D] of the current batch (this rank)."""
         self.z = torch.cat([z.detach().float(), self.z[:, : -z.shape[1]]], 1)
         self.filled = min(self.filled + z.shape[1], self.z.shape[1])
+
+    def state(self, run: SimpleNamespace) -> dict:
+        """For last.pt (collective: every rank calls it): every rank's part [world, n_assign, L_local, D] on the CPU."""
+        parts = [self.z]
+        if run.world_size > 1:
+            parts = [torch.empty_like(self.z) for _ in range(run.world_size)]
+            dist.all_gather(parts, self.z)
+        return dict(z=torch.stack(parts).cpu(), filled=self.filled)
+
+    @staticmethod
+    def restore(saved: Optional[dict], run: SimpleNamespace) -> Optional["Queue"]:
+        """This rank's part of a saved queue (None if none was saved); a new world size re-slices it."""
+        if saved is None:
+            return None
+        z = torch.cat(list(saved["z"].to(run.device)), 1)  # [n_assign, L, D]: the saved ranks' parts in order
+        queue = Queue(z.shape[0], z.shape[1] // run.world_size, z.shape[2], run.device)
+        queue.z = z.chunk(run.world_size, 1)[run.rank].contiguous()
+        queue.filled = min(saved["filled"], queue.z.shape[1])
+        return queue
 
 
 # ==== 5. OPTIMIZER & SCHEDULES ====
@@ -429,129 +443,97 @@ def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * t / span))
 
 
-# ==== 6. TRAIN LOOP ====
-def train_step(run: SimpleNamespace, groups: list, gstep: int) -> tuple:
-    """One SwAV step on this rank's crops (one tensor per resolution). Returns (loss, z, scores), detached."""
-    args, model = run.args, run.model
-    n_crops, b = args.n_large + args.n_small, groups[0].shape[0] // args.n_large
+# ==== 6. TRAIN STEP ====
+METRICS = ("loss", "loss_over_lnK", "protos_used", "entropy", "queue")  # what train_step returns, in this order
+
+
+def train_step(run: SimpleNamespace, groups: list, step: int) -> torch.Tensor:
+    """One SwAV step (global step `step`) on this rank's crops, one tensor per resolution. Returns METRICS, detached:
+    the loss, loss / ln K, crop 0's collapse diagnostics (spec 4.4: the prototypes used as argmax, the entropy of the
+    mean prediction over ln K) and 1 if the queue entered Sinkhorn."""
+    args, model, k = run.args, run.model, run.args.n_prototypes
     normalize_prototypes(model)
     with run.autocast:
         z, scores = run.ddp_model([x.contiguous(memory_format=run.fmt) for x in groups])
+    n_crops = args.n_large + args.n_small
+    z, scores = z.view(n_crops, -1, z.shape[1]), scores.view(n_crops, -1, k)  # crop-major: [n_crops, b, D or K]
     use_queue = run.queue is not None and run.queue.full
     queue_scores = run.queue.scores(model.prototypes.weight) if use_queue else None
-    scores_v = list(scores.view(n_crops, b, -1))
-    loss = swav_loss(
-        scores_v, args.temperature, args.epsilon, args.sinkhorn_iters, args.crops_for_assign, queue_scores,
-        args.sinkhorn_fp64,
-    )  # fmt: skip
+    loss = swav_loss(list(scores), args.temperature, args.epsilon, args.sinkhorn_iters, args.crops_for_assign,
+                     queue_scores, args.sinkhorn_fp64)  # fmt: skip
     if run.queue is not None:
-        run.queue.push(torch.stack([z.view(n_crops, b, -1)[i] for i in args.crops_for_assign]))
+        run.queue.push(torch.stack([z[i] for i in args.crops_for_assign]))
     run.opt.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
-    if gstep < run.freeze_steps:  # PAPER: prototypes frozen for the first epoch; grad=None skips LARC entirely
+    if step < run.freeze_steps:  # PAPER: prototypes frozen for the first epoch; grad=None skips LARC entirely
         model.prototypes.weight.grad = None
     run.scaler.step(run.opt)
     run.scaler.update()
-    return loss.detach(), z.detach(), scores.detach()
+    with torch.no_grad():
+        used = torch.zeros(k, device=loss.device).index_fill_(0, scores[0].argmax(1), 1).sum()  # CUDA bincount syncs
+        p_mean = F.softmax(scores[0] / args.temperature, dim=1).mean(0)
+        entropy = -(p_mean * p_mean.clamp_min(1e-12).log()).sum() / math.log(k)
+        loss = loss.detach()
+        return torch.stack([loss, loss / math.log(k), used, entropy, torch.full_like(used, float(use_queue))])
 
 
-def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
-    """Train from step start_step of `epoch` to its end (or to --max-steps). Returns averaged metrics."""
-    args, model, opt, device = run.args, run.model, run.opt, run.device
-    spe, is_main, k = run.steps_per_epoch, run.rank == 0, args.n_prototypes
-    if args.queue_length and epoch >= args.queue_start_epoch and run.queue is None:
-        length = args.queue_length // args.batch_size * args.batch_size // run.world_size  # PAPER: rounded down
-        run.queue = Queue(len(args.crops_for_assign), length, args.feat_dim, device)
-        if is_main:
-            print(f"queue created at epoch {epoch + 1}: {length * run.world_size} embeddings, used once full")
-    in_memory = torch.is_tensor(run.data["train_x"])
-    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, epoch, device if in_memory else None)
-    last = min(spe, run.total_steps - epoch * spe)
-    keys = [(args.seed, "train", epoch, s) for s in range(start_step, last)]
-    stream = view_batches(run, run.data["train_x"], batches[start_step:last], keys, run.groups)
-    n_crops = args.n_large + args.n_small
-    b = args.batch_size // run.world_size
-    tally, window = epoch_state(run, epoch, 4), torch.zeros(4, device=device)  # loss, loss/lnK, used, entropy
-    no_bad = 2**62
-    bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
-    bad_stats = torch.zeros(3, device=device)  # min, max, norm of that step's scores
-    model.train()
-    bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=not is_main, dynamic_ncols=True)
-    t0, n_done, n_logged = time.perf_counter(), 0, 0
-    for step in bar:
-        gstep = epoch * spe + step
-        lr = lr_at(gstep, args, spe)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        tw = time.perf_counter()
-        groups = next(stream)
-        run.data_wait_s += time.perf_counter() - tw  # host time spent waiting for (or making) the crops
-        loss, z, scores = train_step(run, groups, gstep)
-        scores_v = scores.view(n_crops, b, k)
-        finite = torch.isfinite(loss)
-        first_bad = ~finite & (bad_step == no_bad)
-        bad_stats = torch.where(first_bad, torch.stack([scores.min(), scores.max(), z.norm(dim=1).max()]), bad_stats)
-        bad_step = torch.minimum(bad_step, torch.where(finite, no_bad, gstep + 1))
-        with torch.no_grad():  # collapse diagnostics of crop 0 (spec 4.4): distinct argmax prototypes, entropy
-            used = torch.zeros(k, device=device).index_fill_(0, scores_v[0].argmax(1), 1).sum()  # CUDA bincount syncs
-            p_mean = F.softmax(scores_v[0] / args.temperature, dim=1).mean(0)
-            ent = -(p_mean * p_mean.clamp_min(1e-12).log()).sum() / math.log(k)
-            window += torch.stack([loss, loss / math.log(k), used.float(), ent])
-        n_done += 1
-        run.images_seen += args.batch_size  # counted per step: a mid-epoch checkpoint holds the true count
-        run.global_step = gstep + 1
-        stop = stop_now(run)  # a stop signal: this step is the last (its checkpoint follows)
-        save_now = args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe
-        if (step + 1) % args.log_every == 0 or step + 1 == last or save_now or stop:  # a checkpoint holds every step
-            if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
-                dist.all_reduce(window)
-                window /= run.world_size
-                dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
-            if bad_step.item() < no_bad:
-                lo, hi, zn = bad_stats.tolist()
-                raise RunError(
-                    f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}; scores min {lo:.3g} max {hi:.3g}, "
-                    f"max |z| {zn:.3g}); try a lower --lr, --amp none or --sinkhorn-fp64", every_rank=True,
-                )  # fmt: skip
-            m = (window / (n_done - n_logged)).tolist()  # mean over the steps since the last log line
-            tally["sums"] += window
-            tally["n"] += n_done - n_logged
-            window, n_logged = torch.zeros_like(window), n_done
-            rec = dict(step=gstep + 1, epoch=epoch, loss=m[0], loss_over_lnK=m[1], protos_used=m[2], entropy=m[3])
-            if is_main:
-                bar.set_postfix(loss=f"{m[0]:.3f}", used=f"{m[2]:.0f}", lr=f"{lr:.3f}")
-                log_jsonl(run, dict(type="train", lr=lr, queue=run.queue is not None and run.queue.full, **rec))
-        if save_now and not stop:  # a stop saves after the loop
-            sync(device)  # a checkpoint does not count as training time
-            run.train_time_s += time.perf_counter() - t0
-            save_state(run)
-            t0 = time.perf_counter()
-        if stop:
-            break
-    sync(device)
-    run.train_time_s += time.perf_counter() - t0
-    m = (tally["sums"] / max(tally["n"], 1)).tolist()  # the whole epoch's means, steps before a resume included
-    lr = lr_at(run.global_step - 1, args, spe)
-    m = dict(loss=m[0], loss_over_lnK=m[1], protos_used=m[2], entropy=m[3], lr=lr)
-    return dict(m, time_s=run.train_time_s - tally["t0"])
+def train_batches(run: SimpleNamespace, epoch: int, start: int, last: int):
+    """This rank's crops for steps start..last-1 of `epoch`, one tensor per resolution. Before the epoch: a look at the
+    one before (collapse warning) and the queue, created once --queue-start-epoch is reached."""
+    warn_if_collapsed(run)
+    Queue.start(run, epoch)
+    args, images = run.args, run.data["train_x"]
+    on_device = run.device if torch.is_tensor(images) else None  # in-memory images: cut on the device
+    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, epoch, on_device)
+    keys = [(args.seed, "train", epoch, s) for s in range(start, last)]
+    return view_batches(run, images, batches[start:last], keys, run.groups)
 
 
-# ==== 7. EVALUATION ====
-# ==== 8. MAIN ====
-def log_jsonl(run: SimpleNamespace, record: dict) -> None:
-    with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+# ==== 7. TRAINING ====
+def run_training(args: Args) -> dict:
+    """Build the run (model, LARC, resume with the queue, SyncBN, DDP), train (SHARED: train-loop), evaluate, save."""
+    run = start_run(args)
+    args, device, world_size = run.args, run.device, run.world_size  # as start_run settled them (precision, probes)
+    torch.manual_seed(args.seed)  # the same initial model on every rank
+    model = SwAV(args.arch, args.hidden_dim, args.feat_dim, args.n_prototypes).to(device, memory_format=run.fmt)
+    run.model, run.encode, run.groups, run.metrics = model, model.backbone, crop_groups(args), METRICS
+    # PAPER: SGD (momentum 0.9) wrapped in LARC(trust_coefficient=0.001, clip=False), weight decay 1e-6
+    run.opt = LARS(param_groups(model, args), args.lr, momentum=args.momentum, eta=args.lars_eta, clip=args.lars_clip)
+    # epochs, not iterations (swav#76). DEVIATION: 1 epoch at 4096 is 312 steps here (drop_last); official: 313
+    run.freeze_steps = round(args.freeze_prototypes_epochs * run.steps_per_epoch)
+    ckpt = resume_state(run, {"queue"})
+    run.queue = Queue.restore(ckpt["queue"], run) if ckpt is not None else None
+    net = model
+    if world_size > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (PyTorch's needs CUDA)
+        size = args.syncbn_group_size or world_size  # groups of consecutive ranks (official apex runs: 8)
+        groups = [dist.new_group(list(range(i, i + size))) for i in range(0, world_size, size)]  # every rank calls all
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(model, groups[run.rank // size])
+    if world_size > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    run.ddp_model = torch.compile(net) if args.compile else net
+    bench = run_benchmarks(run)
+    total_steps = run.steps_per_epoch * args.epochs
+    run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    train_epochs(run)
+    warn_if_collapsed(run)
+    res = evaluate(run, tag="final")
+    if run.rank == 0:
+        write_results(run, "SwAV (arXiv 2006.09882)", dict(base_lr=args.lr * args.batch_size / 256), bench, res)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return res
+
+
+def warn_if_collapsed(run: SimpleNamespace) -> None:
+    """After the warm-up, a last epoch whose mean loss sat at ln K (uniform predictions) has collapsed (spec 4.4)."""
+    e, hint = run.epoch_sums, "try --epsilon 0.03 or a longer prototype freeze"  # e["sums"][1]: loss / ln K
+    if run.rank == 0 and e and e["n"] and e["epoch"] + 1 > run.args.warmup_epochs and e["sums"][1] / e["n"] > 0.99:
+        print(f"warning: epoch {e['epoch'] + 1}: the loss sits at ln K: collapse ({hint})")
 
 
 def save_state(run: SimpleNamespace) -> None:
     """out_dir/last.pt, written atomically by rank 0: model, optimizer, scaler, step, timers and every rank's queue."""
-    queue = None
-    if run.queue is not None:  # collective: each rank holds its own queue
-        parts = [run.queue.z]
-        if run.world_size > 1:
-            parts = [torch.empty_like(run.queue.z) for _ in range(run.world_size)]
-            dist.all_gather(parts, run.queue.z)
-        queue = dict(z=torch.stack(parts).cpu(), filled=run.queue.filled)
+    queue = run.queue.state(run) if run.queue is not None else None  # collective: before rank 0 goes on alone
     if run.rank != 0:
         return
     t0 = time.perf_counter()
@@ -562,12 +544,17 @@ def save_state(run: SimpleNamespace) -> None:
     run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
 
 
+def log_jsonl(run: SimpleNamespace, record: dict) -> None:
+    with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def check_args(args: Args, world_size: int) -> None:
     """Refuse bad input with one clear line, before any data is read or process group created."""
     check_common_args(
         args, world_size, "feat_dim n_prototypes sinkhorn_iters n_large small_size", "n_small hidden_dim queue_length "
-        "queue_start_epoch syncbn_group_size", "temperature epsilon lars_eta", "final_lr_ratio start_warmup "
-        "freeze_prototypes_epochs jitter_strength", "small_scale",
+        "queue_start_epoch syncbn_group_size eval_every_steps", "temperature epsilon lars_eta", "final_lr_ratio "
+        "start_warmup freeze_prototypes_epochs jitter_strength", "small_scale",
     )  # fmt: skip
     for name in ("blur_prob", "solarize_prob"):
         if not 0 <= getattr(args, name) <= 1:
@@ -581,75 +568,8 @@ def check_args(args: Args, world_size: int) -> None:
         raise RunError(f"--syncbn-group-size {args.syncbn_group_size} does not divide the world size {world_size}")
 
 
-def convert_sync_bn(model: nn.Module, args: Args, rank: int, world_size: int) -> nn.Module:
-    """Global SyncBN, or groups of --syncbn-group-size consecutive ranks (official apex runs: groups of 8)."""
-    group = None
-    if args.syncbn_group_size:
-        size = args.syncbn_group_size
-        groups = [dist.new_group(list(range(i, i + size))) for i in range(0, world_size, size)]  # every rank calls all
-        group = groups[rank // size]
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model, group)
-
-
-def run_training(args: Args) -> dict:
-    run = start_run(args)
-    args = run.args  # as start_run settled them (precision, probe batch)
-    device, world_size, is_main = run.device, run.world_size, run.rank == 0
-    torch.manual_seed(args.seed)  # the same initial model on every rank
-    run.model = model = SwAV(args.arch, args.hidden_dim, args.feat_dim, args.n_prototypes).to(
-        device, memory_format=run.fmt
-    )
-    run.groups, run.queue = crop_groups(args), None
-    # PAPER: SGD (momentum 0.9) wrapped in LARC(trust_coefficient=0.001, clip=False), weight decay 1e-6
-    run.opt = LARS(
-        param_groups(model, args), lr=args.lr, momentum=args.momentum, eta=args.lars_eta, clip=args.lars_clip
-    )
-    # epochs, not iterations (swav#76). DEVIATION: 1 epoch at 4096 is 312 steps here (drop_last); official: 313
-    run.freeze_steps = round(args.freeze_prototypes_epochs * run.steps_per_epoch)
-    ckpt = resume_state(run, {"queue"})
-    if ckpt is not None and ckpt["queue"] is not None:  # this rank's part; a new world size re-slices the queue
-        qz = ckpt["queue"]["z"].to(device).transpose(0, 1).flatten(1, 2)  # [n_assign, L, D]
-        run.queue = Queue(qz.shape[0], qz.shape[1] // world_size, qz.shape[2], device)
-        run.queue.z = qz.view(qz.shape[0], world_size, -1, qz.shape[2])[:, run.rank].contiguous()
-        run.queue.filled = min(ckpt["queue"]["filled"], run.queue.z.shape[1])
-
-    net = model
-    if world_size > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (PyTorch's needs CUDA)
-        net = convert_sync_bn(model, args, run.rank, world_size)
-    if world_size > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    run.ddp_model = torch.compile(net) if args.compile else net
-    bench = run_benchmarks(run)
-
-    total_steps = run.steps_per_epoch * args.epochs
-    run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-    Stop.in_steps = True  # a stop signal now ends the run after the current step, with a checkpoint
-    while run.global_step < run.total_steps:
-        epoch, start = divmod(run.global_step, run.steps_per_epoch)
-        m = train_one_epoch(run, epoch, start)
-        save_state(run)
-        if run.global_step % run.steps_per_epoch:
-            stop_if_asked(run)  # stopped within the epoch: no epoch line
-        knn = ""
-        if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.global_step < run.total_steps:
-            knn = f" | knn@1 {evaluate(run, tag=f'epoch {epoch + 1}').get('knn_top1', 0):.1f}"
-        if is_main:
-            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
-            print(
-                f"ep {epoch + 1}/{args.epochs} | loss {m['loss']:.3f} ({m['loss_over_lnK']:.2f} lnK) | "
-                f"used {m['protos_used']:.0f} | lr {m['lr']:.4f}{knn} | {m['time_s']:.1f} s{memory_note(device)}"
-            )
-            if epoch + 1 > args.warmup_epochs and m["loss_over_lnK"] > 0.99:
-                print("warning: the loss sits at ln K: collapse (try --epsilon 0.03 or a longer prototype freeze)")
-        stop_if_asked(run)
-    Stop.in_steps = False
-
-    res = evaluate(run, tag="final")
-    if is_main:
-        write_results(run, "SwAV (arXiv 2006.09882)", dict(base_lr=args.lr * args.batch_size / 256), bench, res)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return res
+# ==== 8. MAIN ====
+# The last line runs main(parse_args()) (SHARED: entry): run_training, one-line errors, a clean stop on SIGTERM.
 
 
 # ==== SHARED APPENDIX: identical in every script ====
@@ -1113,6 +1033,95 @@ def epoch_state(run: SimpleNamespace, epoch: int, size: int) -> dict:
 def memory_note(device: torch.device) -> str:
     """' | 11.2 GB': the peak GPU memory for the epoch line (nothing on the CPU)."""
     return f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB" if device.type == "cuda" else ""
+
+
+# END SHARED
+
+
+# SHARED: train-loop
+def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
+    """Steps start_step.. of `epoch`, to its end or to --max-steps. Each sets the LR of every parameter group (times
+    its lr_scale), takes this rank's batch from the method's `train_batches` and runs its `train_step`, which returns
+    its metrics (named in run.metrics, the loss first) as one detached tensor. Every --log-every steps the metrics are
+    averaged over ranks and a non-finite loss stops the run: no step waits for the host. Returns the epoch's means."""
+    args, device, spe, names = run.args, run.device, run.steps_per_epoch, run.metrics
+    last = min(spe, run.total_steps - epoch * spe)
+    stream = train_batches(run, epoch, start_step, last)
+    tally, window = epoch_state(run, epoch, len(names)), torch.zeros(len(names), device=device)
+    no_bad = 2**62
+    bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
+    run.model.train()
+    bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=run.rank != 0, dynamic_ncols=True)
+    t0, n_done, n_logged = time.perf_counter(), 0, 0
+    for step in bar:
+        gstep = epoch * spe + step
+        lr = lr_at(gstep, args, spe)
+        for group in run.opt.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        tw = time.perf_counter()
+        batch = next(stream)
+        run.data_wait_s += time.perf_counter() - tw  # host time spent waiting for (or making) the batch
+        m = train_step(run, batch, gstep)
+        bad_step = torch.minimum(bad_step, torch.where(torch.isfinite(m[0]), no_bad, gstep + 1))
+        window += m
+        n_done += 1
+        run.images_seen += args.batch_size  # counted per step: a mid-epoch checkpoint holds the true count
+        run.global_step = gstep + 1
+        stop = stop_now(run)  # a stop signal: this step is the last (its checkpoint follows)
+        save_now = args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe and not stop
+        eval_now = args.eval_every_steps and (gstep + 1) % args.eval_every_steps == 0 and gstep + 1 < run.total_steps
+        if (step + 1) % args.log_every == 0 or step + 1 == last or save_now or stop:  # a checkpoint holds every step
+            if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
+                dist.all_reduce(window)
+                window /= run.world_size
+                dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+            if bad_step.item() < no_bad:
+                msg = f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); try a lower LR or --amp none"
+                raise RunError(msg, every_rank=True)
+            mean = dict(zip(names, (window / (n_done - n_logged)).tolist()))  # over the steps since the last log
+            tally["sums"] += window
+            tally["n"] += n_done - n_logged
+            window, n_logged = torch.zeros_like(window), n_done
+            if run.rank == 0:
+                bar.set_postfix(**{k: f"{v:.4g}" for k, v in mean.items()}, lr=f"{lr:.3g}")
+                log_jsonl(run, dict(type="train", step=gstep + 1, epoch=epoch, lr=lr, **mean))
+        if stop:  # its checkpoint is saved after the loop
+            break
+        if save_now or eval_now:  # neither counts as training time
+            sync(device)
+            run.train_time_s += time.perf_counter() - t0
+            if save_now:
+                save_state(run)
+            if eval_now:
+                evaluate(run, tag=f"step {gstep + 1}")
+                run.model.train()  # CRUCIAL: back to train mode after a mid-epoch evaluation
+            t0 = time.perf_counter()
+    sync(device)
+    run.train_time_s += time.perf_counter() - t0
+    means = (tally["sums"] / max(tally["n"], 1)).tolist()  # the whole epoch's means, steps before a resume included
+    return dict(zip(names, means), lr=lr_at(run.global_step - 1, args, spe), time_s=run.train_time_s - tally["t0"])
+
+
+def train_epochs(run: SimpleNamespace) -> None:
+    """The epochs from the resumed step to the end: each saves last.pt, evaluates every --eval-every epochs (not after
+    the last: the final evaluation follows) and prints one line. A stop signal ends the run after the step it arrives
+    in, with a checkpoint."""
+    args, spe = run.args, run.steps_per_epoch
+    Stop.in_steps = True
+    while run.global_step < run.total_steps:
+        epoch, start = divmod(run.global_step, spe)
+        m = train_one_epoch(run, epoch, start)
+        save_state(run)
+        if run.global_step % spe:
+            stop_if_asked(run)  # stopped within the epoch: no epoch line
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.global_step < run.total_steps:
+            m.update(evaluate(run, tag=f"epoch {epoch + 1}"))
+        if run.rank == 0:
+            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
+            line = " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "time_s" and isinstance(v, float))
+            print(f"ep {epoch + 1}/{args.epochs} | {line} | {m['time_s']:.1f} s{memory_note(run.device)}")
+        stop_if_asked(run)
+    Stop.in_steps = False
 
 
 # END SHARED

@@ -103,7 +103,7 @@ def main():
         key = (args.seed, "train", 0, step)
         if world_size > 1:
             views = next(S.view_batches(run, data["train_x"], [batch], [key], run.groups))
-            loss = S.train_step(run, views, gstep=step)[0]
+            loss = S.train_step(run, views, step)[0]  # its metrics: the loss first
             dist.all_reduce(loss)  # the loss every rank logs: the mean of the per-rank losses
             loss = loss / world_size
         else:  # emulate `world` ranks: per-rank forward (BN), global Sinkhorn and loss, one optimizer step

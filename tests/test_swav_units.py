@@ -453,8 +453,8 @@ def test_prototypes_frozen_then_move():
     run = make_run(TINY, model, freeze_steps=2)
     w0, conv0 = model.prototypes.weight.detach().clone(), model.backbone.conv1.weight.detach().clone()
     for step in range(2):
-        loss, z, scores = S.train_step(run, tiny_groups(step), step)
-        assert torch.isfinite(loss)
+        metrics = S.train_step(run, tiny_groups(step), step)
+        assert metrics.shape == (len(S.METRICS),) and torch.isfinite(metrics).all()
     w = model.prototypes.weight.detach()
     torch.testing.assert_close(w, F.normalize(w0, dim=1), rtol=0, atol=1e-7)
     assert model.prototypes.weight not in run.opt.state
@@ -467,16 +467,26 @@ def test_prototypes_frozen_then_move():
 
 def test_train_step_loss_and_queue():
     """train_step's loss is swav_loss of its scores; the queue is read only once full, with the current (normalised)
-    prototypes, and then gets the assignment crops' z in front."""
+    prototypes, and then gets the assignment crops' z in front. Its metrics: loss, loss / ln K, the prototypes used
+    and the normalised entropy of crop 0's mean prediction, and whether the queue was used."""
     model = small_model()
-    b, n_crops = 4, 4
+    b, n_crops, k = 4, 4, 10
     queue = S.Queue(2, 8, 16, CPU)
     run = make_run(TINY, model, freeze_steps=0, queue=queue)
+    outs = []
+    model.register_forward_hook(lambda m, i, o: outs.append([t.detach() for t in o]))
     for step in range(3):
         before = queue.z.clone()
         was_full = queue.full
         w = F.normalize(model.prototypes.weight.detach(), dim=1)
-        loss, z, scores = S.train_step(run, tiny_groups(10 + step), step)
+        metrics = S.train_step(run, tiny_groups(10 + step), step)
+        z, scores = outs[-1]
+        loss, p = metrics[0], F.softmax(scores[:b] / 0.1, dim=1).mean(0)  # crop 0's mean prediction
+        expected = dict(loss=loss.item(), loss_over_lnK=loss.item() / math.log(k), queue=float(was_full))
+        expected.update(
+            protos_used=len(set(scores[:b].argmax(1).tolist())), entropy=-(p * p.log()).sum().item() / math.log(k)
+        )
+        assert dict(zip(S.METRICS, metrics.tolist())) == pytest.approx(expected, rel=1e-5)
         sv = list(scores.view(n_crops, b, -1))
         qs = [before[j] @ w.T for j in range(2)] if was_full else None
         torch.testing.assert_close(loss, S.swav_loss(sv, 0.1, 0.05, 3, (0, 1), qs))
