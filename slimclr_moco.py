@@ -638,15 +638,14 @@ def slimclr_mocov3_loss(
     nce_w = 2T CE(l_w, labels) and the distillation on l_w (already divided by T). q: {width: [B, D]} normalised;
     k: [B, D] normalised keys, or the keys of every rank [B x world, D] under DDP (labels offset by rank)."""
     active = epoch >= slim_start_epoch
+    widths = sorted(q1_by_width, reverse=True)
+    b = len(q1_by_width[widths[0]])
+    gathered = len(k1) > b and dist.is_initialized()  # k of every rank: the positives are this rank's rows
+    labels = torch.arange(b, device=k1.device) + (dist.get_rank() * b if gathered else 0)  # CRUCIAL: offset by rank
+    nce = lambda logits: 2 * temperature * F.cross_entropy(logits, labels)  # noqa: E731  PAPER: the 2T factor
 
     def direction(q_by_width, k):
-        widths = sorted(q_by_width, reverse=True)
-        b = len(q_by_width[widths[0]])
-        gathered = len(k) > b and dist.is_initialized()  # k of every rank: the positives are this rank's rows
-        offset = dist.get_rank() * b if gathered else 0  # CRUCIAL: labels offset by rank
-        labels = torch.arange(b, device=k.device) + offset
         logits = {w: q_by_width[w].float() @ k.float().T / temperature for w in (widths if active else widths[:1])}
-        nce = lambda l: 2 * temperature * F.cross_entropy(l, labels)  # noqa: E731  PAPER: the 2T factor
         return slimclr_combine(logits, nce, active, distill_weight, distill_temperature, reweight, False)
 
     return direction(q1_by_width, k2) + direction(q2_by_width, k1)
@@ -827,15 +826,11 @@ def run_training(args: Args) -> dict:
     res = evaluate(run, tag="final")
     if run.rank == 0:  # per width, what a user deploys: the backbone + a C-way classifier, at the evaluation size
         net = SLIM_RESNETS[args.arch](num_classes=run.data["num_classes"], widths=run.widths)
-        per_width = {
-            str(w): dict(
-                params=active_param_count(net, w),
-                backbone_params=active_param_count(backbone, w),
-                gmacs=active_macs(net, w, args.large_size) / 1e9,
-                **{k.split("@")[0]: v for k, v in res.items() if k.endswith(f"@{w}")},
-            )
-            for w in run.widths
-        }
+        per_width = {}
+        for w in run.widths:
+            sizes = dict(params=active_param_count(net, w), backbone_params=active_param_count(backbone, w))
+            sizes.update(gmacs=active_macs(net, w, args.large_size) / 1e9)
+            per_width[str(w)] = {**sizes, **{k.split("@")[0]: v for k, v in res.items() if k.endswith(f"@{w}")}}
         scale = args.batch_size / 256 if args.lr_scaling == "linear" else 1.0
         extra = dict(widths=per_width, peak_lr=args.lr * scale, slim_start_lr=args.slim_start_lr)
         paper = "SlimCLR, Slimmable Networks for Contrastive Self-supervised Learning (arXiv 2209.15525)"
@@ -915,11 +910,11 @@ def switchable_probe(run: SimpleNamespace, train_feats: Optional[dict], test_fea
     args, device, world, rank, nc = run.args, run.device, run.world_size, run.rank, run.data["num_classes"]
     backbone, widths = run.model.online.encoder.backbone, run.widths
     gen = torch.Generator().manual_seed(args.seed)
-    heads = nn.ModuleList(nn.Linear(slim(backbone.num_features, w), nc) for w in widths).to(device)
-    with torch.no_grad():
-        for h in heads:
-            h.weight.copy_(torch.randn(h.weight.shape, generator=gen) * 0.01)
-            h.bias.zero_()
+    heads = nn.ModuleList(nn.Linear(slim(backbone.num_features, w), nc) for w in widths)
+    for h in heads:  # drawn on the CPU: the same heads on any device
+        nn.init.normal_(h.weight, 0, 0.01, generator=gen)
+        nn.init.zeros_(h.bias)
+    heads.to(device)
     opt = torch.optim.SGD(heads.parameters(), lr=args.probe_lr, momentum=0.9, weight_decay=args.probe_wd)
     images, train_y = run.data["train_x"], run.data["train_y"].to(device)
     on_device = device if train_feats is not None or torch.is_tensor(images) else None  # where the batches are
