@@ -196,6 +196,8 @@ class Args:
     # --- evaluation (spec 4)
     eval_every: int = 10
     """epochs between per-width k-NN evaluations on a subset during training (0: off)"""
+    eval_every_steps: int = 0
+    """also evaluate every this many steps (0: off)"""
     eval_subset_train: int = 30000
     """training images used as the k-NN memory during training (the final k-NN uses all)"""
     eval_subset_test: int = 10000
@@ -286,7 +288,7 @@ def parse_args(argv: Optional[list] = None) -> Args:
     return tyro.cli(RECIPES, default=Args(), args=argv)
 
 
-# ==== 2. DATA & AUGMENTATIONS ====
+# ==== 2. VIEWS ====
 def crop_groups(args: Args) -> list:
     """The two views, one group each: RandomResizedCrop(scale), flip, ColorJitter(*jitter) p 0.8, grayscale p 0.2,
     blur and solarize with each view's probability (v2: the same pipeline twice; v3: blur 1.0 / 0.1, solarize 0 / 0.2).
@@ -305,16 +307,14 @@ class SlimConv2d(nn.Conv2d):
     """One full-size kernel; width w uses the leading slice weight[:int(out x w), :c_in] (0.25 in 0.5 in 0.75 in 1).
     c_in is the input's channel count: the previous layer's slice, or 3 at the stem (slim_in=False, never sliced)."""
 
+    slim_out = True
+
     def __init__(self, c_in, c_out, k, stride=1, padding=0, slim_in=True):
         super().__init__(c_in, c_out, k, stride, padding, bias=False)
         self.slim_in = slim_in
 
     def forward(self, x: torch.Tensor, width: float) -> torch.Tensor:
         return F.conv2d(x, self.weight[: slim(self.out_channels, width), : x.shape[1]], None, self.stride, self.padding)
-
-    def active_params(self, width: float) -> int:
-        c_in = slim(self.in_channels, width) if self.slim_in else self.in_channels
-        return slim(self.out_channels, width) * c_in * self.weight[0, 0].numel()
 
 
 class SlimLinear(nn.Linear):
@@ -327,11 +327,6 @@ class SlimLinear(nn.Linear):
     def forward(self, x: torch.Tensor, width: float) -> torch.Tensor:
         out = slim(self.out_features, width) if self.slim_out else self.out_features
         return F.linear(x, self.weight[:out, : x.shape[-1]], None if self.bias is None else self.bias[:out])
-
-    def active_params(self, width: float) -> int:
-        f_in = slim(self.in_features, width) if self.slim_in else self.in_features
-        f_out = slim(self.out_features, width) if self.slim_out else self.out_features
-        return f_out * (f_in + (self.bias is not None))
 
 
 class SwitchBN(nn.Module):
@@ -347,16 +342,13 @@ class SwitchBN(nn.Module):
     def forward(self, x: torch.Tensor, width: float) -> torch.Tensor:
         return self.bn[self.widths.index(width)](x)
 
-    def active_params(self, width: float) -> int:
-        return sum(p.numel() for p in self.bn[self.widths.index(width)].parameters())
-
 
 class SlimSequential(nn.Sequential):
-    """nn.Sequential that passes the width to the slimmable layers."""
+    """nn.Sequential that passes the width to every layer but the ReLUs."""
 
     def forward(self, x: torch.Tensor, width: float) -> torch.Tensor:
         for m in self:
-            x = m(x, width) if isinstance(m, (SlimConv2d, SlimLinear, SwitchBN, SlimBlock)) else m(x)
+            x = m(x) if isinstance(m, nn.ReLU) else m(x, width)
         return x
 
 
@@ -394,10 +386,8 @@ class SlimResNet(nn.Module):
     def __init__(self, layers, widths, bottleneck: bool, cifar_stem: bool = False, num_classes: int = 0):
         super().__init__()
         self.widths = sorted((float(w) for w in widths), reverse=True)
-        if cifar_stem:  # 3x3 stride 1, no max-pool (32-px images)
-            self.conv1 = SlimConv2d(3, 64, 3, 1, 1, slim_in=False)
-        else:
-            self.conv1 = SlimConv2d(3, 64, 7, 2, 3, slim_in=False)
+        k, stride, pad = (3, 1, 1) if cifar_stem else (7, 2, 3)  # the CIFAR stem: 3x3 stride 1, no max-pool
+        self.conv1 = SlimConv2d(3, 64, k, stride, pad, slim_in=False)
         self.bn1, self.maxpool = SwitchBN(64, self.widths), not cifar_stem
         c_in, e = 64, 4 if bottleneck else 1
         stages = []
@@ -459,10 +449,18 @@ SLIM_RESNETS = {
 def active_param_count(model: nn.Module, width: float) -> int:
     """Parameters the network of this width uses (spec 1.4): the weight and bias slices of every slimmable layer,
     its own BN copy, and every other parameter in full. Running statistics are buffers and not counted."""
+    width = float(width)
+
+    def used(m):  # the slice of m's parameters this width reads
+        if isinstance(m, SwitchBN):
+            return sum(p.numel() for p in m.bn[m.widths.index(width)].parameters())
+        f_out, f_in = m.weight.shape[:2]
+        f_out, f_in = slim(f_out, width) if m.slim_out else f_out, slim(f_in, width) if m.slim_in else f_in
+        return f_out * (f_in * m.weight[0, 0].numel() + (m.bias is not None))  # kernel size x inputs (+ a bias)
+
     slimmable = [m for m in model.modules() if isinstance(m, (SlimConv2d, SlimLinear, SwitchBN))]
     inside = {id(p) for m in slimmable for p in m.parameters()}
-    rest = sum(p.numel() for p in model.parameters() if id(p) not in inside)
-    return rest + sum(m.active_params(float(width)) for m in slimmable)
+    return sum(p.numel() for p in model.parameters() if id(p) not in inside) + sum(used(m) for m in slimmable)
 
 
 @torch.no_grad()
@@ -553,13 +551,6 @@ def ema_update(teacher: nn.Module, student: nn.Module, m: float) -> None:
     torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1.0 - m)
 
 
-def momentum_at(step: int, args: Args, steps_per_epoch: int) -> float:
-    """v2: constant. v3 (spec 3.1): 1 - (1 + cos(pi epoch / epochs)) / 2 (1 - m), the epoch fractional: 0.99 -> 1."""
-    if not args.moco_m_cos:
-        return args.moco_m
-    return 1 - 0.5 * (1 + math.cos(math.pi * step / (steps_per_epoch * args.epochs))) * (1 - args.moco_m)
-
-
 @torch.no_grad()
 def momentum_keys(run: SimpleNamespace, x: torch.Tensor, step: int) -> tuple:
     """Full-width keys of this rank's images [b, D] and of the global batch [B, D], L2-normalised, fp32.
@@ -569,20 +560,21 @@ def momentum_keys(run: SimpleNamespace, x: torch.Tensor, step: int) -> tuple:
     batch statistics would otherwise leak which key is the positive). DEVIATION: the permutation comes from a seeded
     stream identical on every rank (official: drawn on rank 0 and broadcast). On one process there is nothing to
     shuffle across (the official code requires DDP). v3: no shuffle (SyncBN on CUDA)."""
-    enc, rank, world = run.model.momentum_encoder, run.rank, run.world_size
-    with run.autocast:
-        if run.args.moco == "v3" or world == 1:
-            k = F.normalize(enc(x.contiguous(memory_format=run.fmt), 1.0).float(), dim=1)
-            return k, gather_with_grad(k)
-        b = len(x)
-        x_all = gather_with_grad(x)
-        gen = torch.Generator(device=x.device).manual_seed(rng_seed(run.args.seed, "shuffle-bn", step))
-        perm = torch.randperm(len(x_all), generator=gen, device=x.device)
-        k = F.normalize(
-            enc(x_all[perm[rank * b : (rank + 1) * b]].contiguous(memory_format=run.fmt), 1.0).float(), dim=1
-        )
-    k_all = torch.empty(len(x_all), k.shape[1], device=k.device)
-    k_all[perm] = gather_with_grad(k)
+    rank, b = run.rank, len(x)
+
+    def keys(images):
+        with run.autocast:
+            k = run.model.momentum_encoder(images.contiguous(memory_format=run.fmt), 1.0)
+        return F.normalize(k.float(), dim=1)
+
+    if run.args.moco == "v3" or run.world_size == 1:
+        k = keys(x)
+        return k, gather_with_grad(k)
+    x_all = gather_with_grad(x)
+    gen = torch.Generator(device=x.device).manual_seed(rng_seed(run.args.seed, "shuffle-bn", step))
+    perm = torch.randperm(len(x_all), generator=gen, device=x.device)
+    k_all = torch.empty(len(x_all), run.args.dim, device=x.device)
+    k_all[perm] = gather_with_grad(keys(x_all[perm[rank * b : (rank + 1) * b]]))
     return k_all[rank * b : (rank + 1) * b], k_all
 
 
@@ -632,10 +624,8 @@ def slimclr_mocov2_loss(
     for w in widths if active else widths[:1]:
         q = q_by_width[w].float()  # q: [B, D], L2-normalised
         z[w] = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1)  # [B, 1 + K], the positive first
-
-    def nce(logits):
-        return F.cross_entropy(logits / temperature, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
-
+    labels = torch.zeros(len(k), dtype=torch.long, device=k.device)
+    nce = lambda logits: F.cross_entropy(logits / temperature, labels)  # noqa: E731
     return slimclr_combine(z, nce, active, distill_weight, distill_temperature, reweight, full_distill)
 
 
@@ -648,15 +638,14 @@ def slimclr_mocov3_loss(
     nce_w = 2T CE(l_w, labels) and the distillation on l_w (already divided by T). q: {width: [B, D]} normalised;
     k: [B, D] normalised keys, or the keys of every rank [B x world, D] under DDP (labels offset by rank)."""
     active = epoch >= slim_start_epoch
+    widths = sorted(q1_by_width, reverse=True)
+    b = len(q1_by_width[widths[0]])
+    gathered = len(k1) > b and dist.is_initialized()  # k of every rank: the positives are this rank's rows
+    labels = torch.arange(b, device=k1.device) + (dist.get_rank() * b if gathered else 0)  # CRUCIAL: offset by rank
+    nce = lambda logits: 2 * temperature * F.cross_entropy(logits, labels)  # noqa: E731  PAPER: the 2T factor
 
     def direction(q_by_width, k):
-        widths = sorted(q_by_width, reverse=True)
-        b = len(q_by_width[widths[0]])
-        gathered = len(k) > b and dist.is_initialized()  # k of every rank: the positives are this rank's rows
-        offset = dist.get_rank() * b if gathered else 0  # CRUCIAL: labels offset by rank
-        labels = torch.arange(b, device=k.device) + offset
         logits = {w: q_by_width[w].float() @ k.float().T / temperature for w in (widths if active else widths[:1])}
-        nce = lambda l: 2 * temperature * F.cross_entropy(l, labels)  # noqa: E731  PAPER: the 2T factor
         return slimclr_combine(logits, nce, active, distill_weight, distill_temperature, reweight, False)
 
     return direction(q1_by_width, k2) + direction(q2_by_width, k1)
@@ -668,10 +657,9 @@ def slimclr_linear_probe_loss(logits_by_width: dict, targets: torch.Tensor) -> t
     widths = sorted(logits_by_width, reverse=True)
     top = logits_by_width[widths[0]].float()
     loss = F.cross_entropy(top, targets)
-    p = F.softmax(top.detach(), dim=1)
     for w in widths[1:]:
         s = logits_by_width[w].float()
-        loss = loss + 0.5 * (-(p * F.log_softmax(s, dim=1)).sum(1).mean() + F.cross_entropy(s, targets))
+        loss = loss + 0.5 * (distill_ce(s, top, 1.0) + F.cross_entropy(s, targets))
     return loss
 
 
@@ -702,25 +690,6 @@ class MoCoV3LARS(torch.optim.Optimizer):
                 p.add_(mu, alpha=-group["lr"])
 
 
-def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
-    """Per-step LR (official lr_scheduler, mode cos): a linear warm-up from 1e-8 to the peak over W steps, then
-    0.5 peak (1 + cos(pi (s - W) / (S - W))), floored at 1e-8. From the epoch --slim-start-epoch on (whole epochs,
-    as the official loop) the peak is --slim-start-lr when set. A pure function of the step."""
-    scale = args.batch_size / 256 if args.lr_scaling == "linear" else 1.0
-    peak = args.lr
-    if (
-        args.slim_start_lr is not None
-        and args.slim_start_epoch > 0
-        and step // steps_per_epoch >= args.slim_start_epoch
-    ):
-        peak = args.slim_start_lr  # PAPER: scheduler.init_lr = slim_start_lr (spec 2.4, 3.4)
-    peak *= scale
-    total, warmup = steps_per_epoch * args.epochs, int(args.warmup_epochs * steps_per_epoch)
-    if warmup > 0 and step <= warmup:
-        return min(step / warmup * (peak - 1e-8) + 1e-8, peak)
-    return max(0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))), 1e-8)
-
-
 def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
     """v2: SGD (momentum 0.9) with weight decay on every parameter: the official scheduler rewrites every group's decay
     to the base value each step, so BN and biases decay too (spec 2.4 [!]). v3: MoCo v3's LARS (spec 3.4)."""
@@ -730,14 +699,42 @@ def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
     return MoCoV3LARS(params, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum)
 
 
-# ==== 6. TRAIN LOOP ====
-def train_step(run: SimpleNamespace, views: list, step: int) -> tuple:
-    """One SlimCLR step on this rank's two views. Returns (loss, contrastive top-1 per width [n_widths]), detached.
+def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
+    """Per-step LR (official lr_scheduler, mode cos): a linear warm-up from 1e-8 to the peak over W steps, then
+    0.5 peak (1 + cos(pi (s - W) / (S - W))), floored at 1e-8. From the epoch --slim-start-epoch on (whole epochs,
+    as the official loop) the peak is --slim-start-lr when set. A pure function of the step."""
+    slim_started = args.slim_start_epoch > 0 and step // steps_per_epoch >= args.slim_start_epoch
+    peak = args.slim_start_lr if slim_started and args.slim_start_lr is not None else args.lr  # PAPER: spec 2.4, 3.4
+    peak *= args.batch_size / 256 if args.lr_scaling == "linear" else 1.0
+    total, warmup = steps_per_epoch * args.epochs, int(args.warmup_epochs * steps_per_epoch)
+    if warmup > 0 and step <= warmup:
+        return min(step / warmup * (peak - 1e-8) + 1e-8, peak)
+    return max(0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))), 1e-8)
+
+
+def momentum_at(step: int, args: Args, steps_per_epoch: int) -> float:
+    """v2: constant. v3 (spec 3.1): 1 - (1 + cos(pi epoch / epochs)) / 2 (1 - m), the epoch fractional: 0.99 -> 1."""
+    if not args.moco_m_cos:
+        return args.moco_m
+    return 1 - 0.5 * (1 + math.cos(math.pi * step / (steps_per_epoch * args.epochs))) * (1 - args.moco_m)
+
+
+# ==== 6. TRAIN STEP ====
+def train_batches(run: SimpleNamespace, epoch: int, start: int, last: int):
+    """This rank's two views [b, 3, S, S] of each step start..last-1 of `epoch` (every width sees the same views)."""
+    args, images = run.args, run.data["train_x"]
+    on_device = run.device if torch.is_tensor(images) else None
+    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, epoch, on_device)
+    keys = [(args.seed, "train", epoch, s) for s in range(start, last)]
+    return view_batches(run, images, batches[start:last], keys, run.groups)
+
+
+def train_step(run: SimpleNamespace, views: list, step: int) -> torch.Tensor:
+    """One SlimCLR step on this rank's two views. Returns [loss, contrastive top-1 (%) per width], detached.
     Order as the official forward: queries (with gradient), then the momentum update, then the keys."""
     args, model, spe = run.args, run.model, run.steps_per_epoch
     epoch = step / spe  # PAPER: the fractional epoch decides the slow start
-    active = epoch >= args.slim_start_epoch
-    widths = run.widths if active else run.widths[:1]
+    widths = run.widths if epoch >= args.slim_start_epoch else run.widths[:1]
     queries = views[:1] if args.moco == "v2" else views  # v2: view 1 is the query, view 2 the key
     with run.autocast:
         z = run.ddp_model([x.contiguous(memory_format=run.fmt) for x in queries], widths)
@@ -760,228 +757,21 @@ def train_step(run: SimpleNamespace, views: list, step: int) -> tuple:
         for i, w in enumerate(widths):
             if args.moco == "v2":
                 acc[i] = ((q[0][w] * k).sum(1) > (q[0][w] @ model.queue.T).amax(1)).float().mean()
-            else:
-                offset = run.rank * len(k2) if run.world_size > 1 else 0
-                labels = torch.arange(len(k2), device=run.device) + offset
+            else:  # the positives: this rank's rows of the gathered keys
+                labels = torch.arange(len(k2), device=run.device) + run.rank * len(k2)
                 acc[i] = ((q[0][w] @ k2_all.T).argmax(1) == labels).float().mean()
         if args.moco == "v2":  # CRUCIAL: enqueue the global batch's keys; the pointer follows from the step (no sync)
             ptr = step * args.batch_size % args.queue_size
             model.queue[ptr : ptr + len(k_all)] = k_all
-    return loss.detach(), 100 * acc
+    return torch.cat([loss.detach()[None], 100 * acc])
 
 
-def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
-    """Train from step start_step of `epoch` to its end (or to --max-steps). Returns averaged metrics."""
-    args, opt, device = run.args, run.opt, run.device
-    spe, is_main, nw = run.steps_per_epoch, run.rank == 0, len(run.widths)
-    in_memory = torch.is_tensor(run.data["train_x"])
-    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, epoch, device if in_memory else None)
-    last = min(spe, run.total_steps - epoch * spe)
-    keys = [(args.seed, "train", epoch, s) for s in range(start_step, last)]
-    stream = view_batches(run, run.data["train_x"], batches[start_step:last], keys, run.groups)
-    tally, window = epoch_state(run, epoch, 1 + nw), torch.zeros(1 + nw, device=device)  # loss, top-1 per width
-    no_bad = 2**62
-    bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
-    run.model.train()
-    bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=not is_main, dynamic_ncols=True)
-    t0, n_done, n_logged = time.perf_counter(), 0, 0
-    for step in bar:
-        gstep = epoch * spe + step
-        lr = lr_at(gstep, args, spe)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        tw = time.perf_counter()
-        views = next(stream)
-        run.data_wait_s += time.perf_counter() - tw  # host time spent waiting for (or making) the crops
-        loss, acc = train_step(run, views, gstep)
-        bad_step = torch.minimum(bad_step, torch.where(torch.isfinite(loss), no_bad, gstep + 1))
-        window += torch.cat([loss[None], acc])
-        n_done += 1
-        run.images_seen += args.batch_size  # counted per step: a mid-epoch checkpoint holds the true count
-        run.global_step = gstep + 1
-        stop = stop_now(run)  # a stop signal: this step is the last (its checkpoint follows)
-        save_now = args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe
-        if (step + 1) % args.log_every == 0 or step + 1 == last or save_now or stop:  # a checkpoint holds every step
-            if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
-                dist.all_reduce(window)
-                window /= run.world_size
-                dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
-            if bad_step.item() < no_bad:
-                msg = f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); try a lower --lr"
-                raise RunError(msg, every_rank=True)
-            m = (window / (n_done - n_logged)).tolist()  # mean over the steps since the last log line
-            tally["sums"] += window
-            tally["n"] += n_done - n_logged
-            window, n_logged = torch.zeros_like(window), n_done
-            if is_main:
-                bar.set_postfix(loss=f"{m[0]:.4f}", top1=f"{m[1]:.1f}", lr=f"{lr:.4f}")
-                top1 = {f"top1@{w}": a for w, a in zip(run.widths, m[1:])}
-                log_jsonl(run, dict(type="train", step=gstep + 1, epoch=epoch, lr=lr, loss=m[0], **top1))
-        if save_now and not stop:  # a stop saves after the loop
-            sync(device)  # a checkpoint does not count as training time
-            run.train_time_s += time.perf_counter() - t0
-            save_state(run)
-            t0 = time.perf_counter()
-        if stop:
-            break
-    sync(device)
-    run.train_time_s += time.perf_counter() - t0
-    m = (tally["sums"] / max(tally["n"], 1)).tolist()  # the whole epoch's means, steps before a resume included
-    top1 = {f"top1@{w}": a for w, a in zip(run.widths, m[1:])}
-    return dict(loss=m[0], lr=lr_at(run.global_step - 1, args, spe), **top1, time_s=run.train_time_s - tally["t0"])
-
-
-# ==== 7. EVALUATION ====
-class AtWidth(nn.Module):
-    """The slimmable backbone at one width, as the shared evaluation code expects it: model.backbone(x) -> [B, F]."""
-
-    def __init__(self, backbone: SlimResNet, width: float):
-        super().__init__()
-        self.net, self.width, self.num_features = backbone, width, slim(backbone.num_features, width)
-
-    @property
-    def backbone(self):
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_width(x, self.width)
-
-
-def switchable_probe(run: SimpleNamespace, train_feats: Optional[dict], test_feats: dict, y_test: torch.Tensor) -> dict:
-    """The switchable linear probe (spec 4): one Linear(F w, C) per width (N(0, 0.01), bias 0) on the frozen eval-mode
-    backbone, trained together with slimclr_linear_probe_loss; SGD momentum 0.9, --probe-lr at --probe-batch-size,
-    step (x0.1 at 60% and 80%) or cosine per epoch; fp32 heads. Train inputs: RandomResizedCrop(0.08, 1) + flip views
-    through the backbone at every width (augmented, official), or precomputed features {width: [N, F w]} (features).
-    Evaluated every --probe-eval-every epochs and at the end. Returns {width: dict(last, best, top5)}, best = that
-    width's top-1 at the epoch where the full width's is best (official)."""
-    args, device, world, rank, nc = run.args, run.device, run.world_size, run.rank, run.data["num_classes"]
-    backbone, widths = run.model.online.encoder.backbone, run.widths
-    gen = torch.Generator().manual_seed(args.seed)
-    heads = nn.ModuleList(nn.Linear(slim(backbone.num_features, w), nc) for w in widths).to(device)
-    with torch.no_grad():
-        for h in heads:
-            h.weight.copy_(torch.randn(h.weight.shape, generator=gen) * 0.01)
-            h.bias.zero_()
-    opt = torch.optim.SGD(heads.parameters(), lr=args.probe_lr, momentum=0.9, weight_decay=args.probe_wd)
-    in_memory, n = torch.is_tensor(run.data["train_x"]), len(run.data["train_y"])
-    train_y = run.data["train_y"].to(device)
-    group = CropGroup(1, args.large_size, (0.08, 1.0), colour=False)
-    b = args.probe_batch_size // world
-    backbone.eval()
-    history = []  # per evaluated epoch: top-1 and top-5 per width
-    for epoch in tqdm(range(args.probe_epochs), desc="switchable probe", disable=rank != 0, leave=False):
-        if args.probe_schedule == "step":  # PAPER (v2): x0.1 at epochs 60 and 80 of 100
-            lr = args.probe_lr * 0.1 ** sum(epoch >= round(f * args.probe_epochs) for f in (0.6, 0.8))
-        else:
-            lr = args.probe_lr * 0.5 * (1 + math.cos(math.pi * epoch / args.probe_epochs))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        on_device = train_feats is not None or in_memory
-        batches = epoch_batches(n, args.probe_batch_size, args.seed, ("probe", epoch), device if on_device else None)
-        if train_feats is not None:
-            stream = ([{w: train_feats[w][idx] for w in widths}] for idx in batches)
-        else:
-            keys = [(args.seed, "probe", epoch, s) for s in range(len(batches))]
-            stream = view_batches(run, run.data["train_x"], batches, keys, [group])
-        for idx, inputs in zip(batches, stream):
-            if train_feats is None:
-                with torch.no_grad(), run.autocast:
-                    x = inputs[0].contiguous(memory_format=run.fmt)
-                    inputs = [{w: backbone.forward_width(x, w).float() for w in widths}]
-            local = idx if train_feats is not None else idx[rank * b : (rank + 1) * b]
-            logits = {w: h(inputs[0][w]) for w, h in zip(widths, heads)}
-            loss = slimclr_linear_probe_loss(logits, train_y[local.to(device)])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1 and train_feats is None:  # the gradient of the global-batch mean
-                for p in heads.parameters():
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-            opt.step()
-        if (epoch + 1) % args.probe_eval_every == 0 or epoch + 1 == args.probe_epochs:
-            with torch.no_grad():
-                res = []
-                for w, h in zip(widths, heads):
-                    pred = h(test_feats[w]).topk(min(5, nc), dim=1).indices
-                    res.append(
-                        torch.stack(
-                            [(pred[:, 0] == y_test).float().mean(), (pred == y_test[:, None]).any(1).float().mean()]
-                        )
-                    )
-                history.append(torch.stack(res) * 100)  # [n_widths, 2], no host sync per epoch
-    history = torch.stack(history).tolist()
-    best = max(range(len(history)), key=lambda i: history[i][0][0])  # PAPER: the best epoch by the full width
-    return {
-        w: dict(last=history[-1][i][0], best=history[best][i][0], top5=history[-1][i][1]) for i, w in enumerate(widths)
-    }
-
-
-def evaluate(run: SimpleNamespace, tag: str) -> dict:
-    """Per width: weighted k-NN on pooled backbone features (a seeded subset during training, everything at the end),
-    and at the end the switchable probe. Keys: knn_top1@W, linear_top1@W (...); the full width also without @W."""
-    args, data, device = run.args, run.data, run.device
-    final, nc = tag == "final", data["num_classes"]
-    t0 = time.perf_counter()
-    subsets = {}
-    for split, size in (("train", args.eval_subset_train), ("test", args.eval_subset_test)):
-        n = len(data[f"{split}_y"])
-        g = torch.Generator().manual_seed(rng_seed(args.seed, "eval-subset", split))
-        subsets[split] = None if final or size >= n else torch.randperm(n, generator=g)[:size].sort().values
-    # the final features are cached per weights digest, so a rerun of a finished run skips the encoding
-    use_cache = final and run.world_size == 1
-    digest = state_dict_digest(run.model.state_dict()) if use_cache else None
-    key = rng_seed(digest, args.dataset, args.data_dir, args.large_size, args.mean, args.std)
-    cache = ArtifactCache(Path(args.out_dir) / "cache", f"{key:014x}")
-    backbone, feats = run.model.online.encoder.backbone, {}
-    for w in run.widths:
-        at_width = SimpleNamespace(**{**vars(run), "model": AtWidth(backbone, w)})
-        for split in ("train", "test"):
-            f = cache.get(f"{split}@{w}") if use_cache else None
-            if f is None:
-                f = extract_features(at_width, split, subsets[split])
-                if use_cache:
-                    cache.put(f"{split}@{w}", f.cpu())
-            feats[split, w] = f.to(device)
-    labels = {s: data[f"{s}_y"] if subsets[s] is None else data[f"{s}_y"][subsets[s]] for s in subsets}
-    ytr, yte = labels["train"].to(device), labels["test"].to(device)
-    res, times = {}, dict(encode_s=time.perf_counter() - t0)
-    if run.rank == 0:
-        t0 = time.perf_counter()
-        for w in run.widths:
-            top1, top5 = knn_eval(feats["train", w], ytr, feats["test", w], yte, nc, args.knn_k, args.knn_t)
-            res[f"knn_top1@{w}"], res[f"knn_top5@{w}"] = top1, top5
-        times["knn_s"] = time.perf_counter() - t0
-    test_feats = {w: feats["test", w] for w in run.widths}
-    probe = None
-    if final and args.probe == "features" and run.rank == 0:
-        t0 = time.perf_counter()
-        probe = switchable_probe(run, {w: feats["train", w] for w in run.widths}, test_feats, yte)
-        times["probe_s"] = time.perf_counter() - t0
-    if final and args.probe == "augmented":  # every rank takes part (data-parallel heads)
-        t0 = time.perf_counter()
-        probe = switchable_probe(run, None, test_feats, yte)
-        times["probe_s"] = time.perf_counter() - t0
-    for w, p in (probe or {}).items():
-        res.update({f"linear_top1@{w}": p["last"], f"linear_top1_best@{w}": p["best"], f"linear_top5@{w}": p["top5"]})
-    for name in ("knn_top1", "knn_top5", "linear_top1", "linear_top1_best", "linear_top5"):
-        if f"{name}@1.0" in res:
-            res[name] = res[f"{name}@1.0"]
-    if run.world_size > 1:
-        dist.barrier()
-    if run.rank == 0:
-        log_jsonl(run, dict(type="eval", tag=tag, step=run.global_step, **res, **times))
-        shown = {k: v for k, v in res.items() if "top5" not in k and "best" not in k and "@" in k}
-        print(f"eval @ {tag} | " + " | ".join(f"{k} {v:.2f}" for k, v in {**shown, **times}.items()))
-    for k, v in times.items():
-        run.times[k] = run.times.get(k, 0.0) + v
-    return res
-
-
-# ==== 8. MAIN ====
+# ==== 7. TRAINING ====
 def check_args(args: Args, world_size: int) -> None:
     """Refuse bad input with one clear line, before any data is read or process group created."""
     check_common_args(
-        args, world_size, "dim mlp_dim probe_eval_every", "", "temperature distill_temperature slim_start_lr", "", "",
+        args, world_size, "dim mlp_dim probe_eval_every", "eval_every_steps",
+        "temperature distill_temperature slim_start_lr", "", "",
     )  # fmt: skip
     widths = [float(w) for w in args.widths]
     if 1.0 not in widths:
@@ -1009,16 +799,18 @@ def check_args(args: Args, world_size: int) -> None:
 
 
 def run_training(args: Args) -> dict:
+    """Set up the run (model, optimizer, resume, DDP), train, evaluate every width and write results.json."""
     run = start_run(args)
-    args = run.args  # as start_run settled them (precision, probe batch)
-    device, world_size, is_main = run.device, run.world_size, run.rank == 0
+    args, device, world_size = run.args, run.device, run.world_size  # as start_run settled them
     torch.manual_seed(args.seed)  # the same initial model on every rank
     run.model = model = SlimCLR(args).to(device, memory_format=run.fmt)
-    run.widths = model.online.encoder.backbone.widths  # descending, the full width first
+    backbone = model.online.encoder.backbone
+    run.widths = backbone.widths  # descending, the full width first
+    run.encode = partial(backbone.forward_width, width=1.0)  # evaluate() encodes at each width in turn
     run.groups = crop_groups(args)
     run.opt = build_optimizer(model, args)
+    run.metrics = ("loss", *(f"top1@{w}" for w in run.widths))
     resume_state(run, set())
-
     net = model.online
     if world_size > 1 and args.moco == "v3" and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN for v3 only
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -1028,42 +820,17 @@ def run_training(args: Args) -> dict:
         net = nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=len(run.widths) > 1)
     run.ddp_model = torch.compile(net) if args.compile else net
     bench = run_benchmarks(run)
-
     total_steps = run.steps_per_epoch * args.epochs
     run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-    Stop.in_steps = True  # a stop signal now ends the run after the current step, with a checkpoint
-    while run.global_step < run.total_steps:
-        epoch, start = divmod(run.global_step, run.steps_per_epoch)
-        m = train_one_epoch(run, epoch, start)
-        save_state(run)
-        if run.global_step % run.steps_per_epoch:
-            stop_if_asked(run)  # stopped within the epoch: no epoch line
-        knn = ""
-        if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.global_step < run.total_steps:
-            res = evaluate(run, tag=f"epoch {epoch + 1}")
-            knn = " | knn@1 " + " ".join(f"{res.get(f'knn_top1@{w}', 0):.1f}" for w in run.widths)
-        if is_main:
-            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
-            top1 = " ".join(f"{m[f'top1@{w}']:.1f}" for w in run.widths)
-            print(
-                f"ep {epoch + 1}/{args.epochs} | loss {m['loss']:.4f} | top1 {top1} | lr {m['lr']:.4f}{knn}"
-                f" | {m['time_s']:.1f} s{memory_note(device)}"
-            )
-        stop_if_asked(run)
-    Stop.in_steps = False
-
+    train_epochs(run)
     res = evaluate(run, tag="final")
-    if is_main:
-        backbone = model.online.encoder.backbone
+    if run.rank == 0:  # per width, what a user deploys: the backbone + a C-way classifier, at the evaluation size
+        net = SLIM_RESNETS[args.arch](num_classes=run.data["num_classes"], widths=run.widths)
         per_width = {}
-        net = SLIM_RESNETS[args.arch](num_classes=run.data["num_classes"], widths=run.widths)  # + a C-way classifier
-        for w in run.widths:  # what a user deploys at each width, at the evaluation size
-            per_width[str(w)] = dict(
-                params=active_param_count(net, w),
-                backbone_params=active_param_count(backbone, w),
-                gmacs=active_macs(net, w, args.large_size) / 1e9,
-                **{k.split("@")[0]: v for k, v in res.items() if k.endswith(f"@{w}")},
-            )
+        for w in run.widths:
+            sizes = dict(params=active_param_count(net, w), backbone_params=active_param_count(backbone, w))
+            sizes.update(gmacs=active_macs(net, w, args.large_size) / 1e9)
+            per_width[str(w)] = {**sizes, **{k.split("@")[0]: v for k, v in res.items() if k.endswith(f"@{w}")}}
         scale = args.batch_size / 256 if args.lr_scaling == "linear" else 1.0
         extra = dict(widths=per_width, peak_lr=args.lr * scale, slim_start_lr=args.slim_start_lr)
         paper = "SlimCLR, Slimmable Networks for Contrastive Self-supervised Learning (arXiv 2209.15525)"
@@ -1073,6 +840,134 @@ def run_training(args: Args) -> dict:
     return res
 
 
+# ---- the method's own evaluation: per-width k-NN and the switchable linear probe
+def evaluate(run: SimpleNamespace, tag: str) -> dict:
+    """Per width: weighted k-NN on pooled backbone features (a seeded subset during training, everything at the end),
+    and at the end the switchable probe. Keys: knn_top1@W, linear_top1@W (...); the full width also without @W."""
+    args, data, device, widths = run.args, run.data, run.device, run.widths
+    final, nc = tag == "final", data["num_classes"]
+    t0 = time.perf_counter()
+    subsets = {}
+    for split, size in (("train", args.eval_subset_train), ("test", args.eval_subset_test)):
+        n = len(data[f"{split}_y"])
+        g = torch.Generator().manual_seed(rng_seed(args.seed, "eval-subset", split))
+        subsets[split] = None if final or size >= n else torch.randperm(n, generator=g)[:size].sort().values
+    # the final features are cached per weights digest, so a rerun of a finished run skips the encoding
+    use_cache = final and run.world_size == 1
+    digest = state_dict_digest(run.model.state_dict()) if use_cache else None
+    key = rng_seed(digest, args.dataset, args.data_dir, args.large_size, args.mean, args.std)
+    cache = ArtifactCache(Path(args.out_dir) / "cache", f"{key:014x}")
+    backbone, feats = run.model.online.encoder.backbone, {}
+    for w in widths:
+        run.encode = partial(backbone.forward_width, width=w)  # what extract_features runs
+        for split in ("train", "test"):
+            f = cache.get(f"{split}@{w}") if use_cache else None
+            if f is None:
+                f = extract_features(run, split, subsets[split])
+                if use_cache:
+                    cache.put(f"{split}@{w}", f.cpu())
+            feats[split, w] = f.to(device)
+    run.encode = partial(backbone.forward_width, width=1.0)
+    labels = {s: data[f"{s}_y"] if subsets[s] is None else data[f"{s}_y"][subsets[s]] for s in subsets}
+    ytr, yte = labels["train"].to(device), labels["test"].to(device)
+    res, times = {}, dict(encode_s=time.perf_counter() - t0)
+    if run.rank == 0:
+        t0 = time.perf_counter()
+        for w in widths:
+            top1, top5 = knn_eval(feats["train", w], ytr, feats["test", w], yte, nc, args.knn_k, args.knn_t)
+            res[f"knn_top1@{w}"], res[f"knn_top5@{w}"] = top1, top5
+        times["knn_s"] = time.perf_counter() - t0
+    if final and (args.probe == "augmented" or args.probe == "features" and run.rank == 0):  # augmented: every rank
+        t0 = time.perf_counter()
+        train_feats = {w: feats["train", w] for w in widths} if args.probe == "features" else None
+        probe = switchable_probe(run, train_feats, {w: feats["test", w] for w in widths}, yte)
+        times["probe_s"] = time.perf_counter() - t0
+        for w, p in probe.items():
+            res.update(
+                {f"linear_top1@{w}": p["last"], f"linear_top1_best@{w}": p["best"], f"linear_top5@{w}": p["top5"]}
+            )
+    for name in ("knn_top1", "knn_top5", "linear_top1", "linear_top1_best", "linear_top5"):
+        if f"{name}@1.0" in res:
+            res[name] = res[f"{name}@1.0"]
+    if run.world_size > 1:
+        dist.barrier()
+    if run.rank == 0:
+        log_jsonl(run, dict(type="eval", tag=tag, step=run.global_step, **res, **times))
+        shown = {k: v for k, v in res.items() if "top5" not in k and "best" not in k and "@" in k}
+        print(f"eval @ {tag} | " + " | ".join(f"{k} {v:.2f}" for k, v in {**shown, **times}.items()))
+    for k, v in times.items():
+        run.times[k] = run.times.get(k, 0.0) + v
+    return res
+
+
+def switchable_probe(run: SimpleNamespace, train_feats: Optional[dict], test_feats: dict, y_test: torch.Tensor) -> dict:
+    """The switchable linear probe (spec 4): one Linear(F w, C) per width (N(0, 0.01), bias 0) on the frozen eval-mode
+    backbone, trained together with slimclr_linear_probe_loss; SGD momentum 0.9, --probe-lr at --probe-batch-size,
+    step (x0.1 at 60% and 80%) or cosine per epoch; fp32 heads. Train inputs: RandomResizedCrop(0.08, 1) + flip views
+    through the backbone at every width (augmented, official; the heads data-parallel over the ranks), or precomputed
+    features {width: [N, F w]} (features). Evaluated every --probe-eval-every epochs and at the end. Returns
+    {width: dict(last, best, top5)}, best = that width's top-1 at the epoch where the full width's is best (official)."""
+    args, device, world, rank, nc = run.args, run.device, run.world_size, run.rank, run.data["num_classes"]
+    backbone, widths = run.model.online.encoder.backbone, run.widths
+    gen = torch.Generator().manual_seed(args.seed)
+    heads = nn.ModuleList(nn.Linear(slim(backbone.num_features, w), nc) for w in widths)
+    for h in heads:  # drawn on the CPU: the same heads on any device
+        nn.init.normal_(h.weight, 0, 0.01, generator=gen)
+        nn.init.zeros_(h.bias)
+    heads.to(device)
+    opt = torch.optim.SGD(heads.parameters(), lr=args.probe_lr, momentum=0.9, weight_decay=args.probe_wd)
+    images, train_y = run.data["train_x"], run.data["train_y"].to(device)
+    on_device = device if train_feats is not None or torch.is_tensor(images) else None  # where the batches are
+    group = CropGroup(1, args.large_size, (0.08, 1.0), colour=False)
+    b = args.probe_batch_size // world
+    backbone.eval()
+
+    @torch.no_grad()
+    def every_width(views):  # the frozen backbone's features of one batch of views at every width, fp32
+        with run.autocast:
+            x = views[0].contiguous(memory_format=run.fmt)
+            return {w: backbone.forward_width(x, w).float() for w in widths}
+
+    history = []  # per evaluated epoch: [n_widths, 2] top-1 and top-5
+    for epoch in tqdm(range(args.probe_epochs), desc="switchable probe", disable=rank != 0, leave=False):
+        if args.probe_schedule == "step":  # PAPER (v2): x0.1 at epochs 60 and 80 of 100
+            lr = args.probe_lr * 0.1 ** sum(epoch >= round(f * args.probe_epochs) for f in (0.6, 0.8))
+        else:
+            lr = args.probe_lr * 0.5 * (1 + math.cos(math.pi * epoch / args.probe_epochs))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batches = epoch_batches(len(train_y), args.probe_batch_size, args.seed, ("probe", epoch), on_device)
+        if train_feats is not None:
+            stream = ({w: f[idx] for w, f in train_feats.items()} for idx in batches)
+        else:
+            keys = [(args.seed, "probe", epoch, s) for s in range(len(batches))]
+            stream = map(every_width, view_batches(run, images, batches, keys, [group]))
+        for idx, inputs in zip(batches, stream):
+            local = idx if train_feats is not None else idx[rank * b : (rank + 1) * b]
+            loss = slimclr_linear_probe_loss(
+                {w: h(inputs[w]) for w, h in zip(widths, heads)}, train_y[local.to(device)]
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1 and train_feats is None:  # the gradient of the global-batch mean
+                for p in heads.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            opt.step()
+        if (epoch + 1) % args.probe_eval_every == 0 or epoch + 1 == args.probe_epochs:
+            with torch.no_grad():
+                top5 = torch.stack([h(test_feats[w]).topk(min(5, nc), dim=1).indices for w, h in zip(widths, heads)])
+                hit = top5 == y_test[:, None]  # [n_widths, N, 5]
+                history.append(100 * torch.stack([hit[..., 0].float().mean(1), hit.any(2).float().mean(1)], 1))
+    history = torch.stack(history).tolist()  # one host sync
+    best = max(range(len(history)), key=lambda i: history[i][0][0])  # PAPER: the best epoch by the full width
+    return {
+        w: dict(last=history[-1][i][0], best=history[best][i][0], top5=history[-1][i][1]) for i, w in enumerate(widths)
+    }
+
+
+# ==== 8. MAIN ====
+# main() and the entry point are the SHARED `entry` block at the end: run_training, with one-line errors and stops.
 # ==== SHARED APPENDIX: identical in every script ====
 
 
@@ -1525,6 +1420,95 @@ def memory_note(device: torch.device) -> str:
 # END SHARED
 
 
+# SHARED: train-loop
+def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
+    """Steps start_step.. of `epoch`, to its end or to --max-steps. Each sets the LR of every parameter group (times
+    its lr_scale), takes this rank's batch from the method's `train_batches` and runs its `train_step`, which returns
+    its metrics (named in run.metrics, the loss first) as one detached tensor. Every --log-every steps the metrics are
+    averaged over ranks and a non-finite loss stops the run: no step waits for the host. Returns the epoch's means."""
+    args, device, spe, names = run.args, run.device, run.steps_per_epoch, run.metrics
+    last = min(spe, run.total_steps - epoch * spe)
+    stream = train_batches(run, epoch, start_step, last)
+    tally, window = epoch_state(run, epoch, len(names)), torch.zeros(len(names), device=device)
+    no_bad = 2**62
+    bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
+    run.model.train()
+    bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=run.rank != 0, dynamic_ncols=True)
+    t0, n_done, n_logged = time.perf_counter(), 0, 0
+    for step in bar:
+        gstep = epoch * spe + step
+        lr = lr_at(gstep, args, spe)
+        for group in run.opt.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        tw = time.perf_counter()
+        batch = next(stream)
+        run.data_wait_s += time.perf_counter() - tw  # host time spent waiting for (or making) the batch
+        m = train_step(run, batch, gstep)
+        bad_step = torch.minimum(bad_step, torch.where(torch.isfinite(m[0]), no_bad, gstep + 1))
+        window += m
+        n_done += 1
+        run.images_seen += args.batch_size  # counted per step: a mid-epoch checkpoint holds the true count
+        run.global_step = gstep + 1
+        stop = stop_now(run)  # a stop signal: this step is the last (its checkpoint follows)
+        save_now = args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe and not stop
+        eval_now = args.eval_every_steps and (gstep + 1) % args.eval_every_steps == 0 and gstep + 1 < run.total_steps
+        if (step + 1) % args.log_every == 0 or step + 1 == last or save_now or stop:  # a checkpoint holds every step
+            if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
+                dist.all_reduce(window)
+                window /= run.world_size
+                dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+            if bad_step.item() < no_bad:
+                msg = f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); try a lower LR or --amp none"
+                raise RunError(msg, every_rank=True)
+            mean = dict(zip(names, (window / (n_done - n_logged)).tolist()))  # over the steps since the last log
+            tally["sums"] += window
+            tally["n"] += n_done - n_logged
+            window, n_logged = torch.zeros_like(window), n_done
+            if run.rank == 0:
+                bar.set_postfix(**{k: f"{v:.4g}" for k, v in mean.items()}, lr=f"{lr:.3g}")
+                log_jsonl(run, dict(type="train", step=gstep + 1, epoch=epoch, lr=lr, **mean))
+        if stop:  # its checkpoint is saved after the loop
+            break
+        if save_now or eval_now:  # neither counts as training time
+            sync(device)
+            run.train_time_s += time.perf_counter() - t0
+            if save_now:
+                save_state(run)
+            if eval_now:
+                evaluate(run, tag=f"step {gstep + 1}")
+                run.model.train()  # CRUCIAL: back to train mode after a mid-epoch evaluation
+            t0 = time.perf_counter()
+    sync(device)
+    run.train_time_s += time.perf_counter() - t0
+    means = (tally["sums"] / max(tally["n"], 1)).tolist()  # the whole epoch's means, steps before a resume included
+    return dict(zip(names, means), lr=lr_at(run.global_step - 1, args, spe), time_s=run.train_time_s - tally["t0"])
+
+
+def train_epochs(run: SimpleNamespace) -> None:
+    """The epochs from the resumed step to the end: each saves last.pt, evaluates every --eval-every epochs (not after
+    the last: the final evaluation follows) and prints one line. A stop signal ends the run after the step it arrives
+    in, with a checkpoint."""
+    args, spe = run.args, run.steps_per_epoch
+    Stop.in_steps = True
+    while run.global_step < run.total_steps:
+        epoch, start = divmod(run.global_step, spe)
+        m = train_one_epoch(run, epoch, start)
+        save_state(run)
+        if run.global_step % spe:
+            stop_if_asked(run)  # stopped within the epoch: no epoch line
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.global_step < run.total_steps:
+            m.update(evaluate(run, tag=f"epoch {epoch + 1}"))
+        if run.rank == 0:
+            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
+            line = " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "time_s" and isinstance(v, float))
+            print(f"ep {epoch + 1}/{args.epochs} | {line} | {m['time_s']:.1f} s{memory_note(run.device)}")
+        stop_if_asked(run)
+    Stop.in_steps = False
+
+
+# END SHARED
+
+
 # SHARED: bench
 def measure_ceiling(run: SimpleNamespace, steps: int) -> float:
     """Bare torchvision ResNet forward+backward on synthetic crops of this recipe, one pass per resolution (no
@@ -1616,7 +1600,7 @@ def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Te
     mine = ids[torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp(max=len(ids) - 1)]  # padded, trimmed later
     model.eval()
     one = torch.zeros(1, 3, args.large_size, args.large_size, device=device).contiguous(memory_format=run.fmt)
-    chunk = inputs_per_chunk(model.backbone, one, args.eval_memory_gb)
+    chunk = inputs_per_chunk(run.encode, one, args.eval_memory_gb)
     if torch.is_tensor(images):
         mine_dev = mine.to(images.device)
 
@@ -1641,7 +1625,7 @@ def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Te
     feats = []
     for x in tqdm(stream, total=n_chunks, desc=f"encode {split}", disable=rank != 0, leave=False):
         with run.autocast:
-            feats.append(model.backbone(((x - mean) / std).contiguous(memory_format=run.fmt)).float())
+            feats.append(run.encode(((x - mean) / std).contiguous(memory_format=run.fmt)).float())
     feats = torch.cat(feats)
     if world > 1:
         out = [torch.empty_like(feats) for _ in range(world)]

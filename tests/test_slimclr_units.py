@@ -152,25 +152,25 @@ def test_full_width_equals_torchvision_resnet50():
 # ---------------------------------------------------------------- slicing and switchable BN (spec 1.1, 1.2)
 def test_slim_layers_use_leading_slices():
     """SlimLinear at 0.5 is x @ W[:out/2, :in_x].T + b[:out/2] (slim_out=False keeps every output); SlimConv2d uses
-    weight[:int(out w), :x.shape[1]]; active_params counts exactly those slices; slim(c, w) truncates."""
+    weight[:int(out w), :x.shape[1]]; active_param_count counts exactly those slices; slim(c, w) truncates."""
     g = torch.Generator().manual_seed(0)
     assert [S.slim(64, w) for w in (1.0, 0.75, 0.5, 0.25, 0.3)] == [64, 48, 32, 16, 19]
     lin = S.SlimLinear(8, 6)
     x = torch.randn(2, 4, generator=g)
     torch.testing.assert_close(lin(x, 0.5), x @ lin.weight[:3, :4].T + lin.bias[:3])
-    assert lin.active_params(0.5) == 3 * (4 + 1) and lin.active_params(1.0) == 6 * 9
+    assert S.active_param_count(lin, 0.5) == 3 * (4 + 1) and S.active_param_count(lin, 1.0) == 6 * 9
     keep = S.SlimLinear(8, 6, bias=False, slim_out=False)
     torch.testing.assert_close(keep(x, 0.5), x @ keep.weight[:, :4].T)
-    assert keep.active_params(0.5) == 6 * 4
+    assert S.active_param_count(keep, 0.5) == 6 * 4
     conv = S.SlimConv2d(8, 6, 3, padding=1)
     xc = torch.randn(2, 4, 5, 5, generator=g)
     torch.testing.assert_close(conv(xc, 0.5), F.conv2d(xc, conv.weight[:3, :4], padding=1))
-    assert conv.active_params(0.5) == 3 * 4 * 9
+    assert S.active_param_count(conv, 0.5) == 3 * 4 * 9
     stem = S.SlimConv2d(3, 64, 7, 2, 3, slim_in=False)
-    assert stem.active_params(0.25) == 16 * 3 * 49
+    assert S.active_param_count(stem, 0.25) == 16 * 3 * 49
     bn = S.SwitchBN(64, W4)
     assert [b.num_features for b in bn.bn] == [64, 48, 32, 16]
-    assert bn.active_params(0.75) == 2 * 48
+    assert S.active_param_count(bn, 0.75) == 2 * 48
 
 
 def test_width_half_reads_only_leading_slices_and_its_bn():
