@@ -662,11 +662,9 @@ class Classifier(MaskedEncoder):
             self.cls_token_mlp.apply(VisionTransformer._init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.linear:  # CRUCIAL: the encoder is frozen; only the BN + Linear head trains
-            with torch.no_grad():
-                f = self.readout(x, self.pool)
-            return self.head(f.float())
-        return self.head(self.readout(x, self.pool))
+        with torch.no_grad() if self.linear else nullcontext():  # CRUCIAL: linear: only the BN + Linear head trains
+            f = self.readout(x, self.pool)
+        return self.head(f.float() if self.linear else f)
 
 
 # --- base models and checkpoints (spec 2.2, 6)
@@ -742,15 +740,8 @@ def load_base_model(
 def base_forward(model: VisionTransformer, images: torch.Tensor, last_layers: int) -> tuple:
     """The base model on the full image. Returns (feats [L, B, 1+N, D]: the last L block outputs before the final
     norm, attn_logits [B, H, 1+N, 1+N]: the last block's pre-softmax attention, scaled by d_head^-0.5)."""
-    x, feats, depth = model.prepare_tokens(images), [], len(model.blocks)
-    for i, blk in enumerate(model.blocks):
-        if i == depth - 1:
-            x, logits = blk(x, return_logits=True)  # only the last block leaves the fused attention kernel
-        else:
-            x = blk(x)
-        if i >= depth - last_layers:
-            feats.append(x)
-    return torch.stack(feats), logits
+    out = model.forward_features(images, return_all=True)  # only the last block leaves the fused attention kernel
+    return torch.stack(out["blocks"][-last_layers:]), out["attn_logits"]
 
 
 # ==== 4. LOSS ====
@@ -946,19 +937,18 @@ def train_step(run: SimpleNamespace, batch: tuple, step: int) -> torch.Tensor:
 # ==== 7. TRAINING ====
 def check_args(args: Args, world_size: int) -> None:
     """Refuse bad input with one clear line, before any data is read or process group created."""
-
-    def require(ok: bool, message: str) -> None:
-        if not ok:
+    dev, arch = args.device or "cpu", next((a for a in (args.arch, args.base_arch) if a and a not in SIZES), None)
+    for bad, message in [
+        (arch is not None, f"unknown --arch {arch!r}; choose one of {', '.join(SIZES)}"),
+        (dev != "cpu" and not dev.startswith("cuda"), f"unknown --device {dev!r}; use cuda, cuda:N or cpu"),
+        (dev != "cpu" and not torch.cuda.is_available(), f"--device {dev} but no CUDA device is available"),
+        (args.mode == "convert" and (args.init is None or args.convert_out is None),
+         "convert needs --init (a checkpoint) and --convert-out (where the plain ViT goes)"),
+    ]:  # fmt: skip
+        if bad:
             raise RunError(message)
-
-    for name in (args.arch, args.base_arch or args.arch):
-        require(name in SIZES, f"unknown --arch {name!r}; choose one of {', '.join(SIZES)}")
-    dev = args.device or "cpu"
-    require(dev == "cpu" or dev.startswith("cuda"), f"unknown --device {dev!r}; use cuda, cuda:N or cpu")
-    require(dev == "cpu" or torch.cuda.is_available(), f"--device {dev} but no CUDA device is available")
     if args.mode == "convert":
-        ok = args.init is not None and args.convert_out is not None
-        return require(ok, "convert needs --init (a checkpoint) and --convert-out (where the plain ViT goes)")
+        return
     check_ranges(
         args,
         at_least_1="batch_size accum_iter large_size epochs patch_size decoder_dim decoder_depth decoder_heads topk "
@@ -968,53 +958,36 @@ def check_args(args: Args, world_size: int) -> None:
         positive="blr tau probe_lr knn_t eval_memory_gb",
         non_negative="min_lr warmup_epochs weight_decay probe_wd mixup cutmix randaug_m randaug_mstd",
     )
-    for name in ("smoothing", "reprob", "drop_path", "mask_ratio"):
-        value = getattr(args, name)
-        require(0 <= value < 1, f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
-    require(0 < args.layer_decay <= 1, f"--layer-decay must be in (0, 1], got {args.layer_decay}")
-    lo, hi = args.large_scale
-    require(0 < lo <= hi <= 1, f"--large-scale must satisfy 0 < min <= max <= 1, got {lo} {hi}")
-    size, p = args.large_size, args.patch_size
-    require(size % p == 0, f"--large-size {size} does not divide into --patch-size {p} patches")
-    n_patches, depth = (size // p) ** 2, SIZES[args.arch]["depth"]
-    if args.mode == "pretrain":
-        require(
-            args.base_checkpoint is not None,
-            "pretrain needs --base-checkpoint (a pretrained MAE/iBOT ViT, or a run of `mae`)",
-        )
-        require(args.topk <= n_patches, f"--topk {args.topk} exceeds the {n_patches} patches")
-        require(
-            depth % max(1, depth // 3) == 0, f"the encoder adapter needs a depth divisible by depth // 3, got {depth}"
-        )
-    if args.mode in ("pretrain", "mae"):
-        require(
-            int(n_patches * (1 - args.mask_ratio)) >= 1, f"--mask-ratio {args.mask_ratio} keeps no patch of {n_patches}"
-        )
-        require(
-            args.init is None,
-            f"--init applies to finetune, linear and convert; {args.mode} starts from random weights (--resume continues a run)",
-        )  # never silently ignored
-    else:
-        require(
-            args.probe == "none",
-            f"--probe {args.probe} is the pretraining readout; {args.mode} evaluates its own classifier",
-        )
-    if args.mode != "pretrain":
-        require(args.base_checkpoint is None, f"--base-checkpoint applies to pretrain only, not {args.mode}")
-    require(args.mode != "linear" or args.init is not None, "linear needs --init (the pretrained encoder to probe)")
-    require(
-        args.batch_size % world_size == 0,
-        f"--batch-size {args.batch_size} does not divide by the world size {world_size}",
-    )
-    per_rank = args.batch_size // world_size
-    require(
-        per_rank % args.accum_iter == 0,
-        f"the per-rank batch {per_rank} does not divide into --accum-iter {args.accum_iter}",
-    )
-    require(
-        args.decode == "workers" or (not args.in_memory and args.dataset == "imagefolder"),
-        "--decode device applies to streamed image folders; in-memory data is cut on the device anyway",
-    )
+    (lo, hi), size, p, mode = args.large_scale, args.large_size, args.patch_size, args.mode
+    n_patches, per_rank = (size // p) ** 2, args.batch_size // world_size
+    for bad, message in [
+        *[(not 0 <= getattr(args, k) < 1, f"--{k.replace('_', '-')} must be in [0, 1), got {getattr(args, k)}")
+          for k in ("smoothing", "reprob", "drop_path", "mask_ratio")],
+        (not 0 < args.layer_decay <= 1, f"--layer-decay must be in (0, 1], got {args.layer_decay}"),
+        (not 0 < lo <= hi <= 1, f"--large-scale must satisfy 0 < min <= max <= 1, got {lo} {hi}"),
+        (size % p != 0, f"--large-size {size} does not divide into --patch-size {p} patches"),
+        (mode == "pretrain" and args.base_checkpoint is None,
+         "pretrain needs --base-checkpoint (a pretrained MAE/iBOT ViT, or a run of `mae`)"),
+        (mode == "pretrain" and args.topk > n_patches, f"--topk {args.topk} exceeds the {n_patches} patches"),
+        (mode in ("pretrain", "mae") and int(n_patches * (1 - args.mask_ratio)) < 1,
+         f"--mask-ratio {args.mask_ratio} keeps no patch of {n_patches}"),
+        (mode in ("finetune", "linear") and args.probe != "none",
+         f"--probe {args.probe} is the pretraining readout; {mode} evaluates its own classifier"),
+        (mode in ("pretrain", "mae") and args.init is not None,  # never silently ignored
+         f"--init applies to finetune, linear and convert; {mode} starts from random weights "
+         "(--resume continues a run)"),
+        (mode != "pretrain" and args.base_checkpoint is not None,
+         f"--base-checkpoint applies to pretrain only, not {mode}"),
+        (mode == "linear" and args.init is None, "linear needs --init (the pretrained encoder to probe)"),
+        (args.batch_size % world_size != 0,
+         f"--batch-size {args.batch_size} does not divide by the world size {world_size}"),
+        (per_rank % args.accum_iter != 0,
+         f"the per-rank batch {per_rank} does not divide into --accum-iter {args.accum_iter}"),
+        (args.decode == "device" and (args.in_memory or args.dataset != "imagefolder"),
+         "--decode device applies to streamed image folders; in-memory data is cut on the device anyway"),
+    ]:  # fmt: skip
+        if bad:
+            raise RunError(message)
 
 
 def build_model(run: SimpleNamespace) -> nn.Module:
@@ -1033,21 +1006,16 @@ def build_model(run: SimpleNamespace) -> nn.Module:
         return TECModel(rel_heads=base["num_heads"], **dec, **vit)
     if args.mode == "mae":
         return MAEModel(**dec, **vit)
-    init_mlp = (
-        args.keep_cls_mlp
-        and args.init is not None
-        and "cls_token_mlp.fc1.weight" in encoder_state_dict(read_checkpoint(args.init), bake_cls_mlp=False)
-    )
-    linear = args.mode == "linear"
-    drop = 0.0 if linear else args.drop_path
-    model = Classifier(args.pool, linear, init_mlp, nc, drop_path_rate=drop, **vit)
-    if args.init is None:
-        if run.rank == 0:
-            print(f"{Path(__file__).name}: warning: no --init: fine-tuning from a random init", file=sys.stderr)
-    else:
-        fresh = load_encoder(model, args.init, what=f"--init {args.init}")
+    init, linear = read_checkpoint(args.init) if args.init else None, args.mode == "linear"
+    keys = encoder_state_dict(init, bake_cls_mlp=False) if init is not None else {}
+    mlp = args.keep_cls_mlp and "cls_token_mlp.fc1.weight" in keys  # a TEC checkpoint's CLS MLP, kept and trained
+    model = Classifier(args.pool, linear, mlp, nc, drop_path_rate=0.0 if linear else args.drop_path, **vit)
+    if init is not None:
+        fresh = load_encoder(model, init, what=f"--init {args.init}")
         if run.rank == 0:
             print(f"loaded the encoder of {args.init}; initialised here: {', '.join(fresh) or 'nothing'}")
+    elif run.rank == 0:
+        print(f"{Path(__file__).name}: warning: no --init: fine-tuning from a random init", file=sys.stderr)
     if linear:
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("head."))
@@ -1127,13 +1095,13 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
         res["top1_best"] = run.best_top1
         times["encode_s"] = time.perf_counter() - t0
     else:
-        subsets = {}
+        feats, labels = {}, {}
         for split, size in (("train", args.eval_subset_train), ("test", args.eval_subset_test)):
             n = len(data[f"{split}_y"])
             g = torch.Generator().manual_seed(rng_seed(args.seed, "eval-subset", split))
-            subsets[split] = None if final or size >= n else torch.randperm(n, generator=g)[:size].sort().values
-        feats = {s: extract_features(run, s, subsets[s]) for s in subsets}  # run.encode: the encoder's readout
-        labels = {s: (data[f"{s}_y"] if subsets[s] is None else data[f"{s}_y"][subsets[s]]).to(device) for s in subsets}
+            ids = torch.arange(n) if final or size >= n else torch.randperm(n, generator=g)[:size].sort().values
+            feats[split] = extract_features(run, split, ids)  # run.encode: the encoder's readout
+            labels[split] = data[f"{split}_y"][ids].to(device)
         times["encode_s"] = time.perf_counter() - t0
         if run.rank == 0:
             t0 = time.perf_counter()
