@@ -357,14 +357,11 @@ def rand_augment(x: torch.Tensor, gen: torch.Generator, n: int, m: float, mstd: 
         theta[:, 1, 2] += torch.where(op == 14, tr, torch.where(op == 12, sh, zero))
         geo = ((op == 3) | (op >= 11)).view(-1, 1, 1, 1)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        ones = torch.ones_like(x[:, :1])
-        warped = F.grid_sample(torch.cat([x, ones], 1), grid, mode="bilinear", align_corners=False)
+        warped = F.grid_sample(torch.cat([x, torch.ones_like(x[:, :1])], 1), grid, align_corners=False)  # bilinear
         cover = warped[:, 3:]  # 1 where the source image covers the output pixel
-        warped = warped[:, :3] + (1 - cover) * fill.view(1, 3, 1, 1)
-        y = torch.where(geo, warped, x)
+        y = torch.where(geo, warped[:, :3] + (1 - cover) * fill.view(1, 3, 1, 1), x)
         # pixel ops on uint8 values
-        q = x.round()
-        gray = grayscale(x)
+        q, gray = x.round(), grayscale(x)
         f = 1 + mag * 0.9 * sign  # Color / Contrast / Brightness / Sharpness 'increasing': 1 +- 0.9 level
         lo, hi = q.amin((2, 3), keepdim=True), q.amax((2, 3), keepdim=True)
         auto = torch.where(hi > lo, ((q - lo) * 255 / (hi - lo).clamp_min(1)).floor(), q)  # 0 AutoContrast
@@ -412,12 +409,9 @@ def random_erasing(x: torch.Tensor, gen: torch.Generator, prob: float) -> torch.
     """timm RandomErasing(prob, mode='pixel', max_count=1) on normalised images [B, 3, S, S], batched: with prob p,
     the first of 10 tries whose box fits (area U(0.02, 1/3) of the image, log aspect U(log 0.3, log 1/0.3)) is
     filled with N(0, 1) noise per pixel and channel."""
-    B, _, H, W = x.shape
-    dev = x.device
+    (B, _, H, W), dev = x.shape, x.device
     area = H * W * (0.02 + (1 / 3 - 0.02) * torch.rand(B, 10, generator=gen, device=dev))
-    ratio = torch.exp(
-        math.log(0.3) + (math.log(1 / 0.3) - math.log(0.3)) * torch.rand(B, 10, generator=gen, device=dev)
-    )
+    ratio = torch.exp(math.log(0.3) * (1 - 2 * torch.rand(B, 10, generator=gen, device=dev)))  # log U(log .3, -log .3)
     h, w = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
     fits = (h < H) & (w < W)
     first = fits.int().argmax(1, keepdim=True)
