@@ -775,7 +775,7 @@ def tec_loss(pred_feat, pred_rel_logits, feat_target, rel_target, mask) -> tuple
     t = (t - t.mean(1, keepdim=True)) / (t.var(1, keepdim=True) + 1e-6) ** 0.5  # CRUCIAL: over patches (dim 1)
     per_patch = ((pred_feat.float() - t) ** 2).mean(-1)  # [B, N]
     loss_fea = (per_patch * mask).sum() / mask.sum()
-    loss_att = -(rel_target.float() * F.log_softmax(pred_rel_logits.float(), dim=-1)).sum(-1).mean()
+    loss_att = soft_cross_entropy(pred_rel_logits, rel_target.float())
     return loss_fea + loss_att, loss_fea, loss_att
 
 
@@ -821,12 +821,9 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith(("patch_embed", "pos_embed")):
-            layer = 0
-        elif name.startswith("blocks."):
+        layer = 0 if name.startswith(("patch_embed", "pos_embed")) else n_layers
+        if name.startswith("blocks."):
             layer = int(name.split(".")[1]) + 1
-        else:
-            layer = n_layers
         no_wd = p.ndim == 1 or name in ("pos_embed", "cls_token")
         key = (layer, no_wd)
         if key not in groups:
@@ -843,12 +840,9 @@ def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
         w, b = model.head[-1].weight, model.head[-1].bias
         groups = [dict(params=[w], lars=True), dict(params=[b], lars=False)]
         return LARS(groups, lr=0.0, momentum=0.9, weight_decay=args.weight_decay, eta=0.001)
-    if args.mode == "finetune":
-        groups = layer_decay_groups(model, args.weight_decay, args.layer_decay)
-    else:
-        groups = param_groups(model, args.weight_decay)
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(args.betas), fused=fused)
+    wd = args.weight_decay
+    groups = layer_decay_groups(model, wd, args.layer_decay) if args.mode == "finetune" else param_groups(model, wd)
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(args.betas), fused=next(model.parameters()).is_cuda)
 
 
 def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
@@ -1017,6 +1011,7 @@ def build_model(run: SimpleNamespace) -> nn.Module:
 
 
 def run_training(args: Args) -> dict:
+    """The run: set-up (model, optimizer, resume, DDP), the shared epoch loop, the final evaluation, results.json."""
     if args.mode == "convert":
         check_args(args, 1)
         return convert(args)
