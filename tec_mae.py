@@ -1075,13 +1075,10 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
     res, times = {}, {}
     if args.mode in ("finetune", "linear"):
         logits = extract_features(run, "test")  # run.encode: the classifier's logits
-        pred, y = logits.topk(min(5, nc), dim=1).indices, data["test_y"].to(device)
-        res = dict(
-            top1=100 * (pred[:, 0] == y).float().mean().item(),
-            top5=100 * (pred == y[:, None]).any(1).float().mean().item(),
-        )
-        run.best_top1 = max(getattr(run, "best_top1", 0.0), res["top1"])
-        res["top1_best"] = run.best_top1
+        hit = logits.topk(min(5, nc), dim=1).indices == data["test_y"].to(device)[:, None]  # [n, 5]
+        top1, top5 = (100 * hit[:, :k].any(1).float().mean().item() for k in (1, 5))
+        run.best_top1 = max(getattr(run, "best_top1", 0.0), top1)
+        res = dict(top1=top1, top5=top5, top1_best=run.best_top1)
         times["encode_s"] = time.perf_counter() - t0
     else:
         feats, labels = {}, {}
