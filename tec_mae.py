@@ -222,6 +222,8 @@ class Args:
     # --- evaluation
     eval_every: int = 10
     """epochs between evaluations (pretrain / mae: k-NN on a subset; finetune / linear: test top-1) (0: off)"""
+    eval_every_steps: int = 0
+    """also evaluate every this many steps (0: off)"""
     eval_subset_train: int = 30000
     """pretrain / mae: training images used as the k-NN memory during training (the final k-NN uses all)"""
     eval_subset_test: int = 10000
@@ -319,14 +321,7 @@ def parse_args(argv: Optional[list] = None) -> Args:
     return tyro.cli(SUBCOMMANDS, default=RECIPES["pretrain"][0], args=argv)
 
 
-BASE_SETTINGS = {  # PAPER (spec 2.3, sail-sg/TEC README): per base model k, tau; last_layers 2 everywhere
-    "MAE ViT-B": (15, 1.8),
-    "iBOT ViT-B": (9, 1.0),
-    "MAE ViT-L": (15, 1.4),
-}
-
-
-# ==== 2. DATA & AUGMENTATIONS ====
+# ==== 2. VIEWS ====
 def crop_groups(args: Args) -> list:
     """One crop per image: RandomResizedCrop(large_size, large_scale) + flip, no colour (spec 5, 7). Fine-tuning adds
     RandAugment and random erasing after this (augment_finetune)."""
@@ -362,25 +357,16 @@ def rand_augment(x: torch.Tensor, gen: torch.Generator, n: int, m: float, mstd: 
         theta[:, 1, 2] += torch.where(op == 14, tr, torch.where(op == 12, sh, zero))
         geo = ((op == 3) | (op >= 11)).view(-1, 1, 1, 1)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        ones = torch.ones_like(x[:, :1])
-        warped = F.grid_sample(torch.cat([x, ones], 1), grid, mode="bilinear", align_corners=False)
+        warped = F.grid_sample(torch.cat([x, torch.ones_like(x[:, :1])], 1), grid, align_corners=False)  # bilinear
         cover = warped[:, 3:]  # 1 where the source image covers the output pixel
-        warped = warped[:, :3] + (1 - cover) * fill.view(1, 3, 1, 1)
-        y = torch.where(geo, warped, x)
+        y = torch.where(geo, warped[:, :3] + (1 - cover) * fill.view(1, 3, 1, 1), x)
         # pixel ops on uint8 values
-        q = x.round()
-        gray = grayscale(x)
+        q, gray = x.round(), grayscale(x)
         f = 1 + mag * 0.9 * sign  # Color / Contrast / Brightness / Sharpness 'increasing': 1 +- 0.9 level
         lo, hi = q.amin((2, 3), keepdim=True), q.amax((2, 3), keepdim=True)
         auto = torch.where(hi > lo, ((q - lo) * 255 / (hi - lo).clamp_min(1)).floor(), q)  # 0 AutoContrast
-        smooth = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate").flatten(0, 1)[:, None], SMOOTH.to(x))
-        smooth = smooth.view_as(x)
-        smooth[..., 0, :], smooth[..., -1, :], smooth[..., :, 0], smooth[..., :, -1] = (
-            x[..., 0, :],
-            x[..., -1, :],
-            x[..., :, 0],
-            x[..., :, -1],  # PIL SMOOTH leaves the border unchanged
-        )
+        smooth = x.clone()  # PIL SMOOTH leaves the border unchanged
+        smooth[..., 1:-1, 1:-1] = F.conv2d(x.flatten(0, 1)[:, None], SMOOTH.to(x)).view_as(x[..., 1:-1, 1:-1])
         bits = (4 - (mag * 4).floor()).view(-1, 1, 1, 1)  # 5 PosterizeIncreasing: keep 4 - int(4 level) bits
         post = torch.where(bits >= 8, q, (q / 2 ** (8 - bits)).floor() * 2 ** (8 - bits))
         thresh = (256 - (mag * 256).floor()).view(-1, 1, 1, 1)  # 6 SolarizeIncreasing
@@ -423,12 +409,9 @@ def random_erasing(x: torch.Tensor, gen: torch.Generator, prob: float) -> torch.
     """timm RandomErasing(prob, mode='pixel', max_count=1) on normalised images [B, 3, S, S], batched: with prob p,
     the first of 10 tries whose box fits (area U(0.02, 1/3) of the image, log aspect U(log 0.3, log 1/0.3)) is
     filled with N(0, 1) noise per pixel and channel."""
-    B, _, H, W = x.shape
-    dev = x.device
+    (B, _, H, W), dev = x.shape, x.device
     area = H * W * (0.02 + (1 / 3 - 0.02) * torch.rand(B, 10, generator=gen, device=dev))
-    ratio = torch.exp(
-        math.log(0.3) + (math.log(1 / 0.3) - math.log(0.3)) * torch.rand(B, 10, generator=gen, device=dev)
-    )
+    ratio = torch.exp(math.log(0.3) * (1 - 2 * torch.rand(B, 10, generator=gen, device=dev)))  # log U(log .3, -log .3)
     h, w = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
     fits = (h < H) & (w < W)
     first = fits.int().argmax(1, keepdim=True)
@@ -549,6 +532,14 @@ class MaskedEncoder(VisionTransformer):
         outs[-1] = self.norm(x)  # PAPER (spec 3.1): the last output enters the adapter after the final norm
         return outs, mask, ids_restore
 
+    def readout(self, x: torch.Tensor, pool: str) -> torch.Tensor:
+        """Features of the unmasked image: pool cls = the CLS token after the final norm; avg = the mean patch token
+        after the final norm, or before fc_norm where there is one (finetune's global pool, no final norm)."""
+        x = self.forward_features(x)
+        if pool == "cls":
+            return x[:, 0]
+        return self.fc_norm(x[:, 1:].mean(1)) if hasattr(self, "fc_norm") else x[:, 1:].mean(1)
+
 
 class MAEModel(MaskedEncoder):
     """MAE (facebookresearch/mae models_mae, same key names): encoder on the visible patches, decoder_depth blocks on
@@ -664,48 +655,10 @@ class Classifier(MaskedEncoder):
         if mlp_token:
             self.cls_token_mlp.apply(VisionTransformer._init_weights)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.prepare_tokens(x)
-        for blk in self.blocks:
-            x = blk(x)
-        if self.pool == "cls":
-            return self.norm(x)[:, 0]
-        return self.norm(x)[:, 1:].mean(1) if self.linear else self.fc_norm(x[:, 1:].mean(1))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.linear:  # CRUCIAL: the encoder is frozen; only the BN + Linear head trains
-            with torch.no_grad():
-                f = self.features(x)
-            return self.head(f.float())
-        return self.head(self.features(x))
-
-
-class Readout(nn.Module):
-    """Features (or logits) of a model, shaped as the shared evaluation code expects: model.backbone(x) -> [B, F]."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    @property
-    def backbone(self):
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
-
-
-def encoder_features(model: MaskedEncoder, pool: str):
-    """pretrain / mae readout: the CLS token or the mean patch token of the unmasked image, after the final norm."""
-
-    def fn(x):
-        x = model.prepare_tokens(x)
-        for blk in model.blocks:
-            x = blk(x)
-        x = model.norm(x)
-        return x[:, 0] if pool == "cls" else x[:, 1:].mean(1)
-
-    return fn
+        with torch.no_grad() if self.linear else nullcontext():  # CRUCIAL: linear: only the BN + Linear head trains
+            f = self.readout(x, self.pool)
+        return self.head(f.float() if self.linear else f)
 
 
 # --- base models and checkpoints (spec 2.2, 6)
@@ -781,15 +734,8 @@ def load_base_model(
 def base_forward(model: VisionTransformer, images: torch.Tensor, last_layers: int) -> tuple:
     """The base model on the full image. Returns (feats [L, B, 1+N, D]: the last L block outputs before the final
     norm, attn_logits [B, H, 1+N, 1+N]: the last block's pre-softmax attention, scaled by d_head^-0.5)."""
-    x, feats, depth = model.prepare_tokens(images), [], len(model.blocks)
-    for i, blk in enumerate(model.blocks):
-        if i == depth - 1:
-            x, logits = blk(x, return_logits=True)  # only the last block leaves the fused attention kernel
-        else:
-            x = blk(x)
-        if i >= depth - last_layers:
-            feats.append(x)
-    return torch.stack(feats), logits
+    out = model.forward_features(images, return_all=True)  # only the last block leaves the fused attention kernel
+    return torch.stack(out["blocks"][-last_layers:]), out["attn_logits"]
 
 
 # ==== 4. LOSS ====
@@ -829,7 +775,7 @@ def tec_loss(pred_feat, pred_rel_logits, feat_target, rel_target, mask) -> tuple
     t = (t - t.mean(1, keepdim=True)) / (t.var(1, keepdim=True) + 1e-6) ** 0.5  # CRUCIAL: over patches (dim 1)
     per_patch = ((pred_feat.float() - t) ** 2).mean(-1)  # [B, N]
     loss_fea = (per_patch * mask).sum() / mask.sum()
-    loss_att = -(rel_target.float() * F.log_softmax(pred_rel_logits.float(), dim=-1)).sum(-1).mean()
+    loss_att = soft_cross_entropy(pred_rel_logits, rel_target.float())
     return loss_fea + loss_att, loss_fea, loss_att
 
 
@@ -875,12 +821,9 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith(("patch_embed", "pos_embed")):
-            layer = 0
-        elif name.startswith("blocks."):
+        layer = 0 if name.startswith(("patch_embed", "pos_embed")) else n_layers
+        if name.startswith("blocks."):
             layer = int(name.split(".")[1]) + 1
-        else:
-            layer = n_layers
         no_wd = p.ndim == 1 or name in ("pos_embed", "cls_token")
         key = (layer, no_wd)
         if key not in groups:
@@ -897,12 +840,9 @@ def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
         w, b = model.head[-1].weight, model.head[-1].bias
         groups = [dict(params=[w], lars=True), dict(params=[b], lars=False)]
         return LARS(groups, lr=0.0, momentum=0.9, weight_decay=args.weight_decay, eta=0.001)
-    if args.mode == "finetune":
-        groups = layer_decay_groups(model, args.weight_decay, args.layer_decay)
-    else:
-        groups = param_groups(model, args.weight_decay)
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(args.betas), fused=fused)
+    wd = args.weight_decay
+    groups = layer_decay_groups(model, wd, args.layer_decay) if args.mode == "finetune" else param_groups(model, wd)
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(args.betas), fused=next(model.parameters()).is_cuda)
 
 
 def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
@@ -915,10 +855,25 @@ def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
     return args.min_lr + (peak - args.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-# ==== 6. TRAIN LOOP ====
+# ==== 6. TRAIN STEP ====
+METRICS = {"pretrain": ("loss", "loss_fea", "loss_att"), "mae": ("loss",), "finetune": ("loss", "top1")}
+METRICS["linear"] = METRICS["finetune"]
+
+
+def train_batches(run: SimpleNamespace, epoch: int, start: int, last: int):
+    """This rank's (crops [b, 3, S, S], labels [b]) of steps start..last-1 of `epoch`."""
+    args, device = run.args, run.device
+    in_memory = torch.is_tensor(run.data["train_x"])
+    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, epoch, device if in_memory else None)
+    batches = batches[start:last]
+    keys = [(args.seed, "train", epoch, s) for s in range(start, last)]
+    train_y, b = run.data["train_y"].to(device), args.batch_size // run.world_size
+    for idx, (x,) in zip(batches, view_batches(run, run.data["train_x"], batches, keys, run.groups)):
+        yield x, train_y[idx[run.rank * b : (run.rank + 1) * b].to(device)]
+
+
 def step_loss(run: SimpleNamespace, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, key: tuple) -> tuple:
-    """One micro-batch's loss (fp32) and the logged terms: pretrain (total, loss_fea, loss_att), mae (loss),
-    finetune / linear (loss, top-1 against the hard labels)."""
+    """One micro-batch's loss (fp32) and its metrics (METRICS[mode]; top-1 against the hard labels)."""
     args, mode = run.args, run.args.mode
     if mode == "pretrain":
         with run.autocast:
@@ -942,15 +897,11 @@ def step_loss(run: SimpleNamespace, x: torch.Tensor, y: torch.Tensor, noise: tor
     return loss, torch.stack([loss.detach(), 100 * (logits.argmax(1) == y).float().mean()])
 
 
-METRICS = {"pretrain": ("loss", "loss_fea", "loss_att"), "mae": ("loss",), "finetune": ("loss", "top1")}
-METRICS["linear"] = METRICS["finetune"]
-
-
-def train_step(run: SimpleNamespace, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
-    """One optimizer step on this rank's share x [b, 3, S, S], y [b], in --accum-iter micro-batches (the loss of each
+def train_step(run: SimpleNamespace, batch: tuple, step: int) -> torch.Tensor:
+    """One optimizer step on this rank's share (x [b, 3, S, S], y [b]) in --accum-iter micro-batches (the loss of each
     divided by accum_iter; DDP reduces gradients after the last only). The masking noise is drawn for the global batch
     from the step's seed and each rank keeps its rows, so any world size sees the same masks."""
-    args, b = run.args, len(x)
+    (x, y), args, b = batch, run.args, len(batch[0])
     torch.manual_seed(rng_seed(args.seed, "step", step, run.rank))  # drop path: a resumed run replays the same masks
     noise = torch.zeros(b, 1, device=run.device)  # finetune / linear: no masking
     if args.mode in ("pretrain", "mae"):
@@ -961,8 +912,7 @@ def train_step(run: SimpleNamespace, x: torch.Tensor, y: torch.Tensor, step: int
     metrics = 0
     for i, (xi, yi, ni) in enumerate(parts):
         last = i == args.accum_iter - 1
-        sync_ctx = run.ddp_model.no_sync() if run.world_size > 1 and not last else nullcontext()
-        with sync_ctx:
+        with run.ddp_model.no_sync() if run.world_size > 1 and not last else nullcontext():
             loss, m = step_loss(run, xi, yi, ni, (args.seed, "aug", step, run.rank, i))
             run.scaler.scale(loss / args.accum_iter).backward()
         metrics = metrics + m / args.accum_iter
@@ -972,65 +922,195 @@ def train_step(run: SimpleNamespace, x: torch.Tensor, y: torch.Tensor, step: int
     return metrics
 
 
-def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
-    """Train from step start_step of `epoch` to its end (or to --max-steps). Returns the averaged metrics."""
-    args, opt, device = run.args, run.opt, run.device
-    spe, is_main, names = run.steps_per_epoch, run.rank == 0, METRICS[args.mode]
-    in_memory = torch.is_tensor(run.data["train_x"])
-    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, epoch, device if in_memory else None)
-    last = min(spe, run.total_steps - epoch * spe)
-    keys = [(args.seed, "train", epoch, s) for s in range(start_step, last)]
-    stream = view_batches(run, run.data["train_x"], batches[start_step:last], keys, run.groups)
-    train_y, b = run.data["train_y"].to(device), args.batch_size // run.world_size
-    tally, window = epoch_state(run, epoch, len(names)), torch.zeros(len(names), device=device)
-    no_bad = 2**62
-    bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
-    run.model.train()
-    bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=not is_main, dynamic_ncols=True)
-    t0, n_done, n_logged = time.perf_counter(), 0, 0
-    for step in bar:
-        gstep = epoch * spe + step
-        lr = lr_at(gstep, args, spe)
-        for group in opt.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        tw = time.perf_counter()
-        (x,) = next(stream)
-        run.data_wait_s += time.perf_counter() - tw  # host time spent waiting for (or making) the crops
-        y = train_y[batches[step][run.rank * b : (run.rank + 1) * b].to(device)]
-        m = train_step(run, x, y, gstep)
-        bad_step = torch.minimum(bad_step, torch.where(torch.isfinite(m[0]), no_bad, gstep + 1))
-        window += m
-        n_done += 1
-        run.images_seen += args.batch_size  # counted per step: a mid-epoch checkpoint holds the true count
-        run.global_step = gstep + 1
-        stop = stop_now(run)  # a stop signal: this step is the last (its checkpoint follows)
-        save_now = args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe
-        if (step + 1) % args.log_every == 0 or step + 1 == last or save_now or stop:  # a checkpoint holds every step
-            if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
-                dist.all_reduce(window)
-                window /= run.world_size
-                dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
-            if bad_step.item() < no_bad:
-                msg = f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); try a lower --blr"
-                raise RunError(msg, every_rank=True)
-            mean = (window / (n_done - n_logged)).tolist()  # mean over the steps since the last log line
-            tally["sums"] += window
-            tally["n"] += n_done - n_logged
-            window, n_logged = torch.zeros_like(window), n_done
-            if is_main:
-                bar.set_postfix(**{k: f"{v:.4f}" for k, v in zip(names, mean)}, lr=f"{lr:.2e}")
-                log_jsonl(run, dict(type="train", step=gstep + 1, epoch=epoch, lr=lr, **dict(zip(names, mean))))
-        if save_now and not stop:  # a stop saves after the loop
-            sync(device)  # a checkpoint does not count as training time
-            run.train_time_s += time.perf_counter() - t0
-            save_state(run)
+# ==== 7. TRAINING ====
+def check_args(args: Args, world_size: int) -> None:
+    """Refuse bad input with one clear line, before any data is read or process group created."""
+    dev, arch = args.device or "cpu", next((a for a in (args.arch, args.base_arch) if a and a not in SIZES), None)
+    for bad, message in [
+        (arch is not None, f"unknown --arch {arch!r}; choose one of {', '.join(SIZES)}"),
+        (dev != "cpu" and not dev.startswith("cuda"), f"unknown --device {dev!r}; use cuda, cuda:N or cpu"),
+        (dev != "cpu" and not torch.cuda.is_available(), f"--device {dev} but no CUDA device is available"),
+        (args.mode == "convert" and (args.init is None or args.convert_out is None),
+         "convert needs --init (a checkpoint) and --convert-out (where the plain ViT goes)"),
+    ]:  # fmt: skip
+        if bad:
+            raise RunError(message)
+    if args.mode == "convert":
+        return
+    check_ranges(
+        args,
+        at_least_1="batch_size accum_iter large_size epochs patch_size decoder_dim decoder_depth decoder_heads topk "
+        "last_layers knn_k log_every image_size train_repeat probe_epochs probe_batch_size",
+        at_least_0="workers save_every_steps eval_every eval_every_steps max_steps bench_ceiling_steps "
+        "bench_data_steps eval_subset_train eval_subset_test randaug_n",
+        positive="blr tau probe_lr knn_t eval_memory_gb",
+        non_negative="min_lr warmup_epochs weight_decay probe_wd mixup cutmix randaug_m randaug_mstd",
+    )
+    (lo, hi), size, p, mode = args.large_scale, args.large_size, args.patch_size, args.mode
+    n_patches, per_rank = (size // p) ** 2, args.batch_size // world_size
+    for bad, message in [
+        *[(not 0 <= getattr(args, k) < 1, f"--{k.replace('_', '-')} must be in [0, 1), got {getattr(args, k)}")
+          for k in ("smoothing", "reprob", "drop_path", "mask_ratio")],
+        (not 0 < args.layer_decay <= 1, f"--layer-decay must be in (0, 1], got {args.layer_decay}"),
+        (not 0 < lo <= hi <= 1, f"--large-scale must satisfy 0 < min <= max <= 1, got {lo} {hi}"),
+        (size % p != 0, f"--large-size {size} does not divide into --patch-size {p} patches"),
+        (mode == "pretrain" and args.base_checkpoint is None,
+         "pretrain needs --base-checkpoint (a pretrained MAE/iBOT ViT, or a run of `mae`)"),
+        (mode == "pretrain" and args.topk > n_patches, f"--topk {args.topk} exceeds the {n_patches} patches"),
+        (mode in ("pretrain", "mae") and int(n_patches * (1 - args.mask_ratio)) < 1,
+         f"--mask-ratio {args.mask_ratio} keeps no patch of {n_patches}"),
+        (mode in ("finetune", "linear") and args.probe != "none",
+         f"--probe {args.probe} is the pretraining readout; {mode} evaluates its own classifier"),
+        (mode in ("pretrain", "mae") and args.init is not None,  # never silently ignored
+         f"--init applies to finetune, linear and convert; {mode} starts from random weights "
+         "(--resume continues a run)"),
+        (mode != "pretrain" and args.base_checkpoint is not None,
+         f"--base-checkpoint applies to pretrain only, not {mode}"),
+        (mode == "linear" and args.init is None, "linear needs --init (the pretrained encoder to probe)"),
+        (args.batch_size % world_size != 0,
+         f"--batch-size {args.batch_size} does not divide by the world size {world_size}"),
+        (per_rank % args.accum_iter != 0,
+         f"the per-rank batch {per_rank} does not divide into --accum-iter {args.accum_iter}"),
+        (args.decode == "device" and (args.in_memory or args.dataset != "imagefolder"),
+         "--decode device applies to streamed image folders; in-memory data is cut on the device anyway"),
+    ]:  # fmt: skip
+        if bad:
+            raise RunError(message)
+
+
+def build_model(run: SimpleNamespace) -> nn.Module:
+    """The trained module of this mode (random init from the seed; finetune / linear then load --init)."""
+    args, nc = run.args, run.data["num_classes"]
+    vit = dict(img_size=args.large_size, patch_size=args.patch_size, **SIZES[args.arch])
+    dec = dict(decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads)
+    if args.mode == "pretrain":
+        base = SIZES[args.base_arch or args.arch]
+        if run.world_size > 1 and run.rank > 0:  # rank 0 alone downloads a URL into the cache; the others wait
+            dist.barrier()
+        ckpt = read_checkpoint(args.base_checkpoint)
+        if run.world_size > 1 and run.rank == 0:
+            dist.barrier()
+        run.base = load_base_model(ckpt, args.large_size, args.patch_size, **base).to(run.device)
+        return TECModel(rel_heads=base["num_heads"], **dec, **vit)
+    if args.mode == "mae":
+        return MAEModel(**dec, **vit)
+    init, linear = read_checkpoint(args.init) if args.init else None, args.mode == "linear"
+    keys = encoder_state_dict(init, bake_cls_mlp=False) if init is not None else {}
+    mlp = args.keep_cls_mlp and "cls_token_mlp.fc1.weight" in keys  # a TEC checkpoint's CLS MLP, kept and trained
+    model = Classifier(args.pool, linear, mlp, nc, drop_path_rate=0.0 if linear else args.drop_path, **vit)
+    if init is not None:
+        fresh = load_encoder(model, init, what=f"--init {args.init}")
+        if run.rank == 0:
+            print(f"loaded the encoder of {args.init}; initialised here: {', '.join(fresh) or 'nothing'}")
+    elif run.rank == 0:
+        print(f"{Path(__file__).name}: warning: no --init: fine-tuning from a random init", file=sys.stderr)
+    if linear:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("head."))
+    return model
+
+
+def run_training(args: Args) -> dict:
+    """The run: set-up (model, optimizer, resume, DDP), the shared epoch loop, the final evaluation, results.json."""
+    if args.mode == "convert":
+        check_args(args, 1)
+        return convert(args)
+    run = start_run(args)
+    args, device = run.args, run.device  # as start_run settled them (precision, probe batch)
+    torch.manual_seed(args.seed)  # the same initial model on every rank
+    run.model = model = build_model(run).to(device)
+    # what the evaluation encodes: the classifier's logits, or the pretrained encoder's readout of the whole image
+    run.encode = model if args.mode in ("finetune", "linear") else partial(model.readout, pool=args.pool)
+    run.groups, run.metrics = crop_groups(args), METRICS[args.mode]
+    run.pixel_mean, run.pixel_std = (torch.tensor(v, device=device) for v in (args.mean, args.std))
+    run.opt = build_optimizer(model, args)
+    resume_state(run, set())
+    log = Path(args.out_dir) / "log.jsonl"
+    if args.mode in ("finetune", "linear") and run.global_step and log.is_file():  # the best top-1 before a resume
+        evals = [json.loads(line) for line in log.read_text().splitlines()]
+        tops = [e["top1"] for e in evals if e.get("type") == "eval" and e["step"] <= run.global_step]
+        run.best_top1 = max(tops + [0])
+    net = model
+    if run.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    run.ddp_model = torch.compile(net) if args.compile else net
+    bench = run_benchmarks(run)
+    total_steps = run.steps_per_epoch * args.epochs
+    run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    train_epochs(run)
+    res = evaluate(run, tag="final")
+    if run.rank == 0:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        extra = dict(mode=args.mode, peak_lr=args.blr * args.batch_size / 256, trainable_params=trainable)
+        if args.mode == "pretrain":
+            extra.update(base_checkpoint=args.base_checkpoint, topk=args.topk, tau=args.tau)
+        paper = "TEC, Towards Sustainable Self-supervised Learning (arXiv 2210.11016)"
+        write_results(run, paper, extra, bench, res)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return res
+
+
+def convert(args: Args) -> dict:
+    """Spec 6: a pretraining checkpoint -> the plain ViT encoder {'model': sd} that common/vit.py (and timm-style code)
+    loads: cls_token := MLP(cls_token), adapters, decoders and heads dropped. DEVIATION: norm.* is kept (official
+    conversion drops it because global pooling deletes the norm; the CLS-token readout needs it)."""
+    sd = encoder_state_dict(read_checkpoint(args.init), bake_cls_mlp=True)
+    missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.norm1.weight") if k not in sd]
+    if missing:
+        raise CheckpointError(f"{args.init}: not a ViT encoder checkpoint (missing {', '.join(missing)})")
+    save_checkpoint({"model": sd}, args.convert_out)
+    n_blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    print(f"wrote {args.convert_out}: {len(sd)} tensors, {n_blocks} blocks, width {sd['cls_token'].shape[-1]}")
+    return dict(tensors=len(sd))
+
+
+# --- the method's own evaluation
+def evaluate(run: SimpleNamespace, tag: str) -> dict:
+    """pretrain / mae: weighted k-NN on the encoder's readout of the unmasked image (a seeded subset during training,
+    everything at the end; our addition) and at the end the fast feature probe (--probe features).
+    finetune / linear: top-1 / top-5 of the classifier on the test split (centre crops)."""
+    args, data, device, final = run.args, run.data, run.device, tag == "final"
+    nc, t0 = data["num_classes"], time.perf_counter()
+    res, times = {}, {}
+    if args.mode in ("finetune", "linear"):
+        logits = extract_features(run, "test")  # run.encode: the classifier's logits
+        hit = logits.topk(min(5, nc), dim=1).indices == data["test_y"].to(device)[:, None]  # [n, 5]
+        top1, top5 = (100 * hit[:, :k].any(1).float().mean().item() for k in (1, 5))
+        run.best_top1 = max(getattr(run, "best_top1", 0.0), top1)
+        res = dict(top1=top1, top5=top5, top1_best=run.best_top1)
+        times["encode_s"] = time.perf_counter() - t0
+    else:
+        feats, labels = {}, {}
+        for split, size in (("train", args.eval_subset_train), ("test", args.eval_subset_test)):
+            n = len(data[f"{split}_y"])
+            g = torch.Generator().manual_seed(rng_seed(args.seed, "eval-subset", split))
+            ids = torch.arange(n) if final or size >= n else torch.randperm(n, generator=g)[:size].sort().values
+            feats[split] = extract_features(run, split, ids)  # run.encode: the encoder's readout
+            labels[split] = data[f"{split}_y"][ids].to(device)
+        times["encode_s"] = time.perf_counter() - t0
+        if run.rank == 0:
             t0 = time.perf_counter()
-        if stop:
-            break
-    sync(device)
-    run.train_time_s += time.perf_counter() - t0
-    means = (tally["sums"] / max(tally["n"], 1)).tolist()  # the whole epoch's means, steps before a resume included
-    return dict(zip(names, means), lr=lr_at(run.global_step - 1, args, spe), time_s=run.train_time_s - tally["t0"])
+            res["knn_top1"], res["knn_top5"] = knn_eval(
+                feats["train"], labels["train"], feats["test"], labels["test"], nc, args.knn_k, args.knn_t
+            )
+            times["knn_s"] = time.perf_counter() - t0
+            if final and args.probe == "features":
+                t0 = time.perf_counter()
+                probe = linear_probe(
+                    feats["train"], labels["train"], feats["test"], labels["test"], nc, args.probe_epochs,
+                    args.probe_lr, args.probe_wd, args.probe_batch_size, args.seed,
+                )  # fmt: skip
+                res["linear_fast_top1"], res["linear_fast_top1_best"] = probe["last"], probe["best"]
+                times["probe_s"] = time.perf_counter() - t0
+    if run.world_size > 1:
+        dist.barrier()
+    if run.rank == 0:
+        log_jsonl(run, dict(type="eval", tag=tag, step=run.global_step, **res, **times))
+        print(f"eval @ {tag} | " + " | ".join(f"{k} {v:.2f}" for k, v in {**res, **times}.items()))
+    for k, v in times.items():
+        run.times[k] = run.times.get(k, 0.0) + v
+    return res
 
 
 def measure_ceiling(run: SimpleNamespace, steps: int) -> float:
@@ -1061,234 +1141,8 @@ def measure_ceiling(run: SimpleNamespace, steps: int) -> float:
     return steps * args.batch_size / (time.perf_counter() - t0)
 
 
-# ==== 7. EVALUATION ====
-def evaluate(run: SimpleNamespace, tag: str) -> dict:
-    """pretrain / mae: weighted k-NN on the encoder's readout of the unmasked image (a seeded subset during training,
-    everything at the end; our addition) and at the end the fast feature probe (--probe features).
-    finetune / linear: top-1 / top-5 of the classifier on the test split (centre crops)."""
-    args, data, device, final = run.args, run.data, run.device, tag == "final"
-    nc, t0 = data["num_classes"], time.perf_counter()
-    res, times = {}, {}
-    if args.mode in ("finetune", "linear"):
-        logits = extract_features(SimpleNamespace(**{**vars(run), "model": Readout(run.model)}), "test")
-        pred, y = logits.topk(min(5, nc), dim=1).indices, data["test_y"].to(device)
-        res = dict(
-            top1=100 * (pred[:, 0] == y).float().mean().item(),
-            top5=100 * (pred == y[:, None]).any(1).float().mean().item(),
-        )
-        run.best_top1 = max(getattr(run, "best_top1", 0.0), res["top1"])
-        res["top1_best"] = run.best_top1
-        times["encode_s"] = time.perf_counter() - t0
-    else:
-        subsets = {}
-        for split, size in (("train", args.eval_subset_train), ("test", args.eval_subset_test)):
-            n = len(data[f"{split}_y"])
-            g = torch.Generator().manual_seed(rng_seed(args.seed, "eval-subset", split))
-            subsets[split] = None if final or size >= n else torch.randperm(n, generator=g)[:size].sort().values
-        run.model.eval()
-        reader = SimpleNamespace(**{**vars(run), "model": Readout(encoder_features(run.model, args.pool))})
-        feats = {s: extract_features(reader, s, subsets[s]) for s in subsets}
-        labels = {s: (data[f"{s}_y"] if subsets[s] is None else data[f"{s}_y"][subsets[s]]).to(device) for s in subsets}
-        times["encode_s"] = time.perf_counter() - t0
-        if run.rank == 0:
-            t0 = time.perf_counter()
-            res["knn_top1"], res["knn_top5"] = knn_eval(
-                feats["train"], labels["train"], feats["test"], labels["test"], nc, args.knn_k, args.knn_t
-            )
-            times["knn_s"] = time.perf_counter() - t0
-            if final and args.probe == "features":
-                t0 = time.perf_counter()
-                probe = linear_probe(
-                    feats["train"], labels["train"], feats["test"], labels["test"], nc, args.probe_epochs,
-                    args.probe_lr, args.probe_wd, args.probe_batch_size, args.seed,
-                )  # fmt: skip
-                res["linear_fast_top1"], res["linear_fast_top1_best"] = probe["last"], probe["best"]
-                times["probe_s"] = time.perf_counter() - t0
-    if run.world_size > 1:
-        dist.barrier()
-    if run.rank == 0:
-        log_jsonl(run, dict(type="eval", tag=tag, step=run.global_step, **res, **times))
-        print(f"eval @ {tag} | " + " | ".join(f"{k} {v:.2f}" for k, v in {**res, **times}.items()))
-    for k, v in times.items():
-        run.times[k] = run.times.get(k, 0.0) + v
-    return res
-
-
 # ==== 8. MAIN ====
-def check_args(args: Args, world_size: int) -> None:
-    """Refuse bad input with one clear line, before any data is read or process group created."""
-    for name in (args.arch, args.base_arch or args.arch):
-        if name not in SIZES:
-            raise RunError(f"unknown --arch {name!r}; choose one of {', '.join(SIZES)}")
-    if args.device is not None and args.device != "cpu" and not args.device.startswith("cuda"):
-        raise RunError(f"unknown --device {args.device!r}; use cuda, cuda:N or cpu")
-    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise RunError(f"--device {args.device} but no CUDA device is available")
-    if args.mode == "convert":
-        if args.init is None or args.convert_out is None:
-            raise RunError("convert needs --init (a checkpoint) and --convert-out (where the plain ViT goes)")
-        return
-    check_ranges(
-        args,
-        at_least_1="batch_size accum_iter large_size epochs patch_size decoder_dim decoder_depth decoder_heads topk "
-        "last_layers knn_k log_every image_size train_repeat probe_epochs probe_batch_size",
-        at_least_0="workers save_every_steps eval_every max_steps bench_ceiling_steps bench_data_steps "
-        "eval_subset_train eval_subset_test randaug_n",
-        positive="blr tau probe_lr knn_t eval_memory_gb",
-        non_negative="min_lr warmup_epochs weight_decay probe_wd mixup cutmix randaug_m randaug_mstd",
-    )
-    for name in ("smoothing", "reprob", "drop_path"):
-        if not 0 <= getattr(args, name) < 1:
-            raise RunError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
-    if not 0 < args.layer_decay <= 1:
-        raise RunError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
-    if not 0 <= args.mask_ratio < 1:
-        raise RunError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
-    lo, hi = args.large_scale
-    if not 0 < lo <= hi <= 1:
-        raise RunError(f"--large-scale must satisfy 0 < min <= max <= 1, got {lo} {hi}")
-    if args.large_size % args.patch_size:
-        raise RunError(f"--large-size {args.large_size} does not divide into --patch-size {args.patch_size} patches")
-    n_patches = (args.large_size // args.patch_size) ** 2
-    if args.mode == "pretrain":
-        if args.base_checkpoint is None:
-            raise RunError("pretrain needs --base-checkpoint (a pretrained MAE/iBOT ViT, or a run of `mae`)")
-        if args.topk > n_patches:
-            raise RunError(f"--topk {args.topk} exceeds the {n_patches} patches")
-        depth = SIZES[args.arch]["depth"]
-        if depth % max(1, depth // 3):
-            raise RunError(f"the encoder adapter needs a depth divisible by depth // 3, got {depth}")
-    if args.mode in ("pretrain", "mae") and int(n_patches * (1 - args.mask_ratio)) < 1:
-        raise RunError(f"--mask-ratio {args.mask_ratio} keeps no patch of {n_patches}")
-    if args.mode in ("finetune", "linear") and args.probe != "none":
-        raise RunError(f"--probe {args.probe} is the pretraining readout; {args.mode} evaluates its own classifier")
-    if args.mode in ("pretrain", "mae") and args.init is not None:  # never silently ignored
-        raise RunError(f"--init applies to finetune, linear and convert; {args.mode} starts from random weights "
-                       "(--resume continues a run)")  # fmt: skip
-    if args.mode != "pretrain" and args.base_checkpoint is not None:
-        raise RunError(f"--base-checkpoint applies to pretrain only, not {args.mode}")
-    if args.mode == "linear" and args.init is None:
-        raise RunError("linear needs --init (the pretrained encoder to probe)")
-    if args.batch_size % world_size:
-        raise RunError(f"--batch-size {args.batch_size} does not divide by the world size {world_size}")
-    if (args.batch_size // world_size) % args.accum_iter:
-        raise RunError(
-            f"the per-rank batch {args.batch_size // world_size} does not divide into --accum-iter {args.accum_iter}"
-        )
-    if args.decode == "device" and (args.in_memory or args.dataset != "imagefolder"):
-        raise RunError("--decode device applies to streamed image folders; in-memory data is cut on the device anyway")
-
-
-def convert(args: Args) -> dict:
-    """Spec 6: a pretraining checkpoint -> the plain ViT encoder {'model': sd} that common/vit.py (and timm-style code)
-    loads: cls_token := MLP(cls_token), adapters, decoders and heads dropped. DEVIATION: norm.* is kept (official
-    conversion drops it because global pooling deletes the norm; the CLS-token readout needs it)."""
-    sd = encoder_state_dict(read_checkpoint(args.init), bake_cls_mlp=True)
-    missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.norm1.weight") if k not in sd]
-    if missing:
-        raise CheckpointError(f"{args.init}: not a ViT encoder checkpoint (missing {', '.join(missing)})")
-    save_checkpoint({"model": sd}, args.convert_out)
-    n_blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    print(f"wrote {args.convert_out}: {len(sd)} tensors, {n_blocks} blocks, width {sd['cls_token'].shape[-1]}")
-    return dict(tensors=len(sd))
-
-
-def build_model(run: SimpleNamespace) -> nn.Module:
-    """The trained module of this mode (random init from the seed; finetune / linear then load --init)."""
-    args, nc = run.args, run.data["num_classes"]
-    vit = dict(img_size=args.large_size, patch_size=args.patch_size, **SIZES[args.arch])
-    dec = dict(decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads)
-    if args.mode == "pretrain":
-        base = SIZES[args.base_arch or args.arch]
-        if run.world_size > 1 and run.rank > 0:  # rank 0 alone downloads a URL into the cache; the others wait
-            dist.barrier()
-        ckpt = read_checkpoint(args.base_checkpoint)
-        if run.world_size > 1 and run.rank == 0:
-            dist.barrier()
-        run.base = load_base_model(ckpt, args.large_size, args.patch_size, **base).to(run.device)
-        return TECModel(rel_heads=base["num_heads"], **dec, **vit)
-    if args.mode == "mae":
-        return MAEModel(**dec, **vit)
-    init_mlp = (
-        args.keep_cls_mlp
-        and args.init is not None
-        and "cls_token_mlp.fc1.weight" in encoder_state_dict(read_checkpoint(args.init), bake_cls_mlp=False)
-    )
-    linear = args.mode == "linear"
-    drop = 0.0 if linear else args.drop_path
-    model = Classifier(args.pool, linear, init_mlp, nc, drop_path_rate=drop, **vit)
-    if args.init is None:
-        if run.rank == 0:
-            print(f"{Path(__file__).name}: warning: no --init: fine-tuning from a random init", file=sys.stderr)
-    else:
-        fresh = load_encoder(model, args.init, what=f"--init {args.init}")
-        if run.rank == 0:
-            print(f"loaded the encoder of {args.init}; initialised here: {', '.join(fresh) or 'nothing'}")
-    if linear:
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith("head."))
-    return model
-
-
-def run_training(args: Args) -> dict:
-    if args.mode == "convert":
-        check_args(args, 1)
-        return convert(args)
-    run = start_run(args)
-    args = run.args  # as start_run settled them (precision, probe batch)
-    device, world_size, is_main = run.device, run.world_size, run.rank == 0
-    torch.manual_seed(args.seed)  # the same initial model on every rank
-    run.model = model = build_model(run).to(device)
-    run.groups = crop_groups(args)
-    run.pixel_mean, run.pixel_std = (torch.tensor(v, device=device) for v in (args.mean, args.std))
-    run.opt = build_optimizer(model, args)
-    resume_state(run, set())
-    log = Path(args.out_dir) / "log.jsonl"
-    if args.mode in ("finetune", "linear") and run.global_step and log.is_file():  # the best top-1 before a resume
-        evals = [json.loads(line) for line in log.read_text().splitlines()]
-        run.best_top1 = max(
-            [e["top1"] for e in evals if e.get("type") == "eval" and e["step"] <= run.global_step] + [0]
-        )
-    net = model
-    if world_size > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    run.ddp_model = torch.compile(net) if args.compile else net
-    bench = run_benchmarks(run)
-
-    total_steps = run.steps_per_epoch * args.epochs
-    run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-    Stop.in_steps = True  # a stop signal now ends the run after the current step, with a checkpoint
-    while run.global_step < run.total_steps:
-        epoch, start = divmod(run.global_step, run.steps_per_epoch)
-        m = train_one_epoch(run, epoch, start)
-        save_state(run)
-        if run.global_step % run.steps_per_epoch:
-            stop_if_asked(run)  # stopped within the epoch: no epoch line
-        ev = ""
-        if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.global_step < run.total_steps:
-            res = evaluate(run, tag=f"epoch {epoch + 1}")
-            ev = " | " + " | ".join(f"{k} {v:.1f}" for k, v in res.items() if k in ("knn_top1", "top1"))
-        if is_main:
-            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
-            shown = " | ".join(f"{k} {v:.4f}" for k, v in m.items() if k not in ("lr", "time_s"))
-            print(
-                f"ep {epoch + 1}/{args.epochs} | {shown} | lr {m['lr']:.2e}{ev} | {m['time_s']:.1f} s"
-                f"{memory_note(device)}"
-            )
-        stop_if_asked(run)
-    Stop.in_steps = False
-
-    res = evaluate(run, tag="final")
-    if is_main:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        extra = dict(mode=args.mode, peak_lr=args.blr * args.batch_size / 256, trainable_params=trainable)
-        if args.mode == "pretrain":
-            extra.update(base_checkpoint=args.base_checkpoint, topk=args.topk, tau=args.tau)
-        paper = "TEC, Towards Sustainable Self-supervised Learning (arXiv 2210.11016)"
-        write_results(run, paper, extra, bench, res)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return res
+# main() and the entry point are the shared `entry` block at the very end.
 
 
 # ==== SHARED APPENDIX: identical in every script ====
@@ -1757,6 +1611,95 @@ def memory_note(device: torch.device) -> str:
 # END SHARED
 
 
+# SHARED: train-loop
+def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
+    """Steps start_step.. of `epoch`, to its end or to --max-steps. Each sets the LR of every parameter group (times
+    its lr_scale), takes this rank's batch from the method's `train_batches` and runs its `train_step`, which returns
+    its metrics (named in run.metrics, the loss first) as one detached tensor. Every --log-every steps the metrics are
+    averaged over ranks and a non-finite loss stops the run: no step waits for the host. Returns the epoch's means."""
+    args, device, spe, names = run.args, run.device, run.steps_per_epoch, run.metrics
+    last = min(spe, run.total_steps - epoch * spe)
+    stream = train_batches(run, epoch, start_step, last)
+    tally, window = epoch_state(run, epoch, len(names)), torch.zeros(len(names), device=device)
+    no_bad = 2**62
+    bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
+    run.model.train()
+    bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=run.rank != 0, dynamic_ncols=True)
+    t0, n_done, n_logged = time.perf_counter(), 0, 0
+    for step in bar:
+        gstep = epoch * spe + step
+        lr = lr_at(gstep, args, spe)
+        for group in run.opt.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        tw = time.perf_counter()
+        batch = next(stream)
+        run.data_wait_s += time.perf_counter() - tw  # host time spent waiting for (or making) the batch
+        m = train_step(run, batch, gstep)
+        bad_step = torch.minimum(bad_step, torch.where(torch.isfinite(m[0]), no_bad, gstep + 1))
+        window += m
+        n_done += 1
+        run.images_seen += args.batch_size  # counted per step: a mid-epoch checkpoint holds the true count
+        run.global_step = gstep + 1
+        stop = stop_now(run)  # a stop signal: this step is the last (its checkpoint follows)
+        save_now = args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe and not stop
+        eval_now = args.eval_every_steps and (gstep + 1) % args.eval_every_steps == 0 and gstep + 1 < run.total_steps
+        if (step + 1) % args.log_every == 0 or step + 1 == last or save_now or stop:  # a checkpoint holds every step
+            if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
+                dist.all_reduce(window)
+                window /= run.world_size
+                dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+            if bad_step.item() < no_bad:
+                msg = f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); try a lower LR or --amp none"
+                raise RunError(msg, every_rank=True)
+            mean = dict(zip(names, (window / (n_done - n_logged)).tolist()))  # over the steps since the last log
+            tally["sums"] += window
+            tally["n"] += n_done - n_logged
+            window, n_logged = torch.zeros_like(window), n_done
+            if run.rank == 0:
+                bar.set_postfix(**{k: f"{v:.4g}" for k, v in mean.items()}, lr=f"{lr:.3g}")
+                log_jsonl(run, dict(type="train", step=gstep + 1, epoch=epoch, lr=lr, **mean))
+        if stop:  # its checkpoint is saved after the loop
+            break
+        if save_now or eval_now:  # neither counts as training time
+            sync(device)
+            run.train_time_s += time.perf_counter() - t0
+            if save_now:
+                save_state(run)
+            if eval_now:
+                evaluate(run, tag=f"step {gstep + 1}")
+                run.model.train()  # CRUCIAL: back to train mode after a mid-epoch evaluation
+            t0 = time.perf_counter()
+    sync(device)
+    run.train_time_s += time.perf_counter() - t0
+    means = (tally["sums"] / max(tally["n"], 1)).tolist()  # the whole epoch's means, steps before a resume included
+    return dict(zip(names, means), lr=lr_at(run.global_step - 1, args, spe), time_s=run.train_time_s - tally["t0"])
+
+
+def train_epochs(run: SimpleNamespace) -> None:
+    """The epochs from the resumed step to the end: each saves last.pt, evaluates every --eval-every epochs (not after
+    the last: the final evaluation follows) and prints one line. A stop signal ends the run after the step it arrives
+    in, with a checkpoint."""
+    args, spe = run.args, run.steps_per_epoch
+    Stop.in_steps = True
+    while run.global_step < run.total_steps:
+        epoch, start = divmod(run.global_step, spe)
+        m = train_one_epoch(run, epoch, start)
+        save_state(run)
+        if run.global_step % spe:
+            stop_if_asked(run)  # stopped within the epoch: no epoch line
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.global_step < run.total_steps:
+            m.update(evaluate(run, tag=f"epoch {epoch + 1}"))
+        if run.rank == 0:
+            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
+            line = " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "time_s" and isinstance(v, float))
+            print(f"ep {epoch + 1}/{args.epochs} | {line} | {m['time_s']:.1f} s{memory_note(run.device)}")
+        stop_if_asked(run)
+    Stop.in_steps = False
+
+
+# END SHARED
+
+
 # SHARED: bench-data
 def measure_data(run: SimpleNamespace, steps: int) -> float:
     """The data pipeline alone (read, decode, crops, colour, normalise) for `steps` global batches: images/s."""
@@ -1823,7 +1766,7 @@ def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Te
     mine = ids[torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp(max=len(ids) - 1)]  # padded, trimmed later
     model.eval()
     one = torch.zeros(1, 3, args.large_size, args.large_size, device=device).contiguous(memory_format=run.fmt)
-    chunk = inputs_per_chunk(model.backbone, one, args.eval_memory_gb)
+    chunk = inputs_per_chunk(run.encode, one, args.eval_memory_gb)
     if torch.is_tensor(images):
         mine_dev = mine.to(images.device)
 
@@ -1848,7 +1791,7 @@ def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Te
     feats = []
     for x in tqdm(stream, total=n_chunks, desc=f"encode {split}", disable=rank != 0, leave=False):
         with run.autocast:
-            feats.append(model.backbone(((x - mean) / std).contiguous(memory_format=run.fmt)).float())
+            feats.append(run.encode(((x - mean) / std).contiguous(memory_format=run.fmt)).float())
     feats = torch.cat(feats)
     if world > 1:
         out = [torch.empty_like(feats) for _ in range(world)]
