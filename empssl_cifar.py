@@ -402,10 +402,8 @@ def check_args(args: Args, world_size: int) -> None:
     if args.batch_size % world_size:
         raise RunError(f"--batch-size {args.batch_size} does not divide by the world size {world_size}")
     if args.lr_epochs is not None and args.lr_epochs < args.epochs:
-        raise RunError(
-            f"--lr-epochs {args.lr_epochs} < --epochs {args.epochs}: the cosine would reach 0 and rise "
-            f"again; pass --lr-epochs {args.epochs} (or None)"
-        )
+        msg = f"--lr-epochs {args.lr_epochs} < --epochs {args.epochs}: the cosine would reach 0 and rise again"
+        raise RunError(f"{msg}; pass --lr-epochs {args.epochs} (or None)")
 
 
 def run_training(args: Args) -> dict:
@@ -625,7 +623,8 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
             feats[split] = f.to(device)
         times[f"{prefix}encode_s"] = time.perf_counter() - t0
         if run.rank == 0:
-            (xtr, xte), (ytr, yte) = feats.values(), (data["train_y"].to(device), data["test_y"].to(device))
+            xtr, xte = feats["train"], feats["test"]
+            ytr, yte = data["train_y"].to(device), data["test_y"].to(device)
             t0 = time.perf_counter()
             top1, top5 = knn_eval(xtr, ytr, xte, yte, data["num_classes"], args.knn_k, args.knn_t)
             res[f"{prefix}knn_top1"], res[f"{prefix}knn_top5"] = top1, top5
