@@ -16,8 +16,8 @@ Runs (one GPU each unless torchrun is shown; the official README numbers are lin
     python empssl_cifar.py --dataset imagefolder --data-dir DIR --batch-size 16 --n-patches 4 --eval-patches 4 \\
         --arch resnet18 --device cpu --out-dir OUT   # quick CPU run: under a minute on 200 images (train/, test/)
 
-Deviations (each marked `# DEVIATION:` below): patches are augmented on the GPU in batches (`--aug pil` keeps the
-official PIL pipeline as the reference); bf16 autocast with channels_last (the TCR log-det in fp64); a Cholesky
+Deviations (each marked `# DEVIATION:` below): patches are augmented on the GPU in batches (the tests compare them
+with the official PIL pipeline); bf16 autocast with channels_last (the TCR log-det in fp64); a Cholesky
 log-det in the Sylvester (B x B) form; seeded, resumable random streams; the TCR is computed over the global batch
 under DDP (all-gather with gradient), which equals the official single-process semantics.
 """
@@ -46,19 +46,11 @@ import torchvision
 import tyro
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from common.checkpoint import (
-    ArtifactCache,
-    CheckpointError,
-    find_resume,
-    load_checkpoint,
-    load_state_dict_strict,
-    save_checkpoint,
-    state_dict_digest,
-)
+from common.checkpoint import ArtifactCache, CheckpointError, find_resume, load_checkpoint, load_state_dict_strict
+from common.checkpoint import save_checkpoint, state_dict_digest
 from common.resnet import RESNETS
 
 
@@ -94,10 +86,6 @@ class Args:
     """fraction of the image area each square patch covers (official RandomResizedCrop scale=(0.25, 0.25))"""
     solarize_threshold: int = 128
     """PIL solarize threshold (official: PIL default 128; kachayev used 192)"""
-    aug: Literal["gpu", "pil"] = "gpu"
-    """gpu: batched tensor augmentation on the device; pil: the official torchvision/PIL pipeline on CPU workers"""
-    pil_workers: Optional[int] = None
-    """DataLoader workers for --aug pil (default: this machine's CPUs per process, at most 10)"""
 
     # --- model (spec 3)
     arch: str = "resnet18-cifar"
@@ -146,6 +134,8 @@ class Args:
     """patches averaged into each image's feature (official --test_patches 128); 0 skips evaluation"""
     eval_memory_gb: float = 2.0
     """activation memory one evaluation forward may use: patches are encoded in chunks sized to it (memory knob only)"""
+    eval_every: int = 0
+    """also evaluate (k-NN and probe) every this many epochs, not after the last (0: only at the end)"""
     eval_every_steps: int = 0
     """also evaluate (k-NN and probe) every this many steps, for accuracy within an epoch (0: only at the end)"""
     eval_whole_image: bool = False
@@ -185,35 +175,7 @@ def parse_args(argv: Optional[list] = None) -> Args:
     return tyro.cli(Args, args=argv)
 
 
-# ==== 2. DATA & AUGMENTATIONS ====
-CIFAR = {"cifar10": (torchvision.datasets.CIFAR10, 10), "cifar100": (torchvision.datasets.CIFAR100, 100)}
-
-
-def load_data(args: Args) -> dict:
-    """uint8 images [N, 3, S, S] and int64 labels for both splits, on the CPU."""
-    if args.dataset == "fake":  # random images, for shape tests only
-        g = torch.Generator().manual_seed(args.seed)
-        x = torch.randint(0, 256, (320, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
-        y = torch.arange(320) % 10
-        return dict(train_x=x[:256], train_y=y[:256], test_x=x[256:], test_y=y[256:], num_classes=10)
-    root = Path(args.data_dir)
-    if args.dataset in CIFAR:
-        cls, num_classes = CIFAR[args.dataset]
-        try:
-            splits = [cls(str(root), train=train, download=args.download) for train in (True, False)]
-        except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted", or a failed download
-            if args.download:  # it was allowed and failed: no network, or a bad --data-dir
-                raise RunError(f"could not download {args.dataset} into {root} ({e}); without network, give a copy in "
-                               "--data-dir (torchvision's layout) or use --dataset imagefolder")  # fmt: skip
-            raise RunError(f"{args.dataset} not found in {root} ({e}); pass its --data-dir, or --download")
-        tr, te = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in splits]
-        return dict(train_x=tr[0], train_y=tr[1], test_x=te[0], test_y=te[1], num_classes=num_classes)
-    train_root, test_root, classes = folder_splits(root)
-    train_x, train_y = load_image_folder(train_root, classes, args.image_size)
-    test_x, test_y = load_image_folder(test_root, classes, args.image_size)
-    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=len(classes))
-
-
+# ==== 2. VIEWS ====
 def sample_patch_params(gen: torch.Generator, n: int, size: int, crop: int) -> dict:
     """Random draws of the official patch transform for n patches (spec 2.1), on the generator's device."""
     dev = gen.device
@@ -236,16 +198,13 @@ def sample_patch_params(gen: torch.Generator, n: int, size: int, crop: int) -> d
     # fmt: on
 
 
-def take_params(params: dict, idx: torch.Tensor) -> dict:
-    return {k: v[idx] for k, v in params.items()}
-
-
 def augment_patches(images: torch.Tensor, p: dict, crop: int, solarize_threshold: int) -> torch.Tensor:
     """The official patch transform (spec 2.1), batched on the device.
 
     images: uint8 [n, 3, S, S], one source image per patch; p: sample_patch_params draws for the n patches.
     Returns float [n, 3, S, S] in [-1, 1]. DEVIATION: float arithmetic instead of PIL's uint8 rounding after every op,
-    and an exact Gaussian instead of PIL's box-blur approximation; tests compare the two pipelines' statistics.
+    and an exact Gaussian instead of PIL's box-blur approximation; tests/test_empssl_units.py compares the statistics
+    with the official PIL pipeline's.
     """
     n, _, size, _ = images.shape
     ar = torch.arange(crop, device=images.device)
@@ -262,78 +221,14 @@ def augment_patches(images: torch.Tensor, p: dict, crop: int, solarize_threshold
     return (x - 0.5) / 0.5  # PAPER: Normalize(mean=0.5, std=0.5), not the CIFAR statistics
 
 
-class PILBlur:
-    """Official GBlur: PIL GaussianBlur(radius=sigma), sigma ~ U(0.1, 2.0), p=0.1. DEVIATION: torch RNG, not numpy's."""
-
-    def __call__(self, img):
-        from PIL import ImageFilter
-
-        if torch.rand(1).item() < 0.1:
-            return img.filter(ImageFilter.GaussianBlur(0.1 + 1.9 * torch.rand(1).item()))
-        return img
-
-
-class PILPatches(torch.utils.data.Dataset):
-    """Reference path (--aug pil): the official torchvision/PIL transform, P patches per item.
-
-    An item is (image index, seed): the seed fixes every draw, so ranks and resumed runs replay the same patches."""
-
-    def __init__(self, images: torch.Tensor, n_patches: int, crop_scale: float, solarize_threshold: int):
-        self.images, self.n_patches = images, n_patches
-        size = images.shape[-1]
-        self.transform = T.Compose(
-            [
-                T.RandomResizedCrop(size, scale=(crop_scale, crop_scale), ratio=(1.0, 1.0)),
-                T.RandomHorizontalFlip(p=0.5),
-                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.2)], p=0.8),
-                T.RandomGrayscale(p=0.2),
-                PILBlur(),
-                T.RandomSolarize(solarize_threshold, p=0.1),  # on a PIL image: ImageOps.solarize, as the official code
-                T.ToImage(),
-                T.ToDtype(torch.float32, scale=True),
-                T.Normalize([0.5] * 3, [0.5] * 3),
-            ]
-        )
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, item):
-        index, seed = item
-        with torch.random.fork_rng(devices=[]):  # seeded draws without touching the caller's RNG (workers=0)
-            torch.manual_seed(seed)
-            img = T.functional.to_pil_image(self.images[index])
-            return torch.stack([self.transform(img) for _ in range(self.n_patches)])
-
-
-def patch_major(batch: list) -> torch.Tensor:
-    """Collate [P, 3, S, S] items into the official patch-major layout: row p*B + b is patch p of image b."""
-    x = torch.stack(batch, 1)
-    return x.reshape(-1, *x.shape[2:])
-
-
 def patch_batches(images: torch.Tensor, batches: list, keys: list, n_patches: int, args: Args, device, rank=0, world=1):
-    """Yield patch batches [P*b, 3, S, S] (patch-major) of `images` for global index batches, via --aug gpu or pil.
+    """Yield this rank's patch batches [P*b, 3, S, S] of `images` (uint8 [N, 3, S, S], on the device) for global index
+    batches, in the official patch-major layout: row p*b + i is patch p of image i.
 
-    images: uint8 [N, 3, S, S], on the device for --aug gpu (CRUCIAL: the data never leaves the GPU), else on the CPU.
     Each rank keeps its contiguous share of every global batch. A batch's draws depend only on its key and the global
     batch, so a 2-rank run sees exactly the patches of a 1-rank run, and a resumed run replays an uninterrupted one.
     DEVIATION: the official code draws from unseeded global RNGs."""
     crop = round(math.sqrt(args.crop_scale) * images.shape[-1])  # 16 for CIFAR
-    if args.aug == "pil":
-        items = []  # one list of (image index, item seed) per step
-        for idx, key in zip(batches, keys):
-            b = len(idx) // world
-            ids = idx[rank * b : (rank + 1) * b].tolist()
-            items.append([(i, rng_seed(*key, rank * b + j)) for j, i in enumerate(ids)])
-        ds = PILPatches(images, n_patches, args.crop_scale, args.solarize_threshold)
-        pin = device.type == "cuda"
-        loader = DataLoader(
-            ds, batch_sampler=items, num_workers=args.pil_workers, collate_fn=patch_major, pin_memory=pin,
-            worker_init_fn=ignore_stop_signals,
-        )  # fmt: skip
-        yield from (x.to(device, non_blocking=True) for x in loader)
-        return
     gen = torch.Generator(device=device)
     for idx, key in zip(batches, keys):
         b = len(idx) // world
@@ -342,7 +237,8 @@ def patch_batches(images: torch.Tensor, batches: list, keys: list, n_patches: in
         cols = torch.arange(rank * b, (rank + 1) * b, device=device)
         sel = (torch.arange(n_patches, device=device)[:, None] * len(idx) + cols).flatten()  # this rank, patch-major
         local = idx[rank * b : (rank + 1) * b].to(device)
-        yield augment_patches(images[local.repeat(n_patches)], take_params(p, sel), crop, args.solarize_threshold)
+        p = {k: v[sel] for k, v in p.items()}
+        yield augment_patches(images[local.repeat(n_patches)], p, crop, args.solarize_threshold)
 
 
 # ==== 3. MODEL ====
@@ -369,7 +265,7 @@ class EMPSSL(nn.Module):
 
 
 def kachayev_init(model: nn.Module) -> None:
-    """kachayev/ssl-in-one-epoch init: Linear weights N(0, 1e-3) and zero biases (convs and BN as torch defaults)."""
+    """--init kachayev (kachayev/ssl-in-one-epoch): Linear weights N(0, 1e-3), zero biases; convs and BN as torch's."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, 1e-3)
@@ -434,77 +330,224 @@ def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
     return args.lr * 0.5 * (1 + math.cos(math.pi * step / (steps_per_epoch * total_epochs)))
 
 
-# ==== 6. TRAIN LOOP ====
-def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
-    """Train from step start_step of `epoch` to its end (or to --max-steps). Returns averaged metrics."""
-    args, model, opt, scaler, device = run.args, run.model, run.opt, run.scaler, run.device
-    spe, is_main = run.steps_per_epoch, run.rank == 0
-    batches = epoch_batches(len(run.data["train_x"]), args.batch_size, args.seed, epoch, device)
-    last = min(spe, run.total_steps - epoch * spe)
-    keys = [(args.seed, "train", epoch, s) for s in range(start_step, last)]
-    stream = patch_batches(
-        run.data["train_x"], batches[start_step:last], keys, args.n_patches, args, device, run.rank, run.world_size
+# ==== 6. TRAIN STEP ====
+def train_batches(run: SimpleNamespace, epoch: int, start: int, last: int):
+    """This rank's patch batches [P * B_local, 3, S, S] for steps start..last-1 of `epoch` (keyed by epoch and step)."""
+    args, device = run.args, run.device
+    batches = epoch_batches(len(run.data["train_x"]), args.batch_size, args.seed, epoch, device)[start:last]
+    keys = [(args.seed, "train", epoch, s) for s in range(start, last)]
+    return patch_batches(run.data["train_x"], batches, keys, args.n_patches, args, device, run.rank, run.world_size)
+
+
+def train_step(run: SimpleNamespace, x: torch.Tensor, step: int) -> torch.Tensor:
+    """One EMP-SSL step on this rank's patches: forward, loss (spec 4.5), backward, LARS. Returns [loss, cos, R]."""
+    args = run.args
+    with run.autocast:
+        z, _ = run.ddp_model(x.contiguous(memory_format=run.fmt))
+    loss, inv, tcr = empssl_loss(z.view(args.n_patches, -1, z.shape[-1]), args)
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    return torch.stack([loss, -inv, -tcr]).detach()  # cos to the image's mean embedding, the coding rate R
+
+
+# ==== 7. TRAINING ====
+CIFAR = {"cifar10": (torchvision.datasets.CIFAR10, 10), "cifar100": (torchvision.datasets.CIFAR100, 100)}
+
+
+def load_data(args: Args) -> dict:
+    """uint8 images [N, 3, S, S] and int64 labels for both splits, on the CPU."""
+    if args.dataset == "fake":  # random images, for shape tests only
+        g = torch.Generator().manual_seed(args.seed)
+        x = torch.randint(0, 256, (320, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
+        y = torch.arange(320) % 10
+        return dict(train_x=x[:256], train_y=y[:256], test_x=x[256:], test_y=y[256:], num_classes=10)
+    root = Path(args.data_dir)
+    if args.dataset in CIFAR:
+        cls, num_classes = CIFAR[args.dataset]
+        try:
+            splits = [cls(str(root), train=train, download=args.download) for train in (True, False)]
+        except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted", or a failed download
+            if args.download:  # it was allowed and failed: no network, or a bad --data-dir
+                raise RunError(f"could not download {args.dataset} into {root} ({e}); without network, give a copy in "
+                               "--data-dir (torchvision's layout) or use --dataset imagefolder")  # fmt: skip
+            raise RunError(f"{args.dataset} not found in {root} ({e}); pass its --data-dir, or --download")
+        tr, te = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in splits]
+        return dict(train_x=tr[0], train_y=tr[1], test_x=te[0], test_y=te[1], num_classes=num_classes)
+    train_root, test_root, classes = folder_splits(root)
+    train_x, train_y = load_image_folder(train_root, classes, args.image_size)
+    test_x, test_y = load_image_folder(test_root, classes, args.image_size)
+    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=len(classes))
+
+
+def check_args(args: Args, world_size: int) -> None:
+    """Refuse bad input with one clear line, before any data is read or process group created."""
+    if args.arch not in RESNETS:
+        raise RunError(f"unknown --arch {args.arch!r}; choose one of {', '.join(RESNETS)}")
+    if args.device is not None and args.device != "cpu" and not args.device.startswith("cuda"):
+        raise RunError(f"unknown --device {args.device!r}; use cuda, cuda:N or cpu")
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"--device {args.device} but no CUDA device is available")
+    check_ranges(
+        args,
+        at_least_1="batch_size n_patches epochs lr_epochs log_every probe_epochs probe_batch_size knn_k image_size "
+        "hidden_dim z_dim",
+        at_least_0="eval_patches save_every_steps eval_every eval_every_steps bench_ceiling_steps max_steps",
+        positive="lr eps lars_eta probe_lr knn_t eval_memory_gb",
+        non_negative="inv_weight tcr_weight momentum weight_decay probe_wd",
     )
-    tally, window = epoch_state(run, epoch, 3), torch.zeros(3, device=device)  # loss, invariance, -TCR
-    no_bad = 2**62
-    bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
-    model.train()
-    bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=not is_main, dynamic_ncols=True)
-    t0, n_done, n_logged = time.perf_counter(), 0, 0
-    for step in bar:
-        gstep = epoch * spe + step
-        lr = lr_at(gstep, args, spe)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x = next(stream)
-        x = x.contiguous(memory_format=run.fmt)
-        with run.autocast:
-            z, _ = run.ddp_model(x)
-        loss, inv, tcr = empssl_loss(z.view(args.n_patches, -1, z.shape[-1]), args)
-        bad_step = torch.minimum(bad_step, torch.where(torch.isfinite(loss), no_bad, gstep + 1))
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        window += torch.stack([loss, inv, tcr]).detach()
-        n_done += 1
-        run.patches_seen += args.batch_size * args.n_patches  # per step: mid-epoch checkpoints hold the count
-        run.global_step = gstep + 1
-        stop = stop_now(run)  # a stop signal: this step is the last (its checkpoint follows)
-        save_now = args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe and not stop
-        eval_now = args.eval_every_steps and (gstep + 1) % args.eval_every_steps == 0 and gstep + 1 < run.total_steps
-        if (step + 1) % args.log_every == 0 or step + 1 == last or save_now or stop:  # a checkpoint holds every step
-            if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
-                dist.all_reduce(window)
-                window /= run.world_size
-                dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
-            if bad_step.item() < no_bad:
-                msg = f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); try a lower --lr or --amp none"
-                raise RunError(msg, every_rank=True)
-            m = (window / (n_done - n_logged)).tolist()  # mean over the steps since the last log line
-            tally["sums"] += window
-            tally["n"] += n_done - n_logged
-            window, n_logged = torch.zeros_like(window), n_done
-            rec = dict(step=gstep + 1, epoch=epoch, loss=m[0], cos=-m[1], R=-m[2], lr=lr)
-            if is_main:
-                bar.set_postfix(loss=f"{m[0]:.2f}", cos=f"{-m[1]:.3f}", R=f"{-m[2]:.1f}", lr=f"{lr:.3f}")
-                log_jsonl(run, dict(type="train", **rec))
-        if stop:  # its checkpoint is saved after the loop
-            break
-        if save_now or eval_now:  # neither counts as training time
-            sync(device)
-            run.train_time_s += time.perf_counter() - t0
-            if save_now:
-                save_state(run)
-            if eval_now:
-                evaluate(run, tag=f"step {gstep + 1}")
-                model.train()  # CRUCIAL: back to train mode after a mid-epoch evaluation (kachayev's bug, spec 9)
-            t0 = time.perf_counter()
-    sync(device)
-    run.train_time_s += time.perf_counter() - t0
-    m = (tally["sums"] / max(tally["n"], 1)).tolist()  # the whole epoch's means, steps before a resume included
-    lr = lr_at(run.global_step - 1, args, spe)
-    return dict(loss=m[0], cos=-m[1], R=-m[2], lr=lr, steps=tally["n"], time_s=run.train_time_s - tally["t0"])
+    if not 0 < args.crop_scale <= 1:
+        raise RunError(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
+    if args.batch_size % world_size:
+        raise RunError(f"--batch-size {args.batch_size} does not divide by the world size {world_size}")
+    if args.lr_epochs is not None and args.lr_epochs < args.epochs:
+        msg = f"--lr-epochs {args.lr_epochs} < --epochs {args.epochs}: the cosine would reach 0 and rise again"
+        raise RunError(f"{msg}; pass --lr-epochs {args.epochs} (or None)")
+
+
+def run_training(args: Args) -> dict:
+    """The run: checks, data (kept on the device), model, LARS, precision, resume, the epochs (train_epochs, SHARED:
+    train-loop), the final evaluation and results.json."""
+    try:  # before any process group and data: bad input fails fast, alike on every rank
+        check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+        check_out_dir(args.out_dir)
+        t_start = time.perf_counter()
+        rank, world_size, device = setup_distributed(args.device)
+        data = load_data(args)
+    except RunError as e:
+        raise RunError(str(e), every_rank=True)
+    if device.type != "cuda":  # autocast runs on CUDA only: say so in results.json
+        args = dataclasses.replace(args, amp="none", channels_last=False)
+    torch.backends.cudnn.benchmark = not args.deterministic
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    # DEVIATION: TF32 for fp32 matmuls/convs (the official fp32 runs had TF32 matmuls off); it only matters with
+    # --amp none, and the TCR log-det runs in fp64 regardless
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    n = len(data["train_x"])
+    if n < args.batch_size:
+        raise RunError(f"--batch-size {args.batch_size} exceeds the {n} training images", every_rank=True)
+    if n < args.probe_batch_size:  # a small folder: the probe's batch shrinks to the data
+        if rank == 0:
+            print(f"note: --probe-batch-size {args.probe_batch_size} exceeds the {n} training images: {n}")
+        args = dataclasses.replace(args, probe_batch_size=n)
+    # CRUCIAL: decode once, keep the uint8 images on the device (150 MB for CIFAR)
+    data.update(train_x=data["train_x"].to(device), test_x=data["test_x"].to(device))
+    run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, data=data, t_start=t_start)
+    Stop.run, run.epoch_sums = run, None  # main reports a stop on this run
+    run.data_time_s, run.steps_per_epoch = time.perf_counter() - t_start, n // args.batch_size
+    total_steps = run.steps_per_epoch * args.epochs
+    run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+
+    torch.manual_seed(args.seed)  # the same initial model on every rank
+    model = EMPSSL(args.arch, args.hidden_dim, args.z_dim)
+    if args.init == "kachayev":
+        kachayev_init(model)
+    run.fmt = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
+    run.model = model.to(device, memory_format=run.fmt)
+    run.encode = model.encode  # h, the representation the paper evaluates
+    # PAPER: SGD with Nesterov momentum inside LARSWrapper(eta=0.005, clip=True, exclude_bias_n_norm=True)
+    groups = param_groups(model, args.weight_decay)
+    run.opt = LARS(groups, lr=args.lr, momentum=args.momentum, nesterov=True, eta=args.lars_eta, clip=True)
+    use_amp = device.type == "cuda" and args.amp != "none"
+    run.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and args.amp == "fp16")
+    # DEVIATION: bf16 autocast (the official code runs fp32); the losses stay fp32, the log-det fp64
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
+    run.autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
+    run.global_step, run.train_time_s, run.images_seen, run.data_wait_s, run.times = 0, 0.0, 0, 0.0, {}
+    resume(run)
+    net = nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn and world_size > 1 else model
+    if world_size > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    run.ddp_model = torch.compile(net) if args.compile else net
+
+    ceiling = None
+    if args.bench_ceiling_steps:
+        ceiling = measure_ceiling(run, data["train_x"].shape[-1], args.bench_ceiling_steps)
+        if rank == 0:
+            epoch_s = run.steps_per_epoch * args.batch_size * args.n_patches / ceiling
+            print(f"bare forward+backward ceiling: {ceiling:,.0f} patches/s ({epoch_s:.1f} s per epoch)")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    run.metrics = ("loss", "cos", "R")  # train_step's: the loss, the mean cos to the image's mean embedding, R
+    train_epochs(run)
+    res = evaluate(run, tag="final") if args.eval_patches else {}
+    if rank == 0:
+        write_results(run, ceiling, res)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return res
+
+
+def resume(run: SimpleNamespace) -> None:
+    """Load out_dir/last.pt (or --resume), if there is one, into the model (strictly), LARS, the scaler, counters."""
+    args = run.args
+    ckpt_path = find_resume(Path(args.out_dir), args.resume)
+    if ckpt_path is None:
+        return
+    try:  # every rank reads the same file
+        ckpt = load_checkpoint(ckpt_path, map_location=run.device)
+    except CheckpointError as e:
+        raise RunError(str(e), every_rank=True)
+    needed = {"model", "optimizer", "scaler", "step", "args", "train_time_s", "images_seen", "data_wait_s"}
+    if not isinstance(ckpt, dict) or needed - ckpt.keys():
+        raise CheckpointError(f"{ckpt_path} is not a training checkpoint of this script (needs {sorted(needed)})")
+    if ckpt["args"]["batch_size"] != args.batch_size:  # steps would map to other images and epochs
+        trained = ckpt["args"]["batch_size"]
+        raise CheckpointError(f"{ckpt_path} was trained with --batch-size {trained}, not {args.batch_size}")
+    load_state_dict_strict(run.model, ckpt["model"], what=f"model in {ckpt_path}")
+    try:
+        run.opt.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"optimizer state in {ckpt_path} does not match: {e}")
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.global_step, run.train_time_s, run.images_seen = ckpt["step"], ckpt["train_time_s"], ckpt["images_seen"]
+    run.data_wait_s, run.epoch_sums = ckpt["data_wait_s"], ckpt.get("epoch_sums")
+    if run.rank == 0:
+        print(f"resumed from {ckpt_path} at step {ckpt['step']}")
+
+
+def save_state(run: SimpleNamespace) -> None:
+    """Rank 0 writes out_dir/last.pt atomically: model, optimizer, scaler, step, counters and timers."""
+    if run.rank != 0:
+        return
+    t0 = time.perf_counter()
+    state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
+    state.update(step=run.global_step, train_time_s=run.train_time_s, images_seen=run.images_seen)
+    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args), epoch_sums=run.epoch_sums)
+    save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
+    run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
+
+
+def log_jsonl(run: SimpleNamespace, record: dict) -> None:
+    with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def write_results(run: SimpleNamespace, ceiling: Optional[float], res: dict) -> None:
+    """out_dir/results.json (atomic): args, machine, timings, patches/s against the bare ceiling, metrics."""
+    args, device = run.args, run.device
+    patches_seen = run.images_seen * args.n_patches
+    patches_per_s = patches_seen / max(run.train_time_s, 1e-9)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    results = dict(script=Path(__file__).name, paper="EMP-SSL (arXiv 2304.03977)", exp_name=args.exp_name)
+    results.update(args=dataclasses.asdict(args), world_size=run.world_size, steps_per_epoch=run.steps_per_epoch)
+    results.update(device=dev_name, torch=torch.__version__, torchvision=torchvision.__version__)
+    results.update(python=platform.python_version(), epochs_done=run.global_step / run.steps_per_epoch)
+    protocol = f"bag of {args.eval_patches} random training-transform patches, h ({args.hidden_dim}-d), eval-mode BN"
+    protocol += f"; linear probe {args.probe_epochs} ep lr {args.probe_lr}; weighted k-NN k={args.knn_k} T={args.knn_t}"
+    results.update(steps_done=run.global_step, eval_protocol=protocol, data_time_s=run.data_time_s)
+    results.update(train_time_s=run.train_time_s, data_wait_s=run.data_wait_s, **run.times)
+    results.update(total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen)
+    results.update(patches_seen=patches_seen, patches_per_s=patches_per_s, ceiling_patches_per_s=ceiling)
+    results.update(ceiling_ratio=patches_per_s / ceiling if ceiling else None)
+    results.update(peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+    results.update(script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)
+    tmp = Path(args.out_dir) / f"results.json.tmp.{os.getpid()}"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, Path(args.out_dir) / "results.json")  # atomic, like the checkpoints
+    print(summary_line(res, results, Path(args.out_dir) / "results.json"))
 
 
 def measure_ceiling(run: SimpleNamespace, size: int, steps: int) -> float:
@@ -525,296 +568,86 @@ def measure_ceiling(run: SimpleNamespace, size: int, steps: int) -> float:
     return steps * x.shape[0] * run.world_size / (time.perf_counter() - t0)
 
 
-# ==== 7. EVALUATION ====
+# the method's own evaluation: a bag of patches
 EVAL_BLOCK = 100  # images whose evaluation patches are drawn from one seed (the former default --eval-chunk)
 
 
 @torch.no_grad()
 def encode_bag(run: SimpleNamespace, images: torch.Tensor, split: str, n_patches: int) -> torch.Tensor:
-    """Official protocol (spec 2.4, 6.1): h averaged over n_patches random training-transform patches, eval mode.
+    """Official protocol (spec 2.4, 6.1): h averaged over n_patches random training-transform patches, eval mode;
+    n_patches=0 encodes the whole unaugmented image. Each rank encodes its share, gathered: [N, hidden].
 
-    n_patches=0 encodes the whole unaugmented image instead. Shards the images over ranks and gathers: [N, hidden].
-    The patches of each block of EVAL_BLOCK images come from one seed; they go through the network in chunks sized
+    The patches of each block of EVAL_BLOCK images come from one seed; they go through run.encode in chunks sized
     to --eval-memory-gb (128 patches of 100 images at once took 16 GB), which changes no feature."""
-    args, model, device, rank, world = run.args, run.model, run.device, run.rank, run.world_size
-    model.eval()
+    args, device, rank, world = run.args, run.device, run.rank, run.world_size
+    run.model.eval()
     n = len(images)
     per_rank = math.ceil(n / world)
     mine = torch.arange(rank * per_rank, (rank + 1) * per_rank, device=device).clamp(max=n - 1)  # padded, trimmed later
     blocks = list(mine.split(EVAL_BLOCK))
     one = torch.zeros(1, 3, images.shape[-1], images.shape[-1], device=device).contiguous(memory_format=run.fmt)
-    chunk = inputs_per_chunk(model.encode, one, args.eval_memory_gb)  # patches per forward
-    feats = []
+    chunk = inputs_per_chunk(run.encode, one, args.eval_memory_gb)  # patches per forward
     if n_patches:
         keys = [(args.seed, "eval", split, rank, i) for i in range(len(blocks))]
         stream = patch_batches(images, blocks, keys, n_patches, args, device)
     else:
-        stream = ((images[c.to(images.device)].to(device).float() / 255 - 0.5) / 0.5 for c in blocks)
+        stream = ((images[c].float() / 255 - 0.5) / 0.5 for c in blocks)
+    feats = []
     for c, x in zip(blocks, tqdm(stream, total=len(blocks), desc=f"encode {split}", disable=rank != 0, leave=False)):
-        h = []
-        for part in x.split(chunk):  # [P * b, 3, S, S], patch-major
-            with run.autocast:
-                h.append(model.encode(part.contiguous(memory_format=run.fmt)).float())
-        feats.append(torch.cat(h).view(max(n_patches, 1), len(c), -1).mean(0))
+        with run.autocast:  # x: [P * b, 3, S, S], patch-major
+            h = torch.cat([run.encode(part.contiguous(memory_format=run.fmt)).float() for part in x.split(chunk)])
+        feats.append(h.view(max(n_patches, 1), len(c), -1).mean(0))
     feats = torch.cat(feats)
-    if world > 1:
-        feats = gather_with_grad(feats)
-    return feats[:n]
+    return (gather_with_grad(feats) if world > 1 else feats)[:n]
 
 
 def evaluate(run: SimpleNamespace, tag: str) -> dict:
-    """Bag-of-features encoding (cached per checkpoint digest), then weighted k-NN and the linear probe (rank 0)."""
+    """Bag-of-features encoding of both splits, then weighted k-NN and the linear probe on rank 0. The final features
+    are cached per weights digest, so a rerun of a finished run skips the encoding (DDP ranks encode their own shards
+    and mid-training evaluations never repeat: neither is cached)."""
     args, data, device = run.args, run.data, run.device
     res, times = {}, {}
-    protocols = [("", args.eval_patches)] + ([("whole_", 0)] if args.eval_whole_image else [])
-    # the final features are cached per weights digest, so a rerun of a finished run skips the encoding; DDP ranks
-    # encode their own shards and mid-training evaluations are never repeated, so neither is cached
     use_cache = tag == "final" and run.world_size == 1
     digest = state_dict_digest(run.model.state_dict()) if use_cache else None
-    for prefix, n_patches in protocols:
-        key = rng_seed(digest, n_patches, args.seed, args.aug, args.crop_scale, args.solarize_threshold)
+    for prefix, n_patches in [("", args.eval_patches)] + ([("whole_", 0)] if args.eval_whole_image else []):
+        key = rng_seed(digest, n_patches, args.seed, args.crop_scale, args.solarize_threshold)
         cache = ArtifactCache(Path(args.out_dir) / "cache", f"{key:014x}")
         t0 = time.perf_counter()
         feats = {}
         for split in ("train", "test"):
-            feats[split] = cache.get(split) if use_cache else None
-            if feats[split] is None:
-                feats[split] = encode_bag(run, data[f"{split}_x"], split, n_patches)
+            f = cache.get(split) if use_cache else None
+            if f is None:
+                f = encode_bag(run, data[f"{split}_x"], split, n_patches)
                 if use_cache:
-                    cache.put(split, feats[split].cpu())
-            feats[split] = feats[split].to(device)
+                    cache.put(split, f.cpu())
+            feats[split] = f.to(device)
         times[f"{prefix}encode_s"] = time.perf_counter() - t0
         if run.rank == 0:
-            xtr, xte, nc = feats["train"], feats["test"], data["num_classes"]
+            xtr, xte = feats["train"], feats["test"]
             ytr, yte = data["train_y"].to(device), data["test_y"].to(device)
             t0 = time.perf_counter()
-            res[f"{prefix}knn_top1"], res[f"{prefix}knn_top5"] = knn_eval(
-                xtr, ytr, xte, yte, nc, args.knn_k, args.knn_t
-            )
-            times[f"{prefix}knn_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            probe = linear_probe(
-                xtr,
-                ytr,
-                xte,
-                yte,
-                nc,
-                args.probe_epochs,
-                args.probe_lr,
-                args.probe_wd,
-                args.probe_batch_size,
-                args.seed,
-            )  # official func.linear settings (spec 6.2)
+            top1, top5 = knn_eval(xtr, ytr, xte, yte, data["num_classes"], args.knn_k, args.knn_t)
+            res[f"{prefix}knn_top1"], res[f"{prefix}knn_top5"] = top1, top5
+            times[f"{prefix}knn_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+            hyper = (args.probe_epochs, args.probe_lr, args.probe_wd, args.probe_batch_size, args.seed)
+            probe = linear_probe(xtr, ytr, xte, yte, data["num_classes"], *hyper)  # official func.linear (spec 6.2)
             res[f"{prefix}linear_top1"], res[f"{prefix}linear_top1_best"] = probe["last"], probe["best"]
             times[f"{prefix}probe_s"] = time.perf_counter() - t0
         if run.world_size > 1:
             dist.barrier()
     if run.rank == 0:
         log_jsonl(run, dict(type="eval", tag=tag, step=run.global_step, **res, **times))
-        print(
-            f"eval @ {tag} | knn@1 {res['knn_top1']:.2f} | linear@1 {res['linear_top1']:.2f} "
-            f"(best {res['linear_top1_best']:.2f}) | " + " ".join(f"{k} {v:.1f}" for k, v in times.items())
-        )
+        line = " ".join(f"{k} {v:.1f}" for k, v in times.items())
+        knn, lin, best = res["knn_top1"], res["linear_top1"], res["linear_top1_best"]
+        print(f"eval @ {tag} | knn@1 {knn:.2f} | linear@1 {lin:.2f} (best {best:.2f}) | {line}")
     for k, v in times.items():
         run.times[k] = run.times.get(k, 0.0) + v
     return res
 
 
 # ==== 8. MAIN ====
-def log_jsonl(run: SimpleNamespace, record: dict) -> None:
-    with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def save_state(run: SimpleNamespace) -> None:
-    """Rank 0 writes out_dir/last.pt atomically: model, optimizer, scaler, global step, timers."""
-    if run.rank != 0:
-        return
-    t0 = time.perf_counter()
-    state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
-    state.update(step=run.global_step, train_time_s=run.train_time_s, patches_seen=run.patches_seen)
-    state.update(args=dataclasses.asdict(run.args), epoch_sums=run.epoch_sums)
-    save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
-    run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
-
-
-def check_args(args: Args, world_size: int) -> None:
-    """Refuse bad input with one clear line, before any data is read or process group created."""
-    if args.arch not in RESNETS:
-        raise RunError(f"unknown --arch {args.arch!r}; choose one of {', '.join(RESNETS)}")
-    if args.device is not None and args.device != "cpu" and not args.device.startswith("cuda"):
-        raise RunError(f"unknown --device {args.device!r}; use cuda, cuda:N or cpu")
-    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise RunError(f"--device {args.device} but no CUDA device is available")
-    check_ranges(
-        args,
-        at_least_1="batch_size n_patches epochs lr_epochs log_every probe_epochs probe_batch_size knn_k image_size "
-        "hidden_dim z_dim",
-        at_least_0="eval_patches save_every_steps eval_every_steps bench_ceiling_steps max_steps pil_workers",
-        positive="lr eps lars_eta probe_lr knn_t eval_memory_gb",
-        non_negative="inv_weight tcr_weight momentum weight_decay probe_wd",
-    )
-    if not 0 < args.crop_scale <= 1:
-        raise RunError(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
-    if args.batch_size % world_size:
-        raise RunError(f"--batch-size {args.batch_size} does not divide by the world size {world_size}")
-    if args.lr_epochs is not None and args.lr_epochs < args.epochs:
-        raise RunError(
-            f"--lr-epochs {args.lr_epochs} < --epochs {args.epochs}: the cosine would reach 0 and rise "
-            f"again; pass --lr-epochs {args.epochs} (or None)"
-        )
-
-
-def run_training(args: Args) -> dict:
-    try:  # before any process group and data: bad input fails fast, alike on every rank
-        check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
-        check_out_dir(args.out_dir)
-    except RunError as e:
-        raise RunError(str(e), every_rank=True)
-    rank, world_size, device = setup_distributed(args.device)
-    if device.type != "cuda":  # autocast runs on CUDA only: say so in results.json
-        args = dataclasses.replace(args, amp="none", channels_last=False)
-    if args.pil_workers is None:
-        args = dataclasses.replace(args, pil_workers=cpus_per_process())
-    is_main = rank == 0
-    out_dir = Path(args.out_dir)
-    torch.backends.cudnn.benchmark = not args.deterministic
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    # DEVIATION: TF32 for fp32 matmuls/convs (the official fp32 runs had TF32 matmuls off); it only matters with
-    # --amp none, and the TCR log-det runs in fp64 regardless
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    t_start = time.perf_counter()
-
-    t0 = time.perf_counter()
-    try:
-        data = load_data(args)
-    except RunError as e:
-        raise RunError(str(e), every_rank=True)
-    steps_per_epoch = len(data["train_x"]) // args.batch_size
-    if steps_per_epoch == 0:
-        raise RunError(f"--batch-size {args.batch_size} exceeds the {len(data['train_x'])} training images", True)
-    if len(data["train_x"]) < args.probe_batch_size:  # a small folder: the probe's batch shrinks to the data
-        if is_main:
-            print(f"note: --probe-batch-size {args.probe_batch_size} exceeds the {len(data['train_x'])} training "
-                  f"images: {len(data['train_x'])}")  # fmt: skip
-        args = dataclasses.replace(args, probe_batch_size=len(data["train_x"]))
-    if args.aug == "gpu":  # CRUCIAL: decode once, keep the uint8 images on the device (150 MB for CIFAR)
-        data.update(train_x=data["train_x"].to(device), test_x=data["test_x"].to(device))
-    data_time = time.perf_counter() - t0
-
-    torch.manual_seed(args.seed)  # the same initial model on every rank
-    model = EMPSSL(args.arch, args.hidden_dim, args.z_dim)
-    if args.init == "kachayev":
-        kachayev_init(model)
-    fmt = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
-    model = model.to(device, memory_format=fmt)
-    run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, data=data, model=model, fmt=fmt)
-    Stop.run, run.epoch_sums = run, None  # main reports a stop on this run
-    # PAPER: SGD with Nesterov momentum inside LARSWrapper(eta=0.005, clip=True, exclude_bias_n_norm=True)
-    groups = param_groups(model, args.weight_decay)
-    run.opt = LARS(groups, lr=args.lr, momentum=args.momentum, nesterov=True, eta=args.lars_eta, clip=True)
-    use_amp = device.type == "cuda" and args.amp != "none"
-    run.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and args.amp == "fp16")
-    amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
-    # DEVIATION: bf16 autocast (the official code runs fp32); the losses stay fp32, the log-det fp64
-    run.autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
-    run.steps_per_epoch, run.global_step, run.train_time_s, run.patches_seen, run.times = steps_per_epoch, 0, 0.0, 0, {}
-    ckpt_path = find_resume(out_dir, args.resume)
-    if ckpt_path is not None:
-        try:  # every rank reads the same file
-            ckpt = load_checkpoint(ckpt_path, map_location=device)
-        except CheckpointError as e:
-            raise RunError(str(e), every_rank=True)
-        needed = {"model", "optimizer", "scaler", "step", "args", "train_time_s", "patches_seen"}
-        if not isinstance(ckpt, dict) or needed - ckpt.keys():
-            raise CheckpointError(f"{ckpt_path} is not a training checkpoint of this script (needs {sorted(needed)})")
-        if ckpt["args"]["batch_size"] != args.batch_size:  # steps would map to other images and epochs
-            raise CheckpointError(
-                f"{ckpt_path} was trained with --batch-size {ckpt['args']['batch_size']}, not {args.batch_size}"
-            )
-        load_state_dict_strict(model, ckpt["model"], what=f"model in {ckpt_path}")
-        try:
-            run.opt.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"optimizer state in {ckpt_path} does not match: {e}")
-        run.scaler.load_state_dict(ckpt["scaler"])
-        run.global_step, run.train_time_s, run.patches_seen = ckpt["step"], ckpt["train_time_s"], ckpt["patches_seen"]
-        run.epoch_sums = ckpt.get("epoch_sums")
-        if is_main:
-            print(f"resumed from {ckpt_path} at step {ckpt['step']}")
-
-    net = nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn and world_size > 1 else model
-    if world_size > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    run.ddp_model = torch.compile(net) if args.compile else net
-
-    ceiling = None
-    if args.bench_ceiling_steps:
-        ceiling = measure_ceiling(run, data["train_x"].shape[-1], args.bench_ceiling_steps)
-        if is_main:
-            print(
-                f"bare forward+backward ceiling: {ceiling:,.0f} patches/s "
-                f"({steps_per_epoch * args.batch_size * args.n_patches / ceiling:.1f} s per epoch)"
-            )
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    total_steps = steps_per_epoch * args.epochs
-    total_steps = run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-    Stop.in_steps = True  # a stop signal now ends the run after the current step, with a checkpoint
-    while run.global_step < total_steps:
-        epoch, start = divmod(run.global_step, steps_per_epoch)
-        m = train_one_epoch(run, epoch, start)
-        save_state(run)
-        if run.global_step % steps_per_epoch:
-            stop_if_asked(run)  # stopped within the epoch: no epoch line
-        if is_main:
-            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
-            print(
-                f"ep {epoch + 1}/{args.epochs} | loss {m['loss']:.3f} | cos {m['cos']:.4f} | R {m['R']:.2f} | "
-                f"lr {m['lr']:.4f} | {m['time_s']:.1f} s{memory_note(device)}"
-            )
-        stop_if_asked(run)
-    Stop.in_steps = False
-
-    res = evaluate(run, tag="final") if args.eval_patches else {}
-    if is_main:
-        results = dict(
-            script=Path(__file__).name,
-            paper="EMP-SSL (arXiv 2304.03977)",
-            exp_name=args.exp_name,
-            args=dataclasses.asdict(args),
-            world_size=world_size,
-            steps_per_epoch=steps_per_epoch,
-            device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            torch=torch.__version__,
-            torchvision=torchvision.__version__,
-            python=platform.python_version(),
-            epochs_done=run.global_step / steps_per_epoch,
-            steps_done=run.global_step,
-            eval_protocol=f"bag of {args.eval_patches} random training-transform patches, h ({args.hidden_dim}-d), "
-            f"eval-mode BN; linear probe {args.probe_epochs} ep lr {args.probe_lr}; "
-            f"weighted k-NN k={args.knn_k} T={args.knn_t}",
-            data_time_s=data_time,
-            train_time_s=run.train_time_s,
-            **run.times,
-            total_time_s=time.perf_counter() - t_start,
-            patches_seen=run.patches_seen,
-            patches_per_s=run.patches_seen / max(run.train_time_s, 1e-9),
-            ceiling_patches_per_s=ceiling,
-            ceiling_ratio=run.patches_seen / max(run.train_time_s, 1e-9) / ceiling if ceiling else None,
-            peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
-            **res,
-        )
-        tmp = out_dir / f"results.json.tmp.{os.getpid()}"
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, out_dir / "results.json")  # atomic, like the checkpoints
-        print(summary_line(res, results, out_dir / "results.json"))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return res
+# main(args) (SHARED: entry, at the end) runs run_training and turns a bad input, a failed run or a stop signal into
+# one line and an exit code.
 
 
 # ==== SHARED APPENDIX: identical in every script ====
@@ -1056,6 +889,95 @@ def epoch_state(run: SimpleNamespace, epoch: int, size: int) -> dict:
 def memory_note(device: torch.device) -> str:
     """' | 11.2 GB': the peak GPU memory for the epoch line (nothing on the CPU)."""
     return f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB" if device.type == "cuda" else ""
+
+
+# END SHARED
+
+
+# SHARED: train-loop
+def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
+    """Steps start_step.. of `epoch`, to its end or to --max-steps. Each sets the LR of every parameter group (times
+    its lr_scale), takes this rank's batch from the method's `train_batches` and runs its `train_step`, which returns
+    its metrics (named in run.metrics, the loss first) as one detached tensor. Every --log-every steps the metrics are
+    averaged over ranks and a non-finite loss stops the run: no step waits for the host. Returns the epoch's means."""
+    args, device, spe, names = run.args, run.device, run.steps_per_epoch, run.metrics
+    last = min(spe, run.total_steps - epoch * spe)
+    stream = train_batches(run, epoch, start_step, last)
+    tally, window = epoch_state(run, epoch, len(names)), torch.zeros(len(names), device=device)
+    no_bad = 2**62
+    bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
+    run.model.train()
+    bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=run.rank != 0, dynamic_ncols=True)
+    t0, n_done, n_logged = time.perf_counter(), 0, 0
+    for step in bar:
+        gstep = epoch * spe + step
+        lr = lr_at(gstep, args, spe)
+        for group in run.opt.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        tw = time.perf_counter()
+        batch = next(stream)
+        run.data_wait_s += time.perf_counter() - tw  # host time spent waiting for (or making) the batch
+        m = train_step(run, batch, gstep)
+        bad_step = torch.minimum(bad_step, torch.where(torch.isfinite(m[0]), no_bad, gstep + 1))
+        window += m
+        n_done += 1
+        run.images_seen += args.batch_size  # counted per step: a mid-epoch checkpoint holds the true count
+        run.global_step = gstep + 1
+        stop = stop_now(run)  # a stop signal: this step is the last (its checkpoint follows)
+        save_now = args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe and not stop
+        eval_now = args.eval_every_steps and (gstep + 1) % args.eval_every_steps == 0 and gstep + 1 < run.total_steps
+        if (step + 1) % args.log_every == 0 or step + 1 == last or save_now or stop:  # a checkpoint holds every step
+            if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
+                dist.all_reduce(window)
+                window /= run.world_size
+                dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+            if bad_step.item() < no_bad:
+                msg = f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); try a lower LR or --amp none"
+                raise RunError(msg, every_rank=True)
+            mean = dict(zip(names, (window / (n_done - n_logged)).tolist()))  # over the steps since the last log
+            tally["sums"] += window
+            tally["n"] += n_done - n_logged
+            window, n_logged = torch.zeros_like(window), n_done
+            if run.rank == 0:
+                bar.set_postfix(**{k: f"{v:.4g}" for k, v in mean.items()}, lr=f"{lr:.3g}")
+                log_jsonl(run, dict(type="train", step=gstep + 1, epoch=epoch, lr=lr, **mean))
+        if stop:  # its checkpoint is saved after the loop
+            break
+        if save_now or eval_now:  # neither counts as training time
+            sync(device)
+            run.train_time_s += time.perf_counter() - t0
+            if save_now:
+                save_state(run)
+            if eval_now:
+                evaluate(run, tag=f"step {gstep + 1}")
+                run.model.train()  # CRUCIAL: back to train mode after a mid-epoch evaluation
+            t0 = time.perf_counter()
+    sync(device)
+    run.train_time_s += time.perf_counter() - t0
+    means = (tally["sums"] / max(tally["n"], 1)).tolist()  # the whole epoch's means, steps before a resume included
+    return dict(zip(names, means), lr=lr_at(run.global_step - 1, args, spe), time_s=run.train_time_s - tally["t0"])
+
+
+def train_epochs(run: SimpleNamespace) -> None:
+    """The epochs from the resumed step to the end: each saves last.pt, evaluates every --eval-every epochs (not after
+    the last: the final evaluation follows) and prints one line. A stop signal ends the run after the step it arrives
+    in, with a checkpoint."""
+    args, spe = run.args, run.steps_per_epoch
+    Stop.in_steps = True
+    while run.global_step < run.total_steps:
+        epoch, start = divmod(run.global_step, spe)
+        m = train_one_epoch(run, epoch, start)
+        save_state(run)
+        if run.global_step % spe:
+            stop_if_asked(run)  # stopped within the epoch: no epoch line
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.global_step < run.total_steps:
+            m.update(evaluate(run, tag=f"epoch {epoch + 1}"))
+        if run.rank == 0:
+            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
+            line = " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "time_s" and isinstance(v, float))
+            print(f"ep {epoch + 1}/{args.epochs} | {line} | {m['time_s']:.1f} s{memory_note(run.device)}")
+        stop_if_asked(run)
+    Stop.in_steps = False
 
 
 # END SHARED

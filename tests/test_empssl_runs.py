@@ -103,14 +103,10 @@ def test_ddp_two_ranks_equal_one_process(cifar_dir, tmp_path):
     assert ref["grads"]["backbone.conv1.weight"].abs().sum() > 0  # the comparison is not vacuous
 
 
-def test_pil_reference_path_and_val_folder(imagewoof_dir, tmp_path):
-    """--aug pil (the official PIL pipeline) on real ImageNet photos with a val/ split, resized to 32 at load."""
+def test_val_folder_of_photos(imagewoof_dir, tmp_path):
+    """Real ImageNet photos with a val/ split, resized to 32 at load."""
     proc = run_script(
-        empssl(
-            imagewoof_dir,
-            tmp_path,
-            "--batch-size 8 --aug pil --pil-workers 0 --epochs 1 --max-steps 3 --eval-patches 2 --image-size 32",
-        )
+        empssl(imagewoof_dir, tmp_path, "--batch-size 8 --epochs 1 --max-steps 3 --eval-patches 2 --image-size 32")
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
@@ -200,6 +196,7 @@ def test_bag_features_are_the_mean_h_of_each_splits_own_patches():
         device=torch.device("cpu"),
         rank=0,
         world_size=1,
+        encode=model.encode,
         autocast=nullcontext(),
         fmt=torch.contiguous_format,
     )
@@ -221,6 +218,6 @@ def test_bag_features_are_the_mean_h_of_each_splits_own_patches():
     per_patch = E.inputs_per_chunk(model.encode, one, 1.0) ** -1  # GB one patch may take, by the estimate
     run.args = dataclasses.replace(args, eval_memory_gb=5.5 * per_patch)
     sizes, encode = [], model.encode
-    model.encode = lambda x: sizes.append(len(x)) or encode(x)
+    run.encode = lambda x: sizes.append(len(x)) or encode(x)
     torch.testing.assert_close(E.encode_bag(run, a, "test", 3), feats_a)
     assert sizes == [3, 5, 5, 5] and E.inputs_per_chunk(encode, one, run.args.eval_memory_gb) == 5

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +41,48 @@ def plain_params(n, y0, x0, **on):
     p.update({k: torch.zeros(n, dtype=torch.bool) for k in ("flip", "jitter", "gray", "blur", "solarize")})
     p.update(on)
     return p
+
+
+class PILBlur:
+    """Official GBlur: PIL GaussianBlur(radius=sigma), sigma ~ U(0.1, 2.0), p=0.1 (torch RNG, not numpy's)."""
+
+    def __call__(self, img):
+        if torch.rand(1).item() < 0.1:
+            return img.filter(ImageFilter.GaussianBlur(0.1 + 1.9 * torch.rand(1).item()))
+        return img
+
+
+class PILPatches(torch.utils.data.Dataset):
+    """The official torchvision/PIL patch transform (the reference for the batched one), P patches per item.
+
+    An item is (image index, seed): the seed fixes every draw."""
+
+    def __init__(self, images: torch.Tensor, n_patches: int, crop_scale: float, solarize_threshold: int):
+        self.images, self.n_patches = images, n_patches
+        size = images.shape[-1]
+        self.transform = T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(crop_scale, crop_scale), ratio=(1.0, 1.0)),
+                T.RandomHorizontalFlip(p=0.5),
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.2)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+                PILBlur(),
+                T.RandomSolarize(solarize_threshold, p=0.1),  # on a PIL image: ImageOps.solarize, as the official code
+                T.ToImage(),
+                T.ToDtype(torch.float32, scale=True),
+                T.Normalize([0.5] * 3, [0.5] * 3),
+            ]
+        )
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, item):
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):  # seeded draws without touching the caller's RNG
+            torch.manual_seed(seed)
+            img = T.functional.to_pil_image(self.images[index])
+            return torch.stack([self.transform(img) for _ in range(self.n_patches)])
 
 
 # ---------------------------------------------------------------- TCR
@@ -405,7 +448,7 @@ def test_gpu_pipeline_statistics_match_pil(cifar):
             E.augment_patches(imgs.repeat(n_p, 1, 1, 1), p, 16, 128).view(n_p, n, 3, 32, 32).transpose(0, 1)
         )
 
-    ds = E.PILPatches(imgs, n_p, 0.25, 128)
+    ds = PILPatches(imgs, n_p, 0.25, 128)
     pil = patch_stats(torch.stack([ds[(i, E.rng_seed("pil", i))] for i in range(n)]))
     g1, g2 = gpu(1), gpu(2)
     # augmentation noise of a mean over N*P patches given the images: within-image variance / (N P)
@@ -422,23 +465,17 @@ def test_gpu_pipeline_statistics_match_pil(cifar):
 
 
 # ---------------------------------------------------------------- data layout
-def test_patch_major_and_pil_items(cifar):
-    items = [torch.full((3, 1, 2, 2), 10.0 * b).add(torch.arange(3.0).view(3, 1, 1, 1)) for b in range(4)]
-    x = E.patch_major(items)
-    assert x.shape == (12, 1, 2, 2) and all(x[p * 4 + b, 0, 0, 0] == 10 * b + p for p in range(3) for b in range(4))
-    args = E.Args(dataset="fake", aug="pil", pil_workers=0)
-    idx, key = torch.tensor([7, 3, 11, 0]), (0, "train", 0, 5)
-    batch = next(E.patch_batches(cifar, [idx], [key], 3, args, CPU))
-    ds = E.PILPatches(cifar, 3, 0.25, 128)
-    item = ds[(7, E.rng_seed(*key, 0))]
+def test_pil_reference_items(cifar):
+    """The PIL reference (PILPatches, above): P normalised patches per item, the same for the same seed."""
+    ds = PILPatches(cifar, 3, 0.25, 128)
+    item = ds[(7, E.rng_seed(0, "train", 0, 5, 0))]
     assert item.shape == (3, 3, 32, 32) and item.min() >= -1 and item.max() <= 1
-    for b, i in enumerate(idx.tolist()):
-        assert torch.equal(batch.view(3, 4, 3, 32, 32)[:, b], ds[(i, E.rng_seed(*key, b))])
+    assert torch.equal(item, ds[(7, E.rng_seed(0, "train", 0, 5, 0))])
+    assert not torch.equal(item, ds[(7, E.rng_seed(0, "train", 0, 5, 1))])
 
 
-@pytest.mark.parametrize("aug", ["gpu", "pil"])
-def test_patch_batches_rank_split_and_keys(cifar, aug):
-    args = E.Args(dataset="fake", aug=aug, pil_workers=0)
+def test_patch_batches_rank_split_and_keys(cifar):
+    args = E.Args(dataset="fake")
     idx, key, n_p = torch.tensor([5, 17, 2, 9, 33, 1]), (0, "train", 0, 3), 4
     full = next(E.patch_batches(cifar, [idx], [key], n_p, args, CPU))
     assert full.shape == (n_p * 6, 3, 32, 32) and full.min() >= -1 and full.max() <= 1
