@@ -10,27 +10,21 @@ steepness 1). The loss is the binary cross-entropy between the probability that 
 negative (positive) ranks and its group. Plain SGD (momentum 0.9, LR 24 at batch 1024: the gradients are tiny), no
 LARS. Official code: ninatu/learning_by_sorting; spec: ../shared/specs/groco.md.
 
-Runs (the `imagenet` recipe is the multi-crop 800-epoch config, the paper's best model; flags override it; k-NN (k=20)
-/ linear top-1 from the official README, batch 1024 on 4 GPUs):
-    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET                     # 66.1 / 73.9
-    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET --epochs 400 \\
-        --lr 0.375 --lr-scaling linear                                                          # 65.2 / 73.7
-    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET --epochs 100 \\
-        --lr 0.75 --lr-scaling linear --weight-decay 1e-6                                       # 62.3 / 71.8
-    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET --n-small 0 --epochs 100 \\
-        --lr 0.75 --lr-scaling linear --warmup-epochs 1 --weight-decay 1e-6                     # 2x224: 60.5 / 69.2
-    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET --n-small 0 --epochs 800 \\
-        --lr 0.1875 --lr-scaling linear --weight-decay 1e-6                                     # 2x224: 65.3 / 71.2
-    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET --n-large 4 --n-small 0 \\
-        --epochs 100 --lr 0.75 --warmup-epochs 1 --weight-decay 1e-6                            # 4x224: 61.8 / 69.6
-    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET --n-large 4 --n-small 0 \\
-        --epochs 400 --lr 0.375 --lr-scaling linear                                             # 4x224: 64.8 / 71.3
+Runs: every published row is `torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET` and the
+flags below (the `imagenet` recipe is the multi-crop 800-epoch config, the paper's best model; spec 3 lists each
+config's LR rule, warm-up and weight decay), with the k-NN (k=20) / linear top-1 of the official README (batch 1024):
+    (no flags)                                                                                   # 66.1 / 73.9
+    --epochs 400 --lr 0.375 --lr-scaling linear                                                  # 65.2 / 73.7
+    --epochs 100 --lr 0.75 --lr-scaling linear --weight-decay 1e-6                               # 62.3 / 71.8
+    --n-small 0 --epochs 100 --lr 0.75 --lr-scaling linear --warmup-epochs 1 --weight-decay 1e-6 # 2x224: 60.5 / 69.2
+    --n-small 0 --epochs 800 --lr 0.1875 --lr-scaling linear --weight-decay 1e-6                 # 2x224: 65.3 / 71.2
+    --n-large 4 --n-small 0 --epochs 100 --lr 0.75 --warmup-epochs 1 --weight-decay 1e-6         # 4x224: 61.8 / 69.6
+    --n-large 4 --n-small 0 --epochs 400 --lr 0.375 --lr-scaling linear                          # 4x224: 64.8 / 71.3
+Other runs:
     python groco_imagenet.py cifar --dataset cifar10        # CIFAR proxy (ours: no published CIFAR numbers exist)
     python groco_imagenet.py cifar --dataset imagefolder --data-dir CIFAR10_JPEG
     python groco_imagenet.py imagenet --data-dir DIR --batch-size 16 --epochs 1 --arch resnet18 --large-size 64 \\
         --small-size 32 --probe-epochs 1 --device cpu --out-dir OUT   # quick CPU run: under a minute on 200 images
-Every row of the README table (2x224 / 4x224 / 2x224+6x96 at 100-800 epochs) is such a command: spec 3 lists each
-config's base LR, scaling, warm-up and weight decay.
 
 Deviations (each marked `# DEVIATION:` below): crops are resized bilinearly (official: bicubic) by torchvision's
 tensor ops in the CPU workers, or with a batched roi_align on the device, and colour/blur/solarize run batched on the
@@ -92,9 +86,8 @@ class Args:
     """which preset these defaults came from (set by the subcommand: imagenet or cifar)"""
     exp_name: str = "groco"
     """name stored in results.json"""
-    # DEVIATION: seeded, resumable random streams (the official runs set no seed)
-    seed: int = 0
-    """seed for the model init, the data order and every augmentation draw (the official runs are unseeded)"""
+    seed: int = 0  # DEVIATION: seeded, resumable random streams (the official runs set no seed)
+    """seed for the model init, the data order and every augmentation draw"""
     out_dir: str = "runs/groco"
     """where last.pt, log.jsonl, results.json and the feature cache go; an existing last.pt is resumed"""
     resume: Optional[str] = None
@@ -189,6 +182,8 @@ class Args:
     # images with random crops against all 50,000 val images); it is not the paper's metric, the final k-NN is
     eval_every: int = 10
     """epochs between k-NN evaluations on a subset during training (official online k-NN every 10; 0: off)"""
+    eval_every_steps: int = 0
+    """also run that k-NN evaluation every this many steps (0: off)"""
     eval_subset_train: int = 30000
     """training images used as the k-NN memory during training (official 30,000; the final k-NN uses all)"""
     eval_subset_test: int = 10000
@@ -260,7 +255,7 @@ def parse_args(argv: Optional[list] = None) -> Args:
     return tyro.cli(RECIPES, default=Args(), args=argv)
 
 
-# ==== 2. DATA & AUGMENTATIONS ====
+# ==== 2. VIEWS ====
 def crop_groups(args: Args) -> list:
     """One group per global view (spec 4: view 1 blur 1.0; view 2 blur 0.1 + solarize 0.2; views 3, 4 repeat them)
     and one for the local crops (blur 0.5). The jitter is DINO's (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale 0.2."""
@@ -284,15 +279,10 @@ class GroCo(nn.Module):
         self.backbone = RESNETS[arch](zero_init_residual=True)  # PAPER: torchvision resnet50(zero_init_residual=True)
         f = self.backbone.num_features
         self.projector = nn.Sequential(  # official RegularProjection: hidden layers as wide as the backbone's output
-            nn.Linear(f, f, bias=False),
-            nn.BatchNorm1d(f),
-            nn.ReLU(inplace=True),
-            nn.Linear(f, f, bias=False),
-            nn.BatchNorm1d(f),
-            nn.ReLU(inplace=True),
-            nn.Linear(f, proj_dim),
-            nn.BatchNorm1d(proj_dim, affine=False),  # CRUCIAL: no affine parameters
-        )
+            nn.Linear(f, f, bias=False), nn.BatchNorm1d(f), nn.ReLU(inplace=True),
+            nn.Linear(f, f, bias=False), nn.BatchNorm1d(f), nn.ReLU(inplace=True),
+            nn.Linear(f, proj_dim), nn.BatchNorm1d(proj_dim, affine=False),  # CRUCIAL: no affine parameters
+        )  # fmt: skip
         self.projector[6].bias.requires_grad_(False)  # official: frozen (redundant before BN), not in the optimizer
 
     def forward(self, groups: list) -> list:
@@ -329,7 +319,7 @@ def ordering_loss(s: torch.Tensor, k: int, steepness: float = 1.0) -> torch.Tens
     with torch.autocast(s.device.type, enabled=False):  # CRUCIAL: the sort in fp32 (autocast would run it in bf16)
         _, perm = sorter(n, steepness, s.device)(s.float())
     # CRUCIAL: a NaN would make BCE raise (CPU) or assert (CUDA) before the step check can name the step: the
-    # probabilities are made finite for BCE and the loss is returned as NaN, which train_one_epoch reports
+    # probabilities are made finite for BCE and the loss is returned as NaN, which the train loop reports
     finite = torch.isfinite(perm).all()
     q_neg = perm[:, :, :k].sum(2).nan_to_num(0.5).clamp(0, 1)  # clamped: rounding can leave [0, 1] (official)
     q_pos = perm[:, :, k:].sum(2).nan_to_num(0.5).clamp(0, 1)
@@ -345,9 +335,8 @@ def groco_loss(
 
     views: V embeddings [B, D] (row b of every view is one image; the positive views first). Every view is an anchor:
     positives = the other views among the first n_pos_augs (default all), negatives = the topk_neg most similar other
-    images of the anchor's own view (under DDP: over the global batch). s = [negatives ascending, positives ascending]
-    is sorted by diffsort (sorted = s @ P, P[b, i, j] = P(input i -> rank j)); the BCE of the probability mass each
-    input puts on the K negative ranks (and on the rest) against its group, halved, mean over rows; mean over anchors.
+    images of the anchor's own view (under DDP: over the global batch). Each row s = [negatives ascending, positives
+    ascending] goes to ordering_loss; the loss is the mean over anchors of its mean over rows.
     stop_grad: the positives and the negative candidates are detached; only the anchor side gets gradient."""
     n_views, k = len(views), topk_neg
     n_pos = n_views if n_pos_augs is None else n_pos_augs
@@ -360,13 +349,8 @@ def groco_loss(
         cand, rank = (zn.detach() if stop_grad else zn), 0  # negative candidates: each anchor's own view
         if dist.is_initialized() and dist.get_world_size() > 1:  # PAPER: negatives from the global batch
             world, rank = dist.get_world_size(), dist.get_rank()
-            flat = cand.flatten(0, 1)  # [V*B, D]; rank-major after the gather
-            if stop_grad:
-                parts = [torch.empty_like(flat) for _ in range(world)]
-                dist.all_gather(parts, flat.contiguous())
-                flat = torch.cat(parts)
-            else:  # DEVIATION: every rank's gradient flows back (official GatherLayer keeps only the local one)
-                flat = gather_with_grad(flat)
+            # DEVIATION: without stop-grad every rank's gradient flows back (official GatherLayer keeps the local one)
+            flat = gather_with_grad(cand.flatten(0, 1))  # [world*V*B, D], rank-major
             cand = flat.view(world, n_views, b, -1).transpose(0, 1).flatten(1, 2)  # [V, B_global, D]
         if cand.shape[1] - 1 < k:
             raise ValueError(f"topk_neg {k} needs at least {k + 1} images in the (global) batch, got {cand.shape[1]}")
@@ -389,7 +373,6 @@ def groco_loss(
 
 
 # ==== 5. OPTIMIZER & SCHEDULES ====
-# PAPER: pre-training is plain SGD (no LARS, spec 3); LARC wraps only the linear probe (spec 5.2)
 def scaled_lr(args: Args) -> float:
     """PAPER: linear lr x batch/32 (= lr x 32 x batch/1024), or sqrt lr x sqrt(batch): 6 (800 ep) to 24 (100 ep)."""
     return args.lr * (args.batch_size / 32 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
@@ -404,12 +387,22 @@ def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / (steps_per_epoch * args.epochs - warmup)))
 
 
-# ==== 6. TRAIN LOOP ====
-def train_step(run: SimpleNamespace, groups: list) -> tuple:
-    """One GroCo step on this rank's crops (one tensor per group). Returns (loss, pos_sim, neg_sim), detached."""
+# ==== 6. TRAIN STEP ====
+def train_batches(run: SimpleNamespace, epoch: int, start: int, last: int):
+    """This rank's crops for steps start..last-1 of `epoch`: per step, one tensor per crop group (view_batches)."""
+    args, images = run.args, run.data["train_x"]
+    on_device = run.device if torch.is_tensor(images) else None  # in memory: the index batches live on the device
+    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, epoch, on_device)
+    keys = [(args.seed, "train", epoch, s) for s in range(start, last)]
+    return view_batches(run, images, batches[start:last], keys, run.groups)
+
+
+def train_step(run: SimpleNamespace, batch: list, step: int) -> torch.Tensor:
+    """One GroCo step on this rank's crops (one tensor per crop group): a forward per view, the loss over the global
+    batch, SGD. Returns [loss, pos_sim, neg_sim], detached."""
     args = run.args
     with run.autocast:
-        z = run.ddp_model([x.contiguous(memory_format=run.fmt) for x in groups])
+        z = run.ddp_model([x.contiguous(memory_format=run.fmt) for x in batch])
     loss = groco_loss(z, args.topk_neg, args.steepness, args.n_large, args.stop_grad)  # fp32, outside autocast
     run.opt.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
@@ -418,78 +411,14 @@ def train_step(run: SimpleNamespace, groups: list) -> tuple:
     with torch.no_grad():  # monitoring (official info_pos / info_neg): view 0 vs view 1, and view 0's hardest negative
         z0, z1 = F.normalize(z[0].float(), dim=1), F.normalize(z[1].float(), dim=1)
         sim = z0 @ z0.T - 3 * torch.eye(len(z0), device=z0.device)
-        pos_sim, neg_sim = (z0 * z1).sum(1).mean(), sim.amax(1).mean()
-    return loss.detach(), pos_sim, neg_sim
+        return torch.stack([loss.detach(), (z0 * z1).sum(1).mean(), sim.amax(1).mean()])
 
 
-def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
-    """Train from step start_step of `epoch` to its end (or to --max-steps). Returns averaged metrics."""
-    args, opt, device = run.args, run.opt, run.device
-    spe, is_main = run.steps_per_epoch, run.rank == 0
-    in_memory = torch.is_tensor(run.data["train_x"])
-    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, epoch, device if in_memory else None)
-    last = min(spe, run.total_steps - epoch * spe)
-    keys = [(args.seed, "train", epoch, s) for s in range(start_step, last)]
-    stream = view_batches(run, run.data["train_x"], batches[start_step:last], keys, run.groups)
-    tally, window = epoch_state(run, epoch, 3), torch.zeros(3, device=device)  # loss, positive and negative cosine
-    no_bad = 2**62
-    bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
-    run.model.train()
-    bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=not is_main, dynamic_ncols=True)
-    t0, n_done, n_logged = time.perf_counter(), 0, 0
-    for step in bar:
-        gstep = epoch * spe + step
-        lr = lr_at(gstep, args, spe)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        tw = time.perf_counter()
-        groups = next(stream)
-        run.data_wait_s += time.perf_counter() - tw  # host time spent waiting for (or making) the crops
-        loss, pos_sim, neg_sim = train_step(run, groups)
-        bad_step = torch.minimum(bad_step, torch.where(torch.isfinite(loss), no_bad, gstep + 1))
-        window += torch.stack([loss, pos_sim, neg_sim])
-        n_done += 1
-        run.images_seen += args.batch_size  # counted per step: a mid-epoch checkpoint holds the true count
-        run.global_step = gstep + 1
-        stop = stop_now(run)  # a stop signal: this step is the last (its checkpoint follows)
-        save_now = args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe
-        if (step + 1) % args.log_every == 0 or step + 1 == last or save_now or stop:  # a checkpoint holds every step
-            if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
-                dist.all_reduce(window)
-                window /= run.world_size
-                dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
-            if bad_step.item() < no_bad:
-                msg = f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); try a lower --lr"
-                raise RunError(msg, every_rank=True)
-            m = (window / (n_done - n_logged)).tolist()  # mean over the steps since the last log line
-            tally["sums"] += window
-            tally["n"] += n_done - n_logged
-            window, n_logged = torch.zeros_like(window), n_done
-            if is_main:
-                bar.set_postfix(loss=f"{m[0]:.4f}", pos=f"{m[1]:.2f}", neg=f"{m[2]:.2f}", lr=f"{lr:.3f}")
-                rec = dict(step=gstep + 1, epoch=epoch, loss=m[0], pos_sim=m[1], neg_sim=m[2])
-                log_jsonl(run, dict(type="train", lr=lr, **rec))
-        if save_now and not stop:  # a stop saves after the loop
-            sync(device)  # a checkpoint does not count as training time
-            run.train_time_s += time.perf_counter() - t0
-            save_state(run)
-            t0 = time.perf_counter()
-        if stop:
-            break
-    sync(device)
-    run.train_time_s += time.perf_counter() - t0
-    m = (tally["sums"] / max(tally["n"], 1)).tolist()  # the whole epoch's means, steps before a resume included
-    lr = lr_at(run.global_step - 1, args, spe)
-    return dict(loss=m[0], pos_sim=m[1], neg_sim=m[2], lr=lr, time_s=run.train_time_s - tally["t0"])
-
-
-# ==== 7. EVALUATION ====
-# ==== 8. MAIN ====
+# ==== 7. TRAINING ====
 def check_args(args: Args, world_size: int) -> None:
     """Refuse bad input with one clear line, before any data is read or process group created."""
-    check_common_args(
-        args, world_size, "proj_dim topk_neg n_large small_size", "n_small", "steepness", "", "small_scale"
-    )
+    ints = "proj_dim topk_neg n_large small_size"
+    check_common_args(args, world_size, ints, "n_small eval_every_steps", "steepness", "", "small_scale")
     if args.n_large < 2:
         raise RunError(f"--n-large {args.n_large}: GroCo needs at least 2 global views (an anchor needs a positive)")
     if args.batch_size < args.topk_neg + 1:  # the negatives are drawn from the global batch
@@ -497,53 +426,36 @@ def check_args(args: Args, world_size: int) -> None:
 
 
 def run_training(args: Args) -> dict:
+    """Set up (data, model, SGD, resume, DDP), train every epoch (train_epochs), evaluate, write results.json."""
     run = start_run(args)
-    args = run.args  # as start_run settled them (precision, probe batch)
-    device, world_size, is_main = run.device, run.world_size, run.rank == 0
+    args, device = run.args, run.device  # as start_run settled them (precision, probe batch)
     torch.manual_seed(args.seed)  # the same initial model on every rank
     run.model = model = GroCo(args.arch, args.proj_dim).to(device, memory_format=run.fmt)
-    run.groups = crop_groups(args)
-    # PAPER: plain SGD with momentum 0.9, weight decay on every parameter (BN and biases too); no LARS/LARC
+    run.encode, run.groups, run.metrics = model.backbone, crop_groups(args), ("loss", "pos_sim", "neg_sim")
+    # PAPER: plain SGD, weight decay on every parameter (BN and biases too); no LARS (spec 3), LARC only in the probe
     params = [p for p in model.parameters() if p.requires_grad]
     run.opt = torch.optim.SGD(params, lr=scaled_lr(args), momentum=args.momentum, weight_decay=args.weight_decay)
     resume_state(run, set())
-
     net = model
-    if world_size > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (PyTorch's needs CUDA)
+    if run.world_size > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (PyTorch's needs CUDA)
         net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if world_size > 1:
+    if run.world_size > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     run.ddp_model = torch.compile(net) if args.compile else net
     bench = run_benchmarks(run)
-
     total_steps = run.steps_per_epoch * args.epochs
     run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-    Stop.in_steps = True  # a stop signal now ends the run after the current step, with a checkpoint
-    while run.global_step < run.total_steps:
-        epoch, start = divmod(run.global_step, run.steps_per_epoch)
-        m = train_one_epoch(run, epoch, start)
-        save_state(run)
-        if run.global_step % run.steps_per_epoch:
-            stop_if_asked(run)  # stopped within the epoch: no epoch line
-        knn = ""
-        if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.global_step < run.total_steps:
-            knn = f" | knn@1 {evaluate(run, tag=f'epoch {epoch + 1}').get('knn_top1', 0):.1f}"
-        if is_main:
-            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
-            print(
-                f"ep {epoch + 1}/{args.epochs} | loss {m['loss']:.4f} | pos {m['pos_sim']:.3f} neg {m['neg_sim']:.3f}"
-                f" | lr {m['lr']:.3f}{knn} | {m['time_s']:.1f} s{memory_note(device)}"
-            )
-        stop_if_asked(run)
-    Stop.in_steps = False
-
+    train_epochs(run)
     res = evaluate(run, tag="final")
-    if is_main:
+    if run.rank == 0:
         paper = "GroCo, Learning by Sorting (arXiv 2301.02009)"
         write_results(run, paper, dict(scaled_lr=scaled_lr(args), n_pos_augs=args.n_large), bench, res)
     if dist.is_initialized():
         dist.destroy_process_group()
     return res
+
+
+# ==== 8. MAIN: main() and the entry point close the shared appendix (block "entry") ====
 
 
 # ==== SHARED APPENDIX: identical in every script ====
@@ -1033,6 +945,95 @@ def epoch_state(run: SimpleNamespace, epoch: int, size: int) -> dict:
 def memory_note(device: torch.device) -> str:
     """' | 11.2 GB': the peak GPU memory for the epoch line (nothing on the CPU)."""
     return f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB" if device.type == "cuda" else ""
+
+
+# END SHARED
+
+
+# SHARED: train-loop
+def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
+    """Steps start_step.. of `epoch`, to its end or to --max-steps. Each sets the LR of every parameter group (times
+    its lr_scale), takes this rank's batch from the method's `train_batches` and runs its `train_step`, which returns
+    its metrics (named in run.metrics, the loss first) as one detached tensor. Every --log-every steps the metrics are
+    averaged over ranks and a non-finite loss stops the run: no step waits for the host. Returns the epoch's means."""
+    args, device, spe, names = run.args, run.device, run.steps_per_epoch, run.metrics
+    last = min(spe, run.total_steps - epoch * spe)
+    stream = train_batches(run, epoch, start_step, last)
+    tally, window = epoch_state(run, epoch, len(names)), torch.zeros(len(names), device=device)
+    no_bad = 2**62
+    bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
+    run.model.train()
+    bar = tqdm(range(start_step, last), desc=f"ep {epoch + 1}/{args.epochs}", disable=run.rank != 0, dynamic_ncols=True)
+    t0, n_done, n_logged = time.perf_counter(), 0, 0
+    for step in bar:
+        gstep = epoch * spe + step
+        lr = lr_at(gstep, args, spe)
+        for group in run.opt.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        tw = time.perf_counter()
+        batch = next(stream)
+        run.data_wait_s += time.perf_counter() - tw  # host time spent waiting for (or making) the batch
+        m = train_step(run, batch, gstep)
+        bad_step = torch.minimum(bad_step, torch.where(torch.isfinite(m[0]), no_bad, gstep + 1))
+        window += m
+        n_done += 1
+        run.images_seen += args.batch_size  # counted per step: a mid-epoch checkpoint holds the true count
+        run.global_step = gstep + 1
+        stop = stop_now(run)  # a stop signal: this step is the last (its checkpoint follows)
+        save_now = args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < spe and not stop
+        eval_now = args.eval_every_steps and (gstep + 1) % args.eval_every_steps == 0 and gstep + 1 < run.total_steps
+        if (step + 1) % args.log_every == 0 or step + 1 == last or save_now or stop:  # a checkpoint holds every step
+            if run.world_size > 1:  # log the global means; every rank stops at the same non-finite step
+                dist.all_reduce(window)
+                window /= run.world_size
+                dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+            if bad_step.item() < no_bad:
+                msg = f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); try a lower LR or --amp none"
+                raise RunError(msg, every_rank=True)
+            mean = dict(zip(names, (window / (n_done - n_logged)).tolist()))  # over the steps since the last log
+            tally["sums"] += window
+            tally["n"] += n_done - n_logged
+            window, n_logged = torch.zeros_like(window), n_done
+            if run.rank == 0:
+                bar.set_postfix(**{k: f"{v:.4g}" for k, v in mean.items()}, lr=f"{lr:.3g}")
+                log_jsonl(run, dict(type="train", step=gstep + 1, epoch=epoch, lr=lr, **mean))
+        if stop:  # its checkpoint is saved after the loop
+            break
+        if save_now or eval_now:  # neither counts as training time
+            sync(device)
+            run.train_time_s += time.perf_counter() - t0
+            if save_now:
+                save_state(run)
+            if eval_now:
+                evaluate(run, tag=f"step {gstep + 1}")
+                run.model.train()  # CRUCIAL: back to train mode after a mid-epoch evaluation
+            t0 = time.perf_counter()
+    sync(device)
+    run.train_time_s += time.perf_counter() - t0
+    means = (tally["sums"] / max(tally["n"], 1)).tolist()  # the whole epoch's means, steps before a resume included
+    return dict(zip(names, means), lr=lr_at(run.global_step - 1, args, spe), time_s=run.train_time_s - tally["t0"])
+
+
+def train_epochs(run: SimpleNamespace) -> None:
+    """The epochs from the resumed step to the end: each saves last.pt, evaluates every --eval-every epochs (not after
+    the last: the final evaluation follows) and prints one line. A stop signal ends the run after the step it arrives
+    in, with a checkpoint."""
+    args, spe = run.args, run.steps_per_epoch
+    Stop.in_steps = True
+    while run.global_step < run.total_steps:
+        epoch, start = divmod(run.global_step, spe)
+        m = train_one_epoch(run, epoch, start)
+        save_state(run)
+        if run.global_step % spe:
+            stop_if_asked(run)  # stopped within the epoch: no epoch line
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.global_step < run.total_steps:
+            m.update(evaluate(run, tag=f"epoch {epoch + 1}"))
+        if run.rank == 0:
+            log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
+            line = " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "time_s" and isinstance(v, float))
+            print(f"ep {epoch + 1}/{args.epochs} | {line} | {m['time_s']:.1f} s{memory_note(run.device)}")
+        stop_if_asked(run)
+    Stop.in_steps = False
 
 
 # END SHARED

@@ -60,7 +60,7 @@ def two_steps(args, data, rank: int, world_size: int, world: int, device, tag: s
         key = (args.seed, "train", 0, step)
         if world_size > 1:
             views = next(G.view_batches(run, data["train_x"], [batch], [key], run.groups))
-            loss = G.train_step(run, views)[0]
+            loss = G.train_step(run, views, step)[0]
             dist.all_reduce(loss)  # the loss every rank logs: the mean of the per-rank losses
             loss = loss / world_size
         else:  # emulate `world` ranks: per-rank forward (BN), the loss on the global batch, one optimizer step
