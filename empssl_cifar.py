@@ -833,12 +833,6 @@ def decode_files(paths: list, size: int, crop: Optional[int] = None) -> torch.Te
             return img
         return T.functional.center_crop(T.functional.resize(img, size, antialias=True), [crop, crop])
 
-    def decode_one(path, data):
-        try:
-            return decode_image(data, mode=ImageReadMode.RGB)
-        except RuntimeError as e:
-            raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
-
     datas = [read_file(str(p)) for p in paths]
     jpeg = [i for i, p in enumerate(paths) if p.suffix.lower() in (".jpg", ".jpeg")]
     imgs = [None] * len(paths)
@@ -847,7 +841,14 @@ def decode_files(paths: list, size: int, crop: Optional[int] = None) -> torch.Te
             imgs[i] = img
     except RuntimeError:  # a bad file in the batch: decode one by one below, which names it
         pass
-    return torch.stack([fit(img if img is not None else decode_one(p, d)) for p, d, img in zip(paths, datas, imgs)])
+    return torch.stack([fit(img if img is not None else decode_checked(d, p)) for p, d, img in zip(paths, datas, imgs)])
+
+
+def decode_checked(data: torch.Tensor, path) -> torch.Tensor:
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)  # JPEG, PNG, WebP; grayscale and CMYK become RGB
+    except RuntimeError as e:
+        raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
 
 
 def folder_splits(root: Path) -> tuple:

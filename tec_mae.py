@@ -123,8 +123,6 @@ class Args:
     """decode every image once at --image-size and keep the uint8 tensor on the device (CIFAR); off: stream files"""
     image_size: int = 256
     """in-memory images are resized (shorter side) and centre-cropped to this size at load time"""
-    decode: Literal["workers", "device"] = "workers"
-    """streamed files: workers decode and crop on the CPU; device: workers read bytes, the device decodes (nvjpeg)"""
     workers: Optional[int] = None
     """DataLoader workers per process for streamed files (default: this machine's CPUs per process, at most 10)"""
     train_repeat: int = 1
@@ -1175,8 +1173,6 @@ def check_args(args: Args, world_size: int) -> None:
         raise RunError(
             f"the per-rank batch {args.batch_size // world_size} does not divide into --accum-iter {args.accum_iter}"
         )
-    if args.decode == "device" and (args.in_memory or args.dataset != "imagefolder"):
-        raise RunError("--decode device applies to streamed image folders; in-memory data is cut on the device anyway")
 
 
 def convert(args: Args) -> dict:
@@ -1307,12 +1303,6 @@ def decode_files(paths: list, size: int, crop: Optional[int] = None) -> torch.Te
             return img
         return T.functional.center_crop(T.functional.resize(img, size, antialias=True), [crop, crop])
 
-    def decode_one(path, data):
-        try:
-            return decode_image(data, mode=ImageReadMode.RGB)
-        except RuntimeError as e:
-            raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
-
     datas = [read_file(str(p)) for p in paths]
     jpeg = [i for i, p in enumerate(paths) if p.suffix.lower() in (".jpg", ".jpeg")]
     imgs = [None] * len(paths)
@@ -1321,7 +1311,14 @@ def decode_files(paths: list, size: int, crop: Optional[int] = None) -> torch.Te
             imgs[i] = img
     except RuntimeError:  # a bad file in the batch: decode one by one below, which names it
         pass
-    return torch.stack([fit(img if img is not None else decode_one(p, d)) for p, d, img in zip(paths, datas, imgs)])
+    return torch.stack([fit(img if img is not None else decode_checked(d, p)) for p, d, img in zip(paths, datas, imgs)])
+
+
+def decode_checked(data: torch.Tensor, path) -> torch.Tensor:
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)  # JPEG, PNG, WebP; grayscale and CMYK become RGB
+    except RuntimeError as e:
+        raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
 
 
 def folder_splits(root: Path) -> tuple:
@@ -1461,10 +1458,10 @@ def rrc_boxes(h: torch.Tensor, w: torch.Tensor, p: dict) -> torch.Tensor:
 def resized_crops(images: torch.Tensor, owner: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Cut boxes [n, 4] out of images [m, 3, H, W] (float 0..255; owner [n] picks the image) and resize to size.
 
-    Used where the crops are cut on the device (in-memory data, --decode device); CPU workers use torchvision's crop
-    and antialiased resize. DEVIATION: one batched roi_align instead of PIL's crop + bilinear resize. It is exact
-    bilinear when enlarging and averages a grid of bilinear samples when shrinking (PIL uses a triangle filter);
-    samples at the crop's edge may read the neighbouring pixel outside the crop instead of repeating the edge."""
+    Used for in-memory data, cut on the device; CPU workers use torchvision's crop and antialiased resize.
+    DEVIATION: one batched roi_align instead of PIL's crop + bilinear resize. It is exact bilinear when enlarging
+    and averages a grid of bilinear samples when shrinking (PIL uses a triangle filter); samples at the crop's edge
+    may read the neighbouring pixel outside the crop instead of repeating the edge."""
     rois = torch.cat([owner[:, None].to(boxes), boxes], 1)
     return roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
@@ -1551,8 +1548,8 @@ def finish_views(x: torch.Tensor, p: dict, group: CropGroup, args: Args) -> torc
 
 
 class FolderViews(torch.utils.data.Dataset):
-    """Streamed multi-crop items. An item (index, seed) fixes every draw, so ranks and resumed runs replay the same
-    crops. decode='workers': the worker decodes and cuts the crops (uint8); 'device': it only reads the file bytes."""
+    """Streamed multi-crop items, decoded and cut (uint8) by the DataLoader worker. An item (index, seed) fixes every
+    draw, so ranks and resumed runs replay the same crops."""
 
     def __init__(self, files: list, groups: list, args: Args):
         self.files, self.groups, self.args = files, groups, args
@@ -1564,8 +1561,6 @@ class FolderViews(torch.utils.data.Dataset):
         index, seed = item
         gen = torch.Generator().manual_seed(seed)
         params = [sample_view_params(gen, g.n, g) for g in self.groups]
-        if self.args.decode == "device":  # plain bytes: thousands of tiny shared-memory tensors would exhaust fds
-            return Path(self.files[index]).read_bytes(), params
         img = decode_checked(read_file(str(self.files[index])), self.files[index])
         h, w = (torch.full((1,), float(d)) for d in img.shape[-2:])
         crops = []
@@ -1577,22 +1572,10 @@ class FolderViews(torch.utils.data.Dataset):
         return crops, params
 
 
-def crop_images(imgs: list, p: dict, group: CropGroup) -> torch.Tensor:
-    """group.n RandomResizedCrops of each uint8 image [3, H, W] (p: draws, image-major) -> float [b, n, 3, S, S]."""
-    dev = imgs[0].device
-    hw = torch.tensor([img.shape[-2:] for img in imgs], dtype=torch.float32).repeat_interleave(group.n, 0)
-    hw = hw.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else hw  # no host sync
-    boxes = rrc_boxes(hw[:, 0], hw[:, 1], p).view(len(imgs), group.n, 4)
-    zeros = torch.zeros(group.n, device=dev)
-    return torch.stack([resized_crops(img[None].float(), zeros, bx, group.size) for img, bx in zip(imgs, boxes)])
-
-
 def collate_views(batch: list) -> tuple:
-    """[(crops or bytes, params per group)] -> (per-group crops [b, n, 3, S, S] or a list of bytes, params [b*n])."""
+    """[(crops, params) per group] -> (per-group crops [b, n, 3, S, S], params [b*n])."""
     first, params = zip(*batch)
     params = [{k: torch.cat([p[g][k] for p in params]) for k in params[0][g]} for g in range(len(params[0]))]
-    if isinstance(first[0], bytes):
-        return [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in first], params
     return [torch.stack([c[g] for c in first]) for g in range(len(first[0]))], params
 
 
@@ -1634,33 +1617,14 @@ def view_batches(run: SimpleNamespace, images, batches: list, keys: list, groups
         prefetch_factor=4 if args.workers else None,
         worker_init_fn=ignore_stop_signals,
     )
-    for (crops, params), step_items in zip(loader, items):
+    for crops, params in loader:
         params = [{k: v.to(device, non_blocking=True) for k, v in p.items()} for p in params]
-        if args.decode == "device":  # CRUCIAL: nvjpeg batch decode on CUDA, then the same crops as the workers cut
-            imgs = decode_on_device(crops, [images[i] for i, _ in step_items], device)
-            crops = [crop_images(imgs, p, g) for g, p in zip(groups, params)]
-        else:
-            crops = [c.to(device, non_blocking=True).float() for c in crops]
+        crops = [c.to(device, non_blocking=True).float() for c in crops]
         out = []  # [b, n, 3, S, S] image-major -> crop-major rows, with the params reordered the same way
         for g, c, p in zip(groups, crops, params):
             order = torch.arange(c.shape[0] * g.n, device=device).view(-1, g.n).T.flatten()
             out.append(finish_views(c.transpose(0, 1).flatten(0, 1), take_params(p, order), g, args))
         yield out
-
-
-def decode_on_device(datas: list, paths: list, device: torch.device) -> list:
-    """Batched JPEG decode on the device (nvjpeg on CUDA); files nvjpeg refuses (PNG, CMYK) decode on the CPU."""
-    try:
-        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        return [decode_checked(d, p).to(device) for d, p in zip(datas, paths)]
-
-
-def decode_checked(data: torch.Tensor, path) -> torch.Tensor:
-    try:
-        return decode_image(data, mode=ImageReadMode.RGB)  # JPEG, PNG, WebP; grayscale and CMYK become RGB
-    except RuntimeError as e:
-        raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
 
 
 # END SHARED
