@@ -178,6 +178,8 @@ class Args:
     """steps between progress-bar/log.jsonl updates (each costs one host sync)"""
     bench_ceiling_steps: int = 0
     """before training, time this many bare forward+backward steps on synthetic patches (the speed ceiling)"""
+    bench_data_steps: int = 0
+    """before training, time this many steps of the data pipeline alone (patches, colour): can it keep up?"""
 
 
 def parse_args(argv: Optional[list] = None) -> Args:
@@ -507,22 +509,19 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
     return dict(loss=m[0], cos=-m[1], R=-m[2], lr=lr, steps=tally["n"], time_s=run.train_time_s - tally["t0"])
 
 
-def measure_ceiling(run: SimpleNamespace, size: int, steps: int) -> float:
-    """Bare forward+backward of the model on synthetic patches (no augmentation, loss or optimizer): patches/s."""
-    args, device, local_batch = run.args, run.device, run.args.batch_size // run.world_size
-    bare = EMPSSL(args.arch, args.hidden_dim, args.z_dim).to(device)
-    bare.load_state_dict(run.model.state_dict())
-    bare = bare.to(memory_format=run.fmt).train()
-    x = torch.randn(args.n_patches * local_batch, 3, size, size, device=device).contiguous(memory_format=run.fmt)
-    for i in range(steps + 2):  # 2 warm-up steps
-        if i == 2:
-            sync(device)
-            t0 = time.perf_counter()
+def bare_step(run: SimpleNamespace):
+    """The ceiling's step: forward+backward of the model on synthetic patches (no augmentation, loss or optimizer)."""
+    args, size = run.args, run.data["train_x"].shape[-1]
+    bare = EMPSSL(args.arch, args.hidden_dim, args.z_dim).to(run.device, memory_format=run.fmt).train()
+    x = torch.randn(args.n_patches * args.batch_size // run.world_size, 3, size, size, device=run.device)
+    x = x.contiguous(memory_format=run.fmt)
+
+    def step():
         with run.autocast:
             z, _ = bare(x)
         z.sum().backward()
-    sync(device)
-    return steps * x.shape[0] * run.world_size / (time.perf_counter() - t0)
+
+    return step
 
 
 # ==== 7. EVALUATION ====
@@ -650,7 +649,8 @@ def check_args(args: Args, world_size: int) -> None:
         args,
         at_least_1="batch_size n_patches epochs lr_epochs log_every probe_epochs probe_batch_size knn_k image_size "
         "hidden_dim z_dim",
-        at_least_0="eval_patches save_every_steps eval_every_steps bench_ceiling_steps max_steps pil_workers",
+        at_least_0="eval_patches save_every_steps eval_every_steps bench_ceiling_steps bench_data_steps max_steps "
+        "pil_workers",
         positive="lr eps lars_eta probe_lr knn_t eval_memory_gb",
         non_negative="inv_weight tcr_weight momentum weight_decay probe_wd",
     )
@@ -749,16 +749,8 @@ def run_training(args: Args) -> dict:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     run.ddp_model = torch.compile(net) if args.compile else net
 
-    ceiling = None
-    if args.bench_ceiling_steps:
-        ceiling = measure_ceiling(run, data["train_x"].shape[-1], args.bench_ceiling_steps)
-        if is_main:
-            print(
-                f"bare forward+backward ceiling: {ceiling:,.0f} patches/s "
-                f"({steps_per_epoch * args.batch_size * args.n_patches / ceiling:.1f} s per epoch)"
-            )
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    bench = run_benchmarks(run, "patches", args.n_patches)
+    ceiling = bench.get("ceiling_patches_per_s")
 
     total_steps = steps_per_epoch * args.epochs
     total_steps = run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
@@ -803,6 +795,7 @@ def run_training(args: Args) -> dict:
             patches_seen=run.patches_seen,
             patches_per_s=run.patches_seen / max(run.train_time_s, 1e-9),
             ceiling_patches_per_s=ceiling,
+            data_patches_per_s=bench.get("data_patches_per_s"),
             ceiling_ratio=run.patches_seen / max(run.train_time_s, 1e-9) / ceiling if ceiling else None,
             peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
             script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
@@ -1057,6 +1050,47 @@ def epoch_state(run: SimpleNamespace, epoch: int, size: int) -> dict:
 def memory_note(device: torch.device) -> str:
     """' | 11.2 GB': the peak GPU memory for the epoch line (nothing on the CPU)."""
     return f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB" if device.type == "cuda" else ""
+
+
+# END SHARED
+
+
+# SHARED: bench
+def images_per_s(run: SimpleNamespace, steps: int, step) -> float:
+    """Global images/s of `steps` calls of step() (one step of --batch-size images each) after 2 warm-up calls."""
+    for i in range(steps + 2):
+        if i == 2:
+            sync(run.device)
+            t0 = time.perf_counter()
+        step()
+    sync(run.device)
+    return steps * run.args.batch_size / (time.perf_counter() - t0)
+
+
+def measure_ceiling(run: SimpleNamespace, steps: int) -> float:
+    """The speed ceiling: the method's bare_step(run), its bare networks on synthetic inputs (no data or loss)."""
+    return images_per_s(run, steps, bare_step(run))
+
+
+def measure_data(run: SimpleNamespace, steps: int) -> float:
+    """The data pipeline alone: the method's train_batches (read, decode, crops, colour), from epoch 0 on."""
+    stream = (b for epoch in range(steps + 2) for b in train_batches(run, epoch, 0, run.steps_per_epoch))
+    return images_per_s(run, steps, lambda: next(stream))
+
+
+def run_benchmarks(run: SimpleNamespace, unit: str = "images", per_image: int = 1) -> dict:
+    """--bench-ceiling-steps / --bench-data-steps before training: {ceiling,data}_{unit}_per_s (per_image units per
+    image); then the peak-memory counter starts afresh."""
+    args, bench = run.args, {}
+    if args.bench_ceiling_steps:
+        bench[f"ceiling_{unit}_per_s"] = measure_ceiling(run, args.bench_ceiling_steps) * per_image
+    if args.bench_data_steps:
+        bench[f"data_{unit}_per_s"] = measure_data(run, args.bench_data_steps) * per_image
+    if run.rank == 0 and bench:
+        print("benchmarks: " + ", ".join(f"{k} {v:,.0f}" for k, v in bench.items()))
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    return bench
 
 
 # END SHARED

@@ -1005,47 +1005,62 @@ def memory_note(device: torch.device) -> str:
 
 
 # SHARED: bench
-def measure_ceiling(run: SimpleNamespace, steps: int) -> float:
-    """Bare torchvision ResNet forward+backward on synthetic crops of this recipe, one pass per resolution (no
-    augmentation, head, loss or optimizer): images/s, the ceiling the whole SwAV step is compared with."""
-    args, device = run.args, run.device
-    make = getattr(torchvision.models, args.arch, None) or RESNETS[args.arch]  # resnet18-cifar: ours
-    bare = make().to(device, memory_format=run.fmt).train()
-    b = args.batch_size // run.world_size
-    groups = [
-        torch.randn(g.n * b, 3, g.size, g.size, device=device).contiguous(memory_format=run.fmt) for g in run.groups
-    ]
-    for i in range(steps + 2):  # 2 warm-up steps
+def images_per_s(run: SimpleNamespace, steps: int, step) -> float:
+    """Global images/s of `steps` calls of step() (one step of --batch-size images each) after 2 warm-up calls."""
+    for i in range(steps + 2):
         if i == 2:
-            sync(device)
+            sync(run.device)
             t0 = time.perf_counter()
-        with run.autocast:
-            out = torch.cat([bare(x) for x in groups])
-        out.float().sum().backward()
-    sync(device)
-    return steps * args.batch_size / (time.perf_counter() - t0)
+        step()
+    sync(run.device)
+    return steps * run.args.batch_size / (time.perf_counter() - t0)
+
+
+def measure_ceiling(run: SimpleNamespace, steps: int) -> float:
+    """The speed ceiling: the method's bare_step(run), its bare networks on synthetic inputs (no data or loss)."""
+    return images_per_s(run, steps, bare_step(run))
+
+
+def measure_data(run: SimpleNamespace, steps: int) -> float:
+    """The data pipeline alone: the method's train_batches (read, decode, crops, colour), from epoch 0 on."""
+    stream = (b for epoch in range(steps + 2) for b in train_batches(run, epoch, 0, run.steps_per_epoch))
+    return images_per_s(run, steps, lambda: next(stream))
+
+
+def run_benchmarks(run: SimpleNamespace, unit: str = "images", per_image: int = 1) -> dict:
+    """--bench-ceiling-steps / --bench-data-steps before training: {ceiling,data}_{unit}_per_s (per_image units per
+    image); then the peak-memory counter starts afresh."""
+    args, bench = run.args, {}
+    if args.bench_ceiling_steps:
+        bench[f"ceiling_{unit}_per_s"] = measure_ceiling(run, args.bench_ceiling_steps) * per_image
+    if args.bench_data_steps:
+        bench[f"data_{unit}_per_s"] = measure_data(run, args.bench_data_steps) * per_image
+    if run.rank == 0 and bench:
+        print("benchmarks: " + ", ".join(f"{k} {v:,.0f}" for k, v in bench.items()))
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    return bench
 
 
 # END SHARED
 
 
-# SHARED: bench-data
-def measure_data(run: SimpleNamespace, steps: int) -> float:
-    """The data pipeline alone (read, decode, crops, colour, normalise) for `steps` global batches: images/s."""
-    args = run.args
-    in_memory = torch.is_tensor(run.data["train_x"])
-    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, -1, run.device if in_memory else None)
-    batches = (batches * math.ceil((steps + 1) / len(batches)))[: steps + 1]
-    stream = view_batches(
-        run, run.data["train_x"], batches, [(args.seed, "bench", i) for i in range(steps + 1)], run.groups
-    )
-    next(stream)  # workers started
-    sync(run.device)
-    t0 = time.perf_counter()
-    for _ in stream:
-        pass
-    sync(run.device)
-    return steps * args.batch_size / (time.perf_counter() - t0)
+# SHARED: bare-resnet
+def bare_step(run: SimpleNamespace):
+    """The ceiling's step: a bare torchvision ResNet (ours for resnet18-cifar) forward+backward on synthetic crops of
+    this recipe, one pass per resolution (no augmentation, head, loss or optimizer)."""
+    args, device, b = run.args, run.device, run.args.batch_size // run.world_size
+    bare = (getattr(torchvision.models, args.arch, None) or RESNETS[args.arch])().to(device, memory_format=run.fmt)
+    crops = [
+        torch.randn(g.n * b, 3, g.size, g.size, device=device).contiguous(memory_format=run.fmt) for g in run.groups
+    ]
+
+    def step():
+        with run.autocast:
+            out = torch.cat([bare(x) for x in crops])
+        out.float().sum().backward()
+
+    return step
 
 
 # END SHARED
@@ -1463,20 +1478,6 @@ def resume_state(run: SimpleNamespace, extra_keys: set) -> Optional[dict]:
     if run.rank == 0:
         print(f"resumed from {ckpt_path} at step {ckpt['step']}")
     return ckpt
-
-
-def run_benchmarks(run: SimpleNamespace) -> dict:
-    """--bench-ceiling-steps / --bench-data-steps before training; then the peak-memory counter starts afresh."""
-    args, bench = run.args, {}
-    if args.bench_ceiling_steps:
-        bench["ceiling_images_per_s"] = measure_ceiling(run, args.bench_ceiling_steps)
-    if args.bench_data_steps:
-        bench["data_images_per_s"] = measure_data(run, args.bench_data_steps)
-    if run.rank == 0 and bench:
-        print("benchmarks: " + ", ".join(f"{k} {v:,.0f}" for k, v in bench.items()))
-    if run.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.device)
-    return bench
 
 
 # END SHARED

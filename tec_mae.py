@@ -1031,32 +1031,30 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
     return dict(zip(names, means), lr=lr_at(run.global_step - 1, args, spe), time_s=run.train_time_s - tally["t0"])
 
 
-def measure_ceiling(run: SimpleNamespace, steps: int) -> float:
-    """The bare cost of this mode's networks on random images (no data, adapter, decoder, loss or optimizer), in
-    images/s: pretrain = the base model's forward on every token (fused attention, no grad) + a plain ViT of the new
-    model's size forward+backward on the CLS and visible tokens; mae the latter alone; finetune a ViT forward+backward
-    on every token; linear its forward."""
-    args, device, mode = run.args, run.device, run.args.mode
-    vit = VITS[args.arch](img_size=args.large_size, patch_size=args.patch_size).to(device)
-    x = torch.randn(args.batch_size // run.world_size, 3, args.large_size, args.large_size, device=device)
-    n_keep = 1 + int(vit.num_patches * (1 - args.mask_ratio))
-    for i in range(steps + 2):  # 2 warm-up steps
-        if i == 2:
-            sync(device)
-            t0 = time.perf_counter()
+def bare_step(run: SimpleNamespace):
+    """The ceiling's step: this mode's bare networks on random images (no data, adapter, decoder, loss or optimizer):
+    pretrain = the base model's forward on every token (fused attention, no grad) + a plain ViT of the new model's
+    size forward+backward on the CLS and visible tokens; mae the latter alone; finetune a ViT forward+backward on
+    every token; linear its forward."""
+    args, mode = run.args, run.args.mode
+    vit = VITS[args.arch](img_size=args.large_size, patch_size=args.patch_size).to(run.device)
+    x = torch.randn(args.batch_size // run.world_size, 3, args.large_size, args.large_size, device=run.device)
+    n_keep = 1 + int(vit.num_patches * (1 - args.mask_ratio)) if mode in ("pretrain", "mae") else None
+
+    def step():
         with run.autocast:
             if mode == "pretrain":
                 with torch.no_grad():
                     run.base.forward_features(x)
             with torch.no_grad() if mode == "linear" else nullcontext():
-                h = vit.prepare_tokens(x)[:, :n_keep] if mode in ("pretrain", "mae") else vit.prepare_tokens(x)
+                h = vit.prepare_tokens(x)[:, :n_keep]
                 for blk in vit.blocks:
                     h = blk(h)
                 out = vit.norm(h)
         if mode != "linear":
             out.float().sum().backward()
-    sync(device)
-    return steps * args.batch_size / (time.perf_counter() - t0)
+
+    return step
 
 
 # ==== 7. EVALUATION ====
@@ -1721,23 +1719,42 @@ def memory_note(device: torch.device) -> str:
 # END SHARED
 
 
-# SHARED: bench-data
+# SHARED: bench
+def images_per_s(run: SimpleNamespace, steps: int, step) -> float:
+    """Global images/s of `steps` calls of step() (one step of --batch-size images each) after 2 warm-up calls."""
+    for i in range(steps + 2):
+        if i == 2:
+            sync(run.device)
+            t0 = time.perf_counter()
+        step()
+    sync(run.device)
+    return steps * run.args.batch_size / (time.perf_counter() - t0)
+
+
+def measure_ceiling(run: SimpleNamespace, steps: int) -> float:
+    """The speed ceiling: the method's bare_step(run), its bare networks on synthetic inputs (no data or loss)."""
+    return images_per_s(run, steps, bare_step(run))
+
+
 def measure_data(run: SimpleNamespace, steps: int) -> float:
-    """The data pipeline alone (read, decode, crops, colour, normalise) for `steps` global batches: images/s."""
-    args = run.args
-    in_memory = torch.is_tensor(run.data["train_x"])
-    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, -1, run.device if in_memory else None)
-    batches = (batches * math.ceil((steps + 1) / len(batches)))[: steps + 1]
-    stream = view_batches(
-        run, run.data["train_x"], batches, [(args.seed, "bench", i) for i in range(steps + 1)], run.groups
-    )
-    next(stream)  # workers started
-    sync(run.device)
-    t0 = time.perf_counter()
-    for _ in stream:
-        pass
-    sync(run.device)
-    return steps * args.batch_size / (time.perf_counter() - t0)
+    """The data pipeline alone: the method's train_batches (read, decode, crops, colour), from epoch 0 on."""
+    stream = (b for epoch in range(steps + 2) for b in train_batches(run, epoch, 0, run.steps_per_epoch))
+    return images_per_s(run, steps, lambda: next(stream))
+
+
+def run_benchmarks(run: SimpleNamespace, unit: str = "images", per_image: int = 1) -> dict:
+    """--bench-ceiling-steps / --bench-data-steps before training: {ceiling,data}_{unit}_per_s (per_image units per
+    image); then the peak-memory counter starts afresh."""
+    args, bench = run.args, {}
+    if args.bench_ceiling_steps:
+        bench[f"ceiling_{unit}_per_s"] = measure_ceiling(run, args.bench_ceiling_steps) * per_image
+    if args.bench_data_steps:
+        bench[f"data_{unit}_per_s"] = measure_data(run, args.bench_data_steps) * per_image
+    if run.rank == 0 and bench:
+        print("benchmarks: " + ", ".join(f"{k} {v:,.0f}" for k, v in bench.items()))
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    return bench
 
 
 # END SHARED
@@ -2018,20 +2035,6 @@ def resume_state(run: SimpleNamespace, extra_keys: set) -> Optional[dict]:
     if run.rank == 0:
         print(f"resumed from {ckpt_path} at step {ckpt['step']}")
     return ckpt
-
-
-def run_benchmarks(run: SimpleNamespace) -> dict:
-    """--bench-ceiling-steps / --bench-data-steps before training; then the peak-memory counter starts afresh."""
-    args, bench = run.args, {}
-    if args.bench_ceiling_steps:
-        bench["ceiling_images_per_s"] = measure_ceiling(run, args.bench_ceiling_steps)
-    if args.bench_data_steps:
-        bench["data_images_per_s"] = measure_data(run, args.bench_data_steps)
-    if run.rank == 0 and bench:
-        print("benchmarks: " + ", ".join(f"{k} {v:,.0f}" for k, v in bench.items()))
-    if run.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.device)
-    return bench
 
 
 # END SHARED

@@ -274,3 +274,30 @@ def test_artifact_cache(tmp_path):
     cache.put("val", [1, 2])
     assert cache.get("val") == [1, 2] and ArtifactCache(tmp_path, "other").get("val") is None
     assert sorted(os.listdir(tmp_path / "abc123-knn")) == ["train.pt", "val.pt"]
+
+
+# ---------------------------------------------------------------- SHARED blocks, called as every script calls them
+
+
+@pytest.mark.parametrize("script, unit, per_image", [("swav_imagenet", "images", 1), ("empssl_cifar", "patches", 5)])
+def test_run_benchmarks_times_the_methods_bare_step_and_batches(script, unit, per_image, monkeypatch):
+    """The `bench` block times the method's bare_step(run) (after 2 warm-up calls) and its train_batches (epoch after
+    epoch), reporting {ceiling,data}_{unit}_per_s as images/s x per_image."""
+    import importlib
+
+    module = importlib.import_module(script)
+    calls, epochs = [], []
+
+    def train_batches(run, epoch, start, last):
+        epochs.append((epoch, start, last))
+        return iter(range(last - start))
+
+    monkeypatch.setattr(module, "bare_step", lambda run: lambda: calls.append(1), raising=False)
+    monkeypatch.setattr(module, "train_batches", train_batches, raising=False)
+    args = module.Args(batch_size=8, bench_ceiling_steps=3, bench_data_steps=5)
+    run = module.SimpleNamespace(args=args, rank=0, world_size=1, device=torch.device("cpu"), steps_per_epoch=2)
+    bench = module.run_benchmarks(run, unit, per_image)
+    assert sorted(bench) == [f"ceiling_{unit}_per_s", f"data_{unit}_per_s"] and min(bench.values()) > 0
+    assert len(calls) == 3 + 2 and epochs == [(e, 0, 2) for e in range(4)]  # 5 + 2 batches over 2-step epochs
+    args.bench_ceiling_steps = args.bench_data_steps = 0
+    assert module.run_benchmarks(run) == {}
