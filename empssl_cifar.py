@@ -1152,28 +1152,43 @@ def knn_eval(x_train, y_train, x_test, y_test, num_classes, k=20, t=0.07, chunk=
 
 
 # SHARED: linear-probe
-def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0.03, wd=5e-5, batch_size=100, seed=0):
-    """Linear classifier on frozen, precomputed features, on their device: SGD (momentum 0.9), cosine LR per epoch
-    (CosineAnnealingLR(T_max=epochs)), shuffled batches with drop_last. Returns last and best test top-1 (percent)."""
-    gen = torch.Generator().manual_seed(seed)
+def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0.03, wd=5e-5, batch_size=100, seed=0,
+                 init_std=None, lars=False, world_size=1) -> dict:  # fmt: skip
+    """Linear classifier on frozen features: SGD (momentum 0.9; LARC, trust 0.001 and no clipping, if lars), cosine LR
+    per epoch to 0, seeded shuffled batches (drop_last), head N(0, init_std) with bias 0 (None: nn.Linear's init).
+    x_train: precomputed features [n, F] on y_train's device, or a function (epoch, batches) yielding this rank's
+    features for each global batch (the augmented probe; its gradient is averaged over world_size ranks). Returns the
+    last and best test top-1 and the last top-5 (percent)."""
     with torch.random.fork_rng(devices=[]):  # a seeded head without touching the caller's RNG state
         torch.manual_seed(seed)
-        head = nn.Linear(x_train.shape[1], num_classes).to(x_train.device)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
-    n = len(x_train) // batch_size * batch_size
-    accs = []
-    for epoch in range(epochs):
+        head = nn.Linear(x_test.shape[1], num_classes).to(x_test.device)
+    if init_std is not None:
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(seed)) * init_std)
+            head.bias.zero_()
+    opt = LARS([dict(params=list(head.parameters()), lars=lars)], lr=lr, momentum=0.9, weight_decay=wd, clip=False)
+    rank, b = dist.get_rank() if world_size > 1 else 0, batch_size // world_size
+    top1, top5 = [], []
+    for epoch in tqdm(range(epochs), desc="linear probe", disable=rank != 0 or torch.is_tensor(x_train), leave=False):
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-        for idx in torch.randperm(len(x_train), generator=gen)[:n].to(x_train.device).view(-1, batch_size):
-            loss = F.cross_entropy(head(x_train[idx]), y_train[idx])
+        batches = epoch_batches(len(y_train), batch_size, seed, ("probe", epoch), y_train.device)
+        feats = (x_train[i] for i in batches) if torch.is_tensor(x_train) else x_train(epoch, batches)
+        for idx, f in zip(batches, feats):
+            loss = F.cross_entropy(head(f), y_train[idx[rank * b : (rank + 1) * b]])  # this rank's share
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if world_size > 1:  # the gradient of the global-batch mean
+                for p in head.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= world_size
             opt.step()
-        with torch.no_grad():
-            accs.append((head(x_test).argmax(1) == y_test).float().mean())  # no host sync per epoch
-    accs = (torch.stack(accs) * 100).tolist()
-    return dict(last=accs[-1], best=max(accs))
+        with torch.no_grad():  # no host sync per epoch
+            pred = head(x_test).topk(min(5, num_classes), dim=1).indices
+            top1.append((pred[:, 0] == y_test).float().mean())
+            top5.append((pred == y_test[:, None]).any(1).float().mean())
+    top1, top5 = (torch.stack(top1) * 100).tolist(), (torch.stack(top5) * 100).tolist()
+    return dict(last=top1[-1], best=max(top1), top5=top5[-1])
 
 
 # END SHARED

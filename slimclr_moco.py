@@ -932,7 +932,7 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
     cache = ArtifactCache(Path(args.out_dir) / "cache", f"{key:014x}")
     backbone, feats = run.model.online.encoder.backbone, {}
     for w in run.widths:
-        at_width = SimpleNamespace(**{**vars(run), "model": AtWidth(backbone, w)})
+        at_width = SimpleNamespace(**{**vars(run), "model": AtWidth(backbone, w), "encode": AtWidth(backbone, w)})
         for split in ("train", "test"):
             f = cache.get(f"{split}@{w}") if use_cache else None
             if f is None:
@@ -1597,7 +1597,7 @@ def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Te
     mine = ids[torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp(max=len(ids) - 1)]  # padded, trimmed later
     model.eval()
     one = torch.zeros(1, 3, args.large_size, args.large_size, device=device).contiguous(memory_format=run.fmt)
-    chunk = inputs_per_chunk(model.backbone, one, args.eval_memory_gb)
+    chunk = inputs_per_chunk(run.encode, one, args.eval_memory_gb)
     if torch.is_tensor(images):
         mine_dev = mine.to(images.device)
 
@@ -1622,7 +1622,7 @@ def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Te
     feats = []
     for x in tqdm(stream, total=n_chunks, desc=f"encode {split}", disable=rank != 0, leave=False):
         with run.autocast:
-            feats.append(model.backbone(((x - mean) / std).contiguous(memory_format=run.fmt)).float())
+            feats.append(run.encode(((x - mean) / std).contiguous(memory_format=run.fmt)).float())
     feats = torch.cat(feats)
     if world > 1:
         out = [torch.empty_like(feats) for _ in range(world)]

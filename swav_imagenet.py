@@ -598,6 +598,7 @@ def run_training(args: Args) -> dict:
         device, memory_format=run.fmt
     )
     run.groups, run.queue = crop_groups(args), None
+    run.encode = model.backbone
     # PAPER: SGD (momentum 0.9) wrapped in LARC(trust_coefficient=0.001, clip=False), weight decay 1e-6
     run.opt = LARS(
         param_groups(model, args), lr=args.lr, momentum=args.momentum, eta=args.lars_eta, clip=args.lars_clip
@@ -1190,7 +1191,7 @@ def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Te
     mine = ids[torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp(max=len(ids) - 1)]  # padded, trimmed later
     model.eval()
     one = torch.zeros(1, 3, args.large_size, args.large_size, device=device).contiguous(memory_format=run.fmt)
-    chunk = inputs_per_chunk(model.backbone, one, args.eval_memory_gb)
+    chunk = inputs_per_chunk(run.encode, one, args.eval_memory_gb)
     if torch.is_tensor(images):
         mine_dev = mine.to(images.device)
 
@@ -1215,7 +1216,7 @@ def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Te
     feats = []
     for x in tqdm(stream, total=n_chunks, desc=f"encode {split}", disable=rank != 0, leave=False):
         with run.autocast:
-            feats.append(model.backbone(((x - mean) / std).contiguous(memory_format=run.fmt)).float())
+            feats.append(run.encode(((x - mean) / std).contiguous(memory_format=run.fmt)).float())
     feats = torch.cat(feats)
     if world > 1:
         out = [torch.empty_like(feats) for _ in range(world)]
@@ -1251,77 +1252,64 @@ def knn_eval(x_train, y_train, x_test, y_test, num_classes, k=20, t=0.07, chunk=
 
 
 # SHARED: linear-probe
-def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0.03, wd=5e-5, batch_size=100, seed=0):
-    """Linear classifier on frozen, precomputed features, on their device: SGD (momentum 0.9), cosine LR per epoch
-    (CosineAnnealingLR(T_max=epochs)), shuffled batches with drop_last. Returns last and best test top-1 (percent)."""
-    gen = torch.Generator().manual_seed(seed)
+def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0.03, wd=5e-5, batch_size=100, seed=0,
+                 init_std=None, lars=False, world_size=1) -> dict:  # fmt: skip
+    """Linear classifier on frozen features: SGD (momentum 0.9; LARC, trust 0.001 and no clipping, if lars), cosine LR
+    per epoch to 0, seeded shuffled batches (drop_last), head N(0, init_std) with bias 0 (None: nn.Linear's init).
+    x_train: precomputed features [n, F] on y_train's device, or a function (epoch, batches) yielding this rank's
+    features for each global batch (the augmented probe; its gradient is averaged over world_size ranks). Returns the
+    last and best test top-1 and the last top-5 (percent)."""
     with torch.random.fork_rng(devices=[]):  # a seeded head without touching the caller's RNG state
         torch.manual_seed(seed)
-        head = nn.Linear(x_train.shape[1], num_classes).to(x_train.device)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
-    n = len(x_train) // batch_size * batch_size
-    accs = []
-    for epoch in range(epochs):
+        head = nn.Linear(x_test.shape[1], num_classes).to(x_test.device)
+    if init_std is not None:
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(seed)) * init_std)
+            head.bias.zero_()
+    opt = LARS([dict(params=list(head.parameters()), lars=lars)], lr=lr, momentum=0.9, weight_decay=wd, clip=False)
+    rank, b = dist.get_rank() if world_size > 1 else 0, batch_size // world_size
+    top1, top5 = [], []
+    for epoch in tqdm(range(epochs), desc="linear probe", disable=rank != 0 or torch.is_tensor(x_train), leave=False):
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-        for idx in torch.randperm(len(x_train), generator=gen)[:n].to(x_train.device).view(-1, batch_size):
-            loss = F.cross_entropy(head(x_train[idx]), y_train[idx])
+        batches = epoch_batches(len(y_train), batch_size, seed, ("probe", epoch), y_train.device)
+        feats = (x_train[i] for i in batches) if torch.is_tensor(x_train) else x_train(epoch, batches)
+        for idx, f in zip(batches, feats):
+            loss = F.cross_entropy(head(f), y_train[idx[rank * b : (rank + 1) * b]])  # this rank's share
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if world_size > 1:  # the gradient of the global-batch mean
+                for p in head.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= world_size
             opt.step()
-        with torch.no_grad():
-            accs.append((head(x_test).argmax(1) == y_test).float().mean())  # no host sync per epoch
-    accs = (torch.stack(accs) * 100).tolist()
-    return dict(last=accs[-1], best=max(accs))
+        with torch.no_grad():  # no host sync per epoch
+            pred = head(x_test).topk(min(5, num_classes), dim=1).indices
+            top1.append((pred[:, 0] == y_test).float().mean())
+            top5.append((pred == y_test[:, None]).any(1).float().mean())
+    top1, top5 = (torch.stack(top1) * 100).tolist(), (torch.stack(top5) * 100).tolist()
+    return dict(last=top1[-1], best=max(top1), top5=top5[-1])
 
 
 # END SHARED
 
 
 # SHARED: probe-evaluate
-def linear_probe_augmented(run: SimpleNamespace, x_test: torch.Tensor, y_test: torch.Tensor) -> dict:
-    """The official augmented probe: frozen backbone in eval mode, Linear(F, C) with weights N(0, 0.01) and bias 0,
-    SGD (momentum 0.9; LARC trust 0.001 if --probe-lars) at --probe-lr per 256, cosine per epoch to 0, train crops
-    RandomResizedCrop(0.08, 1) + flip, validation on centre-crop features every epoch. Returns the last and best
-    top-1 (and the last top-5)."""
-    args, model, device, world, rank = run.args, run.model, run.device, run.world_size, run.rank
-    data, nc = run.data, run.data["num_classes"]
-    group = CropGroup(1, args.large_size, (0.08, 1.0), colour=False)
-    gen = torch.Generator().manual_seed(args.seed)
-    head = nn.Linear(model.backbone.num_features, nc).to(device)
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
-        head.bias.zero_()
-    lr = args.probe_lr * args.probe_batch_size / 256
-    params = [dict(params=list(head.parameters()), lars=args.probe_lars)]  # LARC: every parameter, no clipping
-    opt = LARS(params, lr=lr, momentum=0.9, weight_decay=args.probe_wd, eta=0.001, clip=False)
-    in_memory, n, train_y = torch.is_tensor(data["train_x"]), len(data["train_y"]), data["train_y"].to(device)
-    b = args.probe_batch_size // world
-    model.eval()
-    top1, top5 = [], []
-    for epoch in tqdm(range(args.probe_epochs), desc="linear probe", disable=rank != 0, leave=False):
-        for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / args.probe_epochs))
-        batches = epoch_batches(n, args.probe_batch_size, args.seed, ("probe", epoch), device if in_memory else None)
-        keys = [(args.seed, "probe", epoch, s) for s in range(len(batches))]
-        for idx, (x,) in zip(batches, view_batches(run, data["train_x"], batches, keys, [group])):
+def augmented_features(run: SimpleNamespace):
+    """The augmented probe's train features (official): RandomResizedCrop(0.08, 1) + flip crops of this rank's share
+    of each batch, through the frozen run.encode in eval mode; x_train of linear_probe."""
+    group = CropGroup(1, run.args.large_size, (0.08, 1.0), colour=False)
+    in_memory = torch.is_tensor(run.data["train_x"])
+
+    def features(epoch: int, batches: list):
+        keys = [(run.args.seed, "probe", epoch, s) for s in range(len(batches))]
+        batches = batches if in_memory else [idx.cpu() for idx in batches]  # streamed: index lists for the workers
+        run.model.eval()
+        for (x,) in view_batches(run, run.data["train_x"], batches, keys, [group]):
             with torch.no_grad(), run.autocast:
-                f = model.backbone(x.contiguous(memory_format=run.fmt)).float()
-            y = train_y[idx[rank * b : (rank + 1) * b].to(device)]
-            loss = F.cross_entropy(head(f), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:  # the gradient of the global-batch mean
-                for p in head.parameters():
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-            opt.step()
-        with torch.no_grad():
-            pred = head(x_test).topk(min(5, nc), dim=1).indices
-            top1.append((pred[:, 0] == y_test).float().mean())
-            top5.append((pred == y_test[:, None]).any(1).float().mean())
-    top1, top5 = (torch.stack(top1) * 100).tolist(), (torch.stack(top5) * 100).tolist()
-    return dict(last=top1[-1], best=max(top1), top5=top5[-1])
+                yield run.encode(x.contiguous(memory_format=run.fmt)).float()
+
+    return features
 
 
 def evaluate(run: SimpleNamespace, tag: str) -> dict:
@@ -1365,7 +1353,12 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
             times["probe_s"] = time.perf_counter() - t0
     if final and args.probe == "augmented":  # every rank takes part (data-parallel head)
         t0 = time.perf_counter()
-        probe = linear_probe_augmented(run, feats["test"], yte)
+        # PAPER: N(0, 0.01) head, --probe-lr per 256 images, SGD (LARC with --probe-lars)
+        probe = linear_probe(
+            augmented_features(run), ytr, feats["test"], yte, nc, args.probe_epochs,
+            args.probe_lr * args.probe_batch_size / 256, args.probe_wd, args.probe_batch_size, args.seed,
+            init_std=0.01, lars=args.probe_lars, world_size=run.world_size,
+        )  # fmt: skip
         res.update(linear_top1=probe["last"], linear_top1_best=probe["best"], linear_top5=probe["top5"])
         times["probe_s"] = time.perf_counter() - t0
     if run.world_size > 1:

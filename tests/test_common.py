@@ -301,3 +301,28 @@ def test_run_benchmarks_times_the_methods_bare_step_and_batches(script, unit, pe
     assert len(calls) == 3 + 2 and epochs == [(e, 0, 2) for e in range(4)]  # 5 + 2 batches over 2-step epochs
     args.bench_ceiling_steps = args.bench_data_steps = 0
     assert module.run_benchmarks(run) == {}
+
+
+def test_linear_probe_one_loop_for_features_and_a_feature_stream():
+    """The `linear-probe` block: precomputed features and a function yielding the same features per batch (the
+    augmented probe's form) train the same head; init_std gives the official N(0, std) head; the top-5 is reported."""
+    import swav_imagenet as S
+
+    gen = torch.Generator().manual_seed(8)
+    centers = 4 * torch.randn(5, 16, generator=gen)
+    y, yt = torch.arange(300) % 5, torch.arange(90) % 5
+    x, xt = centers[y] + torch.randn(300, 16, generator=gen), centers[yt] + torch.randn(90, 16, generator=gen)
+    seen = []
+
+    def stream(epoch, batches):
+        seen.append(epoch)
+        return (x[idx] for idx in batches)
+
+    for kw in (dict(), dict(init_std=0.01), dict(init_std=0.01, lars=True)):
+        a = S.linear_probe(x, y, xt, yt, 5, epochs=4, lr=0.1, batch_size=50, **kw)
+        b = S.linear_probe(stream, y, xt, yt, 5, epochs=4, lr=0.1, batch_size=50, **kw)
+        assert a == b and a["top5"] == 100
+        assert "lars" in kw or a["best"] >= a["last"] >= 90  # LARC (trust 0.001) barely moves the head in 4 epochs
+    assert seen == [0, 1, 2, 3] * 3
+    untrained = S.linear_probe(x, y, xt, yt, 5, epochs=1, lr=0.0, batch_size=50, init_std=0.0)
+    assert untrained["last"] == 20.0  # a zero head predicts class 0 for every image
