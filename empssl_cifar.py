@@ -1194,7 +1194,7 @@ def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0
 # END SHARED
 
 
-# SHARED: check-ranges
+# SHARED: check-args
 def check_ranges(args, at_least_1: str = "", at_least_0: str = "", positive: str = "", non_negative: str = "") -> None:
     """One clear line for the first flag out of its range (names separated by spaces; a None value is unset):
     integers >= 1 or >= 0, floats > 0 or >= 0."""
@@ -1204,6 +1204,34 @@ def check_ranges(args, at_least_1: str = "", at_least_0: str = "", positive: str
             value = getattr(args, name)
             if value is not None and (value < low if op == ">=" else value <= low):
                 raise RunError(f"--{name.replace('_', '-')} must be {op} {low}, got {value}")
+
+
+def check_common_args(args, world_size: int, archs, at_least_1="", at_least_0="", positive="", non_negative="",
+                      scales="", per_rank="batch_size") -> None:  # fmt: skip
+    """The checks every script needs, each failing with one clear line: --arch among archs, --device, the ranges of
+    the flags every script has and of the caller's (as check_ranges; scales: (min, max) crop scales in (0, 1]), and
+    the global batches named in per_rank dividing by the world size."""
+    if args.arch not in archs:
+        raise RunError(f"unknown --arch {args.arch!r}; choose one of {', '.join(archs)}")
+    if args.device is not None and args.device != "cpu" and not args.device.startswith("cuda"):
+        raise RunError(f"unknown --device {args.device!r}; use cuda, cuda:N or cpu")
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"--device {args.device} but no CUDA device is available")
+    check_ranges(
+        args,
+        at_least_1="batch_size epochs probe_batch_size probe_epochs knn_k log_every image_size " + at_least_1,
+        at_least_0="save_every_steps max_steps bench_ceiling_steps bench_data_steps " + at_least_0,
+        positive="probe_lr knn_t eval_memory_gb " + positive,
+        non_negative="weight_decay probe_wd " + non_negative,
+    )
+    for name in scales.split():
+        lo, hi = getattr(args, name)
+        if not 0 < lo <= hi <= 1:
+            raise RunError(f"--{name.replace('_', '-')} must satisfy 0 < min <= max <= 1, got {lo} {hi}")
+    for name in per_rank.split():
+        if getattr(args, name) % world_size:
+            flag = f"--{name.replace('_', '-')} {getattr(args, name)}"
+            raise RunError(f"{flag} does not divide by the world size {world_size}")
 
 
 # END SHARED

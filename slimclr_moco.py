@@ -979,7 +979,10 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
 def check_args(args: Args, world_size: int) -> None:
     """Refuse bad input with one clear line, before any data is read or process group created."""
     check_common_args(
-        args, world_size, "dim mlp_dim probe_eval_every", "", "temperature distill_temperature slim_start_lr", "", "",
+        args, world_size, RESNETS, at_least_1="large_size train_repeat dim mlp_dim probe_eval_every",
+        at_least_0="workers eval_every eval_subset_train eval_subset_test",
+        positive="lr temperature distill_temperature slim_start_lr", non_negative="warmup_epochs momentum",
+        scales="large_scale", per_rank="batch_size probe_batch_size",
     )  # fmt: skip
     widths = [float(w) for w in args.widths]
     if 1.0 not in widths:
@@ -1709,7 +1712,7 @@ def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, re
 # END SHARED
 
 
-# SHARED: check-ranges
+# SHARED: check-args
 def check_ranges(args, at_least_1: str = "", at_least_0: str = "", positive: str = "", non_negative: str = "") -> None:
     """One clear line for the first flag out of its range (names separated by spaces; a None value is unset):
     integers >= 1 or >= 0, floats > 0 or >= 0."""
@@ -1721,38 +1724,32 @@ def check_ranges(args, at_least_1: str = "", at_least_0: str = "", positive: str
                 raise RunError(f"--{name.replace('_', '-')} must be {op} {low}, got {value}")
 
 
-# END SHARED
-
-
-# SHARED: check-args
-def check_common_args(
-    args: Args, world_size: int, at_least_1: str, at_least_0: str, positive: str, non_negative: str, scales: str
-) -> None:
-    """The checks every recipe needs, each failing with one clear line; the method's own integer flags (>= 1, >= 0),
-    float flags (> 0, >= 0) and (min, max) crop-scale flags besides large_scale are named by the caller."""
-    if args.arch not in RESNETS:
-        raise RunError(f"unknown --arch {args.arch!r}; choose one of {', '.join(RESNETS)}")
+def check_common_args(args, world_size: int, archs, at_least_1="", at_least_0="", positive="", non_negative="",
+                      scales="", per_rank="batch_size") -> None:  # fmt: skip
+    """The checks every script needs, each failing with one clear line: --arch among archs, --device, the ranges of
+    the flags every script has and of the caller's (as check_ranges; scales: (min, max) crop scales in (0, 1]), and
+    the global batches named in per_rank dividing by the world size."""
+    if args.arch not in archs:
+        raise RunError(f"unknown --arch {args.arch!r}; choose one of {', '.join(archs)}")
     if args.device is not None and args.device != "cpu" and not args.device.startswith("cuda"):
         raise RunError(f"unknown --device {args.device!r}; use cuda, cuda:N or cpu")
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RunError(f"--device {args.device} but no CUDA device is available")
     check_ranges(
         args,
-        at_least_1="batch_size large_size epochs probe_batch_size knn_k log_every image_size train_repeat probe_epochs "
-        + at_least_1,
-        at_least_0="workers save_every_steps eval_every max_steps bench_ceiling_steps bench_data_steps "
-        "eval_subset_train eval_subset_test " + at_least_0,
-        positive="lr probe_lr knn_t eval_memory_gb " + positive,
-        non_negative="warmup_epochs momentum weight_decay probe_wd " + non_negative,
+        at_least_1="batch_size epochs probe_batch_size probe_epochs knn_k log_every image_size " + at_least_1,
+        at_least_0="save_every_steps max_steps bench_ceiling_steps bench_data_steps " + at_least_0,
+        positive="probe_lr knn_t eval_memory_gb " + positive,
+        non_negative="weight_decay probe_wd " + non_negative,
     )
-    for name in ("large_scale", *scales.split()):
+    for name in scales.split():
         lo, hi = getattr(args, name)
         if not 0 < lo <= hi <= 1:
             raise RunError(f"--{name.replace('_', '-')} must satisfy 0 < min <= max <= 1, got {lo} {hi}")
-    if args.batch_size % world_size:
-        raise RunError(f"--batch-size {args.batch_size} does not divide by the world size {world_size}")
-    if args.probe_batch_size % world_size:
-        raise RunError(f"--probe-batch-size {args.probe_batch_size} does not divide by the world size {world_size}")
+    for name in per_rank.split():
+        if getattr(args, name) % world_size:
+            flag = f"--{name.replace('_', '-')} {getattr(args, name)}"
+            raise RunError(f"{flag} does not divide by the world size {world_size}")
 
 
 # END SHARED

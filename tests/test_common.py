@@ -1,6 +1,8 @@
 """Tests for common/: torchvision-exact ResNets, MAE-layout ViT, and the checkpoint helpers (CPU, no network)."""
 
+import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -326,3 +328,25 @@ def test_linear_probe_one_loop_for_features_and_a_feature_stream():
     assert seen == [0, 1, 2, 3] * 3
     untrained = S.linear_probe(x, y, xt, yt, 5, epochs=1, lr=0.0, batch_size=50, init_std=0.0)
     assert untrained["last"] == 20.0  # a zero head predicts class 0 for every image
+
+
+@pytest.mark.parametrize("script", ["empssl_cifar", "tec_mae"])
+def test_check_common_args_serves_every_script(script):
+    """The `check-args` block checks only flags every script has, the caller's architecture table and names."""
+    import importlib
+
+    module = importlib.import_module(script)
+    args = module.Args()
+    archs = {args.arch: None}
+    module.check_common_args(args, 1, archs)
+    cases = [
+        (dict(arch="nope"), {}, "unknown --arch 'nope'"),
+        (dict(device="tpu"), {}, "unknown --device 'tpu'"),
+        (dict(knn_t=0.0), {}, "--knn-t must be > 0, got 0.0"),
+        (dict(bench_data_steps=-1), {}, "--bench-data-steps must be >= 0, got -1"),
+        (dict(batch_size=15), {}, "--batch-size 15 does not divide by the world size 2"),
+        (dict(probe_batch_size=15), dict(per_rank="batch_size probe_batch_size"), "--probe-batch-size 15 does not"),
+    ]
+    for change, kw, message in cases:
+        with pytest.raises(module.RunError, match=re.escape(message)):
+            module.check_common_args(dataclasses.replace(args, **{"batch_size": 16, **change}), 2, archs, **kw)
