@@ -815,8 +815,7 @@ def run_training(args: Args) -> dict:
 
 # SHARED: common
 class RunError(Exception):
-    """Bad input or a failed run: main prints its one line and exits 1. every_rank: raised alike on every rank
-    (arguments, out-dir, data), so under torchrun rank 0 alone prints it."""
+    """Bad input or a failed run: one line, exit 1. every_rank: raised alike on every rank (rank 0 alone prints it)."""
 
     def __init__(self, message: str, every_rank: bool = False):
         super().__init__(message)
@@ -846,8 +845,7 @@ def check_out_dir(out_dir: str) -> None:
 
 
 def check_ranges(args, at_least_1: str = "", at_least_0: str = "", positive: str = "", non_negative: str = "") -> None:
-    """One clear line for the first flag out of its range (names separated by spaces; None is unset): integers >= 1
-    or >= 0, floats > 0 or >= 0."""
+    """One clear line for the first named flag (space-separated; None is unset) out of its range."""
     rules = ((at_least_1, 1, ">="), (at_least_0, 0, ">="), (positive, 0, ">"), (non_negative, 0, ">="))
     for names, low, op in rules:
         for name in names.split():
@@ -858,8 +856,8 @@ def check_ranges(args, at_least_1: str = "", at_least_0: str = "", positive: str
 
 def check_common_args(args, world_size: int, archs, at_least_1="", at_least_0="", positive="", non_negative="",
                       scales="", per_rank="batch_size") -> None:  # fmt: skip
-    """The checks of every script: --arch in archs, --device, the ranges of the flags all scripts have and of the
-    caller's (as check_ranges; scales: (min, max) in (0, 1]), and the batches in per_rank divide by the world size."""
+    """The checks of every script; the caller names its own flags (as check_ranges; scales: (min, max) in (0, 1])
+    and the batches that must divide by the world size (per_rank)."""
     if args.arch not in archs:
         raise RunError(f"unknown --arch {args.arch!r}; choose one of {', '.join(archs)}")
     if args.device is not None and args.device != "cpu" and not args.device.startswith("cuda"):
@@ -894,7 +892,7 @@ def decode_checked(data: torch.Tensor, path) -> torch.Tensor:
 
 
 def decode_files(paths: list, size: int, crop: Optional[int] = None) -> torch.Tensor:
-    """Decode image files into uint8 [n, 3, crop, crop]: shorter side resized to size, centre crop."""
+    """uint8 [n, 3, crop, crop]: shorter side resized to size, centre crop."""
     crop = crop or size
 
     def fit(img):
@@ -927,7 +925,6 @@ def folder_splits(root: Path) -> tuple:
 
 
 def list_image_files(root: Path, classes: list) -> tuple:
-    """Sorted image paths under root/<class>/ and their int64 labels."""
     files = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir())]
     files = [(p, c) for p, c in files if p.suffix.lower() in IMAGE_EXTS]
     if not files:
@@ -936,7 +933,6 @@ def list_image_files(root: Path, classes: list) -> tuple:
 
 
 def load_image_folder(root: Path, classes: list, size: int) -> tuple:
-    """Decode every image under root/<class>/ once, in chunks on all cores: uint8 images and labels."""
     paths, labels = list_image_files(root, classes)
     chunks = [paths[i : i + 1000] for i in range(0, len(paths), 1000)]
     with ThreadPoolExecutor(os.cpu_count()) as pool:
@@ -987,7 +983,7 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, ap
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 6) -> torch.Tensor:
-    """Separable Gaussian blur with a per-image sigma (replicate padding, as PIL extends edges)."""
+    """Separable, per-image sigma, replicate padding (PIL extends edges)."""
     n, c, h, w = x.shape
     k = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     kern = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None] ** 2))
@@ -999,7 +995,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 6) -> torc
 
 
 def setup_distributed(device_arg: Optional[str]) -> tuple:
-    """(rank, world_size, device): one process per device under torchrun (nccl on GPU, gloo on CPU), else one."""
+    """(rank, world_size, device): a process per device under torchrun (nccl on GPU, gloo on CPU)."""
     use_cuda = torch.cuda.is_available() and (device_arg or "cuda") != "cpu"
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device_arg or ("cuda" if use_cuda else "cpu"))
@@ -1019,7 +1015,6 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, device=None) -
 
 
 def sync(device: torch.device) -> None:
-    """Wait for queued GPU work (only where a timer stops; never per step)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -1035,12 +1030,11 @@ def epoch_state(run: SimpleNamespace, epoch: int, size: int) -> dict:
 
 
 def memory_note(device: torch.device) -> str:
-    """' | 11.2 GB': the peak GPU memory for the epoch line (nothing on the CPU)."""
     return f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB" if device.type == "cuda" else ""
 
 
 def images_per_s(run: SimpleNamespace, steps: int, step) -> float:
-    """Global images/s of `steps` calls of step() (one step of --batch-size images each) after 2 warm-up calls."""
+    """Global images/s of `steps` calls of step() (one step of --batch-size images each) after 2 warm-ups."""
     for i in range(steps + 2):
         if i == 2:
             sync(run.device)
@@ -1068,8 +1062,7 @@ def run_benchmarks(run: SimpleNamespace, unit: str = "images", per_image: int = 
 
 
 class LargestTensor(TorchDispatchMode):
-    """The element count of the largest tensor any op makes while active whose first dimension is `batch`:
-    activations, not weights or their views."""
+    """numel of the largest tensor with first dimension `batch` (activations, not weights) any op makes."""
 
     def __init__(self, batch: int):
         super().__init__()
@@ -1165,13 +1158,11 @@ def stop_now(run: SimpleNamespace) -> bool:
 
 
 def stop_if_asked(run: SimpleNamespace) -> None:
-    """After the checkpoint that follows the steps: end the run if a stop signal came."""
     if Stop.signum:
         raise RunStopped()
 
 
 def stop_message(run: Optional[SimpleNamespace]) -> str:
-    """The one line main prints for a stop: where the run was and what rerunning the same command does."""
     sig, again = signal.Signals(Stop.signum).name, "rerun the same command to"
     if run is None or not hasattr(run, "total_steps"):
         return f"stopped by {sig} before training; {again} start"
@@ -1184,14 +1175,11 @@ def stop_message(run: Optional[SimpleNamespace]) -> str:
 
 
 def summary_line(res: dict, results: dict, path: Path) -> str:
-    """The run's last line: its metrics, steps and training time, and where results.json has the rest."""
     metrics = " | ".join(f"{k} {v:.2f}" for k, v in res.items() if isinstance(v, float)) or "no evaluation"
     return f"done: {metrics} | {results['steps_done']} steps in {results['train_time_s']:.1f} s | {path}"
 
 
 def main(args: Args) -> None:
-    """Run; bad input or a failed run ends with one line (from rank 0 alone when every rank has it) and exit code 1,
-    a stop signal with one line and 128 + its number. No traceback."""
     Stop.install()
     quiet = int(os.environ.get("RANK", 0)) != 0  # torchrun's other ranks
     try:

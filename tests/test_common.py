@@ -267,10 +267,15 @@ def test_artifact_cache(tmp_path):
         calls.append(1)
         return {"feats": torch.arange(6.0).reshape(2, 3), "labels": torch.tensor([0, 1])}
 
+    def get_or_compute(cache, name):  # as the scripts' evaluations use the cache
+        if cache.get(name) is None:
+            cache.put(name, compute())
+        return cache.get(name)
+
     cache = ArtifactCache(tmp_path, "abc123-knn")
     assert cache.get("train") is None
-    a = cache.get_or_compute("train", compute)
-    b = ArtifactCache(tmp_path, "abc123-knn").get_or_compute("train", compute)
+    a = get_or_compute(cache, "train")
+    b = get_or_compute(ArtifactCache(tmp_path, "abc123-knn"), "train")
     assert len(calls) == 1 and torch.equal(a["feats"], b["feats"]) and torch.equal(b["labels"], torch.tensor([0, 1]))
     assert (tmp_path / "abc123-knn" / "train.pt").is_file()
     cache.put("val", [1, 2])
