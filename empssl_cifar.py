@@ -168,6 +168,8 @@ class Args:
     """steps between progress-bar/log.jsonl updates (each costs one host sync)"""
     bench_ceiling_steps: int = 0
     """before training, time this many bare forward+backward steps on synthetic patches (the speed ceiling)"""
+    bench_data_steps: int = 0
+    """before training, time this many steps of the data pipeline alone (patches, colour): can it keep up?"""
 
 
 def parse_args(argv: Optional[list] = None) -> Args:
@@ -393,7 +395,7 @@ def check_args(args: Args, world_size: int) -> None:
         args,
         at_least_1="batch_size n_patches epochs lr_epochs log_every probe_epochs probe_batch_size knn_k image_size "
         "hidden_dim z_dim",
-        at_least_0="eval_patches save_every_steps eval_every eval_every_steps bench_ceiling_steps max_steps",
+        at_least_0="eval_patches save_every_steps eval_every bench_ceiling_steps bench_data_steps max_steps",
         positive="lr eps lars_eta probe_lr knn_t eval_memory_gb",
         non_negative="inv_weight tcr_weight momentum weight_decay probe_wd",
     )
@@ -462,19 +464,12 @@ def run_training(args: Args) -> dict:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     run.ddp_model = torch.compile(net) if args.compile else net
 
-    ceiling = None
-    if args.bench_ceiling_steps:
-        ceiling = measure_ceiling(run, data["train_x"].shape[-1], args.bench_ceiling_steps)
-        if rank == 0:
-            epoch_s = run.steps_per_epoch * args.batch_size * args.n_patches / ceiling
-            print(f"bare forward+backward ceiling: {ceiling:,.0f} patches/s ({epoch_s:.1f} s per epoch)")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    bench = run_benchmarks(run, "patches", args.n_patches)
     run.metrics = ("loss", "cos", "R")  # train_step's: the loss, the mean cos to the image's mean embedding, R
     train_epochs(run)
     res = evaluate(run, tag="final") if args.eval_patches else {}
     if rank == 0:
-        write_results(run, ceiling, res)
+        write_results(run, bench, res)
     if dist.is_initialized():
         dist.destroy_process_group()
     return res
@@ -525,7 +520,7 @@ def log_jsonl(run: SimpleNamespace, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def write_results(run: SimpleNamespace, ceiling: Optional[float], res: dict) -> None:
+def write_results(run: SimpleNamespace, bench: dict, res: dict) -> None:
     """out_dir/results.json (atomic): args, machine, timings, patches/s against the bare ceiling, metrics."""
     args, device = run.args, run.device
     patches_seen = run.images_seen * args.n_patches
@@ -540,7 +535,9 @@ def write_results(run: SimpleNamespace, ceiling: Optional[float], res: dict) -> 
     results.update(steps_done=run.global_step, eval_protocol=protocol, data_time_s=run.data_time_s)
     results.update(train_time_s=run.train_time_s, data_wait_s=run.data_wait_s, **run.times)
     results.update(total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen)
+    ceiling = bench.get("ceiling_patches_per_s")
     results.update(patches_seen=patches_seen, patches_per_s=patches_per_s, ceiling_patches_per_s=ceiling)
+    results.update(data_patches_per_s=bench.get("data_patches_per_s"))
     results.update(ceiling_ratio=patches_per_s / ceiling if ceiling else None)
     results.update(peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
     results.update(script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)
@@ -550,22 +547,19 @@ def write_results(run: SimpleNamespace, ceiling: Optional[float], res: dict) -> 
     print(summary_line(res, results, Path(args.out_dir) / "results.json"))
 
 
-def measure_ceiling(run: SimpleNamespace, size: int, steps: int) -> float:
-    """Bare forward+backward of the model on synthetic patches (no augmentation, loss or optimizer): patches/s."""
-    args, device, local_batch = run.args, run.device, run.args.batch_size // run.world_size
-    bare = EMPSSL(args.arch, args.hidden_dim, args.z_dim).to(device)
-    bare.load_state_dict(run.model.state_dict())
-    bare = bare.to(memory_format=run.fmt).train()
-    x = torch.randn(args.n_patches * local_batch, 3, size, size, device=device).contiguous(memory_format=run.fmt)
-    for i in range(steps + 2):  # 2 warm-up steps
-        if i == 2:
-            sync(device)
-            t0 = time.perf_counter()
+def bare_step(run: SimpleNamespace):
+    """The ceiling's step: forward+backward of the model on synthetic patches (no augmentation, loss or optimizer)."""
+    args, size = run.args, run.data["train_x"].shape[-1]
+    bare = EMPSSL(args.arch, args.hidden_dim, args.z_dim).to(run.device, memory_format=run.fmt).train()
+    x = torch.randn(args.n_patches * args.batch_size // run.world_size, 3, size, size, device=run.device)
+    x = x.contiguous(memory_format=run.fmt)
+
+    def step():
         with run.autocast:
             z, _ = bare(x)
         z.sum().backward()
-    sync(device)
-    return steps * x.shape[0] * run.world_size / (time.perf_counter() - t0)
+
+    return step
 
 
 # the method's own evaluation: a bag of patches
@@ -646,31 +640,99 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
 
 
 # ==== 8. MAIN ====
-# main(args) (SHARED: entry, at the end) runs run_training and turns a bad input, a failed run or a stop signal into
-# one line and an exit code.
+# main(args) closes the shared appendix (SHARED: entry): run_training, and one line with an exit code for a
+# bad input, a failed run or a stop signal.
 
 
 # ==== SHARED APPENDIX: identical in every script ====
 
 
-# SHARED: image-folder
+# SHARED: common
+class RunError(Exception):
+    """Bad input or a failed run: one line, exit 1. every_rank: raised alike on every rank (rank 0 alone prints it)."""
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
+
+
+def rng_seed(*keys) -> int:
+    """A 56-bit seed derived from any keys, e.g. (seed, 'train', epoch, step): independent, reproducible streams."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:7], "little")
+
+
+def cpus_per_process() -> int:
+    """The default DataLoader workers: the CPUs of this process (its affinity) over torchrun's local ranks, <= 10."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(10, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Create --out-dir and write a file in it before any data is read: a run must not train and then fail to save."""
+    probe = Path(out_dir) / f".write-test-{os.getpid()}"
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"--out-dir {out_dir} cannot be written: {e.strerror or e}", every_rank=True)
+
+
+def check_ranges(args, at_least_1: str = "", at_least_0: str = "", positive: str = "", non_negative: str = "") -> None:
+    """One clear line for the first named flag (space-separated; None is unset) out of its range."""
+    rules = ((at_least_1, 1, ">="), (at_least_0, 0, ">="), (positive, 0, ">"), (non_negative, 0, ">="))
+    for names, low, op in rules:
+        for name in names.split():
+            value = getattr(args, name)
+            if value is not None and (value < low if op == ">=" else value <= low):
+                raise RunError(f"--{name.replace('_', '-')} must be {op} {low}, got {value}")
+
+
+def check_common_args(args, world_size: int, archs, at_least_1="", at_least_0="", positive="", non_negative="",
+                      scales="", per_rank="batch_size") -> None:  # fmt: skip
+    """The checks of every script; the caller names its own flags (as check_ranges; scales: (min, max) in (0, 1])
+    and the batches that must divide by the world size (per_rank)."""
+    if args.arch not in archs:
+        raise RunError(f"unknown --arch {args.arch!r}; choose one of {', '.join(archs)}")
+    if args.device is not None and args.device != "cpu" and not args.device.startswith("cuda"):
+        raise RunError(f"unknown --device {args.device!r}; use cuda, cuda:N or cpu")
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"--device {args.device} but no CUDA device is available")
+    check_ranges(
+        args,
+        at_least_1="batch_size epochs probe_batch_size probe_epochs knn_k log_every image_size " + at_least_1,
+        at_least_0="save_every_steps eval_every_steps max_steps bench_ceiling_steps bench_data_steps " + at_least_0,
+        positive="probe_lr knn_t eval_memory_gb " + positive,
+        non_negative="weight_decay probe_wd " + non_negative,
+    )
+    for name in scales.split():
+        lo, hi = getattr(args, name)
+        if not 0 < lo <= hi <= 1:
+            raise RunError(f"--{name.replace('_', '-')} must satisfy 0 < min <= max <= 1, got {lo} {hi}")
+    for name in per_rank.split():
+        if getattr(args, name) % world_size:
+            flag = f"--{name.replace('_', '-')} {getattr(args, name)}"
+            raise RunError(f"{flag} does not divide by the world size {world_size}")
+
+
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
+def decode_checked(data: torch.Tensor, path) -> torch.Tensor:
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)  # JPEG, PNG, WebP; grayscale and CMYK become RGB
+    except RuntimeError as e:
+        raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
+
+
 def decode_files(paths: list, size: int, crop: Optional[int] = None) -> torch.Tensor:
-    """Read and decode image files into uint8 [n, 3, crop, crop]: shorter side resized to size, centre crop."""
+    """uint8 [n, 3, crop, crop]: shorter side resized to size, centre crop."""
     crop = crop or size
 
     def fit(img):
         if img.shape[-2:] == (crop, crop) and size == crop:
             return img
         return T.functional.center_crop(T.functional.resize(img, size, antialias=True), [crop, crop])
-
-    def decode_one(path, data):
-        try:
-            return decode_image(data, mode=ImageReadMode.RGB)
-        except RuntimeError as e:
-            raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
 
     datas = [read_file(str(p)) for p in paths]
     jpeg = [i for i, p in enumerate(paths) if p.suffix.lower() in (".jpg", ".jpeg")]
@@ -680,11 +742,11 @@ def decode_files(paths: list, size: int, crop: Optional[int] = None) -> torch.Te
             imgs[i] = img
     except RuntimeError:  # a bad file in the batch: decode one by one below, which names it
         pass
-    return torch.stack([fit(img if img is not None else decode_one(p, d)) for p, d, img in zip(paths, datas, imgs)])
+    return torch.stack([fit(img if img is not None else decode_checked(d, p)) for p, d, img in zip(paths, datas, imgs)])
 
 
 def folder_splits(root: Path) -> tuple:
-    """(train dir, test dir, class names) of an image folder with train/ and test/ (or val/) class folders."""
+    """(train dir, test dir, class names) of a folder with train/ and test/ (or val/) class folders."""
     if not root.is_dir():
         raise RunError(f"data dir not found: {root}")
     test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
@@ -697,7 +759,6 @@ def folder_splits(root: Path) -> tuple:
 
 
 def list_image_files(root: Path, classes: list) -> tuple:
-    """Sorted image paths under root/<class>/ and their int64 labels."""
     files = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir())]
     files = [(p, c) for p, c in files if p.suffix.lower() in IMAGE_EXTS]
     if not files:
@@ -706,7 +767,6 @@ def list_image_files(root: Path, classes: list) -> tuple:
 
 
 def load_image_folder(root: Path, classes: list, size: int) -> tuple:
-    """Decode every image under root/<class>/ once (batched libjpeg-turbo, in chunks on all cores)."""
     paths, labels = list_image_files(root, classes)
     chunks = [paths[i : i + 1000] for i in range(0, len(paths), 1000)]
     with ThreadPoolExecutor(os.cpu_count()) as pool:
@@ -714,10 +774,6 @@ def load_image_folder(root: Path, classes: list, size: int) -> tuple:
     return images, labels
 
 
-# END SHARED
-
-
-# SHARED: gpu-color
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """ITU-R 601-2 luma, as PIL's convert('L') and torchvision: [N, 3, H, W] -> [N, 1, H, W]."""
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
@@ -734,17 +790,15 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
     h6 = ((h / 6.0 + shift[:, None, None]) % 1.0) * 6.0  # hue in sixths of a turn, [0, 6)
     # HSV -> RGB in closed form: channel n (r=5, g=3, b=1) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6
-    n = torch.arange(5.0, 0.0, -2.0, device=x.device)  # 5, 3, 1 (an arange, not a host-to-device copy)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device)  # an arange, not a host-to-device copy
     k = (n[None, :, None, None] + h6[:, None]) % 6
     return maxc[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
 def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
-    """torchvision ColorJitter semantics, batched: brightness, contrast, saturation, hue in a per-image random order.
-
-    factors: [N, 4] (brightness, contrast, saturation factors; hue shift); order: [N, 4] permutations; apply: [N].
-    Brightness, contrast and saturation are blends f x + (1 - f) m with m = 0, the mean luma, or the luma image. The
-    costly hue rotation runs once: first the blends that precede each image's hue slot, then hue, then the rest."""
+    """torchvision ColorJitter, batched: factors [N, 4] (brightness, contrast, saturation factors, hue shift) applied
+    in per-image order [N, 4] where apply [N]. The first three are blends f x + (1 - f) m (m = 0, the mean luma, the
+    luma image); the costly hue runs once: the blends before each image's hue slot, hue, then the rest."""
     hue_slot = torch.where(apply, (order == 3).int().argmax(1), -1)  # -1: jitter not applied to this image
 
     def blends(x, before: bool):
@@ -763,7 +817,7 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, ap
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 6) -> torch.Tensor:
-    """Separable Gaussian blur with a per-image sigma (replicate padding, as PIL extends edges)."""
+    """Separable, per-image sigma, replicate padding (PIL extends edges)."""
     n, c, h, w = x.shape
     k = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     kern = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None] ** 2))
@@ -774,79 +828,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 6) -> torc
     return y.reshape(n, c, h, w)
 
 
-# END SHARED
-
-
-# SHARED: lars
-class LARS(torch.optim.Optimizer):
-    """SGD (momentum, optional Nesterov) with layer-wise adaptive rate scaling (solo-learn's LARSWrapper, apex LARC).
-
-    For every parameter of a group with lars=True and non-zero ||p||, ||g||:
-        local = eta ||p|| / (||g|| + wd ||p|| + eps);  ratio = min(local / lr, 1) if clip else local
-        g <- (g + wd p) * ratio
-    Groups with lars=False take plain SGD with weight decay wd p added to g. The update is then
-        buf <- momentum buf + g;  p <- p - lr (g + momentum buf if nesterov else buf)."""
-
-    def __init__(self, params, lr, momentum=0.9, nesterov=False, weight_decay=0.0, eta=0.001, clip=False, eps=1e-8):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta=eta, clip=clip)
-        super().__init__(params, dict(defaults, eps=eps, lars=True))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if group["lars"]:
-                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                    local = group["eta"] * p_norm / (g_norm + wd * p_norm + group["eps"])
-                    ratio = (local / lr).clamp(max=1.0) if group["clip"] else local
-                    ok = (p_norm > 0) & (g_norm > 0)  # no host sync: zero norms leave g untouched
-                    g = torch.where(ok, (g + wd * p) * ratio, g)
-                elif wd:
-                    g = g + wd * p
-                if mom:
-                    buf = self.state[p].get("momentum_buffer")
-                    buf = self.state[p]["momentum_buffer"] = g.clone() if buf is None else buf.mul_(mom).add_(g)
-                    g = g + mom * buf if group["nesterov"] else buf
-                p.add_(g, alpha=-lr)
-
-
-# END SHARED
-
-
-# SHARED: ddp-gather
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward sums every rank's gradient and returns this rank's slice."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return torch.cat(out, 0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every rank's loss depends on every rank's x
-        n = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x from all ranks along dim 0, gradient flowing back to each rank's own rows; identity on 1 rank."""
-    return _GatherWithGrad.apply(x) if dist.is_initialized() and dist.get_world_size() > 1 else x
-
-
-# END SHARED
-
-
-# SHARED: ddp-setup
 def setup_distributed(device_arg: Optional[str]) -> tuple:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per device, nccl on GPU, gloo on CPU.
-    Without them: a single process, no process group. Returns (rank, world_size, device)."""
+    """(rank, world_size, device): a process per device under torchrun (nccl on GPU, gloo on CPU)."""
     use_cuda = torch.cuda.is_available() and (device_arg or "cuda") != "cpu"
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device_arg or ("cuda" if use_cuda else "cpu"))
@@ -858,27 +841,21 @@ def setup_distributed(device_arg: Optional[str]) -> tuple:
     return rank, world_size, device
 
 
-# END SHARED
-
-
-# SHARED: train-utils
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, device=None) -> list:
-    """The epoch's global batches: a seeded permutation cut into full batches (drop_last).
-
-    CRUCIAL: moved to the device once per epoch; a per-step copy from pageable memory would sync the host."""
+    """The epoch's global batches: a seeded permutation cut into full batches (drop_last). CRUCIAL: moved to the
+    device once per epoch; a per-step copy from pageable memory would sync the host."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(rng_seed(seed, "order", epoch)))
     return list(perm[: n // batch_size * batch_size].to(device).view(-1, batch_size))
 
 
 def sync(device: torch.device) -> None:
-    """Wait for queued GPU work (only where a timer stops; never per step)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def epoch_state(run: SimpleNamespace, epoch: int, size: int) -> dict:
-    """This epoch's running sums of `size` logged metrics, their step count n and the run's train time at the epoch's
-    start, kept in run.epoch_sums and saved in last.pt: a run resumed mid-epoch still reports the whole epoch."""
+    """This epoch's sums of `size` logged metrics, their step count n and the train time at its start, kept in
+    run.epoch_sums and saved in last.pt: a run resumed mid-epoch still reports the whole epoch."""
     e = getattr(run, "epoch_sums", None)
     if e is None or e["epoch"] != epoch:
         e = dict(epoch=epoch, sums=torch.zeros(size), n=0, t0=run.train_time_s)
@@ -887,8 +864,172 @@ def epoch_state(run: SimpleNamespace, epoch: int, size: int) -> dict:
 
 
 def memory_note(device: torch.device) -> str:
-    """' | 11.2 GB': the peak GPU memory for the epoch line (nothing on the CPU)."""
     return f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB" if device.type == "cuda" else ""
+
+
+def images_per_s(run: SimpleNamespace, steps: int, step) -> float:
+    """Global images/s of `steps` calls of step() (one step of --batch-size images each) after 2 warm-ups."""
+    for i in range(steps + 2):
+        if i == 2:
+            sync(run.device)
+            t0 = time.perf_counter()
+        step()
+    sync(run.device)
+    return steps * run.args.batch_size / (time.perf_counter() - t0)
+
+
+def run_benchmarks(run: SimpleNamespace, unit: str = "images", per_image: int = 1) -> dict:
+    """--bench-ceiling-steps: the method's bare_step(run) (its bare networks on synthetic inputs, no data or loss);
+    --bench-data-steps: its train_batches alone (read, decode, crops, colour). Returns {ceiling,data}_{unit}_per_s
+    (per_image units per image); then the peak-memory counter starts afresh."""
+    args, bench = run.args, {}
+    if args.bench_ceiling_steps:
+        bench[f"ceiling_{unit}_per_s"] = images_per_s(run, args.bench_ceiling_steps, bare_step(run)) * per_image
+    if args.bench_data_steps:
+        stream = (b for e in range(args.bench_data_steps + 2) for b in train_batches(run, e, 0, run.steps_per_epoch))
+        bench[f"data_{unit}_per_s"] = images_per_s(run, args.bench_data_steps, lambda: next(stream)) * per_image
+    if run.rank == 0 and bench:
+        print("benchmarks: " + ", ".join(f"{k} {v:,.0f}" for k, v in bench.items()))
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    return bench
+
+
+class LargestTensor(TorchDispatchMode):
+    """numel of the largest tensor with first dimension `batch` (activations, not weights) any op makes."""
+
+    def __init__(self, batch: int):
+        super().__init__()
+        self.batch, self.numel = batch, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if torch.is_tensor(t) and t.dim() and t.shape[0] == self.batch:
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@torch.no_grad()
+def inputs_per_chunk(net, one: torch.Tensor, budget_gb: float) -> int:
+    """How many inputs like `one` ([1, ...]) one no-grad forward of `net` may take within --eval-memory-gb: the peak
+    is estimated as 6x the largest fp32 activation an input makes (an op's input and output, a residual, the kernels'
+    buffers; measured on the CPU: 0.8x of the budget for ResNet-18 at 32 px, 0.35x for ResNet-50 at 224)."""
+    with LargestTensor(3) as largest:
+        net(one.expand(3, *one.shape[1:]).contiguous())
+    per_input = max(largest.numel, 3 * one.numel()) / 3
+    return max(1, int(budget_gb * 2**30 // (6 * 4 * per_input)))
+
+
+@torch.no_grad()
+def knn_eval(x_train, y_train, x_test, y_test, num_classes, k=20, t=0.07, chunk=256) -> tuple:
+    """Weighted k-NN (DINO protocol): cosine similarity, votes weighted by exp(sim / t). Returns (top1, top5) in %."""
+    x_train, x_test = F.normalize(x_train.float(), dim=1), F.normalize(x_test.float(), dim=1)
+    k = min(k, len(x_train))
+    correct1 = correct5 = 0
+    for i in range(0, len(x_test), chunk):
+        sim, idx = (x_test[i : i + chunk] @ x_train.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, y_train[idx], (sim / t).exp())
+        pred = votes.topk(min(5, num_classes), dim=1).indices
+        target = y_test[i : i + chunk, None]
+        correct1 += (pred[:, :1] == target).sum().item()
+        correct5 += (pred == target).any(1).sum().item()
+    return 100.0 * correct1 / len(x_test), 100.0 * correct5 / len(x_test)
+
+
+class RunStopped(Exception):
+    """A stop signal ended the run: main prints stop_message and exits with 128 + the signal number."""
+
+
+class Stop:
+    """SIGTERM (a scheduler's notice before it kills a job) and SIGINT (Ctrl-C). During the training steps (in_steps)
+    they only set signum: every rank finishes its step, last.pt is saved and the run exits (stop_now, stop_if_asked);
+    elsewhere (data, evaluation) the run ends at once. `run`: the run main reports on."""
+
+    signum: Optional[int] = None
+    in_steps: bool = False
+    run: Optional[SimpleNamespace] = None
+
+    @staticmethod
+    def handler(signum, frame) -> None:
+        Stop.signum = signum
+        if not Stop.in_steps:
+            raise RunStopped()
+
+    @staticmethod
+    def install() -> None:
+        Stop.signum, Stop.in_steps, Stop.run = None, False, None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, Stop.handler)
+
+    @staticmethod
+    def uninstall() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: Ctrl-C is the main process's to handle (it stops the workers after its step), and
+    SIGTERM (the DataLoader's shutdown, or a scheduler signalling the whole job) ends a worker with exit code 0, so
+    the main process, finishing its step, does not take it for a crash."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+def stop_now(run: SimpleNamespace) -> bool:
+    """After every step: did any rank get a stop signal? Under DDP a CPU all-reduce of one integer (gloo, no device
+    sync), so every rank stops after the same step."""
+    asked = Stop.signum or 0
+    if run.world_size > 1:
+        if not hasattr(run, "stop_group"):  # first step, on every rank alike
+            run.stop_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        flag = torch.tensor([asked])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.stop_group)
+        asked = int(flag)
+        Stop.signum = Stop.signum or asked or None
+    return asked > 0
+
+
+def stop_if_asked(run: SimpleNamespace) -> None:
+    if Stop.signum:
+        raise RunStopped()
+
+
+def stop_message(run: Optional[SimpleNamespace]) -> str:
+    sig, again = signal.Signals(Stop.signum).name, "rerun the same command to"
+    if run is None or not hasattr(run, "total_steps"):
+        return f"stopped by {sig} before training; {again} start"
+    last, at = Path(run.args.out_dir) / "last.pt", f"step {run.global_step} of {run.total_steps}"
+    if Stop.in_steps:
+        return f"stopped at {at} by {sig}; saved {last}; {again} resume"
+    if run.global_step >= run.total_steps and last.is_file():
+        return f"stopped by {sig} while evaluating; the trained weights are in {last}; {again} evaluate them"
+    return f"stopped by {sig} at {at}; {again} resume"
+
+
+def summary_line(res: dict, results: dict, path: Path) -> str:
+    metrics = " | ".join(f"{k} {v:.2f}" for k, v in res.items() if isinstance(v, float)) or "no evaluation"
+    return f"done: {metrics} | {results['steps_done']} steps in {results['train_time_s']:.1f} s | {path}"
+
+
+def main(args: Args) -> None:
+    Stop.install()
+    quiet = int(os.environ.get("RANK", 0)) != 0  # torchrun's other ranks
+    try:
+        run_training(args)
+    except (RunError, CheckpointError) as e:  # CRUCIAL: bad input -> one clear line and exit code 1, no traceback
+        Stop.uninstall()  # torchrun ends the other ranks once one fails: quietly
+        msg = str(e).strip().splitlines()[-1].split("RunError: ", 1)[-1]  # a DataLoader worker's error: its last line
+        if quiet and getattr(e, "every_rank", False):
+            time.sleep(3)  # rank 0 has the same error: let it say it before torchrun stops everyone
+            sys.exit(1)
+        sys.exit(f"{Path(__file__).name}: error: {msg}")
+    except RunStopped:
+        Stop.uninstall()  # a second signal now ends the process at once
+        if not quiet:
+            print(f"{Path(__file__).name}: {stop_message(Stop.run)}", file=sys.stderr)
+        sys.exit(128 + Stop.signum)
 
 
 # END SHARED
@@ -983,239 +1124,103 @@ def train_epochs(run: SimpleNamespace) -> None:
 # END SHARED
 
 
-# SHARED: eval-memory
-class LargestTensor(TorchDispatchMode):
-    """Records the element count of the largest tensor any op makes while active (modules or functional code) among
-    those whose first dimension is `batch`: activations, not weights or their views."""
-
-    def __init__(self, batch: int):
-        super().__init__()
-        self.batch, self.numel = batch, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if torch.is_tensor(t) and t.dim() and t.shape[0] == self.batch:
-                self.numel = max(self.numel, t.numel())
-        return out
-
-
-@torch.no_grad()
-def inputs_per_chunk(net, one: torch.Tensor, budget_gb: float) -> int:
-    """How many inputs like `one` ([1, ...]) one no-grad forward of `net` may take within --eval-memory-gb: the peak
-    is estimated as 6x the largest activation an input makes (an op's input and output, a residual, the kernels'
-    own buffers; measured on the CPU: 0.8x of the budget for ResNet-18 at 32 px, 0.35x for ResNet-50 at 224), in
-    float32, from a forward of 3 such inputs. Evaluation memory is then bounded whatever the image count or size."""
-    with LargestTensor(3) as largest:
-        net(one.expand(3, *one.shape[1:]).contiguous())
-    per_input = max(largest.numel, 3 * one.numel()) / 3
-    return max(1, int(budget_gb * 2**30 // (6 * 4 * per_input)))
-
-
-# END SHARED
-
-
-# SHARED: knn
-@torch.no_grad()
-def knn_eval(x_train, y_train, x_test, y_test, num_classes, k=20, t=0.07, chunk=256) -> tuple:
-    """Weighted k-NN (DINO protocol): cosine similarity on L2-normalised features, votes weighted by exp(sim / t).
-
-    Returns (top1, top5) in percent. The test set is processed in chunks of a fixed size."""
-    x_train, x_test = F.normalize(x_train.float(), dim=1), F.normalize(x_test.float(), dim=1)
-    k = min(k, len(x_train))
-    correct1 = correct5 = 0
-    for i in range(0, len(x_test), chunk):
-        sim, idx = (x_test[i : i + chunk] @ x_train.T).topk(k, dim=1)
-        votes = torch.zeros(len(sim), num_classes, device=sim.device)
-        votes.scatter_add_(1, y_train[idx], (sim / t).exp())
-        pred = votes.topk(min(5, num_classes), dim=1).indices
-        target = y_test[i : i + chunk, None]
-        correct1 += (pred[:, :1] == target).sum().item()
-        correct5 += (pred == target).any(1).sum().item()
-    return 100.0 * correct1 / len(x_test), 100.0 * correct5 / len(x_test)
-
-
-# END SHARED
-
-
 # SHARED: linear-probe
-def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0.03, wd=5e-5, batch_size=100, seed=0):
-    """Linear classifier on frozen, precomputed features, on their device: SGD (momentum 0.9), cosine LR per epoch
-    (CosineAnnealingLR(T_max=epochs)), shuffled batches with drop_last. Returns last and best test top-1 (percent)."""
-    gen = torch.Generator().manual_seed(seed)
+class LARS(torch.optim.Optimizer):
+    """SGD (momentum, optional Nesterov) with layer-wise adaptive rate scaling (solo-learn's LARSWrapper, apex LARC).
+    Groups with lars=True, for each parameter with non-zero ||p||, ||g||: local = eta ||p|| / (||g|| + wd ||p|| + eps),
+    ratio = min(local / lr, 1) if clip else local, g <- (g + wd p) ratio; groups with lars=False: g <- g + wd p.
+    Then buf <- momentum buf + g; p <- p - lr (g + momentum buf if nesterov else buf)."""
+
+    def __init__(self, params, lr, momentum=0.9, nesterov=False, weight_decay=0.0, eta=0.001, clip=False, eps=1e-8):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta=eta, clip=clip)
+        super().__init__(params, dict(defaults, eps=eps, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if group["lars"]:
+                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    local = group["eta"] * p_norm / (g_norm + wd * p_norm + group["eps"])
+                    ratio = (local / lr).clamp(max=1.0) if group["clip"] else local
+                    ok = (p_norm > 0) & (g_norm > 0)  # no host sync: zero norms leave g untouched
+                    g = torch.where(ok, (g + wd * p) * ratio, g)
+                elif wd:
+                    g = g + wd * p
+                if mom:
+                    buf = self.state[p].get("momentum_buffer")
+                    buf = self.state[p]["momentum_buffer"] = g.clone() if buf is None else buf.mul_(mom).add_(g)
+                    g = g + mom * buf if group["nesterov"] else buf
+                p.add_(g, alpha=-lr)
+
+
+def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0.03, wd=5e-5, batch_size=100, seed=0,
+                 init_std=None, lars=False, world_size=1) -> dict:  # fmt: skip
+    """Linear classifier on frozen features: SGD (momentum 0.9; LARC, trust 0.001 and no clipping, if lars), cosine LR
+    per epoch to 0, seeded shuffled batches (drop_last), head N(0, init_std) with bias 0 (None: nn.Linear's init).
+    x_train: precomputed features [n, F] on y_train's device, or a function (epoch, batches) yielding this rank's
+    features for each global batch (the augmented probe; its gradient is averaged over world_size ranks). Returns the
+    last and best test top-1 and the last top-5 (percent)."""
     with torch.random.fork_rng(devices=[]):  # a seeded head without touching the caller's RNG state
         torch.manual_seed(seed)
-        head = nn.Linear(x_train.shape[1], num_classes).to(x_train.device)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
-    n = len(x_train) // batch_size * batch_size
-    accs = []
-    for epoch in range(epochs):
+        head = nn.Linear(x_test.shape[1], num_classes).to(x_test.device)
+    if init_std is not None:
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(seed)) * init_std)
+            head.bias.zero_()
+    opt = LARS([dict(params=list(head.parameters()), lars=lars)], lr=lr, momentum=0.9, weight_decay=wd, clip=False)
+    rank, b = dist.get_rank() if world_size > 1 else 0, batch_size // world_size
+    top1, top5 = [], []
+    for epoch in tqdm(range(epochs), desc="linear probe", disable=rank != 0 or torch.is_tensor(x_train), leave=False):
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-        for idx in torch.randperm(len(x_train), generator=gen)[:n].to(x_train.device).view(-1, batch_size):
-            loss = F.cross_entropy(head(x_train[idx]), y_train[idx])
+        batches = epoch_batches(len(y_train), batch_size, seed, ("probe", epoch), y_train.device)
+        feats = (x_train[i] for i in batches) if torch.is_tensor(x_train) else x_train(epoch, batches)
+        for idx, f in zip(batches, feats):
+            loss = F.cross_entropy(head(f), y_train[idx[rank * b : (rank + 1) * b]])  # this rank's share
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if world_size > 1:  # the gradient of the global-batch mean
+                for p in head.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= world_size
             opt.step()
-        with torch.no_grad():
-            accs.append((head(x_test).argmax(1) == y_test).float().mean())  # no host sync per epoch
-    accs = (torch.stack(accs) * 100).tolist()
-    return dict(last=accs[-1], best=max(accs))
+        with torch.no_grad():  # no host sync per epoch
+            pred = head(x_test).topk(min(5, num_classes), dim=1).indices
+            top1.append((pred[:, 0] == y_test).float().mean())
+            top5.append((pred == y_test[:, None]).any(1).float().mean())
+    top1, top5 = (torch.stack(top1) * 100).tolist(), (torch.stack(top5) * 100).tolist()
+    return dict(last=top1[-1], best=max(top1), top5=top5[-1])
 
 
 # END SHARED
 
 
-# SHARED: check-ranges
-def check_ranges(args, at_least_1: str = "", at_least_0: str = "", positive: str = "", non_negative: str = "") -> None:
-    """One clear line for the first flag out of its range (names separated by spaces; a None value is unset):
-    integers >= 1 or >= 0, floats > 0 or >= 0."""
-    rules = ((at_least_1, 1, ">="), (at_least_0, 0, ">="), (positive, 0, ">"), (non_negative, 0, ">="))
-    for names, low, op in rules:
-        for name in names.split():
-            value = getattr(args, name)
-            if value is not None and (value < low if op == ">=" else value <= low):
-                raise RunError(f"--{name.replace('_', '-')} must be {op} {low}, got {value}")
-
-
-# END SHARED
-
-
-# SHARED: run-utils
-class RunError(Exception):
-    """A bad input or a failed run: main prints its one-line message and exits non-zero. every_rank: raised alike on
-    every rank (arguments, out-dir, data), so under torchrun rank 0 alone prints it."""
-
-    def __init__(self, message: str, every_rank: bool = False):
-        super().__init__(message)
-        self.every_rank = every_rank
-
-
-def rng_seed(*keys) -> int:
-    """A 56-bit seed derived from any keys, e.g. (seed, 'train', epoch, step): independent, reproducible streams."""
-    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:7], "little")
-
-
-def cpus_per_process() -> int:
-    """The CPUs this process may use (its affinity, as DataLoader counts them) over torchrun's local ranks, at most
-    10: the default number of DataLoader workers."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(10, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
-def check_out_dir(out_dir: str) -> None:
-    """Create --out-dir and write a file in it before any data is read: a run must not train and then fail to save."""
-    probe = Path(out_dir) / f".write-test-{os.getpid()}"
-    try:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise RunError(f"--out-dir {out_dir} cannot be written: {e.strerror or e}", every_rank=True)
-
-
-class RunStopped(Exception):
-    """A stop signal ended the run: main prints one line (stop_message) and exits with 128 + the signal number."""
-
-
-class Stop:
-    """SIGTERM (what a cluster scheduler sends before it kills a job) and SIGINT (Ctrl-C). During the training steps
-    (in_steps) they only set signum: every rank finishes its step, last.pt is saved and the run exits (stop_now,
-    stop_if_asked); elsewhere (loading data, evaluating) the run ends at once. `run`: the run main reports on."""
-
-    signum: Optional[int] = None
-    in_steps: bool = False
-    run: Optional[SimpleNamespace] = None
+# SHARED: ddp-gather
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums every rank's gradient and returns this rank's slice."""
 
     @staticmethod
-    def handler(signum, frame) -> None:
-        Stop.signum = signum
-        if not Stop.in_steps:
-            raise RunStopped()
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, 0)
 
     @staticmethod
-    def install() -> None:
-        Stop.signum, Stop.in_steps, Stop.run = None, False, None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, Stop.handler)
-
-    @staticmethod
-    def uninstall() -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on every rank's x
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn. Ctrl-C reaches every process of the terminal: the main process handles it and stops
-    the workers after its step, so a worker ignores it. SIGTERM (the DataLoader's own shutdown, or a scheduler that
-    signals every process of the job) ends a worker at once with exit code 0, so the main process, which finishes
-    its step with the batch it holds, does not take it for a crash."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
-
-
-def stop_now(run: SimpleNamespace) -> bool:
-    """After every step: did any rank get a stop signal? Under DDP a CPU all-reduce of one integer (gloo, no device
-    sync), so every rank stops after the same step."""
-    asked = Stop.signum or 0
-    if run.world_size > 1:
-        if not hasattr(run, "stop_group"):  # first step, on every rank alike
-            run.stop_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-        flag = torch.tensor([asked])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.stop_group)
-        asked = int(flag)
-        Stop.signum = Stop.signum or asked or None
-    return asked > 0
-
-
-def stop_if_asked(run: SimpleNamespace) -> None:
-    """After the checkpoint that follows the steps: end the run if a stop signal came."""
-    if Stop.signum:
-        raise RunStopped()
-
-
-def stop_message(run: Optional[SimpleNamespace]) -> str:
-    """The one line main prints for a stop: where the run was and what rerunning the same command does."""
-    sig, again = signal.Signals(Stop.signum).name, "rerun the same command to"
-    if run is None or not hasattr(run, "total_steps"):
-        return f"stopped by {sig} before training; {again} start"
-    last, at = Path(run.args.out_dir) / "last.pt", f"step {run.global_step} of {run.total_steps}"
-    if Stop.in_steps:
-        return f"stopped at {at} by {sig}; saved {last}; {again} resume"
-    if run.global_step >= run.total_steps and last.is_file():
-        return f"stopped by {sig} while evaluating; the trained weights are in {last}; {again} evaluate them"
-    return f"stopped by {sig} at {at}; {again} resume"
-
-
-# END SHARED
-
-
-# SHARED: entry
-def summary_line(res: dict, results: dict, path: Path) -> str:
-    """The run's last line: its metrics, steps and training time, and where results.json has the rest."""
-    metrics = " | ".join(f"{k} {v:.2f}" for k, v in res.items() if isinstance(v, float)) or "no evaluation"
-    return f"done: {metrics} | {results['steps_done']} steps in {results['train_time_s']:.1f} s | {path}"
-
-
-def main(args: Args) -> None:
-    """Run; a bad input or a failed run ends with one line (from rank 0 alone when every rank has it) and exit code 1,
-    a stop signal with one line and 128 + its number. No traceback."""
-    Stop.install()
-    quiet = int(os.environ.get("RANK", 0)) != 0  # torchrun's other ranks
-    try:
-        run_training(args)
-    except (RunError, CheckpointError) as e:  # CRUCIAL: bad input -> one clear line and exit code 1, no traceback
-        Stop.uninstall()  # torchrun ends the other ranks once one fails: quietly
-        msg = str(e).strip().splitlines()[-1].split("RunError: ", 1)[-1]  # a DataLoader worker's error: its last line
-        if quiet and getattr(e, "every_rank", False):
-            time.sleep(3)  # rank 0 has the same error: let it say it before torchrun stops everyone
-            sys.exit(1)
-        sys.exit(f"{Path(__file__).name}: error: {msg}")
-    except RunStopped:
-        Stop.uninstall()  # a second signal now ends the process at once
-        if not quiet:
-            print(f"{Path(__file__).name}: {stop_message(Stop.run)}", file=sys.stderr)
-        sys.exit(128 + Stop.signum)
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from all ranks along dim 0, gradient flowing back to each rank's own rows; identity on 1 rank."""
+    return _GatherWithGrad.apply(x) if dist.is_initialized() and dist.get_world_size() > 1 else x
 
 
 # END SHARED

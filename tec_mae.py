@@ -123,8 +123,6 @@ class Args:
     """decode every image once at --image-size and keep the uint8 tensor on the device (CIFAR); off: stream files"""
     image_size: int = 256
     """in-memory images are resized (shorter side) and centre-cropped to this size at load time"""
-    decode: Literal["workers", "device"] = "workers"
-    """streamed files: workers decode and crop on the CPU; device: workers read bytes, the device decodes (nvjpeg)"""
     workers: Optional[int] = None
     """DataLoader workers per process for streamed files (default: this machine's CPUs per process, at most 10)"""
     train_repeat: int = 1
@@ -971,8 +969,6 @@ def check_args(args: Args, world_size: int) -> None:
          f"--batch-size {args.batch_size} does not divide by the world size {world_size}"),
         (per_rank % args.accum_iter != 0,
          f"the per-rank batch {per_rank} does not divide into --accum-iter {args.accum_iter}"),
-        (args.decode == "device" and (args.in_memory or args.dataset != "imagefolder"),
-         "--decode device applies to streamed image folders; in-memory data is cut on the device anyway"),
     ]:  # fmt: skip
         if bad:
             raise RunError(message)
@@ -1113,59 +1109,126 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
     return res
 
 
-def measure_ceiling(run: SimpleNamespace, steps: int) -> float:
-    """The bare cost of this mode's networks on random images (no data, adapter, decoder, loss or optimizer), in
-    images/s: pretrain = the base model's forward on every token (fused attention, no grad) + a plain ViT of the new
-    model's size forward+backward on the CLS and visible tokens; mae the latter alone; finetune a ViT forward+backward
-    on every token; linear its forward."""
-    args, device, mode = run.args, run.device, run.args.mode
-    vit = VITS[args.arch](img_size=args.large_size, patch_size=args.patch_size).to(device)
-    x = torch.randn(args.batch_size // run.world_size, 3, args.large_size, args.large_size, device=device)
-    n_keep = 1 + int(vit.num_patches * (1 - args.mask_ratio))
-    for i in range(steps + 2):  # 2 warm-up steps
-        if i == 2:
-            sync(device)
-            t0 = time.perf_counter()
+def bare_step(run: SimpleNamespace):
+    """The ceiling's step: this mode's bare networks on random images (no data, adapter, decoder, loss or optimizer):
+    pretrain = the base model's forward on every token (fused attention, no grad) + a plain ViT of the new model's
+    size forward+backward on the CLS and visible tokens; mae the latter alone; finetune a ViT forward+backward on
+    every token; linear its forward."""
+    args, mode = run.args, run.args.mode
+    vit = VITS[args.arch](img_size=args.large_size, patch_size=args.patch_size).to(run.device)
+    x = torch.randn(args.batch_size // run.world_size, 3, args.large_size, args.large_size, device=run.device)
+    n_keep = 1 + int(vit.num_patches * (1 - args.mask_ratio)) if mode in ("pretrain", "mae") else None
+
+    def step():
         with run.autocast:
             if mode == "pretrain":
                 with torch.no_grad():
                     run.base.forward_features(x)
             with torch.no_grad() if mode == "linear" else nullcontext():
-                h = vit.prepare_tokens(x)[:, :n_keep] if mode in ("pretrain", "mae") else vit.prepare_tokens(x)
+                h = vit.prepare_tokens(x)[:, :n_keep]
                 for blk in vit.blocks:
                     h = blk(h)
                 out = vit.norm(h)
         if mode != "linear":
             out.float().sum().backward()
-    sync(device)
-    return steps * args.batch_size / (time.perf_counter() - t0)
+
+    return step
 
 
 # ==== 8. MAIN ====
-# main() and the entry point are the shared `entry` block at the very end.
+# main(args) closes the shared appendix (SHARED: entry): run_training, and one line with an exit code for a
+# bad input, a failed run or a stop signal.
 
 
 # ==== SHARED APPENDIX: identical in every script ====
 
 
-# SHARED: image-folder
+# SHARED: common
+class RunError(Exception):
+    """Bad input or a failed run: one line, exit 1. every_rank: raised alike on every rank (rank 0 alone prints it)."""
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
+
+
+def rng_seed(*keys) -> int:
+    """A 56-bit seed derived from any keys, e.g. (seed, 'train', epoch, step): independent, reproducible streams."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:7], "little")
+
+
+def cpus_per_process() -> int:
+    """The default DataLoader workers: the CPUs of this process (its affinity) over torchrun's local ranks, <= 10."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(10, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Create --out-dir and write a file in it before any data is read: a run must not train and then fail to save."""
+    probe = Path(out_dir) / f".write-test-{os.getpid()}"
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"--out-dir {out_dir} cannot be written: {e.strerror or e}", every_rank=True)
+
+
+def check_ranges(args, at_least_1: str = "", at_least_0: str = "", positive: str = "", non_negative: str = "") -> None:
+    """One clear line for the first named flag (space-separated; None is unset) out of its range."""
+    rules = ((at_least_1, 1, ">="), (at_least_0, 0, ">="), (positive, 0, ">"), (non_negative, 0, ">="))
+    for names, low, op in rules:
+        for name in names.split():
+            value = getattr(args, name)
+            if value is not None and (value < low if op == ">=" else value <= low):
+                raise RunError(f"--{name.replace('_', '-')} must be {op} {low}, got {value}")
+
+
+def check_common_args(args, world_size: int, archs, at_least_1="", at_least_0="", positive="", non_negative="",
+                      scales="", per_rank="batch_size") -> None:  # fmt: skip
+    """The checks of every script; the caller names its own flags (as check_ranges; scales: (min, max) in (0, 1])
+    and the batches that must divide by the world size (per_rank)."""
+    if args.arch not in archs:
+        raise RunError(f"unknown --arch {args.arch!r}; choose one of {', '.join(archs)}")
+    if args.device is not None and args.device != "cpu" and not args.device.startswith("cuda"):
+        raise RunError(f"unknown --device {args.device!r}; use cuda, cuda:N or cpu")
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"--device {args.device} but no CUDA device is available")
+    check_ranges(
+        args,
+        at_least_1="batch_size epochs probe_batch_size probe_epochs knn_k log_every image_size " + at_least_1,
+        at_least_0="save_every_steps eval_every_steps max_steps bench_ceiling_steps bench_data_steps " + at_least_0,
+        positive="probe_lr knn_t eval_memory_gb " + positive,
+        non_negative="weight_decay probe_wd " + non_negative,
+    )
+    for name in scales.split():
+        lo, hi = getattr(args, name)
+        if not 0 < lo <= hi <= 1:
+            raise RunError(f"--{name.replace('_', '-')} must satisfy 0 < min <= max <= 1, got {lo} {hi}")
+    for name in per_rank.split():
+        if getattr(args, name) % world_size:
+            flag = f"--{name.replace('_', '-')} {getattr(args, name)}"
+            raise RunError(f"{flag} does not divide by the world size {world_size}")
+
+
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
+def decode_checked(data: torch.Tensor, path) -> torch.Tensor:
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)  # JPEG, PNG, WebP; grayscale and CMYK become RGB
+    except RuntimeError as e:
+        raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
+
+
 def decode_files(paths: list, size: int, crop: Optional[int] = None) -> torch.Tensor:
-    """Read and decode image files into uint8 [n, 3, crop, crop]: shorter side resized to size, centre crop."""
+    """uint8 [n, 3, crop, crop]: shorter side resized to size, centre crop."""
     crop = crop or size
 
     def fit(img):
         if img.shape[-2:] == (crop, crop) and size == crop:
             return img
         return T.functional.center_crop(T.functional.resize(img, size, antialias=True), [crop, crop])
-
-    def decode_one(path, data):
-        try:
-            return decode_image(data, mode=ImageReadMode.RGB)
-        except RuntimeError as e:
-            raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
 
     datas = [read_file(str(p)) for p in paths]
     jpeg = [i for i, p in enumerate(paths) if p.suffix.lower() in (".jpg", ".jpeg")]
@@ -1175,11 +1238,11 @@ def decode_files(paths: list, size: int, crop: Optional[int] = None) -> torch.Te
             imgs[i] = img
     except RuntimeError:  # a bad file in the batch: decode one by one below, which names it
         pass
-    return torch.stack([fit(img if img is not None else decode_one(p, d)) for p, d, img in zip(paths, datas, imgs)])
+    return torch.stack([fit(img if img is not None else decode_checked(d, p)) for p, d, img in zip(paths, datas, imgs)])
 
 
 def folder_splits(root: Path) -> tuple:
-    """(train dir, test dir, class names) of an image folder with train/ and test/ (or val/) class folders."""
+    """(train dir, test dir, class names) of a folder with train/ and test/ (or val/) class folders."""
     if not root.is_dir():
         raise RunError(f"data dir not found: {root}")
     test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
@@ -1192,7 +1255,6 @@ def folder_splits(root: Path) -> tuple:
 
 
 def list_image_files(root: Path, classes: list) -> tuple:
-    """Sorted image paths under root/<class>/ and their int64 labels."""
     files = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir())]
     files = [(p, c) for p, c in files if p.suffix.lower() in IMAGE_EXTS]
     if not files:
@@ -1201,7 +1263,6 @@ def list_image_files(root: Path, classes: list) -> tuple:
 
 
 def load_image_folder(root: Path, classes: list, size: int) -> tuple:
-    """Decode every image under root/<class>/ once (batched libjpeg-turbo, in chunks on all cores)."""
     paths, labels = list_image_files(root, classes)
     chunks = [paths[i : i + 1000] for i in range(0, len(paths), 1000)]
     with ThreadPoolExecutor(os.cpu_count()) as pool:
@@ -1209,124 +1270,6 @@ def load_image_folder(root: Path, classes: list, size: int) -> tuple:
     return images, labels
 
 
-# END SHARED
-
-
-# SHARED: load-data
-CIFAR = {"cifar10": (torchvision.datasets.CIFAR10, 10), "cifar100": (torchvision.datasets.CIFAR100, 100)}
-
-
-def load_data(args: Args) -> dict:
-    """Both splits: uint8 images [N, 3, S, S] (in memory) or file paths (streamed), int64 labels, on the CPU."""
-    if args.dataset == "fake":  # random images, for shape tests and synthetic-data benchmarks
-        g = torch.Generator().manual_seed(args.seed)
-        n = max(256, 16 * args.batch_size)
-        x = torch.randint(0, 256, (n + 64, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
-        y = torch.arange(n + 64) % 10
-        return dict(train_x=x[:n], train_y=y[:n], test_x=x[n:], test_y=y[n:], num_classes=10)
-    root = Path(args.data_dir)
-    if args.dataset in CIFAR:
-        cls, num_classes = CIFAR[args.dataset]
-        try:
-            splits = [cls(str(root), train=train, download=args.download) for train in (True, False)]
-        except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted", or a failed download
-            if args.download:  # it was allowed and failed: no network, or a bad --data-dir
-                raise RunError(f"could not download {args.dataset} into {root} ({e}); without network, give a copy in "
-                               "--data-dir (torchvision's layout) or use --dataset imagefolder")  # fmt: skip
-            raise RunError(f"{args.dataset} not found in {root} ({e}); pass its --data-dir, or --download")
-        tr, te = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in splits]
-        return dict(train_x=tr[0], train_y=tr[1], test_x=te[0], test_y=te[1], num_classes=num_classes)
-    train_root, test_root, classes = folder_splits(root)
-    if args.in_memory:
-        train_x, train_y = load_image_folder(train_root, classes, args.image_size)
-        test_x, test_y = load_image_folder(test_root, classes, args.image_size)
-    else:
-        train_x, train_y = list_image_files(train_root, classes)
-        test_x, test_y = list_image_files(test_root, classes)
-        train_x, train_y = train_x * args.train_repeat, train_y.repeat(args.train_repeat)
-    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=len(classes))
-
-
-# END SHARED
-
-
-# SHARED: multi-crop
-@dataclass(frozen=True)
-class CropGroup:
-    """n crops per image: RandomResizedCrop(size, scale), flip 0.5, then (if colour) ColorJitter(*jitter) with p 0.8,
-    grayscale p 0.2, Gaussian blur (sigma U(0.1, 2)) with p blur and solarisation with p solarize."""
-
-    n: int
-    size: int
-    scale: tuple
-    jitter: tuple = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation, hue strengths
-    blur: float = 0.5
-    solarize: float = 0.0
-    colour: bool = True
-
-
-def sample_view_params(gen: torch.Generator, n: int, group: CropGroup) -> dict:
-    """Random draws of the per-crop transform for n crops, on the generator's device."""
-    dev, (b, c, s, h) = gen.device, group.jitter
-
-    def u(lo, hi, *shape):
-        return lo + (hi - lo) * torch.rand(n, *shape, generator=gen, device=dev)
-
-    # fmt: off
-    return dict(
-        area=u(*group.scale, 10), log_ratio=u(math.log(3 / 4), math.log(4 / 3), 10),  # RandomResizedCrop: 10 tries
-        pos=u(0, 1, 2, 10),                                                             # top/left of each try
-        flip=u(0, 1) < 0.5,                                                             # RandomHorizontalFlip
-        jitter=u(0, 1) < 0.8,                                                           # RandomApply(ColorJitter, .8)
-        factors=torch.stack([u(max(0, 1 - b), 1 + b), u(max(0, 1 - c), 1 + c), u(max(0, 1 - s), 1 + s), u(-h, h)], 1),
-        order=torch.rand(n, 4, generator=gen, device=dev).argsort(1),                  # ColorJitter's random op order
-        gray=u(0, 1) < 0.2,                                                             # RandomGrayscale(p=0.2)
-        blur=u(0, 1) < group.blur, sigma=u(0.1, 2.0),                                   # PIL GaussianBlur(U(.1, 2))
-        solarize=u(0, 1) < group.solarize,                                              # PIL Solarize(128)
-    )
-    # fmt: on
-
-
-def take_params(params: dict, idx: torch.Tensor) -> dict:
-    return {k: v[idx] for k, v in params.items()}
-
-
-def rrc_boxes(h: torch.Tensor, w: torch.Tensor, p: dict) -> torch.Tensor:
-    """torchvision RandomResizedCrop.get_params, batched: the first of 10 tries that fits, else a centre crop.
-
-    h, w: float [n] image sizes; p: sample_view_params draws. Returns boxes [n, 4] (x1, y1, x2, y2) in pixels."""
-    h, w = h[:, None].double(), w[:, None].double()  # float64 like torchvision's Python floats: same rounding
-    target, ratio = h * w * p["area"].double(), torch.exp(p["log_ratio"]).double()  # exp in float32 as torchvision
-    cw, ch = torch.round(torch.sqrt(target * ratio)), torch.round(torch.sqrt(target / ratio))
-    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
-    first = fits.int().argmax(1, keepdim=True)  # index of the first fitting try
-    cw, ch = cw.gather(1, first), ch.gather(1, first)
-    top = torch.floor(p["pos"][:, 0].gather(1, first) * (h - ch + 1))  # randint(0, h - ch + 1)
-    left = torch.floor(p["pos"][:, 1].gather(1, first) * (w - cw + 1))
-    # fallback when no try fits: the largest centre crop with the ratio clamped to [3/4, 4/3]
-    fw = torch.where(w / h > 4 / 3, torch.round(h * 4 / 3), w)
-    fh = torch.where(w / h < 3 / 4, torch.round(w * 4 / 3), h)
-    ok = fits.any(1, keepdim=True)
-    cw, ch = torch.where(ok, cw, fw), torch.where(ok, ch, fh)
-    top, left = torch.where(ok, top, torch.floor((h - fh) / 2)), torch.where(ok, left, torch.floor((w - fw) / 2))
-    return torch.cat([left, top, left + cw, top + ch], 1).float()
-
-
-def resized_crops(images: torch.Tensor, owner: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Cut boxes [n, 4] out of images [m, 3, H, W] (float 0..255; owner [n] picks the image) and resize to size.
-
-    Used where the crops are cut on the device (in-memory data, --decode device); CPU workers use torchvision's crop
-    and antialiased resize. DEVIATION: one batched roi_align instead of PIL's crop + bilinear resize. It is exact
-    bilinear when enlarging and averages a grid of bilinear samples when shrinking (PIL uses a triangle filter);
-    samples at the crop's edge may read the neighbouring pixel outside the crop instead of repeating the edge."""
-    rois = torch.cat([owner[:, None].to(boxes), boxes], 1)
-    return roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-
-
-# END SHARED
-
-
-# SHARED: gpu-color
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """ITU-R 601-2 luma, as PIL's convert('L') and torchvision: [N, 3, H, W] -> [N, 1, H, W]."""
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
@@ -1343,17 +1286,15 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
     h6 = ((h / 6.0 + shift[:, None, None]) % 1.0) * 6.0  # hue in sixths of a turn, [0, 6)
     # HSV -> RGB in closed form: channel n (r=5, g=3, b=1) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6
-    n = torch.arange(5.0, 0.0, -2.0, device=x.device)  # 5, 3, 1 (an arange, not a host-to-device copy)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device)  # an arange, not a host-to-device copy
     k = (n[None, :, None, None] + h6[:, None]) % 6
     return maxc[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
 def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
-    """torchvision ColorJitter semantics, batched: brightness, contrast, saturation, hue in a per-image random order.
-
-    factors: [N, 4] (brightness, contrast, saturation factors; hue shift); order: [N, 4] permutations; apply: [N].
-    Brightness, contrast and saturation are blends f x + (1 - f) m with m = 0, the mean luma, or the luma image. The
-    costly hue rotation runs once: first the blends that precede each image's hue slot, then hue, then the rest."""
+    """torchvision ColorJitter, batched: factors [N, 4] (brightness, contrast, saturation factors, hue shift) applied
+    in per-image order [N, 4] where apply [N]. The first three are blends f x + (1 - f) m (m = 0, the mean luma, the
+    luma image); the costly hue runs once: the blends before each image's hue slot, hue, then the rest."""
     hue_slot = torch.where(apply, (order == 3).int().argmax(1), -1)  # -1: jitter not applied to this image
 
     def blends(x, before: bool):
@@ -1372,7 +1313,7 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, ap
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 6) -> torch.Tensor:
-    """Separable Gaussian blur with a per-image sigma (replicate padding, as PIL extends edges)."""
+    """Separable, per-image sigma, replicate padding (PIL extends edges)."""
     n, c, h, w = x.shape
     k = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     kern = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None] ** 2))
@@ -1383,187 +1324,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 6) -> torc
     return y.reshape(n, c, h, w)
 
 
-# END SHARED
-
-
-# SHARED: views
-def finish_views(x: torch.Tensor, p: dict, group: CropGroup, args: Args) -> torch.Tensor:
-    """Flip, colour distortion, grayscale, blur (and solarize) on crops [n, 3, S, S] in 0..255, then Normalize.
-
-    The official per-crop order (SwAV, DINO), batched on the device. DEVIATION: float arithmetic instead of PIL's uint8
-    rounding after every op, and an exact Gaussian (radius 6 = 3 sigma at sigma 2) instead of PIL's box approximation.
-    """
-    x = x / 255
-    x = torch.where(p["flip"][:, None, None, None], x.flip(-1), x)
-    if group.colour:
-        x = color_jitter(x, p["factors"], p["order"], p["jitter"])
-        x = torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
-        x = torch.where(p["blur"][:, None, None, None], gaussian_blur(x, p["sigma"]), x)
-        if group.solarize > 0:
-            x = torch.where(p["solarize"][:, None, None, None] & (x >= 128 / 255), 1 - x, x)  # PIL: v >= 128
-    return torch.stack([(x[:, c] - m) / sd for c, (m, sd) in enumerate(zip(args.mean, args.std))], 1)  # no H2D copy
-
-
-class FolderViews(torch.utils.data.Dataset):
-    """Streamed multi-crop items. An item (index, seed) fixes every draw, so ranks and resumed runs replay the same
-    crops. decode='workers': the worker decodes and cuts the crops (uint8); 'device': it only reads the file bytes."""
-
-    def __init__(self, files: list, groups: list, args: Args):
-        self.files, self.groups, self.args = files, groups, args
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, item):
-        index, seed = item
-        gen = torch.Generator().manual_seed(seed)
-        params = [sample_view_params(gen, g.n, g) for g in self.groups]
-        if self.args.decode == "device":  # plain bytes: thousands of tiny shared-memory tensors would exhaust fds
-            return Path(self.files[index]).read_bytes(), params
-        img = decode_checked(read_file(str(self.files[index])), self.files[index])
-        h, w = (torch.full((1,), float(d)) for d in img.shape[-2:])
-        crops = []
-        for g, p in zip(self.groups, params):  # torchvision's tensor RandomResizedCrop: crop, antialiased uint8 resize
-            boxes = rrc_boxes(h.expand(g.n), w.expand(g.n), p).int().tolist()
-            resize = [F.interpolate(img[None, :, y1:y2, x1:x2], (g.size, g.size), mode="bilinear", antialias=True)
-                      for x1, y1, x2, y2 in boxes]  # fmt: skip
-            crops.append(torch.cat(resize))
-        return crops, params
-
-
-def crop_images(imgs: list, p: dict, group: CropGroup) -> torch.Tensor:
-    """group.n RandomResizedCrops of each uint8 image [3, H, W] (p: draws, image-major) -> float [b, n, 3, S, S]."""
-    dev = imgs[0].device
-    hw = torch.tensor([img.shape[-2:] for img in imgs], dtype=torch.float32).repeat_interleave(group.n, 0)
-    hw = hw.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else hw  # no host sync
-    boxes = rrc_boxes(hw[:, 0], hw[:, 1], p).view(len(imgs), group.n, 4)
-    zeros = torch.zeros(group.n, device=dev)
-    return torch.stack([resized_crops(img[None].float(), zeros, bx, group.size) for img, bx in zip(imgs, boxes)])
-
-
-def collate_views(batch: list) -> tuple:
-    """[(crops or bytes, params per group)] -> (per-group crops [b, n, 3, S, S] or a list of bytes, params [b*n])."""
-    first, params = zip(*batch)
-    params = [{k: torch.cat([p[g][k] for p in params]) for k in params[0][g]} for g in range(len(params[0]))]
-    if isinstance(first[0], bytes):
-        return [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in first], params
-    return [torch.stack([c[g] for c in first]) for g in range(len(first[0]))], params
-
-
-def view_batches(run: SimpleNamespace, images, batches: list, keys: list, groups: list):
-    """Yield this rank's crops for each global index batch: a list (one per group) of float [n*b, 3, S, S],
-    crop-major (row v*b + i is crop v of image i), normalised, on the device.
-
-    In memory (CIFAR): CRUCIAL: the uint8 images never leave the device; the draws are made for the whole global
-    batch from a key, and each rank keeps its contiguous share, so a 2-rank run sees exactly a 1-rank run's crops.
-    Streamed (ImageNet): DataLoader workers read (and decode and crop) the files; seeds per image position."""
-    args, device, rank, world = run.args, run.device, run.rank, run.world_size
-    if torch.is_tensor(images):
-        gen = torch.Generator(device=device)
-        for idx, key in zip(batches, keys):
-            b = len(idx) // world
-            local = idx[rank * b : (rank + 1) * b].to(device)
-            x = images[local].float()
-            gen.manual_seed(rng_seed(*key))
-            out = []
-            for g in groups:
-                p = sample_view_params(gen, g.n * len(idx), g)  # [n, B] crop-major, for the global batch
-                sel = torch.arange(g.n, device=device)[:, None] * len(idx) + rank * b + torch.arange(b, device=device)
-                p = take_params(p, sel.flatten())
-                h, w = (torch.full((g.n * b,), float(d), device=device) for d in x.shape[-2:])
-                crops = resized_crops(x, torch.arange(b, device=device).repeat(g.n), rrc_boxes(h, w, p), g.size)
-                out.append(finish_views(crops, p, g, args))
-            yield out
-        return
-    items = []  # one list of (file index, item seed) per step: this rank's share of the global batch
-    for idx, key in zip(batches, keys):
-        b = len(idx) // world
-        items.append([(int(i), rng_seed(*key, rank * b + j)) for j, i in enumerate(idx[rank * b : (rank + 1) * b])])
-    loader = DataLoader(
-        FolderViews(images, groups, args),
-        batch_sampler=items,
-        num_workers=args.workers,
-        collate_fn=collate_views,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if args.workers else None,
-        worker_init_fn=ignore_stop_signals,
-    )
-    for (crops, params), step_items in zip(loader, items):
-        params = [{k: v.to(device, non_blocking=True) for k, v in p.items()} for p in params]
-        if args.decode == "device":  # CRUCIAL: nvjpeg batch decode on CUDA, then the same crops as the workers cut
-            imgs = decode_on_device(crops, [images[i] for i, _ in step_items], device)
-            crops = [crop_images(imgs, p, g) for g, p in zip(groups, params)]
-        else:
-            crops = [c.to(device, non_blocking=True).float() for c in crops]
-        out = []  # [b, n, 3, S, S] image-major -> crop-major rows, with the params reordered the same way
-        for g, c, p in zip(groups, crops, params):
-            order = torch.arange(c.shape[0] * g.n, device=device).view(-1, g.n).T.flatten()
-            out.append(finish_views(c.transpose(0, 1).flatten(0, 1), take_params(p, order), g, args))
-        yield out
-
-
-def decode_on_device(datas: list, paths: list, device: torch.device) -> list:
-    """Batched JPEG decode on the device (nvjpeg on CUDA); files nvjpeg refuses (PNG, CMYK) decode on the CPU."""
-    try:
-        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        return [decode_checked(d, p).to(device) for d, p in zip(datas, paths)]
-
-
-def decode_checked(data: torch.Tensor, path) -> torch.Tensor:
-    try:
-        return decode_image(data, mode=ImageReadMode.RGB)  # JPEG, PNG, WebP; grayscale and CMYK become RGB
-    except RuntimeError as e:
-        raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
-
-
-# END SHARED
-
-
-# SHARED: lars
-class LARS(torch.optim.Optimizer):
-    """SGD (momentum, optional Nesterov) with layer-wise adaptive rate scaling (solo-learn's LARSWrapper, apex LARC).
-
-    For every parameter of a group with lars=True and non-zero ||p||, ||g||:
-        local = eta ||p|| / (||g|| + wd ||p|| + eps);  ratio = min(local / lr, 1) if clip else local
-        g <- (g + wd p) * ratio
-    Groups with lars=False take plain SGD with weight decay wd p added to g. The update is then
-        buf <- momentum buf + g;  p <- p - lr (g + momentum buf if nesterov else buf)."""
-
-    def __init__(self, params, lr, momentum=0.9, nesterov=False, weight_decay=0.0, eta=0.001, clip=False, eps=1e-8):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta=eta, clip=clip)
-        super().__init__(params, dict(defaults, eps=eps, lars=True))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if group["lars"]:
-                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                    local = group["eta"] * p_norm / (g_norm + wd * p_norm + group["eps"])
-                    ratio = (local / lr).clamp(max=1.0) if group["clip"] else local
-                    ok = (p_norm > 0) & (g_norm > 0)  # no host sync: zero norms leave g untouched
-                    g = torch.where(ok, (g + wd * p) * ratio, g)
-                elif wd:
-                    g = g + wd * p
-                if mom:
-                    buf = self.state[p].get("momentum_buffer")
-                    buf = self.state[p]["momentum_buffer"] = g.clone() if buf is None else buf.mul_(mom).add_(g)
-                    g = g + mom * buf if group["nesterov"] else buf
-                p.add_(g, alpha=-lr)
-
-
-# END SHARED
-
-
-# SHARED: ddp-setup
 def setup_distributed(device_arg: Optional[str]) -> tuple:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per device, nccl on GPU, gloo on CPU.
-    Without them: a single process, no process group. Returns (rank, world_size, device)."""
+    """(rank, world_size, device): a process per device under torchrun (nccl on GPU, gloo on CPU)."""
     use_cuda = torch.cuda.is_available() and (device_arg or "cuda") != "cpu"
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device_arg or ("cuda" if use_cuda else "cpu"))
@@ -1575,27 +1337,21 @@ def setup_distributed(device_arg: Optional[str]) -> tuple:
     return rank, world_size, device
 
 
-# END SHARED
-
-
-# SHARED: train-utils
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, device=None) -> list:
-    """The epoch's global batches: a seeded permutation cut into full batches (drop_last).
-
-    CRUCIAL: moved to the device once per epoch; a per-step copy from pageable memory would sync the host."""
+    """The epoch's global batches: a seeded permutation cut into full batches (drop_last). CRUCIAL: moved to the
+    device once per epoch; a per-step copy from pageable memory would sync the host."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(rng_seed(seed, "order", epoch)))
     return list(perm[: n // batch_size * batch_size].to(device).view(-1, batch_size))
 
 
 def sync(device: torch.device) -> None:
-    """Wait for queued GPU work (only where a timer stops; never per step)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def epoch_state(run: SimpleNamespace, epoch: int, size: int) -> dict:
-    """This epoch's running sums of `size` logged metrics, their step count n and the run's train time at the epoch's
-    start, kept in run.epoch_sums and saved in last.pt: a run resumed mid-epoch still reports the whole epoch."""
+    """This epoch's sums of `size` logged metrics, their step count n and the train time at its start, kept in
+    run.epoch_sums and saved in last.pt: a run resumed mid-epoch still reports the whole epoch."""
     e = getattr(run, "epoch_sums", None)
     if e is None or e["epoch"] != epoch:
         e = dict(epoch=epoch, sums=torch.zeros(size), n=0, t0=run.train_time_s)
@@ -1604,8 +1360,172 @@ def epoch_state(run: SimpleNamespace, epoch: int, size: int) -> dict:
 
 
 def memory_note(device: torch.device) -> str:
-    """' | 11.2 GB': the peak GPU memory for the epoch line (nothing on the CPU)."""
     return f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB" if device.type == "cuda" else ""
+
+
+def images_per_s(run: SimpleNamespace, steps: int, step) -> float:
+    """Global images/s of `steps` calls of step() (one step of --batch-size images each) after 2 warm-ups."""
+    for i in range(steps + 2):
+        if i == 2:
+            sync(run.device)
+            t0 = time.perf_counter()
+        step()
+    sync(run.device)
+    return steps * run.args.batch_size / (time.perf_counter() - t0)
+
+
+def run_benchmarks(run: SimpleNamespace, unit: str = "images", per_image: int = 1) -> dict:
+    """--bench-ceiling-steps: the method's bare_step(run) (its bare networks on synthetic inputs, no data or loss);
+    --bench-data-steps: its train_batches alone (read, decode, crops, colour). Returns {ceiling,data}_{unit}_per_s
+    (per_image units per image); then the peak-memory counter starts afresh."""
+    args, bench = run.args, {}
+    if args.bench_ceiling_steps:
+        bench[f"ceiling_{unit}_per_s"] = images_per_s(run, args.bench_ceiling_steps, bare_step(run)) * per_image
+    if args.bench_data_steps:
+        stream = (b for e in range(args.bench_data_steps + 2) for b in train_batches(run, e, 0, run.steps_per_epoch))
+        bench[f"data_{unit}_per_s"] = images_per_s(run, args.bench_data_steps, lambda: next(stream)) * per_image
+    if run.rank == 0 and bench:
+        print("benchmarks: " + ", ".join(f"{k} {v:,.0f}" for k, v in bench.items()))
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    return bench
+
+
+class LargestTensor(TorchDispatchMode):
+    """numel of the largest tensor with first dimension `batch` (activations, not weights) any op makes."""
+
+    def __init__(self, batch: int):
+        super().__init__()
+        self.batch, self.numel = batch, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if torch.is_tensor(t) and t.dim() and t.shape[0] == self.batch:
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@torch.no_grad()
+def inputs_per_chunk(net, one: torch.Tensor, budget_gb: float) -> int:
+    """How many inputs like `one` ([1, ...]) one no-grad forward of `net` may take within --eval-memory-gb: the peak
+    is estimated as 6x the largest fp32 activation an input makes (an op's input and output, a residual, the kernels'
+    buffers; measured on the CPU: 0.8x of the budget for ResNet-18 at 32 px, 0.35x for ResNet-50 at 224)."""
+    with LargestTensor(3) as largest:
+        net(one.expand(3, *one.shape[1:]).contiguous())
+    per_input = max(largest.numel, 3 * one.numel()) / 3
+    return max(1, int(budget_gb * 2**30 // (6 * 4 * per_input)))
+
+
+@torch.no_grad()
+def knn_eval(x_train, y_train, x_test, y_test, num_classes, k=20, t=0.07, chunk=256) -> tuple:
+    """Weighted k-NN (DINO protocol): cosine similarity, votes weighted by exp(sim / t). Returns (top1, top5) in %."""
+    x_train, x_test = F.normalize(x_train.float(), dim=1), F.normalize(x_test.float(), dim=1)
+    k = min(k, len(x_train))
+    correct1 = correct5 = 0
+    for i in range(0, len(x_test), chunk):
+        sim, idx = (x_test[i : i + chunk] @ x_train.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, y_train[idx], (sim / t).exp())
+        pred = votes.topk(min(5, num_classes), dim=1).indices
+        target = y_test[i : i + chunk, None]
+        correct1 += (pred[:, :1] == target).sum().item()
+        correct5 += (pred == target).any(1).sum().item()
+    return 100.0 * correct1 / len(x_test), 100.0 * correct5 / len(x_test)
+
+
+class RunStopped(Exception):
+    """A stop signal ended the run: main prints stop_message and exits with 128 + the signal number."""
+
+
+class Stop:
+    """SIGTERM (a scheduler's notice before it kills a job) and SIGINT (Ctrl-C). During the training steps (in_steps)
+    they only set signum: every rank finishes its step, last.pt is saved and the run exits (stop_now, stop_if_asked);
+    elsewhere (data, evaluation) the run ends at once. `run`: the run main reports on."""
+
+    signum: Optional[int] = None
+    in_steps: bool = False
+    run: Optional[SimpleNamespace] = None
+
+    @staticmethod
+    def handler(signum, frame) -> None:
+        Stop.signum = signum
+        if not Stop.in_steps:
+            raise RunStopped()
+
+    @staticmethod
+    def install() -> None:
+        Stop.signum, Stop.in_steps, Stop.run = None, False, None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, Stop.handler)
+
+    @staticmethod
+    def uninstall() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: Ctrl-C is the main process's to handle (it stops the workers after its step), and
+    SIGTERM (the DataLoader's shutdown, or a scheduler signalling the whole job) ends a worker with exit code 0, so
+    the main process, finishing its step, does not take it for a crash."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+def stop_now(run: SimpleNamespace) -> bool:
+    """After every step: did any rank get a stop signal? Under DDP a CPU all-reduce of one integer (gloo, no device
+    sync), so every rank stops after the same step."""
+    asked = Stop.signum or 0
+    if run.world_size > 1:
+        if not hasattr(run, "stop_group"):  # first step, on every rank alike
+            run.stop_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        flag = torch.tensor([asked])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.stop_group)
+        asked = int(flag)
+        Stop.signum = Stop.signum or asked or None
+    return asked > 0
+
+
+def stop_if_asked(run: SimpleNamespace) -> None:
+    if Stop.signum:
+        raise RunStopped()
+
+
+def stop_message(run: Optional[SimpleNamespace]) -> str:
+    sig, again = signal.Signals(Stop.signum).name, "rerun the same command to"
+    if run is None or not hasattr(run, "total_steps"):
+        return f"stopped by {sig} before training; {again} start"
+    last, at = Path(run.args.out_dir) / "last.pt", f"step {run.global_step} of {run.total_steps}"
+    if Stop.in_steps:
+        return f"stopped at {at} by {sig}; saved {last}; {again} resume"
+    if run.global_step >= run.total_steps and last.is_file():
+        return f"stopped by {sig} while evaluating; the trained weights are in {last}; {again} evaluate them"
+    return f"stopped by {sig} at {at}; {again} resume"
+
+
+def summary_line(res: dict, results: dict, path: Path) -> str:
+    metrics = " | ".join(f"{k} {v:.2f}" for k, v in res.items() if isinstance(v, float)) or "no evaluation"
+    return f"done: {metrics} | {results['steps_done']} steps in {results['train_time_s']:.1f} s | {path}"
+
+
+def main(args: Args) -> None:
+    Stop.install()
+    quiet = int(os.environ.get("RANK", 0)) != 0  # torchrun's other ranks
+    try:
+        run_training(args)
+    except (RunError, CheckpointError) as e:  # CRUCIAL: bad input -> one clear line and exit code 1, no traceback
+        Stop.uninstall()  # torchrun ends the other ranks once one fails: quietly
+        msg = str(e).strip().splitlines()[-1].split("RunError: ", 1)[-1]  # a DataLoader worker's error: its last line
+        if quiet and getattr(e, "every_rank", False):
+            time.sleep(3)  # rank 0 has the same error: let it say it before torchrun stops everyone
+            sys.exit(1)
+        sys.exit(f"{Path(__file__).name}: error: {msg}")
+    except RunStopped:
+        Stop.uninstall()  # a second signal now ends the process at once
+        if not quiet:
+            print(f"{Path(__file__).name}: {stop_message(Stop.run)}", file=sys.stderr)
+        sys.exit(128 + Stop.signum)
 
 
 # END SHARED
@@ -1700,96 +1620,222 @@ def train_epochs(run: SimpleNamespace) -> None:
 # END SHARED
 
 
-# SHARED: bench-data
-def measure_data(run: SimpleNamespace, steps: int) -> float:
-    """The data pipeline alone (read, decode, crops, colour, normalise) for `steps` global batches: images/s."""
-    args = run.args
-    in_memory = torch.is_tensor(run.data["train_x"])
-    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, -1, run.device if in_memory else None)
-    batches = (batches * math.ceil((steps + 1) / len(batches)))[: steps + 1]
-    stream = view_batches(
-        run, run.data["train_x"], batches, [(args.seed, "bench", i) for i in range(steps + 1)], run.groups
+# SHARED: image-runs
+CIFAR = {"cifar10": (torchvision.datasets.CIFAR10, 10), "cifar100": (torchvision.datasets.CIFAR100, 100)}
+
+
+def load_data(args: Args) -> dict:
+    """Both splits: uint8 images [N, 3, S, S] (in memory) or file paths (streamed), int64 labels, on the CPU."""
+    if args.dataset == "fake":  # random images, for shape tests and synthetic-data benchmarks
+        g = torch.Generator().manual_seed(args.seed)
+        n = max(256, 16 * args.batch_size)
+        x = torch.randint(0, 256, (n + 64, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
+        y = torch.arange(n + 64) % 10
+        return dict(train_x=x[:n], train_y=y[:n], test_x=x[n:], test_y=y[n:], num_classes=10)
+    root = Path(args.data_dir)
+    if args.dataset in CIFAR:
+        cls, num_classes = CIFAR[args.dataset]
+        try:
+            splits = [cls(str(root), train=train, download=args.download) for train in (True, False)]
+        except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted", or a failed download
+            if args.download:  # it was allowed and failed: no network, or a bad --data-dir
+                raise RunError(f"could not download {args.dataset} into {root} ({e}); without network, give a copy in "
+                               "--data-dir (torchvision's layout) or use --dataset imagefolder")  # fmt: skip
+            raise RunError(f"{args.dataset} not found in {root} ({e}); pass its --data-dir, or --download")
+        tr, te = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in splits]
+        return dict(train_x=tr[0], train_y=tr[1], test_x=te[0], test_y=te[1], num_classes=num_classes)
+    train_root, test_root, classes = folder_splits(root)
+    if args.in_memory:
+        train_x, train_y = load_image_folder(train_root, classes, args.image_size)
+        test_x, test_y = load_image_folder(test_root, classes, args.image_size)
+    else:
+        train_x, train_y = list_image_files(train_root, classes)
+        test_x, test_y = list_image_files(test_root, classes)
+        train_x, train_y = train_x * args.train_repeat, train_y.repeat(args.train_repeat)
+    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=len(classes))
+
+
+@dataclass(frozen=True)
+class CropGroup:
+    """n crops per image: RandomResizedCrop(size, scale), flip 0.5, then (if colour) ColorJitter(*jitter) with p 0.8,
+    grayscale p 0.2, Gaussian blur (sigma U(0.1, 2)) with p blur and solarisation with p solarize."""
+
+    n: int
+    size: int
+    scale: tuple
+    jitter: tuple = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation, hue strengths
+    blur: float = 0.5
+    solarize: float = 0.0
+    colour: bool = True
+
+
+def sample_view_params(gen: torch.Generator, n: int, group: CropGroup) -> dict:
+    """Random draws of the per-crop transform for n crops, on the generator's device."""
+    dev, (b, c, s, h) = gen.device, group.jitter
+
+    def u(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(n, *shape, generator=gen, device=dev)
+
+    # fmt: off
+    return dict(
+        area=u(*group.scale, 10), log_ratio=u(math.log(3 / 4), math.log(4 / 3), 10),  # RandomResizedCrop: 10 tries
+        pos=u(0, 1, 2, 10),                                                             # top/left of each try
+        flip=u(0, 1) < 0.5,                                                             # RandomHorizontalFlip
+        jitter=u(0, 1) < 0.8,                                                           # RandomApply(ColorJitter, .8)
+        factors=torch.stack([u(max(0, 1 - b), 1 + b), u(max(0, 1 - c), 1 + c), u(max(0, 1 - s), 1 + s), u(-h, h)], 1),
+        order=torch.rand(n, 4, generator=gen, device=dev).argsort(1),                  # ColorJitter's random op order
+        gray=u(0, 1) < 0.2,                                                             # RandomGrayscale(p=0.2)
+        blur=u(0, 1) < group.blur, sigma=u(0.1, 2.0),                                   # PIL GaussianBlur(U(.1, 2))
+        solarize=u(0, 1) < group.solarize,                                              # PIL Solarize(128)
     )
-    next(stream)  # workers started
-    sync(run.device)
-    t0 = time.perf_counter()
-    for _ in stream:
-        pass
-    sync(run.device)
-    return steps * args.batch_size / (time.perf_counter() - t0)
+    # fmt: on
 
 
-# END SHARED
+def take_params(params: dict, idx: torch.Tensor) -> dict:
+    return {k: v[idx] for k, v in params.items()}
 
 
-# SHARED: eval-memory
-class LargestTensor(TorchDispatchMode):
-    """Records the element count of the largest tensor any op makes while active (modules or functional code) among
-    those whose first dimension is `batch`: activations, not weights or their views."""
-
-    def __init__(self, batch: int):
-        super().__init__()
-        self.batch, self.numel = batch, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if torch.is_tensor(t) and t.dim() and t.shape[0] == self.batch:
-                self.numel = max(self.numel, t.numel())
-        return out
-
-
-@torch.no_grad()
-def inputs_per_chunk(net, one: torch.Tensor, budget_gb: float) -> int:
-    """How many inputs like `one` ([1, ...]) one no-grad forward of `net` may take within --eval-memory-gb: the peak
-    is estimated as 6x the largest activation an input makes (an op's input and output, a residual, the kernels'
-    own buffers; measured on the CPU: 0.8x of the budget for ResNet-18 at 32 px, 0.35x for ResNet-50 at 224), in
-    float32, from a forward of 3 such inputs. Evaluation memory is then bounded whatever the image count or size."""
-    with LargestTensor(3) as largest:
-        net(one.expand(3, *one.shape[1:]).contiguous())
-    per_input = max(largest.numel, 3 * one.numel()) / 3
-    return max(1, int(budget_gb * 2**30 // (6 * 4 * per_input)))
+def rrc_boxes(h: torch.Tensor, w: torch.Tensor, p: dict) -> torch.Tensor:
+    """torchvision RandomResizedCrop.get_params, batched: the first of 10 tries that fits, else a centre crop.
+    h, w: float [n] image sizes; p: sample_view_params draws. Returns boxes [n, 4] (x1, y1, x2, y2) in pixels."""
+    h, w = h[:, None].double(), w[:, None].double()  # float64 like torchvision's Python floats: same rounding
+    target, ratio = h * w * p["area"].double(), torch.exp(p["log_ratio"]).double()  # exp in float32 as torchvision
+    cw, ch = torch.round(torch.sqrt(target * ratio)), torch.round(torch.sqrt(target / ratio))
+    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = fits.int().argmax(1, keepdim=True)  # index of the first fitting try
+    cw, ch = cw.gather(1, first), ch.gather(1, first)
+    top = torch.floor(p["pos"][:, 0].gather(1, first) * (h - ch + 1))  # randint(0, h - ch + 1)
+    left = torch.floor(p["pos"][:, 1].gather(1, first) * (w - cw + 1))
+    # no try fits: the largest centre crop with the ratio clamped to [3/4, 4/3]
+    fw = torch.where(w / h > 4 / 3, torch.round(h * 4 / 3), w)
+    fh = torch.where(w / h < 3 / 4, torch.round(w * 4 / 3), h)
+    ok = fits.any(1, keepdim=True)
+    cw, ch = torch.where(ok, cw, fw), torch.where(ok, ch, fh)
+    top, left = torch.where(ok, top, torch.floor((h - fh) / 2)), torch.where(ok, left, torch.floor((w - fw) / 2))
+    return torch.cat([left, top, left + cw, top + ch], 1).float()
 
 
-# END SHARED
+def resized_crops(images: torch.Tensor, owner: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Cut boxes [n, 4] out of images [m, 3, H, W] (float 0..255; owner [n] picks the image), resized to size: the
+    in-memory crops, on the device. DEVIATION: one batched roi_align instead of PIL's crop + bilinear resize: exact
+    bilinear when enlarging, a grid of bilinear samples when shrinking (PIL: a triangle filter); samples at the
+    crop's edge may read the neighbouring pixel outside the crop instead of repeating the edge."""
+    rois = torch.cat([owner[:, None].to(boxes), boxes], 1)
+    return roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
-# SHARED: encode
+def finish_views(x: torch.Tensor, p: dict, group: CropGroup, args: Args) -> torch.Tensor:
+    """Flip, colour distortion, grayscale, blur (and solarize) on crops [n, 3, S, S] in 0..255, then Normalize: the
+    official per-crop order (SwAV, DINO), batched. DEVIATION: float arithmetic instead of PIL's uint8 rounding after
+    every op, and an exact Gaussian (radius 6 = 3 sigma at sigma 2) instead of PIL's box approximation."""
+    x = x / 255
+    x = torch.where(p["flip"][:, None, None, None], x.flip(-1), x)
+    if group.colour:
+        x = color_jitter(x, p["factors"], p["order"], p["jitter"])
+        x = torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
+        x = torch.where(p["blur"][:, None, None, None], gaussian_blur(x, p["sigma"]), x)
+        if group.solarize > 0:
+            x = torch.where(p["solarize"][:, None, None, None] & (x >= 128 / 255), 1 - x, x)  # PIL: v >= 128
+    return torch.stack([(x[:, c] - m) / sd for c, (m, sd) in enumerate(zip(args.mean, args.std))], 1)  # no H2D copy
+
+
+class FolderViews(torch.utils.data.Dataset):
+    """Streamed multi-crop items, decoded and cut (uint8) by a DataLoader worker. An item (index, seed) fixes every
+    draw, so ranks and resumed runs replay the same crops."""
+
+    def __init__(self, files: list, groups: list, args: Args):
+        self.files, self.groups, self.args = files, groups, args
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, item):
+        index, seed = item
+        gen = torch.Generator().manual_seed(seed)
+        params = [sample_view_params(gen, g.n, g) for g in self.groups]
+        img = decode_checked(read_file(str(self.files[index])), self.files[index])
+        h, w = (torch.full((1,), float(d)) for d in img.shape[-2:])
+        crops = []
+        for g, p in zip(self.groups, params):  # torchvision's tensor RandomResizedCrop: crop, antialiased uint8 resize
+            boxes = rrc_boxes(h.expand(g.n), w.expand(g.n), p).int().tolist()
+            resize = [F.interpolate(img[None, :, y1:y2, x1:x2], (g.size, g.size), mode="bilinear", antialias=True)
+                      for x1, y1, x2, y2 in boxes]  # fmt: skip
+            crops.append(torch.cat(resize))
+        return crops, params
+
+
+def collate_views(batch: list) -> tuple:
+    """[(crops, params) per group] -> (per-group crops [b, n, 3, S, S], params [b*n])."""
+    first, params = zip(*batch)
+    params = [{k: torch.cat([p[g][k] for p in params]) for k in params[0][g]} for g in range(len(params[0]))]
+    return [torch.stack([c[g] for c in first]) for g in range(len(first[0]))], params
+
+
+def view_batches(run: SimpleNamespace, images, batches: list, keys: list, groups: list):
+    """This rank's crops for each global index batch: per group float [n*b, 3, S, S], crop-major (row v*b + i is crop
+    v of image i), normalised, on the device. In memory: CRUCIAL: the uint8 images never leave the device; the draws
+    are made for the whole global batch from its key and each rank keeps its share, so 2 ranks see exactly 1 rank's
+    crops. Streamed: DataLoader workers decode and crop the files, seeded per image position."""
+    args, device, rank, world = run.args, run.device, run.rank, run.world_size
+    if torch.is_tensor(images):
+        gen = torch.Generator(device=device)
+        for idx, key in zip(batches, keys):
+            b = len(idx) // world
+            x = images[idx[rank * b : (rank + 1) * b].to(device)].float()
+            gen.manual_seed(rng_seed(*key))
+            out = []
+            for g in groups:
+                p = sample_view_params(gen, g.n * len(idx), g)  # [n, B] crop-major, for the global batch
+                sel = torch.arange(g.n, device=device)[:, None] * len(idx) + rank * b + torch.arange(b, device=device)
+                p = take_params(p, sel.flatten())
+                h, w = (torch.full((g.n * b,), float(d), device=device) for d in x.shape[-2:])
+                crops = resized_crops(x, torch.arange(b, device=device).repeat(g.n), rrc_boxes(h, w, p), g.size)
+                out.append(finish_views(crops, p, g, args))
+            yield out
+        return
+    items = []  # per step: (file index, item seed) of this rank's share of the global batch
+    for idx, key in zip(batches, keys):
+        b = len(idx) // world
+        items.append([(i, rng_seed(*key, rank * b + j)) for j, i in enumerate(idx[rank * b : (rank + 1) * b].tolist())])
+    loader = DataLoader(
+        FolderViews(images, groups, args), batch_sampler=items, num_workers=args.workers, collate_fn=collate_views,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if args.workers else None,
+        worker_init_fn=ignore_stop_signals,
+    )  # fmt: skip
+    for crops, params in loader:
+        out = []  # [b, n, 3, S, S] image-major -> crop-major rows, with the params reordered the same way
+        for g, c, p in zip(groups, crops, params):
+            c, p = c.to(device, non_blocking=True).float(), {k: v.to(device, non_blocking=True) for k, v in p.items()}
+            order = torch.arange(c.shape[0] * g.n, device=device).view(-1, g.n).T.flatten()
+            out.append(finish_views(c.transpose(0, 1).flatten(0, 1), take_params(p, order), g, args))
+        yield out
+
+
 @torch.no_grad()
 def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Pooled backbone features [n, F] (fp32, eval-mode BN) of centre crops (streamed) or whole images (in memory),
-    sharded over ranks and gathered; `subset` selects image indices."""
-    args, model, device, rank, world = run.args, run.model, run.device, run.rank, run.world_size
+    """run.encode's features [n, F] (fp32, eval mode) of centre crops (streamed) or whole images (in memory), in
+    chunks within --eval-memory-gb, sharded over ranks and gathered; `subset` selects image indices."""
+    args, device, rank, world = run.args, run.device, run.rank, run.world_size
     images = run.data[f"{split}_x"]
     ids = torch.arange(len(run.data[f"{split}_y"])) if subset is None else subset
     per_rank = math.ceil(len(ids) / world)
     mine = ids[torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp(max=len(ids) - 1)]  # padded, trimmed later
-    model.eval()
+    run.model.eval()
     one = torch.zeros(1, 3, args.large_size, args.large_size, device=device).contiguous(memory_format=run.fmt)
     chunk = inputs_per_chunk(run.encode, one, args.eval_memory_gb)
     if torch.is_tensor(images):
-        mine_dev = mine.to(images.device)
-
-        def load(c):
-            x = images[c].to(device).float()
-            if x.shape[-1] != args.large_size:
-                x = F.interpolate(x, size=(args.large_size, args.large_size), mode="bilinear", antialias=True)
-            return x
-
-        stream = (load(c) for c in mine_dev.split(chunk))
-        n_chunks = math.ceil(len(mine) / chunk)
-    else:
-        chunks = [[images[i] for i in c] for c in mine.split(chunk)]
-        # PAPER: Resize(256) + CenterCrop(224), decoded by the workers, one chunk per item
+        s = (args.large_size, args.large_size)
+        stream = (images[c].to(device).float() for c in mine.to(images.device).split(chunk))
+        stream = (F.interpolate(x, s, mode="bilinear", antialias=True) if x.shape[-2:] != s else x for x in stream)
+    else:  # PAPER: Resize(256) + CenterCrop(224), decoded by the workers, one chunk per item
         decode = partial(decode_files, size=round(args.large_size * 256 / 224), crop=args.large_size)
-        loader = DataLoader(
-            chunks, batch_size=None, collate_fn=decode, num_workers=args.workers, worker_init_fn=ignore_stop_signals
-        )
-        stream, n_chunks = (x.to(device, non_blocking=True).float() for x in loader), len(chunks)
+        loader = DataLoader([[images[i] for i in c] for c in mine.split(chunk)], batch_size=None, collate_fn=decode,
+                            num_workers=args.workers, worker_init_fn=ignore_stop_signals)  # fmt: skip
+        stream = (x.to(device, non_blocking=True).float() for x in loader)
     mean = torch.tensor(args.mean, device=device)[:, None, None] * 255
     std = torch.tensor(args.std, device=device)[:, None, None] * 255
     feats = []
-    for x in tqdm(stream, total=n_chunks, desc=f"encode {split}", disable=rank != 0, leave=False):
+    for x in tqdm(stream, total=math.ceil(len(mine) / chunk), desc=f"encode {split}", disable=rank != 0, leave=False):
         with run.autocast:
             feats.append(run.encode(((x - mean) / std).contiguous(memory_format=run.fmt)).float())
     feats = torch.cat(feats)
@@ -1800,151 +1846,25 @@ def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Te
     return feats[: len(ids)]
 
 
-# END SHARED
-
-
-# SHARED: knn
-@torch.no_grad()
-def knn_eval(x_train, y_train, x_test, y_test, num_classes, k=20, t=0.07, chunk=256) -> tuple:
-    """Weighted k-NN (DINO protocol): cosine similarity on L2-normalised features, votes weighted by exp(sim / t).
-
-    Returns (top1, top5) in percent. The test set is processed in chunks of a fixed size."""
-    x_train, x_test = F.normalize(x_train.float(), dim=1), F.normalize(x_test.float(), dim=1)
-    k = min(k, len(x_train))
-    correct1 = correct5 = 0
-    for i in range(0, len(x_test), chunk):
-        sim, idx = (x_test[i : i + chunk] @ x_train.T).topk(k, dim=1)
-        votes = torch.zeros(len(sim), num_classes, device=sim.device)
-        votes.scatter_add_(1, y_train[idx], (sim / t).exp())
-        pred = votes.topk(min(5, num_classes), dim=1).indices
-        target = y_test[i : i + chunk, None]
-        correct1 += (pred[:, :1] == target).sum().item()
-        correct5 += (pred == target).any(1).sum().item()
-    return 100.0 * correct1 / len(x_test), 100.0 * correct5 / len(x_test)
-
-
-# END SHARED
-
-
-# SHARED: linear-probe
-def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0.03, wd=5e-5, batch_size=100, seed=0):
-    """Linear classifier on frozen, precomputed features, on their device: SGD (momentum 0.9), cosine LR per epoch
-    (CosineAnnealingLR(T_max=epochs)), shuffled batches with drop_last. Returns last and best test top-1 (percent)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):  # a seeded head without touching the caller's RNG state
-        torch.manual_seed(seed)
-        head = nn.Linear(x_train.shape[1], num_classes).to(x_train.device)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
-    n = len(x_train) // batch_size * batch_size
-    accs = []
-    for epoch in range(epochs):
-        for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-        for idx in torch.randperm(len(x_train), generator=gen)[:n].to(x_train.device).view(-1, batch_size):
-            loss = F.cross_entropy(head(x_train[idx]), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            accs.append((head(x_test).argmax(1) == y_test).float().mean())  # no host sync per epoch
-    accs = (torch.stack(accs) * 100).tolist()
-    return dict(last=accs[-1], best=max(accs))
-
-
-# END SHARED
-
-
-# SHARED: save-state
-def log_jsonl(run: SimpleNamespace, record: dict) -> None:
-    with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def save_state(run: SimpleNamespace) -> None:
-    """out_dir/last.pt, written atomically by rank 0: model (its buffers too: running statistics, a queue), optimizer,
-    scaler, step and timers."""
-    if run.rank != 0:
-        return
-    t0 = time.perf_counter()
-    state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
-    state.update(step=run.global_step, train_time_s=run.train_time_s, images_seen=run.images_seen)
-    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args), epoch_sums=run.epoch_sums)
-    save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
-    run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
-
-
-# END SHARED
-
-
-# SHARED: results
-def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, res: dict) -> None:
-    """out_dir/results.json (rank 0, atomic): args, machine, timings, throughput against the bare ceiling, metrics."""
-    args, device = run.args, run.device
-    imgs_per_s = run.images_seen / max(run.train_time_s, 1e-9)
-    ceiling = bench.get("ceiling_images_per_s")
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    results = dict(script=Path(__file__).name, paper=paper, exp_name=args.exp_name)
-    results.update(args=dataclasses.asdict(args), world_size=run.world_size, steps_per_epoch=run.steps_per_epoch)
-    results.update(extra, device=dev_name, python=platform.python_version())
-    results.update(torch=torch.__version__, torchvision=torchvision.__version__)
-    results.update(epochs_done=run.global_step / run.steps_per_epoch, steps_done=run.global_step)
-    view = "whole images" if args.in_memory else "centre crops"
-    protocol = f"pooled backbone features of {view}, eval-mode BN; weighted k-NN k={args.knn_k} T={args.knn_t}"
-    results.update(eval_protocol=f"{protocol}; linear probe: {args.probe}, {args.probe_epochs} epochs")
-    results.update(data_time_s=run.data_time_s, train_time_s=run.train_time_s, data_wait_s=run.data_wait_s, **run.times)
-    results.update(total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen, images_per_s=imgs_per_s)
-    results.update(crops_per_s=imgs_per_s * sum(g.n for g in run.groups), **bench)
-    results.update(ceiling_ratio=imgs_per_s / ceiling if ceiling else None)
-    results.update(peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
-    results.update(script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)
-    tmp = Path(args.out_dir) / f"results.json.tmp.{os.getpid()}"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, Path(args.out_dir) / "results.json")  # atomic, like the checkpoints
-    print(summary_line(res, results, Path(args.out_dir) / "results.json"))
-
-
-# END SHARED
-
-
-# SHARED: check-ranges
-def check_ranges(args, at_least_1: str = "", at_least_0: str = "", positive: str = "", non_negative: str = "") -> None:
-    """One clear line for the first flag out of its range (names separated by spaces; a None value is unset):
-    integers >= 1 or >= 0, floats > 0 or >= 0."""
-    rules = ((at_least_1, 1, ">="), (at_least_0, 0, ">="), (positive, 0, ">"), (non_negative, 0, ">="))
-    for names, low, op in rules:
-        for name in names.split():
-            value = getattr(args, name)
-            if value is not None and (value < low if op == ">=" else value <= low):
-                raise RunError(f"--{name.replace('_', '-')} must be {op} {low}, got {value}")
-
-
-# END SHARED
-
-
-# SHARED: run-state
 def start_run(args: Args) -> SimpleNamespace:
-    """Check the args, join the process group, read the data (kept on the device when in memory), set precision.
+    """Check the args, join the process group, read the data (on the device when in memory), set the precision.
     Returns the run's state: args, rank, world_size, device, data, fmt, autocast, scaler, counters and timers."""
     try:  # before any process group and data: bad input fails fast, alike on every rank
         check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
         check_out_dir(args.out_dir)
+        t_start = time.perf_counter()
+        rank, world_size, device = setup_distributed(args.device)
+        if device.type != "cuda":  # autocast runs on CUDA only: say so in results.json
+            args = dataclasses.replace(args, amp="none", channels_last=False)
+        args = dataclasses.replace(args, workers=cpus_per_process()) if args.workers is None else args
+        data = load_data(args)
     except RunError as e:
         raise RunError(str(e), every_rank=True)
-    t_start = time.perf_counter()
-    rank, world_size, device = setup_distributed(args.device)
-    if device.type != "cuda":  # autocast runs on CUDA only: say so in results.json
-        args = dataclasses.replace(args, amp="none", channels_last=False)
-    if args.workers is None:
-        args = dataclasses.replace(args, workers=cpus_per_process())
     torch.backends.cudnn.benchmark = not args.deterministic
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     # DEVIATION: TF32 for fp32 matmuls/convs; it only matters with --amp none (the losses compute in fp32 anyway)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        data = load_data(args)
-    except RunError as e:
-        raise RunError(str(e), every_rank=True)
     n = len(data["train_y"])
     if n < args.batch_size:
         raise RunError(f"--batch-size {args.batch_size} exceeds the {n} training images", every_rank=True)
@@ -1969,8 +1889,8 @@ def start_run(args: Args) -> SimpleNamespace:
 
 
 def resume_state(run: SimpleNamespace, extra_keys: set) -> Optional[dict]:
-    """Load out_dir/last.pt (or --resume) into run.model (strictly), run.opt, run.scaler and the counters.
-    Returns the checkpoint (the caller restores extra_keys), or None when there is nothing to resume."""
+    """Load out_dir/last.pt (or --resume) into run.model (strictly), run.opt, run.scaler and the counters. Returns the
+    checkpoint (the caller restores extra_keys), or None when there is nothing to resume."""
     args = run.args
     ckpt_path = find_resume(Path(args.out_dir), args.resume)
     if ckpt_path is None:
@@ -1983,9 +1903,8 @@ def resume_state(run: SimpleNamespace, extra_keys: set) -> Optional[dict]:
     if not isinstance(ckpt, dict) or needed - ckpt.keys():
         raise CheckpointError(f"{ckpt_path} is not a training checkpoint of this script (needs {sorted(needed)})")
     if ckpt["args"]["batch_size"] != args.batch_size:  # steps would map to other images and epochs
-        raise CheckpointError(
-            f"{ckpt_path} was trained with --batch-size {ckpt['args']['batch_size']}, not {args.batch_size}"
-        )
+        trained = ckpt["args"]["batch_size"]
+        raise CheckpointError(f"{ckpt_path} was trained with --batch-size {trained}, not {args.batch_size}")
     load_state_dict_strict(run.model, ckpt["model"], what=f"model in {ckpt_path}")
     try:
         run.opt.load_state_dict(ckpt["optimizer"])
@@ -1999,158 +1918,135 @@ def resume_state(run: SimpleNamespace, extra_keys: set) -> Optional[dict]:
     return ckpt
 
 
-def run_benchmarks(run: SimpleNamespace) -> dict:
-    """--bench-ceiling-steps / --bench-data-steps before training; then the peak-memory counter starts afresh."""
-    args, bench = run.args, {}
-    if args.bench_ceiling_steps:
-        bench["ceiling_images_per_s"] = measure_ceiling(run, args.bench_ceiling_steps)
-    if args.bench_data_steps:
-        bench["data_images_per_s"] = measure_data(run, args.bench_data_steps)
-    if run.rank == 0 and bench:
-        print("benchmarks: " + ", ".join(f"{k} {v:,.0f}" for k, v in bench.items()))
-    if run.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.device)
-    return bench
+def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, res: dict) -> None:
+    """out_dir/results.json (rank 0, atomic): args, machine, timings, throughput against the bare ceiling, metrics."""
+    args, device = run.args, run.device
+    imgs_per_s = run.images_seen / max(run.train_time_s, 1e-9)
+    ceiling = bench.get("ceiling_images_per_s")
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    view = "whole images" if args.in_memory else "centre crops"
+    protocol = f"pooled backbone features of {view}, eval-mode BN; weighted k-NN k={args.knn_k} T={args.knn_t}"
+    protocol += f"; linear probe: {args.probe}, {args.probe_epochs} epochs"
+    results = dict(script=Path(__file__).name, paper=paper, exp_name=args.exp_name, args=dataclasses.asdict(args))
+    results.update(world_size=run.world_size, steps_per_epoch=run.steps_per_epoch)
+    results.update(
+        extra,
+        device=dev_name,
+        python=platform.python_version(),
+        torch=torch.__version__,
+        torchvision=torchvision.__version__,
+        epochs_done=run.global_step / run.steps_per_epoch,
+        steps_done=run.global_step,
+        eval_protocol=protocol,
+    )
+    results.update(data_time_s=run.data_time_s, train_time_s=run.train_time_s, data_wait_s=run.data_wait_s, **run.times)
+    results.update(total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen, images_per_s=imgs_per_s)
+    results.update(crops_per_s=imgs_per_s * sum(g.n for g in run.groups), **bench)
+    results.update(ceiling_ratio=imgs_per_s / ceiling if ceiling else None,
+                   peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                   script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)  # fmt: skip
+    tmp = Path(args.out_dir) / f"results.json.tmp.{os.getpid()}"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, Path(args.out_dir) / "results.json")  # atomic, like the checkpoints
+    print(summary_line(res, results, Path(args.out_dir) / "results.json"))
 
 
 # END SHARED
 
 
-# SHARED: run-utils
-class RunError(Exception):
-    """A bad input or a failed run: main prints its one-line message and exits non-zero. every_rank: raised alike on
-    every rank (arguments, out-dir, data), so under torchrun rank 0 alone prints it."""
+# SHARED: linear-probe
+class LARS(torch.optim.Optimizer):
+    """SGD (momentum, optional Nesterov) with layer-wise adaptive rate scaling (solo-learn's LARSWrapper, apex LARC).
+    Groups with lars=True, for each parameter with non-zero ||p||, ||g||: local = eta ||p|| / (||g|| + wd ||p|| + eps),
+    ratio = min(local / lr, 1) if clip else local, g <- (g + wd p) ratio; groups with lars=False: g <- g + wd p.
+    Then buf <- momentum buf + g; p <- p - lr (g + momentum buf if nesterov else buf)."""
 
-    def __init__(self, message: str, every_rank: bool = False):
-        super().__init__(message)
-        self.every_rank = every_rank
+    def __init__(self, params, lr, momentum=0.9, nesterov=False, weight_decay=0.0, eta=0.001, clip=False, eps=1e-8):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta=eta, clip=clip)
+        super().__init__(params, dict(defaults, eps=eps, lars=True))
 
-
-def rng_seed(*keys) -> int:
-    """A 56-bit seed derived from any keys, e.g. (seed, 'train', epoch, step): independent, reproducible streams."""
-    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:7], "little")
-
-
-def cpus_per_process() -> int:
-    """The CPUs this process may use (its affinity, as DataLoader counts them) over torchrun's local ranks, at most
-    10: the default number of DataLoader workers."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(10, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
-def check_out_dir(out_dir: str) -> None:
-    """Create --out-dir and write a file in it before any data is read: a run must not train and then fail to save."""
-    probe = Path(out_dir) / f".write-test-{os.getpid()}"
-    try:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise RunError(f"--out-dir {out_dir} cannot be written: {e.strerror or e}", every_rank=True)
-
-
-class RunStopped(Exception):
-    """A stop signal ended the run: main prints one line (stop_message) and exits with 128 + the signal number."""
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if group["lars"]:
+                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    local = group["eta"] * p_norm / (g_norm + wd * p_norm + group["eps"])
+                    ratio = (local / lr).clamp(max=1.0) if group["clip"] else local
+                    ok = (p_norm > 0) & (g_norm > 0)  # no host sync: zero norms leave g untouched
+                    g = torch.where(ok, (g + wd * p) * ratio, g)
+                elif wd:
+                    g = g + wd * p
+                if mom:
+                    buf = self.state[p].get("momentum_buffer")
+                    buf = self.state[p]["momentum_buffer"] = g.clone() if buf is None else buf.mul_(mom).add_(g)
+                    g = g + mom * buf if group["nesterov"] else buf
+                p.add_(g, alpha=-lr)
 
 
-class Stop:
-    """SIGTERM (what a cluster scheduler sends before it kills a job) and SIGINT (Ctrl-C). During the training steps
-    (in_steps) they only set signum: every rank finishes its step, last.pt is saved and the run exits (stop_now,
-    stop_if_asked); elsewhere (loading data, evaluating) the run ends at once. `run`: the run main reports on."""
-
-    signum: Optional[int] = None
-    in_steps: bool = False
-    run: Optional[SimpleNamespace] = None
-
-    @staticmethod
-    def handler(signum, frame) -> None:
-        Stop.signum = signum
-        if not Stop.in_steps:
-            raise RunStopped()
-
-    @staticmethod
-    def install() -> None:
-        Stop.signum, Stop.in_steps, Stop.run = None, False, None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, Stop.handler)
-
-    @staticmethod
-    def uninstall() -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
-
-
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn. Ctrl-C reaches every process of the terminal: the main process handles it and stops
-    the workers after its step, so a worker ignores it. SIGTERM (the DataLoader's own shutdown, or a scheduler that
-    signals every process of the job) ends a worker at once with exit code 0, so the main process, which finishes
-    its step with the batch it holds, does not take it for a crash."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
-
-
-def stop_now(run: SimpleNamespace) -> bool:
-    """After every step: did any rank get a stop signal? Under DDP a CPU all-reduce of one integer (gloo, no device
-    sync), so every rank stops after the same step."""
-    asked = Stop.signum or 0
-    if run.world_size > 1:
-        if not hasattr(run, "stop_group"):  # first step, on every rank alike
-            run.stop_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-        flag = torch.tensor([asked])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.stop_group)
-        asked = int(flag)
-        Stop.signum = Stop.signum or asked or None
-    return asked > 0
-
-
-def stop_if_asked(run: SimpleNamespace) -> None:
-    """After the checkpoint that follows the steps: end the run if a stop signal came."""
-    if Stop.signum:
-        raise RunStopped()
-
-
-def stop_message(run: Optional[SimpleNamespace]) -> str:
-    """The one line main prints for a stop: where the run was and what rerunning the same command does."""
-    sig, again = signal.Signals(Stop.signum).name, "rerun the same command to"
-    if run is None or not hasattr(run, "total_steps"):
-        return f"stopped by {sig} before training; {again} start"
-    last, at = Path(run.args.out_dir) / "last.pt", f"step {run.global_step} of {run.total_steps}"
-    if Stop.in_steps:
-        return f"stopped at {at} by {sig}; saved {last}; {again} resume"
-    if run.global_step >= run.total_steps and last.is_file():
-        return f"stopped by {sig} while evaluating; the trained weights are in {last}; {again} evaluate them"
-    return f"stopped by {sig} at {at}; {again} resume"
+def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0.03, wd=5e-5, batch_size=100, seed=0,
+                 init_std=None, lars=False, world_size=1) -> dict:  # fmt: skip
+    """Linear classifier on frozen features: SGD (momentum 0.9; LARC, trust 0.001 and no clipping, if lars), cosine LR
+    per epoch to 0, seeded shuffled batches (drop_last), head N(0, init_std) with bias 0 (None: nn.Linear's init).
+    x_train: precomputed features [n, F] on y_train's device, or a function (epoch, batches) yielding this rank's
+    features for each global batch (the augmented probe; its gradient is averaged over world_size ranks). Returns the
+    last and best test top-1 and the last top-5 (percent)."""
+    with torch.random.fork_rng(devices=[]):  # a seeded head without touching the caller's RNG state
+        torch.manual_seed(seed)
+        head = nn.Linear(x_test.shape[1], num_classes).to(x_test.device)
+    if init_std is not None:
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(seed)) * init_std)
+            head.bias.zero_()
+    opt = LARS([dict(params=list(head.parameters()), lars=lars)], lr=lr, momentum=0.9, weight_decay=wd, clip=False)
+    rank, b = dist.get_rank() if world_size > 1 else 0, batch_size // world_size
+    top1, top5 = [], []
+    for epoch in tqdm(range(epochs), desc="linear probe", disable=rank != 0 or torch.is_tensor(x_train), leave=False):
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        batches = epoch_batches(len(y_train), batch_size, seed, ("probe", epoch), y_train.device)
+        feats = (x_train[i] for i in batches) if torch.is_tensor(x_train) else x_train(epoch, batches)
+        for idx, f in zip(batches, feats):
+            loss = F.cross_entropy(head(f), y_train[idx[rank * b : (rank + 1) * b]])  # this rank's share
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if world_size > 1:  # the gradient of the global-batch mean
+                for p in head.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= world_size
+            opt.step()
+        with torch.no_grad():  # no host sync per epoch
+            pred = head(x_test).topk(min(5, num_classes), dim=1).indices
+            top1.append((pred[:, 0] == y_test).float().mean())
+            top5.append((pred == y_test[:, None]).any(1).float().mean())
+    top1, top5 = (torch.stack(top1) * 100).tolist(), (torch.stack(top5) * 100).tolist()
+    return dict(last=top1[-1], best=max(top1), top5=top5[-1])
 
 
 # END SHARED
 
 
-# SHARED: entry
-def summary_line(res: dict, results: dict, path: Path) -> str:
-    """The run's last line: its metrics, steps and training time, and where results.json has the rest."""
-    metrics = " | ".join(f"{k} {v:.2f}" for k, v in res.items() if isinstance(v, float)) or "no evaluation"
-    return f"done: {metrics} | {results['steps_done']} steps in {results['train_time_s']:.1f} s | {path}"
+# SHARED: save-state
+def log_jsonl(run: SimpleNamespace, record: dict) -> None:
+    with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
-def main(args: Args) -> None:
-    """Run; a bad input or a failed run ends with one line (from rank 0 alone when every rank has it) and exit code 1,
-    a stop signal with one line and 128 + its number. No traceback."""
-    Stop.install()
-    quiet = int(os.environ.get("RANK", 0)) != 0  # torchrun's other ranks
-    try:
-        run_training(args)
-    except (RunError, CheckpointError) as e:  # CRUCIAL: bad input -> one clear line and exit code 1, no traceback
-        Stop.uninstall()  # torchrun ends the other ranks once one fails: quietly
-        msg = str(e).strip().splitlines()[-1].split("RunError: ", 1)[-1]  # a DataLoader worker's error: its last line
-        if quiet and getattr(e, "every_rank", False):
-            time.sleep(3)  # rank 0 has the same error: let it say it before torchrun stops everyone
-            sys.exit(1)
-        sys.exit(f"{Path(__file__).name}: error: {msg}")
-    except RunStopped:
-        Stop.uninstall()  # a second signal now ends the process at once
-        if not quiet:
-            print(f"{Path(__file__).name}: {stop_message(Stop.run)}", file=sys.stderr)
-        sys.exit(128 + Stop.signum)
+def save_state(run: SimpleNamespace) -> None:
+    """out_dir/last.pt, written atomically by rank 0: model (its buffers too: running statistics, a queue), optimizer,
+    scaler, step and timers."""
+    if run.rank != 0:
+        return
+    t0 = time.perf_counter()
+    state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
+    state.update(step=run.global_step, train_time_s=run.train_time_s, images_seen=run.images_seen)
+    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args), epoch_sums=run.epoch_sums)
+    save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
+    run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
 
 
 # END SHARED

@@ -6,7 +6,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -131,12 +131,3 @@ class ArtifactCache:
 
     def put(self, name: str, obj: Any) -> None:
         save_checkpoint({"name": name, "value": obj}, self.path(name))
-
-    def get_or_compute(self, name: str, fn: Callable[[], Any]) -> Any:
-        """Load `name` if stored; otherwise compute it with fn(), store it and return it."""
-        p = self.path(name)
-        if p.is_file():
-            return load_checkpoint(p)["value"]
-        obj = fn()
-        self.put(name, obj)
-        return obj

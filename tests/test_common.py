@@ -1,6 +1,8 @@
 """Tests for common/: torchvision-exact ResNets, MAE-layout ViT, and the checkpoint helpers (CPU, no network)."""
 
+import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -265,12 +267,91 @@ def test_artifact_cache(tmp_path):
         calls.append(1)
         return {"feats": torch.arange(6.0).reshape(2, 3), "labels": torch.tensor([0, 1])}
 
+    def get_or_compute(cache, name):  # as the scripts' evaluations use the cache
+        if cache.get(name) is None:
+            cache.put(name, compute())
+        return cache.get(name)
+
     cache = ArtifactCache(tmp_path, "abc123-knn")
     assert cache.get("train") is None
-    a = cache.get_or_compute("train", compute)
-    b = ArtifactCache(tmp_path, "abc123-knn").get_or_compute("train", compute)
+    a = get_or_compute(cache, "train")
+    b = get_or_compute(ArtifactCache(tmp_path, "abc123-knn"), "train")
     assert len(calls) == 1 and torch.equal(a["feats"], b["feats"]) and torch.equal(b["labels"], torch.tensor([0, 1]))
     assert (tmp_path / "abc123-knn" / "train.pt").is_file()
     cache.put("val", [1, 2])
     assert cache.get("val") == [1, 2] and ArtifactCache(tmp_path, "other").get("val") is None
     assert sorted(os.listdir(tmp_path / "abc123-knn")) == ["train.pt", "val.pt"]
+
+
+# ---------------------------------------------------------------- SHARED blocks, called as every script calls them
+
+
+@pytest.mark.parametrize("script, unit, per_image", [("swav_imagenet", "images", 1), ("empssl_cifar", "patches", 5)])
+def test_run_benchmarks_times_the_methods_bare_step_and_batches(script, unit, per_image, monkeypatch):
+    """The `bench` block times the method's bare_step(run) (after 2 warm-up calls) and its train_batches (epoch after
+    epoch), reporting {ceiling,data}_{unit}_per_s as images/s x per_image."""
+    import importlib
+
+    module = importlib.import_module(script)
+    calls, epochs = [], []
+
+    def train_batches(run, epoch, start, last):
+        epochs.append((epoch, start, last))
+        return iter(range(last - start))
+
+    monkeypatch.setattr(module, "bare_step", lambda run: lambda: calls.append(1), raising=False)
+    monkeypatch.setattr(module, "train_batches", train_batches, raising=False)
+    args = module.Args(batch_size=8, bench_ceiling_steps=3, bench_data_steps=5)
+    run = module.SimpleNamespace(args=args, rank=0, world_size=1, device=torch.device("cpu"), steps_per_epoch=2)
+    bench = module.run_benchmarks(run, unit, per_image)
+    assert sorted(bench) == [f"ceiling_{unit}_per_s", f"data_{unit}_per_s"] and min(bench.values()) > 0
+    assert len(calls) == 3 + 2 and epochs == [(e, 0, 2) for e in range(4)]  # 5 + 2 batches over 2-step epochs
+    args.bench_ceiling_steps = args.bench_data_steps = 0
+    assert module.run_benchmarks(run) == {}
+
+
+def test_linear_probe_one_loop_for_features_and_a_feature_stream():
+    """The `linear-probe` block: precomputed features and a function yielding the same features per batch (the
+    augmented probe's form) train the same head; init_std gives the official N(0, std) head; the top-5 is reported."""
+    import swav_imagenet as S
+
+    gen = torch.Generator().manual_seed(8)
+    centers = 4 * torch.randn(5, 16, generator=gen)
+    y, yt = torch.arange(300) % 5, torch.arange(90) % 5
+    x, xt = centers[y] + torch.randn(300, 16, generator=gen), centers[yt] + torch.randn(90, 16, generator=gen)
+    seen = []
+
+    def stream(epoch, batches):
+        seen.append(epoch)
+        return (x[idx] for idx in batches)
+
+    for kw in (dict(), dict(init_std=0.01), dict(init_std=0.01, lars=True)):
+        a = S.linear_probe(x, y, xt, yt, 5, epochs=4, lr=0.1, batch_size=50, **kw)
+        b = S.linear_probe(stream, y, xt, yt, 5, epochs=4, lr=0.1, batch_size=50, **kw)
+        assert a == b and a["top5"] == 100
+        assert "lars" in kw or a["best"] >= a["last"] >= 90  # LARC (trust 0.001) barely moves the head in 4 epochs
+    assert seen == [0, 1, 2, 3] * 3
+    untrained = S.linear_probe(x, y, xt, yt, 5, epochs=1, lr=0.0, batch_size=50, init_std=0.0)
+    assert untrained["last"] == 20.0  # a zero head predicts class 0 for every image
+
+
+@pytest.mark.parametrize("script", ["empssl_cifar", "tec_mae"])
+def test_check_common_args_serves_every_script(script):
+    """The `check-args` block checks only flags every script has, the caller's architecture table and names."""
+    import importlib
+
+    module = importlib.import_module(script)
+    args = module.Args()
+    archs = {args.arch: None}
+    module.check_common_args(args, 1, archs)
+    cases = [
+        (dict(arch="nope"), {}, "unknown --arch 'nope'"),
+        (dict(device="tpu"), {}, "unknown --device 'tpu'"),
+        (dict(knn_t=0.0), {}, "--knn-t must be > 0, got 0.0"),
+        (dict(bench_data_steps=-1), {}, "--bench-data-steps must be >= 0, got -1"),
+        (dict(batch_size=15), {}, "--batch-size 15 does not divide by the world size 2"),
+        (dict(probe_batch_size=15), dict(per_rank="batch_size probe_batch_size"), "--probe-batch-size 15 does not"),
+    ]
+    for change, kw, message in cases:
+        with pytest.raises(module.RunError, match=re.escape(message)):
+            module.check_common_args(dataclasses.replace(args, **{"batch_size": 16, **change}), 2, archs, **kw)

@@ -385,8 +385,8 @@ def test_shared_encoder_keeps_to_the_memory_budget():
     model = S.SwAV("resnet18", hidden_dim=32, feat_dim=16, n_prototypes=10)
     images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     args = dataclasses.replace(S.CIFAR_PROXY, arch="resnet18", large_size=32, device="cpu")
-    run = SimpleNamespace(args=args, model=model, device=torch.device("cpu"), rank=0, world_size=1,
-                          data=dict(train_x=images, train_y=torch.arange(7)), autocast=nullcontext(),
+    run = SimpleNamespace(args=args, model=model, encode=model.backbone, device=torch.device("cpu"), rank=0,
+                          world_size=1, data=dict(train_x=images, train_y=torch.arange(7)), autocast=nullcontext(),
                           fmt=torch.contiguous_format)  # fmt: skip
     whole = S.extract_features(run, "train")
     one = torch.zeros(1, 3, 32, 32)

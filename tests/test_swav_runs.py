@@ -198,7 +198,7 @@ def test_ddp_two_ranks_equal_one_process(cifar_dir, tmp_path):
 def test_torchrun_imagenet_recipe_streamed(imagewoof_dir, tmp_path):
     """The imagenet recipe under torchrun --nproc_per_node=2 on CPU, streaming real ImageNet photos (some grayscale)
     through a DataLoader worker that decodes and crops: trains, k-NN on gathered features, augmented linear probe."""
-    proc = run_script(imagenet(imagewoof_dir, tmp_path, "--max-steps 2 --workers 1 --decode workers"), nproc=2)
+    proc = run_script(imagenet(imagewoof_dir, tmp_path, "--max-steps 2 --workers 1"), nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = read_results(tmp_path)
     assert res["world_size"] == 2 and res["steps_done"] == 2 and res["images_seen"] == 32
@@ -206,16 +206,6 @@ def test_torchrun_imagenet_recipe_streamed(imagewoof_dir, tmp_path):
     assert 0 <= res["knn_top1"] <= 100 and 0 <= res["linear_top1"] <= 100
     train = [r for r in read_log(tmp_path) if r["type"] == "train"]
     assert [r["step"] for r in train] == [2] and math.isfinite(train[0]["loss"])
-
-
-def test_decode_on_device_streamed_cpu(imagewoof_dir, tmp_path):
-    """--decode device on the CPU: the loader passes file bytes, the main process decodes (grayscale JPEGs too)."""
-    proc = run_script(imagenet(imagewoof_dir, tmp_path, "--max-steps 2 --decode device --probe features"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = read_results(tmp_path)
-    assert res["steps_done"] == 2 and res["world_size"] == 1
-    assert_finite_results(res, "knn_top1", "knn_top5", "linear_fast_top1", "train_time_s", "images_per_s")
-    assert all(math.isfinite(r["loss"]) for r in read_log(tmp_path) if r["type"] == "train")
 
 
 # ---- bad inputs: one clear line on stderr, non-zero exit --------------------------------------------------------
@@ -239,7 +229,6 @@ def test_bad_inputs_fail_with_one_line(cifar_dir, tmp_path):
         (cifar(data, tmp_path / "o5"), None, ["cannot decode image", str(bad)]),  # in-memory folder
         (cifar(cifar_dir, tmp_path / "o6", "--crops-for-assign 0 2"), None, ["--crops-for-assign (0, 2)", "2 "]),
         (cifar(cifar_dir, tmp_path / "o7", "--queue-length 8"), None, ["--queue-length 8", "global batch (16)"]),
-        (cifar(cifar_dir, tmp_path / "o8", "--decode device"), None, ["--decode device", "streamed"]),
     ]  # fmt: skip
     after_training = [
         ([*trained, "--n-prototypes", "40"], None, ["last.pt", "shape mismatch", "prototypes.weight: ckpt (30, 32)"]),
@@ -277,7 +266,7 @@ def test_non_finite_loss_names_the_step(cifar_dir, tmp_path):
 
 def test_corrupt_streamed_image_is_named(imagewoof_dir, tmp_path):
     """A file that is not an image in a streamed (imagenet-recipe) folder, in the first training batch: one line
-    naming the file, whether a DataLoader worker decodes it (--decode workers) or the main process does (device)."""
+    naming the file, raised in the DataLoader worker that decodes it."""
     sys.path.insert(0, str(ROOT))
     import swav_imagenet as S
 
@@ -286,11 +275,5 @@ def test_corrupt_streamed_image_is_named(imagewoof_dir, tmp_path):
     files, _ = S.list_image_files(data / "train", sorted(d.name for d in (data / "train").iterdir()))
     bad = files[S.epoch_batches(len(files), 16, S.Args().seed, 0)[0][5]]
     bad.write_bytes(b"not a jpeg")
-    cmds = [
-        imagenet(data, tmp_path / "w", "--decode workers --workers 1 --probe none"),  # raised in a worker process
-        imagenet(data, tmp_path / "d", "--decode device --probe none"),
-    ]
-    with ThreadPoolExecutor(2) as pool:
-        workers, device = pool.map(run_script, cmds)
+    workers = run_script(imagenet(data, tmp_path / "w", "--workers 1 --probe none"))  # raised in a worker process
     assert_one_line_error(workers, "cannot decode image", bad.name)
-    assert_one_line_error(device, "cannot decode image", bad.name)

@@ -671,7 +671,7 @@ def item_views(run, files, index, seed, groups):
 def test_streamed_multicrop_on_imagenet_photos(imagewoof_dir):
     """Imagenet recipe on real photos: 2x224 + 6x96 crop-major groups, finite, within the normalised [0, 1] range; row
     v*b + i is crop v of image i, drawn from the seed (key, i) and resampled like torchvision's RandomResizedCrop;
-    gray-flagged crops are gray; decode='device' (CPU here) cuts the same crops; a 2-rank split gives the same rows."""
+    gray-flagged crops are gray; a 2-rank split gives the same rows."""
     run = streamed_run(imagewoof_dir)
     data = S.load_data(run.args)
     files = data["train_x"]
@@ -697,11 +697,6 @@ def test_streamed_multicrop_on_imagenet_photos(imagewoof_dir):
             assert gray[p["gray"]].all()
             others = x.view(g.n, 4, *x.shape[1:])[:, (i + 1) % 4]
             assert (others - r).abs().mean((1, 2, 3)).min() > 0.1  # the bound tells other images apart
-    device = streamed_run(imagewoof_dir, decode="device")
-    out_dev = next(S.view_batches(device, files, [idx], [key], groups))
-    for x, y in zip(out, out_dev):  # roi_align on the device vs the workers' resize: the same boxes and colours
-        diff = (x - y).abs()
-        assert diff.mean() < 0.01 and diff.mean((1, 2, 3)).max() < 0.05
     for rank in range(2):
         part = next(
             S.view_batches(SimpleNamespace(**{**vars(run), "rank": rank, "world_size": 2}), files, [idx], [key], groups)
