@@ -193,10 +193,9 @@ def sample_patch_params(gen: torch.Generator, n: int, size: int, crop: int) -> d
 
 
 def augment_patches(images: torch.Tensor, p: dict, crop: int, solarize_threshold: int) -> torch.Tensor:
-    """The official patch transform (spec 2.1), batched on the device: uint8 images [n, 3, S, S] (one source image per
-    patch) and their draws p -> float [n, 3, S, S] in [-1, 1]. DEVIATION: float arithmetic instead of PIL's uint8
-    rounding after every op, and an exact Gaussian instead of PIL's box blur; tests/test_empssl_units.py compares the
-    statistics with the official PIL pipeline's."""
+    """The official patch transform (spec 2.1), batched: uint8 images [n, 3, S, S] (one per patch), draws p -> float
+    [n, 3, S, S] in [-1, 1]. DEVIATION: float arithmetic, not PIL's uint8 rounding after every op, and an exact
+    Gaussian, not PIL's box blur; tests/test_empssl_units.py compares the statistics with the official PIL pipeline."""
     n, _, size, _ = images.shape
     ar = torch.arange(crop, device=images.device)
     rows, cols = (p["y0"][:, None] + ar)[:, :, None], (p["x0"][:, None] + ar)[:, None, :]
@@ -213,10 +212,9 @@ def augment_patches(images: torch.Tensor, p: dict, crop: int, solarize_threshold
 
 
 def patch_batches(images: torch.Tensor, batches: list, keys: list, n_patches: int, args: Args, device, rank=0, world=1):
-    """This rank's patch batches [P*b, 3, S, S] of `images` (uint8 [N, 3, S, S], on the device) for global index
-    batches, patch-major as the official code: row p*b + i is patch p of image i. A batch's draws depend only on its
-    key and the global batch (each rank keeps its contiguous share), so a 2-rank run sees exactly the patches of a
-    1-rank run, and a resumed run replays an uninterrupted one. DEVIATION: the official RNGs are global, unseeded."""
+    """This rank's patch batches [P*b, 3, S, S] of `images` (uint8 [N, 3, S, S], on the device), patch-major (row
+    p*b + i: patch p of image i, as official). Draws depend only on a batch's key and the global batch (each rank keeps
+    its share): 2 ranks see the patches of 1, a resume those of an unbroken run. DEVIATION: seeded, not global RNGs."""
     crop = round(math.sqrt(args.crop_scale) * images.shape[-1])  # 16 for CIFAR
     gen = torch.Generator(device=device)
     for idx, key in zip(batches, keys):
@@ -334,6 +332,9 @@ def train_step(run: SimpleNamespace, x: torch.Tensor, step: int) -> torch.Tensor
 
 
 # ==== 7. TRAINING ====
+CIFAR = {"cifar10": (torchvision.datasets.CIFAR10, 10), "cifar100": (torchvision.datasets.CIFAR100, 100)}
+
+
 def load_data(args: Args) -> dict:
     """uint8 images [N, 3, S, S] and int64 labels for both splits, on the CPU."""
     root = Path(args.data_dir)
@@ -347,7 +348,7 @@ def load_data(args: Args) -> dict:
         splits = [load_image_folder(split, classes, args.image_size) for split in (train_root, test_root)]
         num_classes = len(classes)
     else:
-        cls = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
+        cls, num_classes = CIFAR[args.dataset]
         try:
             sets = [cls(str(root), train=train, download=args.download) for train in (True, False)]
         except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted", or a failed download
@@ -356,7 +357,6 @@ def load_data(args: Args) -> dict:
                                "--data-dir (torchvision's layout) or use --dataset imagefolder")  # fmt: skip
             raise RunError(f"{args.dataset} not found in {root} ({e}); pass its --data-dir, or --download")
         splits = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in sets]
-        num_classes = len(sets[0].classes)
     (train_x, train_y), (test_x, test_y) = splits
     return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=num_classes)
 
@@ -416,7 +416,7 @@ def run_training(args: Args) -> dict:
     run.autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
     run.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
     run.global_step, run.train_time_s, run.images_seen, run.data_wait_s, run.times = 0, 0.0, 0, 0.0, {}
-    resume(run)
+    resume_state(run, set())
     net = nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn and world_size > 1 else model
     if world_size > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
@@ -430,34 +430,6 @@ def run_training(args: Args) -> dict:
     if dist.is_initialized():
         dist.destroy_process_group()
     return res
-
-
-def resume(run: SimpleNamespace) -> None:
-    """Load out_dir/last.pt (or --resume), if there is one, into the model (strictly), LARS, the scaler, counters."""
-    args = run.args
-    path = find_resume(Path(args.out_dir), args.resume)
-    if path is None:
-        return
-    try:  # every rank reads the same file
-        ckpt = load_checkpoint(path, map_location=run.device)
-    except CheckpointError as e:
-        raise RunError(str(e), every_rank=True)
-    needed = {"model", "optimizer", "scaler", "step", "args", "train_time_s", "images_seen", "data_wait_s"}
-    if not isinstance(ckpt, dict) or needed - ckpt.keys():
-        raise CheckpointError(f"{path} is not a training checkpoint of this script (needs {sorted(needed)})")
-    if ckpt["args"]["batch_size"] != args.batch_size:  # steps would map to other images and epochs
-        trained = ckpt["args"]["batch_size"]
-        raise CheckpointError(f"{path} was trained with --batch-size {trained}, not {args.batch_size}")
-    load_state_dict_strict(run.model, ckpt["model"], what=f"model in {path}")
-    try:
-        run.opt.load_state_dict(ckpt["optimizer"])
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"optimizer state in {path} does not match: {e}")
-    run.scaler.load_state_dict(ckpt["scaler"])
-    run.global_step, run.train_time_s, run.images_seen = ckpt["step"], ckpt["train_time_s"], ckpt["images_seen"]
-    run.data_wait_s, run.epoch_sums = ckpt["data_wait_s"], ckpt.get("epoch_sums")
-    if run.rank == 0:
-        print(f"resumed from {path} at step {ckpt['step']}")
 
 
 def write_results(run: SimpleNamespace, bench: dict, res: dict) -> None:
@@ -1173,6 +1145,40 @@ def save_state(run: SimpleNamespace) -> None:
     state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args), epoch_sums=run.epoch_sums)
     save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
     run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
+
+
+# END SHARED
+
+
+# SHARED: resume-state
+def resume_state(run: SimpleNamespace, extra_keys: set) -> Optional[dict]:
+    """Load out_dir/last.pt (or --resume) into run.model (strictly), run.opt, run.scaler and the counters. Returns the
+    checkpoint (the caller restores extra_keys), or None when there is nothing to resume."""
+    args = run.args
+    ckpt_path = find_resume(Path(args.out_dir), args.resume)
+    if ckpt_path is None:
+        return None
+    try:  # every rank reads the same file
+        ckpt = load_checkpoint(ckpt_path, map_location=run.device)
+    except CheckpointError as e:
+        raise RunError(str(e), every_rank=True)
+    needed = {"model", "optimizer", "scaler", "step", "args", "train_time_s", "images_seen", "data_wait_s", *extra_keys}
+    if not isinstance(ckpt, dict) or needed - ckpt.keys():
+        raise CheckpointError(f"{ckpt_path} is not a training checkpoint of this script (needs {sorted(needed)})")
+    if ckpt["args"]["batch_size"] != args.batch_size:  # steps would map to other images and epochs
+        trained = ckpt["args"]["batch_size"]
+        raise CheckpointError(f"{ckpt_path} was trained with --batch-size {trained}, not {args.batch_size}")
+    load_state_dict_strict(run.model, ckpt["model"], what=f"model in {ckpt_path}")
+    try:
+        run.opt.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"optimizer state in {ckpt_path} does not match: {e}")
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.global_step, run.train_time_s, run.images_seen = ckpt["step"], ckpt["train_time_s"], ckpt["images_seen"]
+    run.data_wait_s, run.epoch_sums = ckpt["data_wait_s"], ckpt.get("epoch_sums")
+    if run.rank == 0:
+        print(f"resumed from {ckpt_path} at step {ckpt['step']}")
+    return ckpt
 
 
 # END SHARED
