@@ -68,7 +68,6 @@ class Args:
     """resume from this checkpoint instead of out_dir/last.pt"""
     save_every_steps: int = 100
     """also save out_dir/last.pt every this many steps, so a kill mid-epoch loses little (0: only at epoch ends)"""
-
     # --- data
     dataset: Literal["cifar10", "cifar100", "imagefolder", "fake"] = "cifar10"
     """cifar10/cifar100 via torchvision; imagefolder: --data-dir with train/ and test/ (or val/); fake: random"""
@@ -78,7 +77,6 @@ class Args:
     """let torchvision download CIFAR when it is not in --data-dir"""
     image_size: int = 32
     """image folders are resized (shorter side) and centre-cropped to this size once, at load time"""
-
     # --- patches (spec 2.1)
     n_patches: int = 20
     """P, augmented patches per image per step (official README commands: 20; the paper's best runs: 200)"""
@@ -86,7 +84,6 @@ class Args:
     """fraction of the image area each square patch covers (official RandomResizedCrop scale=(0.25, 0.25))"""
     solarize_threshold: int = 128
     """PIL solarize threshold (official: PIL default 128; kachayev used 192)"""
-
     # --- model (spec 3)
     arch: str = "resnet18-cifar"
     """backbone from common/resnet.py: resnet18-cifar (3x3 stem, no max-pool), resnet18 or resnet50"""
@@ -98,7 +95,6 @@ class Args:
     """torch: framework defaults (official); kachayev: Linear weights N(0, 1e-3), biases 0"""
     sync_bn: bool = False
     """SyncBatchNorm under DDP (BN over the global batch); off = per-rank BN like the official DataParallel"""
-
     # --- method (spec 4)
     eps: float = 0.2
     """TCR eps, used as is (it plays the role of the paper's eps^2; official --eps 0.2)"""
@@ -106,7 +102,6 @@ class Args:
     """weight of the invariance term (official --patch_sim 200)"""
     tcr_weight: float = 1.0
     """weight of the TCR term (official --tcr 1)"""
-
     # --- optimisation (spec 5)
     # DEVIATION: the official command trains --epoch 2; which checkpoint its "1 epoch" table uses is not stated, and
     # we read it as the one after epoch 1 (spec 5.3, inferred). --epochs 2 --eval-every-steps 500 reports both.
@@ -128,7 +123,6 @@ class Args:
     """weight decay of matrices inside LARS; biases and norms get none (official)"""
     lars_eta: float = 0.005
     """LARS trust coefficient, with clipping (official LARSWrapper eta=0.005, clip=True)"""
-
     # --- evaluation (spec 6)
     eval_patches: int = 128
     """patches averaged into each image's feature (official --test_patches 128); 0 skips evaluation"""
@@ -152,7 +146,6 @@ class Args:
     """neighbours of the weighted k-NN (official 20)"""
     knn_t: float = 0.07
     """temperature of the k-NN vote weights exp(sim/t) (official 0.07)"""
-
     # --- system
     device: Optional[str] = None
     """cuda or cpu (default: cuda when available); under torchrun each rank takes cuda:LOCAL_RANK"""
@@ -173,7 +166,6 @@ class Args:
 
 
 def parse_args(argv: Optional[list] = None) -> Args:
-    """The command line: flags that override the paper's defaults."""
     return tyro.cli(Args, args=argv)
 
 
@@ -201,13 +193,9 @@ def sample_patch_params(gen: torch.Generator, n: int, size: int, crop: int) -> d
 
 
 def augment_patches(images: torch.Tensor, p: dict, crop: int, solarize_threshold: int) -> torch.Tensor:
-    """The official patch transform (spec 2.1), batched on the device.
-
-    images: uint8 [n, 3, S, S], one source image per patch; p: sample_patch_params draws for the n patches.
-    Returns float [n, 3, S, S] in [-1, 1]. DEVIATION: float arithmetic instead of PIL's uint8 rounding after every op,
-    and an exact Gaussian instead of PIL's box-blur approximation; tests/test_empssl_units.py compares the statistics
-    with the official PIL pipeline's.
-    """
+    """The official patch transform (spec 2.1), batched: uint8 images [n, 3, S, S] (one per patch), draws p -> float
+    [n, 3, S, S] in [-1, 1]. DEVIATION: float arithmetic, not PIL's uint8 rounding after every op, and an exact
+    Gaussian, not PIL's box blur; tests/test_empssl_units.py compares the statistics with the official PIL pipeline."""
     n, _, size, _ = images.shape
     ar = torch.arange(crop, device=images.device)
     rows, cols = (p["y0"][:, None] + ar)[:, :, None], (p["x0"][:, None] + ar)[:, None, :]
@@ -224,12 +212,9 @@ def augment_patches(images: torch.Tensor, p: dict, crop: int, solarize_threshold
 
 
 def patch_batches(images: torch.Tensor, batches: list, keys: list, n_patches: int, args: Args, device, rank=0, world=1):
-    """Yield this rank's patch batches [P*b, 3, S, S] of `images` (uint8 [N, 3, S, S], on the device) for global index
-    batches, in the official patch-major layout: row p*b + i is patch p of image i.
-
-    Each rank keeps its contiguous share of every global batch. A batch's draws depend only on its key and the global
-    batch, so a 2-rank run sees exactly the patches of a 1-rank run, and a resumed run replays an uninterrupted one.
-    DEVIATION: the official code draws from unseeded global RNGs."""
+    """This rank's patch batches [P*b, 3, S, S] of `images` (uint8 [N, 3, S, S], on the device), patch-major (row
+    p*b + i: patch p of image i, as official). Draws depend only on a batch's key and the global batch (each rank keeps
+    its share): 2 ranks see the patches of 1, a resume those of an unbroken run. DEVIATION: seeded, not global RNGs."""
     crop = round(math.sqrt(args.crop_scale) * images.shape[-1])  # 16 for CIFAR
     gen = torch.Generator(device=device)
     for idx, key in zip(batches, keys):
@@ -247,7 +232,7 @@ def patch_batches(images: torch.Tensor, batches: list, keys: list, n_patches: in
 class EMPSSL(nn.Module):
     """ResNet backbone -> pre_feature (h, evaluated) -> projection -> L2-normalised z (spec 3)."""
 
-    def __init__(self, arch: str, hidden_dim: int, z_dim: int):
+    def __init__(self, arch: str, hidden_dim: int, z_dim: int, init: str = "torch"):
         super().__init__()
         self.backbone = RESNETS[arch]()
         self.pre_feature = nn.Sequential(
@@ -256,6 +241,11 @@ class EMPSSL(nn.Module):
         self.projection = nn.Sequential(
             nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, z_dim)
         )
+        if init == "kachayev":  # kachayev/ssl-in-one-epoch: Linear weights N(0, 1e-3), zero biases
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, 0.0, 1e-3)
+                    nn.init.zeros_(m.bias)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.pre_feature(self.backbone(x))  # h: [N, hidden_dim], >= 0
@@ -266,23 +256,12 @@ class EMPSSL(nn.Module):
         return z, h
 
 
-def kachayev_init(model: nn.Module) -> None:
-    """--init kachayev (kachayev/ssl-in-one-epoch): Linear weights N(0, 1e-3), zero biases; convs and BN as torch's."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 1e-3)
-            nn.init.zeros_(m.bias)
-
-
 # ==== 4. LOSS ====
 def tcr_loss(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """Negative total coding rate, -R(Z) with R(Z) = 1/2 logdet(I_D + D/(N eps) Z^T Z) (spec 4.1-4.2).
-
-    z: [N, D] rows (not normalised here); leading dims are allowed ([P, N, D] gives the mean of -R over P, spec 4.3).
-    eps is used as is (the paper's eps^2). Computed from the smaller Gram matrix (Sylvester: logdet(I + A^T A)
-    = logdet(I + A A^T)) with a Cholesky log-det, in float64: the B x B matrices are tiny, and fp64 keeps TF32 and
-    bf16 out of the log-det. DEVIATION: the official code calls torch.logdet on the D x D form in fp32.
-    """
+    """Negative total coding rate, -R(Z) with R(Z) = 1/2 logdet(I_D + D/(N eps) Z^T Z) (spec 4.1-4.2). z: [N, D] rows,
+    not normalised here; [P, N, D] gives the mean of -R over P (spec 4.3). eps is used as is (the paper's eps^2).
+    DEVIATION: the Sylvester form logdet(I + A^T A) = logdet(I + A A^T) on the smaller Gram matrix and a Cholesky
+    log-det in fp64 (the B x B matrices are tiny; no TF32 or bf16); the official code: torch.logdet, D x D, fp32."""
     with torch.autocast(z.device.type, enabled=False):
         z = z.double()
         n, d = z.shape[-2:]
@@ -295,7 +274,6 @@ def tcr_loss(z: torch.Tensor, eps: float) -> torch.Tensor:
 
 def invariance_loss(z: torch.Tensor) -> torch.Tensor:
     """-(1/(P B)) sum_{p,b} cos(z[p, b], zbar[b]) with zbar the plain mean over patches (spec 4.4); z: [P, B, D].
-
     CRUCIAL: zbar is neither re-normalised nor detached (official)."""
     zbar = z.mean(0, keepdim=True)
     return -F.cosine_similarity(z, zbar, dim=-1).mean()
@@ -303,7 +281,6 @@ def invariance_loss(z: torch.Tensor) -> torch.Tensor:
 
 def empssl_loss(z: torch.Tensor, args: Args) -> tuple:
     """z: this rank's [P, B_local, D]. Returns (total, invariance, -TCR), all fp32 scalars (spec 4.5).
-
     CRUCIAL: the TCR covers the global batch (each rank's z is gathered with gradient), as in the official
     single-process code; the invariance term is per image, and DDP's gradient averaging makes it the global mean."""
     inv = invariance_loss(z)
@@ -360,57 +337,45 @@ CIFAR = {"cifar10": (torchvision.datasets.CIFAR10, 10), "cifar100": (torchvision
 
 def load_data(args: Args) -> dict:
     """uint8 images [N, 3, S, S] and int64 labels for both splits, on the CPU."""
+    root = Path(args.data_dir)
     if args.dataset == "fake":  # random images, for shape tests only
         g = torch.Generator().manual_seed(args.seed)
         x = torch.randint(0, 256, (320, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
         y = torch.arange(320) % 10
-        return dict(train_x=x[:256], train_y=y[:256], test_x=x[256:], test_y=y[256:], num_classes=10)
-    root = Path(args.data_dir)
-    if args.dataset in CIFAR:
+        splits, num_classes = [(x[:256], y[:256]), (x[256:], y[256:])], 10
+    elif args.dataset == "imagefolder":
+        train_root, test_root, classes = folder_splits(root)
+        splits = [load_image_folder(split, classes, args.image_size) for split in (train_root, test_root)]
+        num_classes = len(classes)
+    else:
         cls, num_classes = CIFAR[args.dataset]
         try:
-            splits = [cls(str(root), train=train, download=args.download) for train in (True, False)]
+            sets = [cls(str(root), train=train, download=args.download) for train in (True, False)]
         except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted", or a failed download
             if args.download:  # it was allowed and failed: no network, or a bad --data-dir
                 raise RunError(f"could not download {args.dataset} into {root} ({e}); without network, give a copy in "
                                "--data-dir (torchvision's layout) or use --dataset imagefolder")  # fmt: skip
             raise RunError(f"{args.dataset} not found in {root} ({e}); pass its --data-dir, or --download")
-        tr, te = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in splits]
-        return dict(train_x=tr[0], train_y=tr[1], test_x=te[0], test_y=te[1], num_classes=num_classes)
-    train_root, test_root, classes = folder_splits(root)
-    train_x, train_y = load_image_folder(train_root, classes, args.image_size)
-    test_x, test_y = load_image_folder(test_root, classes, args.image_size)
-    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=len(classes))
+        splits = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in sets]
+    (train_x, train_y), (test_x, test_y) = splits
+    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=num_classes)
 
 
 def check_args(args: Args, world_size: int) -> None:
     """Refuse bad input with one clear line, before any data is read or process group created."""
-    if args.arch not in RESNETS:
-        raise RunError(f"unknown --arch {args.arch!r}; choose one of {', '.join(RESNETS)}")
-    if args.device is not None and args.device != "cpu" and not args.device.startswith("cuda"):
-        raise RunError(f"unknown --device {args.device!r}; use cuda, cuda:N or cpu")
-    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise RunError(f"--device {args.device} but no CUDA device is available")
-    check_ranges(
-        args,
-        at_least_1="batch_size n_patches epochs lr_epochs log_every probe_epochs probe_batch_size knn_k image_size "
-        "hidden_dim z_dim",
-        at_least_0="eval_patches save_every_steps eval_every bench_ceiling_steps bench_data_steps max_steps",
-        positive="lr eps lars_eta probe_lr knn_t eval_memory_gb",
-        non_negative="inv_weight tcr_weight momentum weight_decay probe_wd",
-    )
+    check_common_args(
+        args, world_size, RESNETS, at_least_1="n_patches lr_epochs hidden_dim z_dim",
+        at_least_0="eval_patches eval_every", positive="lr eps lars_eta", non_negative="inv_weight tcr_weight momentum",
+    )  # fmt: skip
     if not 0 < args.crop_scale <= 1:
         raise RunError(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
-    if args.batch_size % world_size:
-        raise RunError(f"--batch-size {args.batch_size} does not divide by the world size {world_size}")
     if args.lr_epochs is not None and args.lr_epochs < args.epochs:
         msg = f"--lr-epochs {args.lr_epochs} < --epochs {args.epochs}: the cosine would reach 0 and rise again"
         raise RunError(f"{msg}; pass --lr-epochs {args.epochs} (or None)")
 
 
 def run_training(args: Args) -> dict:
-    """The run: checks, data (kept on the device), model, LARS, precision, resume, the epochs (train_epochs, SHARED:
-    train-loop), the final evaluation and results.json."""
+    """The run: checks, data (on the device), model, LARS, precision, resume, epochs, evaluation, results.json."""
     try:  # before any process group and data: bad input fails fast, alike on every rank
         check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
         check_out_dir(args.out_dir)
@@ -424,8 +389,7 @@ def run_training(args: Args) -> dict:
     torch.backends.cudnn.benchmark = not args.deterministic
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    # DEVIATION: TF32 for fp32 matmuls/convs (the official fp32 runs had TF32 matmuls off); it only matters with
-    # --amp none, and the TCR log-det runs in fp64 regardless
+    # DEVIATION: TF32 for fp32 matmuls/convs (official: off); it matters only with --amp none (the log-det is fp64)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     n = len(data["train_x"])
     if n < args.batch_size:
@@ -439,31 +403,24 @@ def run_training(args: Args) -> dict:
     run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, data=data, t_start=t_start)
     Stop.run, run.epoch_sums = run, None  # main reports a stop on this run
     run.data_time_s, run.steps_per_epoch = time.perf_counter() - t_start, n // args.batch_size
-    total_steps = run.steps_per_epoch * args.epochs
-    run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-
+    run.total_steps = min(run.steps_per_epoch * args.epochs, math.inf if args.max_steps is None else args.max_steps)
     torch.manual_seed(args.seed)  # the same initial model on every rank
-    model = EMPSSL(args.arch, args.hidden_dim, args.z_dim)
-    if args.init == "kachayev":
-        kachayev_init(model)
-    run.fmt = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
-    run.model = model.to(device, memory_format=run.fmt)
+    run.fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    run.model = model = EMPSSL(args.arch, args.hidden_dim, args.z_dim, args.init).to(device, memory_format=run.fmt)
     run.encode = model.encode  # h, the representation the paper evaluates
     # PAPER: SGD with Nesterov momentum inside LARSWrapper(eta=0.005, clip=True, exclude_bias_n_norm=True)
     groups = param_groups(model, args.weight_decay)
     run.opt = LARS(groups, lr=args.lr, momentum=args.momentum, nesterov=True, eta=args.lars_eta, clip=True)
-    use_amp = device.type == "cuda" and args.amp != "none"
-    run.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and args.amp == "fp16")
     # DEVIATION: bf16 autocast (the official code runs fp32); the losses stay fp32, the log-det fp64
-    amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
-    run.autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    run.autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
+    run.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
     run.global_step, run.train_time_s, run.images_seen, run.data_wait_s, run.times = 0, 0.0, 0, 0.0, {}
-    resume(run)
+    resume_state(run, set())
     net = nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn and world_size > 1 else model
     if world_size > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     run.ddp_model = torch.compile(net) if args.compile else net
-
     bench = run_benchmarks(run, "patches", args.n_patches)
     run.metrics = ("loss", "cos", "R")  # train_step's: the loss, the mean cos to the image's mean embedding, R
     train_epochs(run)
@@ -475,84 +432,38 @@ def run_training(args: Args) -> dict:
     return res
 
 
-def resume(run: SimpleNamespace) -> None:
-    """Load out_dir/last.pt (or --resume), if there is one, into the model (strictly), LARS, the scaler, counters."""
-    args = run.args
-    ckpt_path = find_resume(Path(args.out_dir), args.resume)
-    if ckpt_path is None:
-        return
-    try:  # every rank reads the same file
-        ckpt = load_checkpoint(ckpt_path, map_location=run.device)
-    except CheckpointError as e:
-        raise RunError(str(e), every_rank=True)
-    needed = {"model", "optimizer", "scaler", "step", "args", "train_time_s", "images_seen", "data_wait_s"}
-    if not isinstance(ckpt, dict) or needed - ckpt.keys():
-        raise CheckpointError(f"{ckpt_path} is not a training checkpoint of this script (needs {sorted(needed)})")
-    if ckpt["args"]["batch_size"] != args.batch_size:  # steps would map to other images and epochs
-        trained = ckpt["args"]["batch_size"]
-        raise CheckpointError(f"{ckpt_path} was trained with --batch-size {trained}, not {args.batch_size}")
-    load_state_dict_strict(run.model, ckpt["model"], what=f"model in {ckpt_path}")
-    try:
-        run.opt.load_state_dict(ckpt["optimizer"])
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"optimizer state in {ckpt_path} does not match: {e}")
-    run.scaler.load_state_dict(ckpt["scaler"])
-    run.global_step, run.train_time_s, run.images_seen = ckpt["step"], ckpt["train_time_s"], ckpt["images_seen"]
-    run.data_wait_s, run.epoch_sums = ckpt["data_wait_s"], ckpt.get("epoch_sums")
-    if run.rank == 0:
-        print(f"resumed from {ckpt_path} at step {ckpt['step']}")
-
-
-def save_state(run: SimpleNamespace) -> None:
-    """Rank 0 writes out_dir/last.pt atomically: model, optimizer, scaler, step, counters and timers."""
-    if run.rank != 0:
-        return
-    t0 = time.perf_counter()
-    state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
-    state.update(step=run.global_step, train_time_s=run.train_time_s, images_seen=run.images_seen)
-    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args), epoch_sums=run.epoch_sums)
-    save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
-    run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
-
-
-def log_jsonl(run: SimpleNamespace, record: dict) -> None:
-    with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def write_results(run: SimpleNamespace, bench: dict, res: dict) -> None:
     """out_dir/results.json (atomic): args, machine, timings, patches/s against the bare ceiling, metrics."""
-    args, device = run.args, run.device
-    patches_seen = run.images_seen * args.n_patches
-    patches_per_s = patches_seen / max(run.train_time_s, 1e-9)
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    results = dict(script=Path(__file__).name, paper="EMP-SSL (arXiv 2304.03977)", exp_name=args.exp_name)
-    results.update(args=dataclasses.asdict(args), world_size=run.world_size, steps_per_epoch=run.steps_per_epoch)
-    results.update(device=dev_name, torch=torch.__version__, torchvision=torchvision.__version__)
-    results.update(python=platform.python_version(), epochs_done=run.global_step / run.steps_per_epoch)
+    args, device, out = run.args, run.device, Path(run.args.out_dir)
+    cuda, ceiling = device.type == "cuda", bench.get("ceiling_patches_per_s")
+    patches_per_s = run.images_seen * args.n_patches / max(run.train_time_s, 1e-9)
     protocol = f"bag of {args.eval_patches} random training-transform patches, h ({args.hidden_dim}-d), eval-mode BN"
     protocol += f"; linear probe {args.probe_epochs} ep lr {args.probe_lr}; weighted k-NN k={args.knn_k} T={args.knn_t}"
-    results.update(steps_done=run.global_step, eval_protocol=protocol, data_time_s=run.data_time_s)
-    results.update(train_time_s=run.train_time_s, data_wait_s=run.data_wait_s, **run.times)
-    results.update(total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen)
-    ceiling = bench.get("ceiling_patches_per_s")
-    results.update(patches_seen=patches_seen, patches_per_s=patches_per_s, ceiling_patches_per_s=ceiling)
-    results.update(data_patches_per_s=bench.get("data_patches_per_s"))
-    results.update(ceiling_ratio=patches_per_s / ceiling if ceiling else None)
-    results.update(peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
-    results.update(script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)
-    tmp = Path(args.out_dir) / f"results.json.tmp.{os.getpid()}"
+    results = dict(
+        script=Path(__file__).name, paper="EMP-SSL (arXiv 2304.03977)", exp_name=args.exp_name,
+        args=dataclasses.asdict(args), world_size=run.world_size, steps_per_epoch=run.steps_per_epoch,
+        device=torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        torch=torch.__version__, torchvision=torchvision.__version__, python=platform.python_version(),
+        epochs_done=run.global_step / run.steps_per_epoch, steps_done=run.global_step, eval_protocol=protocol,
+        data_time_s=run.data_time_s, train_time_s=run.train_time_s, data_wait_s=run.data_wait_s, **run.times,
+        total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen,
+        patches_seen=run.images_seen * args.n_patches, patches_per_s=patches_per_s, ceiling_patches_per_s=ceiling,
+        data_patches_per_s=bench.get("data_patches_per_s"), ceiling_ratio=patches_per_s / ceiling if ceiling else None,
+        peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res,
+    )  # fmt: skip
+    tmp = out / f"results.json.tmp.{os.getpid()}"
     tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, Path(args.out_dir) / "results.json")  # atomic, like the checkpoints
-    print(summary_line(res, results, Path(args.out_dir) / "results.json"))
+    os.replace(tmp, out / "results.json")  # atomic, like the checkpoints
+    print(summary_line(res, results, out / "results.json"))
 
 
 def bare_step(run: SimpleNamespace):
     """The ceiling's step: forward+backward of the model on synthetic patches (no augmentation, loss or optimizer)."""
     args, size = run.args, run.data["train_x"].shape[-1]
-    bare = EMPSSL(args.arch, args.hidden_dim, args.z_dim).to(run.device, memory_format=run.fmt).train()
-    x = torch.randn(args.n_patches * args.batch_size // run.world_size, 3, size, size, device=run.device)
-    x = x.contiguous(memory_format=run.fmt)
+    bare = EMPSSL(args.arch, args.hidden_dim, args.z_dim).to(run.device, memory_format=run.fmt)
+    shape = (args.n_patches * args.batch_size // run.world_size, 3, size, size)
+    x = torch.randn(shape, device=run.device).contiguous(memory_format=run.fmt)
 
     def step():
         with run.autocast:
@@ -563,22 +474,17 @@ def bare_step(run: SimpleNamespace):
 
 
 # the method's own evaluation: a bag of patches
-EVAL_BLOCK = 100  # images whose evaluation patches are drawn from one seed (the former default --eval-chunk)
-
-
 @torch.no_grad()
 def encode_bag(run: SimpleNamespace, images: torch.Tensor, split: str, n_patches: int) -> torch.Tensor:
     """Official protocol (spec 2.4, 6.1): h averaged over n_patches random training-transform patches, eval mode;
-    n_patches=0 encodes the whole unaugmented image. Each rank encodes its share, gathered: [N, hidden].
-
-    The patches of each block of EVAL_BLOCK images come from one seed; they go through run.encode in chunks sized
-    to --eval-memory-gb (128 patches of 100 images at once took 16 GB), which changes no feature."""
+    n_patches=0 encodes the whole unaugmented image. Each rank encodes its share, gathered: [N, hidden]. Patches go
+    through run.encode in chunks sized to --eval-memory-gb (128 patches of 100 images at once took 16 GB)."""
     args, device, rank, world = run.args, run.device, run.rank, run.world_size
     run.model.eval()
     n = len(images)
     per_rank = math.ceil(n / world)
     mine = torch.arange(rank * per_rank, (rank + 1) * per_rank, device=device).clamp(max=n - 1)  # padded, trimmed later
-    blocks = list(mine.split(EVAL_BLOCK))
+    blocks = list(mine.split(100))  # each block's patches are drawn from one seed
     one = torch.zeros(1, 3, images.shape[-1], images.shape[-1], device=device).contiguous(memory_format=run.fmt)
     chunk = inputs_per_chunk(run.encode, one, args.eval_memory_gb)  # patches per forward
     if n_patches:
@@ -596,9 +502,8 @@ def encode_bag(run: SimpleNamespace, images: torch.Tensor, split: str, n_patches
 
 
 def evaluate(run: SimpleNamespace, tag: str) -> dict:
-    """Bag-of-features encoding of both splits, then weighted k-NN and the linear probe on rank 0. The final features
-    are cached per weights digest, so a rerun of a finished run skips the encoding (DDP ranks encode their own shards
-    and mid-training evaluations never repeat: neither is cached)."""
+    """Bag-of-features encoding of both splits, then weighted k-NN and the linear probe (official func.linear, spec
+    6.2) on rank 0. The final features of a 1-process run are cached per weights digest: a rerun skips encoding."""
     args, data, device = run.args, run.data, run.device
     res, times = {}, {}
     use_cache = tag == "final" and run.world_size == 1
@@ -609,39 +514,36 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
         t0 = time.perf_counter()
         feats = {}
         for split in ("train", "test"):
-            f = cache.get(split) if use_cache else None
-            if f is None:
-                f = encode_bag(run, data[f"{split}_x"], split, n_patches)
+            feats[split] = cache.get(split) if use_cache else None
+            if feats[split] is None:
+                feats[split] = encode_bag(run, data[f"{split}_x"], split, n_patches)
                 if use_cache:
-                    cache.put(split, f.cpu())
-            feats[split] = f.to(device)
+                    cache.put(split, feats[split].cpu())
         times[f"{prefix}encode_s"] = time.perf_counter() - t0
         if run.rank == 0:
-            xtr, xte = feats["train"], feats["test"]
+            xtr, xte, nc = feats["train"].to(device), feats["test"].to(device), data["num_classes"]
             ytr, yte = data["train_y"].to(device), data["test_y"].to(device)
             t0 = time.perf_counter()
-            top1, top5 = knn_eval(xtr, ytr, xte, yte, data["num_classes"], args.knn_k, args.knn_t)
-            res[f"{prefix}knn_top1"], res[f"{prefix}knn_top5"] = top1, top5
+            res[f"{prefix}knn_top1"], res[f"{prefix}knn_top5"] = knn_eval(
+                xtr, ytr, xte, yte, nc, args.knn_k, args.knn_t
+            )
             times[f"{prefix}knn_s"], t0 = time.perf_counter() - t0, time.perf_counter()
-            hyper = (args.probe_epochs, args.probe_lr, args.probe_wd, args.probe_batch_size, args.seed)
-            probe = linear_probe(xtr, ytr, xte, yte, data["num_classes"], *hyper)  # official func.linear (spec 6.2)
+            probe = linear_probe(xtr, ytr, xte, yte, nc, args.probe_epochs, args.probe_lr, args.probe_wd,
+                                 args.probe_batch_size, args.seed)  # fmt: skip
             res[f"{prefix}linear_top1"], res[f"{prefix}linear_top1_best"] = probe["last"], probe["best"]
             times[f"{prefix}probe_s"] = time.perf_counter() - t0
         if run.world_size > 1:
             dist.barrier()
     if run.rank == 0:
         log_jsonl(run, dict(type="eval", tag=tag, step=run.global_step, **res, **times))
-        line = " ".join(f"{k} {v:.1f}" for k, v in times.items())
-        knn, lin, best = res["knn_top1"], res["linear_top1"], res["linear_top1_best"]
-        print(f"eval @ {tag} | knn@1 {knn:.2f} | linear@1 {lin:.2f} (best {best:.2f}) | {line}")
+        print(f"eval @ {tag} | " + " | ".join(f"{k} {v:.2f}" for k, v in {**res, **times}.items()))
     for k, v in times.items():
         run.times[k] = run.times.get(k, 0.0) + v
     return res
 
 
 # ==== 8. MAIN ====
-# main(args) closes the shared appendix (SHARED: entry): run_training, and one line with an exit code for a
-# bad input, a failed run or a stop signal.
+# main(args), in the appendix (SHARED: common): run_training, one line and an exit code for a bad input or a stop.
 
 
 # ==== SHARED APPENDIX: identical in every script ====
@@ -1221,6 +1123,62 @@ class _GatherWithGrad(torch.autograd.Function):
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x from all ranks along dim 0, gradient flowing back to each rank's own rows; identity on 1 rank."""
     return _GatherWithGrad.apply(x) if dist.is_initialized() and dist.get_world_size() > 1 else x
+
+
+# END SHARED
+
+
+# SHARED: save-state
+def log_jsonl(run: SimpleNamespace, record: dict) -> None:
+    with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_state(run: SimpleNamespace) -> None:
+    """out_dir/last.pt, written atomically by rank 0: model (its buffers too: running statistics, a queue), optimizer,
+    scaler, step and timers."""
+    if run.rank != 0:
+        return
+    t0 = time.perf_counter()
+    state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
+    state.update(step=run.global_step, train_time_s=run.train_time_s, images_seen=run.images_seen)
+    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args), epoch_sums=run.epoch_sums)
+    save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
+    run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
+
+
+# END SHARED
+
+
+# SHARED: resume-state
+def resume_state(run: SimpleNamespace, extra_keys: set) -> Optional[dict]:
+    """Load out_dir/last.pt (or --resume) into run.model (strictly), run.opt, run.scaler and the counters. Returns the
+    checkpoint (the caller restores extra_keys), or None when there is nothing to resume."""
+    args = run.args
+    ckpt_path = find_resume(Path(args.out_dir), args.resume)
+    if ckpt_path is None:
+        return None
+    try:  # every rank reads the same file
+        ckpt = load_checkpoint(ckpt_path, map_location=run.device)
+    except CheckpointError as e:
+        raise RunError(str(e), every_rank=True)
+    needed = {"model", "optimizer", "scaler", "step", "args", "train_time_s", "images_seen", "data_wait_s", *extra_keys}
+    if not isinstance(ckpt, dict) or needed - ckpt.keys():
+        raise CheckpointError(f"{ckpt_path} is not a training checkpoint of this script (needs {sorted(needed)})")
+    if ckpt["args"]["batch_size"] != args.batch_size:  # steps would map to other images and epochs
+        trained = ckpt["args"]["batch_size"]
+        raise CheckpointError(f"{ckpt_path} was trained with --batch-size {trained}, not {args.batch_size}")
+    load_state_dict_strict(run.model, ckpt["model"], what=f"model in {ckpt_path}")
+    try:
+        run.opt.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"optimizer state in {ckpt_path} does not match: {e}")
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.global_step, run.train_time_s, run.images_seen = ckpt["step"], ckpt["train_time_s"], ckpt["images_seen"]
+    run.data_wait_s, run.epoch_sums = ckpt["data_wait_s"], ckpt.get("epoch_sums")
+    if run.rank == 0:
+        print(f"resumed from {ckpt_path} at step {ckpt['step']}")
+    return ckpt
 
 
 # END SHARED
