@@ -35,8 +35,7 @@ the LR collapses from about 0.11 to 5e-5 halfway, which looks unintended; our mo
 Deviations (each marked `# DEVIATION:` below): crops are cut and resized by torchvision's tensor ops in the workers
 or one roi_align on the device (official: PIL), and colour/blur run batched on the device in float; bf16 autocast
 (official: fp16 AMP) with every loss in fp32; the shuffle-BN permutation is drawn from a seeded stream on every rank
-instead of being broadcast from rank 0; the k-NN (k 200, T 0.07) is ours, SlimCLR reports none.
-"""
+instead of being broadcast from rank 0; the k-NN (k 200, T 0.07) is ours, SlimCLR reports none."""
 
 import copy
 import dataclasses
@@ -863,12 +862,10 @@ def switchable_probe(run: SimpleNamespace, train_feats: Optional[dict], test_fea
 
     history = []  # per evaluated epoch: [n_widths, 2] top-1 and top-5
     for epoch in tqdm(range(args.probe_epochs), desc="switchable probe", disable=rank != 0, leave=False):
-        if args.probe_schedule == "step":  # PAPER (v2): x0.1 at epochs 60 and 80 of 100
-            lr = args.probe_lr * 0.1 ** sum(epoch >= round(f * args.probe_epochs) for f in (0.6, 0.8))
-        else:
-            lr = args.probe_lr * 0.5 * (1 + math.cos(math.pi * epoch / args.probe_epochs))
+        step = 0.1 ** sum(epoch >= round(f * args.probe_epochs) for f in (0.6, 0.8))  # PAPER (v2): epochs 60, 80 of 100
+        cosine = 0.5 * (1 + math.cos(math.pi * epoch / args.probe_epochs))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = args.probe_lr * (step if args.probe_schedule == "step" else cosine)
         batches = epoch_batches(len(train_y), args.probe_batch_size, args.seed, ("probe", epoch), on_device)
         if train_feats is not None:
             stream = ({w: f[idx] for w, f in train_feats.items()} for idx in batches)
