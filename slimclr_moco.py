@@ -35,8 +35,7 @@ the LR collapses from about 0.11 to 5e-5 halfway, which looks unintended; our mo
 Deviations (each marked `# DEVIATION:` below): crops are cut and resized by torchvision's tensor ops in the workers
 or one roi_align on the device (official: PIL), and colour/blur run batched on the device in float; bf16 autocast
 (official: fp16 AMP) with every loss in fp32; the shuffle-BN permutation is drawn from a seeded stream on every rank
-instead of being broadcast from rank 0; the k-NN (k 200, T 0.07) is ours, SlimCLR reports none.
-"""
+instead of being broadcast from rank 0; the k-NN (k 200, T 0.07) is ours, SlimCLR reports none."""
 
 import copy
 import dataclasses
@@ -69,15 +68,8 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from common.checkpoint import (
-    ArtifactCache,
-    CheckpointError,
-    find_resume,
-    load_checkpoint,
-    load_state_dict_strict,
-    save_checkpoint,
-    state_dict_digest,
-)
+from common.checkpoint import ArtifactCache, CheckpointError, find_resume, load_checkpoint, load_state_dict_strict
+from common.checkpoint import save_checkpoint, state_dict_digest
 from common.resnet import RESNETS
 
 
@@ -143,8 +135,7 @@ class Args:
     dim: int = 128
     """output dimension of the head (never sliced; v2 128, v3 256)"""
     mlp_dim: int = 4096
-    """v3: hidden width of the projector and predictor at width 1.0 (official 4096; v2's head is as wide as the
-    backbone's features)"""
+    """v3: hidden width of the projector and predictor at width 1.0 (official 4096; v2's head: as wide as F w)"""
     sync_bn: bool = True
     """v3: SyncBatchNorm on CUDA under DDP (official); v2 uses shuffle-BN instead (PyTorch's SyncBN is GPU-only)"""
 
@@ -247,30 +238,21 @@ class Args:
 # MoCo v3 (spec 3.4, scripts/mocov3.sh run "01"): LARS, LR 0.3 x batch/256 = 1.2 at 1024, the slow start raises the
 # peak to 0.8 x batch/256 = 3.2; T 1; momentum 0.99 -> 1; asymmetric views.
 # fmt: off
-MOCOV3 = dataclasses.replace(
-    Args(), recipe="mocov3", exp_name="slimclr-mocov3", out_dir="runs/slimclr-mocov3",
-    jitter=(0.4, 0.4, 0.2, 0.1), blur=(1.0, 0.1), solarize=(0.0, 0.2),
-    moco="v3", dim=256, moco_m=0.99, moco_m_cos=True, temperature=1.0, slim_start_epoch=150,
-    distill_temperature=1.0, epochs=300, optimizer="lars", lr=0.3, lr_scaling="linear", slim_start_lr=0.8,
-    warmup_epochs=9.9, weight_decay=1e-6,
-    probe_epochs=90, probe_lr=0.4, probe_schedule="cosine",
-)
+MOCOV3 = dataclasses.replace(Args(), recipe="mocov3", exp_name="slimclr-mocov3", out_dir="runs/slimclr-mocov3",
+    jitter=(0.4, 0.4, 0.2, 0.1), blur=(1.0, 0.1), solarize=(0.0, 0.2), moco="v3", dim=256, moco_m=0.99,
+    moco_m_cos=True, temperature=1.0, slim_start_epoch=150, distill_temperature=1.0, epochs=300, optimizer="lars",
+    lr=0.3, lr_scaling="linear", slim_start_lr=0.8, warmup_epochs=9.9, weight_decay=1e-6, probe_epochs=90,
+    probe_lr=0.4, probe_schedule="cosine")
 # The CIFAR proxies (ours: the paper has no CIFAR runs). Slimmable ResNet-18 with the 3x3 stem, 2 x 32 px, no blur,
 # data decoded once and kept on the device; v2 after the MoCo CIFAR-10 demo (K 4096, m 0.99, T 0.1, lr 0.06, wd 5e-4).
-CIFAR_PROXY = dict(
-    dataset="cifar10", in_memory=True, image_size=32, large_size=32, mean=(0.4914, 0.4822, 0.4465),
-    std=(0.2470, 0.2435, 0.2616), arch="resnet18-cifar", save_every_steps=0, epochs=100, slim_start_epoch=50,
-    batch_size=512, warmup_epochs=5, eval_every=10, eval_subset_train=50000,
-    probe="features", probe_epochs=100, probe_lr=0.1, probe_schedule="cosine", probe_batch_size=256,
-)
-CIFAR_MOCOV2 = dataclasses.replace(
-    Args(), recipe="cifar-mocov2", exp_name="slimclr-cifar-mocov2", out_dir="runs/slimclr-cifar-mocov2", **CIFAR_PROXY,
-    blur=(0.0, 0.0), queue_size=4096, moco_m=0.99, temperature=0.1, lr=0.06, weight_decay=5e-4,
-)
-CIFAR_MOCOV3 = dataclasses.replace(
-    MOCOV3, recipe="cifar-mocov3", exp_name="slimclr-cifar-mocov3", out_dir="runs/slimclr-cifar-mocov3", **CIFAR_PROXY,
-    blur=(0.0, 0.0), mlp_dim=2048, temperature=0.2, lr=0.3, slim_start_lr=None, weight_decay=1e-5,
-)
+CIFAR_PROXY = dict(dataset="cifar10", in_memory=True, image_size=32, large_size=32, mean=(0.4914, 0.4822, 0.4465),
+    std=(0.2470, 0.2435, 0.2616), blur=(0.0, 0.0), arch="resnet18-cifar", save_every_steps=0, epochs=100,
+    slim_start_epoch=50, batch_size=512, warmup_epochs=5, eval_every=10, eval_subset_train=50000, probe="features",
+    probe_epochs=100, probe_lr=0.1, probe_schedule="cosine", probe_batch_size=256)
+CIFAR_MOCOV2 = dataclasses.replace(Args(), recipe="cifar-mocov2", exp_name="slimclr-cifar-mocov2", **CIFAR_PROXY,
+    out_dir="runs/slimclr-cifar-mocov2", queue_size=4096, moco_m=0.99, temperature=0.1, lr=0.06, weight_decay=5e-4)
+CIFAR_MOCOV3 = dataclasses.replace(MOCOV3, recipe="cifar-mocov3", exp_name="slimclr-cifar-mocov3", **CIFAR_PROXY,
+    out_dir="runs/slimclr-cifar-mocov3", mlp_dim=2048, temperature=0.2, slim_start_lr=None, weight_decay=1e-5)
 # fmt: on
 RECIPES = Union[
     Annotated[Args, tyro.conf.subcommand("mocov2", default=Args(), description="SlimCLR-MoCov2, 200 epochs")],
@@ -289,8 +271,7 @@ def parse_args(argv: Optional[list] = None) -> Args:
 # ==== 2. VIEWS ====
 def crop_groups(args: Args) -> list:
     """The two views, one group each: RandomResizedCrop(scale), flip, ColorJitter(*jitter) p 0.8, grayscale p 0.2,
-    blur and solarize with each view's probability (v2: the same pipeline twice; v3: blur 1.0 / 0.1, solarize 0 / 0.2).
-    """
+    then each view's blur and solarize probability (v2: the same pipeline twice; v3: blur 1 / 0.1, solarize 0 / 0.2)."""
     jit, scale = tuple(args.jitter), tuple(args.large_scale)
     return [CropGroup(1, args.large_size, scale, jit, args.blur[v], args.solarize[v]) for v in range(2)]
 
@@ -305,11 +286,9 @@ class SlimConv2d(nn.Conv2d):
     """One full-size kernel; width w uses the leading slice weight[:int(out x w), :c_in] (0.25 in 0.5 in 0.75 in 1).
     c_in is the input's channel count: the previous layer's slice, or 3 at the stem (slim_in=False, never sliced)."""
 
-    slim_out = True
-
     def __init__(self, c_in, c_out, k, stride=1, padding=0, slim_in=True):
         super().__init__(c_in, c_out, k, stride, padding, bias=False)
-        self.slim_in = slim_in
+        self.slim_in, self.slim_out = slim_in, True
 
     def forward(self, x: torch.Tensor, width: float) -> torch.Tensor:
         return F.conv2d(x, self.weight[: slim(self.out_channels, width), : x.shape[1]], None, self.stride, self.padding)
@@ -363,23 +342,20 @@ class SlimBlock(nn.Module):
             convs = [SlimConv2d(c_in, c_out, 3, stride, 1), SlimConv2d(c_out, c_out, 3, 1, 1)]
         self.convs = nn.ModuleList(convs)
         self.bns = nn.ModuleList(SwitchBN(c.out_channels, widths) for c in convs)
-        self.shortcut = None
-        if stride != 1 or c_in != c_out:
-            self.shortcut = SlimSequential(SlimConv2d(c_in, c_out, 1, stride), SwitchBN(c_out, widths))
+        proj = stride != 1 or c_in != c_out
+        self.shortcut = SlimSequential(SlimConv2d(c_in, c_out, 1, stride), SwitchBN(c_out, widths)) if proj else None
 
     def forward(self, x: torch.Tensor, width: float) -> torch.Tensor:
         out = x
-        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
-            out = bn(conv(out, width), width)
-            out = F.relu(out) if i + 1 < len(self.convs) else out
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):  # conv - BN, a ReLU between them
+            out = bn(conv(out if i == 0 else F.relu(out), width), width)
         return F.relu(out + (x if self.shortcut is None else self.shortcut(x, width)))
 
 
 class SlimResNet(nn.Module):
-    """Slimmable ResNet (spec 1.1): stem int(64w) (its 3 input channels never sliced), stages of int(64 2^s e w)
-    channels (e = 4 for bottlenecks), global average pooling to int(F w) features, an optional slimmable classifier
-    (inputs sliced, num_classes outputs never). forward(x, width=None) returns {width: output}, every width in turn
-    (a separate pass each, its own BN) when width is None; forward_width(x, width) returns the tensor."""
+    """Slimmable ResNet (spec 1.1): stem int(64w) (3 input channels), stages of int(64 2^s e w) channels (e = 4 for
+    bottlenecks), pooled to int(F w) features, an optional classifier (num_classes outputs at every width).
+    forward(x, width=None) returns {width: output}, every width in turn when None; forward_width returns the tensor."""
 
     def __init__(self, layers, widths, bottleneck: bool, cifar_stem: bool = False, num_classes: int = 0):
         super().__init__()
@@ -387,23 +363,20 @@ class SlimResNet(nn.Module):
         k, stride, pad = (3, 1, 1) if cifar_stem else (7, 2, 3)  # the CIFAR stem: 3x3 stride 1, no max-pool
         self.conv1 = SlimConv2d(3, 64, k, stride, pad, slim_in=False)
         self.bn1, self.maxpool = SwitchBN(64, self.widths), not cifar_stem
-        c_in, e = 64, 4 if bottleneck else 1
-        stages = []
-        for s, n in enumerate(layers):
-            c_out, stride = 64 * 2**s * e, 1 if s == 0 else 2
+        self.layers, c_in = nn.ModuleList(), 64
+        for s, n in enumerate(layers):  # the first block of every stage but the first has stride 2
+            c_out, stride = 64 * 2**s * (4 if bottleneck else 1), 1 if s == 0 else 2
             blocks = [SlimBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1, self.widths, bottleneck)
                       for i in range(n)]  # fmt: skip
-            stages.append(SlimSequential(*blocks))
+            self.layers.append(SlimSequential(*blocks))
             c_in = c_out
-        self.layers = nn.ModuleList(stages)
         self.num_features = c_in
         self.fc = SlimLinear(c_in, num_classes, slim_out=False) if num_classes else None
         init_slim(self)
 
     def forward_width(self, x: torch.Tensor, width: float) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x, width), width))
-        if self.maxpool:
-            x = F.max_pool2d(x, 3, 2, 1)
+        x = F.max_pool2d(x, 3, 2, 1) if self.maxpool else x
         for stage in self.layers:
             x = stage(x, width)
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
@@ -414,22 +387,18 @@ class SlimResNet(nn.Module):
 
 
 def init_slim(module: nn.Module) -> None:
-    """Official init (spec 1.3): convs Kaiming-normal (fan_out, relu); BN gamma 1, beta 0, and the last BN of every
-    residual block zero for every width copy (zero_init_residual); every Linear N(0, 0.01) with bias 0."""
+    """Official init (spec 1.3): convs Kaiming-normal (fan_out, relu); BN gamma 1, beta 0 (PyTorch's), but the last BN
+    of every residual block zero in every width copy (zero_init_residual); every Linear N(0, 0.01) with bias 0."""
     for m in module.modules():
         if isinstance(m, SlimConv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.affine:
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        elif isinstance(m, SlimBlock):
+            for bn in m.bns[-1].bn:
+                nn.init.zeros_(bn.weight)
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0, 0.01)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-    for m in module.modules():  # CRUCIAL: after the loop above, which visits the BNs after their block
-        if isinstance(m, SlimBlock):
-            for bn in m.bns[-1].bn:
-                nn.init.zeros_(bn.weight)  # zero-init residuals in every width's copy
 
 
 def slimmable_resnet50(num_classes: int = 1000, widths=(1.0, 0.75, 0.5, 0.25)) -> SlimResNet:
@@ -447,7 +416,6 @@ SLIM_RESNETS = {
 def active_param_count(model: nn.Module, width: float) -> int:
     """Parameters the network of this width uses (spec 1.4): the weight and bias slices of every slimmable layer,
     its own BN copy, and every other parameter in full. Running statistics are buffers and not counted."""
-    width = float(width)
 
     def used(m):  # the slice of m's parameters this width reads
         if isinstance(m, SwitchBN):
@@ -463,18 +431,12 @@ def active_param_count(model: nn.Module, width: float) -> int:
 
 @torch.no_grad()
 def active_macs(model: SlimResNet, width: float, size: int) -> int:
-    """Multiply-accumulates of one size x size image through the convs and linear layers at this width."""
-    total = []
-
-    def count(m, inputs, out):
-        k = m.weight[0, 0].numel() if isinstance(m, SlimConv2d) else 1
-        total.append(out.numel() * inputs[0].shape[1] * k)
-
+    """Multiply-accumulates of one size x size image through the convs and linear layers at this width (eval mode)."""
+    total = []  # per layer: outputs x inputs x kernel size (1 for a Linear)
+    count = lambda m, inputs, out: total.append(out.numel() * inputs[0].shape[1] * m.weight[0, 0].numel())  # noqa: E731
     hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (SlimConv2d, SlimLinear))]
-    was_training = model.training
-    model.eval()
-    p = next(model.parameters())
-    model.forward_width(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype), float(width))
+    was_training, p = model.training, next(model.parameters())
+    model.eval().forward_width(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype), float(width))
     model.train(was_training)
     for h in hooks:
         h.remove()
@@ -493,12 +455,10 @@ class SlimEncoder(nn.Module):
             self.head = SlimSequential(SlimLinear(f, f), nn.ReLU(inplace=True), SlimLinear(f, args.dim, slim_out=False))
         else:
             self.head = SlimSequential(
-                SlimLinear(f, args.mlp_dim, bias=False),
-                SwitchBN(args.mlp_dim, w, dims=1),
-                nn.ReLU(inplace=True),
+                SlimLinear(f, args.mlp_dim, bias=False), SwitchBN(args.mlp_dim, w, dims=1), nn.ReLU(inplace=True),
                 SlimLinear(args.mlp_dim, args.dim, bias=False, slim_out=False),
                 SwitchBN(args.dim, w, dims=1, affine=False, slim=False),  # per width, but 256 wide at every width
-            )
+            )  # fmt: skip
         init_slim(self)  # PAPER: every Linear inside the encoder N(0, 0.01)
 
     def forward(self, x: torch.Tensor, width: float) -> torch.Tensor:
@@ -516,10 +476,9 @@ class Online(nn.Module):
         if args.moco == "v3":
             self.predictor = SlimSequential(
                 SlimLinear(args.dim, args.mlp_dim, bias=False, slim_in=False),
-                SwitchBN(args.mlp_dim, self.encoder.backbone.widths, dims=1),
-                nn.ReLU(inplace=True),
+                SwitchBN(args.mlp_dim, self.encoder.backbone.widths, dims=1), nn.ReLU(inplace=True),
                 SlimLinear(args.mlp_dim, args.dim, bias=False, slim_out=False),
-            )
+            )  # fmt: skip
 
     def forward(self, views: list, widths: list) -> list:
         """views: images [b, 3, S, S] each. Returns per view {width: embedding [b, D]} (not normalised).
@@ -551,13 +510,11 @@ def ema_update(teacher: nn.Module, student: nn.Module, m: float) -> None:
 
 @torch.no_grad()
 def momentum_keys(run: SimpleNamespace, x: torch.Tensor, step: int) -> tuple:
-    """Full-width keys of this rank's images [b, D] and of the global batch [B, D], L2-normalised, fp32.
-
-    v2 under DDP: shuffle-BN (spec 2.1): the global key batch is permuted, each rank encodes one share and the keys
-    are gathered and un-permuted, so a key's BN statistics come from other images than its query's (MoCo: per-rank
-    batch statistics would otherwise leak which key is the positive). DEVIATION: the permutation comes from a seeded
-    stream identical on every rank (official: drawn on rank 0 and broadcast). On one process there is nothing to
-    shuffle across (the official code requires DDP). v3: no shuffle (SyncBN on CUDA)."""
+    """Full-width keys of this rank's images [b, D] and of the global batch [B, D], L2-normalised, fp32. v2 under DDP:
+    shuffle-BN (spec 2.1): each rank encodes one share of the permuted global batch, the keys are gathered and
+    un-permuted, so a key's BN statistics come from other images than its query's (per-rank statistics would leak
+    which key is the positive). DEVIATION: the permutation is a seeded stream identical on every rank (official: drawn
+    on rank 0 and broadcast). One process: nothing to shuffle across (the official code needs DDP). v3: no shuffle."""
     rank, b = run.rank, len(x)
 
     def keys(images):
@@ -584,24 +541,24 @@ def distill_ce(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.
     return t * t * -(p * F.log_softmax(student.float() / t, dim=1)).sum(1).mean()
 
 
-def slimclr_combine(logits: dict, nce, active: bool, distill_weight, distill_temperature, reweight, full_distill):
-    """The SlimCLR combination (spec 2.2 steps 4-6). logits: {width: [B, C]}, the full width first; nce: logits ->
-    the contrastive loss of one width. Before the slow start: the full network's loss alone, unweighted. After it:
+def slimclr_combine(q_by_width: dict, logits, nce, active: bool, a: float, t: float, reweight, full_distill):
+    """The SlimCLR combination (spec 2.2 steps 4-6). q_by_width: {width: [B, D]}; logits: q -> its logits [B, C];
+    nce: logits -> the contrastive loss of one width. Before the slow start (not active): the full network's loss
+    alone, unweighted (PAPER: the sub-widths contribute exactly 0). After it, with a = distill_weight:
         lambda_max nce_max + sum_w<max [(1 - a) nce_w + a kd_w],  lambda_max = 1 + sum of the sub-widths (reweight)
-    with kd_w the distillation of the full network's logits (and the larger sub-widths', full_distill)."""
-    widths = sorted(logits, reverse=True)
+    with kd_w the distillation (temperature t) of the full width's logits (and the larger sub-widths', full_distill)."""
+    widths = sorted(q_by_width, reverse=True)
+    z = {w: logits(q_by_width[w].float()) for w in (widths if active else widths[:1])}
     top = widths[0]
-    if not active:  # PAPER: the sub-networks are not run and contribute exactly 0; lambda_max not applied
-        return nce(logits[top])
+    if not active:
+        return nce(z[top])
     lam = 1 + sum(widths[1:]) if reweight else 1.0  # PAPER: official loss_weights_generate option 5
-    loss = lam * nce(logits[top])
-    a, t = distill_weight, distill_temperature
+    loss = lam * nce(z[top])
     for i, w in enumerate(widths[1:], 1):
-        sub = nce(logits[w])
+        sub = nce(z[w])
         if a > 0:
             teachers = widths[:i] if full_distill else [top]
-            kd = sum(distill_ce(logits[w], logits[v], t) for v in teachers) / len(teachers)
-            sub = (1 - a) * sub + a * kd
+            sub = (1 - a) * sub + a * sum(distill_ce(z[w], z[v], t) for v in teachers) / len(teachers)
         loss = loss + sub
     return loss
 
@@ -615,16 +572,12 @@ def slimclr_mocov2_loss(
     queue: [K, D]. Raw logits z_w = [q_w . k, q_w Q^T] (plain cosines) per width; nce_w = CE(z_w / T, 0); the
     distillation works on the raw z_w with temperature t (spec 7.2: around 25 ln(K+1) per sub-width is normal).
     The sub-width entries are ignored before the slow start (epoch < slim_start_epoch; -1: always active)."""
-    active = epoch >= slim_start_epoch
-    widths = sorted(q_by_width, reverse=True)
     k, queue = k.float(), queue.float()
-    z = {}
-    for w in widths if active else widths[:1]:
-        q = q_by_width[w].float()  # q: [B, D], L2-normalised
-        z[w] = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1)  # [B, 1 + K], the positive first
     labels = torch.zeros(len(k), dtype=torch.long, device=k.device)
-    nce = lambda logits: F.cross_entropy(logits / temperature, labels)  # noqa: E731
-    return slimclr_combine(z, nce, active, distill_weight, distill_temperature, reweight, full_distill)
+    logits = lambda q: torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1)  # noqa: E731  [B, 1 + K]: the positive
+    nce = lambda z: F.cross_entropy(z / temperature, labels)  # noqa: E731
+    active = epoch >= slim_start_epoch
+    return slimclr_combine(q_by_width, logits, nce, active, distill_weight, distill_temperature, reweight, full_distill)
 
 
 def slimclr_mocov3_loss(
@@ -635,16 +588,14 @@ def slimclr_mocov3_loss(
     """SlimCLR-MoCov3 loss (spec 3.2): direction(q1, k2) + direction(q2, k1), each with l_w = q_w k^T / T,
     nce_w = 2T CE(l_w, labels) and the distillation on l_w (already divided by T). q: {width: [B, D]} normalised;
     k: [B, D] normalised keys, or the keys of every rank [B x world, D] under DDP (labels offset by rank)."""
-    active = epoch >= slim_start_epoch
-    widths = sorted(q1_by_width, reverse=True)
-    b = len(q1_by_width[widths[0]])
+    b, active = len(next(iter(q1_by_width.values()))), epoch >= slim_start_epoch
     gathered = len(k1) > b and dist.is_initialized()  # k of every rank: the positives are this rank's rows
     labels = torch.arange(b, device=k1.device) + (dist.get_rank() * b if gathered else 0)  # CRUCIAL: offset by rank
     nce = lambda logits: 2 * temperature * F.cross_entropy(logits, labels)  # noqa: E731  PAPER: the 2T factor
 
     def direction(q_by_width, k):
-        logits = {w: q_by_width[w].float() @ k.float().T / temperature for w in (widths if active else widths[:1])}
-        return slimclr_combine(logits, nce, active, distill_weight, distill_temperature, reweight, False)
+        logits = lambda q: q @ k.float().T / temperature  # noqa: E731
+        return slimclr_combine(q_by_width, logits, nce, active, distill_weight, distill_temperature, reweight, False)
 
     return direction(q1_by_width, k2) + direction(q2_by_width, k1)
 
@@ -773,29 +724,24 @@ def check_args(args: Args, world_size: int) -> None:
         positive="lr temperature distill_temperature slim_start_lr", non_negative="warmup_epochs momentum",
         scales="large_scale", per_rank="batch_size probe_batch_size",
     )  # fmt: skip
-    widths = [float(w) for w in args.widths]
-    if 1.0 not in widths:
-        raise RunError(f"--widths {' '.join(map(str, args.widths))} must contain 1.0, the full network")
-    if len(set(widths)) != len(widths) or not all(0 < w <= 1 and slim(64, w) >= 1 for w in widths):
-        raise RunError(f"--widths must be distinct values in [1/64, 1], got {' '.join(map(str, args.widths))}")
-    if not 0 <= args.distill_weight <= 1:
-        raise RunError(f"--distill-weight must be in [0, 1], got {args.distill_weight}")
-    if not 0 <= args.moco_m <= 1:
-        raise RunError(f"--moco-m must be in [0, 1], got {args.moco_m}")
-    if args.moco == "v2" and (args.queue_size < args.batch_size or args.queue_size % args.batch_size):
-        raise RunError(
-            f"--queue-size {args.queue_size} must be a multiple of the global --batch-size {args.batch_size}"
-        )
+    widths = " ".join(map(str, args.widths))
+    if 1.0 not in args.widths:
+        raise RunError(f"--widths {widths} must contain 1.0, the full network")
+    if len(set(args.widths)) != len(args.widths) or not all(0 < w <= 1 and slim(64, w) >= 1 for w in args.widths):
+        raise RunError(f"--widths must be distinct values in [1/64, 1], got {widths}")
+    for name in ("distill_weight", "moco_m"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise RunError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    queue, batch = args.queue_size, args.batch_size
+    if args.moco == "v2" and (queue < batch or queue % batch):
+        raise RunError(f"--queue-size {queue} must be a multiple of the global --batch-size {batch}")
     warnings = []  # legal but probably not meant: said once, on rank 0, never silently
     if args.slim_start_lr is not None and args.slim_start_epoch <= 0:  # PAPER: official loop needs slim_start_epoch > 0
         warnings.append(f"--slim-start-lr {args.slim_start_lr} is unused: it applies only with --slim-start-epoch > 0")
-    if len(widths) > 1 and args.slim_start_epoch >= args.epochs:
-        warnings.append(
-            f"--slim-start-epoch {args.slim_start_epoch} >= --epochs {args.epochs}: the sub-networks are never trained"
-        )
-    if os.environ.get("RANK", "0") == "0":
-        for w in warnings:
-            print(f"{Path(__file__).name}: warning: {w}", file=sys.stderr)
+    if len(args.widths) > 1 and args.slim_start_epoch >= args.epochs:
+        warnings.append(f"--slim-start-epoch {args.slim_start_epoch} >= --epochs: the sub-networks are never trained")
+    for w in warnings if os.environ.get("RANK", "0") == "0" else []:
+        print(f"{Path(__file__).name}: warning: {w}", file=sys.stderr)
 
 
 def run_training(args: Args) -> dict:
@@ -806,9 +752,7 @@ def run_training(args: Args) -> dict:
     run.model = model = SlimCLR(args).to(device, memory_format=run.fmt)
     backbone = model.online.encoder.backbone
     run.widths = backbone.widths  # descending, the full width first
-    run.encode = partial(backbone.forward_width, width=1.0)  # evaluate() encodes at each width in turn
-    run.groups = crop_groups(args)
-    run.opt = build_optimizer(model, args)
+    run.groups, run.opt = crop_groups(args), build_optimizer(model, args)
     run.metrics = ("loss", *(f"top1@{w}" for w in run.widths))
     resume_state(run, set())
     net = model.online
@@ -831,10 +775,9 @@ def run_training(args: Args) -> dict:
             sizes = dict(params=active_param_count(net, w), backbone_params=active_param_count(backbone, w))
             sizes.update(gmacs=active_macs(net, w, args.large_size) / 1e9)
             per_width[str(w)] = {**sizes, **{k.split("@")[0]: v for k, v in res.items() if k.endswith(f"@{w}")}}
-        scale = args.batch_size / 256 if args.lr_scaling == "linear" else 1.0
-        extra = dict(widths=per_width, peak_lr=args.lr * scale, slim_start_lr=args.slim_start_lr)
+        peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else 1.0)
         paper = "SlimCLR, Slimmable Networks for Contrastive Self-supervised Learning (arXiv 2209.15525)"
-        write_results(run, paper, extra, bench, res)
+        write_results(run, paper, dict(widths=per_width, peak_lr=peak_lr, slim_start_lr=args.slim_start_lr), bench, res)
     if dist.is_initialized():
         dist.destroy_process_group()
     return res
@@ -845,50 +788,39 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
     """Per width: weighted k-NN on pooled backbone features (a seeded subset during training, everything at the end),
     and at the end the switchable probe. Keys: knn_top1@W, linear_top1@W (...); the full width also without @W."""
     args, data, device, widths = run.args, run.data, run.device, run.widths
-    final, nc = tag == "final", data["num_classes"]
-    t0 = time.perf_counter()
+    final, t0 = tag == "final", time.perf_counter()
     subsets = {}
     for split, size in (("train", args.eval_subset_train), ("test", args.eval_subset_test)):
         n = len(data[f"{split}_y"])
         g = torch.Generator().manual_seed(rng_seed(args.seed, "eval-subset", split))
         subsets[split] = None if final or size >= n else torch.randperm(n, generator=g)[:size].sort().values
-    # the final features are cached per weights digest, so a rerun of a finished run skips the encoding
-    use_cache = final and run.world_size == 1
+    use_cache = final and run.world_size == 1  # cached per weights digest: a rerun of a finished run skips encoding
     digest = state_dict_digest(run.model.state_dict()) if use_cache else None
     key = rng_seed(digest, args.dataset, args.data_dir, args.large_size, args.mean, args.std)
     cache = ArtifactCache(Path(args.out_dir) / "cache", f"{key:014x}")
-    backbone, feats = run.model.online.encoder.backbone, {}
+    feats = {"train": {}, "test": {}}  # split -> width -> features
     for w in widths:
-        run.encode = partial(backbone.forward_width, width=w)  # what extract_features runs
-        for split in ("train", "test"):
+        run.encode = partial(run.model.online.encoder.backbone.forward_width, width=w)  # what extract_features runs
+        for split in feats:
             f = cache.get(f"{split}@{w}") if use_cache else None
             if f is None:
                 f = extract_features(run, split, subsets[split])
                 if use_cache:
                     cache.put(f"{split}@{w}", f.cpu())
-            feats[split, w] = f.to(device)
-    run.encode = partial(backbone.forward_width, width=1.0)
-    labels = {s: data[f"{s}_y"] if subsets[s] is None else data[f"{s}_y"][subsets[s]] for s in subsets}
-    ytr, yte = labels["train"].to(device), labels["test"].to(device)
+            feats[split][w] = f.to(device)
+    ytr, yte = (data[f"{s}_y"][slice(None) if subsets[s] is None else subsets[s]].to(device) for s in ("train", "test"))
     res, times = {}, dict(encode_s=time.perf_counter() - t0)
     if run.rank == 0:
         t0 = time.perf_counter()
         for w in widths:
-            top1, top5 = knn_eval(feats["train", w], ytr, feats["test", w], yte, nc, args.knn_k, args.knn_t)
-            res[f"knn_top1@{w}"], res[f"knn_top5@{w}"] = top1, top5
+            knn = knn_eval(feats["train"][w], ytr, feats["test"][w], yte, data["num_classes"], args.knn_k, args.knn_t)
+            res[f"knn_top1@{w}"], res[f"knn_top5@{w}"] = knn
         times["knn_s"] = time.perf_counter() - t0
     if final and (args.probe == "augmented" or args.probe == "features" and run.rank == 0):  # augmented: every rank
         t0 = time.perf_counter()
-        train_feats = {w: feats["train", w] for w in widths} if args.probe == "features" else None
-        probe = switchable_probe(run, train_feats, {w: feats["test", w] for w in widths}, yte)
+        res.update(switchable_probe(run, feats["train"] if args.probe == "features" else None, feats["test"], yte))
         times["probe_s"] = time.perf_counter() - t0
-        for w, p in probe.items():
-            res.update(
-                {f"linear_top1@{w}": p["last"], f"linear_top1_best@{w}": p["best"], f"linear_top5@{w}": p["top5"]}
-            )
-    for name in ("knn_top1", "knn_top5", "linear_top1", "linear_top1_best", "linear_top5"):
-        if f"{name}@1.0" in res:
-            res[name] = res[f"{name}@1.0"]
+    res.update({k.split("@")[0]: v for k, v in res.items() if k.endswith("@1.0")})  # the full width also without @W
     if run.world_size > 1:
         dist.barrier()
     if run.rank == 0:
@@ -905,8 +837,8 @@ def switchable_probe(run: SimpleNamespace, train_feats: Optional[dict], test_fea
     backbone, trained together with slimclr_linear_probe_loss; SGD momentum 0.9, --probe-lr at --probe-batch-size,
     step (x0.1 at 60% and 80%) or cosine per epoch; fp32 heads. Train inputs: RandomResizedCrop(0.08, 1) + flip views
     through the backbone at every width (augmented, official; the heads data-parallel over the ranks), or precomputed
-    features {width: [N, F w]} (features). Evaluated every --probe-eval-every epochs and at the end. Returns {width:
-    dict(last, best, top5)}, best = that width's top-1 at the epoch where the full width's is best (official)."""
+    features {width: [N, F w]} (features). Evaluated every --probe-eval-every epochs and at the end. Returns per width
+    linear_top1@W and linear_top5@W (last epoch) and linear_top1_best@W (at the full width's best epoch, official)."""
     args, device, world, rank, nc = run.args, run.device, run.world_size, run.rank, run.data["num_classes"]
     backbone, widths = run.model.online.encoder.backbone, run.widths
     gen = torch.Generator().manual_seed(args.seed)
@@ -930,12 +862,10 @@ def switchable_probe(run: SimpleNamespace, train_feats: Optional[dict], test_fea
 
     history = []  # per evaluated epoch: [n_widths, 2] top-1 and top-5
     for epoch in tqdm(range(args.probe_epochs), desc="switchable probe", disable=rank != 0, leave=False):
-        if args.probe_schedule == "step":  # PAPER (v2): x0.1 at epochs 60 and 80 of 100
-            lr = args.probe_lr * 0.1 ** sum(epoch >= round(f * args.probe_epochs) for f in (0.6, 0.8))
-        else:
-            lr = args.probe_lr * 0.5 * (1 + math.cos(math.pi * epoch / args.probe_epochs))
+        step = 0.1 ** sum(epoch >= round(f * args.probe_epochs) for f in (0.6, 0.8))  # PAPER (v2): epochs 60, 80 of 100
+        cosine = 0.5 * (1 + math.cos(math.pi * epoch / args.probe_epochs))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = args.probe_lr * (step if args.probe_schedule == "step" else cosine)
         batches = epoch_batches(len(train_y), args.probe_batch_size, args.seed, ("probe", epoch), on_device)
         if train_feats is not None:
             stream = ({w: f[idx] for w, f in train_feats.items()} for idx in batches)
@@ -944,9 +874,8 @@ def switchable_probe(run: SimpleNamespace, train_feats: Optional[dict], test_fea
             stream = map(every_width, view_batches(run, images, batches, keys, [group]))
         for idx, inputs in zip(batches, stream):
             local = idx if train_feats is not None else idx[rank * b : (rank + 1) * b]
-            loss = slimclr_linear_probe_loss(
-                {w: h(inputs[w]) for w, h in zip(widths, heads)}, train_y[local.to(device)]
-            )
+            logits = {w: h(inputs[w]) for w, h in zip(widths, heads)}
+            loss = slimclr_linear_probe_loss(logits, train_y[local.to(device)])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if world > 1 and train_feats is None:  # the gradient of the global-batch mean
@@ -960,15 +889,15 @@ def switchable_probe(run: SimpleNamespace, train_feats: Optional[dict], test_fea
                 hit = top5 == y_test[:, None]  # [n_widths, N, 5]
                 history.append(100 * torch.stack([hit[..., 0].float().mean(1), hit.any(2).float().mean(1)], 1))
     history = torch.stack(history).tolist()  # one host sync
-    best = max(range(len(history)), key=lambda i: history[i][0][0])  # PAPER: the best epoch by the full width
-    return {
-        w: dict(last=history[-1][i][0], best=history[best][i][0], top5=history[-1][i][1]) for i, w in enumerate(widths)
-    }
+    last, best = history[-1], max(history, key=lambda h: h[0][0])  # PAPER: the best epoch by the full width's top-1
+    res = {}
+    for w, (top1, top5), (best_top1, _) in zip(widths, last, best):
+        res.update({f"linear_top1@{w}": top1, f"linear_top1_best@{w}": best_top1, f"linear_top5@{w}": top5})
+    return res
 
 
 # ==== 8. MAIN ====
-# main(args) closes the shared appendix (SHARED: entry): run_training, and one line with an exit code for a
-# bad input, a failed run or a stop signal.
+# main(args) (SHARED: common) runs run_training; a bad input, a failed run or a stop signal: one line, an exit code.
 
 
 # ==== SHARED APPENDIX: identical in every script ====
