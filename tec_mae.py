@@ -72,14 +72,8 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from common.checkpoint import (
-    CheckpointError,
-    find_resume,
-    load_checkpoint,
-    load_error,
-    load_state_dict_strict,
-    save_checkpoint,
-)
+from common.checkpoint import CheckpointError, find_resume, load_checkpoint, load_error, load_state_dict_strict
+from common.checkpoint import save_checkpoint
 from common.vit import VITS, Block, LayerNorm, Mlp, VisionTransformer, sincos_pos_embed_2d
 
 SIZES = {  # common/vit.py's sizes, without building the models
@@ -170,8 +164,7 @@ class Args:
 
     # --- finetune / linear / convert (spec 6, 7)
     init: Optional[str] = None
-    """finetune / linear / convert: the pretrained encoder (ours, MAE's, iBOT's or TEC's files); finetune: unset =
-    from scratch"""
+    """finetune / linear / convert: the pretrained encoder (ours, MAE's, iBOT's, TEC's); finetune: unset = scratch"""
     keep_cls_mlp: bool = True
     """finetune: keep the CLS-token MLP of a TEC checkpoint and train it (official --mlp_token); off: bake it in"""
     pool: Literal["avg", "cls"] = "avg"
@@ -266,17 +259,14 @@ class Args:
 
 
 # fmt: off
-IBOT = dict(base_checkpoint=IBOT_URL, topk=9, tau=1.0)
-LARGE = dict(arch="vit_large", decoder_dim=768, base_checkpoint=MAE_URL.format("large"), tau=1.4)
+IBOT = dict(seed=5, base_checkpoint=IBOT_URL, topk=9, tau=1.0)
+LARGE = dict(seed=5, arch="vit_large", decoder_dim=768, base_checkpoint=MAE_URL.format("large"), tau=1.4)
 MAE = dict(mode="mae", decoder_depth=8, base_checkpoint=None, epochs=800)
-FINETUNE = dict(
-    mode="finetune", large_scale=(0.08, 1.0), base_checkpoint=None, probe="none", epochs=100, batch_size=1024,
-    blr=5e-4, min_lr=1e-6, warmup_epochs=20, betas=(0.9, 0.999), eval_every=1,
-)
-LINEAR = dict(
-    mode="linear", large_scale=(0.08, 1.0), base_checkpoint=None, probe="none", pool="cls", epochs=90,
-    batch_size=16384, blr=0.1, warmup_epochs=10, weight_decay=0.0, eval_every=10,
-)
+EVAL = dict(large_scale=(0.08, 1.0), base_checkpoint=None, probe="none")  # finetune and linear
+FINETUNE = dict(EVAL, mode="finetune", epochs=100, batch_size=1024, blr=5e-4, min_lr=1e-6, warmup_epochs=20,
+                betas=(0.9, 0.999), eval_every=1)
+LINEAR = dict(EVAL, mode="linear", pool="cls", epochs=90, batch_size=16384, blr=0.1, warmup_epochs=10,
+              weight_decay=0.0, eval_every=10)
 # The CIFAR-10 proxy (ours): ViT-Tiny, patch 4 on 32 x 32 (64 patches), data decoded once and kept on the device;
 # decoders 128 wide; k 5 of 64 patches (about the official 15 of 196); batch 512 at blr 5e-4 (lr 1e-3).
 CIFAR = dict(
@@ -284,30 +274,25 @@ CIFAR = dict(
     std=(0.2470, 0.2435, 0.2616), arch="vit_tiny", patch_size=4, decoder_dim=128, decoder_heads=4, save_every_steps=0,
     epochs=100, batch_size=512, blr=5e-4, warmup_epochs=10, eval_every=10, eval_subset_train=50000, probe="features",
 )
-CIFAR_MAE = {**CIFAR, **MAE, "decoder_depth": 4, "epochs": 100}
-CIFAR_PRETRAIN = {**CIFAR, "topk": 5, "base_checkpoint": "runs/tec-cifar-mae/last.pt"}
-CIFAR_FINETUNE = {**CIFAR, **FINETUNE, "epochs": 100, "eval_every": 10, "batch_size": 256, "warmup_epochs": 5}
-CIFAR_LINEAR = {**CIFAR, **LINEAR, "batch_size": 1024, "epochs": 90, "eval_every": 10}
-# fmt: on
-
-
-def recipe(name: str, **kw) -> Args:
-    return dataclasses.replace(Args(), recipe=name, exp_name=f"tec-{name}", out_dir=f"runs/tec-{name}", **kw)
-
-
-RECIPES = {
-    "pretrain": (recipe("pretrain", seed=5), "TEC ViT-B/16 on the MAE ViT-B base, 300 epochs"),
-    "pretrain-ibot": (recipe("pretrain-ibot", seed=5, **IBOT), "TEC ViT-B/16 on the iBOT ViT-B base, 300 epochs"),
-    "pretrain-large": (recipe("pretrain-large", seed=5, **LARGE), "TEC ViT-L/16 on the MAE ViT-L base, 300 epochs"),
-    "mae": (recipe("mae", **MAE), "a plain MAE ViT-B/16 (the base-model recipe), 800 epochs"),
-    "finetune": (recipe("finetune", **FINETUNE), "MAE/TEC fine-tuning, ViT-B/16, 100 epochs"),
-    "linear": (recipe("linear", **LINEAR), "MAE's linear probe (LARS, BN head), 90 epochs"),
-    "convert": (recipe("convert", mode="convert", base_checkpoint=None), "a TEC checkpoint -> plain ViT weights"),
-    "cifar-mae": (recipe("cifar-mae", **CIFAR_MAE), "CIFAR proxy (ours): the MAE base model"),
-    "cifar-pretrain": (recipe("cifar-pretrain", **CIFAR_PRETRAIN), "CIFAR proxy (ours): TEC on top of it"),
-    "cifar-finetune": (recipe("cifar-finetune", **CIFAR_FINETUNE), "CIFAR proxy (ours): fine-tuning"),
-    "cifar-linear": (recipe("cifar-linear", **CIFAR_LINEAR), "CIFAR proxy (ours): linear probe"),
+RECIPES = {  # name: (its Args, its description)
+    name: (dataclasses.replace(Args(), recipe=name, exp_name=f"tec-{name}", out_dir=f"runs/tec-{name}", **kw), about)
+    for name, kw, about in [
+        ("pretrain", dict(seed=5), "TEC ViT-B/16 on the MAE ViT-B base, 300 epochs"),
+        ("pretrain-ibot", IBOT, "TEC ViT-B/16 on the iBOT ViT-B base, 300 epochs"),
+        ("pretrain-large", LARGE, "TEC ViT-L/16 on the MAE ViT-L base, 300 epochs"),
+        ("mae", MAE, "a plain MAE ViT-B/16 (the base-model recipe), 800 epochs"),
+        ("finetune", FINETUNE, "MAE/TEC fine-tuning, ViT-B/16, 100 epochs"),
+        ("linear", LINEAR, "MAE's linear probe (LARS, BN head), 90 epochs"),
+        ("convert", dict(mode="convert", base_checkpoint=None), "a TEC checkpoint -> plain ViT weights"),
+        ("cifar-mae", {**CIFAR, **MAE, "decoder_depth": 4, "epochs": 100}, "CIFAR proxy (ours): the MAE base model"),
+        ("cifar-pretrain", {**CIFAR, "topk": 5, "base_checkpoint": "runs/tec-cifar-mae/last.pt"},
+         "CIFAR proxy (ours): TEC on top of it"),
+        ("cifar-finetune", {**CIFAR, **FINETUNE, "eval_every": 10, "batch_size": 256, "warmup_epochs": 5},
+         "CIFAR proxy (ours): fine-tuning"),
+        ("cifar-linear", {**CIFAR, **LINEAR, "batch_size": 1024}, "CIFAR proxy (ours): linear probe"),
+    ]
 }
+# fmt: on
 SUBCOMMANDS = Union[
     tuple(Annotated[Args, tyro.conf.subcommand(n, default=a, description=d)] for n, (a, d) in RECIPES.items())
 ]
@@ -339,49 +324,37 @@ def rand_augment(x: torch.Tensor, gen: torch.Generator, n: int, m: float, mstd: 
 
     for _ in range(n):
         op = torch.randint(0, 15, (B,), generator=gen, device=dev)
-        on = torch.rand(B, generator=gen, device=dev) < 0.5
+        op = torch.where(torch.rand(B, generator=gen, device=dev) < 0.5, op, -1)  # each op applied with p 0.5
         mag = (m + mstd * torch.randn(B, generator=gen, device=dev)).clamp(0, 10) / 10  # level / 10
         sign = torch.where(torch.rand(B, generator=gen, device=dev) < 0.5, -1.0, 1.0)
-        op = torch.where(on, op, -1)
         # geometric: 3 Rotate (30 deg), 11 ShearX, 12 ShearY (0.3), 13 TranslateXRel, 14 TranslateYRel (0.45)
         ang, sh, tr = mag * 30 * sign * math.pi / 180, mag * 0.3 * sign, mag * 0.45 * sign * 2  # grid units: 2 = side
-        one, zero = torch.ones(B, device=dev), torch.zeros(B, device=dev)
-        cos, sin = torch.where(op == 3, ang.cos(), one), torch.where(op == 3, ang.sin(), zero)
-        theta = torch.stack([cos, -sin, zero, sin, cos, zero], 1).view(B, 2, 3)  # output -> input coordinates
+        cos, sin = torch.where(op == 3, ang.cos(), 1.0), torch.where(op == 3, ang.sin(), 0.0)
         # PIL shears about the top-left corner (x_in = x + s y in pixels): a centred shear plus a shift of s
-        theta[:, 0, 1] += torch.where(op == 11, sh, zero)
-        theta[:, 1, 0] += torch.where(op == 12, sh, zero)
-        theta[:, 0, 2] += torch.where(op == 13, tr, torch.where(op == 11, sh, zero))
-        theta[:, 1, 2] += torch.where(op == 14, tr, torch.where(op == 12, sh, zero))
-        geo = ((op == 3) | (op >= 11)).view(-1, 1, 1, 1)
+        sx, sy = torch.where(op == 11, sh, 0.0), torch.where(op == 12, sh, 0.0)
+        tx, ty = torch.where(op == 13, tr, sx), torch.where(op == 14, tr, sy)
+        theta = torch.stack([cos, sx - sin, tx, sin + sy, cos, ty], 1).view(B, 2, 3)  # output -> input coordinates
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         warped = F.grid_sample(torch.cat([x, torch.ones_like(x[:, :1])], 1), grid, align_corners=False)  # bilinear
         cover = warped[:, 3:]  # 1 where the source image covers the output pixel
+        geo = ((op == 3) | (op >= 11)).view(-1, 1, 1, 1)
         y = torch.where(geo, warped[:, :3] + (1 - cover) * fill.view(1, 3, 1, 1), x)
-        # pixel ops on uint8 values
-        q, gray = x.round(), grayscale(x)
-        f = 1 + mag * 0.9 * sign  # Color / Contrast / Brightness / Sharpness 'increasing': 1 +- 0.9 level
+        # pixel ops on uint8 values: 0 AutoContrast, 1 Equalize, 2 Invert, 4 SharpnessIncreasing, 5 PosterizeIncreasing
+        # (keep 4 - int(4 level) bits), 6 SolarizeIncreasing, 7 SolarizeAdd (threshold 128), 8 ColorIncreasing
+        # (saturation), 9 ContrastIncreasing, 10 BrightnessIncreasing; the 'increasing' blends: factor 1 +- 0.9 level
+        q, gray, f = x.round(), grayscale(x), 1 + mag * 0.9 * sign
         lo, hi = q.amin((2, 3), keepdim=True), q.amax((2, 3), keepdim=True)
-        auto = torch.where(hi > lo, ((q - lo) * 255 / (hi - lo).clamp_min(1)).floor(), q)  # 0 AutoContrast
         smooth = x.clone()  # PIL SMOOTH leaves the border unchanged
         smooth[..., 1:-1, 1:-1] = F.conv2d(x.flatten(0, 1)[:, None], SMOOTH.to(x)).view_as(x[..., 1:-1, 1:-1])
-        bits = (4 - (mag * 4).floor()).view(-1, 1, 1, 1)  # 5 PosterizeIncreasing: keep 4 - int(4 level) bits
-        post = torch.where(bits >= 8, q, (q / 2 ** (8 - bits)).floor() * 2 ** (8 - bits))
-        thresh = (256 - (mag * 256).floor()).view(-1, 1, 1, 1)  # 6 SolarizeIncreasing
-        add = (mag * 110).floor().view(-1, 1, 1, 1)  # 7 SolarizeAdd (threshold 128)
-        results = {
-            0: auto,
-            1: equalize(q),
-            2: 255 - q,
-            5: post,
-            6: torch.where(q >= thresh, 255 - q, q),
-            7: torch.where(q < 128, (q + add).clamp(max=255), q),
-            8: blend(x, gray.expand_as(x), f),  # ColorIncreasing (saturation)
-            9: blend(x, gray.mean((1, 2, 3), keepdim=True).expand_as(x), f),  # ContrastIncreasing
-            10: blend(x, torch.zeros_like(x), f),  # BrightnessIncreasing
-            4: blend(x, smooth, f),  # SharpnessIncreasing
-        }
-        for k, r in results.items():
+        level, step = mag.view(-1, 1, 1, 1), 2 ** (4 + (mag * 4).floor().view(-1, 1, 1, 1))  # 2 ** (8 - bits)
+        pixel = {
+            0: torch.where(hi > lo, ((q - lo) * 255 / (hi - lo).clamp_min(1)).floor(), q), 1: equalize(q), 2: 255 - q,
+            4: blend(x, smooth, f), 5: (q / step).floor() * step,
+            6: torch.where(q >= 256 - (level * 256).floor(), 255 - q, q),
+            7: torch.where(q < 128, (q + (level * 110).floor()).clamp(max=255), q), 8: blend(x, gray.expand_as(x), f),
+            9: blend(x, gray.mean((1, 2, 3), keepdim=True).expand_as(x), f), 10: blend(x, torch.zeros_like(x), f),
+        }  # fmt: skip
+        for k, r in pixel.items():
             y = torch.where((op == k).view(-1, 1, 1, 1), r, y)
         x = y.round().clamp(0, 255)
     return x
@@ -417,11 +390,9 @@ def random_erasing(x: torch.Tensor, gen: torch.Generator, prob: float) -> torch.
     top = (torch.rand(B, 1, generator=gen, device=dev) * (H - h + 1)).floor()
     left = (torch.rand(B, 1, generator=gen, device=dev) * (W - w + 1)).floor()
     erase = (torch.rand(B, 1, generator=gen, device=dev) < prob) & fits.any(1, keepdim=True)
-    rows, cols = torch.arange(H, device=dev).view(1, -1), torch.arange(W, device=dev).view(1, -1)
-    in_rows = (rows >= top) & (rows < top + h)  # [B, H]
-    in_cols = (cols >= left) & (cols < left + w)
-    box = (in_rows[:, :, None] & in_cols[:, None, :] & erase[:, :, None])[:, None]  # [B, 1, H, W]
-    return torch.where(box, torch.randn(x.shape, generator=gen, device=dev), x)
+    rows, cols = torch.arange(H, device=dev), torch.arange(W, device=dev)
+    box = ((rows >= top) & (rows < top + h))[:, :, None] & ((cols >= left) & (cols < left + w))[:, None, :]  # [B, H, W]
+    return torch.where((box & erase[:, :, None])[:, None], torch.randn(x.shape, generator=gen, device=dev), x)
 
 
 def mixup_cutmix(x: torch.Tensor, y: torch.Tensor, num_classes: int, args: Args, gen: torch.Generator) -> tuple:
@@ -434,17 +405,11 @@ def mixup_cutmix(x: torch.Tensor, y: torch.Tensor, num_classes: int, args: Args,
         return x, y1
     u = torch.rand(4, generator=gen).tolist()
     cut = args.cutmix > 0 and (args.mixup <= 0 or u[0] < 0.5)
-
-    def beta(a):  # Beta(a, a) from two Gamma draws of the seeded stream
-        g = torch._standard_gamma(torch.tensor([a, a]), generator=gen)
-        return (g[0] / g.sum()).item()
-
-    lam = beta(args.cutmix if cut else args.mixup)
+    g = torch._standard_gamma(torch.full((2,), args.cutmix if cut else args.mixup), generator=gen)
+    lam = (g[0] / g.sum()).item()  # Beta(a, a) from two Gamma draws of the seeded stream
     if cut:  # PAPER (timm rand_bbox + correct_lam): a box of area (1 - lam), lam corrected by clipping
-        H, W = x.shape[-2:]
-        r = math.sqrt(1 - lam)
-        ch, cw = int(H * r), int(W * r)
-        cy, cx = int(u[1] * H), int(u[2] * W)
+        (H, W), r = x.shape[-2:], math.sqrt(1 - lam)
+        ch, cw, cy, cx = int(H * r), int(W * r), int(u[1] * H), int(u[2] * W)
         y0, y1_, x0, x1_ = max(cy - ch // 2, 0), min(cy + ch // 2, H), max(cx - cw // 2, 0), min(cx + cw // 2, W)
         x = x.clone()
         x[..., y0:y1_, x0:x1_] = x.flip(0)[..., y0:y1_, x0:x1_]
@@ -471,16 +436,14 @@ def augment_finetune(run: SimpleNamespace, x: torch.Tensor, key: tuple) -> torch
 
 # ==== 3. MODEL ====
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor) -> tuple:
-    """MAE's per-sample masking. x: [B, N, D] patch tokens (positions added); noise: [B, N] in [0, 1).
-    The int(N (1 - ratio)) tokens with the smallest noise are kept, in that order. Returns (kept [B, n_keep, D],
-    mask [B, N] float with 1 = removed, ids_restore [B, N]: the permutation that puts the tokens back)."""
+    """MAE's per-sample masking of x [B, N, D] (positions added): the int(N (1 - ratio)) tokens with the smallest noise
+    [B, N] are kept, in that order. -> (kept [B, n_keep, D], mask [B, N] float with 1 = removed, ids_restore [B, N])."""
     B, N, D = x.shape
     n_keep = int(N * (1 - mask_ratio))
     ids_shuffle = noise.argsort(dim=1)  # ascending: small noise is kept
     ids_restore = ids_shuffle.argsort(dim=1)
     kept = x.gather(1, ids_shuffle[:, :n_keep, None].expand(-1, -1, D))
-    mask = (ids_restore >= n_keep).float()  # CRUCIAL: 1 = removed, in the original patch order
-    return kept, mask, ids_restore
+    return kept, (ids_restore >= n_keep).float(), ids_restore  # CRUCIAL: mask 1 = removed, in the patch order
 
 
 def unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -512,6 +475,7 @@ class MaskedEncoder(VisionTransformer):
         super().__init__(**vit)
         if mlp_token:
             self.cls_token_mlp = Mlp(self.embed_dim, 4 * self.embed_dim)
+        self.fc_norm = nn.Identity()  # finetune's global pool: a LayerNorm (Classifier)
 
     def cls(self, B: int) -> torch.Tensor:
         cls = self.cls_token_mlp(self.cls_token) if hasattr(self, "cls_token_mlp") else self.cls_token
@@ -532,11 +496,9 @@ class MaskedEncoder(VisionTransformer):
 
     def readout(self, x: torch.Tensor, pool: str) -> torch.Tensor:
         """Features of the unmasked image: pool cls = the CLS token after the final norm; avg = the mean patch token
-        after the final norm, or before fc_norm where there is one (finetune's global pool, no final norm)."""
+        after the final norm, or after fc_norm in its place (finetune's global pool)."""
         x = self.forward_features(x)
-        if pool == "cls":
-            return x[:, 0]
-        return self.fc_norm(x[:, 1:].mean(1)) if hasattr(self, "fc_norm") else x[:, 1:].mean(1)
+        return x[:, 0] if pool == "cls" else self.fc_norm(x[:, 1:].mean(1))
 
 
 class MAEModel(MaskedEncoder):
@@ -545,20 +507,18 @@ class MAEModel(MaskedEncoder):
 
     def __init__(self, decoder_dim: int, decoder_depth: int, decoder_heads: int, **vit):
         super().__init__(**vit)
-        D, p, grid = self.embed_dim, self.patch_embed.patch_size, self.patch_embed.grid_size
-        self.decoder_embed = nn.Linear(D, decoder_dim)
+        self.decoder_embed = nn.Linear(self.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.decoder_pos_embed = fixed_pos_embed(decoder_dim, grid)
-        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_heads) for _ in range(decoder_depth)])
+        self.decoder_pos_embed = fixed_pos_embed(decoder_dim, self.patch_embed.grid_size)
+        self.decoder_blocks = nn.Sequential(*[Block(decoder_dim, decoder_heads) for _ in range(decoder_depth)])
         self.decoder_norm = LayerNorm(decoder_dim)
-        self.decoder_pred = nn.Linear(decoder_dim, p * p * 3)
+        self.decoder_pred = nn.Linear(decoder_dim, self.patch_embed.patch_size**2 * 3)
         init_new_modules(self)
 
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float) -> tuple:
         outs, mask, ids_restore = self.encode_masked(imgs, noise, mask_ratio)
         x = unshuffle(self.decoder_embed(outs[-1]), self.mask_token, ids_restore) + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
+        x = self.decoder_blocks(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:], mask  # [B, N, p*p*3], CLS dropped
 
 
@@ -593,11 +553,11 @@ class DecoderHead(nn.Module):
         setattr(self, out_name, nn.Linear(decoder_dim, out_dim))  # decoder_pred (features) or decoder_qk (relations)
         self.out = getattr(self, out_name)
 
-    def embed(self, a: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Adapter output [B, 1 + n_keep, D] -> the trunk's input [B, 1 + N, d]: embedded, mask tokens, positions."""
-        return unshuffle(self.decoder_embed(a), self.mask_token, ids_restore) + pos
+    def embed(self, a: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Adapter output [B, 1 + n_keep, D] -> [B, 1 + N, d]: embedded, mask tokens at the removed patches."""
+        return unshuffle(self.decoder_embed(a), self.mask_token, ids_restore)
 
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.decoder_norm(x))  # [B, 1 + N, out_dim]
 
 
@@ -612,7 +572,7 @@ class TECModel(MaskedEncoder):
         self.encoder_adaptor = FeatureAdaptor(D, depth, max(1, depth // 3), 4 * decoder_dim)
         self.forward_fea_decoder = DecoderHead(D, decoder_dim, D, "decoder_pred")
         self.forward_att_decoder = DecoderHead(D, decoder_dim, 2 * D, "decoder_qk")
-        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_heads) for _ in range(decoder_depth)])
+        self.decoder_blocks = nn.Sequential(*[Block(decoder_dim, decoder_heads) for _ in range(decoder_depth)])
         self.decoder_pos_embed = fixed_pos_embed(decoder_dim, grid)
         init_new_modules(self)
 
@@ -620,34 +580,28 @@ class TECModel(MaskedEncoder):
         """-> (pred_feat [B, N, D], pred_rel_logits [B, 1+k, H, N], mask [B, N] with 1 = removed)."""
         outs, mask, ids_restore = self.encode_masked(imgs, noise, mask_ratio)
         a = self.encoder_adaptor(torch.cat(outs, dim=-1))  # [B, 1 + n_keep, D]
-        fea, att, pos = self.forward_fea_decoder, self.forward_att_decoder, self.decoder_pos_embed
+        fea, att = self.forward_fea_decoder, self.forward_att_decoder
         # CRUCIAL: one trunk for both heads (official: run once per head); both inputs go through it as one batch of
         # 2B, which computes the same thing in one pass (no batch statistics in a ViT)
-        x = torch.cat([fea.embed(a, ids_restore, pos), att.embed(a, ids_restore, pos)])
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        x_fea, x_att = x.chunk(2)
-        pred_feat, qk = fea.finish(x_fea)[:, 1:], att.finish(x_att)
-        B, T, _ = qk.shape
-        q, k = qk.reshape(B, T, 2, self.rel_heads, -1).permute(2, 0, 3, 1, 4)  # PAPER: (2, H, D/H) split; [B, H, T, d]
+        x = torch.cat([fea.embed(a, ids_restore), att.embed(a, ids_restore)]) + self.decoder_pos_embed
+        x_fea, x_att = self.decoder_blocks(x).chunk(2)
+        q, k = att(x_att).unflatten(-1, (2, self.rel_heads, -1)).permute(2, 0, 3, 1, 4)  # PAPER: (2, H, D/H) split
         rel = student_relation_logits(q.float(), k.float(), topk_idx, self.embed_dim**-0.5)  # fp32, small
-        return pred_feat, rel, mask
+        return fea(x_fea)[:, 1:], rel, mask
 
 
 class Classifier(MaskedEncoder):
-    """MAE's fine-tuning / linear-probe ViT (spec 7): pool avg = mean of the patch tokens, then fc_norm (finetune,
-    official global_pool: no final norm) or the final norm (linear); pool cls = the CLS token after the final norm.
-    Positions are learned from the checkpoint's values; the head is trunc_normal(std 2e-5) (finetune) and a
-    BatchNorm1d(affine=False, eps 1e-6) precedes it in the linear probe."""
+    """MAE's fine-tuning / linear-probe ViT (spec 7), features as `readout`; positions learned from the checkpoint's
+    values; the head is trunc_normal, after a BatchNorm1d(affine=False, eps 1e-6) in the linear probe."""
 
     def __init__(self, pool: str, linear: bool, mlp_token: bool, num_classes: int, **vit):
         super().__init__(mlp_token=mlp_token, pos_embed="learned", num_classes=num_classes, **vit)
         self.pool, self.linear = pool, linear
         if pool == "avg" and not linear:
             self.fc_norm, self.norm = LayerNorm(self.embed_dim), nn.Identity()  # official: global_pool deletes norm
+        head = self.head
         if linear:
-            self.head = nn.Sequential(nn.BatchNorm1d(self.embed_dim, affine=False, eps=1e-6), self.head)
-        head = self.head[-1] if linear else self.head
+            self.head = nn.Sequential(nn.BatchNorm1d(self.embed_dim, affine=False, eps=1e-6), head)
         nn.init.trunc_normal_(head.weight, std=0.01 if linear else 2e-5)  # PAPER: MAE main_linprobe / main_finetune
         nn.init.zeros_(head.bias)
         if mlp_token:
@@ -660,26 +614,22 @@ class Classifier(MaskedEncoder):
 
 
 # --- base models and checkpoints (spec 2.2, 6)
-ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.")  # cls_token_mlp. too; and norm.*
+ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")  # cls_token_mlp. too
 
 
 def encoder_state_dict(ckpt: dict, bake_cls_mlp: bool = True) -> dict:
-    """The plain-ViT encoder weights of any of: MAE's {'model': sd}, iBOT's {'state_dict': sd} or {'student': sd}
-    (module.backbone. stripped), our training checkpoints (TEC, MAE, finetune) or a bare state dict. Prefixes module.,
-    backbone., _orig_mod. are stripped; decoders, adapters, heads, fc_norm, mask tokens are dropped. bake_cls_mlp:
-    a TEC CLS MLP is folded into cls_token (exact: cls = MLP(cls_token) + pos[0] either way, spec 6)."""
-    sd = ckpt
-    for key in ("model", "state_dict", "student", "teacher"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
+    """The plain-ViT encoder weights of MAE's {'model': sd}, iBOT's {'state_dict' / 'student' / 'teacher': sd}, our
+    checkpoints (TEC, MAE, finetune) or a bare state dict: prefixes module., backbone., _orig_mod. stripped; decoders,
+    adapters, heads, fc_norm, mask tokens dropped. bake_cls_mlp: a TEC CLS MLP is folded into cls_token (exact:
+    cls = MLP(cls_token) + pos[0] either way, spec 6)."""
+    keys = ("model", "state_dict", "student", "teacher")
+    sd = next((ckpt[k] for k in keys if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)), ckpt)
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise CheckpointError("not a model checkpoint: expected a state dict, or one under 'model' or 'state_dict'")
     out = {}
     for k, v in sd.items():
-        for prefix in ("module.", "backbone.", "_orig_mod."):
-            k = k[len(prefix) :] if k.startswith(prefix) else k
-        if k.startswith(ENCODER_PREFIXES) or k in ("norm.weight", "norm.bias"):
+        k = k.removeprefix("module.").removeprefix("backbone.").removeprefix("_orig_mod.")
+        if k.startswith(ENCODER_PREFIXES):
             out[k] = v
     if bake_cls_mlp and "cls_token_mlp.fc1.weight" in out:
         w = {k[len("cls_token_mlp.") :]: out.pop(k).float() for k in list(out) if k.startswith("cls_token_mlp.")}
@@ -716,9 +666,7 @@ def load_encoder(model: nn.Module, source, what: str) -> list:
     return fresh
 
 
-def load_base_model(
-    checkpoint, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12, num_heads: int = 12
-) -> VisionTransformer:
+def load_base_model(checkpoint, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12) -> nn.Module:
     """The frozen base model (spec 2.2): a common ViT loaded strictly from a path, URL or loaded dict in the MAE format
     (or iBOT's, or one of our runs), every parameter frozen, in eval mode. Only norm.* may be absent (unused)."""
     model = VisionTransformer(img_size, patch_size, 3, embed_dim, depth, num_heads, pos_embed="learned")
@@ -737,11 +685,10 @@ def base_forward(model: VisionTransformer, images: torch.Tensor, last_layers: in
 
 
 # ==== 4. LOSS ====
-def relation_rows(attn: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
-    """Rows CLS and 1 + topk_idx of [B, H, 1+N, 1+N] scores, CLS key dropped: -> [B, 1+k, H, N]."""
-    rows = torch.cat([torch.zeros_like(topk_idx[:, :1]), topk_idx + 1], 1)  # token positions, CLS first
-    picked = attn.gather(2, rows[:, None, :, None].expand(-1, attn.shape[1], -1, attn.shape[-1]))
-    return picked[..., 1:].transpose(1, 2)
+def relation_rows(x: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+    """Rows CLS and 1 + topk_idx (token positions, CLS first) of x [B, H, 1+N, d] -> [B, H, 1+k, d]."""
+    rows = torch.cat([torch.zeros_like(topk_idx[:, :1]), topk_idx + 1], 1)
+    return x.gather(2, rows[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
 
 
 def enhance_targets(feats: torch.Tensor, attn_logits: torch.Tensor, topk: int, tau: float) -> tuple:
@@ -751,16 +698,14 @@ def enhance_targets(feats: torch.Tensor, attn_logits: torch.Tensor, topk: int, t
     feat_target = feats[:, :, 1:].sum(0) / len(feats)
     rank = attn_logits[:, :, 0, 1:].mean(1)  # CRUCIAL: the head mean of the PRE-softmax CLS -> patch logits
     topk_idx = rank.topk(topk, dim=1).indices  # sorted, largest first
-    rel_logits = relation_rows(attn_logits, topk_idx)  # R: CLS key removed BEFORE the softmax
+    rel_logits = relation_rows(attn_logits, topk_idx)[..., 1:].transpose(1, 2)  # R: CLS key removed BEFORE softmax
     return feat_target, F.softmax(rel_logits / tau, dim=-1), topk_idx
 
 
 def student_relation_logits(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, scale: float) -> torch.Tensor:
     """The new model's relation logits (spec 3.3): q, k [B, H, 1+N, d]; the CLS row and rows 1 + topk_idx of q against
     every key, times scale (PAPER: D^-0.5 with the full width D, not d_head), CLS key dropped -> [B, 1+k, H, N]."""
-    rows = torch.cat([torch.zeros_like(topk_idx[:, :1]), topk_idx + 1], 1)
-    q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))  # [B, H, 1+k, d]
-    return ((q @ k.transpose(-2, -1)) * scale)[..., 1:].transpose(1, 2)
+    return ((relation_rows(q, topk_idx) @ k.transpose(-2, -1)) * scale)[..., 1:].transpose(1, 2)
 
 
 def tec_loss(pred_feat, pred_rel_logits, feat_target, rel_target, mask) -> tuple:
@@ -814,20 +759,16 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
     id 0: patch_embed, pos_embed; id i + 1: blocks.i; id L (scale 1): everything else (head, fc_norm, norm,
     cls_token_mlp) and, CRUCIAL, cls_token too (TEC gives it id -1, which Python's list indexing turns into scale 1;
     MAE puts it at 0). No weight decay on 1-D parameters, pos_embed and cls_token."""
-    n_layers = len(model.blocks) + 1
-    groups = {}
+    n_layers, groups = len(model.blocks) + 1, {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        layer = 0 if name.startswith(("patch_embed", "pos_embed")) else n_layers
-        if name.startswith("blocks."):
-            layer = int(name.split(".")[1]) + 1
+        layer = int(name.split(".")[1]) + 1 if name.startswith("blocks.") else n_layers
+        layer = 0 if name.startswith(("patch_embed", "pos_embed")) else layer
         no_wd = p.ndim == 1 or name in ("pos_embed", "cls_token")
-        key = (layer, no_wd)
-        if key not in groups:
-            scale = layer_decay ** (n_layers - layer)
-            groups[key] = dict(params=[], weight_decay=0.0 if no_wd else weight_decay, lr_scale=scale, layer=layer)
-        groups[key]["params"].append(p)
+        wd, scale = 0.0 if no_wd else weight_decay, layer_decay ** (n_layers - layer)
+        group = groups.setdefault((layer, no_wd), dict(params=[], weight_decay=wd, lr_scale=scale, layer=layer))
+        group["params"].append(p)
     return [groups[k] for k in sorted(groups)]
 
 
@@ -923,34 +864,24 @@ def train_step(run: SimpleNamespace, batch: tuple, step: int) -> torch.Tensor:
 # ==== 7. TRAINING ====
 def check_args(args: Args, world_size: int) -> None:
     """Refuse bad input with one clear line, before any data is read or process group created."""
-    dev, arch = args.device or "cpu", next((a for a in (args.arch, args.base_arch) if a and a not in SIZES), None)
-    for bad, message in [
-        (arch is not None, f"unknown --arch {arch!r}; choose one of {', '.join(SIZES)}"),
-        (dev != "cpu" and not dev.startswith("cuda"), f"unknown --device {dev!r}; use cuda, cuda:N or cpu"),
-        (dev != "cpu" and not torch.cuda.is_available(), f"--device {dev} but no CUDA device is available"),
-        (args.mode == "convert" and (args.init is None or args.convert_out is None),
-         "convert needs --init (a checkpoint) and --convert-out (where the plain ViT goes)"),
-    ]:  # fmt: skip
-        if bad:
-            raise RunError(message)
-    if args.mode == "convert":
+    mode, size, p, base, acc = args.mode, args.large_size, args.patch_size, args.base_arch, args.accum_iter
+    if mode == "convert":
+        if args.init is None or args.convert_out is None:
+            raise RunError("convert needs --init (a checkpoint) and --convert-out (where the plain ViT goes)")
         return
-    check_ranges(
-        args,
-        at_least_1="batch_size accum_iter large_size epochs patch_size decoder_dim decoder_depth decoder_heads topk "
-        "last_layers knn_k log_every image_size train_repeat probe_epochs probe_batch_size",
-        at_least_0="workers save_every_steps eval_every eval_every_steps max_steps bench_ceiling_steps "
-        "bench_data_steps eval_subset_train eval_subset_test randaug_n",
-        positive="blr tau probe_lr knn_t eval_memory_gb",
-        non_negative="min_lr warmup_epochs weight_decay probe_wd mixup cutmix randaug_m randaug_mstd",
-    )
-    (lo, hi), size, p, mode = args.large_scale, args.large_size, args.patch_size, args.mode
+    check_common_args(
+        args, world_size, SIZES, scales="large_scale", positive="blr tau",
+        at_least_1="accum_iter large_size patch_size topk last_layers train_repeat decoder_dim decoder_depth "
+        "decoder_heads",
+        at_least_0="workers eval_every eval_subset_train eval_subset_test randaug_n",
+        non_negative="min_lr warmup_epochs mixup cutmix randaug_m randaug_mstd",
+    )  # fmt: skip
     n_patches, per_rank = (size // p) ** 2, args.batch_size // world_size
     for bad, message in [
+        (base not in (None, *SIZES), f"unknown --base-arch {base!r}; choose one of {', '.join(SIZES)}"),
         *[(not 0 <= getattr(args, k) < 1, f"--{k.replace('_', '-')} must be in [0, 1), got {getattr(args, k)}")
           for k in ("smoothing", "reprob", "drop_path", "mask_ratio")],
         (not 0 < args.layer_decay <= 1, f"--layer-decay must be in (0, 1], got {args.layer_decay}"),
-        (not 0 < lo <= hi <= 1, f"--large-scale must satisfy 0 < min <= max <= 1, got {lo} {hi}"),
         (size % p != 0, f"--large-size {size} does not divide into --patch-size {p} patches"),
         (mode == "pretrain" and args.base_checkpoint is None,
          "pretrain needs --base-checkpoint (a pretrained MAE/iBOT ViT, or a run of `mae`)"),
@@ -960,15 +891,10 @@ def check_args(args: Args, world_size: int) -> None:
         (mode in ("finetune", "linear") and args.probe != "none",
          f"--probe {args.probe} is the pretraining readout; {mode} evaluates its own classifier"),
         (mode in ("pretrain", "mae") and args.init is not None,  # never silently ignored
-         f"--init applies to finetune, linear and convert; {mode} starts from random weights "
-         "(--resume continues a run)"),
-        (mode != "pretrain" and args.base_checkpoint is not None,
-         f"--base-checkpoint applies to pretrain only, not {mode}"),
+         f"--init applies to finetune, linear and convert; {mode} starts from random weights (--resume continues)"),
+        (mode != "pretrain" and args.base_checkpoint, f"--base-checkpoint applies to pretrain only, not {mode}"),
         (mode == "linear" and args.init is None, "linear needs --init (the pretrained encoder to probe)"),
-        (args.batch_size % world_size != 0,
-         f"--batch-size {args.batch_size} does not divide by the world size {world_size}"),
-        (per_rank % args.accum_iter != 0,
-         f"the per-rank batch {per_rank} does not divide into --accum-iter {args.accum_iter}"),
+        (per_rank % acc, f"the per-rank batch {per_rank} does not divide into --accum-iter {acc}"),
     ]:  # fmt: skip
         if bad:
             raise RunError(message)
@@ -1031,8 +957,7 @@ def run_training(args: Args) -> dict:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     run.ddp_model = torch.compile(net) if args.compile else net
     bench = run_benchmarks(run)
-    total_steps = run.steps_per_epoch * args.epochs
-    run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    run.total_steps = min(run.steps_per_epoch * args.epochs, math.inf if args.max_steps is None else args.max_steps)
     train_epochs(run)
     res = evaluate(run, tag="final")
     if run.rank == 0:
@@ -1040,8 +965,7 @@ def run_training(args: Args) -> dict:
         extra = dict(mode=args.mode, peak_lr=args.blr * args.batch_size / 256, trainable_params=trainable)
         if args.mode == "pretrain":
             extra.update(base_checkpoint=args.base_checkpoint, topk=args.topk, tau=args.tau)
-        paper = "TEC, Towards Sustainable Self-supervised Learning (arXiv 2210.11016)"
-        write_results(run, paper, extra, bench, res)
+        write_results(run, "TEC, Towards Sustainable Self-supervised Learning (arXiv 2210.11016)", extra, bench, res)
     if dist.is_initialized():
         dist.destroy_process_group()
     return res
@@ -1067,38 +991,41 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
     everything at the end; our addition) and at the end the fast feature probe (--probe features).
     finetune / linear: top-1 / top-5 of the classifier on the test split (centre crops)."""
     args, data, device, final = run.args, run.data, run.device, tag == "final"
-    nc, t0 = data["num_classes"], time.perf_counter()
-    res, times = {}, {}
-    if args.mode in ("finetune", "linear"):
-        logits = extract_features(run, "test")  # run.encode: the classifier's logits
-        hit = logits.topk(min(5, nc), dim=1).indices == data["test_y"].to(device)[:, None]  # [n, 5]
-        top1, top5 = (100 * hit[:, :k].any(1).float().mean().item() for k in (1, 5))
-        run.best_top1 = max(getattr(run, "best_top1", 0.0), top1)
-        res = dict(top1=top1, top5=top5, top1_best=run.best_top1)
-        times["encode_s"] = time.perf_counter() - t0
-    else:
+    nc, t0, res = data["num_classes"], time.perf_counter(), {}
+    if args.mode in ("finetune", "linear"):  # run.encode: the classifier's logits
+        hit = extract_features(run, "test").topk(min(5, nc), dim=1).indices == data["test_y"].to(device)[:, None]
+    else:  # run.encode: the encoder's readout
         feats, labels = {}, {}
         for split, size in (("train", args.eval_subset_train), ("test", args.eval_subset_test)):
             n = len(data[f"{split}_y"])
             g = torch.Generator().manual_seed(rng_seed(args.seed, "eval-subset", split))
             ids = torch.arange(n) if final or size >= n else torch.randperm(n, generator=g)[:size].sort().values
-            feats[split] = extract_features(run, split, ids)  # run.encode: the encoder's readout
-            labels[split] = data[f"{split}_y"][ids].to(device)
-        times["encode_s"] = time.perf_counter() - t0
-        if run.rank == 0:
+            feats[split], labels[split] = extract_features(run, split, ids), data[f"{split}_y"][ids].to(device)
+    times = dict(encode_s=time.perf_counter() - t0)
+    if args.mode in ("finetune", "linear"):
+        top1, top5 = (100 * hit[:, :k].any(1).float().mean().item() for k in (1, 5))
+        run.best_top1 = max(getattr(run, "best_top1", 0.0), top1)
+        res = dict(top1=top1, top5=top5, top1_best=run.best_top1)
+    elif run.rank == 0:
+        (xtr, xte), (ytr, yte), t0 = feats.values(), labels.values(), time.perf_counter()
+        res["knn_top1"], res["knn_top5"] = knn_eval(xtr, ytr, xte, yte, nc, args.knn_k, args.knn_t)
+        times["knn_s"] = time.perf_counter() - t0
+        if final and args.probe == "features":
             t0 = time.perf_counter()
-            res["knn_top1"], res["knn_top5"] = knn_eval(
-                feats["train"], labels["train"], feats["test"], labels["test"], nc, args.knn_k, args.knn_t
+            probe = linear_probe(
+                xtr,
+                ytr,
+                xte,
+                yte,
+                nc,
+                args.probe_epochs,
+                args.probe_lr,
+                args.probe_wd,
+                args.probe_batch_size,
+                args.seed,
             )
-            times["knn_s"] = time.perf_counter() - t0
-            if final and args.probe == "features":
-                t0 = time.perf_counter()
-                probe = linear_probe(
-                    feats["train"], labels["train"], feats["test"], labels["test"], nc, args.probe_epochs,
-                    args.probe_lr, args.probe_wd, args.probe_batch_size, args.seed,
-                )  # fmt: skip
-                res["linear_fast_top1"], res["linear_fast_top1_best"] = probe["last"], probe["best"]
-                times["probe_s"] = time.perf_counter() - t0
+            res["linear_fast_top1"], res["linear_fast_top1_best"] = probe["last"], probe["best"]
+            times["probe_s"] = time.perf_counter() - t0
     if run.world_size > 1:
         dist.barrier()
     if run.rank == 0:
@@ -1111,9 +1038,8 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
 
 def bare_step(run: SimpleNamespace):
     """The ceiling's step: this mode's bare networks on random images (no data, adapter, decoder, loss or optimizer):
-    pretrain = the base model's forward on every token (fused attention, no grad) + a plain ViT of the new model's
-    size forward+backward on the CLS and visible tokens; mae the latter alone; finetune a ViT forward+backward on
-    every token; linear its forward."""
+    pretrain = the base model's forward (no grad) + a plain ViT forward+backward on the CLS and visible tokens; mae
+    the latter alone; finetune a ViT forward+backward on every token; linear its forward."""
     args, mode = run.args, run.args.mode
     vit = VITS[args.arch](img_size=args.large_size, patch_size=args.patch_size).to(run.device)
     x = torch.randn(args.batch_size // run.world_size, 3, args.large_size, args.large_size, device=run.device)
