@@ -1,4 +1,4 @@
-"""GroCo: Learning by Sorting: Self-supervised Learning with Group Ordering Constraints (Shvetsova, Petersen, Kukleva,
+r"""GroCo: Learning by Sorting: Self-supervised Learning with Group Ordering Constraints (Shvetsova, Petersen, Kukleva,
 Schiele, Kuehne; ICCV 2023), arXiv 2301.02009.
 
 What we reproduce: GroCo pre-training of a ResNet-50 on ImageNet. SimCLR-like instance discrimination (ResNet-50, a
@@ -10,20 +10,25 @@ steepness 1). The loss is the binary cross-entropy between the probability that 
 negative (positive) ranks and its group. Plain SGD (momentum 0.9, LR 24 at batch 1024: the gradients are tiny), no
 LARS. Official code: ninatu/learning_by_sorting; spec: ../shared/specs/groco.md.
 
-Runs: every published row is `torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET` and the
-flags below (the `imagenet` recipe is the multi-crop 800-epoch config, the paper's best model; spec 3 lists each
-config's LR rule, warm-up and weight decay), with the k-NN (k=20) / linear top-1 of the official README (batch 1024):
-    (no flags)                                                                                   # 66.1 / 73.9
-    --epochs 400 --lr 0.375 --lr-scaling linear                                                  # 65.2 / 73.7
-    --epochs 100 --lr 0.75 --lr-scaling linear --weight-decay 1e-6                               # 62.3 / 71.8
-    --n-small 0 --epochs 100 --lr 0.75 --lr-scaling linear --warmup-epochs 1 --weight-decay 1e-6 # 2x224: 60.5 / 69.2
-    --n-small 0 --epochs 800 --lr 0.1875 --lr-scaling linear --weight-decay 1e-6                 # 2x224: 65.3 / 71.2
-    --n-large 4 --n-small 0 --epochs 100 --lr 0.75 --warmup-epochs 1 --weight-decay 1e-6         # 4x224: 61.8 / 69.6
-    --n-large 4 --n-small 0 --epochs 400 --lr 0.375 --lr-scaling linear                          # 4x224: 64.8 / 71.3
+Runs (the `imagenet` recipe is the multi-crop 800-epoch config, the paper's best model; flags override it; spec 3
+lists each config's LR rule, warm-up and weight decay; k-NN (k=20) / linear top-1 of the official README, batch 1024):
+    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET                    # 66.1 / 73.9
+    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET --epochs 400 \
+        --lr 0.375 --lr-scaling linear                                                            # 65.2 / 73.7
+    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET --epochs 100 \
+        --lr 0.75 --lr-scaling linear --weight-decay 1e-6                                         # 62.3 / 71.8
+    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET --n-small 0 --epochs 100 \
+        --lr 0.75 --lr-scaling linear --warmup-epochs 1 --weight-decay 1e-6                       # 2x224: 60.5 / 69.2
+    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET --n-small 0 --epochs 800 \
+        --lr 0.1875 --lr-scaling linear --weight-decay 1e-6                                       # 2x224: 65.3 / 71.2
+    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET --n-large 4 --n-small 0 \
+        --epochs 100 --lr 0.75 --warmup-epochs 1 --weight-decay 1e-6                              # 4x224: 61.8 / 69.6
+    torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET --n-large 4 --n-small 0 \
+        --epochs 400 --lr 0.375 --lr-scaling linear                                               # 4x224: 64.8 / 71.3
 Other runs:
     python groco_imagenet.py cifar --dataset cifar10        # CIFAR proxy (ours: no published CIFAR numbers exist)
     python groco_imagenet.py cifar --dataset imagefolder --data-dir CIFAR10_JPEG
-    python groco_imagenet.py imagenet --data-dir DIR --batch-size 16 --epochs 1 --arch resnet18 --large-size 64 \\
+    python groco_imagenet.py imagenet --data-dir DIR --batch-size 16 --epochs 1 --arch resnet18 --large-size 64 \
         --small-size 32 --probe-epochs 1 --device cpu --out-dir OUT   # quick CPU run: under a minute on 200 images
 
 Deviations (each marked `# DEVIATION:` below): crops are resized bilinearly (official: bicubic) by torchvision's
@@ -66,15 +71,8 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from common.checkpoint import (
-    ArtifactCache,
-    CheckpointError,
-    find_resume,
-    load_checkpoint,
-    load_state_dict_strict,
-    save_checkpoint,
-    state_dict_digest,
-)
+from common.checkpoint import ArtifactCache, CheckpointError, find_resume, load_checkpoint, load_state_dict_strict
+from common.checkpoint import save_checkpoint, state_dict_digest
 from common.resnet import RESNETS
 
 
@@ -285,7 +283,6 @@ class GroCo(nn.Module):
 
     def forward(self, groups: list) -> list:
         """groups: one tensor per crop group, crop-major [n*b, 3, S, S]. Returns one embedding [b, D] per view.
-
         CRUCIAL: every view goes through backbone and projector on its own, so BN statistics are per view (official:
         one forward per view key), local crops included."""
         return [self.projector(self.backbone(v)) for x in groups for v in x.chunk(x.shape[0] // groups[0].shape[0])]
@@ -444,8 +441,7 @@ def run_training(args: Args) -> dict:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     run.ddp_model = torch.compile(net) if args.compile else net
     bench = run_benchmarks(run)
-    total_steps = run.steps_per_epoch * args.epochs
-    run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    run.total_steps = min(run.steps_per_epoch * args.epochs, math.inf if args.max_steps is None else args.max_steps)
     train_epochs(run)
     res = evaluate(run, tag="final")
     if run.rank == 0:
@@ -457,8 +453,7 @@ def run_training(args: Args) -> dict:
 
 
 # ==== 8. MAIN ====
-# main(args) closes the shared appendix (SHARED: entry): run_training, and one line with an exit code for a
-# bad input, a failed run or a stop signal.
+# main(args) (SHARED: common) runs run_training; a bad input, failed run or stop signal ends in one line + exit code.
 
 
 # ==== SHARED APPENDIX: identical in every script ====

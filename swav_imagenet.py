@@ -1,4 +1,4 @@
-"""SwAV: Unsupervised Learning of Visual Features by Contrasting Cluster Assignments (Caron et al., NeurIPS 2020),
+r"""SwAV: Unsupervised Learning of Visual Features by Contrasting Cluster Assignments (Caron et al., NeurIPS 2020),
 arXiv 2006.09882.
 
 What we reproduce: SwAV pre-training of a ResNet-50 on ImageNet with multi-crop (2x224 + 6x96). Every crop is mapped
@@ -15,15 +15,14 @@ Runs (the `imagenet` recipe is the paper's; flags override it; linear top-1 from
         --large-scale 0.08 1.0 --epochs 400                                                # no multi-crop: 70.1%
     python swav_imagenet.py cifar --dataset cifar10            # CIFAR proxy (spec 9.2, solo-learn-like recipe)
     python swav_imagenet.py cifar --dataset imagefolder --data-dir CIFAR10_JPEG --epochs 100
-    python swav_imagenet.py imagenet --data-dir DIR --batch-size 8 --epochs 1 --arch resnet18 --large-size 64 \\
+    python swav_imagenet.py imagenet --data-dir DIR --batch-size 8 --epochs 1 --arch resnet18 --large-size 64 \
         --small-size 32 --probe-epochs 1 --device cpu --out-dir OUT   # quick CPU run: under a minute on 200 images
 
-Deviations (each marked `# DEVIATION:` below): crops are cut by torchvision's tensor ops in the CPU workers, or with
-a batched roi_align on the device (in-memory data, --decode device), not by PIL, and colour/blur run batched on the
-device; bf16 autocast (the official code used apex fp16 O1) with the prototype scores, Sinkhorn and loss in fp32;
-Sinkhorn subtracts the global max before exp (exact; the official code does not); normalisation std 0.229 (the
-official code has 0.228, a typo); seeded, resumable random streams; SyncBN is global (the official 4096 runs synced
-groups of 8 GPUs; --syncbn-group-size 8 restores it).
+Deviations (each marked `# DEVIATION:` below): crops are cut by torchvision's tensor ops in the CPU workers or by a
+batched roi_align on the device (in-memory data), not by PIL, and colour/blur run batched on the device; bf16 autocast
+(official: apex fp16 O1) with the prototype scores, Sinkhorn and loss in fp32; Sinkhorn subtracts the global max before
+exp (exact; official: not); std 0.229 (official: 0.228, a typo); seeded, resumable random streams; SyncBN is global
+(the official 4096 runs synced groups of 8 GPUs; --syncbn-group-size 8 restores it).
 """
 
 import dataclasses
@@ -77,7 +76,6 @@ class Args:
     """resume from this checkpoint instead of out_dir/last.pt"""
     save_every_steps: int = 1000
     """also save out_dir/last.pt every this many steps (0: only at epoch ends)"""
-
     # SHARED: args-data
     # --- data
     dataset: Literal["cifar10", "cifar100", "imagefolder", "fake"] = "imagefolder"
@@ -96,7 +94,6 @@ class Args:
     """repeat the training file list this many times (benchmarks on a small folder)"""
 
     # END SHARED
-
     # --- multi-crop (spec 1)
     n_large: int = 2
     """large crops per image (PAPER: 2x224)"""
@@ -121,7 +118,6 @@ class Args:
     # DEVIATION: the official code normalises with std 0.228 for red (a typo); VISSL and we use 0.229
     std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
     """normalisation std (ImageNet)"""
-
     # --- model (spec 2)
     arch: str = "resnet50"
     """backbone from common/resnet.py: resnet50, resnet18 or resnet18-cifar"""
@@ -135,7 +131,6 @@ class Args:
     """SyncBatchNorm on CUDA under DDP (PyTorch's SyncBN is GPU-only: CPU/gloo runs keep per-rank BN)"""
     syncbn_group_size: int = 0
     """ranks per SyncBN group (0: all; the official 4096-batch runs synced groups of 8 GPUs)"""
-
     # --- method (spec 3-6)
     temperature: float = 0.1
     """softmax temperature of the predictions (official 0.1)"""
@@ -153,7 +148,6 @@ class Args:
     """epoch (0-based) at which the queue is created; it is used once full (official 15)"""
     freeze_prototypes_epochs: float = 1.0
     """epochs during which the prototypes get no update (official 313 iterations = 1 epoch at 4096)"""
-
     # --- optimisation (spec 7)
     epochs: int = 800
     """training epochs (the headline model: 800 epochs, 75.3%)"""
@@ -179,7 +173,6 @@ class Args:
     """LARC clip mode (official off: scale mode)"""
     lars_exclude_1d: bool = False
     """exclude biases and norms from LARS and weight decay (off: official LARC covers all; solo-learn excludes)"""
-
     # --- evaluation (spec 8)
     eval_every: int = 0
     """epochs between k-NN evaluations on a subset during training (0: only at the end)"""
@@ -207,7 +200,6 @@ class Args:
     """temperature of the k-NN vote weights exp(sim/t) (DINO protocol)"""
     eval_memory_gb: float = 2.0
     """activation memory one evaluation forward may use: images are encoded in chunks sized to it (memory knob only)"""
-
     # SHARED: args-system
     # --- system
     device: Optional[str] = None
@@ -231,22 +223,15 @@ class Args:
 
 # The CIFAR proxy (spec 9.2; not a paper recipe): solo-learn's scripts/pretrain/cifar/swav.yaml + symmetric.yaml.
 # DEVIATION: crops are resized bilinearly (solo-learn: bicubic); the CIFAR stem's conv1 has padding 1 (solo-learn: 2).
-# fmt: off
 CIFAR_PROXY = dataclasses.replace(
     Args(), recipe="cifar", exp_name="swav-cifar", out_dir="runs/swav-cifar", save_every_steps=0,
     dataset="cifar10", in_memory=True, image_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
-    large_size=32, large_scale=(0.08, 1.0),    # 2 x 32 px, RandomResizedCrop(0.08, 1)
-    n_small=0,                                 # multi-crop variant: --n-small 6 --small-size 18 --small-scale 0.08 0.5
-    arch="resnet18-cifar",                     # head 512-2048-128, K 3000, T 0.1, eps 0.05, 3 iterations (as ImageNet)
-    queue_length=3840, queue_start_epoch=50,   # queue of 3840 from epoch 50
-    freeze_prototypes_epochs=2.0,              # prototypes frozen for 2 epochs
-    epochs=1000, batch_size=256, lr=0.6,       # LARS lr 0.6 x B/256, 10 warm-up epochs from 3e-5, cosine to 0
-    final_lr_ratio=0.0, start_warmup=3e-5,
-    lars_eta=0.02, lars_clip=True, lars_exclude_1d=True,  # solo-learn LARS: eta 0.02, clip, biases/norms excluded
-    eval_every=10,
-    probe="features", probe_lr=0.1, probe_wd=0.0,  # fast probe on frozen features, SimCLR-style lr 0.1, no decay
-)
-# fmt: on
+    large_size=32, large_scale=(0.08, 1.0), n_small=0,  # multi-crop: --n-small 6 --small-size 18 --small-scale 0.08 0.5
+    arch="resnet18-cifar",  # head 512-2048-128, K 3000, T 0.1, eps 0.05, 3 iterations (as ImageNet)
+    queue_length=3840, queue_start_epoch=50, freeze_prototypes_epochs=2.0, epochs=1000, batch_size=256, lr=0.6,
+    start_warmup=3e-5, final_lr_ratio=0.0, lars_eta=0.02, lars_clip=True, lars_exclude_1d=True,  # solo-learn LARS
+    eval_every=10, probe="features", probe_lr=0.1, probe_wd=0.0,  # fast probe on frozen features, lr 0.1, no decay
+)  # fmt: skip
 RECIPES = Union[
     Annotated[Args, tyro.conf.subcommand("imagenet", default=Args(), description="the paper's ImageNet recipe")],
     Annotated[Args, tyro.conf.subcommand("cifar", default=CIFAR_PROXY, description="CIFAR proxy (spec 9.2)")],
@@ -261,9 +246,8 @@ def parse_args(argv: Optional[list] = None) -> Args:
 
 # ==== 2. VIEWS ====
 def crop_groups(args: Args) -> list:
-    """The official multi-crop (main_swav.py, spec 1.2): RandomResizedCrop(size, scale) and flip p 0.5, then on every
-    crop ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p 0.8 (s = 1), grayscale p 0.2 and Gaussian blur (sigma U(0.1, 2))
-    p 0.5; no solarisation. The appendix applies it, batched (SHARED: multi-crop, gpu-color, views)."""
+    """The official multi-crop (spec 1.2): RandomResizedCrop(size, scale), flip, then on every crop ColorJitter(0.8s,
+    0.8s, 0.8s, 0.2s) p 0.8 (s = 1), grayscale p 0.2, Gaussian blur (sigma U(0.1, 2)) p 0.5; no solarisation."""
     s = args.jitter_strength
     colour = dict(jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), blur=args.blur_prob, solarize=args.solarize_prob)
     large = CropGroup(args.n_large, args.large_size, tuple(args.large_scale), **colour)  # PAPER: 2 x 224, (0.14, 1)
@@ -279,16 +263,12 @@ class SwAV(nn.Module):
         super().__init__()
         self.backbone = RESNETS[arch]()  # PAPER: torchvision ResNet-50, zero_init_residual=False, no fc
         f = self.backbone.num_features
-        if hidden_dim:
-            mlp = [nn.Linear(f, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
-            self.head = nn.Sequential(*mlp, nn.Linear(hidden_dim, feat_dim))
-        else:
-            self.head = nn.Linear(f, feat_dim)
+        mlp = [nn.Linear(f, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)] if hidden_dim else []
+        self.head = nn.Sequential(*mlp, nn.Linear(hidden_dim, feat_dim)) if mlp else nn.Linear(f, feat_dim)
         self.prototypes = nn.Linear(feat_dim, n_prototypes, bias=False)  # CRUCIAL: no bias (lightly adds one)
 
     def forward(self, groups: list) -> tuple:
         """groups: one tensor per resolution, crop-major [n*b, 3, S, S]. Returns z [N, D] and scores [N, K], fp32.
-
         CRUCIAL: each resolution goes through the backbone in one pass (BN statistics per resolution), and the pooled
         features of all crops go through the head together (official multi-resolution forward)."""
         h = torch.cat([self.backbone(x) for x in groups])
@@ -298,26 +278,15 @@ class SwAV(nn.Module):
         return z, scores
 
 
-@torch.no_grad()
-def normalize_prototypes(model: SwAV) -> None:
-    """PAPER: every row of C is L2-normalised before each forward (official); the momentum buffer is left alone."""
-    w = model.prototypes.weight
-    w.copy_(F.normalize(w, dim=1))
-
-
 # ==== 4. LOSS ====
 @torch.no_grad()
-def sinkhorn(
-    scores: torch.Tensor, eps: float = 0.05, iters: int = 3, distributed: Optional[bool] = None, fp64: bool = False
-) -> torch.Tensor:
-    """Soft codes q [B, K] from raw prototype scores [B, K] with Sinkhorn-Knopp (spec 3; paper App. A.1).
-
-    Q = exp(S / eps)^T (K x B), normalised to total mass 1; then `iters` times: every prototype row to mass 1/K, then
-    every sample column to mass 1/B; finally columns times B, so each returned row sums to 1. The scores are
-    similarities, so this is exp(+S/eps) (POT's exp(-C/eps) with C = -S). Under DDP (default when a process group of
-    size > 1 exists) the total and the row sums are all-reduced and B is the global batch: the result equals one
-    process on the concatenated batch (spec 3.3). DEVIATION: fp32 (or fp64) with the global max of S/eps subtracted
-    before exp, which changes nothing mathematically and removes overflow (the official code exponentiates as is)."""
+def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3, distributed: Optional[bool] = None,
+             fp64: bool = False) -> torch.Tensor:  # fmt: skip
+    """Soft codes q [B, K] from raw prototype scores [B, K] with Sinkhorn-Knopp (spec 3; paper App. A.1): Q = exp(S /
+    eps)^T (K x B) of total mass 1, then `iters` times every prototype row to mass 1/K and every sample column to 1/B;
+    finally columns times B, so each returned row sums to 1. Under DDP (default: a process group of size > 1) the total
+    and row sums are all-reduced and B is global: the result equals one process on the whole batch (spec 3.3).
+    DEVIATION: fp32 (or fp64) with the global max of S/eps subtracted before exp (exact; the official code does not)."""
     distributed = dist.is_initialized() and dist.get_world_size() > 1 if distributed is None else distributed
     world = dist.get_world_size() if distributed else 1
     s = scores.detach().to(torch.float64 if fp64 else torch.float32) / eps
@@ -335,10 +304,8 @@ def sinkhorn(
         rows = q.sum(1, keepdim=True)  # per-prototype mass over the global batch
         if distributed:
             dist.all_reduce(rows)
-        q /= rows
-        q /= k
-        q /= q.sum(0, keepdim=True)  # per-sample mass: each column lives on one rank
-        q /= n
+        q /= rows * k
+        q /= q.sum(0, keepdim=True) * n  # per-sample mass: each column lives on one rank
     q *= n
     return q.T.float()
 
@@ -346,12 +313,9 @@ def sinkhorn(
 def swav_loss(scores: list, temperature: float, eps: float, iters: int, crops_for_assign=(0, 1),
               queue_scores: Optional[list] = None, fp64: bool = False) -> torch.Tensor:  # fmt: skip
     """Swapped prediction (spec 4): for each assignment crop i, q_i = sinkhorn(scores[i]) (no gradient), and every other
-    crop v predicts it: CE(i, v) = mean_b -sum_k q_i log softmax(scores[v] / T). Returns the mean of CE(i, v) over all
-    ordered pairs (i in crops_for_assign, v != i), i.e. (1/|assign|) sum_i sum_{v != i} CE(i, v) / (n - 1).
-
-    scores: n tensors [B, K] of raw scores, large crops first. queue_scores: optional list (one per assignment crop)
-    of [L, K] scores of queued embeddings, put before the batch in the Sinkhorn input only (spec 5). fp64: Sinkhorn in
-    float64 (--sinkhorn-fp64; VISSL's use_double_precision switch)."""
+    crop v predicts it: CE(i, v) = mean_b -sum_k q_i log softmax(scores[v] / T); returns the mean over all pairs (i in
+    crops_for_assign, v != i). scores: n [B, K], large crops first. queue_scores: one [L, K] per assignment crop, put
+    before the batch in the Sinkhorn input only (spec 5). fp64: Sinkhorn in float64 (VISSL's use_double_precision)."""
     n = len(scores)
     log_p = F.log_softmax(torch.stack(scores).float() / temperature, dim=-1)  # [n, B, K], fp32
     total = 0.0
@@ -365,10 +329,9 @@ def swav_loss(scores: list, temperature: float, eps: float, iters: int, crops_fo
 
 
 class Queue:
-    """FIFO of this rank's recent z per assignment crop, [n_assign, L_local, D], newest first (spec 5). Its whole life:
-    created at --queue-start-epoch (start); enters Sinkhorn only once full (official: the last slot is non-zero), with
-    scores from the current prototypes (scores); updated after it was read, so the current batch never appears twice
-    (push); saved in last.pt with every rank's part (state) and restored (restore)."""
+    """FIFO of this rank's recent z per assignment crop, [n_assign, L_local, D], newest first (spec 5): created at
+    --queue-start-epoch (start); read once full (official: the last slot is non-zero) with the current prototypes
+    (scores), then updated, so no batch appears twice (push); every rank's part saved in last.pt (state), restored."""
 
     def __init__(self, n_assign: int, length: int, dim: int, device: torch.device):
         self.z = torch.zeros(n_assign, length, dim, device=device)
@@ -384,13 +347,9 @@ class Queue:
             if run.rank == 0:
                 print(f"queue created at epoch {epoch + 1}: {length * run.world_size} embeddings, used once full")
 
-    @property
-    def full(self) -> bool:
-        return self.filled >= self.z.shape[1]
-
     @torch.no_grad()
-    def scores(self, prototypes: torch.Tensor) -> list:
-        return list(self.z @ prototypes.detach().float().T)  # [L, K] per assignment crop
+    def scores(self, prototypes: torch.Tensor) -> Optional[list]:  # [L, K] per assignment crop; None until full
+        return list(self.z @ prototypes.detach().float().T) if self.filled >= self.z.shape[1] else None
 
     @torch.no_grad()
     def push(self, z: torch.Tensor) -> None:
@@ -433,8 +392,7 @@ def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
     """Per-step LR (official): linear warm-up from start_warmup to the scaled base LR (numpy linspace, both ends
     included), then a cosine from base to final over the remaining steps. A pure function of the step."""
     base = args.lr * args.batch_size / 256  # PAPER: 4.8 at batch 4096 (0.3 per 256)
-    final = base * args.final_lr_ratio
-    warmup = round(args.warmup_epochs * steps_per_epoch)
+    final, warmup = base * args.final_lr_ratio, round(args.warmup_epochs * steps_per_epoch)
     if step < warmup:
         return args.start_warmup + (base - args.start_warmup) * step / max(warmup - 1, 1)
     t, span = step - warmup, steps_per_epoch * args.epochs - warmup
@@ -447,17 +405,17 @@ METRICS = ("loss", "loss_over_lnK", "protos_used", "entropy", "queue")  # what t
 
 def train_step(run: SimpleNamespace, groups: list, step: int) -> torch.Tensor:
     """One SwAV step (global step `step`) on this rank's crops, one tensor per resolution. Returns METRICS, detached:
-    the loss, loss / ln K, crop 0's collapse diagnostics (spec 4.4: the prototypes used as argmax, the entropy of the
-    mean prediction over ln K) and 1 if the queue entered Sinkhorn."""
+    the loss, loss / ln K, crop 0's collapse diagnostics (spec 4.4: prototypes used as argmax, entropy of the mean
+    prediction over ln K) and 1 if the queue entered Sinkhorn."""
     args, model, k = run.args, run.model, run.args.n_prototypes
     Queue.start(run, step // run.steps_per_epoch)  # from --queue-start-epoch on
-    normalize_prototypes(model)
+    with torch.no_grad():  # PAPER: every row of C is L2-normalised before each forward (not its momentum buffer)
+        model.prototypes.weight.copy_(F.normalize(model.prototypes.weight, dim=1))
     with run.autocast:
         z, scores = run.ddp_model([x.contiguous(memory_format=run.fmt) for x in groups])
     n_crops = args.n_large + args.n_small
     z, scores = z.view(n_crops, -1, z.shape[1]), scores.view(n_crops, -1, k)  # crop-major: [n_crops, b, D or K]
-    use_queue = run.queue is not None and run.queue.full
-    queue_scores = run.queue.scores(model.prototypes.weight) if use_queue else None
+    queue_scores = run.queue.scores(model.prototypes.weight) if run.queue is not None else None
     loss = swav_loss(list(scores), args.temperature, args.epsilon, args.sinkhorn_iters, args.crops_for_assign,
                      queue_scores, args.sinkhorn_fp64)  # fmt: skip
     if run.queue is not None:
@@ -472,13 +430,12 @@ def train_step(run: SimpleNamespace, groups: list, step: int) -> torch.Tensor:
         used = torch.zeros(k, device=loss.device).index_fill_(0, scores[0].argmax(1), 1).sum()  # CUDA bincount syncs
         p_mean = F.softmax(scores[0] / args.temperature, dim=1).mean(0)
         entropy = -(p_mean * p_mean.clamp_min(1e-12).log()).sum() / math.log(k)
-        loss = loss.detach()
-        return torch.stack([loss, loss / math.log(k), used, entropy, torch.full_like(used, float(use_queue))])
+        queued = torch.full_like(used, float(queue_scores is not None))
+        return torch.stack([loss, loss / math.log(k), used, entropy, queued])
 
 
 def train_batches(run: SimpleNamespace, epoch: int, start: int, last: int):
-    """This rank's crops for steps start..last-1 of `epoch`, one tensor per resolution; first a look at the epoch
-    before (collapse warning)."""
+    """This rank's crops for steps start..last-1 of `epoch`, one tensor per resolution (first: the collapse warning)."""
     warn_if_collapsed(run)
     args, images = run.args, run.data["train_x"]
     on_device = run.device if torch.is_tensor(images) else None  # in-memory images: cut on the device
@@ -510,8 +467,7 @@ def run_training(args: Args) -> dict:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     run.ddp_model = torch.compile(net) if args.compile else net
     bench = run_benchmarks(run)
-    total_steps = run.steps_per_epoch * args.epochs
-    run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    run.total_steps = min(run.steps_per_epoch * args.epochs, math.inf if args.max_steps is None else args.max_steps)
     train_epochs(run)
     warn_if_collapsed(run)
     res = evaluate(run, tag="final")
@@ -550,13 +506,11 @@ def log_jsonl(run: SimpleNamespace, record: dict) -> None:
 def check_args(args: Args, world_size: int) -> None:
     """Refuse bad input with one clear line, before any data is read or process group created."""
     check_common_args(
-        args, world_size, RESNETS,
+        args, world_size, RESNETS, positive="lr temperature epsilon lars_eta", per_rank="batch_size probe_batch_size",
         at_least_1="large_size train_repeat feat_dim n_prototypes sinkhorn_iters n_large small_size",
         at_least_0="workers eval_every eval_subset_train eval_subset_test n_small hidden_dim queue_length "
-        "queue_start_epoch syncbn_group_size",
-        positive="lr temperature epsilon lars_eta",
+        "queue_start_epoch syncbn_group_size", scales="large_scale small_scale",
         non_negative="warmup_epochs momentum final_lr_ratio start_warmup freeze_prototypes_epochs jitter_strength",
-        scales="large_scale small_scale", per_rank="batch_size probe_batch_size",
     )  # fmt: skip
     for name in ("blur_prob", "solarize_prob"):
         if not 0 <= getattr(args, name) <= 1:
@@ -571,8 +525,7 @@ def check_args(args: Args, world_size: int) -> None:
 
 
 # ==== 8. MAIN ====
-# main(args) closes the shared appendix (SHARED: entry): run_training, and one line with an exit code for a
-# bad input, a failed run or a stop signal.
+# main(args) (SHARED: common) runs run_training; a bad input, failed run or stop signal ends in one line + exit code.
 
 
 # ==== SHARED APPENDIX: identical in every script ====

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import swav_imagenet as S  # noqa: E402
@@ -86,6 +87,7 @@ def main():
         fmt=torch.contiguous_format,
         queue=None,
         freeze_steps=0,  # the prototypes take part in the update
+        steps_per_epoch=len(data["train_y"]) // args.batch_size,  # Queue.start: a no-op, the queue is set below
         rank=rank,
         world_size=world_size,
         device=device,
@@ -109,7 +111,8 @@ def main():
         else:  # emulate `world` ranks: per-rank forward (BN), global Sinkhorn and loss, one optimizer step
             ranks = [SimpleNamespace(**{**vars(run), "rank": r, "world_size": world}) for r in range(world)]
             shares = [next(S.view_batches(rk, data["train_x"], [batch], [key], run.groups)) for rk in ranks]
-            S.normalize_prototypes(model)
+            with torch.no_grad():  # as train_step: unit prototypes before the forward
+                model.prototypes.weight.copy_(F.normalize(model.prototypes.weight, dim=1))
             outs = [model(x) for x in shares]  # per rank: z [n_crops * b, D], scores [n_crops * b, K]
             z = torch.cat([o[0].view(n_crops, b, -1) for o in outs], 1)  # [n_crops, B, D], crop-major
             sc = torch.cat([o[1].view(n_crops, b, -1) for o in outs], 1)  # [n_crops, B, K]
@@ -129,7 +132,7 @@ def main():
         saved[f"weights{step + 1}"] = {k: sample(p) for k, p in model.named_parameters()}  # BN stats stay per rank
         if step == 0:  # the reference's step 2 starts from the DDP run's state (tests/ddp_handoff.py)
             hand_off("swav", model, opt, rank, world_size, out, state_dir)
-    saved["queue_full"] = run.queue.full if world_size > 1 else True
+    saved["queue_full"] = run.queue.filled == run.queue.z.shape[1] if world_size > 1 else True
     saved["losses"] = torch.stack(losses)
     torch.save(saved, out / f"rank{rank}.pt")
     if dist.is_initialized():

@@ -217,16 +217,17 @@ def test_swav_loss_with_queue_scores():
 
 # ---------------------------------------------------------------- queue (spec 5)
 def test_queue_fifo_newest_first():
-    """[n_assign, L, D] zeros; each push shifts by b and writes the batch in front; full only after L/b pushes."""
+    """[n_assign, L, D] zeros; each push shifts by b and writes the batch in front; scores only once full (L/b
+    pushes), None before."""
     q = S.Queue(2, 6, 3, CPU)
-    assert q.z.shape == (2, 6, 3) and not q.z.any() and q.filled == 0 and not q.full
+    w = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    assert q.z.shape == (2, 6, 3) and not q.z.any() and q.filled == 0 and q.scores(w) is None
     batches = [torch.full((2, 2, 3), float(i + 1)) + torch.tensor([0.0, 0.5])[:, None, None] for i in range(4)]
     for i, batch in enumerate(batches):
         q.push(batch)
-        assert q.full == (i >= 2) and q.filled == min(2 * (i + 1), 6)
+        assert (q.scores(w) is not None) == (i >= 2) and q.filled == min(2 * (i + 1), 6)
     # after 4 pushes of 2: batch 3 (newest), batch 2, batch 1; batch 0 dropped
     torch.testing.assert_close(q.z, torch.cat([batches[3], batches[2], batches[1]], 1))
-    w = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
     sc = q.scores(w)
     assert len(sc) == 2 and sc[0].shape == (6, 5)
     for j in range(2):
@@ -391,7 +392,7 @@ def test_lr_schedule_matches_official_array(recipe, overrides):
 # ---------------------------------------------------------------- model and prototypes (spec 2)
 def test_model_forward_groups_and_scores():
     """The backbone runs once per resolution group (BN statistics per group, spec 2.1); z has unit rows; the scores are
-    z @ W^T in fp32 (also under bf16 autocast) and lie in [-1, 1] after normalize_prototypes."""
+    z @ W^T in fp32 (also under bf16 autocast) and lie in [-1, 1] once the prototypes are normalised (train_step)."""
     model = small_model()
     calls = []
     model.backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
@@ -403,7 +404,8 @@ def test_model_forward_groups_and_scores():
     torch.testing.assert_close(z.norm(dim=1), torch.ones(18))
     torch.testing.assert_close(s, z @ model.prototypes.weight.T)
     assert (model.prototypes.weight.norm(dim=1) - 1).abs().min() > 0.1  # nn.Linear's init: rows far from unit
-    S.normalize_prototypes(model)
+    with torch.no_grad():
+        model.prototypes.weight.copy_(F.normalize(model.prototypes.weight, dim=1))
     torch.testing.assert_close(model.prototypes.weight.norm(dim=1), torch.ones(10))
     z, s = model([large, small])
     assert s.abs().max() <= 1 + 1e-6
@@ -433,6 +435,7 @@ def make_run(args, model, freeze_steps, queue=None):
         fmt=torch.contiguous_format,
         queue=queue,
         freeze_steps=freeze_steps,
+        steps_per_epoch=1000,  # every step in epoch 0 (Queue.start: no --queue-length, or the queue given here)
     )
 
 
@@ -477,7 +480,7 @@ def test_train_step_loss_and_queue():
     model.register_forward_hook(lambda m, i, o: outs.append([t.detach() for t in o]))
     for step in range(3):
         before = queue.z.clone()
-        was_full = queue.full
+        was_full = queue.filled == queue.z.shape[1]
         w = F.normalize(model.prototypes.weight.detach(), dim=1)
         metrics = S.train_step(run, tiny_groups(10 + step), step)
         z, scores = outs[-1]
@@ -494,7 +497,7 @@ def test_train_step_loss_and_queue():
             assert abs(loss - S.swav_loss(sv, 0.1, 0.05, 3)) > 1e-4
         torch.testing.assert_close(queue.z[:, :b], z.view(n_crops, b, -1)[:2])
         torch.testing.assert_close(queue.z[:, b:], before[:, :-b])
-    assert was_full and queue.full  # filled after two steps of b = 4 into L = 8, used at the third
+    assert was_full and queue.filled == 8  # filled after two steps of b = 4 into L = 8, used at the third
 
 
 def test_sinkhorn_fp64_flag_reaches_every_sinkhorn_call(monkeypatch):
@@ -515,7 +518,7 @@ def test_sinkhorn_fp64_flag_reaches_every_sinkhorn_call(monkeypatch):
         calls.clear()
         for step in range(2):  # the queue (4 = one batch) is full at the second step
             S.train_step(run, tiny_groups(20 + step), step)
-        assert run.queue.full and calls == [flag] * 4, (flag, calls)
+        assert run.queue.filled == 4 and calls == [flag] * 4, (flag, calls)
     # and swav_loss itself: the codes it uses are float64 Sinkhorn's (the spy saw fp64=True twice: two assigned crops)
     calls.clear()
     scores = list(torch.rand(3, 16, 12, generator=torch.Generator().manual_seed(5)))
