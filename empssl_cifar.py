@@ -582,8 +582,7 @@ def check_out_dir(out_dir: str) -> None:
 
 def check_ranges(args, at_least_1: str = "", at_least_0: str = "", positive: str = "", non_negative: str = "") -> None:
     """One clear line for the first named flag (space-separated; None is unset) out of its range."""
-    rules = ((at_least_1, 1, ">="), (at_least_0, 0, ">="), (positive, 0, ">"), (non_negative, 0, ">="))
-    for names, low, op in rules:
+    for names, low, op in ((at_least_1, 1, ">="), (at_least_0, 0, ">="), (positive, 0, ">"), (non_negative, 0, ">=")):
         for name in names.split():
             value = getattr(args, name)
             if value is not None and (value < low if op == ">=" else value <= low):
@@ -617,9 +616,6 @@ def check_common_args(args, world_size: int, archs, at_least_1="", at_least_0=""
             raise RunError(f"{flag} does not divide by the world size {world_size}")
 
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-
-
 def decode_checked(data: torch.Tensor, path) -> torch.Tensor:
     try:
         return decode_image(data, mode=ImageReadMode.RGB)  # JPEG, PNG, WebP; grayscale and CMYK become RGB
@@ -627,24 +623,16 @@ def decode_checked(data: torch.Tensor, path) -> torch.Tensor:
         raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
 
 
-def decode_files(paths: list, size: int, crop: Optional[int] = None) -> torch.Tensor:
-    """uint8 [n, 3, crop, crop]: shorter side resized to size, centre crop."""
-    crop = crop or size
-
-    def fit(img):
-        if img.shape[-2:] == (crop, crop) and size == crop:
-            return img
-        return T.functional.center_crop(T.functional.resize(img, size, antialias=True), [crop, crop])
-
+def decode_files(paths: list, size: int, crop: int) -> torch.Tensor:
+    """uint8 [n, 3, crop, crop]: shorter side resized to size (if not already), centre crop."""
     datas = [read_file(str(p)) for p in paths]
     jpeg = [i for i, p in enumerate(paths) if p.suffix.lower() in (".jpg", ".jpeg")]
-    imgs = [None] * len(paths)
     try:  # batched libjpeg-turbo decode (~60 us per CIFAR image on one core)
-        for i, img in zip(jpeg, decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB) if jpeg else []):
-            imgs[i] = img
+        imgs = dict(zip(jpeg, decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB))) if jpeg else {}
     except RuntimeError:  # a bad file in the batch: decode one by one below, which names it
-        pass
-    return torch.stack([fit(img if img is not None else decode_checked(d, p)) for p, d, img in zip(paths, datas, imgs)])
+        imgs = {}
+    imgs = [imgs[i] if i in imgs else decode_checked(d, p) for i, (p, d) in enumerate(zip(paths, datas))]
+    return torch.stack([T.functional.center_crop(T.functional.resize(x, size, antialias=True), crop) for x in imgs])
 
 
 def folder_splits(root: Path) -> tuple:
@@ -662,7 +650,7 @@ def folder_splits(root: Path) -> tuple:
 
 def list_image_files(root: Path, classes: list) -> tuple:
     files = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir())]
-    files = [(p, c) for p, c in files if p.suffix.lower() in IMAGE_EXTS]
+    files = [(p, c) for p, c in files if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".webp"}]
     if not files:
         raise RunError(f"no images in {root}")
     return [p for p, _ in files], torch.tensor([c for _, c in files])
@@ -670,10 +658,9 @@ def list_image_files(root: Path, classes: list) -> tuple:
 
 def load_image_folder(root: Path, classes: list, size: int) -> tuple:
     paths, labels = list_image_files(root, classes)
-    chunks = [paths[i : i + 1000] for i in range(0, len(paths), 1000)]
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        images = torch.cat(list(pool.map(lambda c: decode_files(c, size), chunks)))
-    return images, labels
+        images = pool.map(lambda i: decode_files(paths[i : i + 1000], size, size), range(0, len(paths), 1000))
+        return torch.cat(list(images)), labels
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -755,41 +742,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def epoch_state(run: SimpleNamespace, epoch: int, size: int) -> dict:
-    """This epoch's sums of `size` logged metrics, their step count n and the train time at its start, kept in
-    run.epoch_sums and saved in last.pt: a run resumed mid-epoch still reports the whole epoch."""
-    e = getattr(run, "epoch_sums", None)
-    if e is None or e["epoch"] != epoch:
-        e = dict(epoch=epoch, sums=torch.zeros(size), n=0, t0=run.train_time_s)
-    run.epoch_sums = dict(e, sums=e["sums"].to(run.device))
-    return run.epoch_sums
-
-
-def memory_note(device: torch.device) -> str:
-    return f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB" if device.type == "cuda" else ""
-
-
-def images_per_s(run: SimpleNamespace, steps: int, step) -> float:
-    """Global images/s of `steps` calls of step() (one step of --batch-size images each) after 2 warm-ups."""
-    for i in range(steps + 2):
-        if i == 2:
-            sync(run.device)
-            t0 = time.perf_counter()
-        step()
-    sync(run.device)
-    return steps * run.args.batch_size / (time.perf_counter() - t0)
-
-
 def run_benchmarks(run: SimpleNamespace, unit: str = "images", per_image: int = 1) -> dict:
     """--bench-ceiling-steps: the method's bare_step(run) (its bare networks on synthetic inputs, no data or loss);
     --bench-data-steps: its train_batches alone (read, decode, crops, colour). Returns {ceiling,data}_{unit}_per_s
-    (per_image units per image); then the peak-memory counter starts afresh."""
+    (per_image units per image, after 2 warm-up steps); then the peak-memory counter starts afresh."""
     args, bench = run.args, {}
-    if args.bench_ceiling_steps:
-        bench[f"ceiling_{unit}_per_s"] = images_per_s(run, args.bench_ceiling_steps, bare_step(run)) * per_image
-    if args.bench_data_steps:
-        stream = (b for e in range(args.bench_data_steps + 2) for b in train_batches(run, e, 0, run.steps_per_epoch))
-        bench[f"data_{unit}_per_s"] = images_per_s(run, args.bench_data_steps, lambda: next(stream)) * per_image
+    stream = (b for e in range(args.bench_data_steps + 2) for b in train_batches(run, e, 0, run.steps_per_epoch))
+    for name, steps in (("ceiling", args.bench_ceiling_steps), ("data", args.bench_data_steps)):
+        if not steps:
+            continue
+        step = bare_step(run) if name == "ceiling" else lambda: next(stream)
+        for i in range(steps + 2):
+            if i == 2:
+                sync(run.device)
+                t0 = time.perf_counter()
+            step()
+        sync(run.device)
+        bench[f"{name}_{unit}_per_s"] = steps * args.batch_size / (time.perf_counter() - t0) * per_image
     if run.rank == 0 and bench:
         print("benchmarks: " + ", ".join(f"{k} {v:,.0f}" for k, v in bench.items()))
     if run.device.type == "cuda":
@@ -831,8 +800,7 @@ def knn_eval(x_train, y_train, x_test, y_test, num_classes, k=20, t=0.07, chunk=
     correct1 = correct5 = 0
     for i in range(0, len(x_test), chunk):
         sim, idx = (x_test[i : i + chunk] @ x_train.T).topk(k, dim=1)
-        votes = torch.zeros(len(sim), num_classes, device=sim.device)
-        votes.scatter_add_(1, y_train[idx], (sim / t).exp())
+        votes = torch.zeros(len(sim), num_classes, device=sim.device).scatter_add_(1, y_train[idx], (sim / t).exp())
         pred = votes.topk(min(5, num_classes), dim=1).indices
         target = y_test[i : i + chunk, None]
         correct1 += (pred[:, :1] == target).sum().item()
@@ -844,37 +812,20 @@ class RunStopped(Exception):
     """A stop signal ended the run: main prints stop_message and exits with 128 + the signal number."""
 
 
-class Stop:
-    """SIGTERM (a scheduler's notice before it kills a job) and SIGINT (Ctrl-C). During the training steps (in_steps)
-    they only set signum: every rank finishes its step, last.pt is saved and the run exits (stop_now, stop_if_asked);
-    elsewhere (data, evaluation) the run ends at once. `run`: the run main reports on."""
+# SIGTERM (a scheduler's notice before it kills a job) and SIGINT (Ctrl-C): during the training steps (in_steps) they
+# only set signum: every rank finishes its step (stop_now), saves last.pt and exits; elsewhere the run ends at once.
+Stop = SimpleNamespace(signum=None, in_steps=False, run=None)  # run: the run main reports on
 
-    signum: Optional[int] = None
-    in_steps: bool = False
-    run: Optional[SimpleNamespace] = None
 
-    @staticmethod
-    def handler(signum, frame) -> None:
-        Stop.signum = signum
-        if not Stop.in_steps:
-            raise RunStopped()
-
-    @staticmethod
-    def install() -> None:
-        Stop.signum, Stop.in_steps, Stop.run = None, False, None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, Stop.handler)
-
-    @staticmethod
-    def uninstall() -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
+def on_stop_signal(signum, frame) -> None:
+    Stop.signum = signum
+    if not Stop.in_steps:
+        raise RunStopped()
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: Ctrl-C is the main process's to handle (it stops the workers after its step), and
-    SIGTERM (the DataLoader's shutdown, or a scheduler signalling the whole job) ends a worker with exit code 0, so
-    the main process, finishing its step, does not take it for a crash."""
+    """DataLoader worker_init_fn: Ctrl-C is the main process's to handle (it stops the workers after its step); SIGTERM
+    (the DataLoader's shutdown, or a scheduler's to the whole job) ends a worker with exit 0, not taken for a crash."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
@@ -893,60 +844,19 @@ def stop_now(run: SimpleNamespace) -> bool:
     return asked > 0
 
 
-def stop_if_asked(run: SimpleNamespace) -> None:
-    if Stop.signum:
-        raise RunStopped()
-
-
-def stop_message(run: Optional[SimpleNamespace]) -> str:
-    sig, again = signal.Signals(Stop.signum).name, "rerun the same command to"
-    if run is None or not hasattr(run, "total_steps"):
-        return f"stopped by {sig} before training; {again} start"
-    last, at = Path(run.args.out_dir) / "last.pt", f"step {run.global_step} of {run.total_steps}"
-    if Stop.in_steps:
-        return f"stopped at {at} by {sig}; saved {last}; {again} resume"
-    if run.global_step >= run.total_steps and last.is_file():
-        return f"stopped by {sig} while evaluating; the trained weights are in {last}; {again} evaluate them"
-    return f"stopped by {sig} at {at}; {again} resume"
-
-
-def summary_line(res: dict, results: dict, path: Path) -> str:
-    metrics = " | ".join(f"{k} {v:.2f}" for k, v in res.items() if isinstance(v, float)) or "no evaluation"
-    return f"done: {metrics} | {results['steps_done']} steps in {results['train_time_s']:.1f} s | {path}"
-
-
-def main(args: Args) -> None:
-    Stop.install()
-    quiet = int(os.environ.get("RANK", 0)) != 0  # torchrun's other ranks
-    try:
-        run_training(args)
-    except (RunError, CheckpointError) as e:  # CRUCIAL: bad input -> one clear line and exit code 1, no traceback
-        Stop.uninstall()  # torchrun ends the other ranks once one fails: quietly
-        msg = str(e).strip().splitlines()[-1].split("RunError: ", 1)[-1]  # a DataLoader worker's error: its last line
-        if quiet and getattr(e, "every_rank", False):
-            time.sleep(3)  # rank 0 has the same error: let it say it before torchrun stops everyone
-            sys.exit(1)
-        sys.exit(f"{Path(__file__).name}: error: {msg}")
-    except RunStopped:
-        Stop.uninstall()  # a second signal now ends the process at once
-        if not quiet:
-            print(f"{Path(__file__).name}: {stop_message(Stop.run)}", file=sys.stderr)
-        sys.exit(128 + Stop.signum)
-
-
-# END SHARED
-
-
-# SHARED: train-loop
 def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
-    """Steps start_step.. of `epoch`, to its end or to --max-steps. Each sets the LR of every parameter group (times
-    its lr_scale), takes this rank's batch from the method's `train_batches` and runs its `train_step`, which returns
-    its metrics (named in run.metrics, the loss first) as one detached tensor. Every --log-every steps the metrics are
-    averaged over ranks and a non-finite loss stops the run: no step waits for the host. Returns the epoch's means."""
+    """Steps start_step.. of `epoch`, to its end or to --max-steps: each sets every parameter group's LR (times its
+    lr_scale) and runs the method's `train_step` on this rank's batch from its `train_batches`; the step returns its
+    metrics (named in run.metrics, the loss first) as one detached tensor. Every --log-every steps they are averaged
+    over ranks and a non-finite loss stops the run: no step waits for the host. Returns the epoch's means."""
     args, device, spe, names = run.args, run.device, run.steps_per_epoch, run.metrics
     last = min(spe, run.total_steps - epoch * spe)
     stream = train_batches(run, epoch, start_step, last)
-    tally, window = epoch_state(run, epoch, len(names)), torch.zeros(len(names), device=device)
+    tally = getattr(run, "epoch_sums", None)  # saved in last.pt: a run resumed mid-epoch reports the whole epoch
+    if tally is None or tally["epoch"] != epoch:
+        tally = dict(epoch=epoch, sums=torch.zeros(len(names)), n=0, t0=run.train_time_s)  # t0: train time at start
+    tally = run.epoch_sums = dict(tally, sums=tally["sums"].to(device))
+    window = torch.zeros(len(names), device=device)
     no_bad = 2**62
     bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
     run.model.train()
@@ -1002,25 +912,65 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
 
 
 def train_epochs(run: SimpleNamespace) -> None:
-    """The epochs from the resumed step to the end: each saves last.pt, evaluates every --eval-every epochs (not after
-    the last: the final evaluation follows) and prints one line. A stop signal ends the run after the step it arrives
-    in, with a checkpoint."""
+    """The epochs from the resumed step on: each saves last.pt, evaluates every --eval-every epochs (not after the last:
+    the final evaluation follows) and prints one line; a stop signal ends the run after its step, with a checkpoint."""
     args, spe = run.args, run.steps_per_epoch
     Stop.in_steps = True
     while run.global_step < run.total_steps:
         epoch, start = divmod(run.global_step, spe)
         m = train_one_epoch(run, epoch, start)
         save_state(run)
-        if run.global_step % spe:
-            stop_if_asked(run)  # stopped within the epoch: no epoch line
+        if Stop.signum and run.global_step % spe:  # stopped within the epoch: no epoch line
+            raise RunStopped()
         if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.global_step < run.total_steps:
             m.update(evaluate(run, tag=f"epoch {epoch + 1}"))
         if run.rank == 0:
             log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
             line = " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "time_s" and isinstance(v, float))
-            print(f"ep {epoch + 1}/{args.epochs} | {line} | {m['time_s']:.1f} s{memory_note(run.device)}")
-        stop_if_asked(run)
+            gb = f" | {torch.cuda.max_memory_allocated(run.device) / 2**30:.1f} GB" if run.device.type == "cuda" else ""
+            print(f"ep {epoch + 1}/{args.epochs} | {line} | {m['time_s']:.1f} s{gb}")
+        if Stop.signum:
+            raise RunStopped()
     Stop.in_steps = False
+
+
+def stop_message(run: Optional[SimpleNamespace]) -> str:
+    sig, again = signal.Signals(Stop.signum).name, "rerun the same command to"
+    if run is None or not hasattr(run, "total_steps"):
+        return f"stopped by {sig} before training; {again} start"
+    last, at = Path(run.args.out_dir) / "last.pt", f"step {run.global_step} of {run.total_steps}"
+    if Stop.in_steps:
+        return f"stopped at {at} by {sig}; saved {last}; {again} resume"
+    if run.global_step >= run.total_steps and last.is_file():
+        return f"stopped by {sig} while evaluating; the trained weights are in {last}; {again} evaluate them"
+    return f"stopped by {sig} at {at}; {again} resume"
+
+
+def summary_line(res: dict, results: dict, path: Path) -> str:
+    metrics = " | ".join(f"{k} {v:.2f}" for k, v in res.items() if isinstance(v, float)) or "no evaluation"
+    return f"done: {metrics} | {results['steps_done']} steps in {results['train_time_s']:.1f} s | {path}"
+
+
+def main(args: Args) -> None:
+    Stop.signum, Stop.in_steps, Stop.run = None, False, None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_stop_signal)
+    quiet = int(os.environ.get("RANK", 0)) != 0  # torchrun's other ranks
+    try:
+        run_training(args)
+    except (RunError, CheckpointError, RunStopped) as e:
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal now ends the process at once, and torchrun,
+            signal.signal(sig, signal.SIG_DFL)  # ending the other ranks once one fails, ends them quietly
+        if isinstance(e, RunStopped):
+            if not quiet:
+                print(f"{Path(__file__).name}: {stop_message(Stop.run)}", file=sys.stderr)
+            sys.exit(128 + Stop.signum)
+        # CRUCIAL: bad input -> one clear line and exit code 1, no traceback
+        msg = str(e).strip().splitlines()[-1].split("RunError: ", 1)[-1]  # a DataLoader worker's error: its last line
+        if quiet and getattr(e, "every_rank", False):
+            time.sleep(3)  # rank 0 has the same error: let it say it before torchrun stops everyone
+            sys.exit(1)
+        sys.exit(f"{Path(__file__).name}: error: {msg}")
 
 
 # END SHARED
@@ -1028,10 +978,9 @@ def train_epochs(run: SimpleNamespace) -> None:
 
 # SHARED: linear-probe
 class LARS(torch.optim.Optimizer):
-    """SGD (momentum, optional Nesterov) with layer-wise adaptive rate scaling (solo-learn's LARSWrapper, apex LARC).
-    Groups with lars=True, for each parameter with non-zero ||p||, ||g||: local = eta ||p|| / (||g|| + wd ||p|| + eps),
-    ratio = min(local / lr, 1) if clip else local, g <- (g + wd p) ratio; groups with lars=False: g <- g + wd p.
-    Then buf <- momentum buf + g; p <- p - lr (g + momentum buf if nesterov else buf)."""
+    """SGD (momentum, optional Nesterov) with layer-wise adaptive rate scaling (solo-learn's LARSWrapper, apex LARC):
+    in groups with lars=True, g <- (g + wd p) r, local = eta ||p|| / (||g|| + wd ||p|| + eps), r = min(local / lr, 1)
+    if clip else local (g untouched where ||p|| or ||g|| is 0); in the others g <- g + wd p."""
 
     def __init__(self, params, lr, momentum=0.9, nesterov=False, weight_decay=0.0, eta=0.001, clip=False, eps=1e-8):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta=eta, clip=clip)
@@ -1064,9 +1013,8 @@ def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0
                  init_std=None, lars=False, world_size=1) -> dict:  # fmt: skip
     """Linear classifier on frozen features: SGD (momentum 0.9; LARC, trust 0.001 and no clipping, if lars), cosine LR
     per epoch to 0, seeded shuffled batches (drop_last), head N(0, init_std) with bias 0 (None: nn.Linear's init).
-    x_train: precomputed features [n, F] on y_train's device, or a function (epoch, batches) yielding this rank's
-    features for each global batch (the augmented probe; its gradient is averaged over world_size ranks). Returns the
-    last and best test top-1 and the last top-5 (percent)."""
+    x_train: features [n, F] on y_train's device, or a function (epoch, batches) yielding this rank's features for
+    each global batch (gradient averaged over world_size ranks). Returns the last, best top-1 and last top-5 (%)."""
     with torch.random.fork_rng(devices=[]):  # a seeded head without touching the caller's RNG state
         torch.manual_seed(seed)
         head = nn.Linear(x_test.shape[1], num_classes).to(x_test.device)
@@ -1116,8 +1064,7 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad)  # every rank's loss depends on every rank's x
-        n = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

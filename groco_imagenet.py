@@ -492,8 +492,7 @@ def check_out_dir(out_dir: str) -> None:
 
 def check_ranges(args, at_least_1: str = "", at_least_0: str = "", positive: str = "", non_negative: str = "") -> None:
     """One clear line for the first named flag (space-separated; None is unset) out of its range."""
-    rules = ((at_least_1, 1, ">="), (at_least_0, 0, ">="), (positive, 0, ">"), (non_negative, 0, ">="))
-    for names, low, op in rules:
+    for names, low, op in ((at_least_1, 1, ">="), (at_least_0, 0, ">="), (positive, 0, ">"), (non_negative, 0, ">=")):
         for name in names.split():
             value = getattr(args, name)
             if value is not None and (value < low if op == ">=" else value <= low):
@@ -527,9 +526,6 @@ def check_common_args(args, world_size: int, archs, at_least_1="", at_least_0=""
             raise RunError(f"{flag} does not divide by the world size {world_size}")
 
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-
-
 def decode_checked(data: torch.Tensor, path) -> torch.Tensor:
     try:
         return decode_image(data, mode=ImageReadMode.RGB)  # JPEG, PNG, WebP; grayscale and CMYK become RGB
@@ -537,24 +533,16 @@ def decode_checked(data: torch.Tensor, path) -> torch.Tensor:
         raise RunError(f"cannot decode image {path}: {' '.join(str(e).split())}")
 
 
-def decode_files(paths: list, size: int, crop: Optional[int] = None) -> torch.Tensor:
-    """uint8 [n, 3, crop, crop]: shorter side resized to size, centre crop."""
-    crop = crop or size
-
-    def fit(img):
-        if img.shape[-2:] == (crop, crop) and size == crop:
-            return img
-        return T.functional.center_crop(T.functional.resize(img, size, antialias=True), [crop, crop])
-
+def decode_files(paths: list, size: int, crop: int) -> torch.Tensor:
+    """uint8 [n, 3, crop, crop]: shorter side resized to size (if not already), centre crop."""
     datas = [read_file(str(p)) for p in paths]
     jpeg = [i for i, p in enumerate(paths) if p.suffix.lower() in (".jpg", ".jpeg")]
-    imgs = [None] * len(paths)
     try:  # batched libjpeg-turbo decode (~60 us per CIFAR image on one core)
-        for i, img in zip(jpeg, decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB) if jpeg else []):
-            imgs[i] = img
+        imgs = dict(zip(jpeg, decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB))) if jpeg else {}
     except RuntimeError:  # a bad file in the batch: decode one by one below, which names it
-        pass
-    return torch.stack([fit(img if img is not None else decode_checked(d, p)) for p, d, img in zip(paths, datas, imgs)])
+        imgs = {}
+    imgs = [imgs[i] if i in imgs else decode_checked(d, p) for i, (p, d) in enumerate(zip(paths, datas))]
+    return torch.stack([T.functional.center_crop(T.functional.resize(x, size, antialias=True), crop) for x in imgs])
 
 
 def folder_splits(root: Path) -> tuple:
@@ -572,7 +560,7 @@ def folder_splits(root: Path) -> tuple:
 
 def list_image_files(root: Path, classes: list) -> tuple:
     files = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir())]
-    files = [(p, c) for p, c in files if p.suffix.lower() in IMAGE_EXTS]
+    files = [(p, c) for p, c in files if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".webp"}]
     if not files:
         raise RunError(f"no images in {root}")
     return [p for p, _ in files], torch.tensor([c for _, c in files])
@@ -580,10 +568,9 @@ def list_image_files(root: Path, classes: list) -> tuple:
 
 def load_image_folder(root: Path, classes: list, size: int) -> tuple:
     paths, labels = list_image_files(root, classes)
-    chunks = [paths[i : i + 1000] for i in range(0, len(paths), 1000)]
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        images = torch.cat(list(pool.map(lambda c: decode_files(c, size), chunks)))
-    return images, labels
+        images = pool.map(lambda i: decode_files(paths[i : i + 1000], size, size), range(0, len(paths), 1000))
+        return torch.cat(list(images)), labels
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -665,41 +652,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def epoch_state(run: SimpleNamespace, epoch: int, size: int) -> dict:
-    """This epoch's sums of `size` logged metrics, their step count n and the train time at its start, kept in
-    run.epoch_sums and saved in last.pt: a run resumed mid-epoch still reports the whole epoch."""
-    e = getattr(run, "epoch_sums", None)
-    if e is None or e["epoch"] != epoch:
-        e = dict(epoch=epoch, sums=torch.zeros(size), n=0, t0=run.train_time_s)
-    run.epoch_sums = dict(e, sums=e["sums"].to(run.device))
-    return run.epoch_sums
-
-
-def memory_note(device: torch.device) -> str:
-    return f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB" if device.type == "cuda" else ""
-
-
-def images_per_s(run: SimpleNamespace, steps: int, step) -> float:
-    """Global images/s of `steps` calls of step() (one step of --batch-size images each) after 2 warm-ups."""
-    for i in range(steps + 2):
-        if i == 2:
-            sync(run.device)
-            t0 = time.perf_counter()
-        step()
-    sync(run.device)
-    return steps * run.args.batch_size / (time.perf_counter() - t0)
-
-
 def run_benchmarks(run: SimpleNamespace, unit: str = "images", per_image: int = 1) -> dict:
     """--bench-ceiling-steps: the method's bare_step(run) (its bare networks on synthetic inputs, no data or loss);
     --bench-data-steps: its train_batches alone (read, decode, crops, colour). Returns {ceiling,data}_{unit}_per_s
-    (per_image units per image); then the peak-memory counter starts afresh."""
+    (per_image units per image, after 2 warm-up steps); then the peak-memory counter starts afresh."""
     args, bench = run.args, {}
-    if args.bench_ceiling_steps:
-        bench[f"ceiling_{unit}_per_s"] = images_per_s(run, args.bench_ceiling_steps, bare_step(run)) * per_image
-    if args.bench_data_steps:
-        stream = (b for e in range(args.bench_data_steps + 2) for b in train_batches(run, e, 0, run.steps_per_epoch))
-        bench[f"data_{unit}_per_s"] = images_per_s(run, args.bench_data_steps, lambda: next(stream)) * per_image
+    stream = (b for e in range(args.bench_data_steps + 2) for b in train_batches(run, e, 0, run.steps_per_epoch))
+    for name, steps in (("ceiling", args.bench_ceiling_steps), ("data", args.bench_data_steps)):
+        if not steps:
+            continue
+        step = bare_step(run) if name == "ceiling" else lambda: next(stream)
+        for i in range(steps + 2):
+            if i == 2:
+                sync(run.device)
+                t0 = time.perf_counter()
+            step()
+        sync(run.device)
+        bench[f"{name}_{unit}_per_s"] = steps * args.batch_size / (time.perf_counter() - t0) * per_image
     if run.rank == 0 and bench:
         print("benchmarks: " + ", ".join(f"{k} {v:,.0f}" for k, v in bench.items()))
     if run.device.type == "cuda":
@@ -741,8 +710,7 @@ def knn_eval(x_train, y_train, x_test, y_test, num_classes, k=20, t=0.07, chunk=
     correct1 = correct5 = 0
     for i in range(0, len(x_test), chunk):
         sim, idx = (x_test[i : i + chunk] @ x_train.T).topk(k, dim=1)
-        votes = torch.zeros(len(sim), num_classes, device=sim.device)
-        votes.scatter_add_(1, y_train[idx], (sim / t).exp())
+        votes = torch.zeros(len(sim), num_classes, device=sim.device).scatter_add_(1, y_train[idx], (sim / t).exp())
         pred = votes.topk(min(5, num_classes), dim=1).indices
         target = y_test[i : i + chunk, None]
         correct1 += (pred[:, :1] == target).sum().item()
@@ -754,37 +722,20 @@ class RunStopped(Exception):
     """A stop signal ended the run: main prints stop_message and exits with 128 + the signal number."""
 
 
-class Stop:
-    """SIGTERM (a scheduler's notice before it kills a job) and SIGINT (Ctrl-C). During the training steps (in_steps)
-    they only set signum: every rank finishes its step, last.pt is saved and the run exits (stop_now, stop_if_asked);
-    elsewhere (data, evaluation) the run ends at once. `run`: the run main reports on."""
+# SIGTERM (a scheduler's notice before it kills a job) and SIGINT (Ctrl-C): during the training steps (in_steps) they
+# only set signum: every rank finishes its step (stop_now), saves last.pt and exits; elsewhere the run ends at once.
+Stop = SimpleNamespace(signum=None, in_steps=False, run=None)  # run: the run main reports on
 
-    signum: Optional[int] = None
-    in_steps: bool = False
-    run: Optional[SimpleNamespace] = None
 
-    @staticmethod
-    def handler(signum, frame) -> None:
-        Stop.signum = signum
-        if not Stop.in_steps:
-            raise RunStopped()
-
-    @staticmethod
-    def install() -> None:
-        Stop.signum, Stop.in_steps, Stop.run = None, False, None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, Stop.handler)
-
-    @staticmethod
-    def uninstall() -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
+def on_stop_signal(signum, frame) -> None:
+    Stop.signum = signum
+    if not Stop.in_steps:
+        raise RunStopped()
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: Ctrl-C is the main process's to handle (it stops the workers after its step), and
-    SIGTERM (the DataLoader's shutdown, or a scheduler signalling the whole job) ends a worker with exit code 0, so
-    the main process, finishing its step, does not take it for a crash."""
+    """DataLoader worker_init_fn: Ctrl-C is the main process's to handle (it stops the workers after its step); SIGTERM
+    (the DataLoader's shutdown, or a scheduler's to the whole job) ends a worker with exit 0, not taken for a crash."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
@@ -803,60 +754,19 @@ def stop_now(run: SimpleNamespace) -> bool:
     return asked > 0
 
 
-def stop_if_asked(run: SimpleNamespace) -> None:
-    if Stop.signum:
-        raise RunStopped()
-
-
-def stop_message(run: Optional[SimpleNamespace]) -> str:
-    sig, again = signal.Signals(Stop.signum).name, "rerun the same command to"
-    if run is None or not hasattr(run, "total_steps"):
-        return f"stopped by {sig} before training; {again} start"
-    last, at = Path(run.args.out_dir) / "last.pt", f"step {run.global_step} of {run.total_steps}"
-    if Stop.in_steps:
-        return f"stopped at {at} by {sig}; saved {last}; {again} resume"
-    if run.global_step >= run.total_steps and last.is_file():
-        return f"stopped by {sig} while evaluating; the trained weights are in {last}; {again} evaluate them"
-    return f"stopped by {sig} at {at}; {again} resume"
-
-
-def summary_line(res: dict, results: dict, path: Path) -> str:
-    metrics = " | ".join(f"{k} {v:.2f}" for k, v in res.items() if isinstance(v, float)) or "no evaluation"
-    return f"done: {metrics} | {results['steps_done']} steps in {results['train_time_s']:.1f} s | {path}"
-
-
-def main(args: Args) -> None:
-    Stop.install()
-    quiet = int(os.environ.get("RANK", 0)) != 0  # torchrun's other ranks
-    try:
-        run_training(args)
-    except (RunError, CheckpointError) as e:  # CRUCIAL: bad input -> one clear line and exit code 1, no traceback
-        Stop.uninstall()  # torchrun ends the other ranks once one fails: quietly
-        msg = str(e).strip().splitlines()[-1].split("RunError: ", 1)[-1]  # a DataLoader worker's error: its last line
-        if quiet and getattr(e, "every_rank", False):
-            time.sleep(3)  # rank 0 has the same error: let it say it before torchrun stops everyone
-            sys.exit(1)
-        sys.exit(f"{Path(__file__).name}: error: {msg}")
-    except RunStopped:
-        Stop.uninstall()  # a second signal now ends the process at once
-        if not quiet:
-            print(f"{Path(__file__).name}: {stop_message(Stop.run)}", file=sys.stderr)
-        sys.exit(128 + Stop.signum)
-
-
-# END SHARED
-
-
-# SHARED: train-loop
 def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
-    """Steps start_step.. of `epoch`, to its end or to --max-steps. Each sets the LR of every parameter group (times
-    its lr_scale), takes this rank's batch from the method's `train_batches` and runs its `train_step`, which returns
-    its metrics (named in run.metrics, the loss first) as one detached tensor. Every --log-every steps the metrics are
-    averaged over ranks and a non-finite loss stops the run: no step waits for the host. Returns the epoch's means."""
+    """Steps start_step.. of `epoch`, to its end or to --max-steps: each sets every parameter group's LR (times its
+    lr_scale) and runs the method's `train_step` on this rank's batch from its `train_batches`; the step returns its
+    metrics (named in run.metrics, the loss first) as one detached tensor. Every --log-every steps they are averaged
+    over ranks and a non-finite loss stops the run: no step waits for the host. Returns the epoch's means."""
     args, device, spe, names = run.args, run.device, run.steps_per_epoch, run.metrics
     last = min(spe, run.total_steps - epoch * spe)
     stream = train_batches(run, epoch, start_step, last)
-    tally, window = epoch_state(run, epoch, len(names)), torch.zeros(len(names), device=device)
+    tally = getattr(run, "epoch_sums", None)  # saved in last.pt: a run resumed mid-epoch reports the whole epoch
+    if tally is None or tally["epoch"] != epoch:
+        tally = dict(epoch=epoch, sums=torch.zeros(len(names)), n=0, t0=run.train_time_s)  # t0: train time at start
+    tally = run.epoch_sums = dict(tally, sums=tally["sums"].to(device))
+    window = torch.zeros(len(names), device=device)
     no_bad = 2**62
     bad_step = torch.full((), no_bad, device=device)  # first step (1-based) with a non-finite loss, no host syncs
     run.model.train()
@@ -912,25 +822,65 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
 
 
 def train_epochs(run: SimpleNamespace) -> None:
-    """The epochs from the resumed step to the end: each saves last.pt, evaluates every --eval-every epochs (not after
-    the last: the final evaluation follows) and prints one line. A stop signal ends the run after the step it arrives
-    in, with a checkpoint."""
+    """The epochs from the resumed step on: each saves last.pt, evaluates every --eval-every epochs (not after the last:
+    the final evaluation follows) and prints one line; a stop signal ends the run after its step, with a checkpoint."""
     args, spe = run.args, run.steps_per_epoch
     Stop.in_steps = True
     while run.global_step < run.total_steps:
         epoch, start = divmod(run.global_step, spe)
         m = train_one_epoch(run, epoch, start)
         save_state(run)
-        if run.global_step % spe:
-            stop_if_asked(run)  # stopped within the epoch: no epoch line
+        if Stop.signum and run.global_step % spe:  # stopped within the epoch: no epoch line
+            raise RunStopped()
         if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.global_step < run.total_steps:
             m.update(evaluate(run, tag=f"epoch {epoch + 1}"))
         if run.rank == 0:
             log_jsonl(run, dict(type="epoch", epoch=epoch + 1, step=run.global_step, **m))
             line = " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "time_s" and isinstance(v, float))
-            print(f"ep {epoch + 1}/{args.epochs} | {line} | {m['time_s']:.1f} s{memory_note(run.device)}")
-        stop_if_asked(run)
+            gb = f" | {torch.cuda.max_memory_allocated(run.device) / 2**30:.1f} GB" if run.device.type == "cuda" else ""
+            print(f"ep {epoch + 1}/{args.epochs} | {line} | {m['time_s']:.1f} s{gb}")
+        if Stop.signum:
+            raise RunStopped()
     Stop.in_steps = False
+
+
+def stop_message(run: Optional[SimpleNamespace]) -> str:
+    sig, again = signal.Signals(Stop.signum).name, "rerun the same command to"
+    if run is None or not hasattr(run, "total_steps"):
+        return f"stopped by {sig} before training; {again} start"
+    last, at = Path(run.args.out_dir) / "last.pt", f"step {run.global_step} of {run.total_steps}"
+    if Stop.in_steps:
+        return f"stopped at {at} by {sig}; saved {last}; {again} resume"
+    if run.global_step >= run.total_steps and last.is_file():
+        return f"stopped by {sig} while evaluating; the trained weights are in {last}; {again} evaluate them"
+    return f"stopped by {sig} at {at}; {again} resume"
+
+
+def summary_line(res: dict, results: dict, path: Path) -> str:
+    metrics = " | ".join(f"{k} {v:.2f}" for k, v in res.items() if isinstance(v, float)) or "no evaluation"
+    return f"done: {metrics} | {results['steps_done']} steps in {results['train_time_s']:.1f} s | {path}"
+
+
+def main(args: Args) -> None:
+    Stop.signum, Stop.in_steps, Stop.run = None, False, None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_stop_signal)
+    quiet = int(os.environ.get("RANK", 0)) != 0  # torchrun's other ranks
+    try:
+        run_training(args)
+    except (RunError, CheckpointError, RunStopped) as e:
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal now ends the process at once, and torchrun,
+            signal.signal(sig, signal.SIG_DFL)  # ending the other ranks once one fails, ends them quietly
+        if isinstance(e, RunStopped):
+            if not quiet:
+                print(f"{Path(__file__).name}: {stop_message(Stop.run)}", file=sys.stderr)
+            sys.exit(128 + Stop.signum)
+        # CRUCIAL: bad input -> one clear line and exit code 1, no traceback
+        msg = str(e).strip().splitlines()[-1].split("RunError: ", 1)[-1]  # a DataLoader worker's error: its last line
+        if quiet and getattr(e, "every_rank", False):
+            time.sleep(3)  # rank 0 has the same error: let it say it before torchrun stops everyone
+            sys.exit(1)
+        sys.exit(f"{Path(__file__).name}: error: {msg}")
 
 
 # END SHARED
@@ -961,12 +911,9 @@ def load_data(args: Args) -> dict:
         tr, te = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in splits]
         return dict(train_x=tr[0], train_y=tr[1], test_x=te[0], test_y=te[1], num_classes=num_classes)
     train_root, test_root, classes = folder_splits(root)
-    if args.in_memory:
-        train_x, train_y = load_image_folder(train_root, classes, args.image_size)
-        test_x, test_y = load_image_folder(test_root, classes, args.image_size)
-    else:
-        train_x, train_y = list_image_files(train_root, classes)
-        test_x, test_y = list_image_files(test_root, classes)
+    read = partial(load_image_folder, size=args.image_size) if args.in_memory else list_image_files
+    (train_x, train_y), (test_x, test_y) = read(train_root, classes), read(test_root, classes)
+    if not args.in_memory:
         train_x, train_y = train_x * args.train_repeat, train_y.repeat(args.train_repeat)
     return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=len(classes))
 
@@ -1005,10 +952,6 @@ def sample_view_params(gen: torch.Generator, n: int, group: CropGroup) -> dict:
         solarize=u(0, 1) < group.solarize,                                              # PIL Solarize(128)
     )
     # fmt: on
-
-
-def take_params(params: dict, idx: torch.Tensor) -> dict:
-    return {k: v[idx] for k, v in params.items()}
 
 
 def rrc_boxes(h: torch.Tensor, w: torch.Tensor, p: dict) -> torch.Tensor:
@@ -1062,29 +1005,23 @@ class FolderViews(torch.utils.data.Dataset):
     def __init__(self, files: list, groups: list, args: Args):
         self.files, self.groups, self.args = files, groups, args
 
-    def __len__(self):
-        return len(self.files)
-
     def __getitem__(self, item):
         index, seed = item
         gen = torch.Generator().manual_seed(seed)
         params = [sample_view_params(gen, g.n, g) for g in self.groups]
         img = decode_checked(read_file(str(self.files[index])), self.files[index])
         h, w = (torch.full((1,), float(d)) for d in img.shape[-2:])
-        crops = []
         for g, p in zip(self.groups, params):  # torchvision's tensor RandomResizedCrop: crop, antialiased uint8 resize
             boxes = rrc_boxes(h.expand(g.n), w.expand(g.n), p).int().tolist()
             resize = [F.interpolate(img[None, :, y1:y2, x1:x2], (g.size, g.size), mode="bilinear", antialias=True)
                       for x1, y1, x2, y2 in boxes]  # fmt: skip
-            crops.append(torch.cat(resize))
-        return crops, params
+            p["crops"] = torch.cat(resize)
+        return params
 
 
-def collate_views(batch: list) -> tuple:
-    """[(crops, params) per group] -> (per-group crops [b, n, 3, S, S], params [b*n])."""
-    first, params = zip(*batch)
-    params = [{k: torch.cat([p[g][k] for p in params]) for k in params[0][g]} for g in range(len(params[0]))]
-    return [torch.stack([c[g] for c in first]) for g in range(len(first[0]))], params
+def collate_views(batch: list) -> list:
+    """Per group, b items' [n, ...] crops and draws -> [n*b, ...], crop-major (row v*b + i: crop v of item i)."""
+    return [{k: torch.stack([x[g][k] for x in batch], 1).flatten(0, 1) for k in p} for g, p in enumerate(batch[0])]
 
 
 def view_batches(run: SimpleNamespace, images, batches: list, keys: list, groups: list):
@@ -1101,9 +1038,8 @@ def view_batches(run: SimpleNamespace, images, batches: list, keys: list, groups
             gen.manual_seed(rng_seed(*key))
             out = []
             for g in groups:
-                p = sample_view_params(gen, g.n * len(idx), g)  # [n, B] crop-major, for the global batch
-                sel = torch.arange(g.n, device=device)[:, None] * len(idx) + rank * b + torch.arange(b, device=device)
-                p = take_params(p, sel.flatten())
+                p = sample_view_params(gen, g.n * len(idx), g)  # [n, B] crop-major, for the global batch: this rank's
+                p = {k: v.unflatten(0, (g.n, -1))[:, rank * b : (rank + 1) * b].flatten(0, 1) for k, v in p.items()}
                 h, w = (torch.full((g.n * b,), float(d), device=device) for d in x.shape[-2:])
                 crops = resized_crops(x, torch.arange(b, device=device).repeat(g.n), rrc_boxes(h, w, p), g.size)
                 out.append(finish_views(crops, p, g, args))
@@ -1118,13 +1054,9 @@ def view_batches(run: SimpleNamespace, images, batches: list, keys: list, groups
         pin_memory=device.type == "cuda", prefetch_factor=4 if args.workers else None,
         worker_init_fn=ignore_stop_signals,
     )  # fmt: skip
-    for crops, params in loader:
-        out = []  # [b, n, 3, S, S] image-major -> crop-major rows, with the params reordered the same way
-        for g, c, p in zip(groups, crops, params):
-            c, p = c.to(device, non_blocking=True).float(), {k: v.to(device, non_blocking=True) for k, v in p.items()}
-            order = torch.arange(c.shape[0] * g.n, device=device).view(-1, g.n).T.flatten()
-            out.append(finish_views(c.transpose(0, 1).flatten(0, 1), take_params(p, order), g, args))
-        yield out
+    for views in loader:  # per group: the crops and their draws
+        views = [{k: v.to(device, non_blocking=True) for k, v in p.items()} for p in views]
+        yield [finish_views(p["crops"].float(), p, g, args) for g, p in zip(groups, views)]
 
 
 @torch.no_grad()
@@ -1148,8 +1080,7 @@ def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Te
         loader = DataLoader([[images[i] for i in c] for c in mine.split(chunk)], batch_size=None, collate_fn=decode,
                             num_workers=args.workers, worker_init_fn=ignore_stop_signals)  # fmt: skip
         stream = (x.to(device, non_blocking=True).float() for x in loader)
-    mean = torch.tensor(args.mean, device=device)[:, None, None] * 255
-    std = torch.tensor(args.std, device=device)[:, None, None] * 255
+    mean, std = (torch.tensor(v, device=device)[:, None, None] * 255 for v in (args.mean, args.std))
     feats = []
     for x in tqdm(stream, total=math.ceil(len(mine) / chunk), desc=f"encode {split}", disable=rank != 0, leave=False):
         with run.autocast:
@@ -1163,8 +1094,7 @@ def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Te
 
 
 def start_run(args: Args) -> SimpleNamespace:
-    """Check the args, join the process group, read the data (on the device when in memory), set the precision.
-    Returns the run's state: args, rank, world_size, device, data, fmt, autocast, scaler, counters and timers."""
+    """Check the args, join the process group, read the data (on the device when in memory), set the precision."""
     try:  # before any process group and data: bad input fails fast, alike on every rank
         check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
         check_out_dir(args.out_dir)
@@ -1177,8 +1107,7 @@ def start_run(args: Args) -> SimpleNamespace:
     except RunError as e:
         raise RunError(str(e), every_rank=True)
     torch.backends.cudnn.benchmark = not args.deterministic
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
     # DEVIATION: TF32 for fp32 matmuls/convs; it only matters with --amp none (the losses compute in fp32 anyway)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     n = len(data["train_y"])
@@ -1195,11 +1124,10 @@ def start_run(args: Args) -> SimpleNamespace:
     Stop.run, run.epoch_sums = run, None  # main reports a stop on this run
     run.data_time_s, run.steps_per_epoch = time.perf_counter() - t_start, n // args.batch_size
     run.fmt = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
-    use_amp = device.type == "cuda" and args.amp != "none"
-    run.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and args.amp == "fp16")
+    run.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")  # --amp is none off CUDA (above)
     # DEVIATION: bf16 autocast by default (the official precision is in the docstring); the loss stays fp32
-    amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
-    run.autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
+    amp_dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(args.amp)
+    run.autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
     run.global_step, run.train_time_s, run.images_seen, run.data_wait_s, run.times = 0, 0.0, 0, 0.0, {}
     return run
 
@@ -1240,22 +1168,14 @@ def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, re
     imgs_per_s = run.images_seen / max(run.train_time_s, 1e-9)
     ceiling = bench.get("ceiling_images_per_s")
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    view = "whole images" if args.in_memory else "centre crops"
-    protocol = f"pooled backbone features of {view}, eval-mode BN; weighted k-NN k={args.knn_k} T={args.knn_t}"
-    protocol += f"; linear probe: {args.probe}, {args.probe_epochs} epochs"
+    protocol = f"pooled backbone features of {'whole images' if args.in_memory else 'centre crops'}, eval-mode BN"
+    protocol += f"; weighted k-NN k={args.knn_k} T={args.knn_t}; linear probe: {args.probe}, {args.probe_epochs} epochs"
     results = dict(script=Path(__file__).name, paper=paper, exp_name=args.exp_name, args=dataclasses.asdict(args))
-    results.update(world_size=run.world_size, steps_per_epoch=run.steps_per_epoch)
-    results.update(
-        extra,
-        device=dev_name,
-        python=platform.python_version(),
-        torch=torch.__version__,
-        torchvision=torchvision.__version__,
-        epochs_done=run.global_step / run.steps_per_epoch,
-        steps_done=run.global_step,
-        eval_protocol=protocol,
-    )
-    results.update(data_time_s=run.data_time_s, train_time_s=run.train_time_s, data_wait_s=run.data_wait_s, **run.times)
+    results.update(world_size=run.world_size, steps_per_epoch=run.steps_per_epoch, **extra, device=dev_name)
+    results.update(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__)
+    results.update(epochs_done=run.global_step / run.steps_per_epoch, steps_done=run.global_step)
+    results.update(eval_protocol=protocol, data_time_s=run.data_time_s, train_time_s=run.train_time_s)
+    results.update(data_wait_s=run.data_wait_s, **run.times)
     results.update(total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen, images_per_s=imgs_per_s)
     results.update(crops_per_s=imgs_per_s * sum(g.n for g in run.groups), **bench)
     results.update(ceiling_ratio=imgs_per_s / ceiling if ceiling else None,
@@ -1272,10 +1192,9 @@ def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, re
 
 # SHARED: linear-probe
 class LARS(torch.optim.Optimizer):
-    """SGD (momentum, optional Nesterov) with layer-wise adaptive rate scaling (solo-learn's LARSWrapper, apex LARC).
-    Groups with lars=True, for each parameter with non-zero ||p||, ||g||: local = eta ||p|| / (||g|| + wd ||p|| + eps),
-    ratio = min(local / lr, 1) if clip else local, g <- (g + wd p) ratio; groups with lars=False: g <- g + wd p.
-    Then buf <- momentum buf + g; p <- p - lr (g + momentum buf if nesterov else buf)."""
+    """SGD (momentum, optional Nesterov) with layer-wise adaptive rate scaling (solo-learn's LARSWrapper, apex LARC):
+    in groups with lars=True, g <- (g + wd p) r, local = eta ||p|| / (||g|| + wd ||p|| + eps), r = min(local / lr, 1)
+    if clip else local (g untouched where ||p|| or ||g|| is 0); in the others g <- g + wd p."""
 
     def __init__(self, params, lr, momentum=0.9, nesterov=False, weight_decay=0.0, eta=0.001, clip=False, eps=1e-8):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta=eta, clip=clip)
@@ -1308,9 +1227,8 @@ def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0
                  init_std=None, lars=False, world_size=1) -> dict:  # fmt: skip
     """Linear classifier on frozen features: SGD (momentum 0.9; LARC, trust 0.001 and no clipping, if lars), cosine LR
     per epoch to 0, seeded shuffled batches (drop_last), head N(0, init_std) with bias 0 (None: nn.Linear's init).
-    x_train: precomputed features [n, F] on y_train's device, or a function (epoch, batches) yielding this rank's
-    features for each global batch (the augmented probe; its gradient is averaged over world_size ranks). Returns the
-    last and best test top-1 and the last top-5 (percent)."""
+    x_train: features [n, F] on y_train's device, or a function (epoch, batches) yielding this rank's features for
+    each global batch (gradient averaged over world_size ranks). Returns the last, best top-1 and last top-5 (%)."""
     with torch.random.fork_rng(devices=[]):  # a seeded head without touching the caller's RNG state
         torch.manual_seed(seed)
         head = nn.Linear(x_test.shape[1], num_classes).to(x_test.device)
@@ -1347,48 +1265,29 @@ def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0
 
 
 # SHARED: probe-evaluate
-def augmented_features(run: SimpleNamespace):
-    """x_train of the official augmented probe: RandomResizedCrop(0.08, 1) + flip crops of this rank's share of each
-    batch through the frozen run.encode in eval mode."""
-    group = CropGroup(1, run.args.large_size, (0.08, 1.0), colour=False)
-    in_memory = torch.is_tensor(run.data["train_x"])
-
-    def features(epoch: int, batches: list):
-        keys = [(run.args.seed, "probe", epoch, s) for s in range(len(batches))]
-        batches = batches if in_memory else [idx.cpu() for idx in batches]  # streamed: index lists for the workers
-        run.model.eval()
-        for (x,) in view_batches(run, run.data["train_x"], batches, keys, [group]):
-            with torch.no_grad(), run.autocast:  # exited before the yield: the head trains with grad, in fp32
-                f = run.encode(x.contiguous(memory_format=run.fmt)).float()
-            yield f
-
-    return features
-
-
 def evaluate(run: SimpleNamespace, tag: str) -> dict:
     """Weighted k-NN on pooled backbone features (a seeded subset during training, everything at the end), and at the
     end the linear probe (augmented per spec 8.1, or fast on precomputed features, labelled linear_fast_*)."""
     args, data, device = run.args, run.data, run.device
     final, nc = tag == "final", data["num_classes"]
     t0 = time.perf_counter()
-    subsets = {}
-    for split, size in (("train", args.eval_subset_train), ("test", args.eval_subset_test)):
-        n = len(data[f"{split}_y"])
-        g = torch.Generator().manual_seed(rng_seed(args.seed, "eval-subset", split))
-        subsets[split] = None if final or size >= n else torch.randperm(n, generator=g)[:size].sort().values
     use_cache = final and run.world_size == 1  # cached per weights digest: a rerun of a finished run skips encoding
     digest = state_dict_digest(run.model.state_dict()) if use_cache else None
     key = rng_seed(digest, args.dataset, args.data_dir, args.large_size, args.mean, args.std)
     cache = ArtifactCache(Path(args.out_dir) / "cache", f"{key:014x}")
-    feats = {}
-    for split in ("train", "test"):
+    feats, labels = {}, {}
+    for split, size in (("train", args.eval_subset_train), ("test", args.eval_subset_test)):
+        n = len(data[f"{split}_y"])
+        g = torch.Generator().manual_seed(rng_seed(args.seed, "eval-subset", split))
+        subset = None if final or size >= n else torch.randperm(n, generator=g)[:size].sort().values
+        labels[split] = data[f"{split}_y"][slice(None) if subset is None else subset].to(device)
         feats[split] = cache.get(split) if use_cache else None
         if feats[split] is None:
-            feats[split] = extract_features(run, split, subsets[split])
+            feats[split] = extract_features(run, split, subset)
             if use_cache:
                 cache.put(split, feats[split].cpu())
         feats[split] = feats[split].to(device)
-    ytr, yte = (data[f"{s}_y"][slice(None) if subsets[s] is None else subsets[s]].to(device) for s in ("train", "test"))
+    ytr, yte = labels["train"], labels["test"]
     res, times = {}, dict(encode_s=time.perf_counter() - t0)
     if run.rank == 0:
         t0 = time.perf_counter()
@@ -1404,9 +1303,19 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
             times["probe_s"] = time.perf_counter() - t0
     if final and args.probe == "augmented":  # every rank takes part (data-parallel head)
         t0 = time.perf_counter()
+        group = CropGroup(1, args.large_size, (0.08, 1.0), colour=False)
+
+        def features(epoch: int, batches: list):  # x_train: RandomResizedCrop(0.08, 1) + flip, the frozen run.encode
+            keys = [(args.seed, "probe", epoch, s) for s in range(len(batches))]
+            run.model.eval()
+            for (x,) in view_batches(run, data["train_x"], batches, keys, [group]):
+                with torch.no_grad(), run.autocast:  # exited before the yield: the head trains with grad, in fp32
+                    f = run.encode(x.contiguous(memory_format=run.fmt)).float()
+                yield f
+
         # PAPER: N(0, 0.01) head, --probe-lr per 256 images, SGD (LARC with --probe-lars)
         probe = linear_probe(
-            augmented_features(run), ytr, feats["test"], yte, nc, args.probe_epochs,
+            features, ytr, feats["test"], yte, nc, args.probe_epochs,
             args.probe_lr * args.probe_batch_size / 256, args.probe_wd, args.probe_batch_size, args.seed,
             init_std=0.01, lars=args.probe_lars, world_size=run.world_size,
         )  # fmt: skip
@@ -1431,9 +1340,7 @@ def bare_step(run: SimpleNamespace):
     this recipe, one pass per resolution (no augmentation, head, loss or optimizer)."""
     args, device, b = run.args, run.device, run.args.batch_size // run.world_size
     bare = (getattr(torchvision.models, args.arch, None) or RESNETS[args.arch])().to(device, memory_format=run.fmt)
-    crops = [
-        torch.randn(g.n * b, 3, g.size, g.size, device=device).contiguous(memory_format=run.fmt) for g in run.groups
-    ]
+    crops = [torch.randn(g.n * b, 3, g.size, g.size, device=device).to(memory_format=run.fmt) for g in run.groups]
 
     def step():
         with run.autocast:
@@ -1460,8 +1367,7 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad)  # every rank's loss depends on every rank's x
-        n = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -1479,14 +1385,15 @@ def log_jsonl(run: SimpleNamespace, record: dict) -> None:
 
 
 def save_state(run: SimpleNamespace) -> None:
-    """out_dir/last.pt, written atomically by rank 0: model (its buffers too: running statistics, a queue), optimizer,
-    scaler, step and timers."""
+    """out_dir/last.pt, written atomically by rank 0: model (its buffers too), optimizer, scaler, step, timers and the
+    dict of the method's run.extra_state(), if it has one (called on every rank: it may gather, as SwAV's queue)."""
+    extra = run.extra_state() if hasattr(run, "extra_state") else {}
     if run.rank != 0:
         return
     t0 = time.perf_counter()
     state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
     state.update(step=run.global_step, train_time_s=run.train_time_s, images_seen=run.images_seen)
-    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args), epoch_sums=run.epoch_sums)
+    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args), epoch_sums=run.epoch_sums, **extra)
     save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
     run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
 

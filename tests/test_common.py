@@ -288,8 +288,8 @@ def test_artifact_cache(tmp_path):
 
 @pytest.mark.parametrize("script, unit, per_image", [("swav_imagenet", "images", 1), ("empssl_cifar", "patches", 5)])
 def test_run_benchmarks_times_the_methods_bare_step_and_batches(script, unit, per_image, monkeypatch):
-    """The `bench` block times the method's bare_step(run) (after 2 warm-up calls) and its train_batches (epoch after
-    epoch), reporting {ceiling,data}_{unit}_per_s as images/s x per_image."""
+    """The `common` block's run_benchmarks times the method's bare_step(run) (after 2 warm-up calls) and its
+    train_batches (epoch after epoch), reporting {ceiling,data}_{unit}_per_s as images/s x per_image."""
     import importlib
 
     module = importlib.import_module(script)
@@ -337,7 +337,7 @@ def test_linear_probe_one_loop_for_features_and_a_feature_stream():
 
 @pytest.mark.parametrize("script", ["empssl_cifar", "tec_mae"])
 def test_check_common_args_serves_every_script(script):
-    """The `check-args` block checks only flags every script has, the caller's architecture table and names."""
+    """check_common_args (`common`) checks only flags every script has, the caller's architecture table and names."""
     import importlib
 
     module = importlib.import_module(script)
@@ -355,3 +355,25 @@ def test_check_common_args_serves_every_script(script):
     for change, kw, message in cases:
         with pytest.raises(module.RunError, match=re.escape(message)):
             module.check_common_args(dataclasses.replace(args, **{"batch_size": 16, **change}), 2, archs, **kw)
+
+
+def test_save_state_adds_the_methods_extra_state(tmp_path):
+    """The `save-state` block: last.pt holds the run's counters and, where the method has one, every key of its
+    run.extra_state() (called on every rank, before rank 0 writes: it may gather, as SwAV's queue)."""
+    import groco_imagenet as G
+
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = G.SimpleNamespace(args=G.Args(out_dir=str(tmp_path)), rank=0, model=model, opt=opt, times={},
+                            scaler=torch.amp.GradScaler("cuda", enabled=False), global_step=7, train_time_s=1.5,
+                            images_seen=56, data_wait_s=0.1, epoch_sums=None)  # fmt: skip
+    G.save_state(run)
+    assert "queue" not in load_checkpoint(tmp_path / "last.pt") and run.times["checkpoint_s"] > 0
+    calls = []
+    run.extra_state = lambda: calls.append(1) or dict(queue=torch.ones(3))
+    G.save_state(run)
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["step"] == 7 and torch.equal(state["queue"], torch.ones(3))
+    run.rank = 1  # another rank: takes part in extra_state, writes nothing
+    G.save_state(run)
+    assert calls == [1, 1]
