@@ -543,7 +543,7 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
 
 
 # ==== 8. MAIN ====
-# main(args), in the appendix (SHARED: common): run_training, one line and an exit code for a bad input or a stop.
+# main(args) (SHARED: common) runs run_training; a bad input, a failed run or a stop signal ends in one line.
 
 
 # ==== SHARED APPENDIX: identical in every script ====
@@ -1082,14 +1082,15 @@ def log_jsonl(run: SimpleNamespace, record: dict) -> None:
 
 
 def save_state(run: SimpleNamespace) -> None:
-    """out_dir/last.pt, written atomically by rank 0: model (its buffers too: running statistics, a queue), optimizer,
-    scaler, step and timers."""
+    """out_dir/last.pt, written atomically by rank 0: model (its buffers too), optimizer, scaler, step, timers and the
+    dict of the method's run.extra_state(), if it has one (called on every rank: it may gather, as SwAV's queue)."""
+    extra = run.extra_state() if hasattr(run, "extra_state") else {}
     if run.rank != 0:
         return
     t0 = time.perf_counter()
     state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
     state.update(step=run.global_step, train_time_s=run.train_time_s, images_seen=run.images_seen)
-    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args), epoch_sums=run.epoch_sums)
+    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args), epoch_sums=run.epoch_sums, **extra)
     save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
     run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
 

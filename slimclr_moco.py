@@ -897,7 +897,7 @@ def switchable_probe(run: SimpleNamespace, train_feats: Optional[dict], test_fea
 
 
 # ==== 8. MAIN ====
-# main(args) (SHARED: common) runs run_training; a bad input, a failed run or a stop signal: one line, an exit code.
+# main(args) (SHARED: common) runs run_training; a bad input, a failed run or a stop signal ends in one line.
 
 
 # ==== SHARED APPENDIX: identical in every script ====
@@ -1576,6 +1576,35 @@ def start_run(args: Args) -> SimpleNamespace:
     return run
 
 
+def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, res: dict) -> None:
+    """out_dir/results.json (rank 0, atomic): args, machine, timings, throughput against the bare ceiling, metrics."""
+    args, device = run.args, run.device
+    imgs_per_s = run.images_seen / max(run.train_time_s, 1e-9)
+    ceiling = bench.get("ceiling_images_per_s")
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    protocol = f"pooled backbone features of {'whole images' if args.in_memory else 'centre crops'}, eval-mode BN"
+    protocol += f"; weighted k-NN k={args.knn_k} T={args.knn_t}; linear probe: {args.probe}, {args.probe_epochs} epochs"
+    results = dict(script=Path(__file__).name, paper=paper, exp_name=args.exp_name, args=dataclasses.asdict(args))
+    results.update(world_size=run.world_size, steps_per_epoch=run.steps_per_epoch, **extra, device=dev_name)
+    results.update(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__)
+    results.update(epochs_done=run.global_step / run.steps_per_epoch, steps_done=run.global_step)
+    results.update(eval_protocol=protocol, data_time_s=run.data_time_s, train_time_s=run.train_time_s)
+    results.update(data_wait_s=run.data_wait_s, **run.times)
+    results.update(total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen, images_per_s=imgs_per_s)
+    results.update(crops_per_s=imgs_per_s * sum(g.n for g in run.groups), **bench)
+    results.update(ceiling_ratio=imgs_per_s / ceiling if ceiling else None,
+                   peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                   script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)  # fmt: skip
+    tmp = Path(args.out_dir) / f"results.json.tmp.{os.getpid()}"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, Path(args.out_dir) / "results.json")  # atomic, like the checkpoints
+    print(summary_line(res, results, Path(args.out_dir) / "results.json"))
+
+
+# END SHARED
+
+
+# SHARED: resume-state
 def resume_state(run: SimpleNamespace, extra_keys: set) -> Optional[dict]:
     """Load out_dir/last.pt (or --resume) into run.model (strictly), run.opt, run.scaler and the counters. Returns the
     checkpoint (the caller restores extra_keys), or None when there is nothing to resume."""
@@ -1604,31 +1633,6 @@ def resume_state(run: SimpleNamespace, extra_keys: set) -> Optional[dict]:
     if run.rank == 0:
         print(f"resumed from {ckpt_path} at step {ckpt['step']}")
     return ckpt
-
-
-def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, res: dict) -> None:
-    """out_dir/results.json (rank 0, atomic): args, machine, timings, throughput against the bare ceiling, metrics."""
-    args, device = run.args, run.device
-    imgs_per_s = run.images_seen / max(run.train_time_s, 1e-9)
-    ceiling = bench.get("ceiling_images_per_s")
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    protocol = f"pooled backbone features of {'whole images' if args.in_memory else 'centre crops'}, eval-mode BN"
-    protocol += f"; weighted k-NN k={args.knn_k} T={args.knn_t}; linear probe: {args.probe}, {args.probe_epochs} epochs"
-    results = dict(script=Path(__file__).name, paper=paper, exp_name=args.exp_name, args=dataclasses.asdict(args))
-    results.update(world_size=run.world_size, steps_per_epoch=run.steps_per_epoch, **extra, device=dev_name)
-    results.update(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__)
-    results.update(epochs_done=run.global_step / run.steps_per_epoch, steps_done=run.global_step)
-    results.update(eval_protocol=protocol, data_time_s=run.data_time_s, train_time_s=run.train_time_s)
-    results.update(data_wait_s=run.data_wait_s, **run.times)
-    results.update(total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen, images_per_s=imgs_per_s)
-    results.update(crops_per_s=imgs_per_s * sum(g.n for g in run.groups), **bench)
-    results.update(ceiling_ratio=imgs_per_s / ceiling if ceiling else None,
-                   peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-                   script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)  # fmt: skip
-    tmp = Path(args.out_dir) / f"results.json.tmp.{os.getpid()}"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, Path(args.out_dir) / "results.json")  # atomic, like the checkpoints
-    print(summary_line(res, results, Path(args.out_dir) / "results.json"))
 
 
 # END SHARED

@@ -446,7 +446,7 @@ def train_batches(run: SimpleNamespace, epoch: int, start: int, last: int):
 
 # ==== 7. TRAINING ====
 def run_training(args: Args) -> dict:
-    """Build the run (model, LARC, resume with the queue, SyncBN, DDP), train (SHARED: train-loop), evaluate, save."""
+    """Build the run (model, LARC, resume with the queue, SyncBN, DDP), train (SHARED: common), evaluate, save."""
     run = start_run(args)
     args, device, world_size = run.args, run.device, run.world_size  # as start_run settled them (precision, probes)
     torch.manual_seed(args.seed)  # the same initial model on every rank
@@ -458,6 +458,7 @@ def run_training(args: Args) -> dict:
     run.freeze_steps = round(args.freeze_prototypes_epochs * run.steps_per_epoch)
     ckpt = resume_state(run, {"queue"})
     run.queue = Queue.restore(ckpt["queue"], run) if ckpt is not None else None
+    run.extra_state = lambda: dict(queue=run.queue.state(run) if run.queue is not None else None)  # every rank's part
     net = model
     if world_size > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (PyTorch's needs CUDA)
         size = args.syncbn_group_size or world_size  # groups of consecutive ranks (official apex runs: 8)
@@ -485,24 +486,6 @@ def warn_if_collapsed(run: SimpleNamespace) -> None:
         print(f"warning: epoch {e['epoch'] + 1}: the loss sits at ln K: collapse ({hint})")
 
 
-def save_state(run: SimpleNamespace) -> None:
-    """out_dir/last.pt, written atomically by rank 0: model, optimizer, scaler, step, timers and every rank's queue."""
-    queue = run.queue.state(run) if run.queue is not None else None  # collective: before rank 0 goes on alone
-    if run.rank != 0:
-        return
-    t0 = time.perf_counter()
-    state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
-    state.update(step=run.global_step, train_time_s=run.train_time_s, images_seen=run.images_seen, queue=queue)
-    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args), epoch_sums=run.epoch_sums)
-    save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
-    run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
-
-
-def log_jsonl(run: SimpleNamespace, record: dict) -> None:
-    with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def check_args(args: Args, world_size: int) -> None:
     """Refuse bad input with one clear line, before any data is read or process group created."""
     check_common_args(
@@ -525,7 +508,7 @@ def check_args(args: Args, world_size: int) -> None:
 
 
 # ==== 8. MAIN ====
-# main(args) (SHARED: common) runs run_training; a bad input, failed run or stop signal ends in one line + exit code.
+# main(args) (SHARED: common) runs run_training; a bad input, a failed run or a stop signal ends in one line.
 
 
 # ==== SHARED APPENDIX: identical in every script ====
@@ -1204,6 +1187,58 @@ def start_run(args: Args) -> SimpleNamespace:
     return run
 
 
+def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, res: dict) -> None:
+    """out_dir/results.json (rank 0, atomic): args, machine, timings, throughput against the bare ceiling, metrics."""
+    args, device = run.args, run.device
+    imgs_per_s = run.images_seen / max(run.train_time_s, 1e-9)
+    ceiling = bench.get("ceiling_images_per_s")
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    protocol = f"pooled backbone features of {'whole images' if args.in_memory else 'centre crops'}, eval-mode BN"
+    protocol += f"; weighted k-NN k={args.knn_k} T={args.knn_t}; linear probe: {args.probe}, {args.probe_epochs} epochs"
+    results = dict(script=Path(__file__).name, paper=paper, exp_name=args.exp_name, args=dataclasses.asdict(args))
+    results.update(world_size=run.world_size, steps_per_epoch=run.steps_per_epoch, **extra, device=dev_name)
+    results.update(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__)
+    results.update(epochs_done=run.global_step / run.steps_per_epoch, steps_done=run.global_step)
+    results.update(eval_protocol=protocol, data_time_s=run.data_time_s, train_time_s=run.train_time_s)
+    results.update(data_wait_s=run.data_wait_s, **run.times)
+    results.update(total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen, images_per_s=imgs_per_s)
+    results.update(crops_per_s=imgs_per_s * sum(g.n for g in run.groups), **bench)
+    results.update(ceiling_ratio=imgs_per_s / ceiling if ceiling else None,
+                   peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                   script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)  # fmt: skip
+    tmp = Path(args.out_dir) / f"results.json.tmp.{os.getpid()}"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, Path(args.out_dir) / "results.json")  # atomic, like the checkpoints
+    print(summary_line(res, results, Path(args.out_dir) / "results.json"))
+
+
+# END SHARED
+
+
+# SHARED: save-state
+def log_jsonl(run: SimpleNamespace, record: dict) -> None:
+    with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_state(run: SimpleNamespace) -> None:
+    """out_dir/last.pt, written atomically by rank 0: model (its buffers too), optimizer, scaler, step, timers and the
+    dict of the method's run.extra_state(), if it has one (called on every rank: it may gather, as SwAV's queue)."""
+    extra = run.extra_state() if hasattr(run, "extra_state") else {}
+    if run.rank != 0:
+        return
+    t0 = time.perf_counter()
+    state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
+    state.update(step=run.global_step, train_time_s=run.train_time_s, images_seen=run.images_seen)
+    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args), epoch_sums=run.epoch_sums, **extra)
+    save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
+    run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
+
+
+# END SHARED
+
+
+# SHARED: resume-state
 def resume_state(run: SimpleNamespace, extra_keys: set) -> Optional[dict]:
     """Load out_dir/last.pt (or --resume) into run.model (strictly), run.opt, run.scaler and the counters. Returns the
     checkpoint (the caller restores extra_keys), or None when there is nothing to resume."""
@@ -1232,31 +1267,6 @@ def resume_state(run: SimpleNamespace, extra_keys: set) -> Optional[dict]:
     if run.rank == 0:
         print(f"resumed from {ckpt_path} at step {ckpt['step']}")
     return ckpt
-
-
-def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, res: dict) -> None:
-    """out_dir/results.json (rank 0, atomic): args, machine, timings, throughput against the bare ceiling, metrics."""
-    args, device = run.args, run.device
-    imgs_per_s = run.images_seen / max(run.train_time_s, 1e-9)
-    ceiling = bench.get("ceiling_images_per_s")
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    protocol = f"pooled backbone features of {'whole images' if args.in_memory else 'centre crops'}, eval-mode BN"
-    protocol += f"; weighted k-NN k={args.knn_k} T={args.knn_t}; linear probe: {args.probe}, {args.probe_epochs} epochs"
-    results = dict(script=Path(__file__).name, paper=paper, exp_name=args.exp_name, args=dataclasses.asdict(args))
-    results.update(world_size=run.world_size, steps_per_epoch=run.steps_per_epoch, **extra, device=dev_name)
-    results.update(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__)
-    results.update(epochs_done=run.global_step / run.steps_per_epoch, steps_done=run.global_step)
-    results.update(eval_protocol=protocol, data_time_s=run.data_time_s, train_time_s=run.train_time_s)
-    results.update(data_wait_s=run.data_wait_s, **run.times)
-    results.update(total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen, images_per_s=imgs_per_s)
-    results.update(crops_per_s=imgs_per_s * sum(g.n for g in run.groups), **bench)
-    results.update(ceiling_ratio=imgs_per_s / ceiling if ceiling else None,
-                   peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-                   script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)  # fmt: skip
-    tmp = Path(args.out_dir) / f"results.json.tmp.{os.getpid()}"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, Path(args.out_dir) / "results.json")  # atomic, like the checkpoints
-    print(summary_line(res, results, Path(args.out_dir) / "results.json"))
 
 
 # END SHARED
