@@ -47,10 +47,29 @@ def test_paper_part_first_then_only_shared_blocks(script):
     )
 
 
+# Over budget today (left so by issue 14; README "How a script reads" says why): each is held at its current size, so a
+# change may not grow it, and once its budget is met the test fails until the entry is removed here.
+OVER = {
+    ("empssl_cifar.py", "total"): 1136,
+    ("swav_imagenet.py", "total"): 1439,
+    ("groco_imagenet.py", "total"): 1409,
+    ("slimclr_moco.py", "paper"): 902,
+    ("slimclr_moco.py", "total"): 1709,
+    ("tec_mae.py", "paper"): 1067,
+    ("tec_mae.py", "total"): 1904,
+}
+
+
+@pytest.mark.parametrize("part", ["paper", "total"])
 @pytest.mark.parametrize("script", sorted(BUDGETS))
-def test_line_budgets(script):
+def test_line_budgets(script, part):
     paper, appendix = split(script)
-    paper_max, total_max = BUDGETS[script]
-    assert len(paper) <= paper_max, f"{script}: the paper part is {len(paper)} lines, budget {paper_max}"
-    total = len(paper) + 1 + len(appendix)
-    assert total <= total_max, f"{script}: {total} lines, budget {total_max}"
+    n = len(paper) if part == "paper" else len(paper) + 1 + len(appendix)
+    budget = BUDGETS[script][part == "total"]
+    if (script, part) not in OVER:
+        assert n <= budget, f"{script}: the {part} is {n} lines, budget {budget}"
+        return
+    assert n <= OVER[script, part], f"{script}: the {part} grew to {n} lines (held at {OVER[script, part]})"
+    if n > budget:
+        pytest.xfail(f"{script}: the {part} is {n} lines, budget {budget}")
+    pytest.fail(f"{script}: the {part} ({n} lines) is within its budget {budget} now: remove it from OVER")
