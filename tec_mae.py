@@ -318,6 +318,7 @@ def rand_augment(x: torch.Tensor, gen: torch.Generator, n: int, m: float, mstd: 
     x: float [B, 3, S, S] in 0..255 (rounded after every op, like PIL's uint8); fill: [3] for uncovered pixels.
     DEVIATION: bilinear resampling for the geometric ops (timm: PIL bicubic)."""
     B, dev = x.shape[0], x.device
+    kernel = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]).view(1, 1, 3, 3) / 13  # PIL SMOOTH
 
     def blend(a, b, f):  # PIL ImageEnhance: b + f (a - b), clipped
         return (b + f.view(-1, 1, 1, 1) * (a - b)).clamp(0, 255)
@@ -345,7 +346,7 @@ def rand_augment(x: torch.Tensor, gen: torch.Generator, n: int, m: float, mstd: 
         q, gray, f = x.round(), grayscale(x), 1 + mag * 0.9 * sign
         lo, hi = q.amin((2, 3), keepdim=True), q.amax((2, 3), keepdim=True)
         smooth = x.clone()  # PIL SMOOTH leaves the border unchanged
-        smooth[..., 1:-1, 1:-1] = F.conv2d(x.flatten(0, 1)[:, None], SMOOTH.to(x)).view_as(x[..., 1:-1, 1:-1])
+        smooth[..., 1:-1, 1:-1] = F.conv2d(x.flatten(0, 1)[:, None], kernel.to(x)).view_as(x[..., 1:-1, 1:-1])
         level, step = mag.view(-1, 1, 1, 1), 2 ** (4 + (mag * 4).floor().view(-1, 1, 1, 1))  # 2 ** (8 - bits)
         pixel = {
             0: torch.where(hi > lo, ((q - lo) * 255 / (hi - lo).clamp_min(1)).floor(), q), 1: equalize(q), 2: 255 - q,
@@ -358,9 +359,6 @@ def rand_augment(x: torch.Tensor, gen: torch.Generator, n: int, m: float, mstd: 
             y = torch.where((op == k).view(-1, 1, 1, 1), r, y)
         x = y.round().clamp(0, 255)
     return x
-
-
-SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]).view(1, 1, 3, 3) / 13  # PIL SMOOTH
 
 
 def equalize(q: torch.Tensor) -> torch.Tensor:
@@ -604,8 +602,6 @@ class Classifier(MaskedEncoder):
             self.head = nn.Sequential(nn.BatchNorm1d(self.embed_dim, affine=False, eps=1e-6), head)
         nn.init.trunc_normal_(head.weight, std=0.01 if linear else 2e-5)  # PAPER: MAE main_linprobe / main_finetune
         nn.init.zeros_(head.bias)
-        if mlp_token:
-            self.cls_token_mlp.apply(VisionTransformer._init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad() if self.linear else nullcontext():  # CRUCIAL: linear: only the BN + Linear head trains
@@ -614,9 +610,6 @@ class Classifier(MaskedEncoder):
 
 
 # --- base models and checkpoints (spec 2.2, 6)
-ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")  # cls_token_mlp. too
-
-
 def encoder_state_dict(ckpt: dict, bake_cls_mlp: bool = True) -> dict:
     """The plain-ViT encoder weights of MAE's {'model': sd}, iBOT's {'state_dict' / 'student' / 'teacher': sd}, our
     checkpoints (TEC, MAE, finetune) or a bare state dict: prefixes module., backbone., _orig_mod. stripped; decoders,
@@ -629,7 +622,7 @@ def encoder_state_dict(ckpt: dict, bake_cls_mlp: bool = True) -> dict:
     out = {}
     for k, v in sd.items():
         k = k.removeprefix("module.").removeprefix("backbone.").removeprefix("_orig_mod.")
-        if k.startswith(ENCODER_PREFIXES):
+        if k.startswith(("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")):  # cls_token_mlp. too
             out[k] = v
     if bake_cls_mlp and "cls_token_mlp.fc1.weight" in out:
         w = {k[len("cls_token_mlp.") :]: out.pop(k).float() for k in list(out) if k.startswith("cls_token_mlp.")}
@@ -658,8 +651,6 @@ def load_encoder(model: nn.Module, source, what: str) -> list:
     or pos_embed key, or any shape mismatch, is a one-line CheckpointError."""
     mine = model.state_dict()
     sd = encoder_state_dict(read_checkpoint(source), bake_cls_mlp="cls_token_mlp.fc1.weight" not in mine)
-    if "cls_token_mlp.fc1.weight" in mine and "cls_token_mlp.fc1.weight" not in sd:
-        raise CheckpointError(f"{what}: the checkpoint has no CLS MLP; pass --no-keep-cls-mlp")
     fresh = [k for k in mine if k.startswith(("head.", "fc_norm.")) or (k.startswith("norm.") and k not in sd)]
     sd = {k: v for k, v in sd.items() if k in mine or not k.startswith("norm.")}  # global pool: norm unused
     load_state_dict_strict(model, {**{k: mine[k] for k in fresh}, **sd}, what=what)
@@ -1012,18 +1003,8 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
         times["knn_s"] = time.perf_counter() - t0
         if final and args.probe == "features":
             t0 = time.perf_counter()
-            probe = linear_probe(
-                xtr,
-                ytr,
-                xte,
-                yte,
-                nc,
-                args.probe_epochs,
-                args.probe_lr,
-                args.probe_wd,
-                args.probe_batch_size,
-                args.seed,
-            )
+            probe_args = (args.probe_epochs, args.probe_lr, args.probe_wd, args.probe_batch_size, args.seed)
+            probe = linear_probe(xtr, ytr, xte, yte, nc, *probe_args)
             res["linear_fast_top1"], res["linear_fast_top1_best"] = probe["last"], probe["best"]
             times["probe_s"] = time.perf_counter() - t0
     if run.world_size > 1:
