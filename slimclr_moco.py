@@ -752,6 +752,8 @@ def run_training(args: Args) -> dict:
     run.model = model = SlimCLR(args).to(device, memory_format=run.fmt)
     backbone = model.online.encoder.backbone
     run.widths = backbone.widths  # descending, the full width first
+    run.encode = lambda x: torch.cat(list(backbone(x).values()), 1)  # every width's pooled features side by side
+    run.feature_dims = [slim(backbone.num_features, w) for w in run.widths]
     run.groups, run.opt = crop_groups(args), build_optimizer(model, args)
     run.metrics = ("loss", *(f"top1@{w}" for w in run.widths))
     resume_state(run, set())
@@ -764,8 +766,7 @@ def run_training(args: Args) -> dict:
         net = nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=len(run.widths) > 1)
     run.ddp_model = torch.compile(net) if args.compile else net
     bench = run_benchmarks(run)
-    total_steps = run.steps_per_epoch * args.epochs
-    run.total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    run.total_steps = min(run.steps_per_epoch * args.epochs, math.inf if args.max_steps is None else args.max_steps)
     train_epochs(run)
     res = evaluate(run, tag="final")
     if run.rank == 0:  # per width, what a user deploys: the backbone + a C-way classifier, at the evaluation size
@@ -789,36 +790,33 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
     and at the end the switchable probe. Keys: knn_top1@W, linear_top1@W (...); the full width also without @W."""
     args, data, device, widths = run.args, run.data, run.device, run.widths
     final, t0 = tag == "final", time.perf_counter()
-    subsets = {}
-    for split, size in (("train", args.eval_subset_train), ("test", args.eval_subset_test)):
-        n = len(data[f"{split}_y"])
-        g = torch.Generator().manual_seed(rng_seed(args.seed, "eval-subset", split))
-        subsets[split] = None if final or size >= n else torch.randperm(n, generator=g)[:size].sort().values
     use_cache = final and run.world_size == 1  # cached per weights digest: a rerun of a finished run skips encoding
     digest = state_dict_digest(run.model.state_dict()) if use_cache else None
     key = rng_seed(digest, args.dataset, args.data_dir, args.large_size, args.mean, args.std)
     cache = ArtifactCache(Path(args.out_dir) / "cache", f"{key:014x}")
-    feats = {"train": {}, "test": {}}  # split -> width -> features
-    for w in widths:
-        run.encode = partial(run.model.online.encoder.backbone.forward_width, width=w)  # what extract_features runs
-        for split in feats:
-            f = cache.get(f"{split}@{w}") if use_cache else None
-            if f is None:
-                f = extract_features(run, split, subsets[split])
-                if use_cache:
-                    cache.put(f"{split}@{w}", f.cpu())
-            feats[split][w] = f.to(device)
-    ytr, yte = (data[f"{s}_y"][slice(None) if subsets[s] is None else subsets[s]].to(device) for s in ("train", "test"))
+    feats, labels = {}, {}  # per split: {width: features [n, F w]} and the labels [n]
+    for split, size in (("train", args.eval_subset_train), ("test", args.eval_subset_test)):
+        n = len(data[f"{split}_y"])
+        g = torch.Generator().manual_seed(rng_seed(args.seed, "eval-subset", split))
+        subset = None if final or size >= n else torch.randperm(n, generator=g)[:size].sort().values
+        labels[split] = data[f"{split}_y"][slice(None) if subset is None else subset].to(device)
+        f = cache.get(split) if use_cache else None
+        if f is None:
+            f = extract_features(run, split, subset)  # every width's features side by side (run.encode)
+            if use_cache:
+                cache.put(split, f.cpu())
+        feats[split] = dict(zip(widths, f.to(device).split(run.feature_dims, 1)))
+    (ftr, ytr), (fte, yte) = ((feats[s], labels[s]) for s in ("train", "test"))
     res, times = {}, dict(encode_s=time.perf_counter() - t0)
     if run.rank == 0:
         t0 = time.perf_counter()
         for w in widths:
-            knn = knn_eval(feats["train"][w], ytr, feats["test"][w], yte, data["num_classes"], args.knn_k, args.knn_t)
+            knn = knn_eval(ftr[w], ytr, fte[w], yte, data["num_classes"], args.knn_k, args.knn_t)
             res[f"knn_top1@{w}"], res[f"knn_top5@{w}"] = knn
         times["knn_s"] = time.perf_counter() - t0
     if final and (args.probe == "augmented" or args.probe == "features" and run.rank == 0):  # augmented: every rank
         t0 = time.perf_counter()
-        res.update(switchable_probe(run, feats["train"] if args.probe == "features" else None, feats["test"], yte))
+        res.update(switchable_probe(run, ftr if args.probe == "features" else None, fte, yte))
         times["probe_s"] = time.perf_counter() - t0
     res.update({k.split("@")[0]: v for k, v in res.items() if k.endswith("@1.0")})  # the full width also without @W
     if run.world_size > 1:
@@ -834,15 +832,14 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
 
 def switchable_probe(run: SimpleNamespace, train_feats: Optional[dict], test_feats: dict, y_test: torch.Tensor) -> dict:
     """The switchable linear probe (spec 4): one Linear(F w, C) per width (N(0, 0.01), bias 0) on the frozen eval-mode
-    backbone, trained together with slimclr_linear_probe_loss; SGD momentum 0.9, --probe-lr at --probe-batch-size,
-    step (x0.1 at 60% and 80%) or cosine per epoch; fp32 heads. Train inputs: RandomResizedCrop(0.08, 1) + flip views
-    through the backbone at every width (augmented, official; the heads data-parallel over the ranks), or precomputed
-    features {width: [N, F w]} (features). Evaluated every --probe-eval-every epochs and at the end. Returns per width
-    linear_top1@W and linear_top5@W (last epoch) and linear_top1_best@W (at the full width's best epoch, official)."""
-    args, device, world, rank, nc = run.args, run.device, run.world_size, run.rank, run.data["num_classes"]
-    backbone, widths = run.model.online.encoder.backbone, run.widths
+    backbone, trained together with slimclr_linear_probe_loss (SGD momentum 0.9, fp32 heads). Train inputs: the
+    backbone's features of RandomResizedCrop(0.08, 1) + flip views (augmented, official; the heads data-parallel over
+    the ranks) or precomputed features {width: [N, F w]} (features, rank 0 alone). Returns per width linear_top1@W and
+    linear_top5@W (last epoch) and linear_top1_best@W (at the epoch of the full width's best top-1, official)."""
+    args, device, nc, widths = run.args, run.device, run.data["num_classes"], run.widths
+    world, rank = (1, 0) if train_feats is not None else (run.world_size, run.rank)
     gen = torch.Generator().manual_seed(args.seed)
-    heads = nn.ModuleList(nn.Linear(slim(backbone.num_features, w), nc) for w in widths)
+    heads = nn.ModuleList(nn.Linear(d, nc) for d in run.feature_dims)
     for h in heads:  # drawn on the CPU: the same heads on any device
         nn.init.normal_(h.weight, 0, 0.01, generator=gen)
         nn.init.zeros_(h.bias)
@@ -850,15 +847,14 @@ def switchable_probe(run: SimpleNamespace, train_feats: Optional[dict], test_fea
     opt = torch.optim.SGD(heads.parameters(), lr=args.probe_lr, momentum=0.9, weight_decay=args.probe_wd)
     images, train_y = run.data["train_x"], run.data["train_y"].to(device)
     on_device = device if train_feats is not None or torch.is_tensor(images) else None  # where the batches are
-    group = CropGroup(1, args.large_size, (0.08, 1.0), colour=False)
-    b = args.probe_batch_size // world
-    backbone.eval()
+    group, b = CropGroup(1, args.large_size, (0.08, 1.0), colour=False), args.probe_batch_size // world
+    run.model.eval()
 
     @torch.no_grad()
     def every_width(views):  # the frozen backbone's features of one batch of views at every width, fp32
         with run.autocast:
-            x = views[0].contiguous(memory_format=run.fmt)
-            return {w: backbone.forward_width(x, w).float() for w in widths}
+            f = run.encode(views[0].contiguous(memory_format=run.fmt)).float()
+        return dict(zip(widths, f.split(run.feature_dims, 1)))
 
     history = []  # per evaluated epoch: [n_widths, 2] top-1 and top-5
     for epoch in tqdm(range(args.probe_epochs), desc="switchable probe", disable=rank != 0, leave=False):
@@ -873,12 +869,11 @@ def switchable_probe(run: SimpleNamespace, train_feats: Optional[dict], test_fea
             keys = [(args.seed, "probe", epoch, s) for s in range(len(batches))]
             stream = map(every_width, view_batches(run, images, batches, keys, [group]))
         for idx, inputs in zip(batches, stream):
-            local = idx if train_feats is not None else idx[rank * b : (rank + 1) * b]
             logits = {w: h(inputs[w]) for w, h in zip(widths, heads)}
-            loss = slimclr_linear_probe_loss(logits, train_y[local.to(device)])
+            loss = slimclr_linear_probe_loss(logits, train_y[idx[rank * b : (rank + 1) * b].to(device)])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if world > 1 and train_feats is None:  # the gradient of the global-batch mean
+            if world > 1:  # the gradient of the global-batch mean
                 for p in heads.parameters():
                     dist.all_reduce(p.grad)
                     p.grad /= world
