@@ -481,8 +481,7 @@ def encode_bag(run: SimpleNamespace, images: torch.Tensor, split: str, n_patches
     through run.encode in chunks sized to --eval-memory-gb (128 patches of 100 images at once took 16 GB)."""
     args, device, rank, world = run.args, run.device, run.rank, run.world_size
     run.model.eval()
-    n = len(images)
-    per_rank = math.ceil(n / world)
+    n, per_rank = len(images), math.ceil(len(images) / world)
     mine = torch.arange(rank * per_rank, (rank + 1) * per_rank, device=device).clamp(max=n - 1)  # padded, trimmed later
     blocks = list(mine.split(100))  # each block's patches are drawn from one seed
     one = torch.zeros(1, 3, images.shape[-1], images.shape[-1], device=device).contiguous(memory_format=run.fmt)
@@ -524,9 +523,8 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
             xtr, xte, nc = feats["train"].to(device), feats["test"].to(device), data["num_classes"]
             ytr, yte = data["train_y"].to(device), data["test_y"].to(device)
             t0 = time.perf_counter()
-            res[f"{prefix}knn_top1"], res[f"{prefix}knn_top5"] = knn_eval(
-                xtr, ytr, xte, yte, nc, args.knn_k, args.knn_t
-            )
+            knn = knn_eval(xtr, ytr, xte, yte, nc, args.knn_k, args.knn_t)
+            res[f"{prefix}knn_top1"], res[f"{prefix}knn_top5"] = knn
             times[f"{prefix}knn_s"], t0 = time.perf_counter() - t0, time.perf_counter()
             probe = linear_probe(xtr, ytr, xte, yte, nc, args.probe_epochs, args.probe_lr, args.probe_wd,
                                  args.probe_batch_size, args.seed)  # fmt: skip

@@ -26,6 +26,12 @@ def split(script: str) -> tuple:
     return lines[:at], lines[at + 1 :]
 
 
+def paper_lines(script: str) -> int:
+    """STYLE.md's count: the lines before the first `# SHARED:` marker that is not an Args group."""
+    lines = (ROOT / script).read_text().splitlines()
+    return next(n for n, line in enumerate(lines) if re.match(r"# SHARED: (?!args-)", line))
+
+
 @pytest.mark.parametrize("script", sorted(BUDGETS))
 def test_paper_part_first_then_only_shared_blocks(script):
     paper, appendix = split(script)
@@ -50,12 +56,12 @@ def test_paper_part_first_then_only_shared_blocks(script):
 # Over budget today (left so by issue 14; README "How a script reads" says why): each is held at its current size, so a
 # change may not grow it, and once its budget is met the test fails until the entry is removed here.
 OVER = {
-    ("empssl_cifar.py", "total"): 1136,
+    ("empssl_cifar.py", "total"): 1134,
     ("swav_imagenet.py", "total"): 1439,
     ("groco_imagenet.py", "total"): 1409,
-    ("slimclr_moco.py", "paper"): 897,
+    ("slimclr_moco.py", "paper"): 900,
     ("slimclr_moco.py", "total"): 1704,
-    ("tec_mae.py", "paper"): 1048,
+    ("tec_mae.py", "paper"): 1051,
     ("tec_mae.py", "total"): 1885,
 }
 
@@ -63,8 +69,7 @@ OVER = {
 @pytest.mark.parametrize("part", ["paper", "total"])
 @pytest.mark.parametrize("script", sorted(BUDGETS))
 def test_line_budgets(script, part):
-    paper, appendix = split(script)
-    n = len(paper) if part == "paper" else len(paper) + 1 + len(appendix)
+    n = paper_lines(script) if part == "paper" else len((ROOT / script).read_text().splitlines())
     budget = BUDGETS[script][part == "total"]
     if (script, part) not in OVER:
         assert n <= budget, f"{script}: the {part} is {n} lines, budget {budget}"
