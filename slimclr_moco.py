@@ -68,8 +68,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from common.checkpoint import ArtifactCache, CheckpointError, find_resume, load_checkpoint, load_state_dict_strict
-from common.checkpoint import save_checkpoint, state_dict_digest
+from common.checkpoint import ArtifactCache, CheckpointError, resume_state, save_state, state_dict_digest
 from common.resnet import RESNETS
 
 
@@ -1295,6 +1294,11 @@ def stop_message(run: Optional[SimpleNamespace]) -> str:
     return f"stopped by {sig} at {at}; {again} resume"
 
 
+def log_jsonl(run: SimpleNamespace, record: dict) -> None:
+    with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def summary_line(res: dict, results: dict, path: Path) -> str:
     metrics = " | ".join(f"{k} {v:.2f}" for k, v in res.items() if isinstance(v, float)) or "no evaluation"
     return f"done: {metrics} | {results['steps_done']} steps in {results['train_time_s']:.1f} s | {path}"
@@ -1599,40 +1603,6 @@ def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, re
 # END SHARED
 
 
-# SHARED: resume-state
-def resume_state(run: SimpleNamespace, extra_keys: set) -> Optional[dict]:
-    """Load out_dir/last.pt (or --resume) into run.model (strictly), run.opt, run.scaler and the counters. Returns the
-    checkpoint (the caller restores extra_keys), or None when there is nothing to resume."""
-    args = run.args
-    ckpt_path = find_resume(Path(args.out_dir), args.resume)
-    if ckpt_path is None:
-        return None
-    try:  # every rank reads the same file
-        ckpt = load_checkpoint(ckpt_path, map_location=run.device)
-    except CheckpointError as e:
-        raise RunError(str(e), every_rank=True)
-    needed = {"model", "optimizer", "scaler", "step", "args", "train_time_s", "images_seen", "data_wait_s", *extra_keys}
-    if not isinstance(ckpt, dict) or needed - ckpt.keys():
-        raise CheckpointError(f"{ckpt_path} is not a training checkpoint of this script (needs {sorted(needed)})")
-    if ckpt["args"]["batch_size"] != args.batch_size:  # steps would map to other images and epochs
-        trained = ckpt["args"]["batch_size"]
-        raise CheckpointError(f"{ckpt_path} was trained with --batch-size {trained}, not {args.batch_size}")
-    load_state_dict_strict(run.model, ckpt["model"], what=f"model in {ckpt_path}")
-    try:
-        run.opt.load_state_dict(ckpt["optimizer"])
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"optimizer state in {ckpt_path} does not match: {e}")
-    run.scaler.load_state_dict(ckpt["scaler"])
-    run.global_step, run.train_time_s, run.images_seen = ckpt["step"], ckpt["train_time_s"], ckpt["images_seen"]
-    run.data_wait_s, run.epoch_sums = ckpt["data_wait_s"], ckpt.get("epoch_sums")
-    if run.rank == 0:
-        print(f"resumed from {ckpt_path} at step {ckpt['step']}")
-    return ckpt
-
-
-# END SHARED
-
-
 # SHARED: bare-resnet
 def bare_step(run: SimpleNamespace):
     """The ceiling's step: a bare torchvision ResNet (ours for resnet18-cifar) forward+backward on synthetic crops of
@@ -1672,29 +1642,6 @@ class _GatherWithGrad(torch.autograd.Function):
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x from all ranks along dim 0, gradient flowing back to each rank's own rows; identity on 1 rank."""
     return _GatherWithGrad.apply(x) if dist.is_initialized() and dist.get_world_size() > 1 else x
-
-
-# END SHARED
-
-
-# SHARED: save-state
-def log_jsonl(run: SimpleNamespace, record: dict) -> None:
-    with open(Path(run.args.out_dir) / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def save_state(run: SimpleNamespace) -> None:
-    """out_dir/last.pt, written atomically by rank 0: model (its buffers too), optimizer, scaler, step, timers and the
-    dict of the method's run.extra_state(), if it has one (called on every rank: it may gather, as SwAV's queue)."""
-    extra = run.extra_state() if hasattr(run, "extra_state") else {}
-    if run.rank != 0:
-        return
-    t0 = time.perf_counter()
-    state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
-    state.update(step=run.global_step, train_time_s=run.train_time_s, images_seen=run.images_seen)
-    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args), epoch_sums=run.epoch_sums, **extra)
-    save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
-    run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
 
 
 # END SHARED

@@ -1,10 +1,13 @@
-"""Checkpoint helpers: atomic save, safe clear-error load, strict state_dict loading, weight digests, artifact cache."""
+"""Checkpoint helpers: atomic save, safe clear-error load, strict state_dict loading, a run's training state (save and
+resume), weight digests, artifact cache."""
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import pickle
 import re
+import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -15,7 +18,12 @@ PathLike = Union[str, os.PathLike]
 
 
 class CheckpointError(Exception):
-    """A checkpoint is missing, unreadable or does not fit the model. The message is a single line."""
+    """A checkpoint is missing, unreadable or does not fit the model. The message is a single line. every_rank: raised
+    alike on every rank (rank 0 alone prints it)."""
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 # CRUCIAL: every file is loaded with weights_only=True: tensors, dicts, lists, tuples, strings and numbers, nothing
@@ -28,8 +36,7 @@ def load_error(source, e: Exception) -> CheckpointError:
     """The one-line error for a failed torch.load: a file that weights_only=True refused (naming the type it asked
     for: a pickle that would run code), or one that cannot be read at all."""
     text = " ".join(str(e).split())
-    if isinstance(e, pickle.UnpicklingError) and "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:")[1].split(" Check the documentation")[0].strip()
+    if isinstance(e, pickle.UnpicklingError):  # the zip format says "WeightsUnpickler error: ...", the legacy one not
         m = re.search(r"GLOBAL (\S+)", text)
         if m:
             return CheckpointError(f"refused to load {source}: it asks for {m.group(1)}, which weights never need "
@@ -73,6 +80,113 @@ def find_resume(out_dir: PathLike, resume: Optional[PathLike] = None) -> Optiona
         return Path(resume)
     last = Path(out_dir) / "last.pt"
     return last if last.is_file() else None
+
+
+def save_state(run) -> None:
+    """out_dir/last.pt, written atomically by rank 0: run.model (its buffers too), run.opt, run.scaler, the step, the
+    timers, the args and the dict of the method's run.extra_state(), if it has one (called on every rank: it may
+    gather, as SwAV's queue)."""
+    extra = run.extra_state() if hasattr(run, "extra_state") else {}
+    if run.rank != 0:
+        return
+    t0 = time.perf_counter()
+    state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict())
+    state.update(step=run.global_step, train_time_s=run.train_time_s, images_seen=run.images_seen)
+    state.update(data_wait_s=run.data_wait_s, args=dataclasses.asdict(run.args), epoch_sums=run.epoch_sums, **extra)
+    save_checkpoint(state, Path(run.args.out_dir) / "last.pt")
+    run.times["checkpoint_s"] = run.times.get("checkpoint_s", 0.0) + time.perf_counter() - t0
+
+
+def resume_state(run, extra_keys: set) -> Optional[dict]:
+    """Load out_dir/last.pt (or --resume) into run.model (strictly), run.opt, run.scaler and the counters. Returns the
+    checkpoint (the caller restores extra_keys), or None when there is nothing to resume. Every rank reads the same
+    file, so every error is raised alike on every rank."""
+    args = run.args
+    try:
+        ckpt_path = find_resume(Path(args.out_dir), args.resume)
+        if ckpt_path is None:
+            return None
+        ckpt = load_checkpoint(ckpt_path, map_location=run.device)
+        needed = {"model", "optimizer", "scaler", "step", "args", "train_time_s", "images_seen", "data_wait_s"}
+        if not isinstance(ckpt, dict) or (needed | extra_keys) - ckpt.keys():
+            msg = f"{ckpt_path} is not a training checkpoint of this script (needs {sorted(needed | extra_keys)})"
+            raise CheckpointError(msg)
+        if ckpt["args"]["batch_size"] != args.batch_size:  # steps would map to other images and epochs
+            trained = ckpt["args"]["batch_size"]
+            raise CheckpointError(f"{ckpt_path} was trained with --batch-size {trained}, not {args.batch_size}")
+        load_state_dict_strict(run.model, ckpt["model"], what=f"model in {ckpt_path}")
+        try:
+            run.opt.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"optimizer state in {ckpt_path} does not match: {e}")
+    except CheckpointError as e:
+        raise CheckpointError(str(e), every_rank=True)
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.global_step, run.train_time_s, run.images_seen = ckpt["step"], ckpt["train_time_s"], ckpt["images_seen"]
+    run.data_wait_s, run.epoch_sums = ckpt["data_wait_s"], ckpt.get("epoch_sums")
+    if run.rank == 0:
+        print(f"resumed from {ckpt_path} at step {ckpt['step']}")
+    return ckpt
+
+
+def strip_prefix(sd: Mapping[str, Any], prefix: str, new: str = "") -> dict:
+    """The tensors of sd whose keys start with prefix, renamed to start with new instead."""
+    return {new + k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix) and torch.is_tensor(v)}
+
+
+def own_checkpoint(obj: Any) -> Optional[dict]:
+    """--init format: a last.pt of our scripts (its model, without optimizer or counters); None for any other file."""
+    return obj["model"] if isinstance(obj, dict) and {"model", "optimizer", "args"} <= obj.keys() else None
+
+
+def torchvision_resnet(obj: Any, prefix: str = "backbone.") -> Optional[dict]:
+    """--init format: a plain torchvision ResNet state dict, also one saved with nn.DataParallel's `module.` (fc.* is
+    not loaded), as the model's keys under prefix; None for any other file."""
+    if isinstance(obj, dict) and all(isinstance(k, str) and k.startswith("module.") for k in obj):
+        obj = strip_prefix(obj, "module.")
+    if not (isinstance(obj, dict) and {"conv1.weight", "layer1.0.conv1.weight"} <= obj.keys()):
+        return None
+    return {prefix + k: v for k, v in obj.items() if not k.startswith("fc.")}
+
+
+def init_weights(model: nn.Module, path: PathLike, formats: dict, backbone: str = "backbone.") -> str:
+    """--init: load pretrained weights from `path` into `model`. formats {name: convert}: the first convert(obj) that
+    does not return None gives the file's tensors under the model's own names. Every tensor of the model under
+    `backbone` must be there with its shape, and every tensor there must be one of the model's, else one line names
+    the first that does not fit; the other tensors (heads) are loaded where their shapes fit, the rest start fresh.
+    Returns the one line that says which format was recognised, what was loaded and what starts fresh."""
+    try:  # every rank reads the same file: every error is raised alike on every rank
+        return _init_weights(model, path, formats, backbone)
+    except CheckpointError as e:
+        raise CheckpointError(str(e), every_rank=True)
+
+
+def _init_weights(model: nn.Module, path: PathLike, formats: dict, backbone: str) -> str:
+    obj = load_checkpoint(path)
+    name, sd = next(((n, sd) for n, convert in formats.items() if (sd := convert(obj)) is not None), (None, None))
+    if sd is None:
+        keys = _first(obj.keys() if isinstance(obj, dict) else [type(obj).__name__])
+        raise CheckpointError(f"--init {path}: not a format this script reads ({', '.join(formats)}); its keys: {keys}")
+    own = model.state_dict()
+    for k in own:  # CRUCIAL: no backbone tensor may start fresh or be cut to fit (BN's step counter: unused)
+        if k.startswith(backbone) and k not in sd and not k.endswith("num_batches_tracked"):
+            raise CheckpointError(f"--init {path} ({name}): no tensor for the backbone's {k}")
+        if k.startswith(backbone) and k in sd and sd[k].shape != own[k].shape:
+            shapes = f"{tuple(sd[k].shape)}, the model's {tuple(own[k].shape)}"
+            raise CheckpointError(f"--init {path} ({name}): {k} has shape {shapes}")
+    unknown = [k for k in sd if k not in own]
+    if unknown:
+        raise CheckpointError(
+            f"--init {path} ({name}): {unknown[0]} is not a tensor of this model ({len(unknown)} such)"
+        )
+    model.load_state_dict({k: v for k, v in sd.items() if v.shape == own[k].shape}, strict=False)
+
+    def parts(keys):  # the top-level modules the keys belong to
+        return sorted({k.split(".")[0] for k in keys}) or ["nothing"]
+
+    loaded = [k for k in own if k in sd and sd[k].shape == own[k].shape]
+    fresh = parts(k for k in own if k not in loaded)
+    return f"--init {path}: {name}; loaded {', '.join(parts(loaded))}; fresh: {', '.join(fresh)}"
 
 
 def _first(keys, n: int = 5) -> str:

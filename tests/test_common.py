@@ -358,7 +358,7 @@ def test_check_common_args_serves_every_script(script):
 
 
 def test_save_state_adds_the_methods_extra_state(tmp_path):
-    """The `save-state` block: last.pt holds the run's counters and, where the method has one, every key of its
+    """common.checkpoint.save_state: last.pt holds the run's counters and, where the method has one, every key of its
     run.extra_state() (called on every rank, before rank 0 writes: it may gather, as SwAV's queue)."""
     import groco_imagenet as G
 
@@ -377,3 +377,65 @@ def test_save_state_adds_the_methods_extra_state(tmp_path):
     run.rank = 1  # another rank: takes part in extra_state, writes nothing
     G.save_state(run)
     assert calls == [1, 1]
+
+
+class _Net(nn.Module):
+    """A model as the scripts build them: a backbone and a head."""
+
+    def __init__(self, head_out: int = 8):
+        super().__init__()
+        self.backbone, self.head = resnet18_cifar(), nn.Linear(512, head_out)
+
+
+def test_init_weights_reads_torchvision_and_own_checkpoints(tmp_path):
+    """--init: a plain torchvision ResNet (with DataParallel's `module.` and its fc) gives the backbone exactly the
+    features torchvision computes; a last.pt loads heads that fit and leaves the others fresh, with one line."""
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=10)
+    tv.conv1, tv.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    for m in tv.modules():  # non-trivial BN statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5)
+    save_checkpoint({f"module.{k}": v for k, v in tv.state_dict().items()}, tmp_path / "tv.pth")
+    formats = {"last.pt": ckpt.own_checkpoint, "torchvision ResNet": ckpt.torchvision_resnet}
+    net = _Net()
+    line = ckpt.init_weights(net, tmp_path / "tv.pth", formats)
+    assert "torchvision ResNet; loaded backbone; fresh: head" in line
+    tv.fc, x = nn.Identity(), torch.randn(2, 3, 32, 32)
+    assert torch.allclose(net.eval().backbone(x), tv.eval()(x), atol=1e-5)
+
+    save_checkpoint(dict(model=net.state_dict(), optimizer={}, args={}), tmp_path / "last.pt")
+    other = _Net(head_out=5)  # its head does not fit: fresh
+    assert "last.pt; loaded backbone; fresh: head" in ckpt.init_weights(other, tmp_path / "last.pt", formats)
+    same = _Net()
+    assert "loaded backbone, head; fresh: nothing" in ckpt.init_weights(same, tmp_path / "last.pt", formats)
+    assert torch.equal(same.head.weight, net.head.weight)
+
+
+def test_init_weights_refuses_what_does_not_fit(tmp_path):
+    """A file of no known format, a backbone tensor missing or of another shape, a tensor the model lacks (another
+    method's head): one line naming it, and nothing loaded from a file that would run code."""
+    formats = {"last.pt": ckpt.own_checkpoint, "torchvision ResNet": ckpt.torchvision_resnet}
+    sd = {k: v for k, v in resnet18_cifar().state_dict().items()}
+    cases = {
+        "alien": ({"encoder": sd}, r"not a format this script reads \(last.pt, torchvision ResNet\)"),
+        "missing": ({k: v for k, v in sd.items() if k != "layer2.0.conv1.weight"}, "no tensor for the backbone's "
+                    "backbone.layer2.0.conv1.weight"),
+        "shape": ({**sd, "bn1.weight": torch.ones(32)}, r"backbone.bn1.weight has shape \(32,\), the model's \(64,\)"),
+        "stem": (resnet18().state_dict(), r"backbone.conv1.weight has shape \(64, 3, 7, 7\)"),
+        "other head": (dict(model={**{f"backbone.{k}": v for k, v in sd.items()}, "prototypes.weight": torch.ones(3)},
+                            optimizer={}, args={}), "prototypes.weight is not a tensor of this model"),
+    }  # fmt: skip
+    for name, (obj, message) in cases.items():
+        save_checkpoint(obj, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError, match=message):
+            ckpt.init_weights(_Net(), tmp_path / f"{name}.pt", formats)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "ran"),))
+
+    torch.save({"conv1.weight": Payload()}, tmp_path / "evil.pth", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="refused to load .* it asks for posix.system"):
+        ckpt.init_weights(_Net(), tmp_path / "evil.pth", formats)
+    assert not (tmp_path / "ran").exists()
