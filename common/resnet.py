@@ -1,6 +1,8 @@
-"""ResNet-18/50 with torchvision's exact state_dict layout (v1.5: stride on the 3x3 conv), plus a CIFAR stem.
+"""ResNet-18/50 with torchvision's exact state_dict layout (v1.5: stride on the 3x3 conv), plus a CIFAR stem and a
+width multiplier.
 
-Keys and shapes match `torchvision.models.resnet*`, so weights move between the two with `strict=True`.
+Keys and shapes match `torchvision.models.resnet*`, so weights move between the two with `strict=True`. With
+`width=w` every channel count c becomes int(c w) (truncated): SlimCLR's sub-networks and SwAV's wide ResNet-50s.
 """
 
 from typing import List, Optional, Type, Union
@@ -20,10 +22,10 @@ def conv1x1(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, c_in: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None):
+    def __init__(self, c_in: int, planes: int, c_out: int, stride: int = 1, downsample: Optional[nn.Module] = None):
         super().__init__()
         self.conv1, self.bn1 = conv3x3(c_in, planes, stride), nn.BatchNorm2d(planes)
-        self.conv2, self.bn2 = conv3x3(planes, planes), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = conv3x3(planes, c_out), nn.BatchNorm2d(c_out)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -37,11 +39,11 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, c_in: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None):
+    def __init__(self, c_in: int, planes: int, c_out: int, stride: int = 1, downsample: Optional[nn.Module] = None):
         super().__init__()
         self.conv1, self.bn1 = conv1x1(c_in, planes), nn.BatchNorm2d(planes)
         self.conv2, self.bn2 = conv3x3(planes, planes, stride), nn.BatchNorm2d(planes)  # v1.5: stride here
-        self.conv3, self.bn3 = conv1x1(planes, planes * 4), nn.BatchNorm2d(planes * 4)
+        self.conv3, self.bn3 = conv1x1(planes, c_out), nn.BatchNorm2d(c_out)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -54,7 +56,8 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet trunk. `forward` returns fc(pooled features); with num_classes=0 fc is Identity -> [B, num_features]."""
+    """ResNet trunk. `forward` returns fc(pooled features); with num_classes=0 fc is Identity -> [B, num_features].
+    width: every channel count c is int(c width)."""
 
     def __init__(
         self,
@@ -63,24 +66,24 @@ class ResNet(nn.Module):
         num_classes: int = 0,
         cifar_stem: bool = False,
         zero_init_residual: bool = False,
-        width: int = 64,
+        width: float = 1.0,
     ):
         super().__init__()
-        self.c_in = width
+        self.c_in, self.width = int(64 * width), width
         if cifar_stem:  # 32x32 inputs: 3x3 stride-1 conv and no max-pool keep the spatial resolution
-            self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(3, self.c_in, 3, stride=1, padding=1, bias=False)
             self.maxpool = nn.Identity()
         else:
-            self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+            self.conv1 = nn.Conv2d(3, self.c_in, 7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = nn.BatchNorm2d(self.c_in)
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = self._make_layer(block, width, layers[0])
-        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.num_features = width * 8 * block.expansion
+        self.num_features = self.c_in
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
         for m in self.modules():
@@ -95,14 +98,14 @@ class ResNet(nn.Module):
                     nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        """planes at width 1; every count is int(c width) of its full-size c."""
+        mid, out = int(planes * self.width), int(planes * block.expansion * self.width)
         downsample = None
-        if stride != 1 or self.c_in != planes * block.expansion:
-            downsample = nn.Sequential(
-                conv1x1(self.c_in, planes * block.expansion, stride), nn.BatchNorm2d(planes * block.expansion)
-            )
-        layers = [block(self.c_in, planes, stride, downsample)]
-        self.c_in = planes * block.expansion
-        layers += [block(self.c_in, planes) for _ in range(1, blocks)]
+        if stride != 1 or self.c_in != out:
+            downsample = nn.Sequential(conv1x1(self.c_in, out, stride), nn.BatchNorm2d(out))
+        layers = [block(self.c_in, mid, out, stride, downsample)]
+        self.c_in = out
+        layers += [block(out, mid, out) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

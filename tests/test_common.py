@@ -439,3 +439,19 @@ def test_init_weights_refuses_what_does_not_fit(tmp_path):
     with pytest.raises(CheckpointError, match="refused to load .* it asks for posix.system"):
         ckpt.init_weights(_Net(), tmp_path / "evil.pth", formats)
     assert not (tmp_path / "ran").exists()
+
+
+def test_resnet_width_scales_every_channel_count():
+    """width w: every channel count c is int(c w). SwAV's wide ResNet-50s have the official README's 94M (w2) and
+    375M (w4) parameters; a truncating width (0.3) scales each layer on its own (a stage's output 4 x 128 x 0.3 = 153,
+    not 4 int(128 x 0.3) = 152); width 1 is torchvision's layout."""
+    assert round(sum(p.numel() for p in resnet50(width=2).parameters()) / 1e6) == 94
+    assert round(sum(p.numel() for p in resnet50(width=4).parameters()) / 1e6) == 375
+    net = resnet50(width=0.3)
+    assert net.conv1.out_channels == 19 and net.layer2[0].conv1.out_channels == 38
+    assert net.layer2[0].conv3.out_channels == 153 and net.num_features == int(2048 * 0.3)
+    assert net(torch.randn(1, 3, 64, 64)).shape == (1, 614)
+    assert resnet50().state_dict().keys() == torchvision.models.resnet50().state_dict().keys() - {
+        "fc.weight",
+        "fc.bias",
+    }
