@@ -604,11 +604,11 @@ class Classifier(MaskedEncoder):
         return self.head(f.float() if self.linear else f)
 
 
-# --- the base model (spec 2.2; common/vit.py's load_base_model loads and freezes it)
 @torch.no_grad()
 def base_forward(model: VisionTransformer, images: torch.Tensor, last_layers: int) -> tuple:
-    """The base model on the full image. Returns (feats [L, B, 1+N, D]: the last L block outputs before the final
-    norm, attn_logits [B, H, 1+N, 1+N]: the last block's pre-softmax attention, scaled by d_head^-0.5)."""
+    """The frozen base model (spec 2.2, loaded by common/vit.py's load_base_model) on the full image. Returns (feats
+    [L, B, 1+N, D]: the last L block outputs before the final norm, attn_logits [B, H, 1+N, 1+N]: the last block's
+    pre-softmax attention, scaled by d_head^-0.5)."""
     out = model.forward_features(images, return_all=True)  # only the last block leaves the fused attention kernel
     return torch.stack(out["blocks"][-last_layers:]), out["attn_logits"]
 
@@ -700,8 +700,7 @@ def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
     """pretrain / mae: AdamW(betas (0.9, 0.95), wd 0.05, timm groups); finetune: AdamW with layer decay;
     linear: LARS (MAE's: trust 0.001 on the head's weight, plain momentum SGD for its bias), wd 0."""
     if args.mode == "linear":
-        w, b = model.head[-1].weight, model.head[-1].bias
-        groups = [dict(params=[w], lars=True), dict(params=[b], lars=False)]
+        groups = [dict(params=[model.head[-1].weight], lars=True), dict(params=[model.head[-1].bias], lars=False)]
         return LARS(groups, lr=0.0, momentum=0.9, weight_decay=args.weight_decay, eta=0.001)
     wd = args.weight_decay
     groups = layer_decay_groups(model, wd, args.layer_decay) if args.mode == "finetune" else param_groups(model, wd)
@@ -867,8 +866,7 @@ def run_training(args: Args) -> dict:
     log = Path(args.out_dir) / "log.jsonl"
     if args.mode in ("finetune", "linear") and run.global_step and log.is_file():  # the best top-1 before a resume
         evals = [json.loads(line) for line in log.read_text().splitlines()]
-        tops = [e["top1"] for e in evals if e.get("type") == "eval" and e["step"] <= run.global_step]
-        run.best_top1 = max(tops + [0])
+        run.best_top1 = max([e["top1"] for e in evals if e["type"] == "eval" and e["step"] <= run.global_step] + [0])
     net = model
     if run.world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
