@@ -21,8 +21,7 @@ Modes (the first argument picks a recipe; flags override it):
     torchrun --nproc_per_node=8 tec_mae.py mae --data-dir IMAGENET                # a plain MAE base model, from scratch
 CIFAR-10 proxy (ours; ViT-Tiny, patch 4, 32 x 32, data kept on the device):
     python tec_mae.py cifar-mae --data-dir CIFAR10_JPEG --dataset imagefolder      # base model, N epochs
-    python tec_mae.py cifar-pretrain --data-dir CIFAR10_JPEG --dataset imagefolder --base-checkpoint \\
-        runs/tec-cifar-mae/last.pt                                                 # TEC on top, N epochs
+    python tec_mae.py cifar-pretrain --data-dir CIFAR10_JPEG --dataset imagefolder  # TEC on runs/tec-cifar-mae/last.pt
     python tec_mae.py cifar-finetune --data-dir CIFAR10_JPEG --dataset imagefolder \\
         --init runs/tec-cifar-pretrain/last.pt
     python tec_mae.py cifar-linear --data-dir CIFAR10_JPEG --dataset imagefolder --init runs/tec-cifar-pretrain/last.pt
@@ -46,7 +45,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import platform
 import signal
 import sys
@@ -72,16 +70,11 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from common.checkpoint import CheckpointError, load_checkpoint, load_error, load_state_dict_strict, resume_state
-from common.checkpoint import save_checkpoint, save_state
-from common.vit import VITS, Block, LayerNorm, Mlp, VisionTransformer, sincos_pos_embed_2d
+from common.checkpoint import CheckpointError, read_checkpoint, resume_state
+from common.checkpoint import save_state
+from common.vit import SIZES, VITS, Block, LayerNorm, Mlp, VisionTransformer, encoder_state_dict, export_encoder
+from common.vit import load_base_model, load_encoder, sincos_pos_embed_2d
 
-SIZES = {  # common/vit.py's sizes, without building the models
-    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
-    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
-    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
-}
 MAE_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_{}.pth"
 IBOT_URL = "https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/vitb_16/checkpoint_teacher.pth"
 
@@ -417,9 +410,10 @@ def mixup_cutmix(x: torch.Tensor, y: torch.Tensor, num_classes: int, args: Args,
     return x, y1 * lam + y1.flip(0) * (1 - lam)
 
 
-def augment_finetune(run: SimpleNamespace, x: torch.Tensor, key: tuple) -> torch.Tensor:
-    """Fine-tuning's per-image augmentation after the crop and flip (spec 7): RandAugment, then Normalize (already
-    done by the views; undone here and redone), then random erasing. x: normalised [b, 3, S, S]."""
+def augment_finetune(run: SimpleNamespace, x: torch.Tensor, y: torch.Tensor, key: tuple) -> tuple:
+    """Fine-tuning's augmentation after the crop and flip (spec 7): per image RandAugment, then Normalize (already
+    done by the views; undone here and redone), then random erasing; then mixup/cutmix on the batch.
+    x: normalised [b, 3, S, S]; y: labels [b]. Returns (images, soft targets [b, C])."""
     args, dev = run.args, x.device
     gen = torch.Generator(device=dev).manual_seed(rng_seed(*key))
     mean, std = run.pixel_mean.view(1, 3, 1, 1), run.pixel_std.view(1, 3, 1, 1)  # on the device once: no copies here
@@ -429,7 +423,7 @@ def augment_finetune(run: SimpleNamespace, x: torch.Tensor, key: tuple) -> torch
         x = (x01 / 255 - mean) / std
     if args.reprob > 0:
         x = random_erasing(x, gen, args.reprob)
-    return x
+    return mixup_cutmix(x, y, run.data["num_classes"], args, torch.Generator().manual_seed(rng_seed(*key)))
 
 
 # ==== 3. MODEL ====
@@ -598,8 +592,9 @@ class Classifier(MaskedEncoder):
         if pool == "avg" and not linear:
             self.fc_norm, self.norm = LayerNorm(self.embed_dim), nn.Identity()  # official: global_pool deletes norm
         head = self.head
-        if linear:
-            self.head = nn.Sequential(nn.BatchNorm1d(self.embed_dim, affine=False, eps=1e-6), head)
+        if linear:  # only the head trains: the encoder is frozen and runs without grad (forward)
+            self.requires_grad_(False)
+            self.head = nn.Sequential(nn.BatchNorm1d(self.embed_dim, affine=False, eps=1e-6), head.requires_grad_())
         nn.init.trunc_normal_(head.weight, std=0.01 if linear else 2e-5)  # PAPER: MAE main_linprobe / main_finetune
         nn.init.zeros_(head.bias)
 
@@ -609,68 +604,11 @@ class Classifier(MaskedEncoder):
         return self.head(f.float() if self.linear else f)
 
 
-# --- base models and checkpoints (spec 2.2, 6)
-def encoder_state_dict(ckpt: dict, bake_cls_mlp: bool = True) -> dict:
-    """The plain-ViT encoder weights of MAE's {'model': sd}, iBOT's {'state_dict' / 'student' / 'teacher': sd}, our
-    checkpoints (TEC, MAE, finetune) or a bare state dict: prefixes module., backbone., _orig_mod. stripped; decoders,
-    adapters, heads, fc_norm, mask tokens dropped. bake_cls_mlp: a TEC CLS MLP is folded into cls_token (exact:
-    cls = MLP(cls_token) + pos[0] either way, spec 6)."""
-    keys = ("model", "state_dict", "student", "teacher")
-    sd = next((ckpt[k] for k in keys if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)), ckpt)
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise CheckpointError("not a model checkpoint: expected a state dict, or one under 'model' or 'state_dict'")
-    out = {}
-    for k, v in sd.items():
-        k = k.removeprefix("module.").removeprefix("backbone.").removeprefix("_orig_mod.")
-        if k.startswith(("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")):  # cls_token_mlp. too
-            out[k] = v
-    if bake_cls_mlp and "cls_token_mlp.fc1.weight" in out:
-        w = {k[len("cls_token_mlp.") :]: out.pop(k).float() for k in list(out) if k.startswith("cls_token_mlp.")}
-        h = F.gelu(F.linear(out["cls_token"].float(), w["fc1.weight"], w["fc1.bias"]))
-        out["cls_token"] = F.linear(h, w["fc2.weight"], w["fc2.bias"]).to(out["cls_token"].dtype)
-    return out
-
-
-def read_checkpoint(source) -> dict:
-    """A checkpoint from a path, an http(s) URL (downloaded once into torch's hub cache) or an already loaded dict."""
-    if isinstance(source, dict):
-        return source
-    if str(source).startswith(("http://", "https://")):
-        try:
-            return torch.hub.load_state_dict_from_url(str(source), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:  # a file that would run code, or not a checkpoint
-            raise load_error(source, e)
-        except Exception as e:  # no network, a bad URL
-            raise CheckpointError(f"cannot download {source}: {' '.join(str(e).split())}")
-    return load_checkpoint(source)
-
-
-def load_encoder(model: nn.Module, source, what: str) -> list:
-    """Load encoder weights strictly into `model`; only the keys a pretrained encoder cannot have (head, fc_norm, a
-    norm the source lacks) keep their init. Returns the names of those. A missing block, patch_embed, cls_token
-    or pos_embed key, or any shape mismatch, is a one-line CheckpointError."""
-    mine = model.state_dict()
-    sd = encoder_state_dict(read_checkpoint(source), bake_cls_mlp="cls_token_mlp.fc1.weight" not in mine)
-    fresh = [k for k in mine if k.startswith(("head.", "fc_norm.")) or (k.startswith("norm.") and k not in sd)]
-    sd = {k: v for k, v in sd.items() if k in mine or not k.startswith("norm.")}  # global pool: norm unused
-    load_state_dict_strict(model, {**{k: mine[k] for k in fresh}, **sd}, what=what)
-    return fresh
-
-
-def load_base_model(checkpoint, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12) -> nn.Module:
-    """The frozen base model (spec 2.2): a common ViT loaded strictly from a path, URL or loaded dict in the MAE format
-    (or iBOT's, or one of our runs), every parameter frozen, in eval mode. Only norm.* may be absent (unused)."""
-    model = VisionTransformer(img_size, patch_size, 3, embed_dim, depth, num_heads, pos_embed="learned")
-    fresh = load_encoder(model, checkpoint, what="base model")
-    if fresh and os.environ.get("RANK", "0") == "0":
-        print(f"base model: kept the init of {', '.join(fresh)} (unused by the targets)")
-    return model.requires_grad_(False).eval()
-
-
 @torch.no_grad()
 def base_forward(model: VisionTransformer, images: torch.Tensor, last_layers: int) -> tuple:
-    """The base model on the full image. Returns (feats [L, B, 1+N, D]: the last L block outputs before the final
-    norm, attn_logits [B, H, 1+N, 1+N]: the last block's pre-softmax attention, scaled by d_head^-0.5)."""
+    """The frozen base model (spec 2.2, loaded by common/vit.py's load_base_model) on the full image. Returns (feats
+    [L, B, 1+N, D]: the last L block outputs before the final norm, attn_logits [B, H, 1+N, 1+N]: the last block's
+    pre-softmax attention, scaled by d_head^-0.5)."""
     out = model.forward_features(images, return_all=True)  # only the last block leaves the fused attention kernel
     return torch.stack(out["blocks"][-last_layers:]), out["attn_logits"]
 
@@ -713,16 +651,11 @@ def tec_loss(pred_feat, pred_rel_logits, feat_target, rel_target, mask) -> tuple
     return loss_fea + loss_att, loss_fea, loss_att
 
 
-def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
-    """[B, 3, H, W] -> [B, N, p*p*3] in MAE's order (patch rows, then pixels (py, px, channel))."""
-    B, C, H, W = imgs.shape
-    x = imgs.reshape(B, C, H // p, p, W // p, p)
-    return torch.einsum("nchpwq->nhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
-
-
 def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, p: int, norm_pix: bool) -> torch.Tensor:
-    """MAE: MSE on the removed patches; norm_pix: each target patch normalised by its own mean and (unbiased) var."""
-    target = patchify(imgs.float(), p)
+    """MAE: MSE on the removed patches against the image [B, 3, H, W] cut into [B, N, p*p*3] in MAE's order (patch
+    rows, then pixels (py, px, channel)); norm_pix: each target patch normalised by its own mean and (unbiased) var."""
+    B, C, H, W = imgs.shape
+    target = torch.einsum("nchpwq->nhwpqc", imgs.float().reshape(B, C, H // p, p, W // p, p)).reshape(B, -1, p * p * C)
     if norm_pix:
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
     per_patch = ((pred.float() - target) ** 2).mean(-1)
@@ -767,8 +700,7 @@ def build_optimizer(model: nn.Module, args: Args) -> torch.optim.Optimizer:
     """pretrain / mae: AdamW(betas (0.9, 0.95), wd 0.05, timm groups); finetune: AdamW with layer decay;
     linear: LARS (MAE's: trust 0.001 on the head's weight, plain momentum SGD for its bias), wd 0."""
     if args.mode == "linear":
-        w, b = model.head[-1].weight, model.head[-1].bias
-        groups = [dict(params=[w], lars=True), dict(params=[b], lars=False)]
+        groups = [dict(params=[model.head[-1].weight], lars=True), dict(params=[model.head[-1].bias], lars=False)]
         return LARS(groups, lr=0.0, momentum=0.9, weight_decay=args.weight_decay, eta=0.001)
     wd = args.weight_decay
     groups = layer_decay_groups(model, wd, args.layer_decay) if args.mode == "finetune" else param_groups(model, wd)
@@ -819,8 +751,7 @@ def step_loss(run: SimpleNamespace, x: torch.Tensor, y: torch.Tensor, noise: tor
         loss = mae_loss(pred, x, mask, args.patch_size, args.norm_pix)
         return loss, loss.detach()[None]
     if mode == "finetune":
-        x = augment_finetune(run, x, key)
-        x, target = mixup_cutmix(x, y, run.data["num_classes"], args, torch.Generator().manual_seed(rng_seed(*key)))
+        x, target = augment_finetune(run, x, y, key)
     with run.autocast:
         logits = run.ddp_model(x)
     loss = soft_cross_entropy(logits, target) if mode == "finetune" else F.cross_entropy(logits.float(), y)
@@ -840,9 +771,8 @@ def train_step(run: SimpleNamespace, batch: tuple, step: int) -> torch.Tensor:
         noise = noise[run.rank * b : (run.rank + 1) * b]
     parts = zip(x.chunk(args.accum_iter), y.chunk(args.accum_iter), noise.chunk(args.accum_iter))
     metrics = 0
-    for i, (xi, yi, ni) in enumerate(parts):
-        last = i == args.accum_iter - 1
-        with run.ddp_model.no_sync() if run.world_size > 1 and not last else nullcontext():
+    for i, (xi, yi, ni) in enumerate(parts):  # DDP reduces the gradients after the last micro-batch only
+        with run.ddp_model.no_sync() if run.world_size > 1 and i < args.accum_iter - 1 else nullcontext():
             loss, m = step_loss(run, xi, yi, ni, (args.seed, "aug", step, run.rank, i))
             run.scaler.scale(loss / args.accum_iter).backward()
         metrics = metrics + m / args.accum_iter
@@ -856,10 +786,6 @@ def train_step(run: SimpleNamespace, batch: tuple, step: int) -> torch.Tensor:
 def check_args(args: Args, world_size: int) -> None:
     """Refuse bad input with one clear line, before any data is read or process group created."""
     mode, size, p, base, acc = args.mode, args.large_size, args.patch_size, args.base_arch, args.accum_iter
-    if mode == "convert":
-        if args.init is None or args.convert_out is None:
-            raise RunError("convert needs --init (a checkpoint) and --convert-out (where the plain ViT goes)")
-        return
     check_common_args(
         args, world_size, SIZES, scales="large_scale", positive="blr tau",
         at_least_1="accum_iter large_size patch_size topk last_layers train_repeat decoder_dim decoder_depth "
@@ -869,6 +795,8 @@ def check_args(args: Args, world_size: int) -> None:
     )  # fmt: skip
     n_patches, per_rank = (size // p) ** 2, args.batch_size // world_size
     for bad, message in [
+        (mode == "convert" and None in (args.init, args.convert_out),
+         "convert needs --init (a checkpoint) and --convert-out (where the plain ViT goes)"),
         (base not in (None, *SIZES), f"unknown --base-arch {base!r}; choose one of {', '.join(SIZES)}"),
         *[(not 0 <= getattr(args, k) < 1, f"--{k.replace('_', '-')} must be in [0, 1), got {getattr(args, k)}")
           for k in ("smoothing", "reprob", "drop_path", "mask_ratio")],
@@ -907,19 +835,16 @@ def build_model(run: SimpleNamespace) -> nn.Module:
         return TECModel(rel_heads=base["num_heads"], **dec, **vit)
     if args.mode == "mae":
         return MAEModel(**dec, **vit)
-    init, linear = read_checkpoint(args.init) if args.init else None, args.mode == "linear"
-    keys = encoder_state_dict(init, bake_cls_mlp=False) if init is not None else {}
-    mlp = args.keep_cls_mlp and "cls_token_mlp.fc1.weight" in keys  # a TEC checkpoint's CLS MLP, kept and trained
+    init, linear = read_checkpoint(args.init) if args.init else {}, args.mode == "linear"
+    # a TEC checkpoint's CLS MLP, kept and trained (--keep-cls-mlp) or baked into cls_token by load_encoder
+    mlp = args.keep_cls_mlp and "cls_token_mlp.fc1.weight" in encoder_state_dict(init, bake_cls_mlp=False)
     model = Classifier(args.pool, linear, mlp, nc, drop_path_rate=0.0 if linear else args.drop_path, **vit)
-    if init is not None:
+    if args.init:
         fresh = load_encoder(model, init, what=f"--init {args.init}")
         if run.rank == 0:
             print(f"loaded the encoder of {args.init}; initialised here: {', '.join(fresh) or 'nothing'}")
     elif run.rank == 0:
         print(f"{Path(__file__).name}: warning: no --init: fine-tuning from a random init", file=sys.stderr)
-    if linear:
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith("head."))
     return model
 
 
@@ -941,8 +866,7 @@ def run_training(args: Args) -> dict:
     log = Path(args.out_dir) / "log.jsonl"
     if args.mode in ("finetune", "linear") and run.global_step and log.is_file():  # the best top-1 before a resume
         evals = [json.loads(line) for line in log.read_text().splitlines()]
-        tops = [e["top1"] for e in evals if e.get("type") == "eval" and e["step"] <= run.global_step]
-        run.best_top1 = max(tops + [0])
+        run.best_top1 = max([e["top1"] for e in evals if e["type"] == "eval" and e["step"] <= run.global_step] + [0])
     net = model
     if run.world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -966,11 +890,7 @@ def convert(args: Args) -> dict:
     """Spec 6: a pretraining checkpoint -> the plain ViT encoder {'model': sd} that common/vit.py (and timm-style code)
     loads: cls_token := MLP(cls_token), adapters, decoders and heads dropped. DEVIATION: norm.* is kept (official
     conversion drops it because global pooling deletes the norm; the CLS-token readout needs it)."""
-    sd = encoder_state_dict(read_checkpoint(args.init), bake_cls_mlp=True)
-    missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.norm1.weight") if k not in sd]
-    if missing:
-        raise CheckpointError(f"{args.init}: not a ViT encoder checkpoint (missing {', '.join(missing)})")
-    save_checkpoint({"model": sd}, args.convert_out)
+    sd = export_encoder(args.init, args.convert_out)
     n_blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     print(f"wrote {args.convert_out}: {len(sd)} tensors, {n_blocks} blocks, width {sd['cls_token'].shape[-1]}")
     return dict(tensors=len(sd))
@@ -985,6 +905,9 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
     nc, t0, res = data["num_classes"], time.perf_counter(), {}
     if args.mode in ("finetune", "linear"):  # run.encode: the classifier's logits
         hit = extract_features(run, "test").topk(min(5, nc), dim=1).indices == data["test_y"].to(device)[:, None]
+        top1, top5 = (100 * hit[:, :k].any(1).float().mean().item() for k in (1, 5))
+        run.best_top1 = max(getattr(run, "best_top1", 0.0), top1)
+        res = dict(top1=top1, top5=top5, top1_best=run.best_top1)
     else:  # run.encode: the encoder's readout
         feats, labels = {}, {}
         for split, size in (("train", args.eval_subset_train), ("test", args.eval_subset_test)):
@@ -993,11 +916,7 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
             ids = torch.arange(n) if final or size >= n else torch.randperm(n, generator=g)[:size].sort().values
             feats[split], labels[split] = extract_features(run, split, ids), data[f"{split}_y"][ids].to(device)
     times = dict(encode_s=time.perf_counter() - t0)
-    if args.mode in ("finetune", "linear"):
-        top1, top5 = (100 * hit[:, :k].any(1).float().mean().item() for k in (1, 5))
-        run.best_top1 = max(getattr(run, "best_top1", 0.0), top1)
-        res = dict(top1=top1, top5=top5, top1_best=run.best_top1)
-    elif run.rank == 0:
+    if args.mode in ("pretrain", "mae") and run.rank == 0:
         (xtr, xte), (ytr, yte), t0 = feats.values(), labels.values(), time.perf_counter()
         res["knn_top1"], res["knn_top5"] = knn_eval(xtr, ytr, xte, yte, nc, args.knn_k, args.knn_t)
         times["knn_s"] = time.perf_counter() - t0
@@ -1029,8 +948,7 @@ def bare_step(run: SimpleNamespace):
     def step():
         with run.autocast:
             if mode == "pretrain":
-                with torch.no_grad():
-                    run.base.forward_features(x)
+                run.base.forward_features(x)  # frozen, on an input without grad: no graph
             with torch.no_grad() if mode == "linear" else nullcontext():
                 h = vit.prepare_tokens(x)[:, :n_keep]
                 for blk in vit.blocks:

@@ -1,5 +1,5 @@
-"""Checkpoint helpers: atomic save, safe clear-error load, strict state_dict loading, a run's training state (save and
-resume), weight digests, artifact cache."""
+"""Checkpoint helpers: atomic save, safe clear-error load (a path, URL or dict), strict state_dict loading, a run's
+training state (save and resume), --init's weight formats, weight digests, artifact cache."""
 
 import argparse
 import dataclasses
@@ -70,6 +70,20 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise load_error(path, e) from e
+
+
+def read_checkpoint(source) -> dict:
+    """A checkpoint from a path, an http(s) URL (downloaded once into torch's hub cache) or an already loaded dict."""
+    if isinstance(source, dict):
+        return source
+    if str(source).startswith(("http://", "https://")):
+        try:
+            return torch.hub.load_state_dict_from_url(str(source), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # a file that would run code, or not a checkpoint
+            raise load_error(source, e)
+        except Exception as e:  # no network, a bad URL
+            raise CheckpointError(f"cannot download {source}: {' '.join(str(e).split())}")
+    return load_checkpoint(source)
 
 
 def find_resume(out_dir: PathLike, resume: Optional[PathLike] = None) -> Optional[Path]:

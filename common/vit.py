@@ -1,15 +1,19 @@
 """Pre-norm Vision Transformer with the MAE/timm key layout, so official MAE encoder checkpoints load strictly.
 
 Keys: cls_token, pos_embed, patch_embed.proj, blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2},
-norm, and head when num_classes > 0. LayerNorm eps is 1e-6 everywhere.
+norm, and head when num_classes > 0. LayerNorm eps is 1e-6 everywhere. At the end: the encoder weights of MAE, iBOT
+and TEC checkpoints in this layout, loaded strictly (TEC's base model, its fine-tuning init and its conversion).
 """
 
+import os
 from functools import partial
 from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common.checkpoint import CheckpointError, load_state_dict_strict, read_checkpoint, save_checkpoint
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -184,20 +188,83 @@ class VisionTransformer(nn.Module):
         return self.head(self.forward_features(x)[:, 0])
 
 
+SIZES = {  # width, blocks, heads of each size (without building the models)
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
 def vit_tiny(**kw) -> VisionTransformer:
-    return VisionTransformer(**{"embed_dim": 192, "depth": 12, "num_heads": 3, **kw})
+    return VisionTransformer(**{**SIZES["vit_tiny"], **kw})
 
 
 def vit_small(**kw) -> VisionTransformer:
-    return VisionTransformer(**{"embed_dim": 384, "depth": 12, "num_heads": 6, **kw})
+    return VisionTransformer(**{**SIZES["vit_small"], **kw})
 
 
 def vit_base(**kw) -> VisionTransformer:
-    return VisionTransformer(**{"embed_dim": 768, "depth": 12, "num_heads": 12, **kw})
+    return VisionTransformer(**{**SIZES["vit_base"], **kw})
 
 
 def vit_large(**kw) -> VisionTransformer:
-    return VisionTransformer(**{"embed_dim": 1024, "depth": 24, "num_heads": 16, **kw})
+    return VisionTransformer(**{**SIZES["vit_large"], **kw})
 
 
 VITS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base, "vit_large": vit_large}
+
+
+# --- encoder weights in this layout from MAE, iBOT and TEC checkpoints (every load strict: key and shape checked)
+def encoder_state_dict(ckpt: dict, bake_cls_mlp: bool = True) -> dict:
+    """The plain-ViT encoder weights of MAE's {'model': sd}, iBOT's {'state_dict' / 'student' / 'teacher': sd}, our
+    checkpoints (TEC, MAE, finetune) or a bare state dict: prefixes module., backbone., _orig_mod. stripped; decoders,
+    adapters, heads, fc_norm, mask tokens dropped. bake_cls_mlp: a TEC CLS MLP is folded into cls_token (exact:
+    cls = MLP(cls_token) + pos[0] either way, TEC spec 6)."""
+    keys = ("model", "state_dict", "student", "teacher")
+    sd = next((ckpt[k] for k in keys if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)), ckpt)
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise CheckpointError("not a model checkpoint: expected a state dict, or one under 'model' or 'state_dict'")
+    out = {}
+    for k, v in sd.items():
+        k = k.removeprefix("module.").removeprefix("backbone.").removeprefix("_orig_mod.")
+        if k.startswith(("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")):  # cls_token_mlp. too
+            out[k] = v
+    if bake_cls_mlp and "cls_token_mlp.fc1.weight" in out:
+        w = {k[len("cls_token_mlp.") :]: out.pop(k).float() for k in list(out) if k.startswith("cls_token_mlp.")}
+        h = F.gelu(F.linear(out["cls_token"].float(), w["fc1.weight"], w["fc1.bias"]))
+        out["cls_token"] = F.linear(h, w["fc2.weight"], w["fc2.bias"]).to(out["cls_token"].dtype)
+    return out
+
+
+def load_encoder(model: nn.Module, source, what: str) -> list:
+    """Load encoder weights (a path, URL or loaded dict) strictly into `model`; only the keys a pretrained encoder
+    cannot have (head, fc_norm, a norm the source lacks) keep their init. Returns the names of those. A missing block,
+    patch_embed, cls_token or pos_embed key, or any shape mismatch, is a one-line CheckpointError."""
+    mine = model.state_dict()
+    sd = encoder_state_dict(read_checkpoint(source), bake_cls_mlp="cls_token_mlp.fc1.weight" not in mine)
+    fresh = [k for k in mine if k.startswith(("head.", "fc_norm.")) or (k.startswith("norm.") and k not in sd)]
+    sd = {k: v for k, v in sd.items() if k in mine or not k.startswith("norm.")}  # global pool: norm unused
+    load_state_dict_strict(model, {**{k: mine[k] for k in fresh}, **sd}, what=what)
+    return fresh
+
+
+def load_base_model(checkpoint, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12) -> nn.Module:
+    """A frozen, pretrained ViT (TEC's base model, spec 2.2) loaded strictly from a path, URL or loaded dict in the MAE
+    format (or iBOT's, or one of our runs), every parameter frozen, in eval mode. Only norm.* may be absent."""
+    model = VisionTransformer(img_size, patch_size, 3, embed_dim, depth, num_heads, pos_embed="learned")
+    fresh = load_encoder(model, checkpoint, what="base model")
+    if fresh and os.environ.get("RANK", "0") == "0":
+        print(f"base model: kept the init of {', '.join(fresh)} (unused by the targets)")
+    return model.requires_grad_(False).eval()
+
+
+def export_encoder(source, out: str) -> dict:
+    """Write the plain encoder {'model': sd} of a checkpoint (TEC's CLS MLP baked in, see encoder_state_dict) to `out`
+    atomically; a source without the ViT keys is a one-line CheckpointError. Returns sd."""
+    sd = encoder_state_dict(read_checkpoint(source), bake_cls_mlp=True)
+    missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.norm1.weight") if k not in sd]
+    if missing:
+        raise CheckpointError(f"{source}: not a ViT encoder checkpoint (missing {', '.join(missing)})")
+    save_checkpoint({"model": sd}, out)
+    return sd

@@ -8,9 +8,9 @@
 - tec_loss (spec 4): hand-computed values (unbiased per-channel normalisation over the patches, eps inside the root),
   a float64 loop transcription, masked/visible patches, an unmasked relation loss, analytic gradients;
 - random_masking / unshuffle (spec 3.1): kept tokens in ascending-noise order, mask, ids_restore round trip;
-- checkpoints (spec 2.2): MAE-format round trip through load_base_model (path and dict, iBOT / prefixed / extra keys),
-  frozen eval model, one-line CheckpointErrors naming the key; base_forward against an independent float64 ViT
-  forward written from the state dict; no autograd graph;
+- checkpoints (spec 2.2): MAE-format round trip through common/vit.py's load_base_model (path and dict, iBOT /
+  prefixed / extra keys), frozen eval model, one-line CheckpointErrors naming the key; base_forward against an
+  independent float64 ViT forward written from the state dict; no autograd graph;
 - encoder_state_dict / convert (spec 6): the CLS MLP baked by hand, adapters and decoders dropped, a plain common ViT
   loaded strictly reproduces the TEC encoder; convert writes {"model": sd} atomically;
 - parameter counts (spec 5) of TEC ViT-B and ViT-L (built on the meta device), LayerNorm eps, fixed positions;
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tec_mae as TEC  # noqa: E402
 from common.checkpoint import CheckpointError  # noqa: E402
-from common.vit import VisionTransformer  # noqa: E402
+from common.vit import VisionTransformer, encoder_state_dict, load_base_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run on one thread
 
@@ -477,7 +477,7 @@ def base_ckpt(tmp_path_factory):
 
 def load_tiny_base(ckpt):
     cfg = TINY_VIT
-    return TEC.load_base_model(
+    return load_base_model(
         ckpt, cfg["img_size"], cfg["patch_size"], cfg["embed_dim"], cfg["depth"], cfg["num_heads"]
     )  # fmt: skip
 
@@ -575,7 +575,7 @@ def test_encoder_state_dict_bakes_cls_mlp():
     """
     model = tiny_tec()
     sd = model.state_dict()
-    out = TEC.encoder_state_dict({"model": sd, "epoch": 3, "optimizer": {}})
+    out = encoder_state_dict({"model": sd, "epoch": 3, "optimizer": {}})
     plain = VisionTransformer(**{**TINY_VIT, "embed_dim": 48, "num_heads": 3}, pos_embed="learned")
     assert set(out) == set(plain.state_dict())
     c = sd["cls_token"].double()[0, 0]
@@ -586,7 +586,7 @@ def test_encoder_state_dict_bakes_cls_mlp():
     for k in out:
         if k != "cls_token":
             assert torch.equal(out[k], sd[k]), k
-    raw = TEC.encoder_state_dict({"model": sd}, bake_cls_mlp=False)
+    raw = encoder_state_dict({"model": sd}, bake_cls_mlp=False)
     assert torch.equal(raw["cls_token"], sd["cls_token"]) and "cls_token_mlp.fc2.weight" in raw
     assert not any(k.startswith(("encoder_adaptor", "forward_", "decoder")) for k in raw)
     plain.load_state_dict(out, strict=True)
@@ -608,7 +608,7 @@ def test_convert_writes_model_dict_atomically(tmp_path, monkeypatch):
     TEC.convert(args)
     saved = torch.load(dst, weights_only=False)
     assert set(saved) == {"model"}
-    exp = TEC.encoder_state_dict({"model": model.state_dict()})
+    exp = encoder_state_dict({"model": model.state_dict()})
     assert set(saved["model"]) == set(exp) and all(torch.equal(saved["model"][k], exp[k]) for k in exp)
     before = dst.read_bytes()
 
