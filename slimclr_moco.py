@@ -558,10 +558,9 @@ def slimclr_mocov2_loss(
     distillation works on the raw z_w with temperature t (spec 7.2: around 25 ln(K+1) per sub-width is normal).
     The sub-width entries are ignored before the slow start (epoch < slim_start_epoch; -1: always active)."""
     k, queue = k.float(), queue.float()
-    labels = torch.zeros(len(k), dtype=torch.long, device=k.device)
+    labels, active = torch.zeros(len(k), dtype=torch.long, device=k.device), epoch >= slim_start_epoch
     logits = lambda q: torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1)  # noqa: E731  [B, 1 + K]: the positive
     nce = lambda z: F.cross_entropy(z / temperature, labels)  # noqa: E731
-    active = epoch >= slim_start_epoch
     return slimclr_combine(q_by_width, logits, nce, active, distill_weight, distill_temperature, reweight, full_distill)
 
 
@@ -587,14 +586,10 @@ def slimclr_mocov3_loss(
 
 def slimclr_linear_probe_loss(logits_by_width: dict, targets: torch.Tensor) -> torch.Tensor:
     """Switchable probe loss (spec 4; official inplace_distill_mixed): CE(full) + sum over sub-widths of
-    (softCE(logits_w, softmax(full) detached) + CE(logits_w, y)) / 2, no temperature."""
-    widths = sorted(logits_by_width, reverse=True)
-    top = logits_by_width[widths[0]].float()
-    loss = F.cross_entropy(top, targets)
-    for w in widths[1:]:
-        s = logits_by_width[w].float()
-        loss = loss + 0.5 * (distill_ce(s, top, 1.0) + F.cross_entropy(s, targets))
-    return loss
+    (softCE(logits_w, softmax(full) detached) + CE(logits_w, y)) / 2, no temperature: the SlimCLR combination with
+    a = 0.5, t = 1 and no re-weighting, on the heads' logits."""
+    ce = lambda logits: F.cross_entropy(logits, targets)  # noqa: E731
+    return slimclr_combine(logits_by_width, lambda z: z, ce, True, 0.5, 1.0, reweight=False, full_distill=False)
 
 
 # ==== 5. OPTIMIZER & SCHEDULES ====
@@ -843,11 +838,9 @@ def switchable_probe(run: SimpleNamespace, train_feats, test_feats: torch.Tensor
         cosine = 0.5 * (1 + math.cos(math.pi * epoch / args.probe_epochs))
         opt.param_groups[0]["lr"] = args.probe_lr * (step if args.probe_schedule == "step" else cosine)
         batches = epoch_batches(len(train_y), args.probe_batch_size, args.seed, ("probe", epoch), on_device)
-        if train_feats is not None:
-            stream = (train_feats[idx] for idx in batches)
-        else:
-            keys = [(args.seed, "probe", epoch, s) for s in range(len(batches))]
-            stream = map(features, view_batches(run, images, batches, keys, [group]))
+        keys = [(args.seed, "probe", epoch, s) for s in range(len(batches))]
+        views = view_batches(run, images, batches, keys, [group])  # a generator: it reads nothing unless iterated
+        stream = map(features, views) if train_feats is None else (train_feats[idx] for idx in batches)
         for idx, f in zip(batches, stream):
             logits = {w: h(x) for w, h, x in zip(widths, heads, f.split(dims, 1))}
             loss = slimclr_linear_probe_loss(logits, train_y[idx[rank * b : (rank + 1) * b].to(device)])
