@@ -63,6 +63,7 @@ import torchvision
 import tyro
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
@@ -431,15 +432,11 @@ def active_param_count(model: nn.Module, width: float) -> int:
 @torch.no_grad()
 def active_macs(model: SlimResNet, width: float, size: int) -> int:
     """Multiply-accumulates of one size x size image through the convs and linear layers at this width (eval mode)."""
-    total = []  # per layer: outputs x inputs x kernel size (1 for a Linear)
-    count = lambda m, inputs, out: total.append(out.numel() * inputs[0].shape[1] * m.weight[0, 0].numel())  # noqa: E731
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (SlimConv2d, SlimLinear))]
     was_training, p = model.training, next(model.parameters())
-    model.eval().forward_width(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype), float(width))
+    with FlopCounterMode(display=False) as counter:  # counts the convs and matrix products only, 2 flops per MAC
+        model.eval().forward_width(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype), float(width))
     model.train(was_training)
-    for h in hooks:
-        h.remove()
-    return sum(total)
+    return counter.get_total_flops() // 2
 
 
 class SlimEncoder(nn.Module):
@@ -482,11 +479,8 @@ class Online(nn.Module):
     def forward(self, views: list, widths: list) -> list:
         """views: images [b, 3, S, S] each. Returns per view {width: embedding [b, D]} (not normalised).
         CRUCIAL: every width is a separate pass of the same images, with its own BN batch statistics (spec 7.5)."""
-        out = []
-        for x in views:
-            z = {w: self.encoder(x, w) for w in widths}
-            out.append(z if self.predictor is None else {w: self.predictor(e, w) for w, e in z.items()})
-        return out
+        predict = (lambda e, w: e) if self.predictor is None else self.predictor  # v2: no predictor
+        return [{w: predict(self.encoder(x, w), w) for w in widths} for x in views]
 
 
 class SlimCLR(nn.Module):
@@ -509,26 +503,20 @@ def ema_update(teacher: nn.Module, student: nn.Module, m: float) -> None:
 
 @torch.no_grad()
 def momentum_keys(run: SimpleNamespace, x: torch.Tensor, step: int) -> tuple:
-    """Full-width keys of this rank's images [b, D] and of the global batch [B, D], L2-normalised, fp32. v2 under DDP:
-    shuffle-BN (spec 2.1): each rank encodes one share of the permuted global batch, the keys are gathered and
-    un-permuted, so a key's BN statistics come from other images than its query's (per-rank statistics would leak
-    which key is the positive). DEVIATION: the permutation is a seeded stream identical on every rank (official: drawn
-    on rank 0 and broadcast). One process: nothing to shuffle across (the official code needs DDP). v3: no shuffle."""
+    """Full-width keys [b, D] of this rank's images and [B, D] of the global batch, L2-normalised, fp32. v2 under DDP:
+    shuffle-BN (spec 2.1), so that no key's BN statistics come from its query's images (per-rank statistics would leak
+    the positive). DEVIATION: the permutation is a seeded stream alike on every rank (official: drawn on rank 0 and
+    broadcast). v3, or one process (nothing to shuffle across; the official code needs DDP): no shuffle."""
     rank, b = run.rank, len(x)
-
-    def keys(images):
-        with run.autocast:
-            k = run.model.momentum_encoder(images.contiguous(memory_format=run.fmt), 1.0)
-        return F.normalize(k.float(), dim=1)
-
-    if run.args.moco == "v3" or run.world_size == 1:
-        k = keys(x)
-        return k, gather_with_grad(k)
-    x_all = gather_with_grad(x)
-    gen = torch.Generator(device=x.device).manual_seed(rng_seed(run.args.seed, "shuffle-bn", step))
-    perm = torch.randperm(len(x_all), generator=gen, device=x.device)
-    k_all = torch.empty(len(x_all), run.args.dim, device=x.device)
-    k_all[perm] = gather_with_grad(keys(x_all[perm[rank * b : (rank + 1) * b]]))
+    shuffle = run.args.moco == "v2" and run.world_size > 1
+    if shuffle:  # this rank encodes its share of the permuted global batch
+        gen = torch.Generator(device=x.device).manual_seed(rng_seed(run.args.seed, "shuffle-bn", step))
+        perm = torch.randperm(b * run.world_size, generator=gen, device=x.device)
+        x = gather_with_grad(x)[perm[rank * b : (rank + 1) * b]]
+    with run.autocast:
+        k = run.model.momentum_encoder(x.contiguous(memory_format=run.fmt), 1.0)
+    k_all = gather_with_grad(F.normalize(k.float(), dim=1))
+    k_all = k_all[perm.argsort()] if shuffle else k_all  # un-permuted: row i is the key of global image i
     return k_all[rank * b : (rank + 1) * b], k_all
 
 
@@ -546,11 +534,8 @@ def slimclr_combine(q_by_width: dict, logits, nce, active: bool, a: float, t: fl
     alone, unweighted (PAPER: the sub-widths contribute exactly 0). After it, with a = distill_weight:
         lambda_max nce_max + sum_w<max [(1 - a) nce_w + a kd_w],  lambda_max = 1 + sum of the sub-widths (reweight)
     with kd_w the distillation (temperature t) of the full width's logits (and the larger sub-widths', full_distill)."""
-    widths = sorted(q_by_width, reverse=True)
-    z = {w: logits(q_by_width[w].float()) for w in (widths if active else widths[:1])}
-    top = widths[0]
-    if not active:
-        return nce(z[top])
+    widths = sorted(q_by_width, reverse=True)[: None if active else 1]
+    z, top = {w: logits(q_by_width[w].float()) for w in widths}, widths[0]
     lam = 1 + sum(widths[1:]) if reweight else 1.0  # PAPER: official loss_weights_generate option 5
     loss = lam * nce(z[top])
     for i, w in enumerate(widths[1:], 1):
@@ -572,10 +557,9 @@ def slimclr_mocov2_loss(
     distillation works on the raw z_w with temperature t (spec 7.2: around 25 ln(K+1) per sub-width is normal).
     The sub-width entries are ignored before the slow start (epoch < slim_start_epoch; -1: always active)."""
     k, queue = k.float(), queue.float()
-    labels = torch.zeros(len(k), dtype=torch.long, device=k.device)
+    labels, active = torch.zeros(len(k), dtype=torch.long, device=k.device), epoch >= slim_start_epoch
     logits = lambda q: torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1)  # noqa: E731  [B, 1 + K]: the positive
     nce = lambda z: F.cross_entropy(z / temperature, labels)  # noqa: E731
-    active = epoch >= slim_start_epoch
     return slimclr_combine(q_by_width, logits, nce, active, distill_weight, distill_temperature, reweight, full_distill)
 
 
@@ -601,22 +585,17 @@ def slimclr_mocov3_loss(
 
 def slimclr_linear_probe_loss(logits_by_width: dict, targets: torch.Tensor) -> torch.Tensor:
     """Switchable probe loss (spec 4; official inplace_distill_mixed): CE(full) + sum over sub-widths of
-    (softCE(logits_w, softmax(full) detached) + CE(logits_w, y)) / 2, no temperature."""
-    widths = sorted(logits_by_width, reverse=True)
-    top = logits_by_width[widths[0]].float()
-    loss = F.cross_entropy(top, targets)
-    for w in widths[1:]:
-        s = logits_by_width[w].float()
-        loss = loss + 0.5 * (distill_ce(s, top, 1.0) + F.cross_entropy(s, targets))
-    return loss
+    (softCE(logits_w, softmax(full) detached) + CE(logits_w, y)) / 2, no temperature: the SlimCLR combination with
+    a = 0.5, t = 1 and no re-weighting, on the heads' logits."""
+    ce = lambda logits: F.cross_entropy(logits, targets)  # noqa: E731
+    return slimclr_combine(logits_by_width, lambda z: z, ce, True, 0.5, 1.0, reweight=False, full_distill=False)
 
 
 # ==== 5. OPTIMIZER & SCHEDULES ====
 class MoCoV3LARS(torch.optim.Optimizer):
-    """LARS as in MoCo v3 (and SlimCLR's utils/optim.py), spec 3.4. For parameters with ndim > 1:
-        g <- g + wd p;  g <- g x eta ||p|| / ||g||  (1 where a norm is 0)
-    1-D parameters (BN, biases) take g unchanged: no weight decay, no trust ratio. Then mu <- m mu + g; p <- p - lr mu.
-    (Unlike solo-learn's LARS, the trust ratio divides by ||g + wd p||, with no eps or clipping.)"""
+    """LARS as in MoCo v3 (and SlimCLR's utils/optim.py), spec 3.4. For parameters with ndim > 1: g <- g + wd p, then
+    g <- g x eta ||p|| / ||g|| (1 where a norm is 0; no eps or clipping, unlike solo-learn's). 1-D parameters (BN,
+    biases) take g unchanged. Then mu <- m mu + g; p <- p - lr mu."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
@@ -787,13 +766,13 @@ def run_training(args: Args) -> dict:
 def evaluate(run: SimpleNamespace, tag: str) -> dict:
     """Per width: weighted k-NN on pooled backbone features (a seeded subset during training, everything at the end),
     and at the end the switchable probe. Keys: knn_top1@W, linear_top1@W (...); the full width also without @W."""
-    args, data, device, widths = run.args, run.data, run.device, run.widths
+    args, data, device, widths, nc = run.args, run.data, run.device, run.widths, run.data["num_classes"]
     final, t0 = tag == "final", time.perf_counter()
     use_cache = final and run.world_size == 1  # cached per weights digest: a rerun of a finished run skips encoding
     digest = state_dict_digest(run.model.state_dict()) if use_cache else None
     key = rng_seed(digest, args.dataset, args.data_dir, args.large_size, args.mean, args.std)
     cache = ArtifactCache(Path(args.out_dir) / "cache", f"{key:014x}")
-    feats, labels = {}, {}  # per split: {width: features [n, F w]} and the labels [n]
+    feats, labels = {}, {}  # per split: every width's features side by side [n, sum F w] (run.encode), labels [n]
     for split, size in (("train", args.eval_subset_train), ("test", args.eval_subset_test)):
         n = len(data[f"{split}_y"])
         g = torch.Generator().manual_seed(rng_seed(args.seed, "eval-subset", split))
@@ -801,17 +780,16 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
         labels[split] = data[f"{split}_y"][slice(None) if subset is None else subset].to(device)
         f = cache.get(split) if use_cache else None
         if f is None:
-            f = extract_features(run, split, subset)  # every width's features side by side (run.encode)
+            f = extract_features(run, split, subset)
             if use_cache:
                 cache.put(split, f.cpu())
-        feats[split] = dict(zip(widths, f.to(device).split(run.feature_dims, 1)))
+        feats[split] = f.to(device)
     (ftr, ytr), (fte, yte) = ((feats[s], labels[s]) for s in ("train", "test"))
     res, times = {}, dict(encode_s=time.perf_counter() - t0)
     if run.rank == 0:
         t0 = time.perf_counter()
-        for w in widths:
-            knn = knn_eval(ftr[w], ytr, fte[w], yte, data["num_classes"], args.knn_k, args.knn_t)
-            res[f"knn_top1@{w}"], res[f"knn_top5@{w}"] = knn
+        for w, tr, te in zip(widths, ftr.split(run.feature_dims, 1), fte.split(run.feature_dims, 1)):
+            res[f"knn_top1@{w}"], res[f"knn_top5@{w}"] = knn_eval(tr, ytr, te, yte, nc, args.knn_k, args.knn_t)
         times["knn_s"] = time.perf_counter() - t0
     if final and (args.probe == "augmented" or args.probe == "features" and run.rank == 0):  # augmented: every rank
         t0 = time.perf_counter()
@@ -829,16 +807,16 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
     return res
 
 
-def switchable_probe(run: SimpleNamespace, train_feats: Optional[dict], test_feats: dict, y_test: torch.Tensor) -> dict:
+def switchable_probe(run: SimpleNamespace, train_feats, test_feats: torch.Tensor, y_test: torch.Tensor) -> dict:
     """The switchable linear probe (spec 4): one Linear(F w, C) per width (N(0, 0.01), bias 0) on the frozen eval-mode
-    backbone, trained together with slimclr_linear_probe_loss (SGD momentum 0.9, fp32 heads). Train inputs: the
-    backbone's features of RandomResizedCrop(0.08, 1) + flip views (augmented, official; the heads data-parallel over
-    the ranks) or precomputed features {width: [N, F w]} (features, rank 0 alone). Returns per width linear_top1@W and
+    backbone, trained together with slimclr_linear_probe_loss (SGD momentum 0.9, fp32 heads) on every width's features
+    side by side [N, sum F w] (as run.encode): of RandomResizedCrop(0.08, 1) + flip views (train_feats None: augmented,
+    official; the heads data-parallel over the ranks) or train_feats (rank 0 alone). Returns per width linear_top1@W,
     linear_top5@W (last epoch) and linear_top1_best@W (at the epoch of the full width's best top-1, official)."""
-    args, device, nc, widths = run.args, run.device, run.data["num_classes"], run.widths
+    args, device, nc, widths, dims = run.args, run.device, run.data["num_classes"], run.widths, run.feature_dims
     world, rank = (1, 0) if train_feats is not None else (run.world_size, run.rank)
     gen = torch.Generator().manual_seed(args.seed)
-    heads = nn.ModuleList(nn.Linear(d, nc) for d in run.feature_dims)
+    heads = nn.ModuleList(nn.Linear(d, nc) for d in dims)
     for h in heads:  # drawn on the CPU: the same heads on any device
         nn.init.normal_(h.weight, 0, 0.01, generator=gen)
         nn.init.zeros_(h.bias)
@@ -849,26 +827,21 @@ def switchable_probe(run: SimpleNamespace, train_feats: Optional[dict], test_fea
     group, b = CropGroup(1, args.large_size, (0.08, 1.0), colour=False), args.probe_batch_size // world
     run.model.eval()
 
-    @torch.no_grad()
-    def every_width(views):  # the frozen backbone's features of one batch of views at every width, fp32
-        with run.autocast:
-            f = run.encode(views[0].contiguous(memory_format=run.fmt)).float()
-        return dict(zip(widths, f.split(run.feature_dims, 1)))
+    def features(views):  # the frozen backbone's features of one batch of views, every width's side by side, fp32
+        with torch.no_grad(), run.autocast:
+            return run.encode(views[0].contiguous(memory_format=run.fmt)).float()
 
     history = []  # per evaluated epoch: [n_widths, 2] top-1 and top-5
     for epoch in tqdm(range(args.probe_epochs), desc="switchable probe", disable=rank != 0, leave=False):
         step = 0.1 ** sum(epoch >= round(f * args.probe_epochs) for f in (0.6, 0.8))  # PAPER (v2): epochs 60, 80 of 100
         cosine = 0.5 * (1 + math.cos(math.pi * epoch / args.probe_epochs))
-        for g in opt.param_groups:
-            g["lr"] = args.probe_lr * (step if args.probe_schedule == "step" else cosine)
+        opt.param_groups[0]["lr"] = args.probe_lr * (step if args.probe_schedule == "step" else cosine)
         batches = epoch_batches(len(train_y), args.probe_batch_size, args.seed, ("probe", epoch), on_device)
-        if train_feats is not None:
-            stream = ({w: f[idx] for w, f in train_feats.items()} for idx in batches)
-        else:
-            keys = [(args.seed, "probe", epoch, s) for s in range(len(batches))]
-            stream = map(every_width, view_batches(run, images, batches, keys, [group]))
-        for idx, inputs in zip(batches, stream):
-            logits = {w: h(inputs[w]) for w, h in zip(widths, heads)}
+        keys = [(args.seed, "probe", epoch, s) for s in range(len(batches))]
+        views = view_batches(run, images, batches, keys, [group])  # a generator: it reads nothing unless iterated
+        stream = map(features, views) if train_feats is None else (train_feats[idx] for idx in batches)
+        for idx, f in zip(batches, stream):
+            logits = {w: h(x) for w, h, x in zip(widths, heads, f.split(dims, 1))}
             loss = slimclr_linear_probe_loss(logits, train_y[idx[rank * b : (rank + 1) * b].to(device)])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -879,7 +852,9 @@ def switchable_probe(run: SimpleNamespace, train_feats: Optional[dict], test_fea
             opt.step()
         if (epoch + 1) % args.probe_eval_every == 0 or epoch + 1 == args.probe_epochs:
             with torch.no_grad():
-                top5 = torch.stack([h(test_feats[w]).topk(min(5, nc), dim=1).indices for w, h in zip(widths, heads)])
+                top5 = torch.stack(
+                    [h(x).topk(min(5, nc), dim=1).indices for h, x in zip(heads, test_feats.split(dims, 1))]
+                )
                 hit = top5 == y_test[:, None]  # [n_widths, N, 5]
                 history.append(100 * torch.stack([hit[..., 0].float().mean(1), hit.any(2).float().mean(1)], 1))
     history = torch.stack(history).tolist()  # one host sync
