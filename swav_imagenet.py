@@ -13,6 +13,8 @@ Runs (the `imagenet` recipe is the paper's; flags override it; linear top-1 from
         --warmup-epochs 0 --queue-length 3840 --queue-start-epoch 15 --freeze-prototypes-epochs 1 --epochs 200  # 72.7%
     torchrun --nnodes=8 --nproc_per_node=8 swav_imagenet.py imagenet --data-dir IMAGENET --n-small 0 \
         --large-scale 0.08 1.0 --epochs 400                                                # no multi-crop: 70.1%
+    python swav_imagenet.py imagenet --data-dir IMAGENET --max-steps 0 \
+        --init swav_800ep_pretrain.pth.tar                     # evaluates the released 800-epoch model (75.3%)
     python swav_imagenet.py cifar --dataset cifar10            # CIFAR proxy (spec 9.2, solo-learn-like recipe)
     python swav_imagenet.py cifar --dataset imagefolder --data-dir CIFAR10_JPEG --epochs 100
     python swav_imagenet.py imagenet --data-dir DIR --batch-size 8 --epochs 1 --arch resnet18 --large-size 64 \
@@ -55,7 +57,8 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from common.checkpoint import ArtifactCache, CheckpointError, resume_state, save_state, state_dict_digest
+from common.checkpoint import ArtifactCache, CheckpointError, init_weights, own_checkpoint, resume_state, save_state
+from common.checkpoint import save_checkpoint, state_dict_digest, strip_prefix, torchvision_resnet
 from common.resnet import RESNETS
 
 
@@ -73,6 +76,8 @@ class Args:
     """where last.pt, log.jsonl, results.json and the feature cache go; an existing last.pt is resumed"""
     resume: Optional[str] = None
     """resume from this checkpoint instead of out_dir/last.pt"""
+    init: Optional[str] = None
+    """start from these weights unless a last.pt is resumed (which ignores --init); README: Use released weights"""
     save_every_steps: int = 1000
     """also save out_dir/last.pt every this many steps (0: only at epoch ends)"""
     # SHARED: args-data
@@ -444,6 +449,29 @@ def train_batches(run: SimpleNamespace, epoch: int, start: int, last: int):
 
 
 # ==== 7. TRAINING ====
+def official_swav(sd) -> Optional[dict]:
+    """--init format: facebookresearch/swav's model state dict (`module.` optional) with src/resnet50.py's names: the
+    ResNet's are torchvision's (its `padding`, ConstantPad2d(1) before conv1's padding 2, is padding 3 and holds no
+    tensor), then projection_head.{0,1,3} (Linear, BN, ReLU, Linear) and prototypes.weight; None for other files."""
+    if not (isinstance(sd, dict) and all(isinstance(k, str) for k in sd)):
+        return None
+    sd = strip_prefix(sd, "module." if all(k.startswith("module.") for k in sd) else "")  # its tensors, no DDP prefix
+    if not {"conv1.weight", "prototypes.weight"} <= sd.keys():
+        return None  # e.g. DeepCluster-v2's prototypes.prototypes{i}, eval_linear.py's classifier: other files
+    heads = ("projection_head.", "prototypes.")  # our head.{0,1,3} (the same indices) and prototypes; the rest: ResNet
+    return {k.removeprefix("projection_") if k.startswith(heads) else f"backbone.{k}": v for k, v in sd.items()}
+
+
+# --init: the first format that reads the file gives its tensors under our names (common/checkpoint.py: init_weights)
+INIT_FORMATS = {
+    "last.pt": own_checkpoint,
+    "SwAV release (swav_*_pretrain.pth.tar)": official_swav,  # swav/hubconf.py and README's model zoo
+    # main_swav.py's checkpoint.pth.tar / ckp-N.pth: {"epoch", "state_dict": the DDP model's, "optimizer", "amp"}
+    "main_swav.py checkpoint": lambda obj: official_swav(obj.get("state_dict") if isinstance(obj, dict) else None),
+    "torchvision ResNet": torchvision_resnet,
+}
+
+
 def run_training(args: Args) -> dict:
     """Build the run (model, LARC, resume with the queue, SyncBN, DDP), train (SHARED: common), evaluate, save."""
     run = start_run(args)
@@ -457,6 +485,9 @@ def run_training(args: Args) -> dict:
     run.freeze_steps = round(args.freeze_prototypes_epochs * run.steps_per_epoch)
     ckpt = resume_state(run, {"queue"})
     run.queue = Queue.restore(ckpt["queue"], run) if ckpt is not None else None
+    init = init_weights(model, args.init, INIT_FORMATS) if ckpt is None and args.init else None
+    if init and run.rank == 0:
+        print(init)
     run.extra_state = lambda: dict(queue=run.queue.state(run) if run.queue is not None else None)  # every rank's part
     net = model
     if world_size > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (PyTorch's needs CUDA)
@@ -470,9 +501,12 @@ def run_training(args: Args) -> dict:
     run.total_steps = min(run.steps_per_epoch * args.epochs, math.inf if args.max_steps is None else args.max_steps)
     train_epochs(run)
     warn_if_collapsed(run)
+    if run.rank == 0:  # the backbone alone, as torchvision's resnet50() with fc = nn.Identity() loads it (strictly)
+        save_checkpoint({k: v.cpu() for k, v in model.backbone.state_dict().items()}, f"{args.out_dir}/backbone.pt")
     res = evaluate(run, tag="final")
     if run.rank == 0:
-        write_results(run, "SwAV (arXiv 2006.09882)", dict(base_lr=args.lr * args.batch_size / 256), bench, res)
+        extra = dict(base_lr=args.lr * args.batch_size / 256, init=init)
+        write_results(run, "SwAV (arXiv 2006.09882)", extra, bench, res)
     if dist.is_initialized():
         dist.destroy_process_group()
     return res
