@@ -63,7 +63,7 @@ class Args:
     seed: int = 0
     """seed for the model init, the data order and every augmentation draw (the official code is unseeded)"""
     out_dir: str = "runs/empssl"
-    """where last.pt, log.jsonl, results.json and the feature cache go; an existing last.pt is resumed"""
+    """where last.pt, backbone.pt, log.jsonl, results.json and the feature cache go; an existing last.pt is resumed"""
     resume: Optional[str] = None
     """resume from this checkpoint instead of out_dir/last.pt"""
     init: Optional[str] = None
