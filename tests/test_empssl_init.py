@@ -65,7 +65,7 @@ def torchvision_resnet18(cifar_stem: bool) -> nn.Module:
     return net.eval()
 
 
-def test_official_checkpoint_gives_the_official_features(tmp_path):
+def test_official_checkpoint_gives_the_official_features(tmp_path, one_thread):
     """The official layout at the paper's sizes (resnet18-cifar, 4096, 1024): every tensor lands where the official
     model has it (h and z equal the official model's), one line says so; a torchvision ResNet fills the backbone
     alone."""
@@ -105,7 +105,7 @@ def test_weight_init_kachayev():
     assert E.EMPSSL("resnet18", 512, 128).projection[0].weight.std() > 1e-2  # torch's default
 
 
-def test_init_runs_evaluates_resumes_and_refuses(small_cifar_dir, tmp_path):
+def test_init_runs_evaluates_resumes_and_refuses(small_cifar_dir, tmp_path, one_thread):
     """Through the command line on real CIFAR images. --init of an official checkpoint (resnet18-imagenet: our
     resnet18) with --max-steps 0 evaluates exactly its weights (the cached bag features of the test images are the
     official model's h of the same patches) and writes backbone.pt, which loads strictly into torchvision's resnet18
@@ -131,7 +131,7 @@ def test_init_runs_evaluates_resumes_and_refuses(small_cifar_dir, tmp_path):
     torch.save(
         {"module.pre_feature.0.weight": sd[True]["module.pre_feature.0.weight"], "x": Payload()}, bad / "evil.pt"
     )
-    refused = {  # resnet18-cifar, the default --arch
+    refused = {  # each into resnet18-cifar (tiny's --arch)
         bad / "moco.pth.tar": ["not a format this script reads (last.pt, official <epoch>.pt, torchvision ResNet)",
                                "[arch, epoch, optimizer, state_dict]"],
         bad / "cut.pt": ["cannot read checkpoint", "cut.pt"],
@@ -144,8 +144,8 @@ def test_init_runs_evaluates_resumes_and_refuses(small_cifar_dir, tmp_path):
     evaluate = empssl(small_cifar_dir, out, f"{tiny} --arch resnet18 --init {official / 'imagenet.pt'} --max-steps 0")
     cases = [(evaluate + ["--eval-patches", "1"], None)]
     cases += [(empssl(small_cifar_dir, tmp_path / f"o-{f.name}", f"{tiny} --init {f}"), None) for f in refused]
-    tune = [empssl(small_cifar_dir, trained, f"{tiny} --max-steps 1 --eval-patches 0 --init {f}") for f in (
-        official / "cifar.pt", bad / "cut.pt")]  # fmt: skip
+    step = f"{tiny} --batch-size 8 --max-steps 1 --eval-patches 0 --init"
+    tune = [empssl(small_cifar_dir, trained, f"{step} {f}") for f in (official / "cifar.pt", bad / "cut.pt")]
     # two runners (tests/forkrun.py): one trains a step from the official weights, then resumes; the other the rest
     first, procs = forked_in_two(tune[0], cases, [(tune[1], None)], tmp_path)
     (proc, *procs), resumed = procs[:-1], procs[-1]
@@ -164,8 +164,8 @@ def test_init_runs_evaluates_resumes_and_refuses(small_cifar_dir, tmp_path):
     # again here from the evaluation's key), under the digest of the official weights
     args = E.Args(dataset="imagefolder", data_dir=str(small_cifar_dir))
     test_x = E.load_data(args)["test_x"]
-    key = (args.seed, "eval", "test", 0, 0)  # rank 0's first block
-    patches = next(E.patch_batches(test_x, [torch.arange(50)], [key], 1, args, torch.device("cpu")))
+    block = (args.seed, "eval", "test", 0, 0)  # the key of rank 0's first block of (up to 100) images
+    patches = next(E.patch_batches(test_x, [torch.arange(50)], [block], 1, args, torch.device("cpu")))
     digest = E.state_dict_digest({k[len("module.") :]: v for k, v in sd[False].items()})
     key = E.rng_seed(digest, 1, args.seed, args.crop_scale, args.solarize_threshold)
     cached = torch.load(out / "cache" / f"{key:014x}" / "test.pt")["value"]
