@@ -49,7 +49,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from common.checkpoint import ArtifactCache, CheckpointError, resume_state, save_state, state_dict_digest
+from common.checkpoint import ArtifactCache, CheckpointError, init_weights, own_checkpoint, resume_state
+from common.checkpoint import save_checkpoint, save_state, state_dict_digest, strip_prefix, torchvision_resnet
 from common.resnet import RESNETS
 
 
@@ -62,9 +63,11 @@ class Args:
     seed: int = 0
     """seed for the model init, the data order and every augmentation draw (the official code is unseeded)"""
     out_dir: str = "runs/empssl"
-    """where last.pt, log.jsonl, results.json and the feature cache go; an existing last.pt is resumed"""
+    """where last.pt, backbone.pt, log.jsonl, results.json and the feature cache go; an existing last.pt is resumed"""
     resume: Optional[str] = None
     """resume from this checkpoint instead of out_dir/last.pt"""
+    init: Optional[str] = None
+    """start from these weights (a run resumed from last.pt or --resume ignores them; README: Use released weights)"""
     save_every_steps: int = 100
     """also save out_dir/last.pt every this many steps, so a kill mid-epoch loses little (0: only at epoch ends)"""
     # --- data
@@ -90,7 +93,7 @@ class Args:
     """width of pre_feature (h, the evaluated representation) and of the projection's hidden layer"""
     z_dim: int = 1024
     """dimension of the L2-normalised embedding z"""
-    init: Literal["torch", "kachayev"] = "torch"
+    weight_init: Literal["torch", "kachayev"] = "torch"
     """torch: framework defaults (official); kachayev: Linear weights N(0, 1e-3), biases 0"""
     sync_bn: bool = False
     """SyncBatchNorm under DDP (BN over the global batch); off = per-rank BN like the official DataParallel"""
@@ -176,7 +179,6 @@ def sample_patch_params(gen: torch.Generator, n: int, size: int, crop: int) -> d
     def u(lo, hi, *shape):
         return lo + (hi - lo) * torch.rand(n, *shape, generator=gen, device=dev)
 
-    # fmt: off
     return dict(
         y0=torch.randint(0, size - crop + 1, (n,), generator=gen, device=dev),  # PAPER: RandomResizedCrop(scale=(.25,
         x0=torch.randint(0, size - crop + 1, (n,), generator=gen, device=dev),  # .25), ratio=(1,1)): position only
@@ -187,8 +189,7 @@ def sample_patch_params(gen: torch.Generator, n: int, size: int, crop: int) -> d
         gray=u(0, 1) < 0.2,                                                      # RandomGrayscale(p=0.2)
         blur=u(0, 1) < 0.1, sigma=u(0.1, 2.0),                                   # GBlur(p=0.1), sigma ~ U(0.1, 2)
         solarize=u(0, 1) < 0.1,                                                  # RandomApply(Solarization, p=0.1)
-    )
-    # fmt: on
+    )  # fmt: skip
 
 
 def augment_patches(images: torch.Tensor, p: dict, crop: int, solarize_threshold: int) -> torch.Tensor:
@@ -231,7 +232,7 @@ def patch_batches(images: torch.Tensor, batches: list, keys: list, n_patches: in
 class EMPSSL(nn.Module):
     """ResNet backbone -> pre_feature (h, evaluated) -> projection -> L2-normalised z (spec 3)."""
 
-    def __init__(self, arch: str, hidden_dim: int, z_dim: int, init: str = "torch"):
+    def __init__(self, arch: str, hidden_dim: int, z_dim: int, weight_init: str = "torch"):
         super().__init__()
         self.backbone = RESNETS[arch]()
         self.pre_feature = nn.Sequential(
@@ -240,11 +241,10 @@ class EMPSSL(nn.Module):
         self.projection = nn.Sequential(
             nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, z_dim)
         )
-        if init == "kachayev":  # kachayev/ssl-in-one-epoch: Linear weights N(0, 1e-3), zero biases
-            for m in self.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, 0.0, 1e-3)
-                    nn.init.zeros_(m.bias)
+        linears = [m for m in self.modules() if isinstance(m, nn.Linear)] if weight_init == "kachayev" else []
+        for m in linears:  # kachayev/ssl-in-one-epoch: Linear weights N(0, 1e-3), zero biases
+            nn.init.normal_(m.weight, 0.0, 1e-3)
+            nn.init.zeros_(m.bias)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.pre_feature(self.backbone(x))  # h: [N, hidden_dim], >= 0
@@ -283,8 +283,7 @@ def empssl_loss(z: torch.Tensor, args: Args) -> tuple:
     CRUCIAL: the TCR covers the global batch (each rank's z is gathered with gradient), as in the official
     single-process code; the invariance term is per image, and DDP's gradient averaging makes it the global mean."""
     inv = invariance_loss(z)
-    z_all = gather_with_grad(z.transpose(0, 1)).transpose(0, 1)  # [P, B_global, D]
-    tcr = tcr_loss(z_all, args.eps)
+    tcr = tcr_loss(gather_with_grad(z.transpose(0, 1)).transpose(0, 1), args.eps)  # over z: [P, B_global, D]
     return args.inv_weight * inv + args.tcr_weight * tcr, inv, tcr
 
 
@@ -319,10 +318,9 @@ def train_batches(run: SimpleNamespace, epoch: int, start: int, last: int):
 
 def train_step(run: SimpleNamespace, x: torch.Tensor, step: int) -> torch.Tensor:
     """One EMP-SSL step on this rank's patches: forward, loss (spec 4.5), backward, LARS. Returns [loss, cos, R]."""
-    args = run.args
     with run.autocast:
         z, _ = run.ddp_model(x.contiguous(memory_format=run.fmt))
-    loss, inv, tcr = empssl_loss(z.view(args.n_patches, -1, z.shape[-1]), args)
+    loss, inv, tcr = empssl_loss(z.view(run.args.n_patches, -1, z.shape[-1]), run.args)
     run.opt.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     run.scaler.step(run.opt)
@@ -331,7 +329,13 @@ def train_step(run: SimpleNamespace, x: torch.Tensor, step: int) -> torch.Tensor
 
 
 # ==== 7. TRAINING ====
+def official_pt(obj) -> Optional[dict]:
+    """--init format: tsb0601/EMP-SSL main.py's save_models/<epoch>.pt (nn.DataParallel of model/model.py's encoder)"""
+    return strip_prefix(obj, "module.") if isinstance(obj, dict) and "module.pre_feature.0.weight" in obj else None
+
+
 CIFAR = {"cifar10": (torchvision.datasets.CIFAR10, 10), "cifar100": (torchvision.datasets.CIFAR100, 100)}
+INIT_FORMATS = {"last.pt": own_checkpoint, "official <epoch>.pt": official_pt, "torchvision ResNet": torchvision_resnet}
 
 
 def load_data(args: Args) -> dict:
@@ -386,8 +390,7 @@ def run_training(args: Args) -> dict:
     if device.type != "cuda":  # autocast runs on CUDA only: say so in results.json
         args = dataclasses.replace(args, amp="none", channels_last=False)
     torch.backends.cudnn.benchmark = not args.deterministic
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
     # DEVIATION: TF32 for fp32 matmuls/convs (official: off); it matters only with --amp none (the log-det is fp64)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     n = len(data["train_x"])
@@ -405,8 +408,8 @@ def run_training(args: Args) -> dict:
     run.total_steps = min(run.steps_per_epoch * args.epochs, math.inf if args.max_steps is None else args.max_steps)
     torch.manual_seed(args.seed)  # the same initial model on every rank
     run.fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    run.model = model = EMPSSL(args.arch, args.hidden_dim, args.z_dim, args.init).to(device, memory_format=run.fmt)
-    run.encode = model.encode  # h, the representation the paper evaluates
+    model = EMPSSL(args.arch, args.hidden_dim, args.z_dim, args.weight_init).to(device, memory_format=run.fmt)
+    run.model, run.encode = model, model.encode  # h, the representation the paper evaluates
     # PAPER: SGD with Nesterov momentum inside LARSWrapper(eta=0.005, clip=True, exclude_bias_n_norm=True)
     groups = param_groups(model, args.weight_decay)
     run.opt = LARS(groups, lr=args.lr, momentum=args.momentum, nesterov=True, eta=args.lars_eta, clip=True)
@@ -415,7 +418,9 @@ def run_training(args: Args) -> dict:
     run.autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
     run.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
     run.global_step, run.train_time_s, run.images_seen, run.data_wait_s, run.times = 0, 0.0, 0, 0.0, {}
-    resume_state(run, set())
+    run.init = None if resume_state(run, set()) or not args.init else init_weights(model, args.init, INIT_FORMATS)
+    if rank == 0 and run.init:  # --init loaded before DDP (every rank the same file); a resumed run ignores it
+        print(run.init)
     net = nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn and world_size > 1 else model
     if world_size > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
@@ -424,7 +429,8 @@ def run_training(args: Args) -> dict:
     run.metrics = ("loss", "cos", "R")  # train_step's: the loss, the mean cos to the image's mean embedding, R
     train_epochs(run)
     res = evaluate(run, tag="final") if args.eval_patches else {}
-    if rank == 0:
+    if rank == 0:  # the ResNet alone, torchvision's names: README "Use released weights" loads it
+        save_checkpoint({k: v.cpu() for k, v in model.backbone.state_dict().items()}, Path(args.out_dir, "backbone.pt"))
         write_results(run, bench, res)
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -442,7 +448,7 @@ def write_results(run: SimpleNamespace, bench: dict, res: dict) -> None:
         script=Path(__file__).name, paper="EMP-SSL (arXiv 2304.03977)", exp_name=args.exp_name,
         args=dataclasses.asdict(args), world_size=run.world_size, steps_per_epoch=run.steps_per_epoch,
         device=torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
-        torch=torch.__version__, torchvision=torchvision.__version__, python=platform.python_version(),
+        torch=torch.__version__, torchvision=torchvision.__version__, python=platform.python_version(), init=run.init,
         epochs_done=run.global_step / run.steps_per_epoch, steps_done=run.global_step, eval_protocol=protocol,
         data_time_s=run.data_time_s, train_time_s=run.train_time_s, data_wait_s=run.data_wait_s, **run.times,
         total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen,
@@ -451,8 +457,7 @@ def write_results(run: SimpleNamespace, bench: dict, res: dict) -> None:
         peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res,
     )  # fmt: skip
-    tmp = out / f"results.json.tmp.{os.getpid()}"
-    tmp.write_text(json.dumps(results, indent=2))
+    (tmp := out / f"results.json.tmp.{os.getpid()}").write_text(json.dumps(results, indent=2))
     os.replace(tmp, out / "results.json")  # atomic, like the checkpoints
     print(summary_line(res, results, out / "results.json"))
 
@@ -502,21 +507,18 @@ def encode_bag(run: SimpleNamespace, images: torch.Tensor, split: str, n_patches
 def evaluate(run: SimpleNamespace, tag: str) -> dict:
     """Bag-of-features encoding of both splits, then weighted k-NN and the linear probe (official func.linear, spec
     6.2) on rank 0. The final features of a 1-process run are cached per weights digest: a rerun skips encoding."""
-    args, data, device = run.args, run.data, run.device
-    res, times = {}, {}
+    args, data, device, res, times = run.args, run.data, run.device, {}, {}
     use_cache = tag == "final" and run.world_size == 1
     digest = state_dict_digest(run.model.state_dict()) if use_cache else None
     for prefix, n_patches in [("", args.eval_patches)] + ([("whole_", 0)] if args.eval_whole_image else []):
         key = rng_seed(digest, n_patches, args.seed, args.crop_scale, args.solarize_threshold)
         cache = ArtifactCache(Path(args.out_dir) / "cache", f"{key:014x}")
         t0 = time.perf_counter()
-        feats = {}
-        for split in ("train", "test"):
-            feats[split] = cache.get(split) if use_cache else None
-            if feats[split] is None:
-                feats[split] = encode_bag(run, data[f"{split}_x"], split, n_patches)
-                if use_cache:
-                    cache.put(split, feats[split].cpu())
+        feats = {split: cache.get(split) if use_cache else None for split in ("train", "test")}
+        for split in [s for s in feats if feats[s] is None]:
+            feats[split] = encode_bag(run, data[f"{split}_x"], split, n_patches)
+            if use_cache:
+                cache.put(split, feats[split].cpu())
         times[f"{prefix}encode_s"] = time.perf_counter() - t0
         if run.rank == 0:
             xtr, xte, nc = feats["train"].to(device), feats["test"].to(device), data["num_classes"]

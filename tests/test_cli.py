@@ -52,3 +52,5 @@ def test_tec_pretrain_keeps_its_seed():
 def test_empssl_parses_its_defaults():
     assert empssl_cifar.parse_args([]) == empssl_cifar.Args()
     assert empssl_cifar.parse_args(["--lr", "0.1"]).lr == 0.1
+    # --init FILE: released weights, as in every script; the initialisation scheme is --weight-init
+    assert empssl_cifar.parse_args(["--init", "1.pt", "--weight-init", "kachayev"]).init == "1.pt"
