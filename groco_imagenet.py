@@ -434,15 +434,18 @@ def check_args(args: Args, world_size: int) -> None:
 
 def official_checkpoint(obj) -> Optional[dict]:
     """--init format: the official trainer's checkpoint (ninatu/learning_by_sorting, base/base_trainer.py
-    _save_checkpoint: {epoch, step, encoder, projection, optimizer, config}, legacy serialisation; the released
-    latest_model.pth). encoder: models/encoder/regular_encoder.py, a torchvision ResNet as `encoder.*` (fc Identity);
-    projection: models/projection/regular_projection.py, `projection.N.*`; both `module.`-prefixed by DDP. The
-    optimizer and config are not loaded; a projection of another layout (num_layers, batch_norm_first) starts fresh."""
+    _save_checkpoint: {epoch, step, encoder, projection, optimizer, config}, legacy serialisation; latest_model.pth,
+    as the official README evaluates its releases). encoder: models/encoder/regular_encoder.py, a torchvision ResNet
+    as `encoder.*` (fc Identity); projection: models/projection/regular_projection.py, `projection.N.*`; both
+    `module.`-prefixed by DDP. The optimizer and config are not loaded; a projection of another layout (num_layers,
+    batch_norm_first) starts fresh; an encoder key without `encoder.` stays as it is (an unknown tensor)."""
     if not (isinstance(obj, dict) and isinstance(obj.get("encoder"), dict)):
+        return None
+    if not isinstance(obj.get("projection", {}), dict):
         return None
     parts = {}
     for part, ours in (("encoder", "backbone"), ("projection", "projector")):
-        keys = {k.removeprefix("module."): v for k, v in obj.get(part, {}).items()}  # a key without part. stays unknown
+        keys = {k.removeprefix("module."): v for k, v in obj.get(part, {}).items() if torch.is_tensor(v)}
         parts[part] = {ours + k[len(part) :] if k.startswith(part + ".") else k: v for k, v in keys.items()}
     if parts["projection"].keys() != {f"projector.{k}" for k in projection_head(1, 1).state_dict()}:
         parts["projection"] = {}

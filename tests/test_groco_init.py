@@ -8,6 +8,7 @@ every run writes backbone.pt, which torchvision loads strictly; a wrong file sto
 
 import collections
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 
 import pytest
 import torch
@@ -73,6 +74,7 @@ def official_checkpoint(path, encoder: nn.Module, head: nn.Module, ddp: bool = T
     return path
 
 
+@lru_cache
 def cifar_images(data_dir, split: str = "test") -> torch.Tensor:
     """The cifar recipe's normalised whole images of the folder, as its evaluation encodes them (in memory, 32 px)."""
     args = G.parse_args(["cifar", "--dataset", "imagefolder", "--data-dir", str(data_dir)])
