@@ -25,6 +25,7 @@ lists each config's LR rule, warm-up and weight decay; k-NN (k=20) / linear top-
         --epochs 100 --lr 0.75 --warmup-epochs 1 --weight-decay 1e-6                              # 4x224: 61.8 / 69.6
     torchrun --nproc_per_node=4 groco_imagenet.py imagenet --data-dir IMAGENET --n-large 4 --n-small 0 \
         --epochs 400 --lr 0.375 --lr-scaling linear                                               # 4x224: 64.8 / 71.3
+    python groco_imagenet.py imagenet --data-dir IMAGENET --init latest_model.pth --max-steps 0   # a released model
 Other runs:
     python groco_imagenet.py cifar --dataset cifar10        # CIFAR proxy (ours: no published CIFAR numbers exist)
     python groco_imagenet.py cifar --dataset imagefolder --data-dir CIFAR10_JPEG
@@ -71,7 +72,8 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from common.checkpoint import ArtifactCache, CheckpointError, resume_state, save_state, state_dict_digest
+from common.checkpoint import ArtifactCache, CheckpointError, init_weights, own_checkpoint, resume_state
+from common.checkpoint import save_checkpoint, save_state, state_dict_digest, torchvision_resnet
 from common.resnet import RESNETS
 
 
@@ -89,6 +91,8 @@ class Args:
     """where last.pt, log.jsonl, results.json and the feature cache go; an existing last.pt is resumed"""
     resume: Optional[str] = None
     """resume from this checkpoint instead of out_dir/last.pt"""
+    init: Optional[str] = None
+    """start from these weights when nothing is resumed (no last.pt, no --resume; README: Use released weights)"""
     save_every_steps: int = 1000
     """also save out_dir/last.pt every this many steps (0: only at epoch ends)"""
 
@@ -272,19 +276,25 @@ class GroCo(nn.Module):
     def __init__(self, arch: str, proj_dim: int):
         super().__init__()
         self.backbone = RESNETS[arch](zero_init_residual=True)  # PAPER: torchvision resnet50(zero_init_residual=True)
-        f = self.backbone.num_features
-        self.projector = nn.Sequential(  # official RegularProjection: hidden layers as wide as the backbone's output
-            nn.Linear(f, f, bias=False), nn.BatchNorm1d(f), nn.ReLU(inplace=True),
-            nn.Linear(f, f, bias=False), nn.BatchNorm1d(f), nn.ReLU(inplace=True),
-            nn.Linear(f, proj_dim), nn.BatchNorm1d(proj_dim, affine=False),  # CRUCIAL: no affine parameters
-        )  # fmt: skip
-        self.projector[6].bias.requires_grad_(False)  # official: frozen (redundant before BN), not in the optimizer
+        self.projector = projection_head(self.backbone.num_features, proj_dim)
 
     def forward(self, groups: list) -> list:
         """groups: one tensor per crop group, crop-major [n*b, 3, S, S]. Returns one embedding [b, D] per view.
         CRUCIAL: every view goes through backbone and projector on its own, so BN statistics are per view (official:
         one forward per view key), local crops included."""
         return [self.projector(self.backbone(v)) for x in groups for v in x.chunk(x.shape[0] // groups[0].shape[0])]
+
+
+def projection_head(f: int, d: int) -> nn.Sequential:
+    """Official RegularProjection (num_layers 3, every config), index for index: hidden layers as wide as the
+    backbone's output f, then Linear(f, d) and BatchNorm1d(d, affine=False)."""
+    head = nn.Sequential(
+        nn.Linear(f, f, bias=False), nn.BatchNorm1d(f), nn.ReLU(inplace=True),
+        nn.Linear(f, f, bias=False), nn.BatchNorm1d(f), nn.ReLU(inplace=True),
+        nn.Linear(f, d), nn.BatchNorm1d(d, affine=False),  # CRUCIAL: no affine parameters
+    )  # fmt: skip
+    head[6].bias.requires_grad_(False)  # official: frozen (redundant before BN), not in the optimizer
+    return head
 
 
 # ==== 4. LOSS ====
@@ -422,6 +432,30 @@ def check_args(args: Args, world_size: int) -> None:
         raise RunError(f"--batch-size {args.batch_size} is too small for --topk-neg {args.topk_neg}: need >= K + 1")
 
 
+def official_checkpoint(obj) -> Optional[dict]:
+    """--init format: the official trainer's checkpoint (ninatu/learning_by_sorting, base/base_trainer.py
+    _save_checkpoint: {epoch, step, encoder, projection, optimizer, config}, legacy serialisation; latest_model.pth,
+    as the official README evaluates its releases). encoder: models/encoder/regular_encoder.py, a torchvision ResNet
+    as `encoder.*` (fc Identity); projection: models/projection/regular_projection.py, `projection.N.*`; both
+    `module.`-prefixed by DDP. The optimizer and config are not loaded; a projection of another layout (num_layers,
+    batch_norm_first) starts fresh; an encoder key without `encoder.` stays as it is (an unknown tensor)."""
+    if not (isinstance(obj, dict) and isinstance(obj.get("encoder"), dict)):
+        return None
+    if not isinstance(obj.get("projection", {}), dict):
+        return None
+    parts = {}
+    for part, ours in (("encoder", "backbone"), ("projection", "projector")):
+        keys = {k.removeprefix("module."): v for k, v in obj.get(part, {}).items() if torch.is_tensor(v)}
+        parts[part] = {ours + k[len(part) :] if k.startswith(part + ".") else k: v for k, v in keys.items()}
+    if parts["projection"].keys() != {f"projector.{k}" for k in projection_head(1, 1).state_dict()}:
+        parts["projection"] = {}
+    return {**parts["encoder"], **parts["projection"]}
+
+
+INIT_FORMATS = {"last.pt": own_checkpoint, "official GroCo checkpoint": official_checkpoint,
+                "torchvision ResNet": torchvision_resnet}  # fmt: skip
+
+
 def run_training(args: Args) -> dict:
     """Set up (data, model, SGD, resume, DDP), train every epoch (train_epochs), evaluate, write results.json."""
     run = start_run(args)
@@ -432,7 +466,11 @@ def run_training(args: Args) -> dict:
     # PAPER: plain SGD, weight decay on every parameter (BN and biases too); no LARS (spec 3), LARC only in the probe
     params = [p for p in model.parameters() if p.requires_grad]
     run.opt = torch.optim.SGD(params, lr=scaled_lr(args), momentum=args.momentum, weight_decay=args.weight_decay)
-    resume_state(run, set())
+    init = None
+    if resume_state(run, set()) is None and args.init:  # a resumed run ignores --init
+        init = init_weights(model, args.init, INIT_FORMATS)
+        if run.rank == 0:
+            print(init)
     net = model
     if run.world_size > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (PyTorch's needs CUDA)
         net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -442,10 +480,12 @@ def run_training(args: Args) -> dict:
     bench = run_benchmarks(run)
     run.total_steps = min(run.steps_per_epoch * args.epochs, math.inf if args.max_steps is None else args.max_steps)
     train_epochs(run)
+    if run.rank == 0:  # the plain backbone: torchvision's resnet with fc = Identity loads it strictly
+        save_checkpoint({k: v.cpu() for k, v in model.backbone.state_dict().items()}, f"{args.out_dir}/backbone.pt")
     res = evaluate(run, tag="final")
     if run.rank == 0:
         paper = "GroCo, Learning by Sorting (arXiv 2301.02009)"
-        write_results(run, paper, dict(scaled_lr=scaled_lr(args), n_pos_augs=args.n_large), bench, res)
+        write_results(run, paper, dict(scaled_lr=scaled_lr(args), n_pos_augs=args.n_large, init=init), bench, res)
     if dist.is_initialized():
         dist.destroy_process_group()
     return res
