@@ -59,6 +59,10 @@ OVER = {
     ("empssl_cifar.py", "total"): 1083,
     ("swav_imagenet.py", "total"): 1420,
     ("groco_imagenet.py", "total"): 1396,
+    ("slimclr_moco.py", "paper"): 874,
+    ("slimclr_moco.py", "total"): 1626,
+    ("tec_mae.py", "paper"): 969,
+    ("tec_mae.py", "total"): 1751,
 }
 
 
