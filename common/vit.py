@@ -2,7 +2,8 @@
 
 Keys: cls_token, pos_embed, patch_embed.proj, blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2},
 norm, and head when num_classes > 0. LayerNorm eps is 1e-6 everywhere. At the end: the encoder weights of MAE, iBOT
-and TEC checkpoints in this layout, loaded strictly (TEC's base model, its fine-tuning init and its conversion).
+and TEC checkpoints in this layout, loaded strictly (TEC's base model) or written (its conversion and backbone.pt), and
+tec_mae.py's --init: a file's ViT tensors fitted to the model of a mode (vit_tensors, fit_vit).
 """
 
 import os
