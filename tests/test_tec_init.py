@@ -6,7 +6,7 @@ cls_token_mlp(cls_token) and no norm, fc_norm, head), facebookresearch/mae's {"m
 decoder) and our last.pt. Each loads into the model of every mode (pretrain, mae, finetune, linear) with the encoder
 features of an independent float64 ViT run on the file's tensors; backbone.pt loads strictly into our ViT (and timm's,
 where timm is installed) with the same features; runs on real CIFAR photos evaluate a file with --max-steps 0 (also
-from a URL), fine-tune from one and resume ignoring --init; every wrong file ends in one line and exit 1. About 15 s
+from a URL), fine-tune from one and resume ignoring --init; every wrong file ends in one line and exit 1. About 20 s
 on 2 idle cores (the runs: 2 runners importing torch once each)."""
 
 import argparse
