@@ -217,15 +217,15 @@ VITS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base, "vit
 
 
 # --- encoder weights in this layout from MAE, iBOT and TEC checkpoints (every load strict: key and shape checked)
-def unwrap(ckpt) -> dict:
+def unwrap(ckpt):
     """The state dict of a checkpoint: bare, or under 'model' (MAE, TEC, ours), 'state_dict', 'student' or 'teacher'
     (iBOT, DINO), its prefixes module., backbone., _orig_mod. stripped; the checkpoint itself if it holds no dict."""
     keys = ("model", "state_dict", "student", "teacher")
     sd = next((ckpt[k] for k in keys if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)), ckpt)
     if not isinstance(sd, dict):
         return sd
-    return {k.removeprefix("module.").removeprefix("backbone.").removeprefix("_orig_mod.") if isinstance(k, str) else k: v
-            for k, v in sd.items()}  # fmt: skip
+    strip = lambda k: k.removeprefix("module.").removeprefix("backbone.").removeprefix("_orig_mod.")  # noqa: E731
+    return {strip(k) if isinstance(k, str) else k: v for k, v in sd.items()}
 
 
 def vit_tensors(ckpt) -> Optional[dict]:
@@ -297,11 +297,11 @@ ENCODER = ("pos_embed", "patch_embed.", "blocks.")  # init_weights' backbone; cl
 
 
 def fit_vit(sd: Optional[dict], own: dict, what: str = "--init") -> Optional[dict]:
-    """sd (None: not the format, passed on) fitted to the model whose state dict is `own`: a TEC CLS MLP the model lacks is folded into cls_token
-    (exact); what the model lacks outside ENCODER is dropped (another mode's decoders, adapters and heads; norm.* where
-    global pooling removed it). common/checkpoint.py init_weights(backbone=ENCODER) then checks every encoder tensor
-    but cls_token, here (`what` opens the error): the prefix "cls_token" would also claim the CLS MLP, an adapter
-    that may start fresh."""
+    """sd (None: not the format, passed on) fitted to the model whose state dict is `own`: a TEC CLS MLP the model
+    lacks is folded into cls_token (exact); what the model lacks outside ENCODER is dropped (another mode's decoders,
+    adapters and heads; norm.* where global pooling removed it). common/checkpoint.py init_weights(backbone=ENCODER)
+    then checks every encoder tensor but cls_token, checked here (`what` opens the error): the prefix "cls_token" would
+    also claim the CLS MLP, an adapter that may start fresh."""
     if sd is None:
         return None
     sd = sd if "cls_token_mlp.fc1.weight" in own else fold_cls_mlp(sd)

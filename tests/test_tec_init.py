@@ -7,7 +7,7 @@ decoder) and our last.pt. Each loads into the model of every mode (pretrain, mae
 features of an independent float64 ViT run on the file's tensors; backbone.pt loads strictly into our ViT (and timm's,
 where timm is installed) with the same features; runs on real CIFAR photos evaluate a file with --max-steps 0 (also
 from a URL), fine-tune from one and resume ignoring --init; every wrong file ends in one line and exit 1. About 20 s
-on 2 idle cores (the runs: 2 runners importing torch once each)."""
+on 2 cores (the runs: 2 runners importing torch once each)."""
 
 import argparse
 import http.server
@@ -177,7 +177,7 @@ def test_official_tec_checkpoint_into_every_mode(tmp_path, one_thread):
         "blocks, cls_token, cls_token_mlp, patch_embed, pos_embed",
     )
     tec_heads = "decoder_blocks, decoder_pos_embed, encoder_adaptor, forward_att_decoder, forward_fea_decoder"
-    want = {  # mode: (loaded, fresh) top-level modules; MAE's decoder shares TEC's names decoder_blocks, decoder_pos_embed
+    want = {  # mode: (loaded, fresh) top-level modules; MAE's decoder shares TEC's decoder_blocks, decoder_pos_embed
         "pretrain": (f"blocks, cls_token, cls_token_mlp, {tec_heads}, norm, patch_embed, pos_embed", "nothing"),
         "mae": ("blocks, cls_token, decoder_blocks, decoder_pos_embed, norm, patch_embed, pos_embed",
                 "decoder_embed, decoder_norm, decoder_pred, mask_token"),
@@ -195,8 +195,10 @@ def test_official_tec_checkpoint_into_every_mode(tmp_path, one_thread):
             if k in sd and ("cls_token_mlp.fc1.weight" in own or k != "cls_token"):
                 assert torch.equal(own[k], sd[k]), (mode, k)
         if mode == "pretrain":
-            assert all(torch.equal(own[f"forward_{h}_decoder.out.weight"], sd[f"forward_{h}_decoder.decoder_{o}.weight"])
-                       for h, o in (("fea", "pred"), ("att", "qk")))  # fmt: skip
+            for h, o in (("fea", "pred"), ("att", "qk")):  # our heads' `out` aliases
+                assert torch.equal(
+                    own[f"forward_{h}_decoder.out.weight"], sd[f"forward_{h}_decoder.decoder_{o}.weight"]
+                )
         elif "cls_token_mlp.fc1.weight" not in own:
             torch.testing.assert_close(own["cls_token"], enc["cls_token"], rtol=1e-5, atol=1e-6)
         with torch.no_grad():
@@ -220,7 +222,8 @@ def official_mae(seed: int = 2) -> dict:
 def test_converted_release_mae_ibot_and_our_files(tmp_path, one_thread):
     """weight_convert.py's bare converted ViT (the released tec_*.pth: cls_token baked, no norm) is recognised as
     such: fine-tuning loads it whole (fc_norm and head start fresh), the linear probe and pretraining start their final
-    norm fresh (pretraining also its CLS MLP: an adapter) and nothing else. MAE's main_pretrain.py checkpoint loads whole
+    norm fresh (pretraining also its CLS MLP: an adapter) and nothing else. MAE's main_pretrain.py checkpoint loads
+    whole
     into mae (decoder included), its encoder-only release {"model": sd} and iBOT's {"state_dict": backbone.* + head}
     into fine-tuning; our last.pt of a fine-tuning run loads whole back (head included). Tokens as the float64 ViT's;
     build_model keeps the CLS MLP (--keep-cls-mlp) exactly when the file has one."""
@@ -239,12 +242,12 @@ def test_converted_release_mae_ibot_and_our_files(tmp_path, one_thread):
     mae_dec = "decoder_blocks, decoder_embed, decoder_norm, decoder_pos_embed, decoder_pred, mask_token"
     tec_heads = "decoder_blocks, decoder_pos_embed, encoder_adaptor, forward_att_decoder, forward_fea_decoder"
     enc4 = "blocks, cls_token, patch_embed, pos_embed"
+    rel, conv_fmt, mae_all = "tec_mae_vitb_300ep.pth", "TEC converted ViT (weight_convert.py)", f"{mae_dec}, norm"
     cases = [  # file, mode, format, loaded, fresh, the float64 reference's (encoder, final norm or None)
-        ("tec_mae_vitb_300ep.pth", "finetune", "TEC converted ViT (weight_convert.py)", enc4, "fc_norm, head", conv, None),
-        ("tec_mae_vitb_300ep.pth", "linear", "TEC converted ViT (weight_convert.py)", enc4, "head, norm", conv, "fresh"),
-        ("tec_mae_vitb_300ep.pth", "pretrain", "TEC converted ViT (weight_convert.py)", enc4,
-         f"cls_token_mlp, {tec_heads}, norm", None, None),
-        ("mae-checkpoint-1599.pth", "mae", "timm/MAE ViT", f"blocks, cls_token, {mae_dec}, norm, patch_embed, pos_embed",
+        (rel, "finetune", conv_fmt, enc4, "fc_norm, head", conv, None),
+        (rel, "linear", conv_fmt, enc4, "head, norm", conv, "fresh"),
+        (rel, "pretrain", conv_fmt, enc4, f"cls_token_mlp, {tec_heads}, norm", None, None),
+        ("mae-checkpoint-1599.pth", "mae", "timm/MAE ViT", f"blocks, cls_token, {mae_all}, patch_embed, pos_embed",
          "nothing", enc, "file"),
         ("mae_pretrain_vit_tiny.pth", "finetune", "timm/MAE ViT", enc4, "fc_norm, head", enc, None),
         ("checkpoint_teacher.pth", "linear", "timm/MAE ViT", "blocks, cls_token, norm, patch_embed, pos_embed", "head",
@@ -294,10 +297,13 @@ def bad_files(tmp: Path, tec: dict = None) -> dict:
                      ["not a format this script reads"]),
         "renamed": (dict(tec, model={k.replace("blocks.1.attn.qkv.", "blocks.1.attn.qkv_."): v
                                      for k, v in tec["model"].items()}),
-                    ["(TEC pretraining checkpoint (main_pretrain.py))", "no tensor for the backbone's blocks.1.attn.qkv"]),
-        "two-cls": ({**conv, "cls_token": torch.zeros(1, 2, 48)}, ["cls_token has shape (1, 2, 48), the model's (1, 1, 48)"]),
-        "patch8": ({**conv, "pos_embed": torch.zeros(1, 5, 48)}, ["pos_embed has shape (1, 5, 48), the model's (1, 17, 48)"]),
-        "deeper": ({**conv, **{k.replace("blocks.0.", "blocks.3."): v for k, v in conv.items() if k.startswith("blocks.0.")}},
+                    ["(TEC pretraining checkpoint (main_pretrain.py))",
+                     "no tensor for the backbone's blocks.1.attn.qkv"]),
+        "two-cls": ({**conv, "cls_token": torch.zeros(1, 2, 48)},
+                    ["cls_token has shape (1, 2, 48), the model's (1, 1, 48)"]),
+        "patch8": ({**conv, "pos_embed": torch.zeros(1, 5, 48)},
+                   ["pos_embed has shape (1, 5, 48), the model's (1, 17, 48)"]),
+        "deeper": ({**conv, **{k.replace("blocks.0.", "blocks.3."): v for k, v in conv.items() if "blocks.0." in k}},
                    ["blocks.3.", "is not a tensor of this model"]),
         "runs-code": (dict(tec, payload=RunsCode(tmp / "ran")), ["refused to load", "io.open"]),
     }  # fmt: skip
@@ -379,15 +385,17 @@ def test_runs_evaluate_continue_and_export(small_cifar_dir, tmp_path):
     def run(recipe, out, extra):
         return recipe_cmd(ROOT / "tec_mae.py", recipe, FLAGS, small_cifar_dir, tmp_path / out, extra)
 
+    hub = tmp_path / "th"  # TORCH_HOME of the URL run
     one = {
         "mae-eval": (run("cifar-mae", "mae", f"--init {files['tec']} --max-steps 0"), None),
-        **{f"bad-{n}": (run("cifar-finetune", f"bad-{n}", f"--init {p} --max-steps 0"), None) for n, (p, _) in bad.items()},
+        **{f"bad-{n}": (run("cifar-finetune", f"bad-{n}", f"--init {p} --max-steps 0"), None)
+           for n, (p, _) in bad.items()},
     }  # fmt: skip
     two = {
         "finetune": (run("cifar-finetune", "ft", f"--init {files['conv']} --max-steps 1"), None),
         "resumed": (run("cifar-finetune", "ft", f"--init {bad['truncated'][0]} --max-steps 1"), None),
         "again": (run("cifar-finetune", "ft-again", f"--init {tmp_path / 'ft' / 'last.pt'} --max-steps 0"), None),
-        "linear-url": (run("cifar-linear", "lin", f"--init {url} --max-steps 0"), dict(TORCH_HOME=str(tmp_path / "th"))),
+        "linear-url": (run("cifar-linear", "lin", f"--init {url} --max-steps 0"), dict(TORCH_HOME=str(hub))),
     }  # fmt: skip
     (tmp_path / "logs").mkdir()
     try:
@@ -401,8 +409,9 @@ def test_runs_evaluate_continue_and_export(small_cifar_dir, tmp_path):
 
     fmt = "TEC pretraining checkpoint (main_pretrain.py)"
     res = read_results(tmp_path / "mae")
-    assert res["init"] == f"--init {files['tec']}: {fmt}; loaded blocks, cls_token, decoder_blocks, decoder_pos_embed, " \
-        "norm, patch_embed, pos_embed; fresh: decoder_blocks, decoder_embed, decoder_norm, decoder_pred, mask_token"  # fmt: skip
+    loaded = "blocks, cls_token, decoder_blocks, decoder_pos_embed, norm, patch_embed, pos_embed"
+    fresh = "decoder_blocks, decoder_embed, decoder_norm, decoder_pred, mask_token"  # the cifar MAE decoder: 4 blocks
+    assert res["init"] == f"--init {files['tec']}: {fmt}; loaded {loaded}; fresh: {fresh}"
     assert res["init"] in procs["mae-eval"].stdout.splitlines() and res["steps_done"] == 0
     assert_finite_results(res, "knn_top1", "knn_top5")
     backbone = torch.load(tmp_path / "mae" / "backbone.pt", weights_only=True)
