@@ -17,8 +17,11 @@ Modes (the first argument picks a recipe; flags override it):
     torchrun --nproc_per_node=8 tec_mae.py finetune --data-dir IMAGENET --init runs/tec-pretrain/last.pt \\
         --layer-decay 0.65                                                        # 0.55 after 800 ep (spec 7 table)
     torchrun --nproc_per_node=8 tec_mae.py linear --data-dir IMAGENET --init runs/tec-pretrain/last.pt
+    torchrun --nproc_per_node=8 tec_mae.py finetune --data-dir IMAGENET --init tec_mae_vitb_300ep.pth  # TEC's release
     python tec_mae.py convert --init runs/tec-pretrain/last.pt --convert-out tec_vitb.pth   # plain ViT weights
     torchrun --nproc_per_node=8 tec_mae.py mae --data-dir IMAGENET                # a plain MAE base model, from scratch
+Every mode takes --init (our last.pt, TEC's checkpoints and releases, a timm/MAE ViT: INIT_FORMATS; with --max-steps 0
+it evaluates them) and leaves OUT/backbone.pt, the encoder in timm/MAE layout (README: Use released weights).
 CIFAR-10 proxy (ours; ViT-Tiny, patch 4, 32 x 32, data kept on the device):
     python tec_mae.py cifar-mae --data-dir CIFAR10_JPEG --dataset imagefolder      # base model, N epochs
     python tec_mae.py cifar-pretrain --data-dir CIFAR10_JPEG --dataset imagefolder  # TEC on runs/tec-cifar-mae/last.pt
@@ -56,6 +59,7 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated, Literal, Optional, Tuple, Union
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
@@ -70,10 +74,10 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from common.checkpoint import CheckpointError, read_checkpoint, resume_state
-from common.checkpoint import save_state
-from common.vit import SIZES, VITS, Block, LayerNorm, Mlp, VisionTransformer, encoder_state_dict, export_encoder
-from common.vit import load_base_model, load_encoder, sincos_pos_embed_2d
+from common.checkpoint import CheckpointError, init_weights, own_checkpoint, read_checkpoint, resume_state
+from common.checkpoint import load_checkpoint, save_state, strip_prefix
+from common.vit import ENCODER, SIZES, VITS, Block, LayerNorm, Mlp, VisionTransformer, export_encoder, fit_vit
+from common.vit import load_base_model, sincos_pos_embed_2d, vit_tensors
 
 MAE_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_{}.pth"
 IBOT_URL = "https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/vitb_16/checkpoint_teacher.pth"
@@ -95,6 +99,9 @@ class Args:
     """where last.pt, log.jsonl, results.json and the feature cache go; an existing last.pt is resumed"""
     resume: Optional[str] = None
     """resume from this checkpoint instead of out_dir/last.pt"""
+    init: Optional[str] = None
+    """start from these weights (a path or URL) unless a last.pt is resumed (which ignores --init): ours, TEC's, a
+    timm/MAE ViT (INIT_FORMATS); convert: the file to convert (README: Use released weights)"""
     save_every_steps: int = 1000
     """also save out_dir/last.pt every this many steps (0: only at epoch ends)"""
 
@@ -156,8 +163,6 @@ class Args:
     """mae: the pixel target is normalised per patch (MAE's released models)"""
 
     # --- finetune / linear / convert (spec 6, 7)
-    init: Optional[str] = None
-    """finetune / linear / convert: the pretrained encoder (ours, MAE's, iBOT's, TEC's); finetune: unset = scratch"""
     keep_cls_mlp: bool = True
     """finetune: keep the CLS-token MLP of a TEC checkpoint and train it (official --mlp_token); off: bake it in"""
     pool: Literal["avg", "cls"] = "avg"
@@ -809,8 +814,6 @@ def check_args(args: Args, world_size: int) -> None:
          f"--mask-ratio {args.mask_ratio} keeps no patch of {n_patches}"),
         (mode in ("finetune", "linear") and args.probe != "none",
          f"--probe {args.probe} is the pretraining readout; {mode} evaluates its own classifier"),
-        (mode in ("pretrain", "mae") and args.init is not None,  # never silently ignored
-         f"--init applies to finetune, linear and convert; {mode} starts from random weights (--resume continues)"),
         (mode != "pretrain" and args.base_checkpoint, f"--base-checkpoint applies to pretrain only, not {mode}"),
         (mode == "linear" and args.init is None, "linear needs --init (the pretrained encoder to probe)"),
         (per_rank % acc, f"the per-rank batch {per_rank} does not divide into --accum-iter {acc}"),
@@ -819,33 +822,75 @@ def check_args(args: Args, world_size: int) -> None:
             raise RunError(message)
 
 
+def read_once(run: SimpleNamespace, source: str) -> dict:
+    """read_checkpoint(source), a path or URL; rank 0 alone downloads a URL into torch's hub cache, the others wait."""
+    if run.world_size > 1 and run.rank > 0:
+        dist.barrier()
+    ckpt = read_checkpoint(source)
+    if run.world_size > 1 and run.rank == 0:
+        dist.barrier()
+    return ckpt
+
+
 def build_model(run: SimpleNamespace) -> nn.Module:
-    """The trained module of this mode (random init from the seed; finetune / linear then load --init)."""
+    """The trained module of this mode (random init from the seed; run_training then loads --init)."""
     args, nc = run.args, run.data["num_classes"]
     vit = dict(img_size=args.large_size, patch_size=args.patch_size, **SIZES[args.arch])
     dec = dict(decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads)
+    resume = Path(args.resume or Path(args.out_dir) / "last.pt")  # to be resumed: --init is not read
+    resume = resume if resume.is_file() else None
+    init = read_once(run, args.init) if args.init and not resume else None  # a URL: into torch's hub cache
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", Path(urlparse(args.init or "").path).name)
+    run.init_file = cached if str(args.init).startswith(("http://", "https://")) else args.init
     if args.mode == "pretrain":
         base = SIZES[args.base_arch or args.arch]
-        if run.world_size > 1 and run.rank > 0:  # rank 0 alone downloads a URL into the cache; the others wait
-            dist.barrier()
-        ckpt = read_checkpoint(args.base_checkpoint)
-        if run.world_size > 1 and run.rank == 0:
-            dist.barrier()
-        run.base = load_base_model(ckpt, args.large_size, args.patch_size, **base).to(run.device)
+        run.base = load_base_model(read_once(run, args.base_checkpoint), args.large_size, args.patch_size, **base)
+        run.base.to(run.device)
         return TECModel(rel_heads=base["num_heads"], **dec, **vit)
     if args.mode == "mae":
         return MAEModel(**dec, **vit)
-    init, linear = read_checkpoint(args.init) if args.init else {}, args.mode == "linear"
-    # a TEC checkpoint's CLS MLP, kept and trained (--keep-cls-mlp) or baked into cls_token by load_encoder
-    mlp = args.keep_cls_mlp and "cls_token_mlp.fc1.weight" in encoder_state_dict(init, bake_cls_mlp=False)
-    model = Classifier(args.pool, linear, mlp, nc, drop_path_rate=0.0 if linear else args.drop_path, **vit)
-    if args.init:
-        fresh = load_encoder(model, init, what=f"--init {args.init}")
-        if run.rank == 0:
-            print(f"loaded the encoder of {args.init}; initialised here: {', '.join(fresh) or 'nothing'}")
-    elif run.rank == 0:
+    # a TEC checkpoint's CLS MLP (or the resumed run's), kept and trained (--keep-cls-mlp) or folded in by fit_vit
+    src = vit_tensors(load_checkpoint(resume) if resume else init) or {}
+    mlp = args.keep_cls_mlp and "cls_token_mlp.fc1.weight" in src
+    if not args.init and run.rank == 0:
         print(f"{Path(__file__).name}: warning: no --init: fine-tuning from a random init", file=sys.stderr)
-    return model
+    linear = args.mode == "linear"
+    return Classifier(args.pool, linear, mlp, nc, drop_path_rate=0.0 if linear else args.drop_path, **vit)
+
+
+def tec_checkpoint(obj) -> Optional[dict]:
+    """--init format: sail-sg/TEC main_pretrain.py's checkpoints (util/misc.py save_model, always_save_model):
+    {"model", "optimizer", "epoch", "scaler", "args": argparse.Namespace}, the model TECViT (models/models_tec_vit.py)
+    with our TECModel's names: ours also name each decoder head's output layer `out`. None for other files."""
+    sd = vit_tensors(obj)
+    if sd is None or "encoder_adaptor.adap_before.weight" not in sd:
+        return None
+    for h, o in (("fea", "decoder_pred"), ("att", "decoder_qk")):
+        sd.update(strip_prefix(sd, f"forward_{h}_decoder.{o}.", f"forward_{h}_decoder.out."))
+    return sd
+
+
+# --init: the first format that reads the file gives its tensors under our names (common/checkpoint.py init_weights);
+# load_init fits them to this mode's model (common/vit.py fit_vit: the ViT encoder must fit, the rest where it does)
+INIT_FORMATS = {
+    "last.pt": lambda obj: vit_tensors(own_checkpoint(obj)) if isinstance(obj, dict) and "step" in obj else None,
+    "TEC pretraining checkpoint (main_pretrain.py)": tec_checkpoint,
+    # sail-sg/TEC weight_convert.py (the released tec_*.pth): models/models_vit.py's bare state dict, the CLS MLP folded
+    # into cls_token, norm, fc_norm and head deleted: cls_token, pos_embed, patch_embed.proj.*, blocks.* alone
+    "TEC converted ViT (weight_convert.py)": lambda obj: (
+        sd if (sd := vit_tensors(obj)) and all(k.startswith(("cls_token", *ENCODER)) for k in sd) else None
+    ),
+    # facebookresearch/mae's releases and checkpoints (models_mae.py: timm's ViT names, its decoder), iBOT's, timm's,
+    # our convert's and backbone.pt
+    "timm/MAE ViT": vit_tensors,
+}
+
+
+def load_init(run: SimpleNamespace) -> str:
+    """--init into this mode's model: init_weights with INIT_FORMATS, each fitted to the model (fit_vit). Its line."""
+    own, what = run.model.state_dict(), f"--init {run.init_file}"
+    formats = {n: lambda obj, c=c, n=n: fit_vit(c(obj), own, f"{what} ({n})") for n, c in INIT_FORMATS.items()}
+    return init_weights(run.model, run.init_file, formats, backbone=ENCODER)
 
 
 def run_training(args: Args) -> dict:
@@ -862,7 +907,9 @@ def run_training(args: Args) -> dict:
     run.groups, run.metrics = crop_groups(args), METRICS[args.mode]
     run.pixel_mean, run.pixel_std = (torch.tensor(v, device=device) for v in (args.mean, args.std))
     run.opt = build_optimizer(model, args)
-    resume_state(run, set())
+    init = load_init(run) if resume_state(run, set()) is None and args.init else None  # resumed: --init ignored
+    if init and run.rank == 0:
+        print(init)
     log = Path(args.out_dir) / "log.jsonl"
     if args.mode in ("finetune", "linear") and run.global_step and log.is_file():  # the best top-1 before a resume
         evals = [json.loads(line) for line in log.read_text().splitlines()]
@@ -874,10 +921,12 @@ def run_training(args: Args) -> dict:
     bench = run_benchmarks(run)
     run.total_steps = min(run.steps_per_epoch * args.epochs, math.inf if args.max_steps is None else args.max_steps)
     train_epochs(run)
+    if run.rank == 0:  # the ViT encoder alone in timm/MAE layout (common/vit.py), as convert writes it
+        export_encoder(model.state_dict(), f"{args.out_dir}/backbone.pt", plain=True)
     res = evaluate(run, tag="final")
     if run.rank == 0:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        extra = dict(mode=args.mode, peak_lr=args.blr * args.batch_size / 256, trainable_params=trainable)
+        extra = dict(mode=args.mode, peak_lr=args.blr * args.batch_size / 256, trainable_params=trainable, init=init)
         if args.mode == "pretrain":
             extra.update(base_checkpoint=args.base_checkpoint, topk=args.topk, tau=args.tau)
         write_results(run, "TEC, Towards Sustainable Self-supervised Learning (arXiv 2210.11016)", extra, bench, res)

@@ -163,7 +163,7 @@ def torchvision_resnet(obj: Any, prefix: str = "backbone.") -> Optional[dict]:
     return {prefix + k: v for k, v in obj.items() if not k.startswith("fc.")}
 
 
-def init_weights(model: nn.Module, path: PathLike, formats: dict, backbone: str = "backbone.") -> str:
+def init_weights(model: nn.Module, path: PathLike, formats: dict, backbone: Union[str, tuple] = "backbone.") -> str:
     """--init: load pretrained weights from `path` into `model`. formats {name: convert}: the first convert(obj) that
     does not return None gives the file's tensors under the model's own names. Every tensor of the model under
     `backbone` must be there with its shape, and every tensor there must be one of the model's, else one line names
@@ -175,7 +175,7 @@ def init_weights(model: nn.Module, path: PathLike, formats: dict, backbone: str 
         raise CheckpointError(str(e), every_rank=True)
 
 
-def _init_weights(model: nn.Module, path: PathLike, formats: dict, backbone: str) -> str:
+def _init_weights(model: nn.Module, path: PathLike, formats: dict, backbone: Union[str, tuple]) -> str:
     obj = load_checkpoint(path)
     name, sd = next(((n, sd) for n, convert in formats.items() if (sd := convert(obj)) is not None), (None, None))
     if sd is None:

@@ -2,12 +2,13 @@
 
 Keys: cls_token, pos_embed, patch_embed.proj, blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2},
 norm, and head when num_classes > 0. LayerNorm eps is 1e-6 everywhere. At the end: the encoder weights of MAE, iBOT
-and TEC checkpoints in this layout, loaded strictly (TEC's base model, its fine-tuning init and its conversion).
+and TEC checkpoints in this layout, loaded strictly (TEC's base model) or written (its conversion and backbone.pt), and
+tec_mae.py's --init: a file's ViT tensors fitted to the model of a mode (vit_tensors, fit_vit).
 """
 
 import os
 from functools import partial
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -216,25 +217,44 @@ VITS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base, "vit
 
 
 # --- encoder weights in this layout from MAE, iBOT and TEC checkpoints (every load strict: key and shape checked)
-def encoder_state_dict(ckpt: dict, bake_cls_mlp: bool = True) -> dict:
-    """The plain-ViT encoder weights of MAE's {'model': sd}, iBOT's {'state_dict' / 'student' / 'teacher': sd}, our
-    checkpoints (TEC, MAE, finetune) or a bare state dict: prefixes module., backbone., _orig_mod. stripped; decoders,
-    adapters, heads, fc_norm, mask tokens dropped. bake_cls_mlp: a TEC CLS MLP is folded into cls_token (exact:
-    cls = MLP(cls_token) + pos[0] either way, TEC spec 6)."""
+def unwrap(ckpt):
+    """The state dict of a checkpoint: bare, or under 'model' (MAE, TEC, ours), 'state_dict', 'student' or 'teacher'
+    (iBOT, DINO), its prefixes module., backbone., _orig_mod. stripped; the checkpoint itself if it holds no dict."""
     keys = ("model", "state_dict", "student", "teacher")
     sd = next((ckpt[k] for k in keys if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)), ckpt)
+    if not isinstance(sd, dict):
+        return sd
+    strip = lambda k: k.removeprefix("module.").removeprefix("backbone.").removeprefix("_orig_mod.")  # noqa: E731
+    return {strip(k) if isinstance(k, str) else k: v for k, v in sd.items()}
+
+
+def vit_tensors(ckpt) -> Optional[dict]:
+    """--init (tec_mae.py): the tensors of a ViT state dict in this layout (unwrap; decoders, adapters and heads too);
+    None for any other file (one without cls_token, pos_embed, patch_embed.proj.weight and blocks.0.norm1.weight)."""
+    sd = unwrap(ckpt)
+    sd = {k: v for k, v in sd.items() if isinstance(k, str) and torch.is_tensor(v)} if isinstance(sd, dict) else {}
+    return sd if {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.norm1.weight"} <= sd.keys() else None
+
+
+def fold_cls_mlp(sd: dict) -> dict:
+    """sd with a TEC CLS MLP folded into cls_token (exact: cls = MLP(cls_token) + pos[0] either way, TEC spec 6)."""
+    if "cls_token_mlp.fc1.weight" not in sd:
+        return sd
+    w = {k[len("cls_token_mlp.") :]: v.float() for k, v in sd.items() if k.startswith("cls_token_mlp.")}
+    h = F.gelu(F.linear(sd["cls_token"].float(), w["fc1.weight"], w["fc1.bias"]))
+    cls = F.linear(h, w["fc2.weight"], w["fc2.bias"]).to(sd["cls_token"].dtype)
+    return {**{k: v for k, v in sd.items() if not k.startswith("cls_token_mlp.")}, "cls_token": cls}
+
+
+def encoder_state_dict(ckpt: dict, bake_cls_mlp: bool = True, fc_norm: bool = False) -> dict:
+    """The plain-ViT encoder weights of a checkpoint (unwrap; our checkpoints of every mode too): decoders, adapters,
+    heads, mask tokens and (unless fc_norm) fc_norm dropped. bake_cls_mlp: a TEC CLS MLP is folded in (fold_cls_mlp)."""
+    sd = unwrap(ckpt)
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise CheckpointError("not a model checkpoint: expected a state dict, or one under 'model' or 'state_dict'")
-    out = {}
-    for k, v in sd.items():
-        k = k.removeprefix("module.").removeprefix("backbone.").removeprefix("_orig_mod.")
-        if k.startswith(("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")):  # cls_token_mlp. too
-            out[k] = v
-    if bake_cls_mlp and "cls_token_mlp.fc1.weight" in out:
-        w = {k[len("cls_token_mlp.") :]: out.pop(k).float() for k in list(out) if k.startswith("cls_token_mlp.")}
-        h = F.gelu(F.linear(out["cls_token"].float(), w["fc1.weight"], w["fc1.bias"]))
-        out["cls_token"] = F.linear(h, w["fc2.weight"], w["fc2.bias"]).to(out["cls_token"].dtype)
-    return out
+    keep = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", *(["fc_norm."] if fc_norm else []))
+    out = {k: v for k, v in sd.items() if k.startswith(keep)}  # cls_token_mlp. too
+    return fold_cls_mlp(out) if bake_cls_mlp else out
 
 
 def load_encoder(model: nn.Module, source, what: str) -> list:
@@ -259,12 +279,33 @@ def load_base_model(checkpoint, img_size=224, patch_size=16, embed_dim=768, dept
     return model.requires_grad_(False).eval()
 
 
-def export_encoder(source, out: str) -> dict:
-    """Write the plain encoder {'model': sd} of a checkpoint (TEC's CLS MLP baked in, see encoder_state_dict) to `out`
-    atomically; a source without the ViT keys is a one-line CheckpointError. Returns sd."""
-    sd = encoder_state_dict(read_checkpoint(source), bake_cls_mlp=True)
+def export_encoder(source, out: str, plain: bool = False) -> dict:
+    """Write the plain encoder of a checkpoint (TEC's CLS MLP baked in, see encoder_state_dict; a global-pool model's
+    fc_norm.* in place of norm.*, as timm's global_pool='avg' ViT has it) to `out` atomically, on the CPU: {'model': sd}
+    (convert), or with plain the bare sd (backbone.pt). A source without the ViT keys is a one-line CheckpointError.
+    Returns sd."""
+    sd = {k: v.cpu() for k, v in encoder_state_dict(read_checkpoint(source), bake_cls_mlp=True, fc_norm=True).items()}
     missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.norm1.weight") if k not in sd]
     if missing:
         raise CheckpointError(f"{source}: not a ViT encoder checkpoint (missing {', '.join(missing)})")
-    save_checkpoint({"model": sd}, out)
+    save_checkpoint(sd if plain else {"model": sd}, out)
     return sd
+
+
+# --- --init (tec_mae.py): a file's ViT tensors (vit_tensors) fitted to the model of the run's mode
+ENCODER = ("pos_embed", "patch_embed.", "blocks.")  # init_weights' backbone; cls_token is fit_vit's (see there)
+
+
+def fit_vit(sd: Optional[dict], own: dict, what: str = "--init") -> Optional[dict]:
+    """sd (None: not the format, passed on) fitted to the model whose state dict is `own`: a TEC CLS MLP the model
+    lacks is folded into cls_token (exact); what the model lacks outside ENCODER is dropped (another mode's decoders,
+    adapters and heads; norm.* where global pooling removed it). common/checkpoint.py init_weights(backbone=ENCODER)
+    then checks every encoder tensor but cls_token, checked here (`what` opens the error): the prefix "cls_token" would
+    also claim the CLS MLP, an adapter that may start fresh."""
+    if sd is None:
+        return None
+    sd = sd if "cls_token_mlp.fc1.weight" in own else fold_cls_mlp(sd)
+    if sd["cls_token"].shape != own["cls_token"].shape:
+        shapes = f"{tuple(sd['cls_token'].shape)}, the model's {tuple(own['cls_token'].shape)}"
+        raise CheckpointError(f"{what}: cls_token has shape {shapes}")
+    return {k: v for k, v in sd.items() if k in own or k.startswith(ENCODER)}
