@@ -121,7 +121,7 @@ def test_official_checkpoints_load_every_tensor(moco, tmp_path):
     """The official checkpoint of a SlimCLR-MoCo{v2,v3} ResNet-50 at the released widths [1, .75, .5, .25] loads every
     tensor into ours: both encoders (every width's BN copy), the heads, v3's predictor, v2's queue (transposed; the
     pointer dropped). A file without its momentum encoder starts ours as a copy of the loaded encoder (v2: its queue
-    of another size starts fresh); a renamed tensor and a file of other widths are refused in one line."""
+    of another size starts fresh); v2: a renamed tensor and a file of other widths are refused in one line."""
     args = S.parse_args([f"moco{moco}", "--queue-size", "256", "--mlp-dim", "1024"])
     src = random_slimclr(args)
     ckpt = official_checkpoint(src, moco)
@@ -131,9 +131,9 @@ def test_official_checkpoints_load_every_tensor(moco, tmp_path):
     v3 = {
         "module.predictor.1.bn.3.weight",
         "module.predictor.3.weight",
-        "module.momentum_encoder.fc.4.bn.0.running_mean",
+        "module.momentum_encoder.fc.4.bn.0.running_var",
     }
-    names |= {"module.queue", "module.encoder_k.fc.2.bias"} if moco == "v2" else v3
+    names |= {"module.queue", "module.encoder_k.fc.2.bias"} if moco == "v2" else v3  # v3's fc.4: BN without affine
     assert names <= ckpt["state_dict"].keys() and len(ckpt["state_dict"]) == len(src.state_dict()) + (moco == "v2")
     torch.save(ckpt, tmp_path / "ckpt.pth.tar")
     dst = S.SlimCLR(args)
@@ -154,15 +154,17 @@ def test_official_checkpoints_load_every_tensor(moco, tmp_path):
     for k, v in want.items():
         assert torch.equal(got[k], v), k
 
-    sd = ckpt["state_dict"]
+    if moco == "v3":
+        return
+    sd = ckpt["state_dict"]  # v2 only (the same code reads v3): a renamed tensor, a file of other widths
     sd[f"module.{enc}.features.3.conv9.weight"] = sd.pop(f"module.{enc}.features.3.conv1.weight")
     torch.save(ckpt, tmp_path / "renamed.pth.tar")
     with pytest.raises(CheckpointError, match=f"no tensor for the backbone's {BACKBONE}layers.1.0.convs.0.weight"):
         init_weights(dst, tmp_path / "renamed.pth.tar", S.INIT_FORMATS, BACKBONE)
-    if moco == "v2":  # the released widths [1, .75, .5, .25] read with --widths 1.0 0.5: BN copy 1 is 48 wide, not 32
-        with pytest.raises(CheckpointError, match=rf"{BACKBONE}bn1.bn.1.weight has shape \(48,\), the model's \(32,\)"):
-            init_weights(S.SlimCLR(dataclasses.replace(args, widths=(1.0, 0.5))), tmp_path / "ckpt.pth.tar",
-                         S.INIT_FORMATS, BACKBONE)  # fmt: skip
+    # the released widths [1, .75, .5, .25] read with --widths 1.0 0.5: BN copy 1 is 48 wide, not 32
+    with pytest.raises(CheckpointError, match=rf"{BACKBONE}bn1.bn.1.weight has shape \(48,\), the model's \(32,\)"):
+        init_weights(S.SlimCLR(dataclasses.replace(args, widths=(1.0, 0.5))), tmp_path / "ckpt.pth.tar",
+                     S.INIT_FORMATS, BACKBONE)  # fmt: skip
 
 
 # ---- runs: --init FILE --max-steps 0 evaluates the file; a wrong file ends in one line ----------------------------
@@ -191,9 +193,9 @@ def test_runs_evaluate_init_files_and_refuse_wrong_ones(small_cifar_dir, tmp_pat
     1.0 and 0.5) loads every tensor, says so in one line (also in results.json), is evaluated per width (k-NN, probe),
     and leaves backbone.pt (torchvision's resnet50 with fc = Identity loads it strictly) and backbone_w0.5.pt
     (common/resnet.py's resnet50(width=0.5)) with the file's features at each width; a torchvision ResNet-18 state dict
-    loads into --widths 1.0 and comes back as backbone.pt unchanged. Each wrong file ends in one line and exit 1: the
-    file of other widths, another paper's checkpoint (SwAV's main_swav.py), a truncated file, a renamed tensor, an
-    official-format file whose pickle would run code (and its code does not run)."""
+    loads into --widths 1.0 and comes back as backbone.pt unchanged. Each wrong file ends in one line and exit 1:
+    another paper's checkpoint (SwAV's main_swav.py), a truncated file, a renamed tensor, an official-format file whose
+    pickle would run code (and its code does not run). A run that resumes a last.pt ignores --init."""
     args = S.parse_args(["cifar-mocov2", "--arch", "resnet50", "--widths", "1.0", "0.5", "--queue-size", "64"])
     src = random_slimclr(args)
     torch.save(official_checkpoint(src, "v2"), tmp_path / "v2.pth.tar")
@@ -210,9 +212,11 @@ def test_runs_evaluate_init_files_and_refuse_wrong_ones(small_cifar_dir, tmp_pat
     evil = dict(epoch=200, state_dict={"module.encoder_q.conv1.weight": torch.zeros(1)}, arch=RunsCode(marker))
     torch.save(evil, tmp_path / "evil.pth.tar")
 
-    def cmd(name, init, extra):
-        return recipe_cmd(ROOT / "slimclr_moco.py", "cifar-mocov2", TINY, small_cifar_dir, tmp_path / name,
-                          f"{extra} --init {tmp_path / init}")  # fmt: skip
+    def cmd(name, init, extra):  # init None: no --init
+        init = f" --init {tmp_path / init}" if init else ""
+        return recipe_cmd(
+            ROOT / "slimclr_moco.py", "cifar-mocov2", TINY, small_cifar_dir, tmp_path / name, extra + init
+        )
 
     r50, r18 = "--arch resnet50 --widths 1.0 0.5 --queue-size 64", "--arch resnet18 --widths 1.0"
     cases = {
@@ -223,10 +227,12 @@ def test_runs_evaluate_init_files_and_refuse_wrong_ones(small_cifar_dir, tmp_pat
         "renamed": (cmd("renamed", "renamed.pth", r18), None,
                     [f"no tensor for the backbone's {BACKBONE}layers.1.0.convs.0.weight", "torchvision ResNet"]),
         "evil": (cmd("evil", "evil.pth.tar", r18), None, ["refused to load", "evil.pth.tar", "io.open"]),
+        "train": (cmd("resume", None, r18 + " --max-steps 1 --probe none"), None),  # leaves a last.pt
+        "resume": (cmd("resume", "tv.pth", r18 + " --max-steps 1 --probe none"), None),  # resumes it, ignores --init
     }  # fmt: skip
     with ThreadPoolExecutor(2) as pool:
         jobs = []
-        for i, part in enumerate((["v2"], ["tv", "alien", "truncated", "renamed", "evil"])):
+        for i, part in enumerate((["v2", "alien", "truncated", "renamed"], ["tv", "train", "resume", "evil"])):
             (tmp_path / f"logs{i}").mkdir()
             jobs.append(pool.submit(forked_runs, {n: cases[n] for n in part}, tmp_path / f"logs{i}"))
         procs = {k: v for j in jobs for k, v in j.result().items()}
@@ -253,6 +259,10 @@ def test_runs_evaluate_init_files_and_refuse_wrong_ones(small_cifar_dir, tmp_pat
     out = torch.load(tmp_path / "tv" / "backbone.pt", weights_only=True)
     want = {k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")}
     assert out.keys() == want.keys() and all(torch.equal(out[k], v) for k, v in want.items())
+
+    assert procs["train"].returncode == 0 and procs["resume"].returncode == 0, procs["resume"].stderr[-3000:]
+    assert "--init" not in procs["resume"].stdout and "resumed from" in procs["resume"].stdout
+    assert read_results(tmp_path / "resume")["init"] is None
 
     failures = []
     for name, (command, _, needles) in ((n, c) for n, c in cases.items() if len(c) == 3):
