@@ -18,6 +18,8 @@ Runs (ImageNet, global batch 1024; flags override the recipe):
     torchrun --nproc_per_node=8 slimclr_moco.py mocov3 --data-dir IMAGENET            # SlimCLR-MoCov3, 300 epochs
     torchrun --nproc_per_node=4 slimclr_moco.py mocov2 --data-dir IMAGENET --widths 1.0   # MoCo v2, SlimCLR's recipe
     torchrun --nproc_per_node=8 slimclr_moco.py mocov3 --data-dir IMAGENET --widths 1.0   # MoCo v3, SlimCLR's recipe
+    python slimclr_moco.py mocov2 --data-dir IMAGENET --max-steps 0 \\
+        --init slimclr-mocov2-ep200-48213217.pth.tar    # evaluates a released model (mocov3: its v3 release)
     python slimclr_moco.py cifar-mocov2 --dataset imagefolder --data-dir CIFAR10_JPEG  # CIFAR proxy (ours)
     python slimclr_moco.py cifar-mocov3 --dataset cifar10 --data-dir CIFAR10          # CIFAR proxy (ours)
     python slimclr_moco.py cifar-mocov2 --dataset imagefolder --data-dir DIR --arch resnet18 --batch-size 32 \\
@@ -44,6 +46,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import sys
 import time
@@ -69,7 +72,8 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from common.checkpoint import ArtifactCache, CheckpointError, resume_state, save_state, state_dict_digest
+from common.checkpoint import ArtifactCache, CheckpointError, init_weights, own_checkpoint, resume_state, save_state
+from common.checkpoint import save_checkpoint, state_dict_digest, strip_prefix, torchvision_resnet
 from common.resnet import RESNETS
 
 
@@ -87,6 +91,8 @@ class Args:
     """where last.pt, log.jsonl, results.json and the feature cache go; an existing last.pt is resumed"""
     resume: Optional[str] = None
     """resume from this checkpoint instead of out_dir/last.pt"""
+    init: Optional[str] = None
+    """start from these weights unless a last.pt is resumed (which ignores --init); README: Use released weights"""
     save_every_steps: int = 1000
     """also save out_dir/last.pt every this many steps (0: only at epoch ends)"""
 
@@ -722,6 +728,74 @@ def check_args(args: Args, world_size: int) -> None:
         print(f"{Path(__file__).name}: warning: {w}", file=sys.stderr)
 
 
+# ---- released weights in (--init); plain ResNets out (backbone.pt: the full width, backbone_w{w}.pt: a sub-width)
+def with_momentum(sd: dict) -> dict:
+    """CRUCIAL: a file without a momentum encoder starts it as a copy of the loaded encoder, as a fresh start does
+    (what the file lacks stays the model's own, alike in both: SlimCLR() copies the encoder)."""
+    if not any(k.startswith("momentum_encoder.") for k in sd):
+        sd.update({"momentum_encoder." + k[15:]: v for k, v in list(sd.items()) if k.startswith("online.encoder.")})
+    return sd
+
+
+def official_slimclr(obj, online: str, momentum: str, rest) -> Optional[dict]:
+    """--init format: what the official main_ssl.py saves, the releases too ({"epoch", "state_dict": DDP's `module.`
+    names, "optimizer", ...}): s_MoCo's encoder_q, encoder_k, queue (models/s_moco.py) or s_MoCoV3's base_encoder,
+    momentum_encoder, predictor (models/s_mocov3.py). The encoders are models/backbones/s_resnet.py's (ResNet-50:
+    features.N.convK, .bnK.bn.I, .shortcut.{0, 1.bn.I}, the head fc.*), BN copy I the I-th width in descending order
+    as ours (slimmable_ops.py). rest(name, tensor): (our name, tensor) of any other tensor, or None to drop it."""
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not (isinstance(sd, dict) and any(str(k).startswith(f"module.{online}.") for k in sd)):
+        return None
+    blocks = [f"layers.{s}.{b}." for s, n in enumerate((3, 4, 6, 3)) for b in range(n)]  # features.N: stage s, block b
+    out = {}
+    for name, v in strip_prefix(sd, "module.").items():
+        part, _, k = name.partition(".")
+        if part in (online, momentum):  # a block of a deeper ResNet keeps its name: refused
+            k = re.sub(r"^features\.(\d+)\.", lambda m: blocks[int(m[1])] if int(m[1]) < len(blocks) else m[0], k)
+            k = re.sub(r"^(layers\.\d\.\d\.)(conv|bn)(\d)", lambda m: f"{m[1]}{m[2]}s.{int(m[3]) - 1}", k)
+            k = "head" + k[2:] if k.startswith("fc.") else "backbone." + k
+            out[("online.encoder." if part == online else "momentum_encoder.") + k] = v
+        elif (kv := rest(name, v)) is not None:
+            out[kv[0]] = kv[1]
+    return with_momentum(out)
+
+
+def from_plain(sd: dict) -> dict:
+    """A plain ResNet's state dict (torchvision's names) as our full-width network's (BN copy 0)."""
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"^layer(\d)", lambda m: f"layers.{int(m[1]) - 1}", k).replace("downsample", "shortcut")
+        k = re.sub(r"\.(conv|bn)(\d)\.", lambda m: f".{m[1]}s.{int(m[2]) - 1}.", k)
+        out["online.encoder.backbone." + re.sub(r"^(bn1|.+\.bns\.\d|.+\.shortcut\.1)\.", r"\1.bn.0.", k)] = v
+    return with_momentum(out)
+
+
+INIT_FORMATS = {  # --init: the first format that reads the file gives its tensors under our names (init_weights)
+    "last.pt": own_checkpoint,
+    "official SlimCLR-MoCov2": partial(official_slimclr, online="encoder_q", momentum="encoder_k",
+        rest=lambda k, v: ("queue", v.t()) if k == "queue" else None if k == "queue_ptr" else (k, v)),  # ours: [K, D]
+    "official SlimCLR-MoCov3": partial(official_slimclr, online="base_encoder", momentum="momentum_encoder",
+        rest=lambda k, v: ("online." + k, v) if k.startswith("predictor.") else (k, v)),
+    "torchvision ResNet": lambda obj: from_plain(sd) if (sd := torchvision_resnet(obj, "")) else None,
+}  # fmt: skip
+
+
+@torch.no_grad()
+def plain_backbone(backbone: SlimResNet, width: float) -> dict:
+    """The network of this width as a plain ResNet's state dict on the CPU, common/resnet.py's (torchvision's) names:
+    RESNETS[arch](width=width) loads it strictly. Every kernel's leading slice, the width's own BN copy."""
+    sd = {}
+    for name, m in backbone.named_modules():
+        name = re.sub(r"^layers\.(\d)", lambda s: f"layer{int(s[1]) + 1}", name).replace("shortcut", "downsample")
+        name = re.sub(r"(conv|bn)s\.(\d)", lambda s: f"{s[1]}{int(s[2]) + 1}", name)
+        if isinstance(m, SlimConv2d):
+            w_in = width if m.slim_in else 1  # the stem's 3 inputs: never sliced
+            sd[f"{name}.weight"] = m.weight[: slim(m.out_channels, width), : slim(m.in_channels, w_in)]
+        elif isinstance(m, SwitchBN):
+            sd.update({f"{name}.{k}": v for k, v in m.bn[m.widths.index(width)].state_dict().items()})
+    return {k: v.to("cpu", copy=True, memory_format=torch.contiguous_format) for k, v in sd.items()}
+
+
 def run_training(args: Args) -> dict:
     """Set up the run (model, optimizer, resume, DDP), train, evaluate every width and write results.json."""
     run = start_run(args)
@@ -734,7 +808,10 @@ def run_training(args: Args) -> dict:
     run.feature_dims = [slim(backbone.num_features, w) for w in run.widths]
     run.groups, run.opt = crop_groups(args), build_optimizer(model, args)
     run.metrics = ("loss", *(f"top1@{w}" for w in run.widths))
-    resume_state(run, set())
+    ckpt = resume_state(run, set())
+    init = init_weights(model, args.init, INIT_FORMATS, "online.encoder.backbone.") if args.init and not ckpt else None
+    if init and run.rank == 0:
+        print(init)
     net = model.online
     if world_size > 1 and args.moco == "v3" and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN for v3 only
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -746,6 +823,8 @@ def run_training(args: Args) -> dict:
     bench = run_benchmarks(run)
     run.total_steps = min(run.steps_per_epoch * args.epochs, math.inf if args.max_steps is None else args.max_steps)
     train_epochs(run)
+    for w in run.widths if run.rank == 0 else []:  # before the long evaluation
+        save_checkpoint(plain_backbone(backbone, w), Path(args.out_dir) / f"backbone{f'_w{w}' if w < 1 else ''}.pt")
     res = evaluate(run, tag="final")
     if run.rank == 0:  # per width, what a user deploys: the backbone + a C-way classifier, at the evaluation size
         net = SLIM_RESNETS[args.arch](num_classes=run.data["num_classes"], widths=run.widths)
@@ -756,7 +835,8 @@ def run_training(args: Args) -> dict:
             per_width[str(w)] = {**sizes, **{k.split("@")[0]: v for k, v in res.items() if k.endswith(f"@{w}")}}
         peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else 1.0)
         paper = "SlimCLR, Slimmable Networks for Contrastive Self-supervised Learning (arXiv 2209.15525)"
-        write_results(run, paper, dict(widths=per_width, peak_lr=peak_lr, slim_start_lr=args.slim_start_lr), bench, res)
+        extra = dict(widths=per_width, peak_lr=peak_lr, slim_start_lr=args.slim_start_lr, init=init)
+        write_results(run, paper, extra, bench, res)
     if dist.is_initialized():
         dist.destroy_process_group()
     return res
