@@ -5,6 +5,7 @@ Keys and shapes match `torchvision.models.resnet*`, so weights move between the 
 `width=w` every channel count c becomes int(c w) (truncated): SlimCLR's sub-networks and SwAV's wide ResNet-50s.
 """
 
+from functools import partial
 from typing import List, Optional, Type, Union
 
 import torch
@@ -126,8 +127,14 @@ def resnet50(**kw) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], **kw)
 
 
+def resnet101(**kw) -> ResNet:
+    return ResNet(Bottleneck, [3, 4, 23, 3], **kw)
+
+
 def resnet18_cifar(**kw) -> ResNet:
     return ResNet(BasicBlock, [2, 2, 2, 2], cifar_stem=True, **kw)
 
 
-RESNETS = {"resnet18": resnet18, "resnet50": resnet50, "resnet18-cifar": resnet18_cifar}
+RESNETS = {"resnet18": resnet18, "resnet50": resnet50, "resnet101": resnet101, "resnet18-cifar": resnet18_cifar}
+# SwAV's wide ResNet-50s (facebookresearch/swav src/resnet50.py, widen=2/4/5: every channel count times w)
+RESNETS.update({f"resnet50w{w}": partial(resnet50, width=w) for w in (2, 4, 5)})

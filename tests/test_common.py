@@ -34,7 +34,7 @@ def n_params(m: nn.Module) -> int:
 # ---------------------------------------------------------------- ResNet
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnet101"])
 def test_resnet_matches_torchvision(name):
     torch.manual_seed(0)
     ours = RESNETS[name](num_classes=1000)
@@ -447,6 +447,7 @@ def test_resnet_width_scales_every_channel_count():
     not 4 int(128 x 0.3) = 152); width 1 is torchvision's layout."""
     assert round(sum(p.numel() for p in resnet50(width=2).parameters()) / 1e6) == 94
     assert round(sum(p.numel() for p in resnet50(width=4).parameters()) / 1e6) == 375
+    assert round(sum(p.numel() for p in RESNETS["resnet50w5"]().parameters()) / 1e6) == 586
     net = resnet50(width=0.3)
     assert net.conv1.out_channels == 19 and net.layer2[0].conv1.out_channels == 38
     assert net.layer2[0].conv3.out_channels == 153 and net.num_features == int(2048 * 0.3)
