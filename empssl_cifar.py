@@ -992,25 +992,29 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
+        for group in self.param_groups:  # CRUCIAL: each op runs over all tensors at once (torch._foreach_*), no sync
             lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if group["lars"]:
-                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                    local = group["eta"] * p_norm / (g_norm + wd * p_norm + group["eps"])
-                    ratio = (local / lr).clamp(max=1.0) if group["clip"] else local
-                    ok = (p_norm > 0) & (g_norm > 0)  # no host sync: zero norms leave g untouched
-                    g = torch.where(ok, (g + wd * p) * ratio, g)
-                elif wd:
-                    g = g + wd * p
-                if mom:
-                    buf = self.state[p].get("momentum_buffer")
-                    buf = self.state[p]["momentum_buffer"] = g.clone() if buf is None else buf.mul_(mom).add_(g)
-                    g = g + mom * buf if group["nesterov"] else buf
-                p.add_(g, alpha=-lr)
+            ps = [p for p in group["params"] if p.grad is not None]
+            gs = [p.grad for p in ps]  # scaled in place
+            if not ps:
+                continue
+            if group["lars"]:
+                p_norm, g_norm = torch.stack(torch._foreach_norm(ps)), torch.stack(torch._foreach_norm(gs))
+                local = group["eta"] * p_norm / (g_norm + wd * p_norm + group["eps"])
+                ratio = (local / lr).clamp(max=1.0) if group["clip"] else local
+                ok = (p_norm > 0) & (g_norm > 0)  # zero norms leave g untouched: no decay, ratio 1
+                torch._foreach_add_(gs, torch._foreach_mul(ps, (wd * ok).unbind()))
+                torch._foreach_mul_(gs, torch.where(ok, ratio, 1.0).unbind())
+            elif wd:
+                torch._foreach_add_(gs, torch._foreach_mul(ps, wd))
+            if mom:  # a new buffer starts at 0, so after the first step it is the gradient
+                bufs = [self.state[p].get("momentum_buffer") for p in ps]
+                bufs = [torch.zeros_like(p) if b is None else b for p, b in zip(ps, bufs)]
+                self.state.update({p: {"momentum_buffer": b} for p, b in zip(ps, bufs)})
+                torch._foreach_mul_(bufs, mom)
+                torch._foreach_add_(bufs, gs)
+                gs = torch._foreach_add(gs, torch._foreach_mul(bufs, mom)) if group["nesterov"] else bufs
+            torch._foreach_add_(ps, gs, alpha=-lr)
 
 
 def linear_probe(x_train, y_train, x_test, y_test, num_classes, epochs=100, lr=0.03, wd=5e-5, batch_size=100, seed=0,

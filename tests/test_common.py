@@ -456,3 +456,55 @@ def test_resnet_width_scales_every_channel_count():
         "fc.weight",
         "fc.bias",
     }
+
+
+def reference_lars_step(params: list, state: dict, group: dict) -> None:
+    """The shared LARS's update as a plain per-tensor loop (the code before it was fused), for one group."""
+    lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+    for p in params:
+        if p.grad is None:
+            continue
+        g = p.grad
+        if group["lars"]:
+            p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+            local = group["eta"] * p_norm / (g_norm + wd * p_norm + group["eps"])
+            ratio = (local / lr).clamp(max=1.0) if group["clip"] else local
+            g = torch.where((p_norm > 0) & (g_norm > 0), (g + wd * p) * ratio, g)
+        elif wd:
+            g = g + wd * p
+        if mom:
+            buf = state.get(p)
+            buf = state[p] = g.clone() if buf is None else buf.mul_(mom).add_(g)
+            g = g + mom * buf if group["nesterov"] else buf
+        p.add_(g, alpha=-lr)
+
+
+@pytest.mark.parametrize("nesterov,clip", [(False, False), (True, True), (False, True)])
+def test_fused_lars_equals_the_per_tensor_loop(nesterov, clip):
+    """The `linear-probe` block's LARS (torch._foreach_* over each group) gives bit for bit the weights of the
+    per-tensor loop over 4 steps: LARS and plain groups, weight decay, momentum, Nesterov, clipping, a zero weight,
+    a zero gradient, a parameter without gradient and one that gets its first gradient late."""
+    import groco_imagenet as G
+
+    torch.manual_seed(0)
+    shapes = [(16, 8, 3, 3), (16,), (32, 16), (5,), (7, 7), (3,)]
+    ours = [torch.randn(s, requires_grad=True) for s in shapes]
+    with torch.no_grad():
+        ours[3].zero_()  # ||p|| = 0
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    kw = dict(momentum=0.9, nesterov=nesterov, eta=0.02, clip=clip)
+    groups = lambda ps: [dict(params=ps[:4], lars=True, weight_decay=1e-2), dict(params=ps[4:], lars=False)]  # noqa: E731
+    opt = G.LARS(groups(ours), lr=0.3, weight_decay=1e-4, **kw)
+    ref_groups = [{**opt.defaults, **{k: v for k, v in g.items() if k != "params"}} for g in groups(ref)]
+    state = {}
+    for step in range(4):
+        for i, (p, q) in enumerate(zip(ours, ref)):
+            g = torch.randn(p.shape) if i != 1 else torch.zeros(p.shape)  # ||g|| = 0 for the bias
+            late = i == 5 and step < 2  # no gradient in the first two steps
+            p.grad, q.grad = (None, None) if late else (g.clone(), g.clone())
+        opt.step()
+        for group, ps in zip(ref_groups, (ref[:4], ref[4:])):
+            with torch.no_grad():
+                reference_lars_step(ps, state, group)
+        for i, (p, q) in enumerate(zip(ours, ref)):
+            assert torch.equal(p, q), f"step {step}, parameter {i}"
