@@ -250,7 +250,7 @@ class Args:
     log_every: int = 25
     """steps between progress-bar/log.jsonl updates (each costs one host sync)"""
     bench_ceiling_steps: int = 0
-    """before training, time this many bare torchvision-ResNet forward+backward steps on synthetic crops"""
+    """time a bare forward+backward on synthetic crops right after each of this many training steps (ceiling_ratio)"""
     bench_data_steps: int = 0
     """before training, time this many steps of the data pipeline alone (decode, crops, colour): can it keep up?"""
     # END SHARED
@@ -1210,27 +1210,59 @@ def sync(device: torch.device) -> None:
 
 
 def run_benchmarks(run: SimpleNamespace, unit: str = "images", per_image: int = 1) -> dict:
-    """--bench-ceiling-steps: the method's bare_step(run) (its bare networks on synthetic inputs, no data or loss);
-    --bench-data-steps: its train_batches alone (read, decode, crops, colour). Returns {ceiling,data}_{unit}_per_s
-    (per_image units per image, after 2 warm-up steps); then the peak-memory counter starts afresh."""
-    args, bench = run.args, {}
+    """--bench-data-steps: the method's train_batches alone (read, decode, crops, colour), timed before training.
+    --bench-ceiling-steps N: its bare_step(run) (its bare networks on synthetic inputs, no data, loss or optimizer),
+    warmed up here, then run right after each of the first N training steps from the second (time_bare_step), so
+    both see the same machine. Returns results.json's data_{unit}_per_s, ceiling_{unit}_per_s (median),
+    ceiling_ratio (the median over those steps of bare / whole step time) and ceiling_ratio_spread ([min, max])."""
+    args, keys = run.args, (f"data_{unit}_per_s", f"ceiling_{unit}_per_s", "ceiling_ratio", "ceiling_ratio_spread")
+    run.bench, run.bench_unit, run.bench_pairs, run.bench_skip = dict.fromkeys(keys), (unit, per_image), [], True
+    run.bare = bare_step(run) if args.bench_ceiling_steps else None
     stream = (b for e in range(args.bench_data_steps + 2) for b in train_batches(run, e, 0, run.steps_per_epoch))
-    for name, steps in (("ceiling", args.bench_ceiling_steps), ("data", args.bench_data_steps)):
-        if not steps:
-            continue
-        step = bare_step(run) if name == "ceiling" else lambda: next(stream)
-        for i in range(steps + 2):
-            if i == 2:
-                sync(run.device)
-                t0 = time.perf_counter()
-            step()
+    for i in range(args.bench_data_steps + 2 if args.bench_data_steps else 0):
+        if i == 2:
+            sync(run.device)
+            t0 = time.perf_counter()
+        next(stream)
+    if args.bench_data_steps:
         sync(run.device)
-        bench[f"{name}_{unit}_per_s"] = steps * args.batch_size / (time.perf_counter() - t0) * per_image
-    if run.rank == 0 and bench:
-        print("benchmarks: " + ", ".join(f"{k} {v:,.0f}" for k, v in bench.items()))
+        run.bench[keys[0]] = args.bench_data_steps * args.batch_size / (time.perf_counter() - t0) * per_image
+        if run.rank == 0:
+            print(f"benchmarks: data {run.bench[keys[0]]:,.0f} {unit}/s")
+    for _ in range(2 if run.bare else 0):  # warm-up
+        run.bare()
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
-    return bench
+    return run.bench
+
+
+def time_bare_step(run: SimpleNamespace, t_step: float) -> float:
+    """--bench-ceiling-steps: after the training step begun at t_step, one bare step; both timed (device synced) into
+    run.bench. Returns the bare step's time, which is not training time. The run's first step is not timed."""
+    if run.bench_skip:  # compilation, allocation, cudnn autotuning
+        run.bench_skip = False
+        return 0.0
+    sync(run.device)
+    t1 = time.perf_counter()
+    run.bare()
+    sync(run.device)
+    t2 = time.perf_counter()
+    run.bench_pairs.append((t1 - t_step, t2 - t1))
+    (unit, per_image), (whole, bare) = run.bench_unit, torch.tensor(run.bench_pairs, dtype=torch.float64).T
+    ratio = bare / whole  # the whole step's throughput as a fraction of the bare networks'
+    run.bench[f"ceiling_{unit}_per_s"] = run.args.batch_size * per_image / bare.quantile(0.5).item()
+    run.bench.update(
+        ceiling_ratio=ratio.quantile(0.5).item(), ceiling_ratio_spread=[ratio.min().item(), ratio.max().item()]
+    )
+    if len(run.bench_pairs) == run.args.bench_ceiling_steps:  # done: free the bare networks
+        run.bare = None
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)  # the peak counts training alone from here
+        if run.rank == 0:
+            lo, hi = run.bench["ceiling_ratio_spread"]
+            line = f"ceiling {run.bench[f'ceiling_{unit}_per_s']:,.0f} {unit}/s, whole step / ceiling"
+            tqdm.write(f"benchmarks: {line} {run.bench['ceiling_ratio']:.2f} (min {lo:.2f}, max {hi:.2f})")
+    return t2 - t1
 
 
 class LargestTensor(TorchDispatchMode):
@@ -1338,6 +1370,8 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, start_step: int) -> dict:
         batch = next(stream)
         run.data_wait_s += time.perf_counter() - tw  # host time spent waiting for (or making) the batch
         m = train_step(run, batch, gstep)
+        if getattr(run, "bare", None):  # --bench-ceiling-steps: a bare step right after this one, both timed
+            t0 += time_bare_step(run, tw)
         bad_step = torch.minimum(bad_step, torch.where(torch.isfinite(m[0]), no_bad, gstep + 1))
         window += m
         n_done += 1
@@ -1698,7 +1732,6 @@ def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, re
     """out_dir/results.json (rank 0, atomic): args, machine, timings, throughput against the bare ceiling, metrics."""
     args, device = run.args, run.device
     imgs_per_s = run.images_seen / max(run.train_time_s, 1e-9)
-    ceiling = bench.get("ceiling_images_per_s")
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     protocol = f"pooled backbone features of {'whole images' if args.in_memory else 'centre crops'}, eval-mode BN"
     protocol += f"; weighted k-NN k={args.knn_k} T={args.knn_t}; linear probe: {args.probe}, {args.probe_epochs} epochs"
@@ -1710,8 +1743,7 @@ def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, re
     results.update(data_wait_s=run.data_wait_s, **run.times)
     results.update(total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen, images_per_s=imgs_per_s)
     results.update(crops_per_s=imgs_per_s * sum(g.n for g in run.groups), **bench)
-    results.update(ceiling_ratio=imgs_per_s / ceiling if ceiling else None,
-                   peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    results.update(peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                    script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)  # fmt: skip
     tmp = Path(args.out_dir) / f"results.json.tmp.{os.getpid()}"
     tmp.write_text(json.dumps(results, indent=2))

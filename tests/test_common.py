@@ -287,27 +287,43 @@ def test_artifact_cache(tmp_path):
 
 
 @pytest.mark.parametrize("script, unit, per_image", [("swav_imagenet", "images", 1), ("empssl_cifar", "patches", 5)])
-def test_run_benchmarks_times_the_methods_bare_step_and_batches(script, unit, per_image, monkeypatch):
-    """The `common` block's run_benchmarks times the method's bare_step(run) (after 2 warm-up calls) and its
-    train_batches (epoch after epoch), reporting {ceiling,data}_{unit}_per_s as images/s x per_image."""
+def test_benchmarks_time_the_bare_step_interleaved_with_training(script, unit, per_image, monkeypatch):
+    """The `common` block: run_benchmarks times the method's train_batches alone (epoch after epoch) and warms up its
+    bare_step(run) twice; time_bare_step then runs one bare step after each training step but the first, until
+    --bench-ceiling-steps pairs, and reports the median ceiling, the median bare / whole ratio and its [min, max]."""
     import importlib
 
     module = importlib.import_module(script)
-    calls, epochs = [], []
+    calls, epochs, clock = [], [], [0.0]
 
     def train_batches(run, epoch, start, last):
         epochs.append((epoch, start, last))
         return iter(range(last - start))
 
-    monkeypatch.setattr(module, "bare_step", lambda run: lambda: calls.append(1), raising=False)
+    def bare():  # a bare step of 1, 2, 3, ... seconds
+        calls.append(1)
+        clock[0] += len(calls) - 2
+
+    monkeypatch.setattr(module, "bare_step", lambda run: bare, raising=False)
     monkeypatch.setattr(module, "train_batches", train_batches, raising=False)
+    monkeypatch.setattr(module.time, "perf_counter", lambda: clock[0])
     args = module.Args(batch_size=8, bench_ceiling_steps=3, bench_data_steps=5)
     run = module.SimpleNamespace(args=args, rank=0, world_size=1, device=torch.device("cpu"), steps_per_epoch=2)
+    monkeypatch.setattr(module.time, "perf_counter", lambda: clock[0] + 0.5 * len(epochs))  # data: 0.5 s per epoch
     bench = module.run_benchmarks(run, unit, per_image)
-    assert sorted(bench) == [f"ceiling_{unit}_per_s", f"data_{unit}_per_s"] and min(bench.values()) > 0
-    assert len(calls) == 3 + 2 and epochs == [(e, 0, 2) for e in range(4)]  # 5 + 2 batches over 2-step epochs
+    assert len(calls) == 2 and epochs == [(e, 0, 2) for e in range(4)]  # warm-up; 5 + 2 batches over 2-step epochs
+    assert bench[f"data_{unit}_per_s"] == pytest.approx(5 * 8 * per_image / 1.5)  # from the 3rd batch (epoch 1) on
+    monkeypatch.setattr(module.time, "perf_counter", lambda: clock[0])
+    whole = [4.0, 4.0, 2.0, 6.0, 9.0]  # seconds per training step; the first is not timed, the last comes after N
+    for i, t in enumerate(whole):
+        start, clock[0] = clock[0], clock[0] + t
+        if run.bare:
+            assert module.time_bare_step(run, start) == (0.0 if i == 0 else len(calls) - 2)
+    assert len(calls) == 2 + 3 and run.bare is None  # 3 pairs: bare 1, 2, 3 s after steps of 4, 2, 6 s
+    assert bench[f"ceiling_{unit}_per_s"] == pytest.approx(8 * per_image / 2.0)
+    assert bench["ceiling_ratio"] == pytest.approx(1 / 2) and bench["ceiling_ratio_spread"] == pytest.approx([0.25, 1])
     args.bench_ceiling_steps = args.bench_data_steps = 0
-    assert module.run_benchmarks(run) == {}
+    assert set(module.run_benchmarks(run).values()) == {None} and run.bare is None
 
 
 def test_linear_probe_one_loop_for_features_and_a_feature_stream():
