@@ -1211,12 +1211,11 @@ def sync(device: torch.device) -> None:
 
 def run_benchmarks(run: SimpleNamespace, unit: str = "images", per_image: int = 1) -> dict:
     """--bench-data-steps: the method's train_batches alone (read, decode, crops, colour), timed before training.
-    --bench-ceiling-steps N: its bare_step(run) (its bare networks on synthetic inputs, no data, loss or optimizer),
-    warmed up here, then run right after each of the first N training steps from the second (time_bare_step), so
-    both see the same machine. Returns results.json's data_{unit}_per_s, ceiling_{unit}_per_s (median),
-    ceiling_ratio (the median over those steps of bare / whole step time) and ceiling_ratio_spread ([min, max])."""
+    --bench-ceiling-steps N: its bare_step(run) (bare networks, synthetic inputs, no data, loss or optimizer), warmed
+    up here, then timed right after each of the first N training steps but the first (time_bare_step). Returns
+    results.json's {data,ceiling}_{unit}_per_s, ceiling_ratio (median of bare / whole step time) and its spread."""
     args, keys = run.args, (f"data_{unit}_per_s", f"ceiling_{unit}_per_s", "ceiling_ratio", "ceiling_ratio_spread")
-    run.bench, run.bench_unit, run.bench_pairs, run.bench_skip = dict.fromkeys(keys), (unit, per_image), [], True
+    run.bench, run.bench_unit, run.bench_pairs = dict.fromkeys(keys), (unit, per_image), None
     run.bare = bare_step(run) if args.bench_ceiling_steps else None
     stream = (b for e in range(args.bench_data_steps + 2) for b in train_batches(run, e, 0, run.steps_per_epoch))
     for i in range(args.bench_data_steps + 2 if args.bench_data_steps else 0):
@@ -1227,8 +1226,6 @@ def run_benchmarks(run: SimpleNamespace, unit: str = "images", per_image: int = 
     if args.bench_data_steps:
         sync(run.device)
         run.bench[keys[0]] = args.bench_data_steps * args.batch_size / (time.perf_counter() - t0) * per_image
-        if run.rank == 0:
-            print(f"benchmarks: data {run.bench[keys[0]]:,.0f} {unit}/s")
     for _ in range(2 if run.bare else 0):  # warm-up
         run.bare()
     if run.device.type == "cuda":
@@ -1237,32 +1234,27 @@ def run_benchmarks(run: SimpleNamespace, unit: str = "images", per_image: int = 
 
 
 def time_bare_step(run: SimpleNamespace, t_step: float) -> float:
-    """--bench-ceiling-steps: after the training step begun at t_step, one bare step; both timed (device synced) into
-    run.bench. Returns the bare step's time, which is not training time. The run's first step is not timed."""
-    if run.bench_skip:  # compilation, allocation, cudnn autotuning
-        run.bench_skip = False
+    """After the training step begun at t_step, one bare step, both timed (device synced) into run.bench. Returns the
+    bare step's time, which is not training time. The run's first step (compilation, autotuning) is not timed."""
+    if run.bench_pairs is None:
+        run.bench_pairs = []
         return 0.0
     sync(run.device)
     t1 = time.perf_counter()
     run.bare()
     sync(run.device)
-    t2 = time.perf_counter()
-    run.bench_pairs.append((t1 - t_step, t2 - t1))
+    run.bench_pairs.append((t1 - t_step, time.perf_counter() - t1))
     (unit, per_image), (whole, bare) = run.bench_unit, torch.tensor(run.bench_pairs, dtype=torch.float64).T
     ratio = bare / whole  # the whole step's throughput as a fraction of the bare networks'
-    run.bench[f"ceiling_{unit}_per_s"] = run.args.batch_size * per_image / bare.quantile(0.5).item()
+    run.bench[f"ceiling_{unit}_per_s"] = run.args.batch_size * per_image / bare.quantile(0.5).item()  # medians
     run.bench.update(
         ceiling_ratio=ratio.quantile(0.5).item(), ceiling_ratio_spread=[ratio.min().item(), ratio.max().item()]
     )
-    if len(run.bench_pairs) == run.args.bench_ceiling_steps:  # done: free the bare networks
+    if len(ratio) == run.args.bench_ceiling_steps:  # done: free the bare networks; the peak memory is training's
         run.bare = None
         if run.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(run.device)  # the peak counts training alone from here
-        if run.rank == 0:
-            lo, hi = run.bench["ceiling_ratio_spread"]
-            line = f"ceiling {run.bench[f'ceiling_{unit}_per_s']:,.0f} {unit}/s, whole step / ceiling"
-            tqdm.write(f"benchmarks: {line} {run.bench['ceiling_ratio']:.2f} (min {lo:.2f}, max {hi:.2f})")
-    return t2 - t1
+            torch.cuda.reset_peak_memory_stats(run.device)
+    return run.bench_pairs[-1][1]
 
 
 class LargestTensor(TorchDispatchMode):
