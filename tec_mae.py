@@ -14,10 +14,8 @@ Modes (the first argument picks a recipe; flags override it):
     torchrun --nproc_per_node=8 tec_mae.py pretrain --data-dir IMAGENET --epochs 800            # ... 800 epochs
     torchrun --nproc_per_node=8 tec_mae.py pretrain-ibot --data-dir IMAGENET      # iBOT ViT-B base (k 9, tau 1.0)
     torchrun --nproc_per_node=8 tec_mae.py pretrain-large --data-dir IMAGENET     # ViT-L/16, MAE ViT-L base
-    torchrun --nproc_per_node=8 tec_mae.py finetune --data-dir IMAGENET --init runs/tec-pretrain/last.pt \\
-        --layer-decay 0.65                                                        # 0.55 after 800 ep (spec 7 table)
+    torchrun --nproc_per_node=8 tec_mae.py finetune --data-dir IMAGENET --init runs/tec-pretrain/last.pt
     torchrun --nproc_per_node=8 tec_mae.py linear --data-dir IMAGENET --init runs/tec-pretrain/last.pt
-    torchrun --nproc_per_node=8 tec_mae.py finetune --data-dir IMAGENET --init tec_mae_vitb_300ep.pth  # TEC's release
     python tec_mae.py convert --init runs/tec-pretrain/last.pt --convert-out tec_vitb.pth   # plain ViT weights
     torchrun --nproc_per_node=8 tec_mae.py mae --data-dir IMAGENET                # a plain MAE base model, from scratch
 Every mode takes --init (our last.pt, TEC's checkpoints and releases, a timm/MAE ViT: INIT_FORMATS; with --max-steps 0
@@ -30,11 +28,21 @@ CIFAR-10 proxy (ours; ViT-Tiny, patch 4, 32 x 32, data kept on the device):
     python tec_mae.py cifar-linear --data-dir CIFAR10_JPEG --dataset imagefolder --init runs/tec-cifar-pretrain/last.pt
     python tec_mae.py cifar-mae --dataset imagefolder --data-dir DIR --batch-size 32 --epochs 1 --device cpu \\
         --out-dir OUT                                     # quick CPU run: under a minute on a 200-image folder
-Published targets (sail-sg/TEC README, ImageNet-1k fine-tuning top-1): ViT-B with the MAE ViT-B base 84.7 (300 ep) /
-84.8 (800 ep), with the iBOT ViT-B base 84.8 / 85.1, ViT-L with the MAE ViT-L base 86.5 (300 ep); the bases fine-tune
-to 83.6 (MAE ViT-B), 85.9 (MAE ViT-L) and 84.0 (iBOT ViT-B). Fine-tuning: blr 5e-4 at batch 1024, layer decay 0.65
-(MAE base 300 ep) / 0.55 (800 ep) / 0.50 (iBOT 300 ep), warm-up 20 epochs (iBOT 300 ep: 5), 100 epochs; ViT-L: blr
-1e-3, 50 epochs, warm-up 5, min_lr 1e-5.
+Fine-tuning, one recipe per row of the sail-sg/TEC README (the values of its main_finetune.py commands, its ImageNet-1k
+top-1), each run as `finetune` above with --init the row's pretraining (our last.pt, the official checkpoint-*.pth) or
+its release (INIT_FORMATS, e.g. tec_ibot_vitb_300ep.pth):
+    finetune           MAE ViT-B base, 300 ep (pretrain)                      84.7  blr 5e-4 at batch 1024 (128 x 8),
+                                                                                    layer decay 0.65, warm-up 20, 100 ep
+    finetune-800       MAE ViT-B base, 800 ep (pretrain --epochs 800)         84.8  layer decay 0.55
+    finetune-ibot      iBOT ViT-B base, 300 ep (pretrain-ibot)                84.8  layer decay 0.50, warm-up 5
+    finetune-ibot-800  iBOT ViT-B base, 800 ep (pretrain-ibot --epochs 800)   85.1  layer decay 0.55
+    finetune-100ep     MAE ViT-B 300-ep base, 100 ep (pretrain --epochs 100   83.9  warm-up 5 (main_finetune's default)
+                       --base-checkpoint runs/tec-mae/last.pt of `mae --epochs 300`: MAE released no 300-ep model)
+    finetune-large     MAE ViT-L base, 300 ep (pretrain-large)                86.5  ViT-L, blr 1e-3, 50 ep, warm-up 5,
+                       min_lr 1e-5, --accum-iter 2 (64 x 8 x 2 = 1024); drop path 0.1 as in every row (MAE's ViT-L: 0.2)
+Every row: AdamW wd 0.05, drop path 0.1, min_lr 1e-6 (ViT-L 1e-5), RandAugment m9-mstd0.5, mixup 0.8, cutmix 1.0,
+reprob 0.25, smoothing 0.1, the CLS MLP kept and trained (--mlp_token), seed 5. The bases fine-tune (`finetune
+--init MAE_URL`) to 83.6 (MAE ViT-B), 85.9 (MAE ViT-L) and 84.0 (iBOT ViT-B).
 
 Deviations (each marked `# DEVIATION:` below): bf16 autocast for the base and the new model (official fp16 AMP), every
 target and loss in fp32; crops cut and resized with antialiased bilinear tensor ops or one roi_align (official: PIL
@@ -261,8 +269,10 @@ IBOT = dict(seed=5, base_checkpoint=IBOT_URL, topk=9, tau=1.0)
 LARGE = dict(seed=5, arch="vit_large", decoder_dim=768, base_checkpoint=MAE_URL.format("large"), tau=1.4)
 MAE = dict(mode="mae", decoder_depth=8, base_checkpoint=None, epochs=800)
 EVAL = dict(large_scale=(0.08, 1.0), base_checkpoint=None, probe="none")  # finetune and linear
-FINETUNE = dict(EVAL, mode="finetune", epochs=100, batch_size=1024, blr=5e-4, min_lr=1e-6, warmup_epochs=20,
+FINETUNE = dict(EVAL, mode="finetune", seed=5, epochs=100, batch_size=1024, blr=5e-4, min_lr=1e-6, warmup_epochs=20,
                 betas=(0.9, 0.999), eval_every=1)
+FT_800, FT_5 = dict(FINETUNE, layer_decay=0.55), dict(FINETUNE, warmup_epochs=5)  # the other rows (docstring)
+FT_LARGE = dict(FT_5, arch="vit_large", epochs=50, blr=1e-3, min_lr=1e-5, accum_iter=2)  # 64 x 8 GPUs x 2
 LINEAR = dict(EVAL, mode="linear", pool="cls", epochs=90, batch_size=16384, blr=0.1, warmup_epochs=10,
               weight_decay=0.0, eval_every=10)
 # The CIFAR-10 proxy (ours): ViT-Tiny, patch 4 on 32 x 32 (64 patches), data decoded once and kept on the device;
@@ -279,13 +289,18 @@ RECIPES = {  # name: (its Args, its description)
         ("pretrain-ibot", IBOT, "TEC ViT-B/16 on the iBOT ViT-B base, 300 epochs"),
         ("pretrain-large", LARGE, "TEC ViT-L/16 on the MAE ViT-L base, 300 epochs"),
         ("mae", MAE, "a plain MAE ViT-B/16 (the base-model recipe), 800 epochs"),
-        ("finetune", FINETUNE, "MAE/TEC fine-tuning, ViT-B/16, 100 epochs"),
+        ("finetune", FINETUNE, "MAE/TEC fine-tuning, ViT-B/16, 100 epochs (TEC on the MAE base, 300 ep: 84.7)"),
+        ("finetune-800", FT_800, "... TEC on the MAE ViT-B base, 800 ep: 84.8"),
+        ("finetune-ibot", dict(FT_5, layer_decay=0.5), "... TEC on the iBOT ViT-B base, 300 ep: 84.8"),
+        ("finetune-ibot-800", FT_800, "... TEC on the iBOT ViT-B base, 800 ep: 85.1"),
+        ("finetune-100ep", FT_5, "... TEC 100 ep on a 300-ep MAE ViT-B base: 83.9"),
+        ("finetune-large", FT_LARGE, "ViT-L/16, 50 epochs: TEC on the MAE ViT-L base, 300 ep: 86.5"),
         ("linear", LINEAR, "MAE's linear probe (LARS, BN head), 90 epochs"),
         ("convert", dict(mode="convert", base_checkpoint=None), "a TEC checkpoint -> plain ViT weights"),
         ("cifar-mae", {**CIFAR, **MAE, "decoder_depth": 4, "epochs": 100}, "CIFAR proxy (ours): the MAE base model"),
         ("cifar-pretrain", {**CIFAR, "topk": 5, "base_checkpoint": "runs/tec-cifar-mae/last.pt"},
          "CIFAR proxy (ours): TEC on top of it"),
-        ("cifar-finetune", {**CIFAR, **FINETUNE, "eval_every": 10, "batch_size": 256, "warmup_epochs": 5},
+        ("cifar-finetune", dict({**CIFAR, **FINETUNE}, seed=0, eval_every=10, batch_size=256, warmup_epochs=5),
          "CIFAR proxy (ours): fine-tuning"),
         ("cifar-linear", {**CIFAR, **LINEAR, "batch_size": 1024}, "CIFAR proxy (ours): linear probe"),
     ]

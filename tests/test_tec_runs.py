@@ -4,6 +4,7 @@
   its last.pt (across an epoch boundary: losses, LR warm-up, k-NN and fast probe), cifar-finetune (layer decay: the
   LR of the CLS token, of the last and of the first block, as moved weights), cifar-linear (the encoder stays frozen,
   top1_best), convert (a plain {"model": sd}, the CLS MLP baked in) and a fine-tuning step from the converted file;
+- the finetune-large recipe (a README row: ViT-L's LR schedule, --accum-iter 2) on ViT-Tiny, its images streamed;
 - the streamed ImageNet-layout `pretrain` recipe under torchrun --nproc_per_node=2 (gloo) on ImageNet photos;
 - resume: a pretrain run stopped by --max-steps and rerun ends bit-identical to the uninterrupted run (model, AdamW
   state, logged losses, k-NN);
@@ -57,6 +58,7 @@ SUBSETS = "--eval-subset-train 40 --eval-subset-test 20"  # the k-NN during trai
 # the streamed pretrain recipe: ViT-Tiny with 8 px patches on 32 px crops (16 patches, k 15), 4 images per rank
 IMAGENET_TINY = "--arch vit_tiny --large-size 32 --patch-size 8 --batch-size 8 --workers 1 --device cpu"
 IMAGENET_TINY += " --epochs 1 --max-steps 2 --log-every 1"
+FT_TINY = "--arch vit_tiny --patch-size 4 --large-size 32 --workers 0 --max-steps 2 --init"  # a README row, streamed
 
 
 def cifar(recipe: str, data_dir, out, extra: str = "") -> list:
@@ -96,6 +98,10 @@ def cifar_runs(data, runs: Path) -> dict:
             None,
         ),
         "finetune": (cifar("finetune", data, runs / "finetune", f"--epochs 1 --max-steps 2 --init {init}"), None),
+        "finetune_large": (
+            recipe_cmd(SCRIPT, "finetune-large", TINY, data, runs / "ft_large", f"{FT_TINY} {init}"),
+            None,
+        ),
         "linear": (cifar("linear", data, runs / "linear", f"{PRETRAIN} --eval-every 1 --init {init}"), None),
     }
 
@@ -172,12 +178,13 @@ def ddp_runs(data, base, out) -> dict:
 
 
 # the CIFAR runs in two processes (run_commands); the first of CHAIN_RESUME waits for cifar-mae's end
-CHAIN_MAE = ["mae", "pretrain", "convert", "finetune_converted", "finetune", "linear"]
+CHAIN_MAE = ["mae", "pretrain", "convert", "finetune_converted", "finetune", "finetune_large", "linear"]
 CHAIN_RESUME = ["stop", "resume", "accum"]
 NEEDS = {  # test -> the jobs whose results it reads (and, for the CIFAR runs, the runs whose checkpoints they read)
     "test_cifar_mae_smoke": {"mae"},
     "test_cifar_pretrain_smoke_across_an_epoch": {"mae", "pretrain"},
     "test_cifar_finetune_smoke_layer_decay": {"mae", "pretrain", "finetune"},
+    "test_finetune_large_row_accumulates": {"mae", "pretrain", "finetune_large"},
     "test_cifar_linear_smoke_frozen_encoder": {"mae", "pretrain", "linear"},
     "test_convert_then_finetune": {"mae", "pretrain", "convert", "finetune_converted"},
     "test_torchrun_pretrain_streamed": {"woof"},
@@ -313,6 +320,27 @@ def test_cifar_finetune_smoke_layer_decay(jobs):
     scales = {"cls_token": 1, "cls_token_mlp.fc1.weight": 1, "blocks.11.attn.qkv.weight": 0.65}
     scales.update({"blocks.0.attn.qkv.weight": 0.65**12, "pos_embed": 0.65**13, "patch_embed.proj.weight": 0.65**13})
     assert all(0.8 < moved[k] / scale < 1.05 for k, scale in scales.items()), {k: moved[k] for k in scales}
+
+
+def test_finetune_large_row_accumulates(jobs):
+    """finetune-large (the README's ViT-L row: blr 1e-3, warm-up 5 of 50 epochs, min_lr 1e-5, --accum-iter 2) on
+    ViT-Tiny and the CIFAR photos streamed from their files, from the pretrain run's last.pt, 2 steps of 2
+    micro-batches of 16: the loss at step 1 is ln 10, the LR 0 at step 1 and at step 2 that of the warm-up (peak
+    1e-3 x 32 / 256, a third of the first of 5 epochs), the CLS MLP kept and trained, a test top-1."""
+    _, out = finished(jobs, "finetune_large")
+    res = read_results(out)
+    a = res["args"]
+    assert (a["accum_iter"], a["epochs"], a["blr"], a["min_lr"], a["warmup_epochs"], a["layer_decay"]) == (
+        2, 50, 1e-3, 1e-5, 5, 0.65)  # fmt: skip
+    assert a["recipe"] == "finetune-large" and not a["in_memory"]
+    assert res["steps_done"] == 2 and res["images_seen"] == 64 and res["steps_per_epoch"] == SPE
+    assert_finite_results(res, "top1", "top5")
+    train = train_records(out)
+    assert [r["step"] for r in train] == [1, 2] and train[0]["lr"] == 0
+    assert train[0]["loss"] == pytest.approx(LN10, abs=1e-3) and math.isfinite(train[1]["loss"])
+    assert train[1]["lr"] == pytest.approx(1e-3 * 32 / 256 / SPE / 5)
+    init, sd = load(finished(jobs, "pretrain")[1] / "last.pt")["model"], load(out / "last.pt")["model"]
+    assert not torch.equal(sd["cls_token_mlp.fc1.weight"], init["cls_token_mlp.fc1.weight"])
 
 
 def test_cifar_linear_smoke_frozen_encoder(jobs):

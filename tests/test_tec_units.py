@@ -15,12 +15,13 @@
   loaded strictly reproduces the TEC encoder; convert writes {"model": sd} atomically;
 - parameter counts (spec 5) of TEC ViT-B and ViT-L (built on the meta device), LayerNorm eps, fixed positions;
 - layer_decay_groups (spec 7, TEC's cls_token quirk) and param_groups (spec 5, timm add_weight_decay);
-- lr_at (warm-up and half cosine) against hand values;
+- lr_at (warm-up and half cosine) against hand values; each README fine-tuning row's recipe, its values;
 - mixup_cutmix (timm Mixup semantics), random_erasing, equalize against PIL, light rand_augment checks."""
 
 import dataclasses
 import math
 import os
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -751,6 +752,35 @@ def test_lr_at_hand_values():
     last = 1e-6 + (2e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * (1 - 1 / 8000)))
     assert TEC.lr_at(9999, f, 100) == pytest.approx(last, rel=1e-12)
     assert TEC.lr_at(1000, f, 100) == pytest.approx(1e-3, rel=1e-12)  # mid warm-up
+
+
+# every main_finetune.py command of the sail-sg/TEC README (8 GPUs): its flags, the defaults of main_finetune.py it
+# leaves (min_lr 1e-6, warm-up 5, seed 5, rand-m9-mstd0.5-inc1, smoothing 0.1, global pool) and torch's AdamW betas
+OFFICIAL_FT = dict(mode="finetune", arch="vit_base", patch_size=16, large_size=224, large_scale=(0.08, 1.0),
+                   batch_size=128 * 8, accum_iter=1, epochs=100, blr=5e-4, layer_decay=0.65, warmup_epochs=20,
+                   min_lr=1e-6, weight_decay=0.05, betas=(0.9, 0.999), drop_path=0.1, mixup=0.8, cutmix=1.0,
+                   reprob=0.25, smoothing=0.1, randaug_n=2, randaug_m=9.0, randaug_mstd=0.5, pool="avg",
+                   keep_cls_mlp=True, seed=5, init=None, base_checkpoint=None)  # fmt: skip
+FT_ROWS = {  # recipe: (the README command's values that differ from OFFICIAL_FT, the README's top-1)
+    "finetune": ({}, 84.7),  # MAE ViT-B base, 300 ep
+    "finetune-800": (dict(layer_decay=0.55), 84.8),
+    "finetune-ibot": (dict(layer_decay=0.5, warmup_epochs=5), 84.8),
+    "finetune-ibot-800": (dict(layer_decay=0.55), 85.1),
+    "finetune-100ep": (dict(warmup_epochs=5), 83.9),  # no --warmup_epochs in its command: the default 5
+    "finetune-large": (dict(arch="vit_large", batch_size=64 * 8 * 2, accum_iter=2, epochs=50, blr=1e-3, min_lr=1e-5,
+                            warmup_epochs=5), 86.5),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", FT_ROWS)
+def test_finetune_rows_parse_to_the_official_values(recipe):
+    """`tec_mae.py RECIPE` is exactly its README row's fine-tuning command, and the module docstring lists the row
+    with its published top-1 (the recipe's --help too)."""
+    row, top1 = FT_ROWS[recipe]
+    want = {**OFFICIAL_FT, **row}
+    assert {k: getattr(TEC.parse_args([recipe]), k) for k in want} == want
+    assert re.search(rf"^    {recipe} +[^\n]* {top1}  ", TEC.__doc__, re.M), recipe
+    assert f": {top1}" in TEC.RECIPES[recipe][1]
 
 
 # ---------------------------------------------------------------- mixup / cutmix (spec 7)
