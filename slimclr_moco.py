@@ -3,8 +3,9 @@ arXiv 2209.15525.
 
 What we reproduce: one pre-training run trains ONE slimmable ResNet-50 whose leading channels form networks of width
 1.0, 0.75, 0.5 and 0.25 (25.6M / 14.8M / 6.9M / 2.0M parameters with a 1000-way classifier, 4.1 / 2.3 / 1.1 / 0.28
-GMACs), each width with its own BatchNorm copies. The objective is MoCo v2 (queue 65536, momentum 0.999, T 0.2) or
-MoCo v3 (projector + predictor, symmetric loss, cosine momentum) applied at every width, plus the three SlimCLR
+GMACs), each width with its own BatchNorm copies. The objective is MoCo v2 (queue 65536, momentum 0.999, T 0.2),
+MoCo v3 (projector + predictor, symmetric loss, cosine momentum) or SimCLR (NT-Xent over the global batch, T 0.1, no
+momentum encoder; official scripts/simclr.sh, models/s_simclr.py) applied at every width, plus the three SlimCLR
 techniques: a slow start (the sub-networks join halfway), online distillation of the full network's contrastive
 logits into every sub-network, and loss re-weighting (the full network's loss x 1 + sum of the sub-widths). The keys
 and the queue always come from the full-width momentum encoder. Evaluation: a switchable linear probe (one head per
@@ -16,28 +17,32 @@ Runs (ImageNet, global batch 1024; flags override the recipe):
     torchrun --nproc_per_node=4 slimclr_moco.py mocov2 --data-dir IMAGENET --epochs 800 --slim-start-epoch 400 \\
         --warmup-epochs 10                                                           # SlimCLR-MoCov2, 800 epochs
     torchrun --nproc_per_node=8 slimclr_moco.py mocov3 --data-dir IMAGENET            # SlimCLR-MoCov3, 300 epochs
+    torchrun --nproc_per_node=8 slimclr_moco.py simclr --data-dir IMAGENET            # SlimCLR-SimCLR, 100 epochs
     torchrun --nproc_per_node=4 slimclr_moco.py mocov2 --data-dir IMAGENET --widths 1.0   # MoCo v2, SlimCLR's recipe
     torchrun --nproc_per_node=8 slimclr_moco.py mocov3 --data-dir IMAGENET --widths 1.0   # MoCo v3, SlimCLR's recipe
     python slimclr_moco.py mocov2 --data-dir IMAGENET --max-steps 0 \\
         --init slimclr-mocov2-ep200-48213217.pth.tar    # evaluates a released model (mocov3: its v3 release)
     python slimclr_moco.py cifar-mocov2 --dataset imagefolder --data-dir CIFAR10_JPEG  # CIFAR proxy (ours)
     python slimclr_moco.py cifar-mocov3 --dataset cifar10 --data-dir CIFAR10          # CIFAR proxy (ours)
+    python slimclr_moco.py cifar-simclr --dataset cifar10 --data-dir CIFAR10          # CIFAR proxy (ours)
     python slimclr_moco.py cifar-mocov2 --dataset imagefolder --data-dir DIR --arch resnet18 --batch-size 32 \\
         --queue-size 64 --epochs 1 --device cpu --out-dir OUT   # quick CPU run: under a minute on 200 images
 Published targets: the plain baselines MoCo v2 R50 67.5 (200 ep) / 71.1 (800 ep; MoCo's own recipe: batch 256, lr
 0.03) and MoCo v3 R50 72.8 (300 ep, batch 4096). The paper's per-width SlimCLR table could not be retrieved when this
-script was written (spec 5); the official probe logs are in release 1.0.0 of mzhaoshuai/SlimCLR.
+script was written (spec 5); the official probe logs are in release 1.0.0 of mzhaoshuai/SlimCLR. SlimCLR-SimCLR: the
+official README and scripts give no number and release no checkpoint; we found none in the paper text we could read.
 
 The slow-start learning rate (spec 2.4, 3.4): at epoch --slim-start-epoch the official loop replaces the cosine's
 peak by --slim-start-lr and continues the cosine from the current step. MoCo v3 sets it to 3.2 at batch 1024 (0.8 per
-256 here; the LR jumps up). For MoCo v2 the official script passes nothing, so the params.py default 1e-4 applies and
-the LR collapses from about 0.11 to 5e-5 halfway, which looks unintended; our mocov2 default keeps the peak
-(--slim-start-lr unset). `--slim-start-lr 1e-4` reproduces the shipped behaviour.
+256 here; the LR jumps up). For MoCo v2 (and SimCLR) the official script passes nothing, so the params.py default 1e-4
+applies and the LR collapses from about 0.11 (SimCLR: 1.41) to 5e-5 halfway, which looks unintended; our mocov2 and
+simclr defaults keep the peak (--slim-start-lr unset). `--slim-start-lr 1e-4` reproduces the shipped behaviour.
 
 Deviations (each marked `# DEVIATION:` below): crops are cut and resized by torchvision's tensor ops in the workers
 or one roi_align on the device (official: PIL), and colour/blur run batched on the device in float; bf16 autocast
 (official: fp16 AMP) with every loss in fp32; the shuffle-BN permutation is drawn from a seeded stream on every rank
-instead of being broadcast from rank 0; the k-NN (k 200, T 0.07) is ours, SlimCLR reports none."""
+instead of being broadcast from rank 0; SimCLR's gradient is the global loss's at any world size (official: 1/world
+of it); the k-NN (k 200, T 0.07) is ours, SlimCLR reports none."""
 
 import copy
 import dataclasses
@@ -82,7 +87,7 @@ from common.resnet import RESNETS
 class Args:
     # --- I/O & experiment
     recipe: str = "mocov2"
-    """which preset these defaults came from (set by the subcommand: mocov2, mocov3, cifar-mocov2, cifar-mocov3)"""
+    """which preset these defaults came from (set by the subcommand: mocov2, mocov3, simclr, cifar-mocov2, ...)"""
     exp_name: str = "slimclr-mocov2"
     """name stored in results.json"""
     seed: int = 3407
@@ -132,8 +137,8 @@ class Args:
     """normalisation std (ImageNet)"""
 
     # --- model (spec 1, 2.1, 3.1)
-    moco: Literal["v2", "v3"] = "v2"
-    """MoCo v2 (queue, one query view, shuffle-BN) or MoCo v3 (predictor, symmetric loss, keys of the batch)"""
+    moco: Literal["v2", "v3", "simclr"] = "v2"
+    """MoCo v2 (queue, one query view, shuffle-BN), v3 (predictor, symmetric loss) or SimCLR (no momentum encoder)"""
     arch: str = "resnet50"
     """slimmable backbone: resnet50, resnet18 or resnet18-cifar (3x3 stem, no max-pool)"""
     widths: Tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
@@ -141,9 +146,9 @@ class Args:
     dim: int = 128
     """output dimension of the head (never sliced; v2 128, v3 256)"""
     mlp_dim: int = 4096
-    """v3: hidden width of the projector and predictor at width 1.0 (official 4096; v2's head: as wide as F w)"""
+    """hidden width of the v3 projector and predictor (official 4096), SimCLR's head (2048) at width 1 (v2: F w)"""
     sync_bn: bool = True
-    """v3: SyncBatchNorm on CUDA under DDP (official); v2 uses shuffle-BN instead (PyTorch's SyncBN is GPU-only)"""
+    """v3, SimCLR: SyncBatchNorm on CUDA under DDP (official); v2 uses shuffle-BN (PyTorch's SyncBN is GPU-only)"""
 
     # --- method (spec 2.2, 3.2)
     queue_size: int = 65536
@@ -249,6 +254,13 @@ MOCOV3 = dataclasses.replace(Args(), recipe="mocov3", exp_name="slimclr-mocov3",
     moco_m_cos=True, temperature=1.0, slim_start_epoch=150, distill_temperature=1.0, epochs=300, optimizer="lars",
     lr=0.3, lr_scaling="linear", slim_start_lr=0.8, warmup_epochs=9.9, weight_decay=1e-6, probe_epochs=90,
     probe_lr=0.4, probe_schedule="cosine")
+# SimCLR (scripts/simclr.sh run "02", models/s_simclr.py, dataset/dataloader.py `simclr`): LARS, LR 2.4 at 1024 (its
+# 0.075 sqrt(batch)), warm-up 10% of 100 epochs, the sub-networks from epoch 50, T 0.1, distillation t 5 on cosines;
+# views RandomResizedCrop(0.08, 1), ColorJitter(0.8, 0.8, 0.8, 0.2), blur p 0.5 on both; probe SGD 0.4, wd 1e-6, 90 ep.
+SIMCLR = dataclasses.replace(Args(), recipe="simclr", exp_name="slimclr-simclr", out_dir="runs/slimclr-simclr",
+    large_scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), moco="simclr", mlp_dim=2048, temperature=0.1,
+    slim_start_epoch=50, epochs=100, optimizer="lars", lr=2.4, weight_decay=1e-6, probe_epochs=90, probe_lr=0.4,
+    probe_schedule="cosine", probe_wd=1e-6)
 # The CIFAR proxies (ours: the paper has no CIFAR runs). Slimmable ResNet-18 with the 3x3 stem, 2 x 32 px, no blur,
 # data decoded once and kept on the device; v2 after the MoCo CIFAR-10 demo (K 4096, m 0.99, T 0.1, lr 0.06, wd 5e-4).
 CIFAR_PROXY = dict(dataset="cifar10", in_memory=True, image_size=32, large_size=32, mean=(0.4914, 0.4822, 0.4465),
@@ -259,12 +271,18 @@ CIFAR_MOCOV2 = dataclasses.replace(Args(), recipe="cifar-mocov2", exp_name="slim
     out_dir="runs/slimclr-cifar-mocov2", queue_size=4096, moco_m=0.99, temperature=0.1, lr=0.06, weight_decay=5e-4)
 CIFAR_MOCOV3 = dataclasses.replace(MOCOV3, recipe="cifar-mocov3", exp_name="slimclr-cifar-mocov3", **CIFAR_PROXY,
     out_dir="runs/slimclr-cifar-mocov3", mlp_dim=2048, temperature=0.2, slim_start_lr=None, weight_decay=1e-5)
+# SimCLR after google-research/simclr's CIFAR-10 command (T 0.5, lr 1.0 x batch/256, wd 1e-4, jitter strength 0.5)
+CIFAR_SIMCLR = dataclasses.replace(SIMCLR, recipe="cifar-simclr", exp_name="slimclr-cifar-simclr", **CIFAR_PROXY,
+    out_dir="runs/slimclr-cifar-simclr", jitter=(0.4, 0.4, 0.4, 0.1), mlp_dim=512, temperature=0.5, lr=1.0,
+    lr_scaling="linear", weight_decay=1e-4)
 # fmt: on
 RECIPES = Union[
     Annotated[Args, tyro.conf.subcommand("mocov2", default=Args(), description="SlimCLR-MoCov2, 200 epochs")],
     Annotated[Args, tyro.conf.subcommand("mocov3", default=MOCOV3, description="SlimCLR-MoCov3, 300 epochs")],
+    Annotated[Args, tyro.conf.subcommand("simclr", default=SIMCLR, description="SlimCLR-SimCLR, 100 epochs")],
     Annotated[Args, tyro.conf.subcommand("cifar-mocov2", default=CIFAR_MOCOV2, description="CIFAR proxy (ours)")],
     Annotated[Args, tyro.conf.subcommand("cifar-mocov3", default=CIFAR_MOCOV3, description="CIFAR proxy (ours)")],
+    Annotated[Args, tyro.conf.subcommand("cifar-simclr", default=CIFAR_SIMCLR, description="CIFAR proxy (ours)")],
 ]
 
 
@@ -447,7 +465,8 @@ def active_macs(model: SlimResNet, width: float, size: int) -> int:
 
 class SlimEncoder(nn.Module):
     """Backbone + head at one width: v2 head Linear(F w, F w) - ReLU - Linear(F w, 128) with biases, no BN (spec 2.1);
-    v3 projector Linear(F w, 4096 w) - BN - ReLU - Linear(4096 w, 256) - BN(affine=False), no biases (spec 3.1)."""
+    v3 projector Linear(F w, 4096 w) - BN - ReLU - Linear(4096 w, 256) - BN(affine=False), no biases (spec 3.1);
+    SimCLR's the same with 2048 w, 128, the first Linear's bias and an affine last BN (s_resnet.py `simclr_slim`)."""
 
     def __init__(self, args: Args):
         super().__init__()
@@ -456,10 +475,11 @@ class SlimEncoder(nn.Module):
         if args.moco == "v2":
             self.head = SlimSequential(SlimLinear(f, f), nn.ReLU(inplace=True), SlimLinear(f, args.dim, slim_out=False))
         else:
+            s = args.moco == "simclr"
             self.head = SlimSequential(
-                SlimLinear(f, args.mlp_dim, bias=False), SwitchBN(args.mlp_dim, w, dims=1), nn.ReLU(inplace=True),
+                SlimLinear(f, args.mlp_dim, bias=s), SwitchBN(args.mlp_dim, w, dims=1), nn.ReLU(inplace=True),
                 SlimLinear(args.mlp_dim, args.dim, bias=False, slim_out=False),
-                SwitchBN(args.dim, w, dims=1, affine=False, slim=False),  # per width, but 256 wide at every width
+                SwitchBN(args.dim, w, dims=1, affine=s, slim=False),  # per width, but 256 (128) wide at every width
             )  # fmt: skip
         init_slim(self)  # PAPER: every Linear inside the encoder N(0, 0.01)
 
@@ -490,13 +510,14 @@ class Online(nn.Module):
 
 
 class SlimCLR(nn.Module):
-    """Online branch, full-width momentum encoder (a copy of the encoder, every BN copy included, no gradient) and, for
-    v2, the queue [K, D] of L2-normalised full-width keys, initialised with normalised Gaussian noise."""
+    """Online branch, full-width momentum encoder (a copy of the encoder, every BN copy included, no gradient; SimCLR:
+    None) and, for v2, the queue [K, D] of L2-normalised full-width keys, initialised with normalised Gaussian noise."""
 
     def __init__(self, args: Args):
         super().__init__()
         self.online = Online(args)
-        self.momentum_encoder = copy.deepcopy(self.online.encoder).requires_grad_(False)
+        encoder = self.online.encoder
+        self.momentum_encoder = None if args.moco == "simclr" else copy.deepcopy(encoder).requires_grad_(False)
         if args.moco == "v2":
             self.register_buffer("queue", F.normalize(torch.randn(args.queue_size, args.dim), dim=1))
 
@@ -589,6 +610,40 @@ def slimclr_mocov3_loss(
     return direction(q1_by_width, k2) + direction(q2_by_width, k1)
 
 
+def simclr_similarities(q1: torch.Tensor, q2: torch.Tensor) -> tuple:
+    """This rank's 2b rows (both views) against the 2N - 1 other embeddings of the global batch, raw cosines
+    [2b, 2N - 1] (official s_SimCLR.contrastive_loss: z = [view 1 of every image; view 2], itself removed), and each
+    row's positive: its other view's column once the diagonal is gone. q1, q2: [b, D] normalised, this rank's."""
+    z = torch.cat([gather_with_grad(q1), gather_with_grad(q2)])  # [2N, D]: every rank's, rank-major
+    n, b, rank = len(z) // 2, len(q1), dist.get_rank() if dist.is_initialized() else 0
+    g = rank * b + torch.arange(b, device=z.device)  # this rank's images in the global batch
+    rows = torch.cat([g, n + g])
+    sim = (z[rows] @ z.T)[F.one_hot(rows, 2 * n) == 0].view(2 * b, 2 * n - 1)  # PAPER: no self-similarity
+    return sim, torch.cat([n + g - 1, g])
+
+
+def slimclr_simclr_loss(
+    q1_by_width: dict, q2_by_width: dict, *, temperature: float = 0.1, epoch: float, slim_start_epoch: float,
+    distill_weight: float = 0.5, distill_temperature: float = 5.0, reweight: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """SlimCLR-SimCLR loss (official models/s_simclr.py): NT-Xent over the global batch at every width, nce_w =
+    CE(sim_w / T, positives) over this rank's rows, the distillation on the raw cosines sim_w (as v2's; official
+    full_distill does nothing here). q: {width: [b, D]} normalised, this rank's views.
+    DEVIATION: the official loss is the mean over all 2N rows on every rank with the gradient let through only its own
+    rows, so DDP's average keeps 1/world of the global loss's gradient; ours is the mean over this rank's rows, the
+    embeddings gathered with their gradient: DDP's average is the global loss's gradient at any world size."""
+    labels, active = None, epoch >= slim_start_epoch
+
+    def logits(q):  # q: [2, b, D], both views
+        nonlocal labels
+        sim, labels = simclr_similarities(q[0], q[1])
+        return sim
+
+    nce = lambda sim: F.cross_entropy(sim / temperature, labels)  # noqa: E731
+    q = {w: torch.stack([q1_by_width[w], q2_by_width[w]]) for w in q1_by_width}
+    return slimclr_combine(q, logits, nce, active, distill_weight, distill_temperature, reweight, False)
+
+
 def slimclr_linear_probe_loss(logits_by_width: dict, targets: torch.Tensor) -> torch.Tensor:
     """Switchable probe loss (spec 4; official inplace_distill_mixed): CE(full) + sum over sub-widths of
     (softCE(logits_w, softmax(full) detached) + CE(logits_w, y)) / 2, no temperature: the SlimCLR combination with
@@ -668,16 +723,19 @@ def train_step(run: SimpleNamespace, views: list, step: int) -> torch.Tensor:
     args, model, spe = run.args, run.model, run.steps_per_epoch
     epoch = step / spe  # PAPER: the fractional epoch decides the slow start
     widths = run.widths if epoch >= args.slim_start_epoch else run.widths[:1]
-    queries = views[:1] if args.moco == "v2" else views  # v2: view 1 is the query, view 2 the key
+    queries = views[:1] if args.moco == "v2" else views  # v2: view 1 is the query, view 2 the key; else both
     with run.autocast:
         z = run.ddp_model([x.contiguous(memory_format=run.fmt) for x in queries], widths)
     q = [{w: F.normalize(e.float(), dim=1) for w, e in zv.items()} for zv in z]  # q: [b, D], L2-normalised, fp32
-    ema_update(model.momentum_encoder, model.online.encoder, momentum_at(step, args, spe))
+    if model.momentum_encoder is not None:
+        ema_update(model.momentum_encoder, model.online.encoder, momentum_at(step, args, spe))
     kw = dict(epoch=epoch, slim_start_epoch=args.slim_start_epoch, distill_weight=args.distill_weight)
     kw.update(distill_temperature=args.distill_temperature, reweight=args.reweight, temperature=args.temperature)
     if args.moco == "v2":
         k, k_all = momentum_keys(run, views[1], step)
         loss = slimclr_mocov2_loss(q[0], k, model.queue, full_distill=args.full_distill, **kw)
+    elif args.moco == "simclr":
+        loss = slimclr_simclr_loss(q[0], q[1], **kw)
     else:
         (_, k1_all), (k2, k2_all) = momentum_keys(run, views[0], step), momentum_keys(run, views[1], step)
         loss = slimclr_mocov3_loss(q[0], q[1], k1_all, k2_all, **kw)
@@ -690,6 +748,9 @@ def train_step(run: SimpleNamespace, views: list, step: int) -> torch.Tensor:
         for i, w in enumerate(widths):
             if args.moco == "v2":
                 acc[i] = ((q[0][w] * k).sum(1) > (q[0][w] @ model.queue.T).amax(1)).float().mean()
+            elif args.moco == "simclr":  # the other view among the 2N - 1 others
+                sim, positive = simclr_similarities(q[0][w], q[1][w])
+                acc[i] = (sim.argmax(1) == positive).float().mean()
             else:  # the positives: this rank's rows of the gathered keys
                 labels = torch.arange(len(k2), device=run.device) + run.rank * len(k2)
                 acc[i] = ((q[0][w] @ k2_all.T).argmax(1) == labels).float().mean()
@@ -737,14 +798,15 @@ def with_momentum(sd: dict) -> dict:
     return sd
 
 
-def official_slimclr(obj, online: str, momentum: str, rest) -> Optional[dict]:
+def official_slimclr(obj, online: str, momentum: str, rest, mark: str = "") -> Optional[dict]:
     """--init format: what the official main_ssl.py saves, the releases too ({"epoch", "state_dict": DDP's `module.`
-    names, "optimizer", ...}): s_MoCo's encoder_q, encoder_k, queue (models/s_moco.py) or s_MoCoV3's base_encoder,
-    momentum_encoder, predictor (models/s_mocov3.py). The encoders are models/backbones/s_resnet.py's (ResNet-50:
+    names, "optimizer", ...}): s_MoCo's encoder_q, encoder_k, queue (models/s_moco.py), s_MoCoV3's base_encoder,
+    momentum_encoder, predictor (models/s_mocov3.py) or s_SimCLR's encoder_q alone (models/s_simclr.py: its head's BN
+    fc.1, the mark, tells it from s_MoCo's). The encoders are models/backbones/s_resnet.py's (ResNet-50:
     features.N.convK, .bnK.bn.I, .shortcut.{0, 1.bn.I}, the head fc.*), BN copy I the I-th width in descending order
     as ours (slimmable_ops.py). rest(name, tensor): (our name, tensor) of any other tensor, or None to drop it."""
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not (isinstance(sd, dict) and any(str(k).startswith(f"module.{online}.") for k in sd)):
+    if not (isinstance(sd, dict) and any(str(k).startswith(f"module.{online}.{mark}") for k in sd)):
         return None
     blocks = [f"layers.{s}.{b}." for s, n in enumerate((3, 4, 6, 3)) for b in range(n)]  # features.N: stage s, block b
     out = {}
@@ -770,14 +832,23 @@ def from_plain(sd: dict) -> dict:
     return with_momentum(out)
 
 
+def without_momentum(convert, obj) -> Optional[dict]:
+    """--init of a SimCLR model (SIMCLR_INIT_FORMATS): what the format gives, less the momentum encoder and queue."""
+    sd = convert(obj)
+    return None if sd is None else {k: v for k, v in sd.items() if not k.startswith(("momentum_encoder.", "queue"))}
+
+
 INIT_FORMATS = {  # --init: the first format that reads the file gives its tensors under our names (init_weights)
     "last.pt": own_checkpoint,
+    "official SlimCLR-SimCLR": partial(official_slimclr, online="encoder_q", momentum="", mark="fc.1.",
+        rest=lambda *kv: kv),
     "official SlimCLR-MoCov2": partial(official_slimclr, online="encoder_q", momentum="encoder_k",
         rest=lambda k, v: ("queue", v.t()) if k == "queue" else None if k == "queue_ptr" else (k, v)),  # ours: [K, D]
     "official SlimCLR-MoCov3": partial(official_slimclr, online="base_encoder", momentum="momentum_encoder",
         rest=lambda k, v: ("online." + k, v) if k.startswith("predictor.") else (k, v)),
     "torchvision ResNet": lambda obj: from_plain(sd) if (sd := torchvision_resnet(obj, "")) else None,
 }  # fmt: skip
+SIMCLR_INIT_FORMATS = {n: partial(without_momentum, f) for n, f in INIT_FORMATS.items()}  # no momentum encoder, queue
 
 
 @torch.no_grad()
@@ -809,13 +880,15 @@ def run_training(args: Args) -> dict:
     run.groups, run.opt = crop_groups(args), build_optimizer(model, args)
     run.metrics = ("loss", *(f"top1@{w}" for w in run.widths))
     ckpt = resume_state(run, set())
-    init = init_weights(model, args.init, INIT_FORMATS, "online.encoder.backbone.") if args.init and not ckpt else None
+    formats = SIMCLR_INIT_FORMATS if args.moco == "simclr" else INIT_FORMATS
+    init = init_weights(model, args.init, formats, "online.encoder.backbone.") if args.init and not ckpt else None
     if init and run.rank == 0:
         print(init)
     net = model.online
-    if world_size > 1 and args.moco == "v3" and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN for v3 only
+    if world_size > 1 and args.moco != "v2" and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN but for v2
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        model.momentum_encoder = nn.SyncBatchNorm.convert_sync_batchnorm(model.momentum_encoder)
+        if model.momentum_encoder is not None:
+            model.momentum_encoder = nn.SyncBatchNorm.convert_sync_batchnorm(model.momentum_encoder)
     if world_size > 1:  # CRUCIAL: before the slow start the sub-widths' BN copies get no gradient
         ids = [device] if device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=len(run.widths) > 1)

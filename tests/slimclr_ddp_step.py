@@ -1,7 +1,7 @@
 """Two SlimCLR training steps (two views, the online branch at every active width, the EMA update, full-width keys,
 the SlimCLR loss, backward, optimizer step and, for MoCo v2, the enqueue) on the first two global batches of epoch 0
-of the cifar recipes, for MoCo v2 with the slow start between the steps (step 0 trains the full width alone, step 1
-every width) and for MoCo v3 with every width from step 0.
+of the cifar recipes, for MoCo v2 and SimCLR with the slow start between the steps (step 0 trains the full width
+alone, step 1 every width) and for MoCo v3 with every width from step 0.
 
 Run under torchrun (DDP, gloo) or as a plain process; rank r saves, per variant, its losses (the mean of the rank
 losses, as logged), both steps' gradients, the updated online and momentum-encoder weights (4,096 fixed entries of
@@ -13,7 +13,8 @@ the CPU (PyTorch's SyncBN is GPU-only), so the online branch runs on each of K c
       slimclr_mocov2_loss on its queries and its keys with the shared queue; all B keys enter the queue afterwards;
   v3: the momentum encoder runs on each rank's share, the keys of all ranks are gathered, and rank r's loss (written
       out below from spec 3.2, not the script's) uses the labels arange(b) + r b over the B gathered keys;
-and DDP's averaged gradient is that of the mean of the K rank losses: one backward of the mean, one optimizer step.
+and DDP's averaged gradient is that of the mean of the K rank losses: one backward of the mean, one optimizer step;
+  SimCLR: that mean is the official global loss (models/s_simclr.py, written out below) of every rank's embeddings.
 CRUCIAL: the reference takes step 2 from the DDP run's state after step 1 (--state1-dir DDP_OUT, where rank 0 writes
 state1-VARIANT.pt), not from its own, which differs by float32 rounding (tests/ddp_handoff.py says why).
 Usage: python tests/slimclr_ddp_step.py DATA_DIR OUT [--emulate-ranks K --state1-dir DDP_OUT]"""
@@ -39,6 +40,8 @@ VARIANTS = {
     "v2_slow_start": dict(recipe=S.CIFAR_MOCOV2, slim_start_epoch=0.5 / SPE, queue_size=32),
     # LARS: a matrix moves by lr x 0.001 of its norm per step; 1-D parameters by lr x their gradient
     "v3": dict(recipe=S.CIFAR_MOCOV3, slim_start_epoch=0.0, mlp_dim=64, lr=5.0, lr_scaling="none"),
+    # NT-Xent over both ranks' embeddings, gathered with their gradient; LARS as v3
+    "simclr_slow_start": dict(recipe=S.CIFAR_SIMCLR, slim_start_epoch=0.5 / SPE, mlp_dim=64, lr=5.0, lr_scaling="none"),
 }
 
 
@@ -67,6 +70,30 @@ def v3_rank_loss(q1: dict, q2: dict, k1_all, k2_all, rank: int, args, epoch: flo
     return direction(q1, k2_all) + direction(q2, k1_all)
 
 
+def simclr_global_loss(q: list, args, epoch: float):
+    """The official s_SimCLR loss of the global batch (q: per rank [{width: view-1 embeddings}, {...view 2}]): per width
+    z = [view 1 of every rank's images; view 2], sim = z z^T without its diagonal, labels [arange(N) + N - 1,
+    arange(N)], nce_w = CE(sim_w / T); before the slow start nce_max alone, after it lambda_max nce_max +
+    sum_w<max [(1 - a) nce_w + a t^2 softCE(sim_w / t, softmax(sim_max / t) detached)]."""
+    T, t, a = args.temperature, args.distill_temperature, args.distill_weight
+    widths = sorted(q[0][0], reverse=True)
+    n = sum(len(r[0][widths[0]]) for r in q)
+    labels = torch.cat([torch.arange(n) + n - 1, torch.arange(n)])
+    sim = {}
+    for w in widths:
+        z = torch.cat([r[0][w] for r in q] + [r[1][w] for r in q])
+        sim[w] = (z @ z.T)[~torch.eye(2 * n, dtype=torch.bool)].view(2 * n, 2 * n - 1)
+    loss = F.cross_entropy(sim[widths[0]] / T, labels)
+    if epoch < args.slim_start_epoch:
+        return loss
+    loss = (1 + sum(widths[1:])) * loss
+    p = F.softmax(sim[widths[0]].detach() / t, dim=1)
+    for w in widths[1:]:
+        kd = t * t * -(p * F.log_softmax(sim[w] / t, dim=1)).sum(1).mean()
+        loss = loss + (1 - a) * F.cross_entropy(sim[w] / T, labels) + a * kd
+    return loss
+
+
 def reference_step(run, model, shares: list, step: int, world: int) -> torch.Tensor:
     """One step of `world` emulated ranks (shares: per rank its two views [b, 3, S, S]). Returns the mean rank loss."""
     args, opt = run.args, run.opt
@@ -78,7 +105,8 @@ def reference_step(run, model, shares: list, step: int, world: int) -> torch.Ten
         q = [[norm(model.online([s[0]], widths)[0])] for s in shares]
     else:
         q = [[norm(z) for z in model.online([s[0], s[1]], widths)] for s in shares]
-    S.ema_update(model.momentum_encoder, model.online.encoder, S.momentum_at(step, args, SPE))
+    if args.moco != "simclr":
+        S.ema_update(model.momentum_encoder, model.online.encoder, S.momentum_at(step, args, SPE))
     with torch.no_grad():
         key = lambda x: F.normalize(model.momentum_encoder(x, 1.0), dim=1)  # noqa: E731
         if args.moco == "v2":  # shuffle-BN over the global batch
@@ -87,12 +115,12 @@ def reference_step(run, model, shares: list, step: int, world: int) -> torch.Ten
             perm = torch.randperm(len(x_all), generator=gen)
             k_all = torch.empty(len(x_all), args.dim)
             k_all[perm] = torch.cat([key(x_all[perm[r * b : (r + 1) * b]]) for r in range(world)])
-        else:
+        elif args.moco == "v3":
             k1_all, k2_all = (torch.cat([key(s[v]) for s in shares]) for v in (0, 1))
     kw = dict(epoch=epoch, slim_start_epoch=args.slim_start_epoch, distill_weight=args.distill_weight)
     kw.update(distill_temperature=args.distill_temperature, reweight=args.reweight, temperature=args.temperature)
-    losses = []
-    for r in range(world):
+    losses = [simclr_global_loss(q, args, epoch)] if args.moco == "simclr" else []
+    for r in range(world if args.moco != "simclr" else 0):
         if args.moco == "v2":
             losses.append(S.slimclr_mocov2_loss(q[r][0], k_all[r * b : (r + 1) * b], model.queue, **kw))
         else:
@@ -157,7 +185,8 @@ def two_steps(args, data, rank: int, world_size: int, world: int, device, tag: s
     saved["losses"] = torch.stack(losses)
     # BN running statistics stay per rank: parameters only; how far each moved in the two steps
     saved["weights"] = {k: sample(p) for k, p in online.named_parameters()}
-    saved["momentum"] = {k: sample(p) for k, p in model.momentum_encoder.named_parameters()}
+    momentum = model.momentum_encoder.named_parameters() if model.momentum_encoder is not None else []
+    saved["momentum"] = {k: sample(p) for k, p in momentum}
     saved["moved"] = {k: (p.detach() - init[k]).abs().max() for k, p in model.named_parameters()}
     if args.moco == "v2":
         saved["queue"] = model.queue.clone()

@@ -1,10 +1,10 @@
 """slimclr_moco.py --init and the plain backbones it leaves. The official checkpoints (mzhaoshuai/SlimCLR main_ssl.py:
 {"epoch", "state_dict": the DDP model's, "optimizer", ...}; s_MoCo's encoder_q / encoder_k / queue [D, K], s_MoCoV3's
-base_encoder / momentum_encoder / predictor; the encoders with models/backbones/s_resnet.py's names, per-width BN
-copies bn.I in descending width order) are built here from those names and load every tensor; a file without a
-momentum encoder starts it as a copy of the loaded encoder; backbone.pt and backbone_w{w}.pt are plain ResNets
-(common/resnet.py at width w; width 1 also torchvision's) with the slimmable network's features at that width; a run
-evaluates an --init file with --max-steps 0 on real images; every wrong file ends in one line and exit 1."""
+base_encoder / momentum_encoder / predictor, s_SimCLR's encoder_q alone; the encoders with s_resnet.py's names,
+per-width BN copies bn.I in descending width order) are built here from those names and load every tensor; a file
+without a momentum encoder starts it as a copy of the loaded encoder; backbone.pt and backbone_w{w}.pt are plain
+ResNets (common/resnet.py at width w; width 1 also torchvision's) with the slimmable network's features at that
+width; a run evaluates an --init file with --max-steps 0 on real images; every wrong file ends in one line, exit 1."""
 
 import dataclasses
 import sys
@@ -165,6 +165,37 @@ def test_official_checkpoints_load_every_tensor(moco, tmp_path):
     with pytest.raises(CheckpointError, match=rf"{BACKBONE}bn1.bn.1.weight has shape \(48,\), the model's \(32,\)"):
         init_weights(S.SlimCLR(dataclasses.replace(args, widths=(1.0, 0.5))), tmp_path / "ckpt.pth.tar",
                      S.INIT_FORMATS, BACKBONE)  # fmt: skip
+
+
+def test_official_simclr_checkpoint_loads_every_tensor(tmp_path):
+    """s_SimCLR's checkpoint (models/s_simclr.py: encoder_q alone, its head fc.0 Linear with bias, fc.1 BN, fc.3
+    Linear, fc.4 BN with affine) of the simclr recipe's ResNet-50 [1, .75, .5, .25] loads every tensor into ours (no
+    momentum encoder, no queue to fill) under its own name; a torchvision ResNet-18 loads into --widths 1.0 (the
+    copies with_momentum adds are dropped); a SlimCLR-MoCov2 file is no SimCLR file (no head BN)."""
+    args = S.parse_args(["simclr", "--mlp-dim", "256"])
+    torch.manual_seed(0)
+    src = random_bn(S.SlimCLR(args), 0)
+    sd = {official_key(k, "v2"): v for k, v in src.state_dict().items()}  # encoder_q's names
+    assert {
+        "module.encoder_q.fc.0.bias",
+        "module.encoder_q.fc.1.bn.3.weight",
+        "module.encoder_q.fc.4.bn.0.weight",
+    } <= set(sd)
+    torch.save(dict(epoch=100, global_step=125100, state_dict=sd, optimizer={}), tmp_path / "simclr.pth.tar")
+    dst = S.SlimCLR(args)
+    line = init_weights(dst, tmp_path / "simclr.pth.tar", S.SIMCLR_INIT_FORMATS, BACKBONE)
+    assert line.endswith(": official SlimCLR-SimCLR; loaded online; fresh: nothing"), line
+    got = dst.state_dict()
+    assert got.keys() == src.state_dict().keys() and all(torch.equal(got[k], v) for k, v in src.state_dict().items())
+    v2 = {k: v for k, v in sd.items() if not k.startswith("module.encoder_q.fc.")}
+    v2.update({"module.encoder_q.fc.0.weight": torch.zeros(4, 4), "module.queue": torch.zeros(128, 256)})
+    assert S.INIT_FORMATS["official SlimCLR-SimCLR"](dict(state_dict=v2)) is None
+    assert S.INIT_FORMATS["official SlimCLR-MoCov2"](dict(state_dict=v2)) is not None
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "tv.pth")
+    small = S.SlimCLR(dataclasses.replace(args, arch="resnet18", widths=(1.0,)))
+    line = init_weights(small, tmp_path / "tv.pth", S.SIMCLR_INIT_FORMATS, BACKBONE)
+    assert line.endswith(": torchvision ResNet; loaded online; fresh: online"), line
 
 
 # ---- runs: --init FILE --max-steps 0 evaluates the file; a wrong file ends in one line ----------------------------

@@ -1,6 +1,7 @@
 """End-to-end runs of slimclr_moco.py on real images (CIFAR-10, ImageNet photos): smoke runs of both cifar recipes
-across the slow start, resume after a stop, DDP equality with one process (shuffle-BN, the queue, the gathered v3
-keys), torchrun on the streamed mocov2 recipe, bad inputs (a non-finite loss included).
+and of the simclr recipe across the slow start, resume after a stop, DDP equality with one process (shuffle-BN, the
+queue, the gathered v3 keys, SimCLR's gathered embeddings), torchrun on the streamed mocov2 recipe, bad inputs (a
+non-finite loss included).
 
 Every process spends about 4 s importing torch and torchvision, so one module fixture starts the selected tests'
 processes up front, two at a time (2 CI cores), and the tests read their results. Not here, for the 75 s budget: a
@@ -40,6 +41,9 @@ IMAGENET_RUN = "--max-steps 2 --slim-start-epoch 0"  # both widths from step 0
 cifar_v2 = partial(recipe_cmd, SCRIPT, "cifar-mocov2", V2_TINY)  # cifar_v2(data_dir, out_dir, extra="") -> command
 cifar_v3 = partial(recipe_cmd, SCRIPT, "cifar-mocov3", V3_TINY)
 imagenet_v2 = partial(recipe_cmd, SCRIPT, "mocov2", IMAGENET_TINY)
+# the simclr recipe as it is (LARS at 2.4, T 0.1, t 5, its views) streaming the cifar files at 32 px, probe on features
+SIMCLR_TINY = TINY + " --batch-size 32 --large-size 32 --workers 0 --mlp-dim 128 --dim 32 --log-every 1"
+simclr = partial(recipe_cmd, SCRIPT, "simclr", SIMCLR_TINY + " --probe features --probe-epochs 2 --probe-batch-size 32")
 
 SPE = 400 // 32  # steps per epoch of the 400-image fixture
 # v2: 14 steps (one epoch of 12 and 2 of the next, cut by --max-steps); the sub-network joins at epoch 0.5 (step 6)
@@ -106,6 +110,7 @@ BAD = ["no_full_width", "arch", "batch_vs_world", "queue", "no_data"]  # the bad
 NEEDS = {  # test -> the jobs whose results it reads
     "test_cifar_mocov2_smoke_across_the_slow_start": {"smoke_v2"},
     "test_cifar_mocov3_smoke_across_the_slow_start": {"smoke_v3"},
+    "test_simclr_smoke_across_the_slow_start": {"smoke_simclr"},
     "test_resume_after_a_stop_equals_uninterrupted": {"smoke_v2", "resume"},
     "test_ddp_two_ranks_equal_one_process": {"ddp", "ddp_ref"},
     "test_torchrun_mocov2_recipe_streamed": {"imagewoof"},
@@ -137,6 +142,7 @@ def jobs(request, imagewoof_dir, tmp_path_factory) -> dict:
         submit("resume", resume_chain, cifar_dir, mktemp("resume"))
         submit("smoke_v2", smoke_then_strict_load, cifar_dir, mktemp("smoke_v2"), tmp)
         submit("smoke_v3", run_in, partial(cifar_v3, cifar_dir, extra=SMOKE_V3), mktemp("smoke_v3"))
+        submit("smoke_simclr", run_in, partial(simclr, cifar_dir, extra=SMOKE_V3), mktemp("smoke_simclr"))
         # started after "ddp" (FIFO): it waits for that run's state after step 1 (tests/ddp_handoff.py)
         ref_flags = ("--emulate-ranks", "2", "--state1-dir", ddp_dir / "ddp")
         submit("ddp_ref", ddp_step, cifar_dir, ddp_dir / "ref", *ref_flags)
@@ -218,6 +224,28 @@ def test_cifar_mocov3_smoke_across_the_slow_start(jobs):
     assert "queue" not in ckpt["model"] and any(k.startswith("online.predictor.") for k in ckpt["model"])
 
 
+def test_simclr_smoke_across_the_slow_start(jobs):
+    """The simclr recipe (SlimCLR-SimCLR: LARS, LR 2.4 warming up over 10 epochs, NT-Xent with T 0.1) streaming 400
+    real CIFAR-10 images, 3 steps of 32, the sub-network joining at step 1: results.json complete and finite per
+    width; step 1 alone has top-1 0 at width 0.5 and the full network's NT-Xent over the 63 others of each view, at
+    most 2 / T + ln 63 = 24.1; from step 2 the 0.5 network's distillation adds at least 0.5 x 25 x (ln 63 - 0.4) = 46.8
+    (t 5 on cosines: the teacher's logits span at most 0.4); no momentum encoder or queue in the checkpoint."""
+    proc, out = jobs["futures"]["smoke_simclr"].result()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = read_results(out)
+    check_results(res, 3, 3 * 32)
+    assert res["args"]["recipe"] == "simclr" and res["args"]["moco"] == "simclr" and not res["args"]["in_memory"]
+    train = [r for r in read_log(out) if r["type"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    for r in train:  # the LR of the step: a linear warm-up over 10 epochs from 1e-8 to 2.4 (not scaled by the batch)
+        assert r["lr"] == pytest.approx((r["step"] - 1) / (10 * SPE) * (2.4 - 1e-8) + 1e-8, rel=1e-9)
+    assert train[0]["top1@0.5"] == 0 and 0 < train[0]["loss"] < 24.1, train
+    assert all(r["loss"] > 46.8 for r in train[1:]) and any(r["top1@0.5"] > 0 for r in train), train
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    assert not any(k.startswith(("momentum_encoder.", "queue", "online.predictor.")) for k in ckpt["model"])
+    assert "online.encoder.head.0.bias" in ckpt["model"] and "online.encoder.head.4.bn.1.weight" in ckpt["model"]
+
+
 # ---- resume -----------------------------------------------------------------------------------------------------
 def test_resume_after_a_stop_equals_uninterrupted(smoke_v2, jobs):
     """The v2 smoke run stopped by --max-steps at step 5 (mid-epoch, before the slow start) and rerun ends with
@@ -266,6 +294,11 @@ MOVED = {
         "momentum_encoder.backbone.conv1.weight": 1e-4,
         "momentum_encoder.head.2.weight": 1e-4,
     },
+    "simclr_slow_start": {
+        "online.encoder.backbone.layers.3.1.convs.1.weight": 1e-3,
+        "online.encoder.head.3.weight": 1e-4,
+        "online.encoder.head.4.bn.0.bias": 1e-3,
+    },
     "v3": {
         "online.encoder.backbone.layers.3.1.convs.1.weight": 1e-3,
         "online.encoder.head.3.weight": 1e-4,
@@ -280,10 +313,12 @@ def test_ddp_two_ranks_equal_one_process(jobs):
     """2-process torchrun (gloo, per-rank BN): two steps give the same losses, gradients, SGD/LARS-updated weights,
     momentum-encoder weights and (v2) queue as one process emulating the 2 ranks: v2 with shuffle-BN (keys of a
     seeded permutation of the global batch, un-permuted) and the slow start between the steps (DDP must tolerate the
-    0.5 BN copies unused at step 1); v3 with every width, each rank's loss over the keys of both ranks. Each step
-    starts from the same state: the reference takes step 2 from the DDP run's state after step 1 (ddp_handoff.py)."""
+    0.5 BN copies unused at step 1); v3 with every width, each rank's loss over the keys of both ranks; SimCLR with
+    the slow start, its rank losses averaging to the official loss of the global batch (NT-Xent over both ranks).
+    Each step starts from the same state: the reference takes step 2 from the DDP run's state after step 1
+    (ddp_handoff.py)."""
     ref = jobs["futures"]["ddp_ref"].result()[0]
-    assert set(ref) == {"v2_slow_start", "v3"}
+    assert set(ref) == {"v2_slow_start", "v3", "simclr_slow_start"}
     for rank, got in enumerate(jobs["futures"]["ddp"].result()):
         for variant, want in ref.items():
             g = got[variant]
@@ -303,11 +338,12 @@ def test_ddp_two_ranks_equal_one_process(jobs):
             if variant.startswith("v2"):
                 torch.testing.assert_close(g["queue"], want["queue"], rtol=0, atol=1e-6)
     # not vacuous: the steps differ, the weights, the momentum encoder and the queue moved far beyond the tolerances
-    v2, v3 = ref["v2_slow_start"], ref["v3"]
+    v2, v3, sim = ref["v2_slow_start"], ref["v3"], ref["simclr_slow_start"]
     # step 1 trains the full width alone: the 0.5 network's BN copies have no gradient there, and one at step 2
-    assert not any(".bn.1." in k for k in v2["grads1"]) and any(".bn.1." in k for k in v2["grads2"])
+    for v in (v2, sim):
+        assert not any(".bn.1." in k for k in v["grads1"]) and any(".bn.1." in k for k in v["grads2"])
     assert any(".bn.1." in k for k in v3["grads1"])
-    assert v2["losses"][1] > v2["losses"][0] + 10  # the distillation term joins at step 2 (t 5)
+    assert v2["losses"][1] > v2["losses"][0] + 10 and sim["losses"][1] > sim["losses"][0] + 10  # the distillation joins
     assert v2["moved"]["queue"] > 0.1 and v2["queue"].norm(dim=1).sub(1).abs().max() < 1e-5  # 2 x 16 new keys
     for variant, want in ref.items():
         assert want["losses"][0] != want["losses"][1]

@@ -1,7 +1,7 @@
 """Unit tests for slimclr_moco.py (spec ../shared/specs/slimclr.md, sections 1-4 and 7):
 
 - model counts (spec 1.4): active parameters per width of the slimmable ResNet-50 (with and without the 1000-way fc,
-  the MoCo v2 encoder, the MoCo v3 encoder and predictor), raw parameter sums, MACs at 224;
+  the MoCo v2 encoder, the MoCo v3 encoder and predictor, the SimCLR encoder), raw parameter sums, MACs at 224;
 - the full width is torchvision's ResNet-50 (weights copied by name, eval outputs equal);
 - width slicing (spec 1.1): a width-0.5 pass reads only the leading slices and its own BN copy; switchable BN keeps
   running statistics per width (spec 1.2); forward(x) returns every width; Online returns {width: embedding} per view;
@@ -9,7 +9,8 @@
   default in the v3 predictor, the momentum encoder a frozen copy, the v2 queue normalised;
 - the SlimCLR-MoCov2 loss (spec 2.2) and the SlimCLR-MoCov3 loss (spec 3.2) against per-spec float64 references written
   here (value and gradients), the slow start, lambda_max, the CE form of the distillation, the detached teacher,
-  full_distill and the spec 2.2 scale at K = 65536;
+  full_distill and the spec 2.2 scale at K = 65536; the SlimCLR-SimCLR loss by hand and against a float64
+  transcription of the official s_SimCLR (value and gradients);
 - the switchable probe loss (spec 4);
 - schedules (spec 2.4, 3.4): the LR with warm-up, cosine and the slow-start peak; the MoCo v3 momentum ramp;
 - MoCo v3's LARS against a hand calculation, build_optimizer's groups, ema_update;
@@ -89,7 +90,8 @@ def test_resnet50_macs_at_224(r50):
 def test_moco_encoder_param_counts():
     """v2 encoder (backbone + 2048w-2048w-128 head with biases): 27,966,656 / 15,792,560 / 7,073,440 / 1,809,296,
     raw 28,046,336; v3 encoder (+ projector 2048w-4096w-256 with BN): 32,953,408 / 18,746,160 / 8,518,176 /
-    2,269,456, raw 33,045,376; v3 predictor (256-4096w-256, BN): 2,105,344 / 1,579,008 / 1,052,672 / 526,336."""
+    2,269,456, raw 33,045,376; v3 predictor (256-4096w-256, BN): 2,105,344 / 1,579,008 / 1,052,672 / 526,336;
+    SimCLR: no momentum encoder, predictor or queue, the encoder 27,970,880 at width 1."""
     torch.manual_seed(0)
     v2 = S.SlimEncoder(S.Args())
     assert [S.active_param_count(v2, w) for w in W4] == [27_966_656, 15_792_560, 7_073_440, 1_809_296]
@@ -99,6 +101,12 @@ def test_moco_encoder_param_counts():
     assert [S.active_param_count(v3, w) for w in W4] == [32_953_408, 18_746_160, 8_518_176, 2_269_456]
     assert sum(p.numel() for p in v3.parameters()) == 33_045_376
     assert [S.active_param_count(online.predictor, w) for w in W4] == [2_105_344, 1_579_008, 1_052_672, 526_336]
+    # SimCLR (s_resnet.py simclr_slim): + Linear(2048w, 2048w) with bias, BN, Linear(2048w, 128), BN(128) with affine
+    simclr = S.SlimCLR(S.SIMCLR)
+    assert simclr.momentum_encoder is None and simclr.online.predictor is None and not hasattr(simclr, "queue")
+    head = [f * f + f + 2 * f + f * 128 + 2 * 128 for f in (2048, 1536, 1024, 512)]  # 4,462,848 at width 1
+    backbone = [23_508_032, 13_234_992, 5_892_640, 1_480_976]
+    assert [S.active_param_count(simclr.online, w) for w in W4] == [h + b for h, b in zip(head, backbone)]
 
 
 # ---------------------------------------------------------------- full width == torchvision (spec 1.1)
@@ -628,6 +636,85 @@ def test_mocov3_single_width_is_2T_symmetric_infonce():
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
 
 
+# ---------------------------------------------------------------- SlimCLR-SimCLR loss (official models/s_simclr.py)
+def ref_simclr(q1, q2, *, temperature=0.1, epoch, slim_start_epoch, distill_weight=0.5, distill_temperature=5.0,
+               reweight=True):  # fmt: skip
+    """Float64 transcription of the official s_SimCLR on one process: q_all = [q1; q2] (2N rows), sim = q_all q_all^T
+    without its diagonal [2N, 2N - 1], labels [arange(N) + N - 1, arange(N)], nce_w = CE(sim_w / T, labels); the
+    distillation (kd_distill_loss_v2, teacher and student T 5) on the raw sim_w, teacher the full width's, detached;
+    the weights of loss_weights_generate option 5 on (1 - a) nce_w + a kd_w; before the slow start nce_max alone."""
+    active = epoch >= slim_start_epoch
+    n = len(q1[1.0])
+    labels = torch.cat([torch.arange(n) + n - 1, torch.arange(n)])
+
+    def sim(w):
+        q_all = torch.cat([q1[w], q2[w]]).double()
+        s = q_all @ q_all.T
+        return s[~torch.eye(2 * n, dtype=torch.bool)].view(2 * n, 2 * n - 1)
+
+    def nce(s):
+        return (torch.logsumexp(s / temperature, 1) - s[torch.arange(2 * n), labels] / temperature).mean()
+
+    widths = sorted(q1, reverse=True)
+    logits = {w: sim(w) for w in (widths if active else widths[:1])}
+    return ref_combine(logits, nce, active, distill_weight, distill_temperature, reweight, False)
+
+
+def test_simclr_nt_xent_by_hand():
+    """N = 2 images whose two views are e1 and e2: every row sees its positive at cosine 1 and two negatives at 0, so
+    NT-Xent = log(1 + 2 e^(-1/T)); a sub-width equal to the full one adds (1 - a) of that and a t^2 H(softmax([0, 1,
+    0] / t)) (the CE-form distillation of identical logits: the teacher's entropy), with lambda_max = 1.5."""
+    e = torch.eye(2)
+    kw = dict(temperature=0.5, slim_start_epoch=1.0)
+    nce = math.log(1 + 2 * math.exp(-2))
+    got = S.slimclr_simclr_loss({1.0: e, 0.5: e}, {1.0: e, 0.5: e}, epoch=0.0, **kw)
+    assert got.item() == pytest.approx(nce, rel=1e-6)
+    p = torch.softmax(torch.tensor([0.0, 0.2, 0.0], dtype=torch.float64), 0)
+    kd = 25 * -(p * p.log()).sum().item()
+    got = S.slimclr_simclr_loss({1.0: e, 0.5: e}, {1.0: e, 0.5: e}, epoch=1.0, **kw)
+    assert got.item() == pytest.approx(1.5 * nce + 0.5 * nce + 0.5 * kd, rel=1e-6)
+
+
+SIMCLR_CASES = {
+    "default": dict(),
+    "three_widths": dict(widths=[1.0, 0.5, 0.25]),
+    "T_t_a_noreweight": dict(temperature=0.3, distill_temperature=2.0, distill_weight=0.3, reweight=False),
+    "no_distill": dict(distill_weight=0.0),
+    "inactive": dict(epoch=10.0),
+}
+
+
+@pytest.mark.parametrize("case", list(SIMCLR_CASES))
+def test_simclr_loss_matches_official_transcription(case):
+    """slimclr_simclr_loss on one process equals the float64 transcription of the official s_SimCLR in value and in
+    the gradients w.r.t. every width's embeddings of both views (the teacher detached; the sub-widths get no gradient
+    before the slow start); swapping two images' second views changes the positives and the value."""
+    kw = dict(SIMCLR_CASES[case])
+    widths = kw.pop("widths", W4)
+    kw = dict(dict(epoch=60.0, slim_start_epoch=50.0), **kw)
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(6, 16, generator=g)
+    qs = {(v, w): F.normalize(base + 0.8 * torch.randn(6, 16, generator=g), dim=1) for v in (1, 2) for w in widths}
+
+    def run(fn, dtype, swap=False):
+        leaves = {key: t.to(dtype).clone().requires_grad_(True) for key, t in qs.items()}
+        q2 = {w: leaves[(2, w)][[1, 0, 2, 3, 4, 5] if swap else slice(None)] for w in widths}
+        loss = fn({w: leaves[(1, w)] for w in widths}, q2, **kw)
+        return loss.detach(), dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)))
+
+    val, grads = run(S.slimclr_simclr_loss, torch.float32)
+    ref, ref_grads = run(ref_simclr, torch.float64)
+    assert val.shape == ()
+    torch.testing.assert_close(val.double(), ref, rtol=1e-5, atol=1e-6)
+    for key, gr in ref_grads.items():
+        if gr is None:
+            assert grads[key] is None or not grads[key].any(), key
+        else:
+            assert gr.abs().max() > 1e-4, key
+            torch.testing.assert_close(grads[key].double(), gr, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    assert abs(run(S.slimclr_simclr_loss, torch.float32, swap=True)[0].item() - val.item()) > 1e-3
+
+
 # ---------------------------------------------------------------- switchable probe loss (spec 4)
 def test_linear_probe_loss_matches_hand_computation():
     """CE(full, y) + sum_w<max 0.5 [softCE(sub, softmax(full).detach()) + CE(sub, y)], no temperature; the full head's
@@ -798,7 +885,7 @@ def test_ema_update():
 
 # ---------------------------------------------------------------- check_args
 def test_check_args_accepts_the_recipes():
-    for args in (S.Args(), S.MOCOV3, S.CIFAR_MOCOV2, S.CIFAR_MOCOV3):
+    for args in (S.Args(), S.MOCOV3, S.SIMCLR, S.CIFAR_MOCOV2, S.CIFAR_MOCOV3, S.CIFAR_SIMCLR):
         S.check_args(args, 1)
     S.check_args(S.Args(), 4)
     S.check_args(dataclasses.replace(S.Args(), widths=(0.5, 1.0, 0.25)), 1)  # any order
