@@ -145,7 +145,7 @@ class Args:
     feat_dim: int = 128
     """dimension of z (official)"""
     head_dims: Tuple[int, ...] = ()
-    """the head as VISSL's swav_head dims: features, hidden widths..., z (e.g. 2048 4096 128; replaces the two above)"""
+    """the head as VISSL's swav_head dims: features, hidden widths..., z (2048 4096 128); replaces --hidden/feat-dim"""
     head_bn: bool = True
     """BatchNorm after each hidden Linear of the head (official; the RN50-w5 release has none: swav#35)"""
     n_prototypes: Tuple[int, ...] = (3000,)
@@ -289,7 +289,7 @@ class SwAV(nn.Module):
         f = self.backbone.num_features
         self.dims = dims = list(head_dims) or ([f, hidden_dim, feat_dim] if hidden_dim else [f, feat_dim])
         if dims[0] != f:
-            raise RunError(f"--head-dims {' '.join(map(str, dims))} must start with {arch}'s {f} features", True)
+            raise RunError(f"--head-dims {tuple(dims)} must start with {arch}'s {f} features", every_rank=True)
         mlp = [m for a, b in zip(dims, dims[1:-1]) for m in (nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(True))]
         mlp = [m for m in mlp if head_bn or not isinstance(m, nn.BatchNorm1d)]  # Linear, BN, ReLU, ..., Linear
         self.head = nn.Sequential(*mlp, nn.Linear(*dims[-2:])) if mlp else nn.Linear(*dims)  # official key names
@@ -563,7 +563,7 @@ def check_args(args: Args, world_size: int) -> None:
         if not 0 <= getattr(args, name) <= 1:
             raise RunError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if min(args.n_prototypes, default=0) < 1 or len(args.head_dims) == 1 or min(args.head_dims, default=1) < 1:
-        raise RunError(f"--n-prototypes {args.n_prototypes} / --head-dims {args.head_dims}: sizes >= 1 (head: >= 2)")
+        raise RunError(f"--n-prototypes {args.n_prototypes} / --head-dims {args.head_dims}: sizes >= 1 (2+ head dims)")
     n_crops = args.n_large + args.n_small
     if n_crops < 2 or not args.crops_for_assign or any(not 0 <= i < n_crops for i in args.crops_for_assign):
         raise RunError(f"--crops-for-assign {args.crops_for_assign} must name crops among the {n_crops} (>= 2) crops")

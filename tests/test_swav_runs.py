@@ -250,7 +250,7 @@ def test_bad_inputs_fail_with_one_line(cifar_dir, tmp_path):
         (cifar(data, tmp_path / "o5"), None, ["cannot decode image", str(bad)]),  # in-memory folder
         (cifar(cifar_dir, tmp_path / "o6", "--crops-for-assign 0 2"), None, ["--crops-for-assign (0, 2)", "2 "]),
         (cifar(cifar_dir, tmp_path / "o7", "--queue-length 8"), None, ["--queue-length 8", "global batch (16)"]),
-        (cifar(cifar_dir, tmp_path / "o8", "--head-dims 100 64 32"), None, ["--head-dims 100 64 32", "512 features"]),
+        (cifar(cifar_dir, tmp_path / "o8", "--head-dims 100 64 32"), None, ["--head-dims (100, 64", "512 features"]),
         (cifar(cifar_dir, tmp_path / "o9", "--n-prototypes 30 0"), None, ["--n-prototypes (30, 0)", "sizes >= 1"]),
     ]  # fmt: skip
     after_training = [

@@ -565,7 +565,7 @@ def test_head_dims_and_bn_variants():
     torch.testing.assert_close(z, want)
     torch.testing.assert_close(s, want @ no_bn.prototypes.weight.T)
     assert z.shape == (4, 16) and s.shape == (4, 10)
-    with pytest.raises(S.RunError, match="--head-dims 2048 4096 128 must start with resnet18's 512 features"):
+    with pytest.raises(S.RunError, match=r"--head-dims \(2048, 4096, 128\) must start with resnet18's 512 features"):
         S.SwAV("resnet18", 0, 0, 10, head_dims=(2048, 4096, 128))
 
 
