@@ -13,12 +13,27 @@ Runs (the `imagenet` recipe is the paper's; flags override it; linear top-1 from
         --warmup-epochs 0 --queue-length 3840 --queue-start-epoch 15 --freeze-prototypes-epochs 1 --epochs 200  # 72.7%
     torchrun --nnodes=8 --nproc_per_node=8 swav_imagenet.py imagenet --data-dir IMAGENET --n-small 0 \
         --large-scale 0.08 1.0 --epochs 400                                                # no multi-crop: 70.1%
+    torchrun --nnodes=16 --nproc_per_node=8 swav_imagenet.py imagenet --data-dir IMAGENET --arch resnet50w2 \
+        --hidden-dim 8192 --n-small 4 --epochs 400                                                # RN50-w2: 77.3%
+    torchrun --nnodes=8 --nproc_per_node=8 swav_imagenet.py imagenet --data-dir IMAGENET --arch resnet50w4 \
+        --hidden-dim 8192 --n-small 4 --large-scale 0.08 1 --small-scale 0.08 0.14 --batch-size 2560 --lr 0.48 \
+        --queue-length 2560 --queue-start-epoch 0 --freeze-prototypes-epochs 0.626 --epochs 400   # RN50-w4: 77.9%
+    torchrun --nnodes=16 --nproc_per_node=8 swav_imagenet.py imagenet --data-dir IMAGENET --arch resnet50w5 \
+        --head-dims 10240 10240 128 --no-head-bn --n-small 4 --batch-size 1536 --queue-length 1536 \
+        --queue-start-epoch 0 --freeze-prototypes-epochs 0.3753 --epochs 400                      # RN50-w5: 78.5%
     python swav_imagenet.py imagenet --data-dir IMAGENET --max-steps 0 \
         --init swav_800ep_pretrain.pth.tar                     # evaluates the released 800-epoch model (75.3%)
     python swav_imagenet.py cifar --dataset cifar10            # CIFAR proxy (spec 9.2, solo-learn-like recipe)
     python swav_imagenet.py cifar --dataset imagefolder --data-dir CIFAR10_JPEG --epochs 100
     python swav_imagenet.py imagenet --data-dir DIR --batch-size 8 --epochs 1 --arch resnet18 --large-size 64 \
         --small-size 32 --probe-epochs 1 --device cpu --out-dir OUT   # quick CPU run: under a minute on 200 images
+
+Wide ResNet-50s (README): w2, w4 as scripts/swav_RN50w{2,4}_400ep_pretrain.sh (w4: lr 4.8 at 2560 = 0.48 per 256; 313
+frozen steps = 0.626 epochs); w5, with no official script, as VISSL's resnet50_w5.yaml (head without BN, as in swav#35;
+its MODEL_ZOO: 300 epochs, 2x224+6x96, batch 2560). Releases load with their model flags (--arch resnet50w2 --hidden-dim
+8192 --init swav_RN50w2_400ep_pretrain.pth.tar). The SwAV guide's (VISSL swav.rst) variants, no published numbers:
+--arch resnet101, --head-dims 2048 4096 128 (or 2048 2048 2048 128), --no-head-bn, --n-prototypes 3000 3000 3000
+(MultiPrototypes; main_swav.py trains one set). Its temp_hard_assignment_iters is VISSL's, not in the official code.
 
 Deviations (each marked `# DEVIATION:` below): crops are cut by torchvision's tensor ops in the CPU workers or by a
 batched roi_align on the device (in-memory data), not by PIL, and colour/blur run batched on the device; bf16 autocast
@@ -124,13 +139,17 @@ class Args:
     """normalisation std (ImageNet)"""
     # --- model (spec 2)
     arch: str = "resnet50"
-    """backbone from common/resnet.py: resnet50, resnet18 or resnet18-cifar"""
+    """common/resnet.py: resnet50, resnet101, resnet50w2/w4/w5 (official src/resnet50.py widths), resnet18(-cifar)"""
     hidden_dim: int = 2048
     """hidden width of the projection head (official hidden_mlp 2048; 0: a single linear layer)"""
     feat_dim: int = 128
     """dimension of z (official)"""
-    n_prototypes: int = 3000
-    """K, number of prototypes (official 3000)"""
+    head_dims: Tuple[int, ...] = ()
+    """the head as VISSL's swav_head dims: features, hidden widths..., z (2048 4096 128); replaces --hidden/feat-dim"""
+    head_bn: bool = True
+    """BatchNorm after each hidden Linear of the head (official; the RN50-w5 release has none: swav#35)"""
+    n_prototypes: Tuple[int, ...] = (3000,)
+    """K, number of prototypes (official 3000); several: one set each (MultiPrototypes), their losses averaged"""
     sync_bn: bool = True
     """SyncBatchNorm on CUDA under DDP (PyTorch's SyncBN is GPU-only: CPU/gloo runs keep per-rank BN)"""
     syncbn_group_size: int = 0
@@ -261,24 +280,31 @@ def crop_groups(args: Args) -> list:
 
 # ==== 3. MODEL ====
 class SwAV(nn.Module):
-    """ResNet -> head (2048-2048-128, BN) -> L2-normalised z -> scores against K unit prototypes (spec 2)."""
+    """ResNet -> head (2048-2048-128, BN) -> L2-normalised z -> scores against K unit prototypes (spec 2). Several
+    prototype sets (n_prototypes a list): official MultiPrototypes, keys prototypes.prototypes{i}.weight."""
 
-    def __init__(self, arch: str, hidden_dim: int, feat_dim: int, n_prototypes: int):
+    def __init__(self, arch: str, hidden_dim: int, feat_dim: int, n_prototypes, head_dims=(), head_bn=True):
         super().__init__()
         self.backbone = RESNETS[arch]()  # PAPER: torchvision ResNet-50, zero_init_residual=False, no fc
         f = self.backbone.num_features
-        mlp = [nn.Linear(f, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)] if hidden_dim else []
-        self.head = nn.Sequential(*mlp, nn.Linear(hidden_dim, feat_dim)) if mlp else nn.Linear(f, feat_dim)
-        self.prototypes = nn.Linear(feat_dim, n_prototypes, bias=False)  # CRUCIAL: no bias (lightly adds one)
+        self.dims = dims = list(head_dims) or ([f, hidden_dim, feat_dim] if hidden_dim else [f, feat_dim])
+        if dims[0] != f:
+            raise RunError(f"--head-dims {tuple(dims)} must start with {arch}'s {f} features", every_rank=True)
+        mlp = [m for a, b in zip(dims, dims[1:-1]) for m in (nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(True))]
+        mlp = [m for m in mlp if head_bn or not isinstance(m, nn.BatchNorm1d)]  # Linear, BN, ReLU, ..., Linear
+        self.head = nn.Sequential(*mlp, nn.Linear(*dims[-2:])) if mlp else nn.Linear(*dims)  # official key names
+        self.ks = [n_prototypes] if isinstance(n_prototypes, int) else list(n_prototypes)
+        cs = [nn.Linear(dims[-1], k, bias=False) for k in self.ks]  # CRUCIAL: no bias (lightly adds one)
+        self.prototypes = cs[0] if len(cs) == 1 else nn.ModuleDict({f"prototypes{i}": c for i, c in enumerate(cs)})
 
     def forward(self, groups: list) -> tuple:
-        """groups: one tensor per resolution, crop-major [n*b, 3, S, S]. Returns z [N, D] and scores [N, K], fp32.
+        """groups: one tensor per resolution, crop-major [n*b, 3, S, S]. Returns z [N, D], scores [N, sum K], fp32.
         CRUCIAL: each resolution goes through the backbone in one pass (BN statistics per resolution), and the pooled
         features of all crops go through the head together (official multi-resolution forward)."""
         h = torch.cat([self.backbone(x) for x in groups])
         z = F.normalize(self.head(h).float(), dim=1)  # z: [N, D], unit norm
         with torch.autocast(z.device.type, enabled=False):  # the scores in fp32: bf16 noise would be amplified 1/eps
-            scores = self.prototypes(z)  # [N, K], cosine similarities in [-1, 1]
+            scores = F.linear(z, torch.cat(list(self.prototypes.parameters())))  # [N, sum K]: cosines in [-1, 1]
         return z, scores
 
 
@@ -293,21 +319,19 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3, distribute
     DEVIATION: fp32 (or fp64) with the global max of S/eps subtracted before exp (exact; the official code does not)."""
     distributed = dist.is_initialized() and dist.get_world_size() > 1 if distributed is None else distributed
     world = dist.get_world_size() if distributed else 1
+    reduce = dist.all_reduce if distributed else lambda t, op=None: None  # in place over the ranks (default: sum)
     s = scores.detach().to(torch.float64 if fp64 else torch.float32) / eps
     shift = s.max()
-    if distributed:
-        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    reduce(shift, op=dist.ReduceOp.MAX)
     q = torch.exp(s - shift).T  # [K, b]
     k, b = q.shape
     n = b * world  # the global B as in the official code (a constant factor: the next normalisation cancels it)
     total = q.sum()
-    if distributed:
-        dist.all_reduce(total)
+    reduce(total)
     q /= total
     for _ in range(iters):
         rows = q.sum(1, keepdim=True)  # per-prototype mass over the global batch
-        if distributed:
-            dist.all_reduce(rows)
+        reduce(rows)
         q /= rows * k
         q /= q.sum(0, keepdim=True) * n  # per-sample mass: each column lives on one rank
     q *= n
@@ -347,7 +371,7 @@ class Queue:
         args = run.args
         if args.queue_length and epoch >= args.queue_start_epoch and run.queue is None:
             length = args.queue_length // args.batch_size * args.batch_size // run.world_size  # PAPER: rounded down
-            run.queue = Queue(len(args.crops_for_assign), length, args.feat_dim, run.device)
+            run.queue = Queue(len(args.crops_for_assign), length, run.model.dims[-1], run.device)
             if run.rank == 0:
                 print(f"queue created at epoch {epoch + 1}: {length * run.world_size} embeddings, used once full")
 
@@ -410,32 +434,37 @@ METRICS = ("loss", "loss_over_lnK", "protos_used", "entropy", "queue")  # what t
 def train_step(run: SimpleNamespace, groups: list, step: int) -> torch.Tensor:
     """One SwAV step (global step `step`) on this rank's crops, one tensor per resolution. Returns METRICS, detached:
     the loss, loss / ln K, crop 0's collapse diagnostics (spec 4.4: prototypes used as argmax, entropy of the mean
-    prediction over ln K) and 1 if the queue entered Sinkhorn."""
-    args, model, k = run.args, run.model, run.args.n_prototypes
+    prediction over ln K, on the first prototype set) and 1 if the queue entered Sinkhorn."""
+    args, model, ks = run.args, run.model, run.model.ks  # K of each prototype set
     Queue.start(run, step // run.steps_per_epoch)  # from --queue-start-epoch on
     with torch.no_grad():  # PAPER: every row of C is L2-normalised before each forward (not its momentum buffer)
-        model.prototypes.weight.copy_(F.normalize(model.prototypes.weight, dim=1))
+        for c in model.prototypes.parameters():  # every set's C [K, D]
+            c.copy_(F.normalize(c, dim=1))
     with run.autocast:
         z, scores = run.ddp_model([x.contiguous(memory_format=run.fmt) for x in groups])
     n_crops = args.n_large + args.n_small
-    z, scores = z.view(n_crops, -1, z.shape[1]), scores.view(n_crops, -1, k)  # crop-major: [n_crops, b, D or K]
-    queue_scores = run.queue.scores(model.prototypes.weight) if run.queue is not None else None
-    loss = swav_loss(list(scores), args.temperature, args.epsilon, args.sinkhorn_iters, args.crops_for_assign,
-                     queue_scores, args.sinkhorn_fp64)  # fmt: skip
+    z, scores = z.view(n_crops, -1, z.shape[1]), scores.view(n_crops, -1, sum(ks))  # [n_crops, b, D or sum K]
+    c = torch.cat(list(model.prototypes.parameters()))  # [sum K, D]: one z queue, scored by every set (as VISSL)
+    queue_scores = run.queue.scores(c) if run.queue is not None else None  # n_assign x [L, sum K]
+    # one swapped loss per prototype set, averaged over the sets (main_deepclusterv2.py's and VISSL's SwAVLoss's mean)
+    loss = sum(swav_loss(list(s), args.temperature, args.epsilon, args.sinkhorn_iters, args.crops_for_assign,
+                         queue_scores and [q.split(ks, -1)[h] for q in queue_scores], args.sinkhorn_fp64)
+               for h, s in enumerate(scores.split(ks, -1))) / len(ks)  # fmt: skip
     if run.queue is not None:
         run.queue.push(torch.stack([z[i] for i in args.crops_for_assign]))
     run.opt.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     if step < run.freeze_steps:  # PAPER: prototypes frozen for the first epoch; grad=None skips LARC entirely
-        model.prototypes.weight.grad = None
+        model.prototypes.zero_grad(set_to_none=True)  # every set's
     run.scaler.step(run.opt)
     run.scaler.update()
     with torch.no_grad():
-        used = torch.zeros(k, device=loss.device).index_fill_(0, scores[0].argmax(1), 1).sum()  # CUDA bincount syncs
-        p_mean = F.softmax(scores[0] / args.temperature, dim=1).mean(0)
+        k, s0 = ks[0], scores[0, :, : ks[0]]  # crop 0, first set; loss / ln K: over the sets' mean ln K
+        used = torch.zeros(k, device=loss.device).index_fill_(0, s0.argmax(1), 1).sum()  # CUDA bincount syncs
+        p_mean = F.softmax(s0 / args.temperature, dim=1).mean(0)
         entropy = -(p_mean * p_mean.clamp_min(1e-12).log()).sum() / math.log(k)
         queued = torch.full_like(used, float(queue_scores is not None))
-        return torch.stack([loss, loss / math.log(k), used, entropy, queued])
+        return torch.stack([loss, loss * len(ks) / sum(map(math.log, ks)), used, entropy, queued])
 
 
 def train_batches(run: SimpleNamespace, epoch: int, start: int, last: int):
@@ -452,12 +481,13 @@ def train_batches(run: SimpleNamespace, epoch: int, start: int, last: int):
 def official_swav(sd) -> Optional[dict]:
     """--init format: facebookresearch/swav's model state dict (`module.` optional) with src/resnet50.py's names: the
     ResNet's are torchvision's (its `padding`, ConstantPad2d(1) before conv1's padding 2, is padding 3 and holds no
-    tensor), then projection_head.{0,1,3} (Linear, BN, ReLU, Linear) and prototypes.weight; None for other files."""
+    tensor), then projection_head.{0,1,3} (Linear, BN, ReLU, Linear) and prototypes.weight, or MultiPrototypes'
+    prototypes.prototypes{i}.weight (e.g. DeepCluster-v2: as our several sets; a one-set model refuses them)."""
     if not (isinstance(sd, dict) and all(isinstance(k, str) for k in sd)):
         return None
     sd = strip_prefix(sd, "module." if all(k.startswith("module.") for k in sd) else "")  # its tensors, no DDP prefix
-    if not {"conv1.weight", "prototypes.weight"} <= sd.keys():
-        return None  # e.g. DeepCluster-v2's prototypes.prototypes{i}, eval_linear.py's classifier: other files
+    if "conv1.weight" not in sd or not {"prototypes.weight", "prototypes.prototypes0.weight"} & sd.keys():
+        return None  # e.g. eval_linear.py's classifier: another file
     heads = ("projection_head.", "prototypes.")  # our head.{0,1,3} (the same indices) and prototypes; the rest: ResNet
     return {k.removeprefix("projection_") if k.startswith(heads) else f"backbone.{k}": v for k, v in sd.items()}
 
@@ -477,7 +507,8 @@ def run_training(args: Args) -> dict:
     run = start_run(args)
     args, device, world_size = run.args, run.device, run.world_size  # as start_run settled them (precision, probes)
     torch.manual_seed(args.seed)  # the same initial model on every rank
-    model = SwAV(args.arch, args.hidden_dim, args.feat_dim, args.n_prototypes).to(device, memory_format=run.fmt)
+    model = SwAV(args.arch, args.hidden_dim, args.feat_dim, args.n_prototypes, args.head_dims, args.head_bn)
+    model = model.to(device, memory_format=run.fmt)
     run.model, run.encode, run.groups, run.metrics = model, model.backbone, crop_groups(args), METRICS
     # PAPER: SGD (momentum 0.9) wrapped in LARC(trust_coefficient=0.001, clip=False), weight decay 1e-6
     run.opt = LARS(param_groups(model, args), args.lr, momentum=args.momentum, eta=args.lars_eta, clip=args.lars_clip)
@@ -523,7 +554,7 @@ def check_args(args: Args, world_size: int) -> None:
     """Refuse bad input with one clear line, before any data is read or process group created."""
     check_common_args(
         args, world_size, RESNETS, positive="lr temperature epsilon lars_eta", per_rank="batch_size probe_batch_size",
-        at_least_1="large_size train_repeat feat_dim n_prototypes sinkhorn_iters n_large small_size",
+        at_least_1="large_size train_repeat feat_dim sinkhorn_iters n_large small_size",
         at_least_0="workers eval_every eval_subset_train eval_subset_test n_small hidden_dim queue_length "
         "queue_start_epoch syncbn_group_size", scales="large_scale small_scale",
         non_negative="warmup_epochs momentum final_lr_ratio start_warmup freeze_prototypes_epochs jitter_strength",
@@ -531,6 +562,8 @@ def check_args(args: Args, world_size: int) -> None:
     for name in ("blur_prob", "solarize_prob"):
         if not 0 <= getattr(args, name) <= 1:
             raise RunError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if min(args.n_prototypes, default=0) < 1 or len(args.head_dims) == 1 or min(args.head_dims, default=1) < 1:
+        raise RunError(f"--n-prototypes {args.n_prototypes} / --head-dims {args.head_dims}: sizes >= 1 (2+ head dims)")
     n_crops = args.n_large + args.n_small
     if n_crops < 2 or not args.crops_for_assign or any(not 0 <= i < n_crops for i in args.crops_for_assign):
         raise RunError(f"--crops-for-assign {args.crops_for_assign} must name crops among the {n_crops} (>= 2) crops")

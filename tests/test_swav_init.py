@@ -2,12 +2,15 @@
 swav_*_pretrain.pth.tar, a state dict of the DDP model with src/resnet50.py's names; main_swav.py's checkpoints,
 {"epoch", "state_dict", "optimizer", "amp"}), built here from those names, load with the official model's features
 (its ConstantPad2d(1) + conv1 padding 2 is our padding 3) and head; a run evaluates them with --max-steps 0 on real
-photos and leaves a backbone.pt that torchvision loads strictly; every wrong file ends in one line and exit 1."""
+photos and leaves a backbone.pt that torchvision loads strictly; every wrong file ends in one line and exit 1. Also
+the several prototype sets' MultiPrototypes files, and the wide ResNet-50s' documented commands and releases."""
 
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +23,7 @@ from forkrun import forked_runs
 
 sys.path.insert(0, str(ROOT))
 import swav_imagenet as S  # noqa: E402
-from common.checkpoint import init_weights  # noqa: E402
+from common.checkpoint import CheckpointError, init_weights  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision.io decoders
 
@@ -112,6 +115,113 @@ def test_one_linear_head_and_cifar_stem(tmp_path, one_thread):
     torch.testing.assert_close(tv.eval()(x), model.backbone(x), rtol=1e-4, atol=1e-5)
 
 
+def test_multiprototypes_file_loads_into_as_many_sets(tmp_path, one_thread):
+    """A file with src/resnet50.py's MultiPrototypes (prototypes.prototypes{i}.weight, as DeepCluster-v2's releases
+    and a multi-set main_swav.py model hold them) loads whole into a model with those sets (--n-prototypes 40 30 20),
+    with the same scores; a set of another size starts fresh; a one-set model refuses the file in one line, and a
+    several-set model refuses a one-set file."""
+    src = random_swav("resnet18", hidden=64, feat=32, k=[40, 30, 20])
+    torch.save(official_names(src.state_dict()), tmp_path / "multi.pth")
+    torch.save(official_names(random_swav("resnet18", hidden=64, feat=32, k=40).state_dict()), tmp_path / "one.pth")
+    model = random_swav("resnet18", hidden=64, feat=32, k=[40, 30, 20], seed=0)
+    line = init_weights(model, tmp_path / "multi.pth", S.INIT_FORMATS)
+    assert line.endswith("SwAV release (swav_*_pretrain.pth.tar); loaded backbone, head, prototypes; fresh: nothing")
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        z, scores = model([x])
+    cs = [src.state_dict()[f"prototypes.prototypes{i}.weight"] for i in range(3)]
+    torch.testing.assert_close(scores, torch.cat([z @ c.T for c in cs], 1))
+    other = random_swav("resnet18", hidden=64, feat=32, k=[40, 30, 25], seed=0)
+    fresh = other.state_dict()["prototypes.prototypes2.weight"].clone()
+    assert init_weights(other, tmp_path / "multi.pth", S.INIT_FORMATS).endswith("fresh: prototypes")
+    assert torch.equal(other.prototypes["prototypes1"].weight, cs[1])
+    assert torch.equal(other.prototypes["prototypes2"].weight, fresh)
+    refused = {"multi.pth": ([40], "prototypes.prototypes0.weight"), "one.pth": ([40, 30], "prototypes.weight")}
+    for name, (k, unknown) in refused.items():
+        with pytest.raises(CheckpointError, match=f"SwAV release.*{unknown} is not a tensor of this model"):
+            init_weights(random_swav("resnet18", hidden=64, feat=32, k=k), tmp_path / name, S.INIT_FORMATS)
+
+
+def documented_runs(marker: str) -> list:
+    """The module docstring's commands (continued lines joined) that contain marker: the arguments after the script."""
+    lines = S.__doc__.replace("\\\n", " ").splitlines()
+    return [
+        ln.split("swav_imagenet.py", 1)[1].split("#")[0].split()
+        for ln in lines
+        if "swav_imagenet.py" in ln and marker in ln
+    ]
+
+
+# The wide ResNet-50s' recipes: the official scripts/swav_RN50w{2,4}_400ep_pretrain.sh (main_swav.py: per-GPU batch x
+# GPUs; base_lr as given, not scaled) and, for w5 (no official script), VISSL's configs/config/pretrain/swav/models/
+# resnet50_w5.yaml over swav_8node_resnet.yaml (lr 0.3 per 256, scaled): global batch, peak lr, crop scales, queue
+# (length, first epoch), head dims (features, hidden_mlp, feat_dim), BN in the head.
+WIDE = {
+    "resnet50w2": dict(batch=32 * 128, lr=4.8, scales=((0.14, 1), (0.05, 0.14)), queue=(0, 15), head=[4096, 8192, 128],
+                       bn=True),
+    "resnet50w4": dict(batch=40 * 64, lr=4.8, scales=((0.08, 1), (0.08, 0.14)), queue=(2560, 0), head=[8192, 8192, 128],
+                       bn=True),
+    "resnet50w5": dict(batch=12 * 128, lr=0.3 * 1536 / 256, scales=((0.14, 1), (0.05, 0.14)), queue=(1536, 0),
+                       head=[10240, 10240, 128], bn=False),
+}  # fmt: skip
+
+
+def meta_model(args) -> S.SwAV:
+    """The run's SwAV model on the meta device: every shape, no memory (w5 would be 2.4 GB)."""
+    with torch.device("meta"):
+        return S.SwAV(args.arch, args.hidden_dim, args.feat_dim, args.n_prototypes, args.head_dims, args.head_bn)
+
+
+@pytest.mark.parametrize("arch", sorted(WIDE))
+def test_wide_resnet_commands_and_their_releases(arch, monkeypatch):
+    """The docstring's command for each wide ResNet-50 parses to its official hyper-parameters (2x224 + 4x96, 400
+    epochs, 10 warm-up epochs from 0.3, cosine to the peak / 1000, 313 frozen iterations, K 3000, T 0.1, eps 0.05,
+    wd 1e-6); its model has the official head, and a release in the official layout (module. + src/resnet50.py's
+    names, projection_head.*, prototypes.weight) maps onto it tensor for tensor, shapes included: --init loads it.
+    With tiny flags the command takes a training step on the meta device (its real widths: 0.5-2.8 GB of weights, too
+    much for CPU tests): every shape of the forward, Sinkhorn, loss, backward and LARC update, and the queue."""
+    (cmd,) = documented_runs(f"--arch {arch} ")
+    args, want = S.parse_args(cmd), WIDE[arch]
+    assert args.recipe == "imagenet" and args.arch == arch and args.batch_size == want["batch"]
+    assert args.lr * args.batch_size / 256 == pytest.approx(want["lr"]) and args.final_lr_ratio == 0.001
+    assert (args.epochs, args.warmup_epochs, args.start_warmup) == (400, 10, 0.3)
+    assert (args.n_large, args.large_size, args.n_small, args.small_size) == (2, 224, 4, 96)
+    assert (tuple(args.large_scale), tuple(args.small_scale)) == want["scales"]
+    assert (args.queue_length, args.queue_start_epoch) == want["queue"]
+    steps = 1281167 // args.batch_size  # steps per epoch on ImageNet-1k (drop_last)
+    assert round(args.freeze_prototypes_epochs * steps) == (312 if steps == 312 else 313)  # 4096: 1 epoch (DEVIATION)
+    assert (args.temperature, args.epsilon, args.sinkhorn_iters, args.n_prototypes) == (0.1, 0.05, 3, (3000,))
+    assert args.weight_decay == 1e-6 and args.crops_for_assign == (0, 1) and args.momentum == 0.9
+    model = meta_model(args)
+    assert model.dims == want["head"] and any(isinstance(m, nn.BatchNorm1d) for m in model.head) == want["bn"]
+    mapped = S.official_swav(official_names(model.state_dict()))
+    assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in model.state_dict().items()}
+    monkeypatch.setattr(torch, "autocast", lambda *a, **kw: nullcontext())  # autocast has no meta device
+    args = S.parse_args([*cmd, "--batch-size", "4", "--large-size", "32", "--small-size", "32", "--device", "cpu"])
+    opt = S.LARS(S.param_groups(model, args), args.lr, momentum=args.momentum, eta=args.lars_eta, clip=args.lars_clip)
+    run = SimpleNamespace(args=args, model=model, ddp_model=model, opt=opt, autocast=nullcontext(), queue=None,
+                          scaler=torch.amp.GradScaler("cpu", enabled=False), fmt=torch.contiguous_format,
+                          freeze_steps=0, steps_per_epoch=1, device=torch.device("meta"), world_size=1,
+                          rank=0)  # fmt: skip
+    groups = [torch.empty(2 * 4, 3, 32, 32, device="meta"), torch.empty(4 * 4, 3, 32, 32, device="meta")]
+    assert S.train_step(run, groups, 0).shape == (len(S.METRICS),)
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+    queue = (tuple(run.queue.z.shape), run.queue.filled) if run.queue else None  # from epoch 0 where there is one
+    assert queue == (((2, want["queue"][0], 128), 4) if want["queue"][0] else None)
+
+
+def test_resnet101_and_head_variants_of_the_guide():
+    """The SwAV guide's ResNet-101 (the imagenet recipe with --arch resnet101) and its heads (--head-dims 2048 4096
+    128; the 3-layer 2048 2048 2048 128, here without BN): files in the official layout map onto them as well."""
+    for flags in ("--arch resnet101", "--head-dims 2048 4096 128", "--head-dims 2048 2048 2048 128 --no-head-bn"):
+        model = meta_model(S.parse_args(["imagenet", *flags.split()]))
+        mapped = S.official_swav(official_names(model.state_dict()))
+        assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert len(model.head) == 5 and model.dims == [2048, 2048, 2048, 128]
+    assert len(meta_model(S.parse_args(["imagenet", "--arch", "resnet101"])).backbone.layer3) == 23
+
+
 class RunsCode:
     """Unpickling it calls open(marker, "w"): what torch.load(weights_only=False) would run."""
 
@@ -145,7 +255,7 @@ def test_runs_evaluate_and_export_the_loaded_weights(imagewoof_dir, tmp_path):
                         ["not a format this script reads"]),
         "deepclusterv2": ({**{k: v for k, v in official.items() if "prototypes" not in k},
                            **{f"module.prototypes.prototypes{i}.weight": torch.ones(40, 32) for i in range(3)}},
-                          ["(torchvision ResNet)", "projection_head.0.weight is not a tensor of this model"]),
+                          ["(SwAV release", "prototypes.prototypes0.weight is not a tensor of this model"]),
         "renamed": ({k.replace("layer2.0.conv1.", "layer2.0.conv_1."): v for k, v in official.items()},
                     ["(SwAV release", "no tensor for the backbone's backbone.layer2.0.conv1.weight"]),
         "rn50w2-stem": ({**official, "module.conv1.weight": torch.ones(128, 3, 7, 7)},

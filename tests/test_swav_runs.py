@@ -147,6 +147,27 @@ def test_resume_after_stop_and_kill_equals_uninterrupted(cifar_dir, tmp_path):
     assert [r["queue"] for r in read_log(ref) if r["type"] == "train"] == [0, 1, 1, 1, 1, 1]
 
 
+# ---- the SwAV guide's head and prototype variants ------------------------------------------------------------------
+def test_head_and_prototype_variants_train_with_the_queue(small_cifar_dir, tmp_path):
+    """The cifar recipe with a three-layer head without BN (--head-dims 512 64 48 32 --no-head-bn) and two prototype
+    sets (--n-prototypes 30 20), the queue full after step 2 (16 embeddings, batch 8): 4 steps train and evaluate,
+    last.pt holds VISSL's head layout and both sets (official MultiPrototypes keys), and steps 3-4 used the queue."""
+    flags = "--head-dims 512 64 48 32 --no-head-bn --n-prototypes 30 20 --queue-length 16 --queue-start-epoch 0"
+    proc = run_script(cifar(small_cifar_dir, tmp_path, flags + " --batch-size 8 --max-steps 4 --probe none"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = read_results(tmp_path)
+    assert res["steps_done"] == 4 and res["args"]["n_prototypes"] == [30, 20] and not res["args"]["head_bn"]
+    assert_finite_results(res, "knn_top1", "knn_top5")
+    shapes = {k: tuple(v.shape) for k, v in torch.load(tmp_path / "last.pt", weights_only=True)["model"].items()}
+    assert {k: v for k, v in shapes.items() if k.startswith(("head.", "prototypes."))} == {
+        "head.0.weight": (64, 512), "head.0.bias": (64,), "head.2.weight": (48, 64), "head.2.bias": (48,),
+        "head.4.weight": (32, 48), "head.4.bias": (32,),
+        "prototypes.prototypes0.weight": (30, 32), "prototypes.prototypes1.weight": (20, 32),
+    }  # fmt: skip
+    train = [r for r in read_log(tmp_path) if r["type"] == "train"]
+    assert [r["queue"] for r in train] == [0, 1] and all(math.isfinite(r["loss_over_lnK"]) for r in train)
+
+
 # ---- DDP --------------------------------------------------------------------------------------------------------
 def test_ddp_two_ranks_equal_one_process(cifar_dir, tmp_path):
     """2-process torchrun (gloo): distributed Sinkhorn gives each rank exactly its rows of the 1-process Sinkhorn on
@@ -229,6 +250,8 @@ def test_bad_inputs_fail_with_one_line(cifar_dir, tmp_path):
         (cifar(data, tmp_path / "o5"), None, ["cannot decode image", str(bad)]),  # in-memory folder
         (cifar(cifar_dir, tmp_path / "o6", "--crops-for-assign 0 2"), None, ["--crops-for-assign (0, 2)", "2 "]),
         (cifar(cifar_dir, tmp_path / "o7", "--queue-length 8"), None, ["--queue-length 8", "global batch (16)"]),
+        (cifar(cifar_dir, tmp_path / "o8", "--head-dims 100 64 32"), None, ["--head-dims (100, 64", "512 features"]),
+        (cifar(cifar_dir, tmp_path / "o9", "--n-prototypes 30 0"), None, ["--n-prototypes (30, 0)", "sizes >= 1"]),
     ]  # fmt: skip
     after_training = [
         ([*trained, "--n-prototypes", "40"], None, ["last.pt", "shape mismatch", "prototypes.weight: ckpt (30, 32)"]),

@@ -526,6 +526,93 @@ def test_sinkhorn_fp64_flag_reaches_every_sinkhorn_call(monkeypatch):
     assert calls == [True, True]
 
 
+# ---------------------------------------------------------------- head variants and prototype sets (SwAV guide)
+def test_head_dims_and_bn_variants():
+    """--head-dims (VISSL's swav_head dims: features, hidden widths..., z) and --no-head-bn: the default head keeps
+    today's layout and init (head.{0,1,3}: Linear, BN, ReLU, Linear; --hidden-dim 0: one Linear, head.weight), the
+    same dims given as a list build the same head; without BN every hidden Linear is followed by ReLU only (a hand
+    computation of z); the first dim must be the backbone's features."""
+
+    def layout(model):
+        return [type(m).__name__ for m in model.head] if isinstance(model.head, nn.Sequential) else ["Linear"]
+
+    torch.manual_seed(0)
+    default = S.SwAV("resnet18", 32, 16, 10)
+    torch.manual_seed(0)
+    listed = S.SwAV("resnet18", 0, 0, 10, head_dims=(512, 32, 16))
+    assert layout(default) == ["Linear", "BatchNorm1d", "ReLU", "Linear"] and default.dims == [512, 32, 16]
+    bn = [f"head.1.{p}" for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+    assert [k for k in default.state_dict() if k.startswith("head.")] == ["head.0.weight", "head.0.bias", *bn,
+                                                                          "head.3.weight", "head.3.bias"]  # fmt: skip
+    sd = listed.state_dict()
+    assert sd.keys() == default.state_dict().keys()  # the same modules, drawn in the same order
+    assert all(torch.equal(v, sd[k]) for k, v in default.state_dict().items())
+    one = S.SwAV("resnet18", 0, 16, 10)
+    assert isinstance(one.head, nn.Linear) and one.head.weight.shape == (16, 512) and one.dims == [512, 16]
+    three_bn = S.SwAV("resnet18", 0, 0, 10, head_dims=(512, 64, 48, 16))  # the guide's 3-layer head, smaller
+    assert layout(three_bn) == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
+    no_bn = S.SwAV("resnet18", 0, 0, 10, head_dims=(512, 64, 48, 16), head_bn=False)
+    assert layout(no_bn) == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    assert [k for k in no_bn.state_dict() if k.startswith("head.")] == [f"head.{i}.{p}" for i in (0, 2, 4)
+                                                                          for p in ("weight", "bias")]  # fmt: skip
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        z, s = no_bn([x])
+        h = no_bn.backbone(x)
+        a = F.relu(h @ no_bn.head[0].weight.T + no_bn.head[0].bias)
+        a = F.relu(a @ no_bn.head[2].weight.T + no_bn.head[2].bias)
+        want = F.normalize(a @ no_bn.head[4].weight.T + no_bn.head[4].bias, dim=1)
+    torch.testing.assert_close(z, want)
+    torch.testing.assert_close(s, want @ no_bn.prototypes.weight.T)
+    assert z.shape == (4, 16) and s.shape == (4, 10)
+    with pytest.raises(S.RunError, match=r"--head-dims \(2048, 4096, 128\) must start with resnet18's 512 features"):
+        S.SwAV("resnet18", 0, 0, 10, head_dims=(2048, 4096, 128))
+
+
+def test_prototype_sets_one_swapped_loss_each_averaged():
+    """--n-prototypes 10 6 8: official MultiPrototypes keys (prototypes.prototypes{i}.weight, no bias); the scores are
+    every set's z C_h^T side by side; train_step normalises every set, and its loss is the mean over the sets of each
+    set's swapped loss (float64 transcription: sinkhorn_ref codes of crops 0 and 1, with the one z queue scored by
+    that set in front once full, CE against every other crop), as main_deepclusterv2.py and VISSL's SwAVLoss average
+    their heads; loss / ln K uses the sets' mean ln K; the freeze holds every set."""
+    ks, b, n_crops = (10, 6, 8), 4, 4
+    torch.manual_seed(0)
+    model = S.SwAV("resnet18", 32, 16, ks)
+    names = [k for k in model.state_dict() if "prototypes" in k]
+    assert names == [f"prototypes.prototypes{i}.weight" for i in range(3)]
+    cs = [model.prototypes[f"prototypes{i}"].weight for i in range(3)]
+    assert [tuple(c.shape) for c in cs] == [(k, 16) for k in ks] and model.ks == list(ks)
+    start = [F.normalize(c.detach(), dim=1) for c in cs]
+    queue = S.Queue(2, b, 16, CPU)  # one batch long: full after the first step
+    run = make_run(dataclasses.replace(TINY, n_prototypes=ks), model, freeze_steps=2, queue=queue)
+    outs = []
+    model.register_forward_hook(lambda m, i, o: outs.append([t.detach() for t in o]))
+    for step in range(3):
+        before, was_full = queue.z.clone().double(), queue.filled == b
+        c0 = [F.normalize(c.detach(), dim=1).double() for c in cs]
+        metrics = S.train_step(run, tiny_groups(30 + step), step)
+        z, scores = outs[-1]
+        assert scores.shape == (n_crops * b, sum(ks))
+        torch.testing.assert_close(scores.double(), torch.cat([z.double() @ c.T for c in c0], 1), atol=1e-6, rtol=0)
+        per_set = []
+        for h, sh in enumerate(scores.double().split(ks, 1)):
+            sh = sh.view(n_crops, b, -1)
+            pairs = []
+            for j, i in enumerate((0, 1)):
+                s_in = torch.cat([before[j] @ c0[h].T, sh[i]]) if was_full else sh[i]
+                q = sinkhorn_ref(s_in)[-b:]
+                pairs.append(np.mean([ce(q, sh[v], 0.1).item() for v in range(n_crops) if v != i]))
+            per_set.append(np.mean(pairs))
+        assert metrics[0].item() == pytest.approx(np.mean(per_set), rel=1e-5), (step, per_set)
+        assert max(per_set) - min(per_set) > 1e-3  # not one set's loss alone
+        assert metrics[1].item() == pytest.approx(np.mean(per_set) / np.mean(np.log(ks)), rel=1e-5)
+        assert metrics[4].item() == float(was_full) and (step == 0) != was_full
+        if step == 1:  # frozen for two steps: every set only renormalised
+            for c, c_start in zip(cs, start):
+                torch.testing.assert_close(c.detach(), c_start, rtol=0, atol=1e-6)
+    assert all((c.detach() - c_before.float()).abs().max() > 1e-6 for c, c_before in zip(cs, c0))  # then they move
+
+
 # ---------------------------------------------------------------- crop geometry vs torchvision (spec 1.1)
 def torchvision_rrc(height, width, area, log_ratio, pos):
     """torchvision RandomResizedCrop.get_params with its random draws replaced by the given ones:
