@@ -90,7 +90,7 @@ class Args:
     """also save out_dir/last.pt every this many steps, so a kill mid-epoch loses little (0: only at epoch ends)"""
     # --- data
     dataset: Literal["cifar10", "cifar100", "imagefolder", "fake"] = "cifar10"
-    """cifar10/cifar100 via torchvision; imagefolder: --data-dir with train/ and test/ (or val/); fake: random"""
+    """cifar10/cifar100 via torchvision; imagefolder: train/ and test/ (or val/), or Tiny-ImageNet unzipped; fake"""
     data_dir: str = "data"
     """dataset root (torchvision CIFAR root, or the image folder)"""
     download: bool = True
@@ -101,7 +101,7 @@ class Args:
     n_patches: int = 20
     """P, augmented patches per image per step (official README commands: 20; the paper's best runs: 200)"""
     crop_scale: float = 0.25
-    """fraction of the image area each square patch covers (official RandomResizedCrop scale=(0.25, 0.25))"""
+    """fraction of the image area each patch covers (official RandomResizedCrop scale=(0.25, 0.25))"""
     solarize_threshold: int = 128
     """PIL solarize threshold (official: PIL default 128; kachayev used 192)"""
     patch_aug: Literal["cifar", "imagenet"] = "cifar"

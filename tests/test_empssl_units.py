@@ -397,7 +397,7 @@ def test_crop_resize_path_equals_resized_crop(cifar):
 @pytest.mark.parametrize("cubic", [False, True])
 def test_resize_of_any_crop_equals_torchvision_and_pil(cifar, cubic):
     """--patch-aug imagenet: crops of any shape resized (bicubic; up to 224 and down to 12) as torchvision's
-    resized_crop with antialias (PIL's algorithm) does, and as PIL itself up to its uint8 rounding (two passes)."""
+    resized_crop with antialias (PIL's algorithm) does, and as PIL itself up to its uint8 rounding after each pass."""
     imgs = F.interpolate(cifar[:8].float(), size=48, mode="bilinear").round().byte()  # real photos, 48 x 48
     p = E.sample_patch_params(torch.Generator().manual_seed(4), 8, 48, 0.25, (3 / 4, 4 / 3))
     p.update({k: v for k, v in plain_params(8, 0, 0).items() if k not in ("y0", "x0", "h", "w")})
@@ -412,7 +412,8 @@ def test_resize_of_any_crop_equals_torchvision_and_pil(cifar, cubic):
         pil = [TF.to_pil_image(imgs[i]).crop((x, y, x + w, y + h)).resize((out, out), resample) for i, (y, x, h, w) in
                enumerate(box)]  # fmt: skip
         pil = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in pil]).float() / 255
-        assert (ours - pil).abs().max() < 1.5 / 255
+        diff = (ours - pil).abs()  # measured: at most 2/255 (bicubic to 224), 0.22-0.31/255 on average
+        assert diff.max() <= 2 / 255 + 1e-5 and diff.mean() < 0.4 / 255
 
 
 def test_single_ops_and_their_order(cifar):
