@@ -83,7 +83,8 @@ def test_evaluation_resumes_from_feature_cache(cifar_dir, tmp_path):
 
 def test_ddp_two_ranks_equal_one_process(cifar_dir, tmp_path):
     """2-process torchrun (gloo): the first step's loss, gradients and LARS-updated weights equal one process on the
-    same global batch (per-rank BatchNorm emulated by running each rank's images separately)."""
+    same global batch (per-rank BatchNorm emulated by running each rank's images separately); so does the vonmises
+    uniformity term (its value: its gradient takes the TCR's gathered path)."""
     worker = ROOT / "tests" / "empssl_ddp_step.py"
     (tmp_path / "ddp").mkdir()
     (tmp_path / "ref").mkdir()
@@ -96,6 +97,7 @@ def test_ddp_two_ranks_equal_one_process(cifar_dir, tmp_path):
         got = torch.load(tmp_path / "ddp" / f"rank{rank}.pt")
         torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got["tcr"], ref["tcr"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["vonmises"], ref["vonmises"], rtol=1e-5, atol=1e-5)  # over the global batch
         for k, g in ref["grads"].items():
             torch.testing.assert_close(got["grads"][k], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"grad {k}: {m}")
         for k, w in ref["weights"].items():
