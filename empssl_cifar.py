@@ -37,7 +37,7 @@ Tiny-ImageNet's settings (its one Tiny-ImageNet path, commented out, sits in the
 resnet18-tinyimagenet is torchvision's ResNet-18); kachayev's "loss weight set to 1.5 instead of 200.0" as --inv-weight
 1.5 (200: his invariance default), 10 epochs for his h=256 note (the note before trains 10). DEVIATION: ImageNet-100
 patches are cut from --image-size 256 centre squares decoded once, not from the full photos; the cosine spans the real
-epochs (the official T_max counts 50,000 images an epoch on every dataset; 200 patches: spread them over GPUs).
+epochs (the official T_max counts 50,000 images an epoch on every dataset: it reaches 0 early, rises again).
 """
 
 import dataclasses
