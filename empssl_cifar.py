@@ -15,11 +15,29 @@ Runs (one GPU each unless torchrun is shown; the official README numbers are lin
     torchrun --nproc_per_node=8 empssl_cifar.py --n-patches 200 --sync-bn
     python empssl_cifar.py --dataset imagefolder --data-dir DIR --batch-size 16 --n-patches 4 --eval-patches 4 \\
         --arch resnet18 --device cpu --out-dir OUT   # quick CPU run: under a minute on 200 images (train/, test/)
+Other datasets (official README, linear top-1): its ImageNet patches (aug4img.py: 224 px, bicubic, aspect ratio in
+(3/4, 4/3)), torchvision's ResNet-18; Tiny-ImageNet as unzipped, ImageNet-100 (CMC's classes) in train/ and val/:
+    I="--dataset imagefolder --arch resnet18 --patch-aug imagenet --patch-size 224"
+    X="--n-patches 200 --epochs 10 --lr-epochs 10"
+    python empssl_cifar.py $I --data-dir tiny-imagenet-200 --image-size 64               # Tiny-ImageNet 1 epoch: 38.1%
+    python empssl_cifar.py $I --data-dir imagenet100 --image-size 256                     # ImageNet-100 1 epoch: 58.5%
+    torchrun --nproc_per_node=4 empssl_cifar.py $I $X --data-dir tiny-imagenet-200 --image-size 64  # 10 ep: 51.5%
+    torchrun --nproc_per_node=4 empssl_cifar.py $I $X --data-dir imagenet100 --image-size 256       # 10 ep: 78.9%
+kachayev/ssl-in-one-epoch README notes on CIFAR-10 (K: his LR schedule, solarize threshold, probe LR and bag size):
+    K="--lr-schedule epoch-cosine-kachayev --solarize-threshold 192 --probe-lr 0.0075 --eval-patches 20"
+    V="--uniformity-loss vonmises --inv-weight 1.5 --emb-pool proj --z-dim 4096 --epochs 10 --lr-epochs 10"
+    python empssl_cifar.py $K $V --hidden-dim 2048  # mean z as the embedding: "similar output performance" (no number)
+    python empssl_cifar.py $K $V --hidden-dim 256   # "84+% top1 accuracy on 20 patches"
 
 Deviations (each marked `# DEVIATION:` below): patches are augmented on the GPU in batches (the tests compare them
 with the official PIL pipeline); bf16 autocast with channels_last (the TCR log-det in fp64); a Cholesky
 log-det in the Sylvester (B x B) form; seeded, resumable random streams; the TCR is computed over the global batch
-under DDP (all-gather with gradient), which equals the official single-process semantics.
+under DDP (all-gather with gradient), which equals the official single-process semantics. Inferred from the code:
+Tiny-ImageNet's settings (its one Tiny-ImageNet path, commented out, sits in the ImageNet branch: aug4img.py; its
+resnet18-tinyimagenet is torchvision's ResNet-18); kachayev's "loss weight set to 1.5 instead of 200.0" as --inv-weight
+1.5 (200: his invariance default), 10 epochs for his h=256 note (the note before trains 10). DEVIATION: ImageNet-100
+patches are cut from --image-size 256 centre squares decoded once, not from the full photos; the cosine spans the real
+epochs (the official T_max counts 50,000 images an epoch on every dataset: it reaches 0 early, rises again).
 """
 
 import dataclasses
@@ -72,7 +90,7 @@ class Args:
     """also save out_dir/last.pt every this many steps, so a kill mid-epoch loses little (0: only at epoch ends)"""
     # --- data
     dataset: Literal["cifar10", "cifar100", "imagefolder", "fake"] = "cifar10"
-    """cifar10/cifar100 via torchvision; imagefolder: --data-dir with train/ and test/ (or val/); fake: random"""
+    """cifar10/cifar100 via torchvision; imagefolder: train/ and test/ (or val/), or Tiny-ImageNet unzipped; fake"""
     data_dir: str = "data"
     """dataset root (torchvision CIFAR root, or the image folder)"""
     download: bool = True
@@ -83,9 +101,13 @@ class Args:
     n_patches: int = 20
     """P, augmented patches per image per step (official README commands: 20; the paper's best runs: 200)"""
     crop_scale: float = 0.25
-    """fraction of the image area each square patch covers (official RandomResizedCrop scale=(0.25, 0.25))"""
+    """fraction of the image area each patch covers (official RandomResizedCrop scale=(0.25, 0.25))"""
     solarize_threshold: int = 128
     """PIL solarize threshold (official: PIL default 128; kachayev used 192)"""
+    patch_aug: Literal["cifar", "imagenet"] = "cifar"
+    """cifar: square crops, bilinear (official dataset/aug.py); imagenet: aspect ratio (3/4, 4/3), bicubic (aug4img)"""
+    patch_size: Optional[int] = None
+    """side of the patches the network sees (official: 32 on CIFAR, 224 with aug4img.py; None: --image-size)"""
     # --- model (spec 3)
     arch: str = "resnet18-cifar"
     """backbone from common/resnet.py: resnet18-cifar (3x3 stem, no max-pool), resnet18 or resnet50"""
@@ -93,6 +115,8 @@ class Args:
     """width of pre_feature (h, the evaluated representation) and of the projection's hidden layer"""
     z_dim: int = 1024
     """dimension of the L2-normalised embedding z"""
+    emb_pool: Literal["features", "proj"] = "features"
+    """evaluated representation: features = h (official); proj = the mean z (kachayev's --emb_pool proj)"""
     weight_init: Literal["torch", "kachayev"] = "torch"
     """torch: framework defaults (official); kachayev: Linear weights N(0, 1e-3), biases 0"""
     sync_bn: bool = False
@@ -102,8 +126,10 @@ class Args:
     """TCR eps, used as is (it plays the role of the paper's eps^2; official --eps 0.2)"""
     inv_weight: float = 200.0
     """weight of the invariance term (official --patch_sim 200)"""
+    uniformity_loss: Literal["tcr", "vonmises"] = "tcr"
+    """tcr (official) or vonmises: kachayev's log mean exp(-2 |zbar_i - zbar_j|^2) over the images' mean embeddings"""
     tcr_weight: float = 1.0
-    """weight of the TCR term (official --tcr 1)"""
+    """weight of the uniformity term, TCR or vonmises (official --tcr 1; kachayev's --uniformity_loss_weight 1)"""
     # --- optimisation (spec 5)
     # DEVIATION: the official command trains --epoch 2; which checkpoint its "1 epoch" table uses is not stated, and
     # we read it as the one after epoch 1 (spec 5.3, inferred). --epochs 2 --eval-every-steps 500 reports both.
@@ -172,16 +198,21 @@ def parse_args(argv: Optional[list] = None) -> Args:
 
 
 # ==== 2. VIEWS ====
-def sample_patch_params(gen: torch.Generator, n: int, size: int, crop: int) -> dict:
-    """Random draws of the official patch transform for n patches (spec 2.1), on the generator's device."""
+PATCH_AUGS = {"cifar": ((1.0, 1.0), False), "imagenet": ((3 / 4, 4 / 3), True)}  # --patch-aug: (ratio, bicubic)
+
+
+def sample_patch_params(gen: torch.Generator, n: int, size: int, scale: float, ratio=(1.0, 1.0)) -> dict:
+    """Random draws of the official patch transform for n patches of size x size images (spec 2.1), on the
+    generator's device; the crop as RandomResizedCrop(scale=(scale, scale), ratio) draws it."""
     dev = gen.device
 
     def u(lo, hi, *shape):
         return lo + (hi - lo) * torch.rand(n, *shape, generator=gen, device=dev)
 
+    aspect = torch.exp(u(math.log(ratio[0]), math.log(ratio[1])))  # PAPER: a fixed area, log-uniform aspect ratio
+    h, w = [(scale * size**2 / a).sqrt().round().clamp(1, size) for a in (aspect, 1 / aspect)]  # CIFAR: 16 x 16
     return dict(
-        y0=torch.randint(0, size - crop + 1, (n,), generator=gen, device=dev),  # PAPER: RandomResizedCrop(scale=(.25,
-        x0=torch.randint(0, size - crop + 1, (n,), generator=gen, device=dev),  # .25), ratio=(1,1)): position only
+        h=h, w=w, y0=(u(0, 1) * (size - h + 1)).floor(), x0=(u(0, 1) * (size - w + 1)).floor(),  # uniform position
         flip=u(0, 1) < 0.5,                                                      # RandomHorizontalFlip(p=0.5)
         jitter=u(0, 1) < 0.8,                                                    # RandomApply(ColorJitter, p=0.8)
         factors=torch.cat([u(0.6, 1.4, 3), u(-0.2, 0.2, 1)], 1),                 # ColorJitter(0.4, 0.4, 0.4, 0.2)
@@ -192,16 +223,24 @@ def sample_patch_params(gen: torch.Generator, n: int, size: int, crop: int) -> d
     )  # fmt: skip
 
 
-def augment_patches(images: torch.Tensor, p: dict, crop: int, solarize_threshold: int) -> torch.Tensor:
+def resize_weights(start: torch.Tensor, length: torch.Tensor, size: int, out: int, cubic: bool) -> torch.Tensor:
+    """[n, out, size]: out samples of pixels start..start+length-1 of a size-long axis, as PIL resizes a crop: triangle
+    or a=-0.5 cubic kernel, widened by the scale when shrinking (antialias), taps inside the crop, renormalised."""
+    scale = (length / out).view(-1, 1, 1)  # crop pixels per output pixel
+    centre = (torch.arange(out, device=start.device).view(1, -1, 1) + 0.5) * scale  # [n, out, 1], in the crop
+    j = torch.arange(size, device=start.device) - start.view(-1, 1, 1)  # [n, 1, size]: every pixel, in the crop
+    t = ((j + 0.5 - centre) / scale.clamp(min=1)).abs()
+    bicubic = torch.where(t < 1, (1.5 * t - 2.5) * t * t + 1, -0.5 * (((t - 5) * t + 8) * t - 4) * (t < 2))
+    w = (bicubic if cubic else (1 - t).clamp(min=0)) * ((j >= 0) & (j < length.view(-1, 1, 1)))
+    return w / w.sum(-1, keepdim=True)
+
+
+def augment_patches(images: torch.Tensor, p: dict, size: int, solarize_threshold: int, cubic=False) -> torch.Tensor:
     """The official patch transform (spec 2.1), batched: uint8 images [n, 3, S, S] (one per patch), draws p -> float
-    [n, 3, S, S] in [-1, 1]. DEVIATION: float arithmetic, not PIL's uint8 rounding after every op, and an exact
+    [n, 3, size, size] in [-1, 1]. DEVIATION: float arithmetic, not PIL's uint8 rounding after every op, and an exact
     Gaussian, not PIL's box blur; tests/test_empssl_units.py compares the statistics with the official PIL pipeline."""
-    n, _, size, _ = images.shape
-    ar = torch.arange(crop, device=images.device)
-    rows, cols = (p["y0"][:, None] + ar)[:, :, None], (p["x0"][:, None] + ar)[:, None, :]
-    x = images[torch.arange(n, device=images.device)[:, None, None], :, rows, cols]  # [n, crop, crop, 3]
-    x = x.permute(0, 3, 1, 2).float().div_(255)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # PAPER: bilinear, 16 -> 32
+    wy, wx = (resize_weights(p[a], p[n], images.shape[-1], size, cubic) for a, n in (("y0", "h"), ("x0", "w")))
+    x = (wy[:, None] @ images.float().div_(255) @ wx[:, None].transpose(-1, -2)).clamp_(0, 1)  # PAPER: crop, resize
     x = torch.where(p["flip"][:, None, None, None], x.flip(-1), x)
     x = color_jitter(x, p["factors"], p["order"], p["jitter"])
     x = torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
@@ -212,20 +251,20 @@ def augment_patches(images: torch.Tensor, p: dict, crop: int, solarize_threshold
 
 
 def patch_batches(images: torch.Tensor, batches: list, keys: list, n_patches: int, args: Args, device, rank=0, world=1):
-    """This rank's patch batches [P*b, 3, S, S] of `images` (uint8 [N, 3, S, S], on the device), patch-major (row
+    """This rank's patch batches [P*b, 3, s, s] of `images` (uint8 [N, 3, S, S], on the device), patch-major (row
     p*b + i: patch p of image i, as official). Draws depend only on a batch's key and the global batch (each rank keeps
     its share): 2 ranks see the patches of 1, a resume those of an unbroken run. DEVIATION: seeded, not global RNGs."""
-    crop = round(math.sqrt(args.crop_scale) * images.shape[-1])  # 16 for CIFAR
+    (ratio, cubic), size = PATCH_AUGS[args.patch_aug], args.patch_size or images.shape[-1]
     gen = torch.Generator(device=device)
     for idx, key in zip(batches, keys):
         b = len(idx) // world
         gen.manual_seed(rng_seed(*key))
-        p = sample_patch_params(gen, n_patches * len(idx), images.shape[-1], crop)  # drawn for the whole global batch
+        p = sample_patch_params(gen, n_patches * len(idx), images.shape[-1], args.crop_scale, ratio)  # global batch
         cols = torch.arange(rank * b, (rank + 1) * b, device=device)
         sel = (torch.arange(n_patches, device=device)[:, None] * len(idx) + cols).flatten()  # this rank, patch-major
         local = idx[rank * b : (rank + 1) * b].to(device)
         p = {k: v[sel] for k, v in p.items()}
-        yield augment_patches(images[local.repeat(n_patches)], p, crop, args.solarize_threshold)
+        yield augment_patches(images[local.repeat(n_patches)], p, size, args.solarize_threshold, cubic)
 
 
 # ==== 3. MODEL ====
@@ -234,16 +273,11 @@ class EMPSSL(nn.Module):
 
     def __init__(self, arch: str, hidden_dim: int, z_dim: int, weight_init: str = "torch"):
         super().__init__()
-        self.backbone = RESNETS[arch]()
-        self.pre_feature = nn.Sequential(
-            nn.Linear(self.backbone.num_features, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU()
-        )
-        self.projection = nn.Sequential(
-            nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, z_dim)
-        )
-        linears = [m for m in self.modules() if isinstance(m, nn.Linear)] if weight_init == "kachayev" else []
-        for m in linears:  # kachayev/ssl-in-one-epoch: Linear weights N(0, 1e-3), zero biases
-            nn.init.normal_(m.weight, 0.0, 1e-3)
+        self.backbone, h = RESNETS[arch](), hidden_dim
+        self.pre_feature = nn.Sequential(nn.Linear(self.backbone.num_features, h), nn.BatchNorm1d(h), nn.ReLU())
+        self.projection = nn.Sequential(nn.Linear(h, h), nn.BatchNorm1d(h), nn.ReLU(), nn.Linear(h, z_dim))
+        for m in (m for m in self.modules() if weight_init == "kachayev" and isinstance(m, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 1e-3)  # kachayev/ssl-in-one-epoch: Linear weights N(0, 1e-3), zero biases
             nn.init.zeros_(m.bias)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -278,13 +312,19 @@ def invariance_loss(z: torch.Tensor) -> torch.Tensor:
     return -F.cosine_similarity(z, zbar, dim=-1).mean()
 
 
+def vonmises_loss(zbar: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """kachayev's --uniformity_loss vonmises: log of the mean Gaussian potential exp(-t |zbar_i - zbar_j|^2) over the
+    pairs i < j of the images' mean embeddings zbar: [B, D] (not re-normalised; t = 2, his default)."""
+    return torch.pdist(zbar.float(), p=2).pow(2).mul(-t).exp().mean().log()
+
+
 def empssl_loss(z: torch.Tensor, args: Args) -> tuple:
-    """z: this rank's [P, B_local, D]. Returns (total, invariance, -TCR), all fp32 scalars (spec 4.5).
-    CRUCIAL: the TCR covers the global batch (each rank's z is gathered with gradient), as in the official
+    """z: this rank's [P, B_local, D]. Returns (total, invariance, uniformity: -TCR or vonmises), fp32 (spec 4.5).
+    CRUCIAL: the uniformity term covers the global batch (each rank's z is gathered with gradient), as in the official
     single-process code; the invariance term is per image, and DDP's gradient averaging makes it the global mean."""
-    inv = invariance_loss(z)
-    tcr = tcr_loss(gather_with_grad(z.transpose(0, 1)).transpose(0, 1), args.eps)  # over z: [P, B_global, D]
-    return args.inv_weight * inv + args.tcr_weight * tcr, inv, tcr
+    inv, z = invariance_loss(z), gather_with_grad(z.transpose(0, 1)).transpose(0, 1)  # z: [P, B_global, D]
+    unif = tcr_loss(z, args.eps) if args.uniformity_loss == "tcr" else vonmises_loss(z.mean(0))
+    return args.inv_weight * inv + args.tcr_weight * unif, inv, unif
 
 
 # ==== 5. OPTIMIZER & SCHEDULES ====
@@ -346,6 +386,8 @@ def load_data(args: Args) -> dict:
         x = torch.randint(0, 256, (320, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
         y = torch.arange(320) % 10
         splits, num_classes = [(x[:256], y[:256]), (x[256:], y[256:])], 10
+    elif args.dataset == "imagefolder" and (root / "val" / "val_annotations.txt").is_file():
+        splits, num_classes = tiny_imagenet(root, args.image_size)
     elif args.dataset == "imagefolder":
         train_root, test_root, classes = folder_splits(root)
         splits = [load_image_folder(split, classes, args.image_size) for split in (train_root, test_root)]
@@ -364,10 +406,25 @@ def load_data(args: Args) -> dict:
     return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=num_classes)
 
 
+def tiny_imagenet(root: Path, size: int) -> tuple:
+    """([train, val], classes) of Tiny-ImageNet as unzipped: train/<wnid>/images/*.JPEG, val/images/*.JPEG labelled by
+    val/val_annotations.txt (file, wnid, box); its test/ has no labels and is not read."""
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir()) if (root / "train").is_dir() else []
+    rows = [ln.split("\t")[:2] for ln in (root / "val" / "val_annotations.txt").read_text().splitlines() if ln.strip()]
+    bad = [r for r in rows if len(r) < 2 or r[1] not in classes or not (root / "val" / "images" / r[0]).is_file()]
+    if not classes or bad or not rows:
+        raise RunError(f"{root / 'val' / 'val_annotations.txt'}: {bad[:1] or 'no rows'} names no val/images/ file or "
+                       f"no class folder of {root / 'train'}")  # fmt: skip
+    folders = [c + "/images" * (root / "train" / c / "images").is_dir() for c in classes]  # for the shared loader
+    val = decode_files([root / "val" / "images" / f for f, _ in rows], size, size)
+    labels = torch.tensor([classes.index(w) for _, w in rows])
+    return [load_image_folder(root / "train", folders, size), (val, labels)], len(classes)
+
+
 def check_args(args: Args, world_size: int) -> None:
     """Refuse bad input with one clear line, before any data is read or process group created."""
     check_common_args(
-        args, world_size, RESNETS, at_least_1="n_patches lr_epochs hidden_dim z_dim",
+        args, world_size, RESNETS, at_least_1="n_patches lr_epochs hidden_dim z_dim patch_size",
         at_least_0="eval_patches eval_every", positive="lr eps lars_eta", non_negative="inv_weight tcr_weight momentum",
     )  # fmt: skip
     if not 0 < args.crop_scale <= 1:
@@ -391,7 +448,7 @@ def run_training(args: Args) -> dict:
         args = dataclasses.replace(args, amp="none", channels_last=False)
     torch.backends.cudnn.benchmark = not args.deterministic
     torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
-    # DEVIATION: TF32 for fp32 matmuls/convs (official: off); it matters only with --amp none (the log-det is fp64)
+    # DEVIATION: TF32 for fp32 matmuls/convs (official: off): with --amp none, and the patch resize (~1e-3 < 1/255)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     n = len(data["train_x"])
     if n < args.batch_size:
@@ -409,7 +466,7 @@ def run_training(args: Args) -> dict:
     torch.manual_seed(args.seed)  # the same initial model on every rank
     run.fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = EMPSSL(args.arch, args.hidden_dim, args.z_dim, args.weight_init).to(device, memory_format=run.fmt)
-    run.model, run.encode = model, model.encode  # h, the representation the paper evaluates
+    run.model, run.encode = model, model.encode if args.emb_pool == "features" else lambda x: model(x)[0]  # h or z
     # PAPER: SGD with Nesterov momentum inside LARSWrapper(eta=0.005, clip=True, exclude_bias_n_norm=True)
     groups = param_groups(model, args.weight_decay)
     run.opt = LARS(groups, lr=args.lr, momentum=args.momentum, nesterov=True, eta=args.lars_eta, clip=True)
@@ -426,7 +483,7 @@ def run_training(args: Args) -> dict:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     run.ddp_model = torch.compile(net) if args.compile else net
     bench = run_benchmarks(run, "patches", args.n_patches)
-    run.metrics = ("loss", "cos", "R")  # train_step's: the loss, the mean cos to the image's mean embedding, R
+    run.metrics = ("loss", "cos", "R" if args.uniformity_loss == "tcr" else "-vonmises")  # train_step's, in order
     train_epochs(run)
     res = evaluate(run, tag="final") if args.eval_patches else {}
     if rank == 0:  # the ResNet alone, torchvision's names: README "Use released weights" loads it
@@ -442,7 +499,8 @@ def write_results(run: SimpleNamespace, bench: dict, res: dict) -> None:
     args, device, out = run.args, run.device, Path(run.args.out_dir)
     cuda = device.type == "cuda"
     patches_per_s = run.images_seen * args.n_patches / max(run.train_time_s, 1e-9)
-    protocol = f"bag of {args.eval_patches} random training-transform patches, h ({args.hidden_dim}-d), eval-mode BN"
+    emb = f"h ({args.hidden_dim}-d)" if args.emb_pool == "features" else f"z ({args.z_dim}-d)"
+    protocol = f"bag of {args.eval_patches} random training-transform patches, {emb}, eval-mode BN"
     protocol += f"; linear probe {args.probe_epochs} ep lr {args.probe_lr}; weighted k-NN k={args.knn_k} T={args.knn_t}"
     results = dict(
         script=Path(__file__).name, paper="EMP-SSL (arXiv 2304.03977)", exp_name=args.exp_name,
@@ -463,7 +521,7 @@ def write_results(run: SimpleNamespace, bench: dict, res: dict) -> None:
 
 def bare_step(run: SimpleNamespace):
     """The ceiling's step: forward+backward of the model on synthetic patches (no augmentation, loss or optimizer)."""
-    args, size = run.args, run.data["train_x"].shape[-1]
+    args, size = run.args, run.args.patch_size or run.data["train_x"].shape[-1]
     bare = EMPSSL(args.arch, args.hidden_dim, args.z_dim).to(run.device, memory_format=run.fmt)
     shape = (args.n_patches * args.batch_size // run.world_size, 3, size, size)
     x = torch.randn(shape, device=run.device).contiguous(memory_format=run.fmt)
@@ -486,8 +544,10 @@ def encode_bag(run: SimpleNamespace, images: torch.Tensor, split: str, n_patches
     run.model.eval()
     n, per_rank = len(images), math.ceil(len(images) / world)
     mine = torch.arange(rank * per_rank, (rank + 1) * per_rank, device=device).clamp(max=n - 1)  # padded, trimmed later
-    blocks = list(mine.split(100))  # each block's patches are drawn from one seed
-    one = torch.zeros(1, 3, images.shape[-1], images.shape[-1], device=device).contiguous(memory_format=run.fmt)
+    size = (args.patch_size or images.shape[-1]) if n_patches else images.shape[-1]
+    # each block's patches are drawn from one seed; a block holds <= 100 images, <= the pixels of 128 CIFAR patches each
+    blocks = list(mine.split(min(100, max(1, 100 * 128 * 32**2 // (max(n_patches, 1) * size**2)))))
+    one = torch.zeros(1, 3, size, size, device=device).contiguous(memory_format=run.fmt)
     chunk = inputs_per_chunk(run.encode, one, args.eval_memory_gb)  # patches per forward
     if n_patches:
         keys = [(args.seed, "eval", split, rank, i) for i in range(len(blocks))]
@@ -499,8 +559,7 @@ def encode_bag(run: SimpleNamespace, images: torch.Tensor, split: str, n_patches
         with run.autocast:  # x: [P * b, 3, S, S], patch-major
             h = torch.cat([run.encode(part.contiguous(memory_format=run.fmt)).float() for part in x.split(chunk)])
         feats.append(h.view(max(n_patches, 1), len(c), -1).mean(0))
-    feats = torch.cat(feats)
-    return (gather_with_grad(feats) if world > 1 else feats)[:n]
+    return (gather_with_grad(torch.cat(feats)) if world > 1 else torch.cat(feats))[:n]
 
 
 def evaluate(run: SimpleNamespace, tag: str) -> dict:
@@ -510,8 +569,8 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
     use_cache = tag == "final" and run.world_size == 1
     digest = state_dict_digest(run.model.state_dict()) if use_cache else None
     for prefix, n_patches in [("", args.eval_patches)] + ([("whole_", 0)] if args.eval_whole_image else []):
-        key = rng_seed(digest, n_patches, args.seed, args.crop_scale, args.solarize_threshold)
-        cache = ArtifactCache(Path(args.out_dir) / "cache", f"{key:014x}")
+        patches = (args.seed, args.crop_scale, args.solarize_threshold, args.patch_aug, args.patch_size, args.emb_pool)
+        cache = ArtifactCache(Path(args.out_dir) / "cache", f"{rng_seed(digest, n_patches, *patches):014x}")
         t0 = time.perf_counter()
         feats = {split: cache.get(split) if use_cache else None for split in ("train", "test")}
         for split in [s for s in feats if feats[s] is None]:
@@ -535,8 +594,7 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
     if run.rank == 0:
         log_jsonl(run, dict(type="eval", tag=tag, step=run.global_step, **res, **times))
         print(f"eval @ {tag} | " + " | ".join(f"{k} {v:.2f}" for k, v in {**res, **times}.items()))
-    for k, v in times.items():
-        run.times[k] = run.times.get(k, 0.0) + v
+    run.times.update({k: run.times.get(k, 0.0) + v for k, v in times.items()})
     return res
 
 

@@ -6,6 +6,7 @@ separately, so BatchNorm sees exactly what each DDP rank's BatchNorm sees (per-r
 DataParallel), and the loss covers the whole global batch: the reference a K-rank DDP step must equal.
 Usage: python tests/empssl_ddp_step.py DATA_DIR OUT [--emulate-ranks K]"""
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def main():
     ]
     z = torch.cat([net(x)[0].view(args.n_patches, -1, args.z_dim) for x in shares], 1)  # [P, B_local, D]
     loss, inv, tcr = E.empssl_loss(z, args)
+    vonmises = E.empssl_loss(z.detach(), dataclasses.replace(args, uniformity_loss="vonmises"))[2]  # global batch too
     loss.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     opt.step()
@@ -61,7 +63,10 @@ def main():
         dist.all_reduce(loss.detach())
         loss = loss / world_size
     weights = {k: p.detach() for k, p in model.named_parameters()}  # BN running stats stay per rank, as in DDP
-    torch.save(dict(loss=loss.detach(), tcr=tcr.detach(), grads=grads, weights=weights), out / f"rank{rank}.pt")
+    torch.save(
+        dict(loss=loss.detach(), tcr=tcr.detach(), vonmises=vonmises, grads=grads, weights=weights),
+        out / f"rank{rank}.pt",
+    )
     if dist.is_initialized():
         dist.destroy_process_group()
 

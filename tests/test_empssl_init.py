@@ -167,7 +167,7 @@ def test_init_runs_evaluates_resumes_and_refuses(small_cifar_dir, tmp_path, one_
     block = (args.seed, "eval", "test", 0, 0)  # the key of rank 0's first block of (up to 100) images
     patches = next(E.patch_batches(test_x, [torch.arange(50)], [block], 1, args, torch.device("cpu")))
     digest = E.state_dict_digest({k[len("module.") :]: v for k, v in sd[False].items()})
-    key = E.rng_seed(digest, 1, args.seed, args.crop_scale, args.solarize_threshold)
+    key = E.rng_seed(digest, 1, args.seed, args.crop_scale, args.solarize_threshold, "cifar", None, "features")
     cached = torch.load(out / "cache" / f"{key:014x}" / "test.pt")["value"]
     assert cached.shape == (50, 128)
     torch.testing.assert_close(cached, official_h(enc[False], patches), rtol=0, atol=1e-4)

@@ -83,7 +83,8 @@ def test_evaluation_resumes_from_feature_cache(cifar_dir, tmp_path):
 
 def test_ddp_two_ranks_equal_one_process(cifar_dir, tmp_path):
     """2-process torchrun (gloo): the first step's loss, gradients and LARS-updated weights equal one process on the
-    same global batch (per-rank BatchNorm emulated by running each rank's images separately)."""
+    same global batch (per-rank BatchNorm emulated by running each rank's images separately); so does the vonmises
+    uniformity term (its value: its gradient takes the TCR's gathered path)."""
     worker = ROOT / "tests" / "empssl_ddp_step.py"
     (tmp_path / "ddp").mkdir()
     (tmp_path / "ref").mkdir()
@@ -96,6 +97,7 @@ def test_ddp_two_ranks_equal_one_process(cifar_dir, tmp_path):
         got = torch.load(tmp_path / "ddp" / f"rank{rank}.pt")
         torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got["tcr"], ref["tcr"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["vonmises"], ref["vonmises"], rtol=1e-5, atol=1e-5)  # over the global batch
         for k, g in ref["grads"].items():
             torch.testing.assert_close(got["grads"][k], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"grad {k}: {m}")
         for k, w in ref["weights"].items():
@@ -103,14 +105,105 @@ def test_ddp_two_ranks_equal_one_process(cifar_dir, tmp_path):
     assert ref["grads"]["backbone.conv1.weight"].abs().sum() > 0  # the comparison is not vacuous
 
 
-def test_val_folder_of_photos(imagewoof_dir, tmp_path):
-    """Real ImageNet photos with a val/ split, resized to 32 at load."""
-    proc = run_script(
-        empssl(imagewoof_dir, tmp_path, "--batch-size 8 --epochs 1 --max-steps 3 --eval-patches 2 --image-size 32")
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((tmp_path / "results.json").read_text())
-    assert res["steps_done"] == 3 and 0 <= res["linear_top1"] <= 100
+def tiny_imagenet_layout(cifar_dir, dst):
+    """Real CIFAR-10 JPEGs in Tiny-ImageNet's unzipped layout: wnids.txt, train/<wnid>/images/*.JPEG beside
+    <wnid>_boxes.txt, val/images/ (shuffled) labelled by val/val_annotations.txt, test/images/ without labels."""
+    classes = sorted(d.name for d in (cifar_dir / "train").iterdir())
+    wnids = [f"n{9000000 + 17 * i:08d}" for i in range(len(classes))]
+    (dst / "val" / "images").mkdir(parents=True)
+    (dst / "test" / "images").mkdir(parents=True)
+    (dst / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    for c, w in zip(classes, wnids):
+        (dst / "train" / w / "images").mkdir(parents=True)
+        (dst / "train" / w / f"{w}_boxes.txt").write_text("")
+        for k, f in enumerate(sorted((cifar_dir / "train" / c).iterdir())):
+            (dst / "train" / w / "images" / f"{w}_{k}.JPEG").symlink_to(f)
+    val = [(f, w) for c, w in zip(classes, wnids) for f in sorted((cifar_dir / "test" / c).iterdir())]
+    order = torch.randperm(len(val), generator=torch.Generator().manual_seed(0)).tolist()
+    rows = []
+    for k, i in enumerate(order):
+        (dst / "val" / "images" / f"val_{k}.JPEG").symlink_to(val[i][0])
+        (dst / "test" / "images" / f"test_{k}.JPEG").symlink_to(val[i][0])
+        rows.append(f"val_{k}.JPEG\t{val[i][1]}\t0\t2\t30\t31")
+    (dst / "val" / "val_annotations.txt").write_text("\n".join(rows) + "\n")
+    return dst, [val[i] for i in order], wnids
+
+
+def documented(needle: str) -> list:
+    """The flags of the docstring's command line that contains needle, its $VARIABLES expanded."""
+    sys.path.insert(0, str(ROOT))
+    import empssl_cifar as E
+
+    lines = [ln.strip() for ln in E.__doc__.splitlines()]
+    env = dict(re.match(r'(\w+)="(.*)"$', ln).groups() for ln in lines if re.match(r'\w+=".*"$', ln))
+    words = next(ln for ln in lines if needle in ln).split("#")[0].split()
+    words = [w for a in words for w in (env[a[1:]].split() if a.startswith("$") else [a])]
+    return words[words.index("empssl_cifar.py") + 1 :]
+
+
+ROWS = {  # the docstring's rows: published number -> the settings its command must carry
+    "Tiny-ImageNet 1 epoch: 38.1%": dict(image_size=64, epochs=1, lr_epochs=2, n_patches=20),
+    "51.5%": dict(image_size=64, epochs=10, lr_epochs=10, n_patches=200),
+    "ImageNet-100 1 epoch: 58.5%": dict(image_size=256, epochs=1, lr_epochs=2, n_patches=20),
+    "78.9%": dict(image_size=256, epochs=10, lr_epochs=10, n_patches=200),
+}
+OFFICIAL_IMAGENET = dict(dataset="imagefolder", arch="resnet18", patch_aug="imagenet", patch_size=224, lr=0.3)
+KACHAYEV = dict(lr_schedule="epoch-cosine-kachayev", solarize_threshold=192, probe_lr=0.0075, eval_patches=20)
+KACHAYEV.update(uniformity_loss="vonmises", inv_weight=1.5, tcr_weight=1.0, emb_pool="proj", z_dim=4096, epochs=10)
+
+
+def test_documented_rows_tiny_imagenet_layout_imagenet100_kachayev(small_cifar_dir, imagewoof_dir, tmp_path):
+    """Every new docstring row parses to the settings of its source (the official ImageNet patches and ResNet-18;
+    kachayev's notes); the 1-epoch Tiny-ImageNet and ImageNet-100 rows and the h=256 kachayev row run at CPU scale
+    (later flags shrink them; the torchrun rows' flags are those of the 1-epoch rows plus 200 patches and 10 epochs,
+    the h=2048 row's those of the h=256 row but h). The unzipped Tiny-ImageNet layout loads as it is: val labels from
+    val_annotations.txt, test/ (no labels) unread; a row naming no image, or no class, ends in one line. The
+    ImageNet-100 row runs on real ImageNet photos with a val/ split, resized at load."""
+    sys.path.insert(0, str(ROOT))
+    import empssl_cifar as E
+
+    tiny, val, wnids = tiny_imagenet_layout(small_cifar_dir, tmp_path / "tiny-imagenet-200")
+    woof = imagewoof_dir
+    for needle, want in ROWS.items():
+        args = E.parse_args(documented(needle))
+        assert {k: getattr(args, k) for k in {**OFFICIAL_IMAGENET, **want}} == {**OFFICIAL_IMAGENET, **want}, needle
+    for needle, h in (("similar output performance", 2048), ("84+% top1", 256)):
+        args = E.parse_args(documented(needle))
+        assert {k: getattr(args, k) for k in KACHAYEV} == KACHAYEV and args.hidden_dim == h, needle
+
+    data = E.load_data(E.Args(dataset="imagefolder", data_dir=str(tiny), image_size=32))
+    assert data["num_classes"] == 10 and len(data["train_x"]) == 100 and len(data["test_x"]) == 50
+    assert data["test_y"].tolist() == [wnids.index(w) for _, w in val]
+    assert torch.equal(data["test_x"][:3], E.decode_files([f for f, _ in val[:3]], 32, 32))
+    assert torch.equal(data["train_y"], torch.arange(10).repeat_interleave(10))
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny, bad, symlinks=True)
+    with open(bad / "val" / "val_annotations.txt", "a") as f:
+        f.write(f"val_999.JPEG\t{wnids[0]}\t0\t0\t9\t9\n")
+
+    shrink = f"{TINY} --max-steps 1 --eval-patches 1 --patch-size 32 --probe-epochs 5"
+    runs = {  # the Tiny-ImageNet folder as unzipped; real ImageNet photos (train/, val/) for ImageNet-100
+        "tiny": [*documented("38.1%"), *shrink.split(), "--data-dir", tiny],
+        "in100": [*documented("ImageNet-100 1 epoch"), *shrink.split(), "--image-size", "64", "--data-dir", woof],
+        "h256": [*documented("84+%"), *shrink.split(), "--hidden-dim", "256", "--z-dim", "4096"],
+    }  # fmt: skip
+    runs = {k: [SCRIPT, *v, *(imagefolder(small_cifar_dir) if k[0] == "h" else []), "--out-dir", tmp_path / k]
+            for k, v in runs.items()}  # fmt: skip
+    broken = empssl(bad, tmp_path / "o-bad", "--max-steps 1")
+    first, procs = forked_in_two(broken, [(cmd, None) for cmd in runs.values()], [], tmp_path / "logs")
+    assert_one_line_error(first, "val_annotations.txt", "val_999.JPEG", "names no val/images/ file")
+    for name, proc in zip(runs, procs, strict=True):
+        assert proc.returncode == 0, (name, proc.stderr[-3000:])
+        res = json.loads((tmp_path / name / "results.json").read_text())
+        assert res["steps_done"] == 1 and 0 <= res["linear_top1"] <= 100 and 0 <= res["knn_top1"] <= 100, name
+    for name in ("tiny", "in100"):
+        res = json.loads((tmp_path / name / "results.json").read_text())
+        assert res["args"]["patch_aug"] == "imagenet" and "h (128-d)" in res["eval_protocol"]
+    for name in ("h256",):
+        res = json.loads((tmp_path / name / "results.json").read_text())
+        assert "z (4096-d)" in res["eval_protocol"] and res["args"]["uniformity_loss"] == "vonmises"
+        train = [r for r in read_log(tmp_path / name) if r["type"] == "train"]
+        assert train and all(math.isfinite(r["-vonmises"]) and r["-vonmises"] > 0 for r in train), train
 
 
 # ---- bad inputs: one clear line on stderr, non-zero exit --------------------------------------------------------

@@ -30,10 +30,12 @@ def cifar(cifar_dir):
 
 
 def plain_params(n, y0, x0, **on):
-    """Patch parameters with every random op off (crop position given); `on` switches single ops back on."""
+    """Patch parameters with every random op off (a 16x16 crop at the position given); `on` switches ops back on."""
     p = dict(
         y0=torch.as_tensor(y0),
         x0=torch.as_tensor(x0),
+        h=torch.full((n,), 16),
+        w=torch.full((n,), 16),
         factors=torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(n, 1),
         order=torch.arange(4).repeat(n, 1),
         sigma=torch.ones(n),
@@ -183,6 +185,34 @@ def test_empssl_loss_single_process():
     assert total.item() == pytest.approx(3.0 * inv.item() + 0.5 * tcr.item(), rel=1e-6)
 
 
+def vonmises_transcribed(z, t=2.0):
+    """kachayev/ssl-in-one-epoch BarycenterSphericalUniformityLoss in float64, pair by pair: log of the mean over the
+    pairs i < j of exp(-t |zbar_i - zbar_j|^2), zbar the plain mean over the patches of z [P, B, D]."""
+    zbar = z.double().mean(0)
+    pots = [torch.exp(-t * ((zbar[i] - zbar[j]) ** 2).sum()) for i in range(len(zbar)) for j in range(i + 1, len(zbar))]
+    return torch.log(sum(pots) / len(pots))
+
+
+def test_vonmises_loss_hand_values_and_empssl_loss():
+    """--uniformity-loss vonmises: hand values, the float64 transcription, and its place in empssl_loss (weight
+    --tcr-weight, default 1 = his --uniformity_loss_weight; the returned term is the loss itself)."""
+    z = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]])  # P=2, B=3, D=2
+    # means (.5, .5), (0, 1), (1, 0): squared distances 0.5, 0.5, 2 -> log((2 e^-1 + e^-4) / 3)
+    assert E.vonmises_loss(z.mean(0)).item() == pytest.approx(math.log((2 * math.exp(-1) + math.exp(-4)) / 3), rel=1e-6)
+    assert E.vonmises_loss(z.mean(0), t=1.0).item() == pytest.approx(math.log((2 * math.exp(-0.5) + math.exp(-2)) / 3))
+    assert E.vonmises_loss(z[0, :2]).item() == pytest.approx(-4.0)  # two orthogonal unit vectors: exp(-2 * 2)
+    z = F.normalize(torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(5)), dim=-1)
+    assert E.vonmises_loss(z.mean(0)).item() == pytest.approx(vonmises_transcribed(z).item(), rel=1e-5)
+    args = E.Args(uniformity_loss="vonmises", inv_weight=1.5)
+    total, inv, unif = E.empssl_loss(z, args)
+    assert unif.item() == pytest.approx(vonmises_transcribed(z).item(), rel=1e-5)
+    assert total.item() == pytest.approx(1.5 * inv.item() + 1.0 * unif.item(), rel=1e-6)
+    x = z.clone().requires_grad_(True)  # minimising it spreads the images' mean embeddings apart
+    E.vonmises_loss(x.mean(0)).backward()
+    spread = lambda m: torch.pdist(m).pow(2).mean().item()  # noqa: E731
+    assert spread((z - 0.1 * x.grad).mean(0)) > spread(z.mean(0))
+
+
 # ---------------------------------------------------------------- LARS
 def lars_step(p0, grads, lr=0.1, wd=1e-2, eta=0.005, clip=True, momentum=0.0):
     """Run LARS on one parameter with the given gradient sequence; return the parameter and optimizer."""
@@ -286,7 +316,7 @@ def test_rng_seed_and_epoch_batches():
 
 # ---------------------------------------------------------------- augmentations vs torchvision / PIL
 def test_sample_patch_params_distribution():
-    p = E.sample_patch_params(torch.Generator().manual_seed(0), 20000, 32, 16)
+    p = E.sample_patch_params(torch.Generator().manual_seed(0), 20000, 32, 0.25)
     for key, prob in [("flip", 0.5), ("jitter", 0.8), ("gray", 0.2), ("blur", 0.1), ("solarize", 0.1)]:
         assert abs(p[key].float().mean().item() - prob) < 0.015, key  # 4 binomial sd at n = 20000
     for key in ("y0", "x0"):
@@ -295,11 +325,22 @@ def test_sample_patch_params_distribution():
         assert lo <= v.min() < lo + 0.01 and hi - 0.01 < v.max() <= hi  # ColorJitter(.4, .4, .4, .2), U(0.1, 2)
         assert abs(v.mean().item() - (lo + hi) / 2) < 0.01 * (hi - lo)
     assert torch.equal(p["order"].sort(1).values, torch.arange(4).expand(20000, 4))
+    assert (p["h"] == 16).all() and (p["w"] == 16).all()
+    # --patch-aug imagenet: RandomResizedCrop(scale=(0.25, 0.25)) with the default ratio, as torchvision draws it
+    p = E.sample_patch_params(torch.Generator().manual_seed(0), 20000, 64, 0.25, (3 / 4, 4 / 3))
+    ref = [T.RandomResizedCrop.get_params(torch.zeros(1, 64, 64), [0.25, 0.25], [3 / 4, 4 / 3]) for _ in range(20000)]
+    ref_h, ref_w = (torch.tensor([r[k] for r in ref]).float() for k in (2, 3))
+    for ours, theirs in ((p["h"], ref_h), (p["w"], ref_w)):
+        assert ours.min() == theirs.min() == 28 and ours.max() == theirs.max() == 37  # round(32 sqrt(4/3)) = 37
+        assert abs(ours.mean() - theirs.mean()) < 0.05 and abs(ours.std() - theirs.std()) < 0.05
+    assert ((p["h"] * p["w"] - 1024).abs() <= 37).all()  # the area, up to rounding
+    for pos, side in (("y0", "h"), ("x0", "w")):
+        assert p[pos].min() == 0 and (p[pos] + p[side]).max() == 64 and (p[pos] + p[side] <= 64).all()
 
 
 def test_color_jitter_hue_gray_match_torchvision(cifar):
     x = cifar[:48].float() / 255
-    p = E.sample_patch_params(torch.Generator().manual_seed(1), 48, 32, 16)
+    p = E.sample_patch_params(torch.Generator().manual_seed(1), 48, 32, 0.25)
     assert 0 < p["jitter"].sum() < 48
     out = E.color_jitter(x, p["factors"], p["order"], p["jitter"])
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
@@ -324,7 +365,7 @@ def test_crop_resize_path_equals_resized_crop(cifar):
     n, gen = 32, torch.Generator().manual_seed(2)
     y0, x0 = torch.randint(0, 17, (n,), generator=gen), torch.randint(0, 17, (n,), generator=gen)
     imgs = cifar[:n]
-    out = E.augment_patches(imgs, plain_params(n, y0, x0), 16, 128)
+    out = E.augment_patches(imgs, plain_params(n, y0, x0), 32, 128)
     assert out.shape == (n, 3, 32, 32) and out.min() >= -1 and out.max() <= 1
     ref = torch.stack(
         [
@@ -347,23 +388,45 @@ def test_crop_resize_path_equals_resized_crop(cifar):
     for i in range(n):
         mask[i, :, y0[i] : y0[i] + 16, x0[i] : x0[i] + 16] = False
     outside[mask.expand_as(outside)] = 255 - outside[mask.expand_as(outside)]
-    assert torch.equal(E.augment_patches(outside, plain_params(n, y0, x0), 16, 128), out)
+    assert torch.equal(E.augment_patches(outside, plain_params(n, y0, x0), 32, 128), out)
     inside = imgs.clone()
     inside[torch.arange(n), :, y0 + 15, x0 + 15] ^= 0x80
-    assert (E.augment_patches(inside, plain_params(n, y0, x0), 16, 128) != out).flatten(1).any(1).all()
+    assert (E.augment_patches(inside, plain_params(n, y0, x0), 32, 128) != out).flatten(1).any(1).all()
+
+
+@pytest.mark.parametrize("cubic", [False, True])
+def test_resize_of_any_crop_equals_torchvision_and_pil(cifar, cubic):
+    """--patch-aug imagenet: crops of any shape resized (bicubic; up to 224 and down to 12) as torchvision's
+    resized_crop with antialias (PIL's algorithm) does, and as PIL itself up to its uint8 rounding after each pass."""
+    imgs = F.interpolate(cifar[:8].float(), size=48, mode="bilinear").round().byte()  # real photos, 48 x 48
+    p = E.sample_patch_params(torch.Generator().manual_seed(4), 8, 48, 0.25, (3 / 4, 4 / 3))
+    p.update({k: v for k, v in plain_params(8, 0, 0).items() if k not in ("y0", "x0", "h", "w")})
+    assert len(set(p["h"].tolist())) > 2
+    mode = InterpolationMode.BICUBIC if cubic else InterpolationMode.BILINEAR
+    for out in (224, 24, 12):
+        ours = (E.augment_patches(imgs, p, out, 128, cubic) + 1) / 2
+        box = [[int(p[k][i]) for k in ("y0", "x0", "h", "w")] for i in range(8)]
+        ref = torch.stack([TF.resized_crop(imgs[i] / 255, *box[i], [out, out], mode, antialias=True) for i in range(8)])
+        torch.testing.assert_close(ours, ref.clamp(0, 1), rtol=0, atol=1e-5)
+        resample = Image.BICUBIC if cubic else Image.BILINEAR
+        pil = [TF.to_pil_image(imgs[i]).crop((x, y, x + w, y + h)).resize((out, out), resample) for i, (y, x, h, w) in
+               enumerate(box)]  # fmt: skip
+        pil = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in pil]).float() / 255
+        diff = (ours - pil).abs()  # measured: at most 2/255 (bicubic to 224), 0.22-0.31/255 on average
+        assert diff.max() <= 2 / 255 + 1e-5 and diff.mean() < 0.4 / 255
 
 
 def test_single_ops_and_their_order(cifar):
     n, imgs = 24, cifar[:24]
     y0, x0, on = torch.full((n,), 5), torch.full((n,), 9), torch.ones(n, dtype=torch.bool)
-    base = (E.augment_patches(imgs, plain_params(n, y0, x0), 16, 128) + 1) / 2
-    run = lambda **kw: (E.augment_patches(imgs, plain_params(n, y0, x0, **kw), 16, 128) + 1) / 2  # noqa: E731
+    base = (E.augment_patches(imgs, plain_params(n, y0, x0), 32, 128) + 1) / 2
+    run = lambda **kw: (E.augment_patches(imgs, plain_params(n, y0, x0, **kw), 32, 128) + 1) / 2  # noqa: E731
     assert torch.equal(run(flip=on), base.flip(-1))
     gray = run(gray=on)
     assert torch.equal(gray[:, 0], gray[:, 2]) and torch.allclose(gray[:, :1], E.grayscale(base), atol=1e-6)
     sigma = torch.linspace(0.1, 2.0, n)
     torch.testing.assert_close(run(blur=on, sigma=sigma), E.gaussian_blur(base, sigma))
-    p = E.sample_patch_params(torch.Generator().manual_seed(3), n, 32, 16)
+    p = E.sample_patch_params(torch.Generator().manual_seed(3), n, 32, 0.25)
     p.update(
         y0=y0,
         x0=x0,
@@ -377,15 +440,15 @@ def test_single_ops_and_their_order(cifar):
     ref = torch.where(p["gray"][:, None, None, None], E.grayscale(ref).expand_as(ref), ref)
     ref = E.gaussian_blur(ref, p["sigma"])
     ref = torch.where(ref >= 128 / 255, 1 - ref, ref)
-    torch.testing.assert_close((E.augment_patches(imgs, p, 16, 128) + 1) / 2, ref)
+    torch.testing.assert_close((E.augment_patches(imgs, p, 32, 128) + 1) / 2, ref)
 
 
 def test_solarize_matches_pil(cifar):
     n = 16  # values 16m + 8: the bilinear x2 upsample (weights k/16) stays on integers, and none sits on 128
     imgs = cifar[:n] // 16 * 16 + 8
     y0, x0, on = torch.arange(n), torch.arange(n).flip(0), torch.ones(n, dtype=torch.bool)
-    off = (E.augment_patches(imgs, plain_params(n, y0, x0), 16, 128) + 1) / 2 * 255
-    sol = (E.augment_patches(imgs, plain_params(n, y0, x0, solarize=on), 16, 128) + 1) / 2 * 255
+    off = (E.augment_patches(imgs, plain_params(n, y0, x0), 32, 128) + 1) / 2 * 255
+    sol = (E.augment_patches(imgs, plain_params(n, y0, x0, solarize=on), 32, 128) + 1) / 2 * 255
     assert (off - off.round()).abs().max() < 1e-3
     hi = off.round() >= 128
     assert 0.1 < hi.float().mean() < 0.9
@@ -443,9 +506,9 @@ def test_gpu_pipeline_statistics_match_pil(cifar):
     n = len(imgs)
 
     def gpu(seed):
-        p = E.sample_patch_params(torch.Generator().manual_seed(seed), n * n_p, 32, 16)
+        p = E.sample_patch_params(torch.Generator().manual_seed(seed), n * n_p, 32, 0.25)
         return patch_stats(
-            E.augment_patches(imgs.repeat(n_p, 1, 1, 1), p, 16, 128).view(n_p, n, 3, 32, 32).transpose(0, 1)
+            E.augment_patches(imgs.repeat(n_p, 1, 1, 1), p, 32, 128).view(n_p, n, 3, 32, 32).transpose(0, 1)
         )
 
     ds = PILPatches(imgs, n_p, 0.25, 128)
