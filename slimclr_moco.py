@@ -56,7 +56,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -306,6 +306,50 @@ def slim(c: int, width: float) -> int:
     return int(c * width)
 
 
+class SubWidthKernels(torch.autograd.Function):
+    """The kernels of every sub-width at once, weight[:o, :i] per (o, i), contiguous: one forward copy per width for
+    all the step's views, and one full-size gradient into which each width's adds in place (slicing per call instead
+    copies per view and zero-fills a full-size gradient per width)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, *shapes) -> tuple:
+        ctx.shapes, ctx.full = shapes, weight.shape
+        return tuple(weight[:o, :i].clone(memory_format=torch.contiguous_format) for o, i in shapes)
+
+    @staticmethod
+    def backward(ctx, *grads) -> tuple:
+        full = grads[0].new_zeros(ctx.full)
+        for (o, i), g in zip(ctx.shapes, grads):
+            if g is not None:
+                full[:o, :i] += g
+        return (full, *[None] * len(ctx.shapes))
+
+
+def slim_kernel(layer: nn.Module, width: float, c_in: int) -> torch.Tensor:
+    """The layer's kernel at this width: the full weight, a sub-width's from SubWidthKernels while set_sub_widths holds
+    them (training), else the slice weight[:int(out x w), :c_in] (a view)."""
+    out = slim(layer.weight.shape[0], width) if getattr(layer, "slim_out", True) else layer.weight.shape[0]
+    kernels = getattr(layer, "sub_width_kernels", None)
+    return kernels[width] if kernels and width in kernels else layer.weight[:out, :c_in]
+
+
+@contextmanager
+def sub_width_kernels(module: nn.Module, widths: list):
+    """Within it (with gradients), every slim layer's sub-width kernels are made once (SubWidthKernels), for every
+    call of the step."""
+    layers = [m for m in module.modules() if isinstance(m, (SlimConv2d, SlimLinear))]
+    subs = [w for w in widths if w < 1.0] if torch.is_grad_enabled() else []
+    for m in layers if subs else []:
+        w_in = [slim(m.weight.shape[1], w) if m.slim_in else m.weight.shape[1] for w in subs]
+        w_out = [slim(m.weight.shape[0], w) if m.slim_out else m.weight.shape[0] for w in subs]
+        m.sub_width_kernels = dict(zip(subs, SubWidthKernels.apply(m.weight, *zip(w_out, w_in))))
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.sub_width_kernels = None
+
+
 class SlimConv2d(nn.Conv2d):
     """One full-size kernel; width w uses the leading slice weight[:int(out x w), :c_in] (0.25 in 0.5 in 0.75 in 1).
     c_in is the input's channel count: the previous layer's slice, or 3 at the stem (slim_in=False, never sliced)."""
@@ -315,7 +359,7 @@ class SlimConv2d(nn.Conv2d):
         self.slim_in, self.slim_out = slim_in, True
 
     def forward(self, x: torch.Tensor, width: float) -> torch.Tensor:
-        return F.conv2d(x, self.weight[: slim(self.out_channels, width), : x.shape[1]], None, self.stride, self.padding)
+        return F.conv2d(x, slim_kernel(self, width, x.shape[1]), None, self.stride, self.padding)
 
 
 class SlimLinear(nn.Linear):
@@ -327,7 +371,7 @@ class SlimLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor, width: float) -> torch.Tensor:
         out = slim(self.out_features, width) if self.slim_out else self.out_features
-        return F.linear(x, self.weight[:out, : x.shape[-1]], None if self.bias is None else self.bias[:out])
+        return F.linear(x, slim_kernel(self, width, x.shape[-1]), None if self.bias is None else self.bias[:out])
 
 
 class SwitchBN(nn.Module):
@@ -506,7 +550,8 @@ class Online(nn.Module):
         """views: images [b, 3, S, S] each. Returns per view {width: embedding [b, D]} (not normalised).
         CRUCIAL: every width is a separate pass of the same images, with its own BN batch statistics (spec 7.5)."""
         predict = (lambda e, w: e) if self.predictor is None else self.predictor  # v2: no predictor
-        return [{w: predict(self.encoder(x, w), w) for w in widths} for x in views]
+        with sub_width_kernels(self, widths):
+            return [{w: predict(self.encoder(x, w), w) for w in widths} for x in views]
 
 
 class SlimCLR(nn.Module):

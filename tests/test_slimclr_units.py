@@ -935,3 +935,30 @@ def test_check_args_warns_about_settings_without_effect(capsys):
     S.check_args(S.MOCOV3, 1)
     S.check_args(dataclasses.replace(S.Args(), widths=(1.0,), slim_start_epoch=500), 1)  # plain MoCo: nothing to say
     assert capsys.readouterr().err == ""
+
+
+def test_sub_width_kernels_equal_per_call_slices():
+    """Issue 17: the sub-widths' kernels made once per step (SubWidthKernels: one forward copy, one full-size gradient
+    filled slice by slice) give the per-call slices' outputs and, to float rounding, their gradients: an encoder
+    at 4 widths on two views, backward of a loss mixing every output."""
+    args = S.Args(arch="resnet18-cifar", moco="v3", widths=(1.0, 0.75, 0.5, 0.25), mlp_dim=64, dim=16)
+    torch.manual_seed(0)
+    online = S.Online(args)
+    views = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    grads, outs = [], []
+    for fused in (True, False):
+        online.zero_grad(set_to_none=True)
+        ctx = S.sub_width_kernels(online, list(args.widths)) if fused else S.nullcontext()
+        with ctx:  # the plain path: every call slices the full weight
+            z = [{w: online.predictor(online.encoder(x, w), w) for w in args.widths} for x in views]
+        loss = sum((e * torch.arange(e.numel()).view_as(e).sin()).sum() * (1 + w) for zv in z for w, e in zv.items())
+        loss.backward()
+        outs.append(torch.cat([e.flatten() for zv in z for e in zv.values()]))
+        grads.append({n: p.grad.clone() for n, p in online.named_parameters() if p.grad is not None})
+    assert torch.equal(outs[0], outs[1])
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 40
+    for n in grads[0]:
+        scale = grads[1][n].abs().max().item()  # the sums run in another order: float32 rounding of the largest
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=0, atol=1e-6 * scale, msg=n)
+    conv = online.encoder.backbone.layers[1][0].convs[0]
+    assert conv.sub_width_kernels is None  # the kernels live for one step only
