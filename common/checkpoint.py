@@ -150,7 +150,8 @@ def strip_prefix(sd: Mapping[str, Any], prefix: str, new: str = "") -> dict:
 
 def own_checkpoint(obj: Any) -> Optional[dict]:
     """--init format: a last.pt of our scripts (its model, without optimizer or counters); None for any other file."""
-    return obj["model"] if isinstance(obj, dict) and {"model", "optimizer", "args"} <= obj.keys() else None
+    ours = isinstance(obj, dict) and {"model", "optimizer", "args"} <= obj.keys() and isinstance(obj["model"], dict)
+    return obj["model"] if ours else None
 
 
 def torchvision_resnet(obj: Any, prefix: str = "backbone.") -> Optional[dict]:
@@ -181,7 +182,7 @@ def _init_weights(model: nn.Module, path: PathLike, formats: dict, backbone: Uni
     if sd is None:
         keys = _first(obj.keys() if isinstance(obj, dict) else [type(obj).__name__])
         raise CheckpointError(f"--init {path}: not a format this script reads ({', '.join(formats)}); its keys: {keys}")
-    own = model.state_dict()
+    own, sd = model.state_dict(), {k: v for k, v in sd.items() if torch.is_tensor(v)}
     for k in own:  # CRUCIAL: no backbone tensor may start fresh or be cut to fit (BN's step counter: unused)
         if k.startswith(backbone) and k not in sd and not k.endswith("num_batches_tracked"):
             raise CheckpointError(f"--init {path} ({name}): no tensor for the backbone's {k}")
@@ -199,7 +200,7 @@ def _init_weights(model: nn.Module, path: PathLike, formats: dict, backbone: Uni
         return sorted({k.split(".")[0] for k in keys}) or ["nothing"]
 
     loaded = [k for k in own if k in sd and sd[k].shape == own[k].shape]
-    fresh = parts(k for k in own if k not in loaded)
+    fresh = parts(k for k in own if k not in loaded and not k.endswith("num_batches_tracked"))
     return f"--init {path}: {name}; loaded {', '.join(parts(loaded))}; fresh: {', '.join(fresh)}"
 
 

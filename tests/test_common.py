@@ -420,6 +420,9 @@ def test_init_weights_reads_torchvision_and_own_checkpoints(tmp_path):
     tv.fc, x = nn.Identity(), torch.randn(2, 3, 32, 32)
     assert torch.allclose(net.eval().backbone(x), tv.eval()(x), atol=1e-5)
 
+    old = {k: v for k, v in tv.state_dict().items() if not k.endswith("num_batches_tracked")}  # pre-0.4.1 files
+    save_checkpoint(old, tmp_path / "old.pth")
+    assert "loaded backbone; fresh: head" in ckpt.init_weights(_Net(), tmp_path / "old.pth", formats)
     save_checkpoint(dict(model=net.state_dict(), optimizer={}, args={}), tmp_path / "last.pt")
     other = _Net(head_out=5)  # its head does not fit: fresh
     assert "last.pt; loaded backbone; fresh: head" in ckpt.init_weights(other, tmp_path / "last.pt", formats)
