@@ -343,7 +343,7 @@ def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
     if args.lr_schedule == "epoch-cosine-kachayev":  # CosineAnnealingLR(T_max=(len(loader)//bs)*epochs) per epoch
         t_max = max(1, (steps_per_epoch // args.batch_size) * total_epochs)
         return args.lr * 0.5 * (1 + math.cos(math.pi * (step // steps_per_epoch) / t_max))
-    # PAPER: official CosineAnnealingLR(T_max=steps_per_epoch*epochs, eta_min=0) stepped every iteration, no warm-up
+    # PAPER: CosineAnnealingLR(eta_min=0) per step, no warm-up; DEVIATION: T_max from the real epochs (official: 50k/bs)
     return args.lr * 0.5 * (1 + math.cos(math.pi * step / (steps_per_epoch * total_epochs)))
 
 

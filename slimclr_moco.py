@@ -319,9 +319,8 @@ class SubWidthKernels(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads) -> tuple:
         full = grads[0].new_zeros(ctx.full)
-        for (o, i), g in zip(ctx.shapes, grads):
-            if g is not None:
-                full[:o, :i] += g
+        for (o, i), g in zip(ctx.shapes, grads):  # unused outputs' gradients come as zeros (materialize_grads)
+            full[:o, :i] += g
         return (full, *[None] * len(ctx.shapes))
 
 
@@ -339,11 +338,11 @@ def sub_width_kernels(module: nn.Module, widths: list):
     call of the step."""
     layers = [m for m in module.modules() if isinstance(m, (SlimConv2d, SlimLinear))]
     subs = [w for w in widths if w < 1.0] if torch.is_grad_enabled() else []
-    for m in layers if subs else []:
-        w_in = [slim(m.weight.shape[1], w) if m.slim_in else m.weight.shape[1] for w in subs]
-        w_out = [slim(m.weight.shape[0], w) if m.slim_out else m.weight.shape[0] for w in subs]
-        m.sub_width_kernels = dict(zip(subs, SubWidthKernels.apply(m.weight, *zip(w_out, w_in))))
-    try:
+    try:  # CRUCIAL: made inside it, so that a failure midway leaves no layer's kernels set
+        for m in layers if subs else []:
+            w_in = [slim(m.weight.shape[1], w) if m.slim_in else m.weight.shape[1] for w in subs]
+            w_out = [slim(m.weight.shape[0], w) if m.slim_out else m.weight.shape[0] for w in subs]
+            m.sub_width_kernels = dict(zip(subs, SubWidthKernels.apply(m.weight, *zip(w_out, w_in))))
         yield
     finally:
         for m in layers:
@@ -663,7 +662,8 @@ def simclr_similarities(q1: torch.Tensor, q2: torch.Tensor) -> tuple:
     n, b, rank = len(z) // 2, len(q1), dist.get_rank() if dist.is_initialized() else 0
     g = rank * b + torch.arange(b, device=z.device)  # this rank's images in the global batch
     rows = torch.cat([g, n + g])
-    sim = (z[rows] @ z.T)[F.one_hot(rows, 2 * n) == 0].view(2 * b, 2 * n - 1)  # PAPER: no self-similarity
+    cols = torch.arange(2 * n - 1, device=z.device)  # PAPER: no self-similarity (gather, not a mask: no host sync)
+    sim = (z[rows] @ z.T).gather(1, cols + (cols >= rows[:, None]))
     return sim, torch.cat([n + g - 1, g])
 
 

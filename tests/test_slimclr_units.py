@@ -937,7 +937,7 @@ def test_check_args_warns_about_settings_without_effect(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_sub_width_kernels_equal_per_call_slices():
+def test_sub_width_kernels_equal_per_call_slices(monkeypatch):
     """Issue 17: the sub-widths' kernels made once per step (SubWidthKernels: one forward copy, one full-size gradient
     filled slice by slice) give the per-call slices' outputs and, to float rounding, their gradients: an encoder
     at 4 widths on two views, backward of a loss mixing every output."""
@@ -951,6 +951,7 @@ def test_sub_width_kernels_equal_per_call_slices():
         ctx = S.sub_width_kernels(online, list(args.widths)) if fused else S.nullcontext()
         with ctx:  # the plain path: every call slices the full weight
             z = [{w: online.predictor(online.encoder(x, w), w) for w in args.widths} for x in views]
+            assert (online.encoder.backbone.conv1.sub_width_kernels is not None) == fused  # the fused path is taken
         loss = sum((e * torch.arange(e.numel()).view_as(e).sin()).sum() * (1 + w) for zv in z for w, e in zv.items())
         loss.backward()
         outs.append(torch.cat([e.flatten() for zv in z for e in zv.values()]))
@@ -962,3 +963,12 @@ def test_sub_width_kernels_equal_per_call_slices():
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=0, atol=1e-6 * scale, msg=n)
     conv = online.encoder.backbone.layers[1][0].convs[0]
     assert conv.sub_width_kernels is None  # the kernels live for one step only
+    with pytest.raises(ZeroDivisionError), S.sub_width_kernels(online, [1.0, 0.5]):
+        assert conv.sub_width_kernels[0.5].shape == conv.weight[:64, :32].shape
+        1 / 0
+    assert conv.sub_width_kernels is None  # not left set by an exception in the step
+    calls, apply = [], S.SubWidthKernels.apply  # nor by one midway through making them (e.g. out of memory)
+    monkeypatch.setattr(S.SubWidthKernels, "apply", lambda *a: apply(*a) if calls.append(0) or len(calls) < 3 else 1 / 0)
+    with pytest.raises(ZeroDivisionError), S.sub_width_kernels(online, [1.0, 0.5]):
+        pass
+    assert all(m.__dict__.get("sub_width_kernels") is None for m in online.modules())
