@@ -32,11 +32,10 @@ Published targets: the plain baselines MoCo v2 R50 67.5 (200 ep) / 71.1 (800 ep;
 script was written (spec 5); the official probe logs are in release 1.0.0 of mzhaoshuai/SlimCLR. SlimCLR-SimCLR: the
 official README and scripts give no number and release no checkpoint; we found none in the paper text we could read.
 
-The slow-start learning rate (spec 2.4, 3.4): at epoch --slim-start-epoch the official loop replaces the cosine's
-peak by --slim-start-lr and continues the cosine from the current step. MoCo v3 sets it to 3.2 at batch 1024 (0.8 per
-256 here; the LR jumps up). For MoCo v2 (and SimCLR) the official script passes nothing, so the params.py default 1e-4
-applies and the LR collapses from about 0.11 (SimCLR: 1.41) to 5e-5 halfway, which looks unintended; our mocov2 and
-simclr defaults keep the peak (--slim-start-lr unset). `--slim-start-lr 1e-4` reproduces the shipped behaviour.
+The slow-start LR (spec 2.4, 3.4): from epoch --slim-start-epoch the official loop continues the cosine with the peak
+--slim-start-lr: MoCo v3's 3.2 at batch 1024 (0.8 per 256 here; the LR jumps up). MoCo v2 and SimCLR pass none, so
+the params.py default 1e-4 drops the LR from about 0.11 (SimCLR: 1.41) to 5e-5 halfway, which looks unintended; our
+defaults keep the peak (--slim-start-lr unset); `--slim-start-lr 1e-4` reproduces the shipped behaviour.
 
 Deviations (each marked `# DEVIATION:` below): crops are cut and resized by torchvision's tensor ops in the workers
 or one roi_align on the device (official: PIL), and colour/blur run batched on the device in float; bf16 autocast
@@ -324,53 +323,55 @@ class SubWidthKernels(torch.autograd.Function):
         return (full, *[None] * len(ctx.shapes))
 
 
-def slim_kernel(layer: nn.Module, width: float, c_in: int) -> torch.Tensor:
-    """The layer's kernel at this width: the full weight, a sub-width's from SubWidthKernels while set_sub_widths holds
-    them (training), else the slice weight[:int(out x w), :c_in] (a view)."""
-    out = slim(layer.weight.shape[0], width) if getattr(layer, "slim_out", True) else layer.weight.shape[0]
-    kernels = getattr(layer, "sub_width_kernels", None)
-    return kernels[width] if kernels and width in kernels else layer.weight[:out, :c_in]
-
-
 @contextmanager
 def sub_width_kernels(module: nn.Module, widths: list):
     """Within it (with gradients), every slim layer's sub-width kernels are made once (SubWidthKernels), for every
     call of the step."""
-    layers = [m for m in module.modules() if isinstance(m, (SlimConv2d, SlimLinear))]
+    layers = [m for m in module.modules() if isinstance(m, SlimLayer)]
     subs = [w for w in widths if w < 1.0] if torch.is_grad_enabled() else []
     try:  # CRUCIAL: made inside it, so that a failure midway leaves no layer's kernels set
         for m in layers if subs else []:
-            w_in = [slim(m.weight.shape[1], w) if m.slim_in else m.weight.shape[1] for w in subs]
-            w_out = [slim(m.weight.shape[0], w) if m.slim_out else m.weight.shape[0] for w in subs]
-            m.sub_width_kernels = dict(zip(subs, SubWidthKernels.apply(m.weight, *zip(w_out, w_in))))
+            m.sub_width_kernels = dict(zip(subs, SubWidthKernels.apply(m.weight, *(m.shape_at(w) for w in subs))))
         yield
     finally:
         for m in layers:
             m.sub_width_kernels = None
 
 
-class SlimConv2d(nn.Conv2d):
-    """One full-size kernel; width w uses the leading slice weight[:int(out x w), :c_in] (0.25 in 0.5 in 0.75 in 1).
-    c_in is the input's channel count: the previous layer's slice, or 3 at the stem (slim_in=False, never sliced)."""
+class SlimLayer:
+    """SlimConv2d's and SlimLinear's slicing: one full-size weight; width w uses its leading slice
+    weight[:int(out x w), :c_in] (0.25 in 0.5 in 0.75 in 1), c_in the input's channels (the previous layer's slice).
+    slim_in / slim_out=False keeps that side whole (the stem's 3 inputs; the embeddings, classes)."""
 
+    slim_in, slim_out, sub_width_kernels = True, True, None  # sub_width_kernels: {width: kernel} within the context
+
+    def shape_at(self, width: float) -> tuple:
+        o, i = self.weight.shape[:2]
+        return slim(o, width) if self.slim_out else o, slim(i, width) if self.slim_in else i
+
+    def kernel(self, width: float, c_in: int) -> torch.Tensor:
+        if self.sub_width_kernels and width in self.sub_width_kernels:
+            return self.sub_width_kernels[width]
+        return self.weight[: self.shape_at(width)[0], :c_in]
+
+
+class SlimConv2d(SlimLayer, nn.Conv2d):
     def __init__(self, c_in, c_out, k, stride=1, padding=0, slim_in=True):
         super().__init__(c_in, c_out, k, stride, padding, bias=False)
-        self.slim_in, self.slim_out = slim_in, True
+        self.slim_in = slim_in
 
     def forward(self, x: torch.Tensor, width: float) -> torch.Tensor:
-        return F.conv2d(x, slim_kernel(self, width, x.shape[1]), None, self.stride, self.padding)
+        return F.conv2d(x, self.kernel(width, x.shape[1]), None, self.stride, self.padding)
 
 
-class SlimLinear(nn.Linear):
-    """Linear layer sliced like SlimConv2d; slim_out=False keeps every output (the 128/256-d embeddings, classes)."""
-
+class SlimLinear(SlimLayer, nn.Linear):
     def __init__(self, f_in, f_out, bias=True, slim_in=True, slim_out=True):
         super().__init__(f_in, f_out, bias=bias)
         self.slim_in, self.slim_out = slim_in, slim_out
 
     def forward(self, x: torch.Tensor, width: float) -> torch.Tensor:
-        out = slim(self.out_features, width) if self.slim_out else self.out_features
-        return F.linear(x, slim_kernel(self, width, x.shape[-1]), None if self.bias is None else self.bias[:out])
+        bias = None if self.bias is None else self.bias[: self.shape_at(width)[0]]
+        return F.linear(x, self.kernel(width, x.shape[-1]), bias)
 
 
 class SwitchBN(nn.Module):
@@ -487,11 +488,10 @@ def active_param_count(model: nn.Module, width: float) -> int:
     def used(m):  # the slice of m's parameters this width reads
         if isinstance(m, SwitchBN):
             return sum(p.numel() for p in m.bn[m.widths.index(width)].parameters())
-        f_out, f_in = m.weight.shape[:2]
-        f_out, f_in = slim(f_out, width) if m.slim_out else f_out, slim(f_in, width) if m.slim_in else f_in
+        f_out, f_in = m.shape_at(width)
         return f_out * (f_in * m.weight[0, 0].numel() + (m.bias is not None))  # kernel size x inputs (+ a bias)
 
-    slimmable = [m for m in model.modules() if isinstance(m, (SlimConv2d, SlimLinear, SwitchBN))]
+    slimmable = [m for m in model.modules() if isinstance(m, (SlimLayer, SwitchBN))]
     inside = {id(p) for m in slimmable for p in m.parameters()}
     return sum(p.numel() for p in model.parameters() if id(p) not in inside) + sum(used(m) for m in slimmable)
 
@@ -599,29 +599,33 @@ def distill_ce(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.
     return t * t * -(p * F.log_softmax(student.float() / t, dim=1)).sum(1).mean()
 
 
-def slimclr_combine(q_by_width: dict, logits, nce, active: bool, a: float, t: float, reweight, full_distill):
-    """The SlimCLR combination (spec 2.2 steps 4-6). q_by_width: {width: [B, D]}; logits: q -> its logits [B, C];
-    nce: logits -> the contrastive loss of one width. Before the slow start (not active): the full network's loss
-    alone, unweighted (PAPER: the sub-widths contribute exactly 0). After it, with a = distill_weight:
-        lambda_max nce_max + sum_w<max [(1 - a) nce_w + a kd_w],  lambda_max = 1 + sum of the sub-widths (reweight)
-    with kd_w the distillation (temperature t) of the full width's logits (and the larger sub-widths', full_distill)."""
+def slimclr_combine(q_by_width: dict, logits, nce, active: bool, a: float, t: float, reweight, full_distill, top1=None):
+    """The SlimCLR combination (spec 2.2 steps 4-6). q_by_width: {width: [B, D]}; logits: q -> (its logits [B, C], the
+    positives' columns [B]); nce: (logits, positives) -> the contrastive loss of one width. Before the slow start (not
+    active): the full network's loss alone, unweighted (PAPER: the sub-widths contribute exactly 0). After it, a =
+    distill_weight:  lambda_max nce_max + sum_w<max [(1 - a) nce_w + a kd_w],  lambda_max = 1 + sum of the sub-widths
+    (reweight), kd_w the distillation (temperature t) of the full width's logits (and the larger ones', full_distill).
+    top1: a dict that gets, per width, how often the positive has the largest logit (monitoring)."""
     widths = sorted(q_by_width, reverse=True)[: None if active else 1]
-    z, top = {w: logits(q_by_width[w].float()) for w in widths}, widths[0]
+    out, top = {w: logits(q_by_width[w].float()) for w in widths}, widths[0]
+    z, positives = {w: zw for w, (zw, _) in out.items()}, out[top][1]  # every width's logits, one set of positives
     lam = 1 + sum(widths[1:]) if reweight else 1.0  # PAPER: official loss_weights_generate option 5
-    loss = lam * nce(z[top])
+    loss = lam * nce(z[top], positives)
     for i, w in enumerate(widths[1:], 1):
-        sub = nce(z[w])
+        sub = nce(z[w], positives)
         if a > 0:
             teachers = widths[:i] if full_distill else [top]
             sub = (1 - a) * sub + a * sum(distill_ce(z[w], z[v], t) for v in teachers) / len(teachers)
         loss = loss + sub
+    if top1 is not None:
+        top1.update({w: (zw.detach().argmax(1) == positives).float().mean() for w, zw in z.items()})
     return loss
 
 
 def slimclr_mocov2_loss(
     q_by_width: dict, k: torch.Tensor, queue: torch.Tensor, *, temperature: float = 0.2, epoch: float,
     slim_start_epoch: float, distill_weight: float = 0.5, distill_temperature: float = 5.0, reweight: bool = True,
-    full_distill: bool = False,
+    full_distill: bool = False, top1: Optional[dict] = None,
 ) -> torch.Tensor:  # fmt: skip
     """SlimCLR-MoCov2 loss (spec 2.2). q_by_width: {width: [B, D]} L2-normalised queries; k: [B, D] full-width keys;
     queue: [K, D]. Raw logits z_w = [q_w . k, q_w Q^T] (plain cosines) per width; nce_w = CE(z_w / T, 0); the
@@ -629,15 +633,16 @@ def slimclr_mocov2_loss(
     The sub-width entries are ignored before the slow start (epoch < slim_start_epoch; -1: always active)."""
     k, queue = k.float(), queue.float()
     labels, active = torch.zeros(len(k), dtype=torch.long, device=k.device), epoch >= slim_start_epoch
-    logits = lambda q: torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1)  # noqa: E731  [B, 1 + K]: the positive
-    nce = lambda z: F.cross_entropy(z / temperature, labels)  # noqa: E731
-    return slimclr_combine(q_by_width, logits, nce, active, distill_weight, distill_temperature, reweight, full_distill)
+    logits = lambda q: (torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1), labels)  # noqa: E731  [B, 1 + K]
+    nce = lambda z, y: F.cross_entropy(z / temperature, y)  # noqa: E731
+    a, t = distill_weight, distill_temperature
+    return slimclr_combine(q_by_width, logits, nce, active, a, t, reweight, full_distill, top1)
 
 
 def slimclr_mocov3_loss(
     q1_by_width: dict, q2_by_width: dict, k1: torch.Tensor, k2: torch.Tensor, *, temperature: float = 1.0,
     epoch: float, slim_start_epoch: float, distill_weight: float = 0.5, distill_temperature: float = 1.0,
-    reweight: bool = True,
+    reweight: bool = True, top1: Optional[dict] = None,
 ) -> torch.Tensor:  # fmt: skip
     """SlimCLR-MoCov3 loss (spec 3.2): direction(q1, k2) + direction(q2, k1), each with l_w = q_w k^T / T,
     nce_w = 2T CE(l_w, labels) and the distillation on l_w (already divided by T). q: {width: [B, D]} normalised;
@@ -645,13 +650,14 @@ def slimclr_mocov3_loss(
     b, active = len(next(iter(q1_by_width.values()))), epoch >= slim_start_epoch
     gathered = len(k1) > b and dist.is_initialized()  # k of every rank: the positives are this rank's rows
     labels = torch.arange(b, device=k1.device) + (dist.get_rank() * b if gathered else 0)  # CRUCIAL: offset by rank
-    nce = lambda logits: 2 * temperature * F.cross_entropy(logits, labels)  # noqa: E731  PAPER: the 2T factor
+    nce = lambda logits, y: 2 * temperature * F.cross_entropy(logits, y)  # noqa: E731  PAPER: the 2T factor
 
-    def direction(q_by_width, k):
-        logits = lambda q: q @ k.float().T / temperature  # noqa: E731
-        return slimclr_combine(q_by_width, logits, nce, active, distill_weight, distill_temperature, reweight, False)
+    def direction(q_by_width, k, top1=None):  # top1: the first direction's
+        logits = lambda q: (q @ k.float().T / temperature, labels)  # noqa: E731
+        a, t = distill_weight, distill_temperature
+        return slimclr_combine(q_by_width, logits, nce, active, a, t, reweight, False, top1)
 
-    return direction(q1_by_width, k2) + direction(q2_by_width, k1)
+    return direction(q1_by_width, k2, top1) + direction(q2_by_width, k1)
 
 
 def simclr_similarities(q1: torch.Tensor, q2: torch.Tensor) -> tuple:
@@ -669,7 +675,7 @@ def simclr_similarities(q1: torch.Tensor, q2: torch.Tensor) -> tuple:
 
 def slimclr_simclr_loss(
     q1_by_width: dict, q2_by_width: dict, *, temperature: float = 0.1, epoch: float, slim_start_epoch: float,
-    distill_weight: float = 0.5, distill_temperature: float = 5.0, reweight: bool = True,
+    distill_weight: float = 0.5, distill_temperature: float = 5.0, reweight: bool = True, top1: Optional[dict] = None,
 ) -> torch.Tensor:  # fmt: skip
     """SlimCLR-SimCLR loss (official models/s_simclr.py): NT-Xent over the global batch at every width, nce_w =
     CE(sim_w / T, positives) over this rank's rows, the distillation on the raw cosines sim_w (as v2's; official
@@ -677,24 +683,19 @@ def slimclr_simclr_loss(
     DEVIATION: the official loss is the mean over all 2N rows on every rank with the gradient let through only its own
     rows, so DDP's average keeps 1/world of the global loss's gradient; ours is the mean over this rank's rows, the
     embeddings gathered with their gradient: DDP's average is the global loss's gradient at any world size."""
-    labels, active = None, epoch >= slim_start_epoch
-
-    def logits(q):  # q: [2, b, D], both views
-        nonlocal labels
-        sim, labels = simclr_similarities(q[0], q[1])
-        return sim
-
-    nce = lambda sim: F.cross_entropy(sim / temperature, labels)  # noqa: E731
-    q = {w: torch.stack([q1_by_width[w], q2_by_width[w]]) for w in q1_by_width}
-    return slimclr_combine(q, logits, nce, active, distill_weight, distill_temperature, reweight, False)
+    q = {w: torch.stack([q1_by_width[w], q2_by_width[w]]) for w in q1_by_width}  # [2, b, D]: both views
+    nce = lambda sim, y: F.cross_entropy(sim / temperature, y)  # noqa: E731
+    logits = lambda q: simclr_similarities(q[0], q[1])  # noqa: E731
+    a, t, active = distill_weight, distill_temperature, epoch >= slim_start_epoch
+    return slimclr_combine(q, logits, nce, active, a, t, reweight, False, top1)
 
 
 def slimclr_linear_probe_loss(logits_by_width: dict, targets: torch.Tensor) -> torch.Tensor:
     """Switchable probe loss (spec 4; official inplace_distill_mixed): CE(full) + sum over sub-widths of
     (softCE(logits_w, softmax(full) detached) + CE(logits_w, y)) / 2, no temperature: the SlimCLR combination with
     a = 0.5, t = 1 and no re-weighting, on the heads' logits."""
-    ce = lambda logits: F.cross_entropy(logits, targets)  # noqa: E731
-    return slimclr_combine(logits_by_width, lambda z: z, ce, True, 0.5, 1.0, reweight=False, full_distill=False)
+    logits = lambda z: (z, targets)  # noqa: E731
+    return slimclr_combine(logits_by_width, logits, F.cross_entropy, True, 0.5, 1.0, reweight=False, full_distill=False)
 
 
 # ==== 5. OPTIMIZER & SCHEDULES ====
@@ -774,7 +775,8 @@ def train_step(run: SimpleNamespace, views: list, step: int) -> torch.Tensor:
     q = [{w: F.normalize(e.float(), dim=1) for w, e in zv.items()} for zv in z]  # q: [b, D], L2-normalised, fp32
     if model.momentum_encoder is not None:
         ema_update(model.momentum_encoder, model.online.encoder, momentum_at(step, args, spe))
-    kw = dict(epoch=epoch, slim_start_epoch=args.slim_start_epoch, distill_weight=args.distill_weight)
+    top1 = {}  # monitoring: per width, how often the positive wins (0 for widths not yet trained)
+    kw = dict(epoch=epoch, slim_start_epoch=args.slim_start_epoch, distill_weight=args.distill_weight, top1=top1)
     kw.update(distill_temperature=args.distill_temperature, reweight=args.reweight, temperature=args.temperature)
     if args.moco == "v2":
         k, k_all = momentum_keys(run, views[1], step)
@@ -782,34 +784,24 @@ def train_step(run: SimpleNamespace, views: list, step: int) -> torch.Tensor:
     elif args.moco == "simclr":
         loss = slimclr_simclr_loss(q[0], q[1], **kw)
     else:
-        (_, k1_all), (k2, k2_all) = momentum_keys(run, views[0], step), momentum_keys(run, views[1], step)
+        (_, k1_all), (_, k2_all) = momentum_keys(run, views[0], step), momentum_keys(run, views[1], step)
         loss = slimclr_mocov3_loss(q[0], q[1], k1_all, k2_all, **kw)
     run.opt.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     run.scaler.step(run.opt)
     run.scaler.update()
-    with torch.no_grad():  # monitoring: how often the positive wins, per width (0 for widths not yet trained)
-        acc = torch.zeros(len(run.widths), device=run.device)
-        for i, w in enumerate(widths):
-            if args.moco == "v2":
-                acc[i] = ((q[0][w] * k).sum(1) > (q[0][w] @ model.queue.T).amax(1)).float().mean()
-            elif args.moco == "simclr":  # the other view among the 2N - 1 others
-                sim, positive = simclr_similarities(q[0][w], q[1][w])
-                acc[i] = (sim.argmax(1) == positive).float().mean()
-            else:  # the positives: this rank's rows of the gathered keys
-                labels = torch.arange(len(k2), device=run.device) + run.rank * len(k2)
-                acc[i] = ((q[0][w] @ k2_all.T).argmax(1) == labels).float().mean()
-        if args.moco == "v2":  # CRUCIAL: enqueue the global batch's keys; the pointer follows from the step (no sync)
-            ptr = step * args.batch_size % args.queue_size
-            model.queue[ptr : ptr + len(k_all)] = k_all
-    return torch.cat([loss.detach()[None], 100 * acc])
+    if args.moco == "v2":  # CRUCIAL: enqueue the global batch's keys; the pointer follows from the step (no sync)
+        ptr = step * args.batch_size % args.queue_size
+        model.queue[ptr : ptr + len(k_all)] = k_all
+    acc = [top1.get(w, torch.zeros((), device=run.device)) for w in run.widths]
+    return torch.cat([loss.detach()[None], 100 * torch.stack(acc)])
 
 
 # ==== 7. TRAINING ====
 def check_args(args: Args, world_size: int) -> None:
     """Refuse bad input with one clear line, before any data is read or process group created."""
     check_common_args(
-        args, world_size, RESNETS, at_least_1="large_size train_repeat dim mlp_dim probe_eval_every",
+        args, world_size, SLIM_RESNETS, at_least_1="large_size train_repeat dim mlp_dim probe_eval_every",
         at_least_0="workers eval_every eval_subset_train eval_subset_test",
         positive="lr temperature distill_temperature slim_start_lr", non_negative="warmup_epochs momentum",
         scales="large_scale", per_rank="batch_size probe_batch_size",
@@ -817,7 +809,7 @@ def check_args(args: Args, world_size: int) -> None:
     widths = " ".join(map(str, args.widths))
     if 1.0 not in args.widths:
         raise RunError(f"--widths {widths} must contain 1.0, the full network")
-    if len(set(args.widths)) != len(args.widths) or not all(0 < w <= 1 and slim(64, w) >= 1 for w in args.widths):
+    if len(set(args.widths)) != len(args.widths) or not all(slim(64, w) >= 1 and w <= 1 for w in args.widths):
         raise RunError(f"--widths must be distinct values in [1/64, 1], got {widths}")
     for name in ("distill_weight", "moco_m"):
         if not 0 <= getattr(args, name) <= 1:
@@ -905,8 +897,8 @@ def plain_backbone(backbone: SlimResNet, width: float) -> dict:
         name = re.sub(r"^layers\.(\d)", lambda s: f"layer{int(s[1]) + 1}", name).replace("shortcut", "downsample")
         name = re.sub(r"(conv|bn)s\.(\d)", lambda s: f"{s[1]}{int(s[2]) + 1}", name)
         if isinstance(m, SlimConv2d):
-            w_in = width if m.slim_in else 1  # the stem's 3 inputs: never sliced
-            sd[f"{name}.weight"] = m.weight[: slim(m.out_channels, width), : slim(m.in_channels, w_in)]
+            o, i = m.shape_at(width)  # the stem's 3 inputs: never sliced
+            sd[f"{name}.weight"] = m.weight[:o, :i]
         elif isinstance(m, SwitchBN):
             sd.update({f"{name}.{k}": v for k, v in m.bn[m.widths.index(width)].state_dict().items()})
     return {k: v.to("cpu", copy=True, memory_format=torch.contiguous_format) for k, v in sd.items()}
@@ -945,12 +937,11 @@ def run_training(args: Args) -> dict:
         save_checkpoint(plain_backbone(backbone, w), Path(args.out_dir) / f"backbone{f'_w{w}' if w < 1 else ''}.pt")
     res = evaluate(run, tag="final")
     if run.rank == 0:  # per width, what a user deploys: the backbone + a C-way classifier, at the evaluation size
-        net = SLIM_RESNETS[args.arch](num_classes=run.data["num_classes"], widths=run.widths)
-        per_width = {}
+        net, per_width = SLIM_RESNETS[args.arch](num_classes=run.data["num_classes"], widths=run.widths), {}
         for w in run.widths:
-            sizes = dict(params=active_param_count(net, w), backbone_params=active_param_count(backbone, w))
-            sizes.update(gmacs=active_macs(net, w, args.large_size) / 1e9)
-            per_width[str(w)] = {**sizes, **{k.split("@")[0]: v for k, v in res.items() if k.endswith(f"@{w}")}}
+            scores = {k.split("@")[0]: v for k, v in res.items() if k.endswith(f"@{w}")}
+            per_width[str(w)] = dict(params=active_param_count(net, w), backbone_params=active_param_count(backbone, w),
+                                     gmacs=active_macs(net, w, args.large_size) / 1e9, **scores)  # fmt: skip
         peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else 1.0)
         paper = "SlimCLR, Slimmable Networks for Contrastive Self-supervised Learning (arXiv 2209.15525)"
         extra = dict(widths=per_width, peak_lr=peak_lr, slim_start_lr=args.slim_start_lr, init=init)
