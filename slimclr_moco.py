@@ -600,12 +600,12 @@ def distill_ce(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.
 
 
 def slimclr_combine(q_by_width: dict, logits, nce, active: bool, a: float, t: float, reweight, full_distill, top1=None):
-    """The SlimCLR combination (spec 2.2 steps 4-6). q_by_width: {width: [B, D]}; logits: q -> (its logits [B, C], the
-    positives' columns [B]); nce: (logits, positives) -> the contrastive loss of one width. Before the slow start (not
-    active): the full network's loss alone, unweighted (PAPER: the sub-widths contribute exactly 0). After it, a =
-    distill_weight:  lambda_max nce_max + sum_w<max [(1 - a) nce_w + a kd_w],  lambda_max = 1 + sum of the sub-widths
-    (reweight), kd_w the distillation (temperature t) of the full width's logits (and the larger ones', full_distill).
-    top1: a dict that gets, per width, how often the positive has the largest logit (monitoring)."""
+    """The SlimCLR combination (spec 2.2 steps 4-6). q_by_width: {width: [B, D]}; logits: q -> (logits [B, C], the
+    positives [B]); nce: (logits, positives) -> one width's contrastive loss. Before the slow start (not active): the
+    full network's loss alone, unweighted (PAPER: the sub-widths contribute exactly 0). After it, with a = distill_weight:
+        lambda_max nce_max + sum_w<max [(1 - a) nce_w + a kd_w],  lambda_max = 1 + sum of the sub-widths (reweight)
+    with kd_w the distillation (temperature t) of the full width's logits (and the larger sub-widths', full_distill).
+    top1 (monitoring), a dict: gets per width how often the positive has the largest logit."""
     widths = sorted(q_by_width, reverse=True)[: None if active else 1]
     out, top = {w: logits(q_by_width[w].float()) for w in widths}, widths[0]
     z, positives = {w: zw for w, (zw, _) in out.items()}, out[top][1]  # every width's logits, one set of positives
@@ -836,12 +836,11 @@ def with_momentum(sd: dict) -> dict:
 
 
 def official_slimclr(obj, online: str, momentum: str, rest, mark: str = "") -> Optional[dict]:
-    """--init format: what the official main_ssl.py saves, the releases too ({"epoch", "state_dict": DDP's `module.`
-    names, "optimizer", ...}): s_MoCo's encoder_q, encoder_k, queue (models/s_moco.py), s_MoCoV3's base_encoder,
-    momentum_encoder, predictor (models/s_mocov3.py) or s_SimCLR's encoder_q alone (models/s_simclr.py: its head's BN
-    fc.1, the mark, tells it from s_MoCo's). The encoders are models/backbones/s_resnet.py's (ResNet-50:
-    features.N.convK, .bnK.bn.I, .shortcut.{0, 1.bn.I}, the head fc.*), BN copy I the I-th width in descending order
-    as ours (slimmable_ops.py). rest(name, tensor): (our name, tensor) of any other tensor, or None to drop it."""
+    """--init format: the official main_ssl.py's checkpoints and releases ({"state_dict": DDP's `module.` names, ...}):
+    s_MoCo's encoder_q, encoder_k, queue (models/s_moco.py), s_MoCoV3's base_encoder, momentum_encoder, predictor or
+    s_SimCLR's encoder_q alone (its head's BN fc.1, the mark, tells it from s_MoCo's). Encoders as s_resnet.py's
+    (features.N.convK, .bnK.bn.I, .shortcut.{0, 1.bn.I}, head fc.*), BN copy I the I-th width in descending order as
+    ours (slimmable_ops.py). rest(name, tensor): (our name, tensor) of any other tensor, or None to drop it."""
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not (isinstance(sd, dict) and any(str(k).startswith(f"module.{online}.{mark}") for k in sd)):
         return None
@@ -998,10 +997,9 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
 
 def switchable_probe(run: SimpleNamespace, train_feats, test_feats: torch.Tensor, y_test: torch.Tensor) -> dict:
     """The switchable linear probe (spec 4): one Linear(F w, C) per width (N(0, 0.01), bias 0) on the frozen eval-mode
-    backbone, trained together with slimclr_linear_probe_loss (SGD momentum 0.9, fp32 heads) on every width's features
-    side by side [N, sum F w] (as run.encode): of RandomResizedCrop(0.08, 1) + flip views (train_feats None: augmented,
-    official; the heads data-parallel over the ranks) or train_feats (rank 0 alone). Returns per width linear_top1@W,
-    linear_top5@W (last epoch) and linear_top1_best@W (at the epoch of the full width's best top-1, official)."""
+    backbone, trained together by slimclr_linear_probe_loss (SGD momentum 0.9, fp32) on run.encode's features of
+    RandomResizedCrop(0.08, 1) + flip views (train_feats None, official; data-parallel) or on train_feats (rank 0).
+    Per width: linear_top1@W, linear_top5@W (last epoch), linear_top1_best@W (at the full width's best epoch)."""
     args, device, nc, widths, dims = run.args, run.device, run.data["num_classes"], run.widths, run.feature_dims
     world, rank = (1, 0) if train_feats is not None else (run.world_size, run.rank)
     gen = torch.Generator().manual_seed(args.seed)
@@ -1040,11 +1038,9 @@ def switchable_probe(run: SimpleNamespace, train_feats, test_feats: torch.Tensor
                     p.grad /= world
             opt.step()
         if (epoch + 1) % args.probe_eval_every == 0 or epoch + 1 == args.probe_epochs:
-            with torch.no_grad():
-                top5 = torch.stack(
-                    [h(x).topk(min(5, nc), dim=1).indices for h, x in zip(heads, test_feats.split(dims, 1))]
-                )
-                hit = top5 == y_test[:, None]  # [n_widths, N, 5]
+            with torch.no_grad():  # hit: [n_widths, N, 5]
+                top5 = [h(x).topk(min(5, nc), dim=1).indices for h, x in zip(heads, test_feats.split(dims, 1))]
+                hit = torch.stack(top5) == y_test[:, None]
                 history.append(100 * torch.stack([hit[..., 0].float().mean(1), hit.any(2).float().mean(1)], 1))
     history = torch.stack(history).tolist()  # one host sync
     last, best = history[-1], max(history, key=lambda h: h[0][0])  # PAPER: the best epoch by the full width's top-1
