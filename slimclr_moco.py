@@ -325,8 +325,7 @@ class SubWidthKernels(torch.autograd.Function):
 
 @contextmanager
 def sub_width_kernels(module: nn.Module, widths: list):
-    """Within it (with gradients), every slim layer's sub-width kernels are made once (SubWidthKernels), for every
-    call of the step."""
+    """Within it (with gradients), each slim layer's sub-width kernels are made once for the step (SubWidthKernels)."""
     layers = [m for m in module.modules() if isinstance(m, SlimLayer)]
     subs = [w for w in widths if w < 1.0] if torch.is_grad_enabled() else []
     try:  # CRUCIAL: made inside it, so that a failure midway leaves no layer's kernels set
