@@ -108,8 +108,7 @@ class Args:
     resume: Optional[str] = None
     """resume from this checkpoint instead of out_dir/last.pt"""
     init: Optional[str] = None
-    """start from these weights (a path or URL) unless a last.pt is resumed (which ignores --init): ours, TEC's, a
-    timm/MAE ViT (INIT_FORMATS); convert: the file to convert (README: Use released weights)"""
+    """weights to start from, a path or URL (INIT_FORMATS; a resumed last.pt ignores it); convert: the file to convert"""
     save_every_steps: int = 1000
     """also save out_dir/last.pt every this many steps (0: only at epoch ends)"""
 
@@ -277,11 +276,10 @@ LINEAR = dict(EVAL, mode="linear", pool="cls", epochs=90, batch_size=16384, blr=
               weight_decay=0.0, eval_every=10)
 # The CIFAR-10 proxy (ours): ViT-Tiny, patch 4 on 32 x 32 (64 patches), data decoded once and kept on the device;
 # decoders 128 wide; k 5 of 64 patches (about the official 15 of 196); batch 512 at blr 5e-4 (lr 1e-3).
-CIFAR = dict(
-    dataset="cifar10", in_memory=True, image_size=32, large_size=32, mean=(0.4914, 0.4822, 0.4465),
-    std=(0.2470, 0.2435, 0.2616), arch="vit_tiny", patch_size=4, decoder_dim=128, decoder_heads=4, save_every_steps=0,
-    epochs=100, batch_size=512, blr=5e-4, warmup_epochs=10, eval_every=10, eval_subset_train=50000, probe="features",
-)
+CIFAR = dict(dataset="cifar10", in_memory=True, image_size=32, large_size=32, mean=(0.4914, 0.4822, 0.4465),
+             std=(0.2470, 0.2435, 0.2616), arch="vit_tiny", patch_size=4, decoder_dim=128, decoder_heads=4,
+             save_every_steps=0, epochs=100, batch_size=512, blr=5e-4, warmup_epochs=10, eval_every=10,
+             eval_subset_train=50000, probe="features")
 RECIPES = {  # name: (its Args, its description)
     name: (dataclasses.replace(Args(), recipe=name, exp_name=f"tec-{name}", out_dir=f"runs/tec-{name}", **kw), about)
     for name, kw, about in [
@@ -327,7 +325,6 @@ def crop_groups(args: Args) -> list:
 def rand_augment(x: torch.Tensor, gen: torch.Generator, n: int, m: float, mstd: float, fill: torch.Tensor):
     """timm RandAugment 'rand-m{m}-mstd{mstd}-inc1', batched: per image n ops drawn uniformly (with replacement) from
     the 15 'increasing' ops, each applied with p 0.5 at magnitude N(m, mstd) clipped to [0, 10] (of 10).
-
     x: float [B, 3, S, S] in 0..255 (rounded after every op, like PIL's uint8); fill: [3] for uncovered pixels.
     DEVIATION: bilinear resampling for the geometric ops (timm: PIL bicubic)."""
     B, dev = x.shape[0], x.device
@@ -434,13 +431,12 @@ def augment_finetune(run: SimpleNamespace, x: torch.Tensor, y: torch.Tensor, key
     """Fine-tuning's augmentation after the crop and flip (spec 7): per image RandAugment, then Normalize (already
     done by the views; undone here and redone), then random erasing; then mixup/cutmix on the batch.
     x: normalised [b, 3, S, S]; y: labels [b]. Returns (images, soft targets [b, C])."""
-    args, dev = run.args, x.device
-    gen = torch.Generator(device=dev).manual_seed(rng_seed(*key))
+    args, gen = run.args, torch.Generator(device=x.device).manual_seed(rng_seed(*key))
     mean, std = run.pixel_mean.view(1, 3, 1, 1), run.pixel_std.view(1, 3, 1, 1)  # on the device once: no copies here
     if args.randaug_n > 0:
         fill = (run.pixel_mean * 255).round()  # timm: the mean pixel
-        x01 = rand_augment(x * std * 255 + mean * 255, gen, args.randaug_n, args.randaug_m, args.randaug_mstd, fill)
-        x = (x01 / 255 - mean) / std
+        x = rand_augment(x * std * 255 + mean * 255, gen, args.randaug_n, args.randaug_m, args.randaug_mstd, fill)
+        x = (x / 255 - mean) / std
     if args.reprob > 0:
         x = random_erasing(x, gen, args.reprob)
     return mixup_cutmix(x, y, run.data["num_classes"], args, torch.Generator().manual_seed(rng_seed(*key)))
@@ -738,19 +734,17 @@ def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
 
 
 # ==== 6. TRAIN STEP ====
-METRICS = {"pretrain": ("loss", "loss_fea", "loss_att"), "mae": ("loss",), "finetune": ("loss", "top1")}
-METRICS["linear"] = METRICS["finetune"]
+METRICS = dict(pretrain=("loss", "loss_fea", "loss_att"), mae=("loss",))  # the step's metrics; else ("loss", "top1")
 
 
 def train_batches(run: SimpleNamespace, epoch: int, start: int, last: int):
     """This rank's (crops [b, 3, S, S], labels [b]) of steps start..last-1 of `epoch`."""
-    args, device = run.args, run.device
-    in_memory = torch.is_tensor(run.data["train_x"])
-    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, epoch, device if in_memory else None)
-    batches = batches[start:last]
+    args, device, data = run.args, run.device, run.data
+    on = device if torch.is_tensor(data["train_x"]) else None  # in memory: the index batches on the device
+    batches = epoch_batches(len(data["train_y"]), args.batch_size, args.seed, epoch, on)[start:last]
     keys = [(args.seed, "train", epoch, s) for s in range(start, last)]
-    train_y, b = run.data["train_y"].to(device), args.batch_size // run.world_size
-    for idx, (x,) in zip(batches, view_batches(run, run.data["train_x"], batches, keys, run.groups)):
+    train_y, b = data["train_y"].to(device), args.batch_size // run.world_size
+    for idx, (x,) in zip(batches, view_batches(run, data["train_x"], batches, keys, run.groups)):
         yield x, train_y[idx[run.rank * b : (run.rank + 1) * b].to(device)]
 
 
@@ -919,7 +913,7 @@ def run_training(args: Args) -> dict:
     run.model = model = build_model(run).to(device)
     # what the evaluation encodes: the classifier's logits, or the pretrained encoder's readout of the whole image
     run.encode = model if args.mode in ("finetune", "linear") else partial(model.readout, pool=args.pool)
-    run.groups, run.metrics = crop_groups(args), METRICS[args.mode]
+    run.groups, run.metrics = crop_groups(args), METRICS.get(args.mode, ("loss", "top1"))
     run.pixel_mean, run.pixel_std = (torch.tensor(v, device=device) for v in (args.mean, args.std))
     run.opt = build_optimizer(model, args)
     init = load_init(run) if resume_state(run, set()) is None and args.init else None  # resumed: --init ignored
@@ -929,9 +923,8 @@ def run_training(args: Args) -> dict:
     if args.mode in ("finetune", "linear") and run.global_step and log.is_file():  # the best top-1 before a resume
         evals = [json.loads(line) for line in log.read_text().splitlines()]
         run.best_top1 = max([e["top1"] for e in evals if e["type"] == "eval" and e["step"] <= run.global_step] + [0])
-    net = model
-    if run.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    ddp = dict(device_ids=[device] if device.type == "cuda" else None)
+    net = nn.parallel.DistributedDataParallel(model, **ddp) if run.world_size > 1 else model
     run.ddp_model = torch.compile(net) if args.compile else net
     bench = run_benchmarks(run)
     run.total_steps = min(run.steps_per_epoch * args.epochs, math.inf if args.max_steps is None else args.max_steps)
@@ -966,28 +959,26 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
     everything at the end; our addition) and at the end the fast feature probe (--probe features).
     finetune / linear: top-1 / top-5 of the classifier on the test split (centre crops)."""
     args, data, device, final = run.args, run.data, run.device, tag == "final"
-    nc, t0, res = data["num_classes"], time.perf_counter(), {}
+    nc, t0, res, feats = data["num_classes"], time.perf_counter(), {}, []
     if args.mode in ("finetune", "linear"):  # run.encode: the classifier's logits
         hit = extract_features(run, "test").topk(min(5, nc), dim=1).indices == data["test_y"].to(device)[:, None]
         top1, top5 = (100 * hit[:, :k].any(1).float().mean().item() for k in (1, 5))
         run.best_top1 = max(getattr(run, "best_top1", 0.0), top1)
         res = dict(top1=top1, top5=top5, top1_best=run.best_top1)
-    else:  # run.encode: the encoder's readout
-        feats, labels = {}, {}
+    else:  # run.encode: the encoder's readout -> feats = [x_train, y_train, x_test, y_test]
         for split, size in (("train", args.eval_subset_train), ("test", args.eval_subset_test)):
             n = len(data[f"{split}_y"])
             g = torch.Generator().manual_seed(rng_seed(args.seed, "eval-subset", split))
             ids = torch.arange(n) if final or size >= n else torch.randperm(n, generator=g)[:size].sort().values
-            feats[split], labels[split] = extract_features(run, split, ids), data[f"{split}_y"][ids].to(device)
+            feats += [extract_features(run, split, ids), data[f"{split}_y"][ids].to(device)]
     times = dict(encode_s=time.perf_counter() - t0)
-    if args.mode in ("pretrain", "mae") and run.rank == 0:
-        (xtr, xte), (ytr, yte), t0 = feats.values(), labels.values(), time.perf_counter()
-        res["knn_top1"], res["knn_top5"] = knn_eval(xtr, ytr, xte, yte, nc, args.knn_k, args.knn_t)
+    if feats and run.rank == 0:
+        t0 = time.perf_counter()
+        res["knn_top1"], res["knn_top5"] = knn_eval(*feats, nc, args.knn_k, args.knn_t)
         times["knn_s"] = time.perf_counter() - t0
         if final and args.probe == "features":
-            t0 = time.perf_counter()
-            probe_args = (args.probe_epochs, args.probe_lr, args.probe_wd, args.probe_batch_size, args.seed)
-            probe = linear_probe(xtr, ytr, xte, yte, nc, *probe_args)
+            t0, probe_args = time.perf_counter(), (args.probe_lr, args.probe_wd, args.probe_batch_size, args.seed)
+            probe = linear_probe(*feats, nc, args.probe_epochs, *probe_args)
             res["linear_fast_top1"], res["linear_fast_top1_best"] = probe["last"], probe["best"]
             times["probe_s"] = time.perf_counter() - t0
     if run.world_size > 1:
