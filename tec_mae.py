@@ -526,8 +526,7 @@ class MAEModel(MaskedEncoder):
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float) -> tuple:
         outs, mask, ids_restore = self.encode_masked(imgs, noise, mask_ratio)
         x = unshuffle(self.decoder_embed(outs[-1]), self.mask_token, ids_restore) + self.decoder_pos_embed
-        x = self.decoder_blocks(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:], mask  # [B, N, p*p*3], CLS dropped
+        return self.decoder_pred(self.decoder_norm(self.decoder_blocks(x)))[:, 1:], mask  # [B, N, p*p*3], CLS dropped
 
 
 class FeatureAdaptor(nn.Module):
@@ -800,13 +799,10 @@ def train_step(run: SimpleNamespace, batch: tuple, step: int) -> torch.Tensor:
 def check_args(args: Args, world_size: int) -> None:
     """Refuse bad input with one clear line, before any data is read or process group created."""
     mode, size, p, base, acc = args.mode, args.large_size, args.patch_size, args.base_arch, args.accum_iter
-    check_common_args(
-        args, world_size, SIZES, scales="large_scale", positive="blr tau",
-        at_least_1="accum_iter large_size patch_size topk last_layers train_repeat decoder_dim decoder_depth "
-        "decoder_heads",
-        at_least_0="workers eval_every eval_subset_train eval_subset_test randaug_n",
-        non_negative="min_lr warmup_epochs mixup cutmix randaug_m randaug_mstd",
-    )  # fmt: skip
+    ones = "accum_iter large_size patch_size topk last_layers train_repeat decoder_dim decoder_depth decoder_heads"
+    check_common_args(args, world_size, SIZES, scales="large_scale", positive="blr tau", at_least_1=ones,
+                      at_least_0="workers eval_every eval_subset_train eval_subset_test randaug_n",
+                      non_negative="min_lr warmup_epochs mixup cutmix randaug_m randaug_mstd")  # fmt: skip
     n_patches, per_rank = (size // p) ** 2, args.batch_size // world_size
     for bad, message in [
         (mode == "convert" and None in (args.init, args.convert_out),
@@ -868,9 +864,8 @@ def build_model(run: SimpleNamespace) -> nn.Module:
 
 
 def tec_checkpoint(obj) -> Optional[dict]:
-    """--init format: sail-sg/TEC main_pretrain.py's checkpoints (util/misc.py save_model, always_save_model):
-    {"model", "optimizer", "epoch", "scaler", "args": argparse.Namespace}, the model TECViT (models/models_tec_vit.py)
-    with our TECModel's names: ours also name each decoder head's output layer `out`. None for other files."""
+    """--init format: sail-sg/TEC main_pretrain.py's checkpoints (util/misc.py save_model: {"model": TECViT of
+    models/models_tec_vit.py, "optimizer", "epoch", ...}), in our TECModel's names (+ each head's output as `out`)."""
     sd = vit_tensors(obj)
     if sd is None or "encoder_adaptor.adap_before.weight" not in sd:
         return None
@@ -879,8 +874,6 @@ def tec_checkpoint(obj) -> Optional[dict]:
     return sd
 
 
-# --init: the first format that reads the file gives its tensors under our names (common/checkpoint.py init_weights);
-# load_init fits them to this mode's model (common/vit.py fit_vit: the ViT encoder must fit, the rest where it does)
 INIT_FORMATS = {
     "last.pt": lambda obj: vit_tensors(own_checkpoint(obj)) if isinstance(obj, dict) and "step" in obj else None,
     "TEC pretraining checkpoint (main_pretrain.py)": tec_checkpoint,
@@ -896,7 +889,8 @@ INIT_FORMATS = {
 
 
 def load_init(run: SimpleNamespace) -> str:
-    """--init into this mode's model: init_weights with INIT_FORMATS, each fitted to the model (fit_vit). Its line."""
+    """--init: the first of INIT_FORMATS that reads the file gives its tensors under our names (common/checkpoint.py
+    init_weights), fitted to this mode's model (common/vit.py fit_vit: the encoder must fit, the rest where it does)."""
     own, what = run.model.state_dict(), f"--init {run.init_file}"
     formats = {n: lambda obj, c=c, n=n: fit_vit(c(obj), own, f"{what} ({n})") for n, c in INIT_FORMATS.items()}
     return init_weights(run.model, run.init_file, formats, backbone=ENCODER)
@@ -997,6 +991,7 @@ def bare_step(run: SimpleNamespace):
     the latter alone; finetune a ViT forward+backward on every token; linear its forward."""
     args, mode = run.args, run.args.mode
     vit = VITS[args.arch](img_size=args.large_size, patch_size=args.patch_size).to(run.device)
+    trunk = nn.Sequential(*vit.blocks, vit.norm)
     x = torch.randn(args.batch_size // run.world_size, 3, args.large_size, args.large_size, device=run.device)
     n_keep = 1 + int(vit.num_patches * (1 - args.mask_ratio)) if mode in ("pretrain", "mae") else None
 
@@ -1005,10 +1000,7 @@ def bare_step(run: SimpleNamespace):
             if mode == "pretrain":
                 run.base.forward_features(x)  # frozen, on an input without grad: no graph
             with torch.no_grad() if mode == "linear" else nullcontext():
-                h = vit.prepare_tokens(x)[:, :n_keep]
-                for blk in vit.blocks:
-                    h = blk(h)
-                out = vit.norm(h)
+                out = trunk(vit.prepare_tokens(x)[:, :n_keep])
         if mode != "linear":
             out.float().sum().backward()
 
