@@ -108,8 +108,7 @@ class Args:
     resume: Optional[str] = None
     """resume from this checkpoint instead of out_dir/last.pt"""
     init: Optional[str] = None
-    """start from these weights (a path or URL) unless a last.pt is resumed (which ignores --init): ours, TEC's, a
-    timm/MAE ViT (INIT_FORMATS); convert: the file to convert (README: Use released weights)"""
+    """weights to start from, a path or URL (INIT_FORMATS; a resumed last.pt ignores it); convert: the file to convert"""
     save_every_steps: int = 1000
     """also save out_dir/last.pt every this many steps (0: only at epoch ends)"""
 
@@ -277,11 +276,10 @@ LINEAR = dict(EVAL, mode="linear", pool="cls", epochs=90, batch_size=16384, blr=
               weight_decay=0.0, eval_every=10)
 # The CIFAR-10 proxy (ours): ViT-Tiny, patch 4 on 32 x 32 (64 patches), data decoded once and kept on the device;
 # decoders 128 wide; k 5 of 64 patches (about the official 15 of 196); batch 512 at blr 5e-4 (lr 1e-3).
-CIFAR = dict(
-    dataset="cifar10", in_memory=True, image_size=32, large_size=32, mean=(0.4914, 0.4822, 0.4465),
-    std=(0.2470, 0.2435, 0.2616), arch="vit_tiny", patch_size=4, decoder_dim=128, decoder_heads=4, save_every_steps=0,
-    epochs=100, batch_size=512, blr=5e-4, warmup_epochs=10, eval_every=10, eval_subset_train=50000, probe="features",
-)
+CIFAR = dict(dataset="cifar10", in_memory=True, image_size=32, large_size=32, mean=(0.4914, 0.4822, 0.4465),
+             std=(0.2470, 0.2435, 0.2616), arch="vit_tiny", patch_size=4, decoder_dim=128, decoder_heads=4,
+             save_every_steps=0, epochs=100, batch_size=512, blr=5e-4, warmup_epochs=10, eval_every=10,
+             eval_subset_train=50000, probe="features")
 RECIPES = {  # name: (its Args, its description)
     name: (dataclasses.replace(Args(), recipe=name, exp_name=f"tec-{name}", out_dir=f"runs/tec-{name}", **kw), about)
     for name, kw, about in [
@@ -327,7 +325,6 @@ def crop_groups(args: Args) -> list:
 def rand_augment(x: torch.Tensor, gen: torch.Generator, n: int, m: float, mstd: float, fill: torch.Tensor):
     """timm RandAugment 'rand-m{m}-mstd{mstd}-inc1', batched: per image n ops drawn uniformly (with replacement) from
     the 15 'increasing' ops, each applied with p 0.5 at magnitude N(m, mstd) clipped to [0, 10] (of 10).
-
     x: float [B, 3, S, S] in 0..255 (rounded after every op, like PIL's uint8); fill: [3] for uncovered pixels.
     DEVIATION: bilinear resampling for the geometric ops (timm: PIL bicubic)."""
     B, dev = x.shape[0], x.device
@@ -434,13 +431,12 @@ def augment_finetune(run: SimpleNamespace, x: torch.Tensor, y: torch.Tensor, key
     """Fine-tuning's augmentation after the crop and flip (spec 7): per image RandAugment, then Normalize (already
     done by the views; undone here and redone), then random erasing; then mixup/cutmix on the batch.
     x: normalised [b, 3, S, S]; y: labels [b]. Returns (images, soft targets [b, C])."""
-    args, dev = run.args, x.device
-    gen = torch.Generator(device=dev).manual_seed(rng_seed(*key))
+    args, gen = run.args, torch.Generator(device=x.device).manual_seed(rng_seed(*key))
     mean, std = run.pixel_mean.view(1, 3, 1, 1), run.pixel_std.view(1, 3, 1, 1)  # on the device once: no copies here
     if args.randaug_n > 0:
         fill = (run.pixel_mean * 255).round()  # timm: the mean pixel
-        x01 = rand_augment(x * std * 255 + mean * 255, gen, args.randaug_n, args.randaug_m, args.randaug_mstd, fill)
-        x = (x01 / 255 - mean) / std
+        x = rand_augment(x * std * 255 + mean * 255, gen, args.randaug_n, args.randaug_m, args.randaug_mstd, fill)
+        x = (x / 255 - mean) / std
     if args.reprob > 0:
         x = random_erasing(x, gen, args.reprob)
     return mixup_cutmix(x, y, run.data["num_classes"], args, torch.Generator().manual_seed(rng_seed(*key)))
@@ -530,8 +526,7 @@ class MAEModel(MaskedEncoder):
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float) -> tuple:
         outs, mask, ids_restore = self.encode_masked(imgs, noise, mask_ratio)
         x = unshuffle(self.decoder_embed(outs[-1]), self.mask_token, ids_restore) + self.decoder_pos_embed
-        x = self.decoder_blocks(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:], mask  # [B, N, p*p*3], CLS dropped
+        return self.decoder_pred(self.decoder_norm(self.decoder_blocks(x)))[:, 1:], mask  # [B, N, p*p*3], CLS dropped
 
 
 class FeatureAdaptor(nn.Module):
@@ -738,19 +733,17 @@ def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
 
 
 # ==== 6. TRAIN STEP ====
-METRICS = {"pretrain": ("loss", "loss_fea", "loss_att"), "mae": ("loss",), "finetune": ("loss", "top1")}
-METRICS["linear"] = METRICS["finetune"]
+METRICS = dict(pretrain=("loss", "loss_fea", "loss_att"), mae=("loss",))  # the step's metrics; else ("loss", "top1")
 
 
 def train_batches(run: SimpleNamespace, epoch: int, start: int, last: int):
     """This rank's (crops [b, 3, S, S], labels [b]) of steps start..last-1 of `epoch`."""
-    args, device = run.args, run.device
-    in_memory = torch.is_tensor(run.data["train_x"])
-    batches = epoch_batches(len(run.data["train_y"]), args.batch_size, args.seed, epoch, device if in_memory else None)
-    batches = batches[start:last]
+    args, device, data = run.args, run.device, run.data
+    on = device if torch.is_tensor(data["train_x"]) else None  # in memory: the index batches on the device
+    batches = epoch_batches(len(data["train_y"]), args.batch_size, args.seed, epoch, on)[start:last]
     keys = [(args.seed, "train", epoch, s) for s in range(start, last)]
-    train_y, b = run.data["train_y"].to(device), args.batch_size // run.world_size
-    for idx, (x,) in zip(batches, view_batches(run, run.data["train_x"], batches, keys, run.groups)):
+    train_y, b = data["train_y"].to(device), args.batch_size // run.world_size
+    for idx, (x,) in zip(batches, view_batches(run, data["train_x"], batches, keys, run.groups)):
         yield x, train_y[idx[run.rank * b : (run.rank + 1) * b].to(device)]
 
 
@@ -806,13 +799,10 @@ def train_step(run: SimpleNamespace, batch: tuple, step: int) -> torch.Tensor:
 def check_args(args: Args, world_size: int) -> None:
     """Refuse bad input with one clear line, before any data is read or process group created."""
     mode, size, p, base, acc = args.mode, args.large_size, args.patch_size, args.base_arch, args.accum_iter
-    check_common_args(
-        args, world_size, SIZES, scales="large_scale", positive="blr tau",
-        at_least_1="accum_iter large_size patch_size topk last_layers train_repeat decoder_dim decoder_depth "
-        "decoder_heads",
-        at_least_0="workers eval_every eval_subset_train eval_subset_test randaug_n",
-        non_negative="min_lr warmup_epochs mixup cutmix randaug_m randaug_mstd",
-    )  # fmt: skip
+    ones = "accum_iter large_size patch_size topk last_layers train_repeat decoder_dim decoder_depth decoder_heads"
+    check_common_args(args, world_size, SIZES, scales="large_scale", positive="blr tau", at_least_1=ones,
+                      at_least_0="workers eval_every eval_subset_train eval_subset_test randaug_n",
+                      non_negative="min_lr warmup_epochs mixup cutmix randaug_m randaug_mstd")  # fmt: skip
     n_patches, per_rank = (size // p) ** 2, args.batch_size // world_size
     for bad, message in [
         (mode == "convert" and None in (args.init, args.convert_out),
@@ -874,9 +864,8 @@ def build_model(run: SimpleNamespace) -> nn.Module:
 
 
 def tec_checkpoint(obj) -> Optional[dict]:
-    """--init format: sail-sg/TEC main_pretrain.py's checkpoints (util/misc.py save_model, always_save_model):
-    {"model", "optimizer", "epoch", "scaler", "args": argparse.Namespace}, the model TECViT (models/models_tec_vit.py)
-    with our TECModel's names: ours also name each decoder head's output layer `out`. None for other files."""
+    """--init format: sail-sg/TEC main_pretrain.py's checkpoints (util/misc.py save_model: {"model": TECViT of
+    models/models_tec_vit.py, "optimizer", "epoch", ...}), in our TECModel's names (+ each head's output as `out`)."""
     sd = vit_tensors(obj)
     if sd is None or "encoder_adaptor.adap_before.weight" not in sd:
         return None
@@ -885,8 +874,6 @@ def tec_checkpoint(obj) -> Optional[dict]:
     return sd
 
 
-# --init: the first format that reads the file gives its tensors under our names (common/checkpoint.py init_weights);
-# load_init fits them to this mode's model (common/vit.py fit_vit: the ViT encoder must fit, the rest where it does)
 INIT_FORMATS = {
     "last.pt": lambda obj: vit_tensors(own_checkpoint(obj)) if isinstance(obj, dict) and "step" in obj else None,
     "TEC pretraining checkpoint (main_pretrain.py)": tec_checkpoint,
@@ -902,7 +889,8 @@ INIT_FORMATS = {
 
 
 def load_init(run: SimpleNamespace) -> str:
-    """--init into this mode's model: init_weights with INIT_FORMATS, each fitted to the model (fit_vit). Its line."""
+    """--init: the first of INIT_FORMATS that reads the file gives its tensors under our names (common/checkpoint.py
+    init_weights), fitted to this mode's model (common/vit.py fit_vit: the encoder must fit, the rest where it does)."""
     own, what = run.model.state_dict(), f"--init {run.init_file}"
     formats = {n: lambda obj, c=c, n=n: fit_vit(c(obj), own, f"{what} ({n})") for n, c in INIT_FORMATS.items()}
     return init_weights(run.model, run.init_file, formats, backbone=ENCODER)
@@ -919,7 +907,7 @@ def run_training(args: Args) -> dict:
     run.model = model = build_model(run).to(device)
     # what the evaluation encodes: the classifier's logits, or the pretrained encoder's readout of the whole image
     run.encode = model if args.mode in ("finetune", "linear") else partial(model.readout, pool=args.pool)
-    run.groups, run.metrics = crop_groups(args), METRICS[args.mode]
+    run.groups, run.metrics = crop_groups(args), METRICS.get(args.mode, ("loss", "top1"))
     run.pixel_mean, run.pixel_std = (torch.tensor(v, device=device) for v in (args.mean, args.std))
     run.opt = build_optimizer(model, args)
     init = load_init(run) if resume_state(run, set()) is None and args.init else None  # resumed: --init ignored
@@ -929,9 +917,8 @@ def run_training(args: Args) -> dict:
     if args.mode in ("finetune", "linear") and run.global_step and log.is_file():  # the best top-1 before a resume
         evals = [json.loads(line) for line in log.read_text().splitlines()]
         run.best_top1 = max([e["top1"] for e in evals if e["type"] == "eval" and e["step"] <= run.global_step] + [0])
-    net = model
-    if run.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    ddp = dict(device_ids=[device] if device.type == "cuda" else None)
+    net = nn.parallel.DistributedDataParallel(model, **ddp) if run.world_size > 1 else model
     run.ddp_model = torch.compile(net) if args.compile else net
     bench = run_benchmarks(run)
     run.total_steps = min(run.steps_per_epoch * args.epochs, math.inf if args.max_steps is None else args.max_steps)
@@ -966,28 +953,26 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
     everything at the end; our addition) and at the end the fast feature probe (--probe features).
     finetune / linear: top-1 / top-5 of the classifier on the test split (centre crops)."""
     args, data, device, final = run.args, run.data, run.device, tag == "final"
-    nc, t0, res = data["num_classes"], time.perf_counter(), {}
+    nc, t0, res, feats = data["num_classes"], time.perf_counter(), {}, []
     if args.mode in ("finetune", "linear"):  # run.encode: the classifier's logits
         hit = extract_features(run, "test").topk(min(5, nc), dim=1).indices == data["test_y"].to(device)[:, None]
         top1, top5 = (100 * hit[:, :k].any(1).float().mean().item() for k in (1, 5))
         run.best_top1 = max(getattr(run, "best_top1", 0.0), top1)
         res = dict(top1=top1, top5=top5, top1_best=run.best_top1)
-    else:  # run.encode: the encoder's readout
-        feats, labels = {}, {}
+    else:  # run.encode: the encoder's readout -> feats = [x_train, y_train, x_test, y_test]
         for split, size in (("train", args.eval_subset_train), ("test", args.eval_subset_test)):
             n = len(data[f"{split}_y"])
             g = torch.Generator().manual_seed(rng_seed(args.seed, "eval-subset", split))
             ids = torch.arange(n) if final or size >= n else torch.randperm(n, generator=g)[:size].sort().values
-            feats[split], labels[split] = extract_features(run, split, ids), data[f"{split}_y"][ids].to(device)
+            feats += [extract_features(run, split, ids), data[f"{split}_y"][ids].to(device)]
     times = dict(encode_s=time.perf_counter() - t0)
-    if args.mode in ("pretrain", "mae") and run.rank == 0:
-        (xtr, xte), (ytr, yte), t0 = feats.values(), labels.values(), time.perf_counter()
-        res["knn_top1"], res["knn_top5"] = knn_eval(xtr, ytr, xte, yte, nc, args.knn_k, args.knn_t)
+    if feats and run.rank == 0:
+        t0 = time.perf_counter()
+        res["knn_top1"], res["knn_top5"] = knn_eval(*feats, nc, args.knn_k, args.knn_t)
         times["knn_s"] = time.perf_counter() - t0
         if final and args.probe == "features":
-            t0 = time.perf_counter()
-            probe_args = (args.probe_epochs, args.probe_lr, args.probe_wd, args.probe_batch_size, args.seed)
-            probe = linear_probe(xtr, ytr, xte, yte, nc, *probe_args)
+            t0, probe_args = time.perf_counter(), (args.probe_lr, args.probe_wd, args.probe_batch_size, args.seed)
+            probe = linear_probe(*feats, nc, args.probe_epochs, *probe_args)
             res["linear_fast_top1"], res["linear_fast_top1_best"] = probe["last"], probe["best"]
             times["probe_s"] = time.perf_counter() - t0
     if run.world_size > 1:
@@ -1006,6 +991,7 @@ def bare_step(run: SimpleNamespace):
     the latter alone; finetune a ViT forward+backward on every token; linear its forward."""
     args, mode = run.args, run.args.mode
     vit = VITS[args.arch](img_size=args.large_size, patch_size=args.patch_size).to(run.device)
+    trunk = nn.Sequential(*vit.blocks, vit.norm)
     x = torch.randn(args.batch_size // run.world_size, 3, args.large_size, args.large_size, device=run.device)
     n_keep = 1 + int(vit.num_patches * (1 - args.mask_ratio)) if mode in ("pretrain", "mae") else None
 
@@ -1014,10 +1000,7 @@ def bare_step(run: SimpleNamespace):
             if mode == "pretrain":
                 run.base.forward_features(x)  # frozen, on an input without grad: no graph
             with torch.no_grad() if mode == "linear" else nullcontext():
-                h = vit.prepare_tokens(x)[:, :n_keep]
-                for blk in vit.blocks:
-                    h = blk(h)
-                out = vit.norm(h)
+                out = trunk(vit.prepare_tokens(x)[:, :n_keep])
         if mode != "linear":
             out.float().sum().backward()
 
