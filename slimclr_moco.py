@@ -601,7 +601,7 @@ def distill_ce(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.
 def slimclr_combine(q_by_width: dict, logits, nce, active: bool, a: float, t: float, reweight, full_distill, top1=None):
     """The SlimCLR combination (spec 2.2 steps 4-6). q_by_width: {width: [B, D]}; logits: q -> (logits [B, C], the
     positives [B]); nce: (logits, positives) -> one width's contrastive loss. Before the slow start (not active): the
-    full network's loss alone, unweighted (PAPER: the sub-widths contribute exactly 0). After it, with a = distill_weight:
+    full network's loss alone, unweighted (PAPER: the sub-widths contribute exactly 0). After it, a = distill_weight:
         lambda_max nce_max + sum_w<max [(1 - a) nce_w + a kd_w],  lambda_max = 1 + sum of the sub-widths (reweight)
     with kd_w the distillation (temperature t) of the full width's logits (and the larger sub-widths', full_distill).
     top1 (monitoring), a dict: gets per width how often the positive has the largest logit."""
@@ -1047,6 +1047,24 @@ def switchable_probe(run: SimpleNamespace, train_feats, test_feats: torch.Tensor
     for w, (top1, top5), (best_top1, _) in zip(widths, last, best):
         res.update({f"linear_top1@{w}": top1, f"linear_top1_best@{w}": best_top1, f"linear_top5@{w}": top5})
     return res
+
+
+def bare_step(run: SimpleNamespace):
+    """The ceiling's step (issue 17): the four-width forward+backward itself, as plain ResNets of each width's shape
+    (common/resnet.py, every channel count int(c w): no slicing, no shared weights) on synthetic query views (v2: one,
+    else both), one pass per view and width; no heads, keys, loss or optimizer. Slicing overhead shows against it."""
+    args, device, b = run.args, run.device, run.args.batch_size // run.world_size
+    nets = [RESNETS[args.arch](width=w).to(device, memory_format=run.fmt) for w in run.widths]
+    n_views = 1 if args.moco == "v2" else 2
+    views = [torch.randn(b, 3, args.large_size, args.large_size, device=device) for _ in range(n_views)]
+    views = [x.contiguous(memory_format=run.fmt) for x in views]
+
+    def step():
+        with run.autocast:
+            out = [net(x).float().sum() for x in views for net in nets]
+        sum(out).backward()
+
+    return step
 
 
 # ==== 8. MAIN ====
@@ -1781,25 +1799,6 @@ def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, re
     tmp.write_text(json.dumps(results, indent=2))
     os.replace(tmp, Path(args.out_dir) / "results.json")  # atomic, like the checkpoints
     print(summary_line(res, results, Path(args.out_dir) / "results.json"))
-
-
-# END SHARED
-
-
-# SHARED: bare-resnet
-def bare_step(run: SimpleNamespace):
-    """The ceiling's step: a bare torchvision ResNet (ours for resnet18-cifar) forward+backward on synthetic crops of
-    this recipe, one pass per resolution (no augmentation, head, loss or optimizer)."""
-    args, device, b = run.args, run.device, run.args.batch_size // run.world_size
-    bare = (getattr(torchvision.models, args.arch, None) or RESNETS[args.arch])().to(device, memory_format=run.fmt)
-    crops = [torch.randn(g.n * b, 3, g.size, g.size, device=device).to(memory_format=run.fmt) for g in run.groups]
-
-    def step():
-        with run.autocast:
-            out = torch.cat([bare(x) for x in crops])
-        out.float().sum().backward()
-
-    return step
 
 
 # END SHARED

@@ -108,7 +108,7 @@ class Args:
     resume: Optional[str] = None
     """resume from this checkpoint instead of out_dir/last.pt"""
     init: Optional[str] = None
-    """weights to start from, a path or URL (INIT_FORMATS; a resumed last.pt ignores it); convert: the file to convert"""
+    """weights to start from, a path or URL (INIT_FORMATS; a resumed last.pt ignores it); convert: the file converted"""
     save_every_steps: int = 1000
     """also save out_dir/last.pt every this many steps (0: only at epoch ends)"""
 

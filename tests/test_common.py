@@ -512,7 +512,10 @@ def test_fused_lars_equals_the_per_tensor_loop(nesterov, clip):
         ours[3].zero_()  # ||p|| = 0
     ref = [p.detach().clone().requires_grad_() for p in ours]
     kw = dict(momentum=0.9, nesterov=nesterov, eta=0.02, clip=clip)
-    groups = lambda ps: [dict(params=ps[:4], lars=True, weight_decay=1e-2), dict(params=ps[4:], lars=False)]  # noqa: E731
+
+    def groups(ps):
+        return [dict(params=ps[:4], lars=True, weight_decay=1e-2), dict(params=ps[4:], lars=False)]
+
     opt = G.LARS(groups(ours), lr=0.3, weight_decay=1e-4, **kw)
     ref_groups = [{**opt.defaults, **{k: v for k, v in g.items() if k != "params"}} for g in groups(ref)]
     state = {}

@@ -61,8 +61,8 @@ OVER = {
     ("swav_imagenet.py", "paper"): 582,
     ("swav_imagenet.py", "total"): 1481,
     ("groco_imagenet.py", "total"): 1424,
-    ("slimclr_moco.py", "paper"): 1058,
-    ("slimclr_moco.py", "total"): 1834,
+    ("slimclr_moco.py", "paper"): 1076,
+    ("slimclr_moco.py", "total"): 1833,
     ("tec_mae.py", "paper"): 1016,
     ("tec_mae.py", "total"): 1826,
 }
@@ -80,3 +80,10 @@ def test_line_budgets(script, part):
     if n > budget:
         pytest.xfail(f"{script}: the {part} is {n} lines, budget {budget}")
     pytest.fail(f"{script}: the {part} ({n} lines) is within its budget {budget} now: remove it from OVER")
+
+
+def test_lines_within_120_characters():
+    """The project's line length (ruff format --line-length 120), for code, tests and common/ alike."""
+    files = sorted(BUDGETS) + [str(p.relative_to(ROOT)) for p in [*ROOT.glob("common/*.py"), *ROOT.glob("tests/*.py")]]
+    long = [f"{f}:{n}" for f in files for n, line in enumerate((ROOT / f).read_text().splitlines(), 1) if len(line) > 120]
+    assert not long, f"lines over 120 characters: {long}"

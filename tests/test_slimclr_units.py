@@ -968,7 +968,30 @@ def test_sub_width_kernels_equal_per_call_slices(monkeypatch):
         1 / 0
     assert conv.sub_width_kernels is None  # not left set by an exception in the step
     calls, apply = [], S.SubWidthKernels.apply  # nor by one midway through making them (e.g. out of memory)
-    monkeypatch.setattr(S.SubWidthKernels, "apply", lambda *a: apply(*a) if calls.append(0) or len(calls) < 3 else 1 / 0)
+    fail_third = lambda *a: apply(*a) if calls.append(0) or len(calls) < 3 else 1 / 0  # noqa: E731
+    monkeypatch.setattr(S.SubWidthKernels, "apply", fail_third)
     with pytest.raises(ZeroDivisionError), S.sub_width_kernels(online, [1.0, 0.5]):
         pass
     assert all(m.__dict__.get("sub_width_kernels") is None for m in online.modules())
+
+
+def test_bare_step_is_the_plain_four_width_pass(monkeypatch):
+    """Issue 17: SlimCLR's ceiling is a plain ResNet of each width's shape (no slicing) forward+backward on the query
+    views (v2: one, v3: both), one pass per view and width, with the slimmable sub-network's parameter count."""
+    made, real = [], S.RESNETS["resnet18-cifar"]
+    record = lambda width: made.append((width, real(width=width))) or made[-1][1]  # noqa: E731
+    monkeypatch.setitem(S.RESNETS, "resnet18-cifar", record)
+    full = S.SLIM_RESNETS["resnet18-cifar"](widths=(1.0, 0.5))
+    for moco, n_views in (("v2", 1), ("v3", 2)):
+        made.clear()
+        args = S.Args(arch="resnet18-cifar", moco=moco, batch_size=4, large_size=16)
+        run = S.SimpleNamespace(args=args, device=torch.device("cpu"), world_size=1, fmt=torch.contiguous_format,
+                                widths=[1.0, 0.5], autocast=S.nullcontext())  # fmt: skip
+        step, calls = S.bare_step(run), []
+        for w, net in made:
+            net.register_forward_hook(lambda m, i, o, w=w: calls.append((w, len(i[0]))))
+        step()
+        assert calls == [(w, 4) for _ in range(n_views) for w in (1.0, 0.5)]
+        for w, net in made:
+            assert sum(p.numel() for p in net.parameters()) == S.active_param_count(full, w)
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
