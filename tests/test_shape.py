@@ -85,5 +85,7 @@ def test_line_budgets(script, part):
 def test_lines_within_120_characters():
     """The project's line length (ruff format --line-length 120), for code, tests and common/ alike."""
     files = sorted(BUDGETS) + [str(p.relative_to(ROOT)) for p in [*ROOT.glob("common/*.py"), *ROOT.glob("tests/*.py")]]
-    long = [f"{f}:{n}" for f in files for n, line in enumerate((ROOT / f).read_text().splitlines(), 1) if len(line) > 120]
+    long = [
+        f"{f}:{n}" for f in files for n, line in enumerate((ROOT / f).read_text().splitlines(), 1) if len(line) > 120
+    ]
     assert not long, f"lines over 120 characters: {long}"
