@@ -389,11 +389,10 @@ def load_data(args: Args) -> dict:
         cls, num_classes = CIFAR[args.dataset]
         try:
             sets = [cls(str(root), train=train, download=args.download) for train in (True, False)]
-        except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted", or a failed download
-            if args.download:  # it was allowed and failed: no network, or a bad --data-dir
-                raise RunError(f"could not download {args.dataset} into {root} ({e}); without network, give a copy in "
-                               "--data-dir (torchvision's layout) or use --dataset imagefolder")  # fmt: skip
-            raise RunError(f"{args.dataset} not found in {root} ({e}); pass its --data-dir, or --download")
+        except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted", or a failed download (no network?)
+            offline = "without network, give a copy in --data-dir (torchvision's layout) or use --dataset imagefolder"
+            raise RunError(f"could not download {args.dataset} into {root} ({e}); {offline}" if args.download else
+                           f"{args.dataset} not found in {root} ({e}); pass its --data-dir, or --download")  # fmt: skip
         splits = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets)) for d in sets]
     (train_x, train_y), (test_x, test_y) = splits
     return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=num_classes)
@@ -416,10 +415,9 @@ def tiny_imagenet(root: Path, size: int) -> tuple:
 
 def check_args(args: Args, world_size: int) -> None:
     """Refuse bad input with one clear line, before any data is read or process group created."""
-    check_common_args(
-        args, world_size, RESNETS, at_least_1="n_patches lr_epochs hidden_dim z_dim patch_size",
-        at_least_0="eval_patches eval_every", positive="lr eps lars_eta", non_negative="inv_weight tcr_weight momentum",
-    )  # fmt: skip
+    check_common_args(args, world_size, RESNETS, at_least_1="n_patches lr_epochs hidden_dim z_dim patch_size",
+                      at_least_0="eval_patches eval_every", positive="lr eps lars_eta",
+                      non_negative="inv_weight tcr_weight momentum")  # fmt: skip
     if not 0 < args.crop_scale <= 1:
         raise RunError(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
     if args.lr_epochs is not None and args.lr_epochs < args.epochs:
@@ -525,16 +523,14 @@ def bare_step(run: SimpleNamespace):
     return step
 
 
-# the method's own evaluation: a bag of patches
 @torch.no_grad()
 def encode_bag(run: SimpleNamespace, images: torch.Tensor, split: str, n_patches: int) -> torch.Tensor:
-    """Official protocol (spec 2.4, 6.1): h averaged over n_patches random training-transform patches, eval mode;
-    n_patches=0 encodes the whole unaugmented image. Each rank encodes its share, gathered: [N, hidden]. Patches go
-    through run.encode in chunks sized to --eval-memory-gb (128 patches of 100 images at once took 16 GB)."""
-    args, device, rank, world = run.args, run.device, run.rank, run.world_size
+    """The method's own evaluation (official, spec 2.4, 6.1): run.encode (h, eval mode) averaged over n_patches random
+    training-transform patches (0: the whole unaugmented image); each rank encodes its share, gathered: [N, hidden], in
+    chunks sized to --eval-memory-gb (128 patches of 100 images at once took 16 GB)."""
+    args, device, rank, world, n = run.args, run.device, run.rank, run.world_size, len(images)
     run.model.eval()
-    n, per_rank = len(images), math.ceil(len(images) / world)
-    mine = torch.arange(rank * per_rank, (rank + 1) * per_rank, device=device).clamp(max=n - 1)  # padded, trimmed later
+    mine = torch.arange(math.ceil(n / world) * world, device=device).clamp(max=n - 1).view(world, -1)[rank]  # padded
     size = (args.patch_size or images.shape[-1]) if n_patches else images.shape[-1]
     # each block's patches are drawn from one seed; a block holds <= 100 images, <= the pixels of 128 CIFAR patches each
     blocks = list(mine.split(min(100, max(1, 100 * 128 * 32**2 // (max(n_patches, 1) * size**2)))))
@@ -547,7 +543,7 @@ def encode_bag(run: SimpleNamespace, images: torch.Tensor, split: str, n_patches
         with run.autocast:  # x: [P * b, 3, S, S], patch-major
             h = torch.cat([run.encode(part.contiguous(memory_format=run.fmt)).float() for part in x.split(chunk)])
         feats.append(h.view(max(n_patches, 1), len(c), -1).mean(0))
-    return (gather_with_grad(torch.cat(feats)) if world > 1 else torch.cat(feats))[:n]
+    return gather_with_grad(torch.cat(feats))[:n]  # identity on one rank
 
 
 def evaluate(run: SimpleNamespace, tag: str) -> dict:
