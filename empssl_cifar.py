@@ -401,16 +401,15 @@ def load_data(args: Args) -> dict:
 def tiny_imagenet(root: Path, size: int) -> tuple:
     """([train, val] splits, number of classes) of Tiny-ImageNet as unzipped: train/<wnid>/images/*.JPEG,
     val/images/*.JPEG labelled by val/val_annotations.txt (file, wnid, box); its test/ has no labels and is not read."""
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir()) if (root / "train").is_dir() else []
-    rows = [ln.split("\t")[:2] for ln in (root / "val" / "val_annotations.txt").read_text().splitlines() if ln.strip()]
-    bad = [r for r in rows if len(r) < 2 or r[1] not in classes or not (root / "val" / "images" / r[0]).is_file()]
+    train, val, ann = root / "train", root / "val" / "images", root / "val" / "val_annotations.txt"
+    classes = sorted(d.name for d in train.iterdir() if d.is_dir()) if train.is_dir() else []
+    rows = [ln.split("\t")[:2] for ln in ann.read_text().splitlines() if ln.strip()]
+    bad = [r for r in rows if len(r) < 2 or r[1] not in classes or not (val / r[0]).is_file()]
     if not classes or bad or not rows:
-        raise RunError(f"{root / 'val' / 'val_annotations.txt'}: {bad[:1] or 'no rows'} names no val/images/ file or "
-                       f"no class folder of {root / 'train'}")  # fmt: skip
-    folders = [c + "/images" * (root / "train" / c / "images").is_dir() for c in classes]  # for the shared loader
-    val = decode_files([root / "val" / "images" / f for f, _ in rows], size, size)
-    labels = torch.tensor([classes.index(w) for _, w in rows])
-    return [load_image_folder(root / "train", folders, size), (val, labels)], len(classes)
+        raise RunError(f"{ann}: {bad[:1] or 'no rows'} names no val/images/ file or no class folder of {train}")
+    folders = [c + "/images" * (train / c / "images").is_dir() for c in classes]  # for the shared loader
+    x, y = decode_files([val / f for f, _ in rows], size, size), torch.tensor([classes.index(w) for _, w in rows])
+    return [load_image_folder(train, folders, size), (x, y)], len(classes)
 
 
 def check_args(args: Args, world_size: int) -> None:
@@ -440,7 +439,7 @@ def run_training(args: Args) -> dict:
         raise RunError(f"--batch-size {args.batch_size} exceeds the {n} training images", every_rank=True)
     if rank == 0 and n < args.probe_batch_size:  # a small folder: the probe's batch shrinks to the data
         print(f"note: --probe-batch-size {args.probe_batch_size} exceeds the {n} training images: {n}")
-    cpu = dict(amp="none", channels_last=False) if device.type != "cuda" else {}  # autocast: CUDA only, as results say
+    cpu = dict(amp="none", channels_last=False) if device.type != "cuda" else {}  # CPU: fp32, results.json says so
     args = dataclasses.replace(args, probe_batch_size=min(n, args.probe_batch_size), **cpu)
     torch.backends.cudnn.benchmark = not args.deterministic
     torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
