@@ -281,8 +281,7 @@ class EMPSSL(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple:
         h = self.encode(x)
-        z = F.normalize(self.projection(h).float(), dim=-1)  # z: [N, z_dim], unit norm, fp32
-        return z, h
+        return F.normalize(self.projection(h).float(), dim=-1), h  # z: [N, z_dim], unit norm, fp32; h
 
 
 # ==== 4. LOSS ====
