@@ -1,10 +1,10 @@
 """EMP-SSL: Towards Self-Supervised Learning in One Training Epoch (Tong, Chen, Ma, LeCun, 2023), arXiv 2304.03977.
 
 What we reproduce: EMP-SSL on CIFAR-10/100 with a ResNet-18 (CIFAR stem). Every image is cut into P heavily augmented
-16x16 patches (upsampled to 32x32); the loss pulls each patch embedding towards its image's mean embedding
-(invariance) while a Total Coding Rate term, computed per patch index over the batch, spreads the embeddings. The
-representation is the 4096-d `h` averaged over 128 random patches ("bag of features"), read out by a linear probe and
-a weighted k-NN. Official code: tsb0601/EMP-SSL; spec: ../shared/specs/empssl.md.
+16x16 patches (upsampled to 32x32); the loss pulls each patch embedding towards its image's mean embedding (invariance)
+while a Total Coding Rate term, computed per patch index over the batch, spreads the embeddings. The representation is
+the 4096-d `h` averaged over 128 random patches ("bag of features"), read out by a linear probe and a weighted k-NN.
+Official code: tsb0601/EMP-SSL; spec: ../shared/specs/empssl.md.
 
 Runs (one GPU each unless torchrun is shown; the official README numbers are linear top-1 on the original CIFAR):
     python empssl_cifar.py                                    # 1 epoch of a 2-epoch cosine, P=20: README 84.2%
@@ -30,15 +30,14 @@ kachayev/ssl-in-one-epoch README notes on CIFAR-10 (K: his LR schedule, solarize
     python empssl_cifar.py $K $V --hidden-dim 256   # "84+% top1 accuracy on 20 patches"
 
 Deviations (each marked `# DEVIATION:` below): patches are augmented on the GPU in batches (the tests compare them
-with the official PIL pipeline); bf16 autocast with channels_last (the TCR log-det in fp64); a Cholesky
-log-det in the Sylvester (B x B) form; seeded, resumable random streams; the TCR is computed over the global batch
-under DDP (all-gather with gradient), which equals the official single-process semantics. Inferred from the code:
-Tiny-ImageNet's settings (its one Tiny-ImageNet path, commented out, sits in the ImageNet branch: aug4img.py; its
-resnet18-tinyimagenet is torchvision's ResNet-18); kachayev's "loss weight set to 1.5 instead of 200.0" as --inv-weight
-1.5 (200: his invariance default), 10 epochs for his h=256 note (the note before trains 10). DEVIATION: ImageNet-100
-patches are cut from --image-size 256 centre squares decoded once, not from the full photos; the cosine spans the real
-epochs (the official T_max counts 50,000 images an epoch on every dataset: it reaches 0 early, rises again).
-"""
+with the official PIL pipeline); bf16 autocast with channels_last (the TCR log-det in fp64); a Cholesky log-det in the
+Sylvester (B x B) form; seeded, resumable random streams; the TCR is computed over the global batch under DDP
+(all-gather with gradient), which equals the official single-process semantics. Inferred from the code: Tiny-ImageNet's
+settings (its one Tiny-ImageNet path, commented out, sits in the ImageNet branch: aug4img.py; its resnet18-tinyimagenet
+is torchvision's ResNet-18); kachayev's "loss weight set to 1.5 instead of 200.0" as --inv-weight 1.5 (200: his
+invariance default), 10 epochs for his h=256 note (the note before trains 10). DEVIATION: ImageNet-100 patches are cut
+from --image-size 256 centre squares decoded once, not from the full photos; the cosine spans the real epochs (the
+official T_max counts 50,000 images an epoch on every dataset: it reaches 0 early, rises again)."""
 
 import dataclasses
 import hashlib
@@ -131,8 +130,7 @@ class Args:
     tcr_weight: float = 1.0
     """weight of the uniformity term, TCR or vonmises (official --tcr 1; kachayev's --uniformity_loss_weight 1)"""
     # --- optimisation (spec 5)
-    # DEVIATION: the official command trains --epoch 2; which checkpoint its "1 epoch" table uses is not stated, and
-    # we read it as the one after epoch 1 (spec 5.3, inferred). --epochs 2 --eval-every-steps 500 reports both.
+    # DEVIATION (inferred, spec 5.3): the "1 epoch" table is read as epoch 1 of the official --epoch 2 run (not stated)
     epochs: int = 1
     """epochs to train; the paper's '1 epoch' result is epoch 1 of a 2-epoch cosine (see --lr-epochs)"""
     lr_epochs: Optional[int] = 2
@@ -204,10 +202,9 @@ PATCH_AUGS = {"cifar": ((1.0, 1.0), False), "imagenet": ((3 / 4, 4 / 3), True)} 
 def sample_patch_params(gen: torch.Generator, n: int, size: int, scale: float, ratio=(1.0, 1.0)) -> dict:
     """Random draws of the official patch transform for n patches of size x size images (spec 2.1), on the
     generator's device; the crop as RandomResizedCrop(scale=(scale, scale), ratio) draws it."""
-    dev = gen.device
 
     def u(lo, hi, *shape):
-        return lo + (hi - lo) * torch.rand(n, *shape, generator=gen, device=dev)
+        return lo + (hi - lo) * torch.rand(n, *shape, generator=gen, device=gen.device)
 
     aspect = torch.exp(u(math.log(ratio[0]), math.log(ratio[1])))  # PAPER: a fixed area, log-uniform aspect ratio
     h, w = [(scale * size**2 / a).sqrt().round().clamp(1, size) for a in (aspect, 1 / aspect)]  # CIFAR: 16 x 16
@@ -216,7 +213,7 @@ def sample_patch_params(gen: torch.Generator, n: int, size: int, scale: float, r
         flip=u(0, 1) < 0.5,                                                      # RandomHorizontalFlip(p=0.5)
         jitter=u(0, 1) < 0.8,                                                    # RandomApply(ColorJitter, p=0.8)
         factors=torch.cat([u(0.6, 1.4, 3), u(-0.2, 0.2, 1)], 1),                 # ColorJitter(0.4, 0.4, 0.4, 0.2)
-        order=torch.rand(n, 4, generator=gen, device=dev).argsort(1),           # ColorJitter's random op order
+        order=torch.rand(n, 4, generator=gen, device=gen.device).argsort(1),    # ColorJitter's random op order
         gray=u(0, 1) < 0.2,                                                      # RandomGrayscale(p=0.2)
         blur=u(0, 1) < 0.1, sigma=u(0.1, 2.0),                                   # GBlur(p=0.1), sigma ~ U(0.1, 2)
         solarize=u(0, 1) < 0.1,                                                  # RandomApply(Solarization, p=0.1)
@@ -260,11 +257,10 @@ def patch_batches(images: torch.Tensor, batches: list, keys: list, n_patches: in
         b = len(idx) // world
         gen.manual_seed(rng_seed(*key))
         p = sample_patch_params(gen, n_patches * len(idx), images.shape[-1], args.crop_scale, ratio)  # global batch
-        cols = torch.arange(rank * b, (rank + 1) * b, device=device)
-        sel = (torch.arange(n_patches, device=device)[:, None] * len(idx) + cols).flatten()  # this rank, patch-major
-        local = idx[rank * b : (rank + 1) * b].to(device)
+        mine = slice(rank * b, (rank + 1) * b)  # this rank's images of the global batch
+        sel = torch.arange(n_patches * len(idx), device=device).view(n_patches, -1)[:, mine].flatten()  # patch-major
         p = {k: v[sel] for k, v in p.items()}
-        yield augment_patches(images[local.repeat(n_patches)], p, size, args.solarize_threshold, cubic)
+        yield augment_patches(images[idx[mine].to(device).repeat(n_patches)], p, size, args.solarize_threshold, cubic)
 
 
 # ==== 3. MODEL ====
@@ -285,8 +281,7 @@ class EMPSSL(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple:
         h = self.encode(x)
-        z = F.normalize(self.projection(h).float(), dim=-1)  # z: [N, z_dim], unit norm, fp32
-        return z, h
+        return F.normalize(self.projection(h).float(), dim=-1), h  # z: [N, z_dim], unit norm, fp32; h
 
 
 # ==== 4. LOSS ====
@@ -380,53 +375,47 @@ INIT_FORMATS = {"last.pt": own_checkpoint, "official <epoch>.pt": official_pt, "
 
 def load_data(args: Args) -> dict:
     """uint8 images [N, 3, S, S] and int64 labels for both splits, on the CPU."""
-    root = Path(args.data_dir)
+    root, s = Path(args.data_dir), args.image_size
     if args.dataset == "fake":  # random images, for shape tests only
-        g = torch.Generator().manual_seed(args.seed)
-        x = torch.randint(0, 256, (320, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
-        y = torch.arange(320) % 10
-        splits, num_classes = [(x[:256], y[:256]), (x[256:], y[256:])], 10
+        x = torch.randint(0, 256, (320, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(args.seed))
+        splits, num_classes = [(x[:256], torch.arange(256) % 10), (x[256:], torch.arange(256, 320) % 10)], 10
     elif args.dataset == "imagefolder" and (root / "val" / "val_annotations.txt").is_file():
-        splits, num_classes = tiny_imagenet(root, args.image_size)
+        splits, num_classes = tiny_imagenet(root, s)
     elif args.dataset == "imagefolder":
         train_root, test_root, classes = folder_splits(root)
-        splits = [load_image_folder(split, classes, args.image_size) for split in (train_root, test_root)]
-        num_classes = len(classes)
+        splits, num_classes = [load_image_folder(split, classes, s) for split in (train_root, test_root)], len(classes)
     else:
         cls, num_classes = CIFAR[args.dataset]
         try:
             sets = [cls(str(root), train=train, download=args.download) for train in (True, False)]
-        except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted", or a failed download
-            if args.download:  # it was allowed and failed: no network, or a bad --data-dir
-                raise RunError(f"could not download {args.dataset} into {root} ({e}); without network, give a copy in "
-                               "--data-dir (torchvision's layout) or use --dataset imagefolder")  # fmt: skip
-            raise RunError(f"{args.dataset} not found in {root} ({e}); pass its --data-dir, or --download")
-        splits = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in sets]
+        except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted", or a failed download (no network?)
+            offline = "without network, give a copy in --data-dir (torchvision's layout) or use --dataset imagefolder"
+            raise RunError(f"could not download {args.dataset} into {root} ({e}); {offline}" if args.download else
+                           f"{args.dataset} not found in {root} ({e}); pass its --data-dir, or --download")  # fmt: skip
+        splits = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets)) for d in sets]
     (train_x, train_y), (test_x, test_y) = splits
     return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=num_classes)
 
 
 def tiny_imagenet(root: Path, size: int) -> tuple:
-    """([train, val], classes) of Tiny-ImageNet as unzipped: train/<wnid>/images/*.JPEG, val/images/*.JPEG labelled by
-    val/val_annotations.txt (file, wnid, box); its test/ has no labels and is not read."""
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir()) if (root / "train").is_dir() else []
-    rows = [ln.split("\t")[:2] for ln in (root / "val" / "val_annotations.txt").read_text().splitlines() if ln.strip()]
-    bad = [r for r in rows if len(r) < 2 or r[1] not in classes or not (root / "val" / "images" / r[0]).is_file()]
+    """([train, val] splits, number of classes) of Tiny-ImageNet as unzipped: train/<wnid>/images/*.JPEG,
+    val/images/*.JPEG labelled by val/val_annotations.txt (file, wnid, box); its test/ has no labels and is not read."""
+    train, val, ann = root / "train", root / "val" / "images", root / "val" / "val_annotations.txt"
+    classes = sorted(d.name for d in train.iterdir() if d.is_dir()) if train.is_dir() else []
+    rows = [ln.split("\t")[:2] for ln in ann.read_text().splitlines() if ln.strip()]
+    bad = [r for r in rows if len(r) < 2 or r[1] not in classes or not (val / r[0]).is_file()]
     if not classes or bad or not rows:
-        raise RunError(f"{root / 'val' / 'val_annotations.txt'}: {bad[:1] or 'no rows'} names no val/images/ file or "
-                       f"no class folder of {root / 'train'}")  # fmt: skip
-    folders = [c + "/images" * (root / "train" / c / "images").is_dir() for c in classes]  # for the shared loader
-    val = decode_files([root / "val" / "images" / f for f, _ in rows], size, size)
-    labels = torch.tensor([classes.index(w) for _, w in rows])
-    return [load_image_folder(root / "train", folders, size), (val, labels)], len(classes)
+        raise RunError(f"{ann}: {bad[:1] or 'no rows'} names no val/images/ file or no class folder of {train}")
+    folders = [c + "/images" * (train / c / "images").is_dir() for c in classes]  # for the shared loader
+    x, y = decode_files([val / f for f, _ in rows], size, size), torch.tensor([classes.index(w) for _, w in rows])
+    return [load_image_folder(train, folders, size), (x, y)], len(classes)
 
 
 def check_args(args: Args, world_size: int) -> None:
     """Refuse bad input with one clear line, before any data is read or process group created."""
-    check_common_args(
-        args, world_size, RESNETS, at_least_1="n_patches lr_epochs hidden_dim z_dim patch_size",
-        at_least_0="eval_patches eval_every", positive="lr eps lars_eta", non_negative="inv_weight tcr_weight momentum",
-    )  # fmt: skip
+    check_common_args(args, world_size, RESNETS, at_least_1="n_patches lr_epochs hidden_dim z_dim patch_size",
+                      at_least_0="eval_patches eval_every", positive="lr eps lars_eta",
+                      non_negative="inv_weight tcr_weight momentum")  # fmt: skip
     if not 0 < args.crop_scale <= 1:
         raise RunError(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
     if args.lr_epochs is not None and args.lr_epochs < args.epochs:
@@ -444,27 +433,28 @@ def run_training(args: Args) -> dict:
         data = load_data(args)
     except RunError as e:
         raise RunError(str(e), every_rank=True)
-    if device.type != "cuda":  # autocast runs on CUDA only: say so in results.json
-        args = dataclasses.replace(args, amp="none", channels_last=False)
+    n = len(data["train_x"])
+    if n < args.batch_size:
+        raise RunError(f"--batch-size {args.batch_size} exceeds the {n} training images", every_rank=True)
+    if rank == 0 and n < args.probe_batch_size:  # a small folder: the probe's batch shrinks to the data
+        print(f"note: --probe-batch-size {args.probe_batch_size} exceeds the {n} training images: {n}")
+    cpu = dict(amp="none", channels_last=False) if device.type != "cuda" else {}  # CPU: fp32, results.json says so
+    args = dataclasses.replace(args, probe_batch_size=min(n, args.probe_batch_size), **cpu)
     torch.backends.cudnn.benchmark = not args.deterministic
     torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
     # DEVIATION: TF32 for fp32 matmuls/convs (official: off): with --amp none, and the patch resize (~1e-3 < 1/255)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    n = len(data["train_x"])
-    if n < args.batch_size:
-        raise RunError(f"--batch-size {args.batch_size} exceeds the {n} training images", every_rank=True)
-    if n < args.probe_batch_size:  # a small folder: the probe's batch shrinks to the data
-        if rank == 0:
-            print(f"note: --probe-batch-size {args.probe_batch_size} exceeds the {n} training images: {n}")
-        args = dataclasses.replace(args, probe_batch_size=n)
     # CRUCIAL: decode once, keep the uint8 images on the device (150 MB for CIFAR)
     data.update(train_x=data["train_x"].to(device), test_x=data["test_x"].to(device))
-    run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, data=data, t_start=t_start)
-    Stop.run, run.epoch_sums = run, None  # main reports a stop on this run
-    run.data_time_s, run.steps_per_epoch = time.perf_counter() - t_start, n // args.batch_size
-    run.total_steps = min(run.steps_per_epoch * args.epochs, math.inf if args.max_steps is None else args.max_steps)
+    spe, max_steps = n // args.batch_size, math.inf if args.max_steps is None else args.max_steps
+    run = Stop.run = SimpleNamespace(  # main reports a stop on this run
+        args=args, rank=rank, world_size=world_size, device=device, data=data, t_start=t_start, steps_per_epoch=spe,
+        data_time_s=time.perf_counter() - t_start, total_steps=min(spe * args.epochs, max_steps), epoch_sums=None,
+        global_step=0, train_time_s=0.0, images_seen=0, data_wait_s=0.0, times={},
+        fmt=torch.channels_last if args.channels_last else torch.contiguous_format,
+        metrics=("loss", "cos", "R" if args.uniformity_loss == "tcr" else "-vonmises"),  # train_step's, in order
+    )  # fmt: skip
     torch.manual_seed(args.seed)  # the same initial model on every rank
-    run.fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = EMPSSL(args.arch, args.hidden_dim, args.z_dim, args.weight_init).to(device, memory_format=run.fmt)
     run.model, run.encode = model, model.encode if args.emb_pool == "features" else lambda x: model(x)[0]  # h or z
     # PAPER: SGD with Nesterov momentum inside LARSWrapper(eta=0.005, clip=True, exclude_bias_n_norm=True)
@@ -474,7 +464,6 @@ def run_training(args: Args) -> dict:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     run.autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
     run.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
-    run.global_step, run.train_time_s, run.images_seen, run.data_wait_s, run.times = 0, 0.0, 0, 0.0, {}
     run.init = None if resume_state(run, set()) or not args.init else init_weights(model, args.init, INIT_FORMATS)
     if rank == 0 and run.init:  # --init loaded before DDP (every rank the same file); a resumed run ignores it
         print(run.init)
@@ -483,7 +472,6 @@ def run_training(args: Args) -> dict:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     run.ddp_model = torch.compile(net) if args.compile else net
     bench = run_benchmarks(run, "patches", args.n_patches)
-    run.metrics = ("loss", "cos", "R" if args.uniformity_loss == "tcr" else "-vonmises")  # train_step's, in order
     train_epochs(run)
     res = evaluate(run, tag="final") if args.eval_patches else {}
     if rank == 0:  # the ResNet alone, torchvision's names: README "Use released weights" loads it
@@ -496,8 +484,7 @@ def run_training(args: Args) -> dict:
 
 def write_results(run: SimpleNamespace, bench: dict, res: dict) -> None:
     """out_dir/results.json (atomic): args, machine, timings, patches/s against the bare ceiling, metrics."""
-    args, device, out = run.args, run.device, Path(run.args.out_dir)
-    cuda = device.type == "cuda"
+    args, device, out, cuda = run.args, run.device, Path(run.args.out_dir), run.device.type == "cuda"
     patches_per_s = run.images_seen * args.n_patches / max(run.train_time_s, 1e-9)
     emb = f"h ({args.hidden_dim}-d)" if args.emb_pool == "features" else f"z ({args.z_dim}-d)"
     protocol = f"bag of {args.eval_patches} random training-transform patches, {emb}, eval-mode BN"
@@ -534,42 +521,37 @@ def bare_step(run: SimpleNamespace):
     return step
 
 
-# the method's own evaluation: a bag of patches
 @torch.no_grad()
 def encode_bag(run: SimpleNamespace, images: torch.Tensor, split: str, n_patches: int) -> torch.Tensor:
-    """Official protocol (spec 2.4, 6.1): h averaged over n_patches random training-transform patches, eval mode;
-    n_patches=0 encodes the whole unaugmented image. Each rank encodes its share, gathered: [N, hidden]. Patches go
-    through run.encode in chunks sized to --eval-memory-gb (128 patches of 100 images at once took 16 GB)."""
-    args, device, rank, world = run.args, run.device, run.rank, run.world_size
+    """The method's own evaluation (official, spec 2.4, 6.1): run.encode (h, eval mode) averaged over n_patches random
+    training-transform patches (0: the whole unaugmented image); each rank encodes its share, gathered: [N, hidden], in
+    chunks sized to --eval-memory-gb (128 patches of 100 images at once took 16 GB)."""
+    args, device, rank, world, n = run.args, run.device, run.rank, run.world_size, len(images)
     run.model.eval()
-    n, per_rank = len(images), math.ceil(len(images) / world)
-    mine = torch.arange(rank * per_rank, (rank + 1) * per_rank, device=device).clamp(max=n - 1)  # padded, trimmed later
+    mine = torch.arange(math.ceil(n / world) * world, device=device).clamp(max=n - 1).view(world, -1)[rank]  # padded
     size = (args.patch_size or images.shape[-1]) if n_patches else images.shape[-1]
     # each block's patches are drawn from one seed; a block holds <= 100 images, <= the pixels of 128 CIFAR patches each
     blocks = list(mine.split(min(100, max(1, 100 * 128 * 32**2 // (max(n_patches, 1) * size**2)))))
-    one = torch.zeros(1, 3, size, size, device=device).contiguous(memory_format=run.fmt)
-    chunk = inputs_per_chunk(run.encode, one, args.eval_memory_gb)  # patches per forward
-    if n_patches:
-        keys = [(args.seed, "eval", split, rank, i) for i in range(len(blocks))]
-        stream = patch_batches(images, blocks, keys, n_patches, args, device)
-    else:
-        stream = ((images[c].float() / 255 - 0.5) / 0.5 for c in blocks)
+    chunk = inputs_per_chunk(run.encode, torch.zeros(1, 3, size, size, device=device), args.eval_memory_gb)
+    keys = [(args.seed, "eval", split, rank, i) for i in range(len(blocks))]
+    whole = ((images[c].float() / 255 - 0.5) / 0.5 for c in blocks)  # n_patches=0: the whole unaugmented images
+    stream = patch_batches(images, blocks, keys, n_patches, args, device) if n_patches else whole
     feats = []
     for c, x in zip(blocks, tqdm(stream, total=len(blocks), desc=f"encode {split}", disable=rank != 0, leave=False)):
         with run.autocast:  # x: [P * b, 3, S, S], patch-major
             h = torch.cat([run.encode(part.contiguous(memory_format=run.fmt)).float() for part in x.split(chunk)])
         feats.append(h.view(max(n_patches, 1), len(c), -1).mean(0))
-    return (gather_with_grad(torch.cat(feats)) if world > 1 else torch.cat(feats))[:n]
+    return gather_with_grad(torch.cat(feats))[:n]  # identity on one rank
 
 
 def evaluate(run: SimpleNamespace, tag: str) -> dict:
     """Bag-of-features encoding of both splits, then weighted k-NN and the linear probe (official func.linear, spec
     6.2) on rank 0. The final features of a 1-process run are cached per weights digest: a rerun skips encoding."""
-    args, data, device, res, times = run.args, run.data, run.device, {}, {}
+    args, data, device, nc, res, times = run.args, run.data, run.device, run.data["num_classes"], {}, {}
     use_cache = tag == "final" and run.world_size == 1
     digest = state_dict_digest(run.model.state_dict()) if use_cache else None
+    patches = (args.seed, args.crop_scale, args.solarize_threshold, args.patch_aug, args.patch_size, args.emb_pool)
     for prefix, n_patches in [("", args.eval_patches)] + ([("whole_", 0)] if args.eval_whole_image else []):
-        patches = (args.seed, args.crop_scale, args.solarize_threshold, args.patch_aug, args.patch_size, args.emb_pool)
         cache = ArtifactCache(Path(args.out_dir) / "cache", f"{rng_seed(digest, n_patches, *patches):014x}")
         t0 = time.perf_counter()
         feats = {split: cache.get(split) if use_cache else None for split in ("train", "test")}
@@ -579,15 +561,12 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
                 cache.put(split, feats[split].cpu())
         times[f"{prefix}encode_s"] = time.perf_counter() - t0
         if run.rank == 0:
-            xtr, xte, nc = feats["train"].to(device), feats["test"].to(device), data["num_classes"]
-            ytr, yte = data["train_y"].to(device), data["test_y"].to(device)
+            xy = [t.to(device) for t in (feats["train"], data["train_y"], feats["test"], data["test_y"])]
             t0 = time.perf_counter()
-            knn = knn_eval(xtr, ytr, xte, yte, nc, args.knn_k, args.knn_t)
-            res[f"{prefix}knn_top1"], res[f"{prefix}knn_top5"] = knn
+            res[f"{prefix}knn_top1"], res[f"{prefix}knn_top5"] = knn_eval(*xy, nc, args.knn_k, args.knn_t)
             times[f"{prefix}knn_s"], t0 = time.perf_counter() - t0, time.perf_counter()
-            probe = linear_probe(xtr, ytr, xte, yte, nc, args.probe_epochs, args.probe_lr, args.probe_wd,
-                                 args.probe_batch_size, args.seed)  # fmt: skip
-            res[f"{prefix}linear_top1"], res[f"{prefix}linear_top1_best"] = probe["last"], probe["best"]
+            p = linear_probe(*xy, nc, args.probe_epochs, args.probe_lr, args.probe_wd, args.probe_batch_size, args.seed)
+            res[f"{prefix}linear_top1"], res[f"{prefix}linear_top1_best"] = p["last"], p["best"]
             times[f"{prefix}probe_s"] = time.perf_counter() - t0
         if run.world_size > 1:
             dist.barrier()
