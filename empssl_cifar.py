@@ -425,45 +425,17 @@ def check_args(args: Args, world_size: int) -> None:
 
 def run_training(args: Args) -> dict:
     """The run: checks, data (on the device), model, LARS, precision, resume, epochs, evaluation, results.json."""
-    try:  # before any process group and data: bad input fails fast, alike on every rank
-        check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
-        check_out_dir(args.out_dir)
-        t_start = time.perf_counter()
-        rank, world_size, device = setup_distributed(args.device)
-        data = load_data(args)
-    except RunError as e:
-        raise RunError(str(e), every_rank=True)
-    n = len(data["train_x"])
-    if n < args.batch_size:
-        raise RunError(f"--batch-size {args.batch_size} exceeds the {n} training images", every_rank=True)
-    if rank == 0 and n < args.probe_batch_size:  # a small folder: the probe's batch shrinks to the data
-        print(f"note: --probe-batch-size {args.probe_batch_size} exceeds the {n} training images: {n}")
-    cpu = dict(amp="none", channels_last=False) if device.type != "cuda" else {}  # CPU: fp32, results.json says so
-    args = dataclasses.replace(args, probe_batch_size=min(n, args.probe_batch_size), **cpu)
-    torch.backends.cudnn.benchmark = not args.deterministic
-    torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
-    # DEVIATION: TF32 for fp32 matmuls/convs (official: off): with --amp none, and the patch resize (~1e-3 < 1/255)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    # CRUCIAL: decode once, keep the uint8 images on the device (150 MB for CIFAR)
-    data.update(train_x=data["train_x"].to(device), test_x=data["test_x"].to(device))
-    spe, max_steps = n // args.batch_size, math.inf if args.max_steps is None else args.max_steps
-    run = Stop.run = SimpleNamespace(  # main reports a stop on this run
-        args=args, rank=rank, world_size=world_size, device=device, data=data, t_start=t_start, steps_per_epoch=spe,
-        data_time_s=time.perf_counter() - t_start, total_steps=min(spe * args.epochs, max_steps), epoch_sums=None,
-        global_step=0, train_time_s=0.0, images_seen=0, data_wait_s=0.0, times={},
-        fmt=torch.channels_last if args.channels_last else torch.contiguous_format,
-        metrics=("loss", "cos", "R" if args.uniformity_loss == "tcr" else "-vonmises"),  # train_step's, in order
-    )  # fmt: skip
+    run = start_run(args)  # DEVIATION: its TF32 also rounds the patch resize with --amp none (~1e-3 < 1/255)
+    args, rank, world_size, device = run.args, run.rank, run.world_size, run.device
+    max_steps = math.inf if args.max_steps is None else args.max_steps
+    run.total_steps = min(run.steps_per_epoch * args.epochs, max_steps)
+    run.metrics = ("loss", "cos", "R" if args.uniformity_loss == "tcr" else "-vonmises")  # train_step's, in order
     torch.manual_seed(args.seed)  # the same initial model on every rank
     model = EMPSSL(args.arch, args.hidden_dim, args.z_dim, args.weight_init).to(device, memory_format=run.fmt)
     run.model, run.encode = model, model.encode if args.emb_pool == "features" else lambda x: model(x)[0]  # h or z
     # PAPER: SGD with Nesterov momentum inside LARSWrapper(eta=0.005, clip=True, exclude_bias_n_norm=True)
     groups = param_groups(model, args.weight_decay)
     run.opt = LARS(groups, lr=args.lr, momentum=args.momentum, nesterov=True, eta=args.lars_eta, clip=True)
-    # DEVIATION: bf16 autocast (the official code runs fp32); the losses stay fp32, the log-det fp64
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    run.autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
-    run.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
     run.init = None if resume_state(run, set()) or not args.init else init_weights(model, args.init, INIT_FORMATS)
     if rank == 0 and run.init:  # --init loaded before DDP (every rank the same file); a resumed run ignores it
         print(run.init)
@@ -476,34 +448,17 @@ def run_training(args: Args) -> dict:
     res = evaluate(run, tag="final") if args.eval_patches else {}
     if rank == 0:  # the ResNet alone, torchvision's names: README "Use released weights" loads it
         save_checkpoint({k: v.cpu() for k, v in model.backbone.state_dict().items()}, Path(args.out_dir, "backbone.pt"))
-        write_results(run, bench, res)
+        emb = f"h ({args.hidden_dim}-d)" if args.emb_pool == "features" else f"z ({args.z_dim}-d)"
+        protocol = f"bag of {args.eval_patches} random training-transform patches, {emb}, eval-mode BN; linear probe "
+        protocol += f"{args.probe_epochs} ep lr {args.probe_lr}; weighted k-NN k={args.knn_k} T={args.knn_t}"
+        seen = run.images_seen * args.n_patches
+        extra = dict(
+            init=run.init, eval_protocol=protocol, patches_seen=seen, patches_per_s=seen / max(run.train_time_s, 1e-9)
+        )
+        write_results(run, "EMP-SSL (arXiv 2304.03977)", extra, bench, res)
     if dist.is_initialized():
         dist.destroy_process_group()
     return res
-
-
-def write_results(run: SimpleNamespace, bench: dict, res: dict) -> None:
-    """out_dir/results.json (atomic): args, machine, timings, patches/s against the bare ceiling, metrics."""
-    args, device, out, cuda = run.args, run.device, Path(run.args.out_dir), run.device.type == "cuda"
-    patches_per_s = run.images_seen * args.n_patches / max(run.train_time_s, 1e-9)
-    emb = f"h ({args.hidden_dim}-d)" if args.emb_pool == "features" else f"z ({args.z_dim}-d)"
-    protocol = f"bag of {args.eval_patches} random training-transform patches, {emb}, eval-mode BN"
-    protocol += f"; linear probe {args.probe_epochs} ep lr {args.probe_lr}; weighted k-NN k={args.knn_k} T={args.knn_t}"
-    results = dict(
-        script=Path(__file__).name, paper="EMP-SSL (arXiv 2304.03977)", exp_name=args.exp_name,
-        args=dataclasses.asdict(args), world_size=run.world_size, steps_per_epoch=run.steps_per_epoch,
-        device=torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
-        torch=torch.__version__, torchvision=torchvision.__version__, python=platform.python_version(), init=run.init,
-        epochs_done=run.global_step / run.steps_per_epoch, steps_done=run.global_step, eval_protocol=protocol,
-        data_time_s=run.data_time_s, train_time_s=run.train_time_s, data_wait_s=run.data_wait_s, **run.times,
-        total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen,
-        patches_seen=run.images_seen * args.n_patches, patches_per_s=patches_per_s, **bench,
-        peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
-        script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res,
-    )  # fmt: skip
-    (tmp := out / f"results.json.tmp.{os.getpid()}").write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "results.json")  # atomic, like the checkpoints
-    print(summary_line(res, results, out / "results.json"))
 
 
 def bare_step(run: SimpleNamespace):
@@ -1037,6 +992,76 @@ def main(args: Args) -> None:
             time.sleep(3)  # rank 0 has the same error: let it say it before torchrun stops everyone
             sys.exit(1)
         sys.exit(f"{Path(__file__).name}: error: {msg}")
+
+
+# END SHARED
+
+
+# SHARED: runs
+def start_run(args: Args) -> SimpleNamespace:
+    """Check the args, join the process group, read the data (on the device when in memory), set the precision."""
+    try:  # before any process group and data: bad input fails fast, alike on every rank
+        check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+        check_out_dir(args.out_dir)
+        t_start = time.perf_counter()
+        rank, world_size, device = setup_distributed(args.device)
+        if device.type != "cuda":  # autocast runs on CUDA only: say so in results.json
+            args = dataclasses.replace(args, amp="none", channels_last=False)
+        if getattr(args, "workers", 0) is None:  # streamed files (EMP-SSL reads none): this machine's CPUs
+            args = dataclasses.replace(args, workers=cpus_per_process())
+        data = load_data(args)
+    except RunError as e:
+        raise RunError(str(e), every_rank=True)
+    torch.backends.cudnn.benchmark = not args.deterministic
+    torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
+    # DEVIATION: TF32 for fp32 matmuls/convs; it only matters with --amp none (the losses compute in fp32 anyway)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    n = len(data["train_y"])
+    if n < args.batch_size:
+        raise RunError(f"--batch-size {args.batch_size} exceeds the {n} training images", every_rank=True)
+    if getattr(args, "probe", "") != "none" and n < args.probe_batch_size:  # a small folder: the probe batch shrinks
+        probe_batch = n // world_size * world_size
+        if rank == 0:
+            print(f"note: --probe-batch-size {args.probe_batch_size} exceeds the {n} training images: {probe_batch}")
+        args = dataclasses.replace(args, probe_batch_size=probe_batch)
+    if torch.is_tensor(data["train_x"]):  # CRUCIAL: decode once, keep the uint8 images on the device (CIFAR: 150 MB)
+        data.update(train_x=data["train_x"].to(device), test_x=data["test_x"].to(device))
+    run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, data=data, t_start=t_start)
+    Stop.run, run.epoch_sums = run, None  # main reports a stop on this run
+    run.data_time_s, run.steps_per_epoch = time.perf_counter() - t_start, n // args.batch_size
+    run.fmt = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
+    run.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")  # --amp is none off CUDA (above)
+    # DEVIATION: bf16 autocast by default (the official precision is in the docstring); the loss stays fp32
+    amp_dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(args.amp)
+    run.autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
+    run.global_step, run.train_time_s, run.images_seen, run.data_wait_s, run.times = 0, 0.0, 0, 0.0, {}
+    return run
+
+
+def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, res: dict) -> None:
+    """out_dir/results.json (rank 0, atomic): args, machine, timings, throughput against the bare ceiling, metrics;
+    extra: the method's own fields (EMP-SSL: its evaluation protocol, the bag of patches, and its patch counts)."""
+    args, device = run.args, run.device
+    imgs_per_s = run.images_seen / max(run.train_time_s, 1e-9)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    if "eval_protocol" not in extra:  # pooled features of the images, and the multi-crop views' crops/s
+        protocol = f"pooled backbone features of {'whole images' if args.in_memory else 'centre crops'}, eval-mode BN"
+        protocol += f"; weighted k-NN k={args.knn_k} T={args.knn_t}"
+        protocol += f"; linear probe: {args.probe}, {args.probe_epochs} epochs"
+        extra = dict(extra, eval_protocol=protocol, crops_per_s=imgs_per_s * sum(g.n for g in run.groups))
+    results = dict(script=Path(__file__).name, paper=paper, exp_name=args.exp_name, args=dataclasses.asdict(args))
+    results.update(world_size=run.world_size, steps_per_epoch=run.steps_per_epoch, **extra, device=dev_name)
+    results.update(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__)
+    results.update(epochs_done=run.global_step / run.steps_per_epoch, steps_done=run.global_step)
+    results.update(data_time_s=run.data_time_s, train_time_s=run.train_time_s, data_wait_s=run.data_wait_s, **run.times)
+    results.update(total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen, images_per_s=imgs_per_s)
+    results.update(**bench)
+    results.update(peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                   script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)  # fmt: skip
+    tmp = Path(args.out_dir) / f"results.json.tmp.{os.getpid()}"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, Path(args.out_dir) / "results.json")  # atomic, like the checkpoints
+    print(summary_line(res, results, Path(args.out_dir) / "results.json"))
 
 
 # END SHARED

@@ -1038,6 +1038,76 @@ def main(args: Args) -> None:
 # END SHARED
 
 
+# SHARED: runs
+def start_run(args: Args) -> SimpleNamespace:
+    """Check the args, join the process group, read the data (on the device when in memory), set the precision."""
+    try:  # before any process group and data: bad input fails fast, alike on every rank
+        check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+        check_out_dir(args.out_dir)
+        t_start = time.perf_counter()
+        rank, world_size, device = setup_distributed(args.device)
+        if device.type != "cuda":  # autocast runs on CUDA only: say so in results.json
+            args = dataclasses.replace(args, amp="none", channels_last=False)
+        if getattr(args, "workers", 0) is None:  # streamed files (EMP-SSL reads none): this machine's CPUs
+            args = dataclasses.replace(args, workers=cpus_per_process())
+        data = load_data(args)
+    except RunError as e:
+        raise RunError(str(e), every_rank=True)
+    torch.backends.cudnn.benchmark = not args.deterministic
+    torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
+    # DEVIATION: TF32 for fp32 matmuls/convs; it only matters with --amp none (the losses compute in fp32 anyway)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    n = len(data["train_y"])
+    if n < args.batch_size:
+        raise RunError(f"--batch-size {args.batch_size} exceeds the {n} training images", every_rank=True)
+    if getattr(args, "probe", "") != "none" and n < args.probe_batch_size:  # a small folder: the probe batch shrinks
+        probe_batch = n // world_size * world_size
+        if rank == 0:
+            print(f"note: --probe-batch-size {args.probe_batch_size} exceeds the {n} training images: {probe_batch}")
+        args = dataclasses.replace(args, probe_batch_size=probe_batch)
+    if torch.is_tensor(data["train_x"]):  # CRUCIAL: decode once, keep the uint8 images on the device (CIFAR: 150 MB)
+        data.update(train_x=data["train_x"].to(device), test_x=data["test_x"].to(device))
+    run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, data=data, t_start=t_start)
+    Stop.run, run.epoch_sums = run, None  # main reports a stop on this run
+    run.data_time_s, run.steps_per_epoch = time.perf_counter() - t_start, n // args.batch_size
+    run.fmt = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
+    run.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")  # --amp is none off CUDA (above)
+    # DEVIATION: bf16 autocast by default (the official precision is in the docstring); the loss stays fp32
+    amp_dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(args.amp)
+    run.autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
+    run.global_step, run.train_time_s, run.images_seen, run.data_wait_s, run.times = 0, 0.0, 0, 0.0, {}
+    return run
+
+
+def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, res: dict) -> None:
+    """out_dir/results.json (rank 0, atomic): args, machine, timings, throughput against the bare ceiling, metrics;
+    extra: the method's own fields (EMP-SSL: its evaluation protocol, the bag of patches, and its patch counts)."""
+    args, device = run.args, run.device
+    imgs_per_s = run.images_seen / max(run.train_time_s, 1e-9)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    if "eval_protocol" not in extra:  # pooled features of the images, and the multi-crop views' crops/s
+        protocol = f"pooled backbone features of {'whole images' if args.in_memory else 'centre crops'}, eval-mode BN"
+        protocol += f"; weighted k-NN k={args.knn_k} T={args.knn_t}"
+        protocol += f"; linear probe: {args.probe}, {args.probe_epochs} epochs"
+        extra = dict(extra, eval_protocol=protocol, crops_per_s=imgs_per_s * sum(g.n for g in run.groups))
+    results = dict(script=Path(__file__).name, paper=paper, exp_name=args.exp_name, args=dataclasses.asdict(args))
+    results.update(world_size=run.world_size, steps_per_epoch=run.steps_per_epoch, **extra, device=dev_name)
+    results.update(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__)
+    results.update(epochs_done=run.global_step / run.steps_per_epoch, steps_done=run.global_step)
+    results.update(data_time_s=run.data_time_s, train_time_s=run.train_time_s, data_wait_s=run.data_wait_s, **run.times)
+    results.update(total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen, images_per_s=imgs_per_s)
+    results.update(**bench)
+    results.update(peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                   script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)  # fmt: skip
+    tmp = Path(args.out_dir) / f"results.json.tmp.{os.getpid()}"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, Path(args.out_dir) / "results.json")  # atomic, like the checkpoints
+    print(summary_line(res, results, Path(args.out_dir) / "results.json"))
+
+
+# END SHARED
+
+
 # SHARED: image-runs
 CIFAR = {"cifar10": (torchvision.datasets.CIFAR10, 10), "cifar100": (torchvision.datasets.CIFAR100, 100)}
 
@@ -1243,68 +1313,6 @@ def extract_features(run: SimpleNamespace, split: str, subset: Optional[torch.Te
         dist.all_gather(out, feats)
         feats = torch.cat(out)
     return feats[: len(ids)]
-
-
-def start_run(args: Args) -> SimpleNamespace:
-    """Check the args, join the process group, read the data (on the device when in memory), set the precision."""
-    try:  # before any process group and data: bad input fails fast, alike on every rank
-        check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
-        check_out_dir(args.out_dir)
-        t_start = time.perf_counter()
-        rank, world_size, device = setup_distributed(args.device)
-        if device.type != "cuda":  # autocast runs on CUDA only: say so in results.json
-            args = dataclasses.replace(args, amp="none", channels_last=False)
-        args = dataclasses.replace(args, workers=cpus_per_process()) if args.workers is None else args
-        data = load_data(args)
-    except RunError as e:
-        raise RunError(str(e), every_rank=True)
-    torch.backends.cudnn.benchmark = not args.deterministic
-    torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
-    # DEVIATION: TF32 for fp32 matmuls/convs; it only matters with --amp none (the losses compute in fp32 anyway)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    n = len(data["train_y"])
-    if n < args.batch_size:
-        raise RunError(f"--batch-size {args.batch_size} exceeds the {n} training images", every_rank=True)
-    if args.probe != "none" and n < args.probe_batch_size:  # a small folder: the probe's batch shrinks to the data
-        probe_batch = n // world_size * world_size
-        if rank == 0:
-            print(f"note: --probe-batch-size {args.probe_batch_size} exceeds the {n} training images: {probe_batch}")
-        args = dataclasses.replace(args, probe_batch_size=probe_batch)
-    if torch.is_tensor(data["train_x"]):  # CRUCIAL: decode once, keep the uint8 images on the device (CIFAR: 150 MB)
-        data.update(train_x=data["train_x"].to(device), test_x=data["test_x"].to(device))
-    run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, data=data, t_start=t_start)
-    Stop.run, run.epoch_sums = run, None  # main reports a stop on this run
-    run.data_time_s, run.steps_per_epoch = time.perf_counter() - t_start, n // args.batch_size
-    run.fmt = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
-    run.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")  # --amp is none off CUDA (above)
-    # DEVIATION: bf16 autocast by default (the official precision is in the docstring); the loss stays fp32
-    amp_dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(args.amp)
-    run.autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
-    run.global_step, run.train_time_s, run.images_seen, run.data_wait_s, run.times = 0, 0.0, 0, 0.0, {}
-    return run
-
-
-def write_results(run: SimpleNamespace, paper: str, extra: dict, bench: dict, res: dict) -> None:
-    """out_dir/results.json (rank 0, atomic): args, machine, timings, throughput against the bare ceiling, metrics."""
-    args, device = run.args, run.device
-    imgs_per_s = run.images_seen / max(run.train_time_s, 1e-9)
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    protocol = f"pooled backbone features of {'whole images' if args.in_memory else 'centre crops'}, eval-mode BN"
-    protocol += f"; weighted k-NN k={args.knn_k} T={args.knn_t}; linear probe: {args.probe}, {args.probe_epochs} epochs"
-    results = dict(script=Path(__file__).name, paper=paper, exp_name=args.exp_name, args=dataclasses.asdict(args))
-    results.update(world_size=run.world_size, steps_per_epoch=run.steps_per_epoch, **extra, device=dev_name)
-    results.update(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__)
-    results.update(epochs_done=run.global_step / run.steps_per_epoch, steps_done=run.global_step)
-    results.update(eval_protocol=protocol, data_time_s=run.data_time_s, train_time_s=run.train_time_s)
-    results.update(data_wait_s=run.data_wait_s, **run.times)
-    results.update(total_time_s=time.perf_counter() - run.t_start, images_seen=run.images_seen, images_per_s=imgs_per_s)
-    results.update(crops_per_s=imgs_per_s * sum(g.n for g in run.groups), **bench)
-    results.update(peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-                   script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **res)  # fmt: skip
-    tmp = Path(args.out_dir) / f"results.json.tmp.{os.getpid()}"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, Path(args.out_dir) / "results.json")  # atomic, like the checkpoints
-    print(summary_line(res, results, Path(args.out_dir) / "results.json"))
 
 
 # END SHARED
