@@ -306,15 +306,13 @@ class SwAV(nn.Module):
 
 # ==== 4. LOSS ====
 @torch.no_grad()
-def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3, distributed: Optional[bool] = None,
-             fp64: bool = False) -> torch.Tensor:  # fmt: skip
+def sinkhorn(scores: torch.Tensor, eps=0.05, iters=3, distributed: Optional[bool] = None, fp64=False) -> torch.Tensor:
     """Soft codes q [B, K] from raw prototype scores [B, K] by Sinkhorn-Knopp (spec 3; paper App. A.1): Q = exp(S/eps)^T
     (K x B) of mass 1, then `iters` times every prototype row to mass 1/K and every sample column to 1/B; finally rows
     of q sum to 1. Under DDP (default: a group of size > 1) the total and row sums are all-reduced and B is global, as
     one process on the whole batch (spec 3.3). DEVIATION: fp32/fp64, the global max of S/eps subtracted before exp."""
-    distributed = dist.is_initialized() and dist.get_world_size() > 1 if distributed is None else distributed
-    world = dist.get_world_size() if distributed else 1
-    reduce = dist.all_reduce if distributed else lambda t, op=None: None  # in place over the ranks (default: sum)
+    world = dist.get_world_size() if distributed or (distributed is None and dist.is_initialized()) else 1
+    reduce = dist.all_reduce if world > 1 else lambda t, op=None: None  # in place over the ranks (default: sum)
     s = scores.detach().to(torch.float64 if fp64 else torch.float32) / eps
     shift = s.max()
     reduce(shift, op=dist.ReduceOp.MAX)
@@ -354,8 +352,7 @@ class Queue:
     once full (official: the last slot is non-zero) with the current prototypes, then pushed: no batch appears twice."""
 
     def __init__(self, n_assign: int, length: int, dim: int, device: torch.device):
-        self.z = torch.zeros(n_assign, length, dim, device=device)
-        self.filled = 0
+        self.z, self.filled = torch.zeros(n_assign, length, dim, device=device), 0  # filled: slots written so far
 
     @staticmethod
     def start(run: SimpleNamespace, epoch: int) -> None:
@@ -420,8 +417,7 @@ METRICS = ("loss", "loss_over_lnK", "protos_used", "entropy", "queue")  # what t
 
 
 def train_step(run: SimpleNamespace, groups: list, step: int) -> torch.Tensor:
-    """One SwAV step on this rank's crops (a tensor per resolution). Returns METRICS, detached: loss, loss / ln K, crop
-    0's collapse signs on the first set (spec 4.4: prototypes used as argmax, entropy of mean p / ln K), queue used."""
+    """One SwAV step on this rank's crops (a tensor per resolution). Returns METRICS (collapse signs: spec 4.4)."""
     args, model, ks = run.args, run.model, run.model.ks  # K of each prototype set
     Queue.start(run, step // run.steps_per_epoch)  # from --queue-start-epoch on
     with torch.no_grad():  # PAPER: every row of C is L2-normalised before each forward (not its momentum buffer)
@@ -448,8 +444,8 @@ def train_step(run: SimpleNamespace, groups: list, step: int) -> torch.Tensor:
     k, s0, loss = ks[0], scores[0, :, : ks[0]].detach(), loss.detach()  # crop 0, set 0; loss over the sets' mean ln K
     used = torch.zeros(k, device=loss.device).index_fill_(0, s0.argmax(1), 1).sum()  # CUDA bincount syncs
     p_mean = F.softmax(s0 / args.temperature, dim=1).mean(0)
-    entropy = -(p_mean * p_mean.clamp_min(1e-12).log()).sum() / math.log(k)
-    queued = torch.full_like(used, float(queue_scores is not None))
+    entropy = -(p_mean * p_mean.clamp_min(1e-12).log()).sum() / math.log(k)  # of the mean prediction, over ln K
+    queued = torch.full_like(used, float(queue_scores is not None))  # 1: the queue entered Sinkhorn
     return torch.stack([loss, loss * len(ks) / sum(map(math.log, ks)), used, entropy, queued])
 
 
@@ -467,7 +463,7 @@ def train_batches(run: SimpleNamespace, epoch: int, start: int, last: int):
 def official_swav(sd) -> Optional[dict]:
     """--init format: facebookresearch/swav's model state dict (`module.` optional); src/resnet50.py's ResNet names are
     torchvision's (its ConstantPad2d(1) `padding` + conv1 padding 2 is padding 3, no tensor), projection_head.{0,1,3}
-    (Linear, BN, ReLU, Linear), prototypes.weight or MultiPrototypes' prototypes.prototypes{i}.weight (our sets)."""
+    (Linear, BN, ReLU, Linear), prototypes.weight or MultiPrototypes' prototypes.prototypes{i}.weight (several sets)."""
     if not (isinstance(sd, dict) and all(isinstance(k, str) for k in sd)):
         return None
     sd = strip_prefix(sd, "module." if all(k.startswith("module.") for k in sd) else "")  # its tensors, no DDP prefix
