@@ -21,8 +21,7 @@ Runs (the `imagenet` recipe is the paper's; flags override it; linear top-1 from
     torchrun --nnodes=16 --nproc_per_node=8 swav_imagenet.py imagenet --data-dir IMAGENET --arch resnet50w5 \
         --head-dims 10240 10240 128 --no-head-bn --n-small 4 --batch-size 1536 --queue-length 1536 \
         --queue-start-epoch 0 --freeze-prototypes-epochs 0.3753 --epochs 400                      # RN50-w5: 78.5%
-    python swav_imagenet.py imagenet --data-dir IMAGENET --max-steps 0 \
-        --init swav_800ep_pretrain.pth.tar                     # evaluates the released 800-epoch model (75.3%)
+    python swav_imagenet.py imagenet --data-dir IMAGENET --max-steps 0 --init swav_800ep_pretrain.pth.tar  # 75.3%
     python swav_imagenet.py cifar --dataset cifar10            # CIFAR proxy (spec 9.2, solo-learn-like recipe)
     python swav_imagenet.py cifar --dataset imagefolder --data-dir CIFAR10_JPEG --epochs 100
     python swav_imagenet.py imagenet --data-dir DIR --batch-size 8 --epochs 1 --arch resnet18 --large-size 64 \
@@ -375,9 +374,8 @@ class Queue:
 
     def state(self, run: SimpleNamespace) -> dict:
         """For last.pt (collective: every rank calls it): every rank's part [world, n_assign, L_local, D] on the CPU."""
-        parts = [self.z]
+        parts = [torch.empty_like(self.z) for _ in range(run.world_size)] if run.world_size > 1 else [self.z]
         if run.world_size > 1:
-            parts = [torch.empty_like(self.z) for _ in range(run.world_size)]
             dist.all_gather(parts, self.z)
         return dict(z=torch.stack(parts).cpu(), filled=self.filled)
 
@@ -392,8 +390,8 @@ class Queue:
 
 # ==== 5. OPTIMIZER & SCHEDULES ====
 def param_groups(model: nn.Module, args: Args) -> list:
-    """Official LARC: one group, every parameter with LARS and weight decay (biases, BN and prototypes included).
-    --lars-exclude-1d (solo-learn, the CIFAR proxy): biases and norms get neither."""
+    """PAPER: SGD (momentum 0.9) in LARC (trust 0.001, no clipping), weight decay 1e-6, one group of every parameter
+    (biases, BN, prototypes). --lars-exclude-1d (solo-learn, the CIFAR proxy): biases and norms get neither."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not args.lars_exclude_1d:
         return [dict(params=params, weight_decay=args.weight_decay)]
@@ -490,7 +488,6 @@ def run_training(args: Args) -> dict:
     model = SwAV(args.arch, args.hidden_dim, args.feat_dim, args.n_prototypes, args.head_dims, args.head_bn)
     model = model.to(device, memory_format=run.fmt)
     run.model, run.encode, run.groups, run.metrics = model, model.backbone, crop_groups(args), METRICS
-    # PAPER: SGD (momentum 0.9) wrapped in LARC(trust_coefficient=0.001, clip=False), weight decay 1e-6
     run.opt = LARS(param_groups(model, args), args.lr, momentum=args.momentum, eta=args.lars_eta, clip=args.lars_clip)
     # epochs, not iterations (swav#76). DEVIATION: 1 epoch at 4096 is 312 steps here (drop_last); official: 313
     run.freeze_steps = round(args.freeze_prototypes_epochs * run.steps_per_epoch)
@@ -502,9 +499,8 @@ def run_training(args: Args) -> dict:
     run.extra_state = lambda: dict(queue=run.queue.state(run) if run.queue is not None else None)  # every rank's part
     net = model
     if world_size > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (PyTorch's needs CUDA)
-        size = args.syncbn_group_size or world_size  # groups of consecutive ranks (official apex runs: 8)
-        groups = [dist.new_group(list(range(i, i + size))) for i in range(0, world_size, size)]  # every rank calls all
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(model, groups[run.rank // size])
+        group, _ = dist.new_subgroups(args.syncbn_group_size or world_size)  # consecutive ranks (official apex runs: 8)
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(model, group)
     if world_size > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     run.ddp_model = torch.compile(net) if args.compile else net
