@@ -29,9 +29,8 @@ Runs (the `imagenet` recipe is the paper's; flags override it; linear top-1 from
 
 Wide ResNet-50s (README): w2, w4 as scripts/swav_RN50w{2,4}_400ep_pretrain.sh (w4: lr 4.8 at 2560 = 0.48 per 256; 313
 frozen steps = 0.626 epochs); w5 (no official script) as VISSL's resnet50_w5.yaml (head without BN: swav#35; its
-MODEL_ZOO: 300 epochs, 2x224+6x96, batch 2560). Releases load with their model flags (README: Use released weights).
-VISSL swav.rst's variants (no published numbers): --arch resnet101, --head-dims 2048 4096 128 (or 2048 2048 2048 128),
---no-head-bn, --n-prototypes 3000 3000 3000 (MultiPrototypes; main_swav.py trains one); not its temp_hard_assignment.
+MODEL_ZOO: 300 epochs, 2x224+6x96, batch 2560). VISSL swav.rst's unpublished variants: --arch resnet101, --head-dims
+2048 4096 128 or 2048 2048 2048 128, --no-head-bn, --n-prototypes 3000 3000 3000 (main_swav.py trains one set).
 
 Deviations (each marked `# DEVIATION:` below): crops cut by tensor ops in the CPU workers or by a batched roi_align on
 the device (in-memory data), not by PIL, colour/blur batched on the device; bf16 autocast (official: apex fp16 O1), the
@@ -296,8 +295,7 @@ class SwAV(nn.Module):
     def forward(self, groups: list) -> tuple:
         """groups: one crop-major [n*b, 3, S, S] per resolution. Returns z [N, D], scores [N, sum K], fp32. CRUCIAL: one
         backbone pass per resolution (BN statistics per resolution), one head pass for all crops (as the official)."""
-        h = torch.cat([self.backbone(x) for x in groups])
-        z = F.normalize(self.head(h).float(), dim=1)  # z: [N, D], unit norm
+        z = F.normalize(self.head(torch.cat([self.backbone(x) for x in groups])).float(), dim=1)  # z: [N, D], unit norm
         with torch.autocast(z.device.type, enabled=False):  # the scores in fp32: bf16 noise would be amplified 1/eps
             scores = F.linear(z, torch.cat(list(self.prototypes.parameters())))  # [N, sum K]: cosines in [-1, 1]
         return z, scores
@@ -335,14 +333,13 @@ def swav_loss(scores: list, temperature: float, eps: float, iters: int, crops_fo
     crop v predicts it: CE(i, v) = mean_b -sum_k q_i log softmax(scores[v] / T); returns the mean over all pairs (i in
     crops_for_assign, v != i). scores: n [B, K], large crops first. queue_scores: one [L, K] per assignment crop, put
     before the batch in the Sinkhorn input only (spec 5). fp64: Sinkhorn in float64 (VISSL's use_double_precision)."""
-    n = len(scores)
     log_p = F.log_softmax(torch.stack(scores).float() / temperature, dim=-1)  # [n, B, K], fp32
     total = 0.0
     for j, i in enumerate(crops_for_assign):
         s = scores[i].detach()  # Sinkhorn on the queue, then the batch; the batch's codes kept
         q = sinkhorn(s if queue_scores is None else torch.cat([queue_scores[j], s]), eps, iters, fp64=fp64)[-len(s) :]
         ce = -(q * log_p).sum(-1).mean(-1)  # [n]: CE(i, v) for every crop v
-        total = total + (ce.sum() - ce[i]) / (n - 1)  # all v != i (no list indexing: no host-to-device copy)
+        total = total + (ce.sum() - ce[i]) / (len(scores) - 1)  # all v != i (no list indexing: no host-to-device copy)
     return total / len(crops_for_assign)
 
 
@@ -363,11 +360,9 @@ class Queue:
             if run.rank == 0:
                 print(f"queue created at epoch {epoch + 1}: {length * run.world_size} embeddings, used once full")
 
-    @torch.no_grad()
     def scores(self, prototypes: torch.Tensor) -> Optional[list]:  # [L, K] per assignment crop; None until full
         return list(self.z @ prototypes.detach().float().T) if self.filled >= self.z.shape[1] else None
 
-    @torch.no_grad()
     def push(self, z: torch.Tensor) -> None:  # z: [n_assign, b, D] of the current batch (this rank)
         self.z = torch.cat([z.detach().float(), self.z[:, : -z.shape[1]]], 1)
         self.filled = min(self.filled + z.shape[1], self.z.shape[1])
@@ -400,8 +395,7 @@ def param_groups(model: nn.Module, args: Args) -> list:
 
 
 def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
-    """Per-step LR (official): linear warm-up from start_warmup to the scaled base LR (numpy linspace, both ends
-    included), then a cosine from base to final over the remaining steps. A pure function of the step."""
+    """Official per-step LR: warm-up np.linspace(start_warmup, base, warmup steps), then a cosine from base to final."""
     base = args.lr * args.batch_size / 256  # PAPER: 4.8 at batch 4096 (0.3 per 256)
     final, warmup = base * args.final_lr_ratio, round(args.warmup_epochs * steps_per_epoch)
     if step < warmup:
@@ -483,7 +477,7 @@ INIT_FORMATS = {  # --init: the first format that reads the file names its tenso
 def run_training(args: Args) -> dict:
     """Build the run (model, LARC, resume with the queue, SyncBN, DDP), train (SHARED: common), evaluate, save."""
     run = start_run(args)
-    args, device, world_size = run.args, run.device, run.world_size  # as start_run settled them (precision, probes)
+    args, device, world = run.args, run.device, run.world_size  # as start_run settled them (precision, probes)
     torch.manual_seed(args.seed)  # the same initial model on every rank
     model = SwAV(args.arch, args.hidden_dim, args.feat_dim, args.n_prototypes, args.head_dims, args.head_bn)
     model = model.to(device, memory_format=run.fmt)
@@ -498,10 +492,9 @@ def run_training(args: Args) -> dict:
         print(init)
     run.extra_state = lambda: dict(queue=run.queue.state(run) if run.queue is not None else None)  # every rank's part
     net = model
-    if world_size > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (PyTorch's needs CUDA)
-        group, _ = dist.new_subgroups(args.syncbn_group_size or world_size)  # consecutive ranks (official apex runs: 8)
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(model, group)
-    if world_size > 1:
+    if world > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (CUDA only), groups of consecutive ranks
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(model, dist.new_subgroups(args.syncbn_group_size or world)[0])
+    if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     run.ddp_model = torch.compile(net) if args.compile else net
     bench = run_benchmarks(run)
