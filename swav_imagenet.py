@@ -155,7 +155,7 @@ class Args:
     epsilon: float = 0.05
     """Sinkhorn entropy regularisation (official 0.05; the README's collapse workaround is 0.03)"""
     sinkhorn_iters: int = 3
-    """Sinkhorn-Knopp iterations (official 3; paper App. C.4)"""
+    """Sinkhorn-Knopp iterations (official 3; paper App. C.4; VISSL's temp_hard_assignment_iters is not official)"""
     sinkhorn_fp64: bool = False
     """run Sinkhorn in float64 (VISSL use_double_precision); default float32 with a max shift"""
     crops_for_assign: Tuple[int, ...] = (0, 1)
