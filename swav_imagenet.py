@@ -21,25 +21,21 @@ Runs (the `imagenet` recipe is the paper's; flags override it; linear top-1 from
     torchrun --nnodes=16 --nproc_per_node=8 swav_imagenet.py imagenet --data-dir IMAGENET --arch resnet50w5 \
         --head-dims 10240 10240 128 --no-head-bn --n-small 4 --batch-size 1536 --queue-length 1536 \
         --queue-start-epoch 0 --freeze-prototypes-epochs 0.3753 --epochs 400                      # RN50-w5: 78.5%
-    python swav_imagenet.py imagenet --data-dir IMAGENET --max-steps 0 \
-        --init swav_800ep_pretrain.pth.tar                     # evaluates the released 800-epoch model (75.3%)
+    python swav_imagenet.py imagenet --data-dir IMAGENET --max-steps 0 --init swav_800ep_pretrain.pth.tar  # 75.3%
     python swav_imagenet.py cifar --dataset cifar10            # CIFAR proxy (spec 9.2, solo-learn-like recipe)
     python swav_imagenet.py cifar --dataset imagefolder --data-dir CIFAR10_JPEG --epochs 100
     python swav_imagenet.py imagenet --data-dir DIR --batch-size 8 --epochs 1 --arch resnet18 --large-size 64 \
         --small-size 32 --probe-epochs 1 --device cpu --out-dir OUT   # quick CPU run: under a minute on 200 images
 
 Wide ResNet-50s (README): w2, w4 as scripts/swav_RN50w{2,4}_400ep_pretrain.sh (w4: lr 4.8 at 2560 = 0.48 per 256; 313
-frozen steps = 0.626 epochs); w5, with no official script, as VISSL's resnet50_w5.yaml (head without BN, as in swav#35;
-its MODEL_ZOO: 300 epochs, 2x224+6x96, batch 2560). Releases load with their model flags (--arch resnet50w2 --hidden-dim
-8192 --init swav_RN50w2_400ep_pretrain.pth.tar). The SwAV guide's (VISSL swav.rst) variants, no published numbers:
---arch resnet101, --head-dims 2048 4096 128 (or 2048 2048 2048 128), --no-head-bn, --n-prototypes 3000 3000 3000
-(MultiPrototypes; main_swav.py trains one set). Its temp_hard_assignment_iters is VISSL's, not in the official code.
+frozen steps = 0.626 epochs); w5 (no official script) as VISSL's resnet50_w5.yaml (head without BN: swav#35; its
+MODEL_ZOO: 300 epochs, 2x224+6x96, batch 2560). VISSL swav.rst's unpublished variants: --arch resnet101, --head-dims
+2048 4096 128 or 2048 2048 2048 128, --no-head-bn, --n-prototypes 3000 3000 3000 (main_swav.py trains one set).
 
-Deviations (each marked `# DEVIATION:` below): crops are cut by torchvision's tensor ops in the CPU workers or by a
-batched roi_align on the device (in-memory data), not by PIL, and colour/blur run batched on the device; bf16 autocast
-(official: apex fp16 O1) with the prototype scores, Sinkhorn and loss in fp32; Sinkhorn subtracts the global max before
-exp (exact; official: not); std 0.229 (official: 0.228, a typo); seeded, resumable random streams; SyncBN is global
-(the official 4096 runs synced groups of 8 GPUs; --syncbn-group-size 8 restores it).
+Deviations (each marked `# DEVIATION:` below): crops cut by tensor ops in the CPU workers or by a batched roi_align on
+the device (in-memory data), not by PIL, colour/blur batched on the device; bf16 autocast (official: apex fp16 O1), the
+prototype scores, Sinkhorn and loss in fp32; Sinkhorn subtracts the global max before exp (exact); std 0.229 (official
+0.228, a typo); seeded resumable random streams; global SyncBN (official 4096 runs: groups of 8, --syncbn-group-size 8).
 """
 
 import dataclasses
@@ -134,9 +130,8 @@ class Args:
     """solarisation probability (0: SwAV has none; solo-learn's CIFAR multi-crop variant uses it)"""
     mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
     """normalisation mean (ImageNet)"""
-    # DEVIATION: the official code normalises with std 0.228 for red (a typo); VISSL and we use 0.229
     std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
-    """normalisation std (ImageNet)"""
+    """normalisation std (ImageNet). DEVIATION: the official code has 0.228 for red (a typo); VISSL and we use 0.229"""
     # --- model (spec 2)
     arch: str = "resnet50"
     """common/resnet.py: resnet50, resnet101, resnet50w2/w4/w5 (official src/resnet50.py widths), resnet18(-cifar)"""
@@ -160,7 +155,7 @@ class Args:
     epsilon: float = 0.05
     """Sinkhorn entropy regularisation (official 0.05; the README's collapse workaround is 0.03)"""
     sinkhorn_iters: int = 3
-    """Sinkhorn-Knopp iterations (official 3; paper App. C.4)"""
+    """Sinkhorn-Knopp iterations (official 3; paper App. C.4; VISSL's temp_hard_assignment_iters is not official)"""
     sinkhorn_fp64: bool = False
     """run Sinkhorn in float64 (VISSL use_double_precision); default float32 with a max shift"""
     crops_for_assign: Tuple[int, ...] = (0, 1)
@@ -298,11 +293,9 @@ class SwAV(nn.Module):
         self.prototypes = cs[0] if len(cs) == 1 else nn.ModuleDict({f"prototypes{i}": c for i, c in enumerate(cs)})
 
     def forward(self, groups: list) -> tuple:
-        """groups: one tensor per resolution, crop-major [n*b, 3, S, S]. Returns z [N, D], scores [N, sum K], fp32.
-        CRUCIAL: each resolution goes through the backbone in one pass (BN statistics per resolution), and the pooled
-        features of all crops go through the head together (official multi-resolution forward)."""
-        h = torch.cat([self.backbone(x) for x in groups])
-        z = F.normalize(self.head(h).float(), dim=1)  # z: [N, D], unit norm
+        """groups: one crop-major [n*b, 3, S, S] per resolution. Returns z [N, D], scores [N, sum K], fp32. CRUCIAL: one
+        backbone pass per resolution (BN statistics per resolution), one head pass for all crops (as the official)."""
+        z = F.normalize(self.head(torch.cat([self.backbone(x) for x in groups])).float(), dim=1)  # z: [N, D], unit norm
         with torch.autocast(z.device.type, enabled=False):  # the scores in fp32: bf16 noise would be amplified 1/eps
             scores = F.linear(z, torch.cat(list(self.prototypes.parameters())))  # [N, sum K]: cosines in [-1, 1]
         return z, scores
@@ -310,22 +303,18 @@ class SwAV(nn.Module):
 
 # ==== 4. LOSS ====
 @torch.no_grad()
-def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3, distributed: Optional[bool] = None,
-             fp64: bool = False) -> torch.Tensor:  # fmt: skip
-    """Soft codes q [B, K] from raw prototype scores [B, K] with Sinkhorn-Knopp (spec 3; paper App. A.1): Q = exp(S /
-    eps)^T (K x B) of total mass 1, then `iters` times every prototype row to mass 1/K and every sample column to 1/B;
-    finally columns times B, so each returned row sums to 1. Under DDP (default: a process group of size > 1) the total
-    and row sums are all-reduced and B is global: the result equals one process on the whole batch (spec 3.3).
-    DEVIATION: fp32 (or fp64) with the global max of S/eps subtracted before exp (exact; the official code does not)."""
-    distributed = dist.is_initialized() and dist.get_world_size() > 1 if distributed is None else distributed
-    world = dist.get_world_size() if distributed else 1
-    reduce = dist.all_reduce if distributed else lambda t, op=None: None  # in place over the ranks (default: sum)
+def sinkhorn(scores: torch.Tensor, eps=0.05, iters=3, distributed: Optional[bool] = None, fp64=False) -> torch.Tensor:
+    """Soft codes q [B, K] from raw prototype scores [B, K] by Sinkhorn-Knopp (spec 3; paper App. A.1): Q = exp(S/eps)^T
+    (K x B) of mass 1, then `iters` times every prototype row to mass 1/K and every sample column to 1/B; finally rows
+    of q sum to 1. Under DDP (default: a group of size > 1) the total and row sums are all-reduced and B is global, as
+    one process on the whole batch (spec 3.3). DEVIATION: fp32/fp64, the global max of S/eps subtracted before exp."""
+    world = dist.get_world_size() if distributed or (distributed is None and dist.is_initialized()) else 1
+    reduce = dist.all_reduce if world > 1 else lambda t, op=None: None  # in place over the ranks (default: sum)
     s = scores.detach().to(torch.float64 if fp64 else torch.float32) / eps
     shift = s.max()
     reduce(shift, op=dist.ReduceOp.MAX)
     q = torch.exp(s - shift).T  # [K, b]
-    k, b = q.shape
-    n = b * world  # the global B as in the official code (a constant factor: the next normalisation cancels it)
+    k, n = q.shape[0], q.shape[1] * world  # n: the global B as in the official code (the normalisations cancel it)
     total = q.sum()
     reduce(total)
     q /= total
@@ -344,26 +333,22 @@ def swav_loss(scores: list, temperature: float, eps: float, iters: int, crops_fo
     crop v predicts it: CE(i, v) = mean_b -sum_k q_i log softmax(scores[v] / T); returns the mean over all pairs (i in
     crops_for_assign, v != i). scores: n [B, K], large crops first. queue_scores: one [L, K] per assignment crop, put
     before the batch in the Sinkhorn input only (spec 5). fp64: Sinkhorn in float64 (VISSL's use_double_precision)."""
-    n = len(scores)
     log_p = F.log_softmax(torch.stack(scores).float() / temperature, dim=-1)  # [n, B, K], fp32
     total = 0.0
     for j, i in enumerate(crops_for_assign):
-        s = scores[i].detach()
-        s_all = s if queue_scores is None else torch.cat([queue_scores[j], s])  # the queue first, then the batch
-        q = sinkhorn(s_all, eps, iters, fp64=fp64)[-len(s) :]  # the batch's codes
+        s = scores[i].detach()  # Sinkhorn on the queue, then the batch; the batch's codes kept
+        q = sinkhorn(s if queue_scores is None else torch.cat([queue_scores[j], s]), eps, iters, fp64=fp64)[-len(s) :]
         ce = -(q * log_p).sum(-1).mean(-1)  # [n]: CE(i, v) for every crop v
-        total = total + (ce.sum() - ce[i]) / (n - 1)  # all v != i (no list indexing: no host-to-device copy)
+        total = total + (ce.sum() - ce[i]) / (len(scores) - 1)  # all v != i (no list indexing: no host-to-device copy)
     return total / len(crops_for_assign)
 
 
 class Queue:
-    """FIFO of this rank's recent z per assignment crop, [n_assign, L_local, D], newest first (spec 5): created at
-    --queue-start-epoch (start); read once full (official: the last slot is non-zero) with the current prototypes
-    (scores), then updated, so no batch appears twice (push); every rank's part saved in last.pt (state), restored."""
+    """FIFO of this rank's recent z per assignment crop, [n_assign, L_local, D], newest first (spec 5). It is read
+    once full (official: the last slot is non-zero) with the current prototypes, then pushed: no batch appears twice."""
 
     def __init__(self, n_assign: int, length: int, dim: int, device: torch.device):
-        self.z = torch.zeros(n_assign, length, dim, device=device)
-        self.filled = 0
+        self.z, self.filled = torch.zeros(n_assign, length, dim, device=device), 0  # filled: slots written so far
 
     @staticmethod
     def start(run: SimpleNamespace, epoch: int) -> None:
@@ -375,40 +360,33 @@ class Queue:
             if run.rank == 0:
                 print(f"queue created at epoch {epoch + 1}: {length * run.world_size} embeddings, used once full")
 
-    @torch.no_grad()
     def scores(self, prototypes: torch.Tensor) -> Optional[list]:  # [L, K] per assignment crop; None until full
         return list(self.z @ prototypes.detach().float().T) if self.filled >= self.z.shape[1] else None
 
-    @torch.no_grad()
-    def push(self, z: torch.Tensor) -> None:
-        """z: [n_assign, b, D] of the current batch (this rank)."""
+    def push(self, z: torch.Tensor) -> None:  # z: [n_assign, b, D] of the current batch (this rank)
         self.z = torch.cat([z.detach().float(), self.z[:, : -z.shape[1]]], 1)
         self.filled = min(self.filled + z.shape[1], self.z.shape[1])
 
     def state(self, run: SimpleNamespace) -> dict:
         """For last.pt (collective: every rank calls it): every rank's part [world, n_assign, L_local, D] on the CPU."""
-        parts = [self.z]
+        parts = [torch.empty_like(self.z) for _ in range(run.world_size)] if run.world_size > 1 else [self.z]
         if run.world_size > 1:
-            parts = [torch.empty_like(self.z) for _ in range(run.world_size)]
             dist.all_gather(parts, self.z)
         return dict(z=torch.stack(parts).cpu(), filled=self.filled)
 
     @staticmethod
-    def restore(saved: Optional[dict], run: SimpleNamespace) -> Optional["Queue"]:
-        """This rank's part of a saved queue (None if none was saved); a new world size re-slices it."""
-        if saved is None:
-            return None
-        z = torch.cat(list(saved["z"].to(run.device)), 1)  # [n_assign, L, D]: the saved ranks' parts in order
-        queue = Queue(z.shape[0], z.shape[1] // run.world_size, z.shape[2], run.device)
-        queue.z = z.chunk(run.world_size, 1)[run.rank].contiguous()
-        queue.filled = min(saved["filled"], queue.z.shape[1])
+    def restore(saved: dict, run: SimpleNamespace) -> "Queue":
+        """This rank's part of a saved queue; a new world size re-slices it."""
+        z = torch.cat(list(saved["z"].to(run.device)), 1).chunk(run.world_size, 1)[run.rank]  # saved parts in order
+        queue = Queue(*z.shape, run.device)
+        queue.z, queue.filled = z.contiguous(), min(saved["filled"], z.shape[1])
         return queue
 
 
 # ==== 5. OPTIMIZER & SCHEDULES ====
 def param_groups(model: nn.Module, args: Args) -> list:
-    """Official LARC: one group, every parameter with LARS and weight decay (biases, BN and prototypes included).
-    --lars-exclude-1d (solo-learn, the CIFAR proxy): biases and norms get neither."""
+    """PAPER: SGD (momentum 0.9) in LARC (trust 0.001, no clipping), weight decay 1e-6, one group of every parameter
+    (biases, BN, prototypes). --lars-exclude-1d (solo-learn, the CIFAR proxy): biases and norms get neither."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not args.lars_exclude_1d:
         return [dict(params=params, weight_decay=args.weight_decay)]
@@ -417,8 +395,7 @@ def param_groups(model: nn.Module, args: Args) -> list:
 
 
 def lr_at(step: int, args: Args, steps_per_epoch: int) -> float:
-    """Per-step LR (official): linear warm-up from start_warmup to the scaled base LR (numpy linspace, both ends
-    included), then a cosine from base to final over the remaining steps. A pure function of the step."""
+    """Official per-step LR: warm-up np.linspace(start_warmup, base, warmup steps), then a cosine from base to final."""
     base = args.lr * args.batch_size / 256  # PAPER: 4.8 at batch 4096 (0.3 per 256)
     final, warmup = base * args.final_lr_ratio, round(args.warmup_epochs * steps_per_epoch)
     if step < warmup:
@@ -432,9 +409,7 @@ METRICS = ("loss", "loss_over_lnK", "protos_used", "entropy", "queue")  # what t
 
 
 def train_step(run: SimpleNamespace, groups: list, step: int) -> torch.Tensor:
-    """One SwAV step (global step `step`) on this rank's crops, one tensor per resolution. Returns METRICS, detached:
-    the loss, loss / ln K, crop 0's collapse diagnostics (spec 4.4: prototypes used as argmax, entropy of the mean
-    prediction over ln K, on the first prototype set) and 1 if the queue entered Sinkhorn."""
+    """One SwAV step on this rank's crops (a tensor per resolution). Returns METRICS (collapse signs: spec 4.4)."""
     args, model, ks = run.args, run.model, run.model.ks  # K of each prototype set
     Queue.start(run, step // run.steps_per_epoch)  # from --queue-start-epoch on
     with torch.no_grad():  # PAPER: every row of C is L2-normalised before each forward (not its momentum buffer)
@@ -458,13 +433,12 @@ def train_step(run: SimpleNamespace, groups: list, step: int) -> torch.Tensor:
         model.prototypes.zero_grad(set_to_none=True)  # every set's
     run.scaler.step(run.opt)
     run.scaler.update()
-    with torch.no_grad():
-        k, s0 = ks[0], scores[0, :, : ks[0]]  # crop 0, first set; loss / ln K: over the sets' mean ln K
-        used = torch.zeros(k, device=loss.device).index_fill_(0, s0.argmax(1), 1).sum()  # CUDA bincount syncs
-        p_mean = F.softmax(s0 / args.temperature, dim=1).mean(0)
-        entropy = -(p_mean * p_mean.clamp_min(1e-12).log()).sum() / math.log(k)
-        queued = torch.full_like(used, float(queue_scores is not None))
-        return torch.stack([loss, loss * len(ks) / sum(map(math.log, ks)), used, entropy, queued])
+    k, s0, loss = ks[0], scores[0, :, : ks[0]].detach(), loss.detach()  # crop 0, set 0; loss over the sets' mean ln K
+    used = torch.zeros(k, device=loss.device).index_fill_(0, s0.argmax(1), 1).sum()  # CUDA bincount syncs
+    p_mean = F.softmax(s0 / args.temperature, dim=1).mean(0)
+    entropy = -(p_mean * p_mean.clamp_min(1e-12).log()).sum() / math.log(k)  # of the mean prediction, over ln K
+    queued = torch.full_like(used, float(queue_scores is not None))  # 1: the queue entered Sinkhorn
+    return torch.stack([loss, loss * len(ks) / sum(map(math.log, ks)), used, entropy, queued])
 
 
 def train_batches(run: SimpleNamespace, epoch: int, start: int, last: int):
@@ -479,10 +453,9 @@ def train_batches(run: SimpleNamespace, epoch: int, start: int, last: int):
 
 # ==== 7. TRAINING ====
 def official_swav(sd) -> Optional[dict]:
-    """--init format: facebookresearch/swav's model state dict (`module.` optional) with src/resnet50.py's names: the
-    ResNet's are torchvision's (its `padding`, ConstantPad2d(1) before conv1's padding 2, is padding 3 and holds no
-    tensor), then projection_head.{0,1,3} (Linear, BN, ReLU, Linear) and prototypes.weight, or MultiPrototypes'
-    prototypes.prototypes{i}.weight (e.g. DeepCluster-v2: as our several sets; a one-set model refuses them)."""
+    """--init format: facebookresearch/swav's model state dict (`module.` optional); src/resnet50.py's ResNet names are
+    torchvision's (its ConstantPad2d(1) `padding` + conv1 padding 2 is padding 3, no tensor), projection_head.{0,1,3}
+    (Linear, BN, ReLU, Linear), prototypes.weight or MultiPrototypes' prototypes.prototypes{i}.weight (several sets)."""
     if not (isinstance(sd, dict) and all(isinstance(k, str) for k in sd)):
         return None
     sd = strip_prefix(sd, "module." if all(k.startswith("module.") for k in sd) else "")  # its tensors, no DDP prefix
@@ -492,8 +465,7 @@ def official_swav(sd) -> Optional[dict]:
     return {k.removeprefix("projection_") if k.startswith(heads) else f"backbone.{k}": v for k, v in sd.items()}
 
 
-# --init: the first format that reads the file gives its tensors under our names (common/checkpoint.py: init_weights)
-INIT_FORMATS = {
+INIT_FORMATS = {  # --init: the first format that reads the file names its tensors ours (common/checkpoint.py)
     "last.pt": own_checkpoint,
     "SwAV release (swav_*_pretrain.pth.tar)": official_swav,  # swav/hubconf.py and README's model zoo
     # main_swav.py's checkpoint.pth.tar / ckp-N.pth: {"epoch", "state_dict": the DDP model's, "optimizer", "amp"}
@@ -505,27 +477,24 @@ INIT_FORMATS = {
 def run_training(args: Args) -> dict:
     """Build the run (model, LARC, resume with the queue, SyncBN, DDP), train (SHARED: common), evaluate, save."""
     run = start_run(args)
-    args, device, world_size = run.args, run.device, run.world_size  # as start_run settled them (precision, probes)
+    args, device, world = run.args, run.device, run.world_size  # as start_run settled them (precision, probes)
     torch.manual_seed(args.seed)  # the same initial model on every rank
     model = SwAV(args.arch, args.hidden_dim, args.feat_dim, args.n_prototypes, args.head_dims, args.head_bn)
     model = model.to(device, memory_format=run.fmt)
     run.model, run.encode, run.groups, run.metrics = model, model.backbone, crop_groups(args), METRICS
-    # PAPER: SGD (momentum 0.9) wrapped in LARC(trust_coefficient=0.001, clip=False), weight decay 1e-6
     run.opt = LARS(param_groups(model, args), args.lr, momentum=args.momentum, eta=args.lars_eta, clip=args.lars_clip)
     # epochs, not iterations (swav#76). DEVIATION: 1 epoch at 4096 is 312 steps here (drop_last); official: 313
     run.freeze_steps = round(args.freeze_prototypes_epochs * run.steps_per_epoch)
     ckpt = resume_state(run, {"queue"})
-    run.queue = Queue.restore(ckpt["queue"], run) if ckpt is not None else None
+    run.queue = Queue.restore(ckpt["queue"], run) if ckpt is not None and ckpt["queue"] is not None else None
     init = init_weights(model, args.init, INIT_FORMATS) if ckpt is None and args.init else None
     if init and run.rank == 0:
         print(init)
     run.extra_state = lambda: dict(queue=run.queue.state(run) if run.queue is not None else None)  # every rank's part
     net = model
-    if world_size > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (PyTorch's needs CUDA)
-        size = args.syncbn_group_size or world_size  # groups of consecutive ranks (official apex runs: 8)
-        groups = [dist.new_group(list(range(i, i + size))) for i in range(0, world_size, size)]  # every rank calls all
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(model, groups[run.rank // size])
-    if world_size > 1:
+    if world > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (CUDA only), groups of consecutive ranks
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(model, dist.new_subgroups(args.syncbn_group_size or world)[0])
+    if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     run.ddp_model = torch.compile(net) if args.compile else net
     bench = run_benchmarks(run)
@@ -559,9 +528,8 @@ def check_args(args: Args, world_size: int) -> None:
         "queue_start_epoch syncbn_group_size", scales="large_scale small_scale",
         non_negative="warmup_epochs momentum final_lr_ratio start_warmup freeze_prototypes_epochs jitter_strength",
     )  # fmt: skip
-    for name in ("blur_prob", "solarize_prob"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise RunError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if not (0 <= args.blur_prob <= 1 and 0 <= args.solarize_prob <= 1):
+        raise RunError(f"--blur-prob {args.blur_prob} and --solarize-prob {args.solarize_prob} must be in [0, 1]")
     if min(args.n_prototypes, default=0) < 1 or len(args.head_dims) == 1 or min(args.head_dims, default=1) < 1:
         raise RunError(f"--n-prototypes {args.n_prototypes} / --head-dims {args.head_dims}: sizes >= 1 (2+ head dims)")
     n_crops = args.n_large + args.n_small
