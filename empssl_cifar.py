@@ -404,8 +404,10 @@ def tiny_imagenet(root: Path, size: int) -> tuple:
     classes = sorted(d.name for d in train.iterdir() if d.is_dir()) if train.is_dir() else []
     rows = [ln.split("\t")[:2] for ln in ann.read_text().splitlines() if ln.strip()]
     bad = [r for r in rows if len(r) < 2 or r[1] not in classes or not (val / r[0]).is_file()]
-    if not classes or bad or not rows:
-        raise RunError(f"{ann}: {bad[:1] or 'no rows'} names no val/images/ file or no class folder of {train}")
+    if not classes or not rows:
+        raise RunError(f"Tiny-ImageNet layout needs class folders in {train} and rows in {ann}")
+    if bad:
+        raise RunError(f"{ann}: row {bad[0]} names no val/images/ file or no class folder of {train}")
     folders = [c + "/images" * (train / c / "images").is_dir() for c in classes]  # for the shared loader
     x, y = decode_files([val / f for f, _ in rows], size, size), torch.tensor([classes.index(w) for _, w in rows])
     return [load_image_folder(train, folders, size), (x, y)], len(classes)
@@ -421,6 +423,8 @@ def check_args(args: Args, world_size: int) -> None:
     if args.lr_epochs is not None and args.lr_epochs < args.epochs:
         msg = f"--lr-epochs {args.lr_epochs} < --epochs {args.epochs}: the cosine would reach 0 and rise again"
         raise RunError(f"{msg}; pass --lr-epochs {args.epochs} (or None)")
+    if args.uniformity_loss == "vonmises" and args.batch_size < 2:  # no pair of images: the mean over pairs is NaN
+        raise RunError(f"--uniformity-loss vonmises needs pairs of images: --batch-size {args.batch_size} < 2")
 
 
 def run_training(args: Args) -> dict:

@@ -203,7 +203,8 @@ def test_documented_rows_tiny_imagenet_layout_imagenet100_kachayev(small_cifar_d
         res = json.loads((tmp_path / name / "results.json").read_text())
         assert "z (4096-d)" in res["eval_protocol"] and res["args"]["uniformity_loss"] == "vonmises"
         train = [r for r in read_log(tmp_path / name) if r["type"] == "train"]
-        assert train and all(math.isfinite(r["-vonmises"]) and r["-vonmises"] > 0 for r in train), train
+        # -log mean exp(-2 |zbar_i - zbar_j|^2), the zbar means of unit vectors (|.|^2 <= 4): finite, in (0, 8]
+        assert train and all(math.isfinite(r["-vonmises"]) and 0 < r["-vonmises"] <= 8 for r in train), train
 
 
 # ---- bad inputs: one clear line on stderr, non-zero exit --------------------------------------------------------
@@ -262,6 +263,7 @@ def test_bad_inputs_fail_with_one_line(cifar_dir, tmp_path):
         (dict(n_patches=0), "--n-patches must be >= 1"),
         (dict(probe_lr=0.0), "--probe-lr must be > 0"),
         (dict(device="mps"), "unknown --device 'mps'"),
+        (dict(uniformity_loss="vonmises", batch_size=1), "--uniformity-loss vonmises needs pairs of images"),
     ],
 )
 def test_out_of_range_arguments(flags, message):
@@ -314,3 +316,15 @@ def test_bag_features_are_the_mean_h_of_each_splits_own_patches():
     run.encode = lambda x: sizes.append(len(x)) or encode(x)
     torch.testing.assert_close(E.encode_bag(run, a, "test", 3), feats_a)
     assert sizes == [3, 5, 5, 5] and E.inputs_per_chunk(encode, one, run.args.eval_memory_gb) == 5
+
+
+def test_tiny_imagenet_without_rows_or_classes_says_so(tmp_path):
+    """An empty val_annotations.txt, or no class folder in train/, is named in one line (not a garbled row)."""
+    sys.path.insert(0, str(ROOT))
+    import empssl_cifar as E
+
+    (tmp_path / "val" / "images").mkdir(parents=True)
+    (tmp_path / "val" / "val_annotations.txt").write_text("\n")
+    (tmp_path / "train" / "n01").mkdir(parents=True)
+    with pytest.raises(E.RunError, match=r"needs class folders in .*train and rows in .*val_annotations.txt"):
+        E.tiny_imagenet(tmp_path, 32)
