@@ -51,6 +51,7 @@ streams; the converted checkpoint keeps `norm.*` (official conversion drops it);
 the fast feature probe are ours (TEC reports neither).
 """
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -84,7 +85,7 @@ from tqdm import tqdm
 
 from common.checkpoint import CheckpointError, init_weights, own_checkpoint, read_checkpoint, resume_state
 from common.checkpoint import load_checkpoint, save_state, strip_prefix
-from common.vit import ENCODER, SIZES, VITS, Block, LayerNorm, Mlp, VisionTransformer, export_encoder, fit_vit
+from common.vit import ENCODER, SIZES, Block, LayerNorm, Mlp, VisionTransformer, export_encoder, fit_vit
 from common.vit import load_base_model, sincos_pos_embed_2d, vit_tensors
 
 MAE_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_{}.pth"
@@ -986,23 +987,24 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
 
 
 def bare_step(run: SimpleNamespace):
-    """The ceiling's step: this mode's bare networks on random images (no data, adapter, decoder, loss or optimizer):
-    pretrain = the base model's forward (no grad) + a plain ViT forward+backward on the CLS and visible tokens; mae
-    the latter alone; finetune a ViT forward+backward on every token; linear its forward."""
-    args, mode = run.args, run.args.mode
-    vit = VITS[args.arch](img_size=args.large_size, patch_size=args.patch_size).to(run.device)
-    trunk = nn.Sequential(*vit.blocks, vit.norm)
-    x = torch.randn(args.batch_size // run.world_size, 3, args.large_size, args.large_size, device=run.device)
-    n_keep = 1 + int(vit.num_patches * (1 - args.mask_ratio)) if mode in ("pretrain", "mae") else None
+    """The ceiling's step (issue 17: the base forward + the student): a copy of this mode's network on random images,
+    masks and top-k, without data, targets, loss or optimizer. pretrain = the frozen base model's forward + the TEC
+    model's forward+backward (adapter and decoders included); mae the MAE model's; finetune the classifier's
+    forward+backward on every token; linear its forward."""
+    args, mode, dev, b = run.args, run.args.mode, run.device, run.args.batch_size // run.world_size
+    bare, n = copy.deepcopy(run.model), run.model.patch_embed.num_patches
+    x, noise = torch.randn(b, 3, args.large_size, args.large_size, device=dev), torch.rand(b, n, device=dev)
+    topk_idx = torch.rand(b, n, device=dev).topk(args.topk, dim=1).indices
+    inputs = dict(pretrain=(x, noise, topk_idx, args.mask_ratio), mae=(x, noise, args.mask_ratio)).get(mode, (x,))
 
     def step():
+        bare.zero_grad(set_to_none=True)
         with run.autocast:
             if mode == "pretrain":
                 run.base.forward_features(x)  # frozen, on an input without grad: no graph
-            with torch.no_grad() if mode == "linear" else nullcontext():
-                out = trunk(vit.prepare_tokens(x)[:, :n_keep])
-        if mode != "linear":
-            out.float().sum().backward()
+            out = bare(*inputs)
+        if mode != "linear":  # every output but the mask
+            sum(o.float().sum() for o in (out[:-1] if mode in ("pretrain", "mae") else [out])).backward()
 
     return step
 

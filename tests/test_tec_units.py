@@ -952,3 +952,27 @@ def test_flags_of_other_modes_are_refused(recipe, flags, message):
             if "linear" not in name:  # linear needs --init
                 TEC.check_args(recipe_args, 1)
             TEC.check_args(dataclasses.replace(recipe_args, init="x.pt"), 1)
+
+
+def test_bare_step_is_the_base_forward_and_the_whole_student(monkeypatch):
+    """Issue 17's ceiling for TEC: the frozen base model's forward + a copy of the student (adapter and both decoder
+    heads included) forward+backward, on random images, masks and top-k; the trained model itself is not touched."""
+    student, base = tiny_tec(), tiny_base_vit()
+    args = TEC.Args(mode="pretrain", batch_size=4, large_size=16, topk=3, mask_ratio=0.75)
+    run = TEC.SimpleNamespace(args=args, model=student, base=base, device=torch.device("cpu"), world_size=1,
+                              autocast=TEC.nullcontext())  # fmt: skip
+    base_calls, copies, deepcopy = [], [], TEC.copy.deepcopy
+    monkeypatch.setattr(base, "forward_features", lambda x, **kw: base_calls.append(x.shape))
+    monkeypatch.setattr(TEC.copy, "deepcopy", lambda m: copies.append(deepcopy(m)) or copies[-1])
+    TEC.bare_step(run)()
+    (bare,) = copies
+    assert base_calls == [(4, 3, 16, 16)] and isinstance(bare, TEC.TECModel) and bare is not student
+    for name in (
+        "encoder_adaptor.fuse_fcs.0.weight",
+        "forward_fea_decoder.decoder_pred.weight",
+        "forward_att_decoder.decoder_qk.weight",
+        "decoder_blocks.0.attn.qkv.weight",
+        "blocks.0.mlp.fc1.weight",
+    ):
+        assert dict(bare.named_parameters())[name].grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in student.parameters())
