@@ -130,8 +130,8 @@ class Args:
     """solarisation probability (0: SwAV has none; solo-learn's CIFAR multi-crop variant uses it)"""
     mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
     """normalisation mean (ImageNet)"""
-    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
-    """normalisation std (ImageNet). DEVIATION: the official code has 0.228 for red (a typo); VISSL and we use 0.229"""
+    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)  # DEVIATION: official red 0.228 (a typo; VISSL 0.229)
+    """normalisation std (ImageNet)"""
     # --- model (spec 2)
     arch: str = "resnet50"
     """common/resnet.py: resnet50, resnet101, resnet50w2/w4/w5 (official src/resnet50.py widths), resnet18(-cifar)"""

@@ -988,23 +988,26 @@ def evaluate(run: SimpleNamespace, tag: str) -> dict:
 
 def bare_step(run: SimpleNamespace):
     """The ceiling's step (issue 17: the base forward + the student): a copy of this mode's network on random images,
-    masks and top-k, without data, targets, loss or optimizer. pretrain = the frozen base model's forward + the TEC
-    model's forward+backward (adapter and decoders included); mae the MAE model's; finetune the classifier's
-    forward+backward on every token; linear its forward."""
-    args, mode, dev, b = run.args, run.args.mode, run.device, run.args.batch_size // run.world_size
-    bare, n = copy.deepcopy(run.model), run.model.patch_embed.num_patches
-    x, noise = torch.randn(b, 3, args.large_size, args.large_size, device=dev), torch.rand(b, n, device=dev)
-    topk_idx = torch.rand(b, n, device=dev).topk(args.topk, dim=1).indices
-    inputs = dict(pretrain=(x, noise, topk_idx, args.mask_ratio), mae=(x, noise, args.mask_ratio)).get(mode, (x,))
+    masks and top-k, in --accum-iter micro-batches as the step, without data, targets, loss or optimizer. pretrain =
+    the frozen base model's forward + the TEC model's forward+backward (adapter and decoders included); mae the MAE
+    model's; finetune the classifier's forward+backward on every token; linear its forward."""
+    args, mode, dev = run.args, run.args.mode, run.device
+    bare, n, b = copy.deepcopy(run.model), run.model.patch_embed.num_patches, args.batch_size // run.world_size
+    x = torch.randn(b // args.accum_iter, 3, args.large_size, args.large_size, device=dev)
+    noise = torch.rand(len(x), n, device=dev)
+    inputs = (x,) if mode in ("finetune", "linear") else (x, noise, args.mask_ratio)
+    if mode == "pretrain":  # random top-k patches in place of the base model's
+        inputs = (x, noise, torch.rand(len(x), n, device=dev).topk(args.topk, dim=1).indices, args.mask_ratio)
 
     def step():
         bare.zero_grad(set_to_none=True)
-        with run.autocast:
-            if mode == "pretrain":
-                run.base.forward_features(x)  # frozen, on an input without grad: no graph
-            out = bare(*inputs)
-        if mode != "linear":  # every output but the mask
-            sum(o.float().sum() for o in (out[:-1] if mode in ("pretrain", "mae") else [out])).backward()
+        for _ in range(args.accum_iter):
+            with run.autocast:
+                if mode == "pretrain":
+                    run.base.forward_features(x)  # frozen, on an input without grad: no graph
+                out = bare(*inputs)
+            if mode != "linear":  # every output but the mask
+                sum(o.float().sum() for o in (out[:-1] if mode in ("pretrain", "mae") else [out])).backward()
 
     return step
 
