@@ -978,7 +978,8 @@ def start_run(args: Args) -> SimpleNamespace:
     n = len(data["train_y"])
     if n < args.batch_size:
         raise RunError(f"--batch-size {args.batch_size} exceeds the {n} training images", every_rank=True)
-    if getattr(args, "probe", "") != "none" and n < args.probe_batch_size:  # a small folder: the probe batch shrinks
+    # a small folder: the probe batch shrinks (EMP-SSL has no --probe: it always probes)
+    if getattr(args, "probe", "") != "none" and n < args.probe_batch_size:
         probe_batch = n // world_size * world_size
         if rank == 0:
             print(f"note: --probe-batch-size {args.probe_batch_size} exceeds the {n} training images: {probe_batch}")
