@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -48,6 +49,42 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# Disk: the runs write ResNet-50 and ViT checkpoints, about 15 GB in a whole suite, and pytest keeps every tmp dir
+# of its last 3 sessions. A full disk fails every later run (CI did), so a passed test's tmp_path is deleted at its
+# teardown (a failed one's is kept to look at) and module fixtures make their dirs with `module_tmp`.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_PASSED] = report.passed
+    return report
+
+
+_CALL_PASSED = pytest.StashKey[bool]()
+
+
+@pytest.fixture(autouse=True)
+def _delete_tmp_path_of_passed_tests(request):
+    path = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if path is not None and request.node.stash.get(_CALL_PASSED, False):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """tmp_path_factory.mktemp for module fixtures: what it made is deleted once the module's tests are done."""
+    made = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

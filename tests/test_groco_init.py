@@ -134,11 +134,11 @@ class RunsCode:
 
 
 @pytest.fixture(scope="module")
-def init_runs(small_cifar_dir, tmp_path_factory):
+def init_runs(small_cifar_dir, module_tmp):
     """The runs, forked from two processes that imported the script once (tests/forkrun.py): the cifar recipe on 100
     real CIFAR-10 images evaluating an official checkpoint (--max-steps 0), training 2 steps on from it, then resuming
     that run to step 3 (still with --init); and the wrong files."""
-    tmp = tmp_path_factory.mktemp("init")
+    tmp = module_tmp("init")
     tv = torchvision_encoder()
     official = official_checkpoint(tmp / "latest_model.pth", tv, official_head(512, 32))
     data = official.read_bytes()

@@ -91,10 +91,10 @@ def bad_cases(cifar_dir, tmp, smoke_ckpt) -> list:
 
 
 @pytest.fixture(scope="module")
-def cifar_runs(cifar_dir, tmp_path_factory):
+def cifar_runs(cifar_dir, module_tmp):
     """The smoke run and, on the second core, the bad inputs, each in its own process (the case that resumes the
     smoke run's checkpoint after it). Returns the smoke (process, out dir) and [(command, needles, process)]."""
-    out, tmp = tmp_path_factory.mktemp("smoke"), tmp_path_factory.mktemp("bad")
+    out, tmp = module_tmp("smoke"), module_tmp("bad")
     cases = bad_cases(cifar_dir, tmp, out / "last.pt")
     with ThreadPoolExecutor(2) as pool:
         smoke = pool.submit(run_script, cifar(cifar_dir, out, SMOKE))
@@ -170,11 +170,11 @@ RESUME = "--epochs 1 --max-steps 10 --save-every-steps 4 --warmup-epochs 0 --pro
 
 
 @pytest.fixture(scope="module")
-def resumed(cifar_dir, tmp_path_factory):
+def resumed(cifar_dir, module_tmp):
     """Stop at step 3 (--max-steps), resume and SIGKILL the run once it has written the step-4 checkpoint and logged
     step 6 (steps 5-6 lost), resume to step 10; alongside, the same 10 steps uninterrupted. Returns both out dirs,
     the final rerun and the step the kill left in last.pt."""
-    ref, out = tmp_path_factory.mktemp("uninterrupted"), tmp_path_factory.mktemp("resumed")
+    ref, out = module_tmp("uninterrupted"), module_tmp("resumed")
     uninterrupted = start_script(cifar(cifar_dir, ref, RESUME))  # alongside, on the second core
 
     proc = run_script(cifar(cifar_dir, out, RESUME + " --max-steps 3"))  # deterministic stop after step 3

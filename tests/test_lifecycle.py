@@ -61,13 +61,13 @@ def code_running_checkpoint(path: Path, marker: Path) -> Path:
 
 # ---- stop signals ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def stop_runs(small_cifar_dir, tmp_path_factory) -> dict:
+def stop_runs(small_cifar_dir, module_tmp) -> dict:
     """Per script and per mode (one process, 2 ranks): an uninterrupted run of STEPS steps, the same run sent SIGTERM
     during step STOP_AT (every rank, tests/sigterm_at_step.py), and the same command again; and two single runs (see
     test_sigint_and_a_stop_while_evaluating). Two runners at once (2 CI cores: the one-process runs, the 2-rank runs),
     each importing the scripts once. Returns (script, mode) -> dict(ref=, stopped=, rerun=) of (CompletedProcess,
     out dir) and rank1_err (rank 1's stderr of the stopped run), and name -> (CompletedProcess, out dir)."""
-    tmp = tmp_path_factory.mktemp("stop")
+    tmp = module_tmp("stop")
     jobs = []  # (cases, options, out dirs, runner)
     for name in SCRIPTS:
         for mode, ranks in (("1", 1), ("ddp", 2)):

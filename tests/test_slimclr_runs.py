@@ -120,12 +120,12 @@ NEEDS = {  # test -> the jobs whose results it reads
 
 
 @pytest.fixture(scope="module")
-def jobs(request, imagewoof_dir, tmp_path_factory) -> dict:
+def jobs(request, imagewoof_dir, module_tmp) -> dict:
     """Start the jobs of the selected tests, two at a time (2 CI cores): the torchrun runs first (the streamed one
     while the cifar images are extracted), then the longest chains. Returns name -> Future, and the bad cases."""
     selected = {item.name for item in request.session.items if item.module is request.module}
     wanted = set().union(*(NEEDS[name] for name in selected if name in NEEDS))
-    mktemp = tmp_path_factory.mktemp
+    mktemp = module_tmp
     with ThreadPoolExecutor(2) as pool:
         futures = {}
 

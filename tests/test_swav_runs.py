@@ -51,9 +51,9 @@ LEARN += " --blur-prob 0 --jitter-strength 0.5 --large-scale 0.2 1 --freeze-prot
 
 
 @pytest.fixture(scope="module")
-def learned(cifar_dir, tmp_path_factory):
+def learned(cifar_dir, module_tmp):
     """The 2-epoch run and, alongside, the same command with --max-steps 0 (the untrained network evaluated)."""
-    out, init = tmp_path_factory.mktemp("learn"), tmp_path_factory.mktemp("init")
+    out, init = module_tmp("learn"), module_tmp("init")
     baseline = start_script(cifar(cifar_dir, init, LEARN + " --max-steps 0"))
     proc = run_script(cifar(cifar_dir, out, LEARN))
     assert baseline.wait(timeout=300) == 0 and proc.returncode == 0, proc.stderr[-3000:]

@@ -198,13 +198,13 @@ NEEDS = {  # test -> the jobs whose results it reads (and, for the CIFAR runs, t
 
 
 @pytest.fixture(scope="module")
-def jobs(request, imagewoof_dir, tmp_path_factory) -> dict:
+def jobs(request, imagewoof_dir, module_tmp) -> dict:
     """Start the selected tests' jobs two at a time (2 CI cores): the torchrun run on ImageNet photos first (while
     the CIFAR images are extracted), the CIFAR runs in two chains (about 30 s and 20 s), the DDP helper and the bad
     inputs. Returns the futures, the CIFAR runs' and the bad inputs' commands."""
     selected = {item.name.split("[")[0] for item in request.session.items if item.module is request.module}
     wanted = set().union(*(NEEDS[name] for name in selected if name in NEEDS))
-    mktemp = tmp_path_factory.mktemp
+    mktemp = module_tmp
     files = save_files(mktemp("files"))
     with ThreadPoolExecutor(2) as pool:
         futures = {}

@@ -467,10 +467,10 @@ def test_random_masking_and_unshuffle(N, ratio, n_keep):
 
 # ---------------------------------------------------------------- base-model checkpoints (spec 2.2)
 @pytest.fixture(scope="module")
-def base_ckpt(tmp_path_factory):
+def base_ckpt(module_tmp):
     """A small MAE-format checkpoint {"model": sd} of a random common ViT (learned, non-trivial pos_embed)."""
     model = tiny_base_vit()
-    path = tmp_path_factory.mktemp("base") / "mae_tiny.pth"
+    path = module_tmp("base") / "mae_tiny.pth"
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     torch.save({"model": sd}, path)
     return model, sd, path
