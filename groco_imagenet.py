@@ -277,12 +277,32 @@ class GroCo(nn.Module):
         super().__init__()
         self.backbone = RESNETS[arch](zero_init_residual=True)  # PAPER: torchvision resnet50(zero_init_residual=True)
         self.projector = projection_head(self.backbone.num_features, proj_dim)
+        self.views = 1  # how many views the batch being encoded holds, crop-major (forward sets it)
+        self.per_view_bn(self)
 
     def forward(self, groups: list) -> list:
         """groups: one tensor per crop group, crop-major [n*b, 3, S, S]. Returns one embedding [b, D] per view.
-        CRUCIAL: every view goes through backbone and projector on its own, so BN statistics are per view (official:
-        one forward per view key), local crops included."""
-        return [self.projector(self.backbone(v)) for x in groups for v in x.chunk(x.shape[0] // groups[0].shape[0])]
+        CRUCIAL: BN statistics are per view (official: one forward per view key), local crops included: one pass per
+        group, in which every BN normalises each view's rows on its own (per_view_bn)."""
+        out = []
+        for x in groups:
+            self.views = x.shape[0] // groups[0].shape[0]
+            out += self.projector(self.backbone(x)).chunk(self.views)
+        self.views = 1
+        return out
+
+    def per_view_bn(self, net: nn.Module) -> None:
+        """Every BN (SyncBN too) of net, in training, runs once per view on that view's rows, in view order: the
+        statistics and running-statistic updates of one pass per view, for the price of one pass per crop group (the
+        convolutions see the whole group). Call it again after converting net's BNs to SyncBN."""
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.forward = partial(self._bn_per_view, m, type(m).forward)
+
+    def _bn_per_view(self, bn: nn.Module, plain, x: torch.Tensor) -> torch.Tensor:
+        if self.views == 1 or not bn.training:
+            return plain(bn, x)
+        return torch.cat([plain(bn, v) for v in x.chunk(self.views)])
 
 
 def projection_head(f: int, d: int) -> nn.Sequential:
@@ -474,6 +494,7 @@ def run_training(args: Args) -> dict:
     net = model
     if run.world_size > 1 and args.sync_bn and device.type == "cuda":  # PAPER: SyncBN (PyTorch's needs CUDA)
         net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.per_view_bn(net)  # the SyncBNs are new modules
     if run.world_size > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     run.ddp_model = torch.compile(net) if args.compile else net

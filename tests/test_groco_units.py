@@ -383,6 +383,42 @@ def test_forward_per_view_batchnorm():
         assert max(j.mean(0).abs().max().item() for j in joint) > 1e-2  # pooled BN: per-view means are not zero
 
 
+def test_one_pass_per_group_equals_one_forward_per_view():
+    """The official loop (one forward per view) and ours (one pass per crop group, BN per view) give the same
+    embeddings, gradients and running statistics (updated view by view), in float64 to 1e-7 (the convolutions sum in
+    another order); BN in eval mode is untouched, and the SyncBNs of a converted copy normalise per view too."""
+    torch.manual_seed(0)
+    b, model = 4, G.GroCo("resnet18", 16).double().train()
+    for bn in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        bn.weight.data.uniform_(0.5, 1.5) if bn.affine else None  # no zero-init BN: every gradient flows
+    g = torch.Generator().manual_seed(2)
+    groups = [torch.randn(b, 3, 64, 64, generator=g), torch.randn(3 * b, 3, 32, 32, generator=g) * 2 + 1]
+    groups = [x.double() for x in groups]
+    ours, official = copy.deepcopy(model), copy.deepcopy(model)
+    z = ours(groups)
+    z_off = [official.projector(official.backbone(v)) for x in groups for v in x.split(b)]
+    assert len(z) == len(z_off) == 4
+    for a, c in zip(z, z_off):
+        torch.testing.assert_close(a, c)
+    weights = torch.randn(4, b, 16, generator=g, dtype=torch.float64)
+    sum((w * a).sum() for w, a in zip(weights, z)).backward()
+    sum((w * c).sum() for w, c in zip(weights, z_off)).backward()
+    for (name, p), q in zip(ours.named_parameters(), official.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+    for (name, r), s in zip(ours.named_buffers(), official.buffers()):
+        torch.testing.assert_close(r, s, msg=name)  # running stats, updated 4 times
+    assert ours.views == 1
+    with torch.no_grad():
+        ours.eval(), official.eval()
+        torch.testing.assert_close(ours(groups)[3], official.projector(official.backbone(groups[1][2 * b :])))
+    synced = copy.deepcopy(model)
+    nn.SyncBatchNorm.convert_sync_batchnorm(synced)
+    synced.per_view_bn(synced)
+    bns = [m for m in synced.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(isinstance(m, nn.SyncBatchNorm) and m.forward.func == synced._bn_per_view for m in bns)
+
+
 # ---------------------------------------------------------------- augmentations (spec 4)
 def test_crop_groups_recipes():
     """Multi-crop default: views 1 and 2 are single 224-px crops, scale (0.14, 1), blur 1.0 / 0.1, solarize 0 / 0.2,
