@@ -1,4 +1,4 @@
-"""A run's life in every script, on real CIFAR-10 images: a stop signal mid-epoch (one process and 2 DDP ranks) saves
+"""A run's life in every script, on real CIFAR-10 images: a stop signal mid-epoch (2 DDP ranks; one process too in EMP-SSL) saves
 the step and a rerun ends bit-identical to an uninterrupted run (Ctrl-C too; a stop while evaluating keeps the
 trained weights); a checkpoint whose pickle would run code is refused on every path that loads one; an out-dir that
 cannot be written stops the run before the data is read; an error every rank hits is printed once; a missing CIFAR
@@ -62,24 +62,24 @@ def code_running_checkpoint(path: Path, marker: Path) -> Path:
 # ---- stop signals ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stop_runs(small_cifar_dir, module_tmp) -> dict:
-    """Per script and per mode (one process, 2 ranks): an uninterrupted run of STEPS steps, the same run sent SIGTERM
-    during step STOP_AT (every rank, tests/sigterm_at_step.py), and the same command again; and two single runs (see
-    test_sigint_and_a_stop_while_evaluating). Two runners at once (2 CI cores: the one-process runs, the 2-rank runs),
-    each importing the scripts once. Returns (script, mode) -> dict(ref=, stopped=, rerun=) of (CompletedProcess,
-    out dir) and rank1_err (rank 1's stderr of the stopped run), and name -> (CompletedProcess, out dir)."""
+    """Per (script, mode) of STOP_MODES: an uninterrupted run of STEPS steps, the same run sent SIGTERM during step
+    STOP_AT (every rank, tests/sigterm_at_step.py), and the same command again; and two single runs (see
+    test_sigint_and_a_stop_while_evaluating). Two runners at once (2 CI cores), each importing the scripts once.
+    Returns (script, mode) -> dict(ref=, stopped=, rerun=) of (CompletedProcess, out dir) and rank1_err (rank 1's
+    stderr of the stopped run), and name -> (CompletedProcess, out dir)."""
     tmp = module_tmp("stop")
     jobs = []  # (cases, options, out dirs, runner)
-    for name in SCRIPTS:
-        for mode, ranks in (("1", 1), ("ddp", 2)):
-            outs = {part: tmp / f"{name}-{mode}-{part}" for part in ("ref", "stopped")}
-            cases = {
-                f"{name}-{mode}-ref": (command(name, small_cifar_dir, outs["ref"], STOP_FLAGS), None),
-                f"{name}-{mode}-stopped": (command(name, small_cifar_dir, outs["stopped"], STOP_FLAGS), None),
-                f"{name}-{mode}-rerun": (command(name, small_cifar_dir, outs["stopped"], STOP_FLAGS), None),
-            }
-            opts = {n: dict(ranks=ranks) for n in cases}
-            opts[f"{name}-{mode}-stopped"]["term_at_step"] = STOP_AT
-            jobs.append((cases, opts, outs, len(jobs) % 2))
+    for name, mode in STOP_MODES:
+        ranks = 2 if mode == "ddp" else 1
+        outs = {part: tmp / f"{name}-{mode}-{part}" for part in ("ref", "stopped")}
+        cases = {
+            f"{name}-{mode}-ref": (command(name, small_cifar_dir, outs["ref"], STOP_FLAGS), None),
+            f"{name}-{mode}-stopped": (command(name, small_cifar_dir, outs["stopped"], STOP_FLAGS), None),
+            f"{name}-{mode}-rerun": (command(name, small_cifar_dir, outs["stopped"], STOP_FLAGS), None),
+        }
+        opts = {n: dict(ranks=ranks) for n in cases}
+        opts[f"{name}-{mode}-stopped"]["term_at_step"] = STOP_AT
+        jobs.append((cases, opts, outs, 0 if ranks == 1 else (len(jobs) + 1) % 2))  # 2-rank runs: either runner
     # Ctrl-C (SIGINT) in the steps, and SIGTERM while the final evaluation encodes: the trained weights are saved
     extra = {
         "tec-sigint": (command("tec", small_cifar_dir, tmp / "tec-sigint", STOP_FLAGS), None),
@@ -90,7 +90,7 @@ def stop_runs(small_cifar_dir, module_tmp) -> dict:
     jobs.append((extra, extra_opts, None, 0))
     with ThreadPoolExecutor(2) as pool:
         futures = []
-        for i in range(2):  # the one-process runs in one runner, the 2-rank runs in the other
+        for i in range(2):
             part = [j for j in jobs if j[3] == i]
             cases = {k: v for c, *_ in part for k, v in c.items()}
             opts = {k: v for _, o, *_ in part for k, v in o.items()}
@@ -141,8 +141,12 @@ def assert_same_checkpoint(a: dict, b: dict):
         assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), k
 
 
-@pytest.mark.parametrize("mode", ["1", "ddp"])
-@pytest.mark.parametrize("name", list(SCRIPTS))
+# Every script with 2 ranks; one process only for EMP-SSL: the stop code is one SHARED block, and the other four
+# scripts' own tests resume a one-process run to equal an uninterrupted one (tests/test_*_runs.py)
+STOP_MODES = [(name, "ddp") for name in SCRIPTS] + [("empssl", "1")]
+
+
+@pytest.mark.parametrize("name,mode", STOP_MODES)
 def test_sigterm_mid_epoch_saves_and_rerun_equals_uninterrupted(stop_runs, name, mode):
     """SIGTERM during step 2: the run (every rank) finishes the step, saves last.pt at that step (mid-epoch),
     prints one line (rank 0 alone) saying so and how to resume, writes no results, exits with 128 + 15. The same
