@@ -1,9 +1,9 @@
 """A run's life in every script, on real CIFAR-10 images: a stop signal mid-epoch (2 DDP ranks; one process too in
 EMP-SSL) saves the step and a rerun ends bit-identical to an uninterrupted run (Ctrl-C too; a stop while evaluating
-keeps the trained weights); a checkpoint whose pickle would run code is refused on every path that loads one; an out-dir that
-cannot be written stops the run before the data is read; an error every rank hits is printed once; a missing CIFAR
-copy is reported as the --download flag warrants; the documented quick CPU commands run on a small folder (the probe
-batch shrinks to it, one line per epoch, one summary line).
+keeps the trained weights); a checkpoint whose pickle would run code is refused on every path that loads one; an
+out-dir that cannot be written stops the run before the data is read; an error every rank hits is printed once; a
+missing CIFAR copy is reported as the --download flag warrants; the documented quick CPU commands run on a small
+folder (the probe batch shrinks to it, one line per epoch, one summary line).
 
 Every command runs forked from a process that imported its script once (tests/forkrun.py: the ranks get the
 variables torchrun sets, and SIGTERM as torchrun forwards a scheduler's); one script's stop also runs under torchrun
