@@ -422,8 +422,8 @@ def train_batches(run: SimpleNamespace, epoch: int, start: int, last: int):
 
 
 def train_step(run: SimpleNamespace, batch: list, step: int) -> torch.Tensor:
-    """One GroCo step on this rank's crops (one tensor per crop group): a forward per view, the loss over the global
-    batch, SGD. Returns [loss, pos_sim, neg_sim], detached."""
+    """One GroCo step on this rank's crops (one tensor per crop group): a pass per group with BN per view, the loss
+    over the global batch, SGD. Returns [loss, pos_sim, neg_sim], detached."""
     args = run.args
     with run.autocast:
         z = run.ddp_model([x.contiguous(memory_format=run.fmt) for x in batch])
