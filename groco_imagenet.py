@@ -2,7 +2,7 @@ r"""GroCo: Learning by Sorting: Self-supervised Learning with Group Ordering Con
 Schiele, Kuehne; ICCV 2023), arXiv 2301.02009.
 
 What we reproduce: GroCo pre-training of a ResNet-50 on ImageNet. SimCLR-like instance discrimination (ResNet-50, a
-2048-2048-2048 projector ending in a BatchNorm without affine parameters, every view forwarded on its own) whose loss
+2048-2048-2048 projector ending in a BatchNorm without affine parameters, BN statistics per view) whose loss
 is a group-ordering constraint: for every anchor embedding, the cosines to its positives (the other views of the same
 image) and to its 10 hardest negatives (the most similar other images of the anchor's own view) are concatenated,
 negatives first, each group ascending, and sorted by a differentiable odd-even sorting network (diffsort, Cauchy,
