@@ -6,12 +6,12 @@ import json
 import math
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import pytest
 import torch
 
+from forkrun import forked_in_two
 from conftest import (
     ROOT,
     assert_finite_results,
@@ -92,16 +92,14 @@ def bad_cases(cifar_dir, tmp, smoke_ckpt) -> list:
 
 @pytest.fixture(scope="module")
 def cifar_runs(cifar_dir, module_tmp):
-    """The smoke run and, on the second core, the bad inputs, each in its own process (the case that resumes the
-    smoke run's checkpoint after it). Returns the smoke (process, out dir) and [(command, needles, process)]."""
+    """The smoke run and the bad inputs, each in its own process, forked from two that imported the script once
+    (tests/forkrun.py; the case that resumes the smoke run's checkpoint after it). Returns the smoke (process, out
+    dir) and [(command, needles, process)]."""
     out, tmp = module_tmp("smoke"), module_tmp("bad")
     cases = bad_cases(cifar_dir, tmp, out / "last.pt")
-    with ThreadPoolExecutor(2) as pool:
-        smoke = pool.submit(run_script, cifar(cifar_dir, out, SMOKE))
-        jobs = {i: pool.submit(run_script, cmd, env=env) for i, (cmd, env, _) in enumerate(cases) if i != 6}
-        smoke = smoke.result()
-        jobs[6] = pool.submit(run_script, cases[6][0], env=cases[6][1])
-        procs = [jobs[i].result() for i in range(len(cases))]
+    others = cases[:6] + cases[7:]
+    smoke, procs = forked_in_two(cifar(cifar_dir, out, SMOKE), others, [cases[6]], module_tmp("logs"))
+    procs = procs[:6] + procs[-1:] + procs[6:-1]  # the after-smoke case back in its place
     return (smoke, out), [(cmd, needles, proc) for (cmd, _, needles), proc in zip(cases, procs, strict=True)]
 
 
