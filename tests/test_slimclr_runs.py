@@ -54,16 +54,6 @@ DDP_ENV = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1"
 
 
 # ---- the jobs ---------------------------------------------------------------------------------------------------
-def resume_chain(cifar_dir, out) -> dict:
-    """The v2 smoke run (14 steps) in two pieces: stopped by --max-steps 5 (mid-epoch), then rerun to step 14."""
-    stop = run_script(cifar_v2(cifar_dir, out, SMOKE_V2 + " --max-steps 5 --probe none"))
-    assert stop.returncode == 0, stop.stderr[-3000:]
-    stopped_at = torch.load(out / "last.pt", weights_only=False)["step"]
-    final = run_script(cifar_v2(cifar_dir, out, SMOKE_V2))
-    assert final.returncode == 0, final.stderr[-3000:]
-    return dict(out=out, stopped_at=stopped_at, final=final)
-
-
 def ddp_step(cifar_dir, out, *extra) -> list:
     """tests/slimclr_ddp_step.py under torchrun (2 ranks: the saved files of both) or as one process emulating 2."""
     worker = ROOT / "tests" / "slimclr_ddp_step.py"
@@ -91,14 +81,39 @@ def bad_cases(cifar_dir, tmp) -> dict:
     }  # fmt: skip
 
 
-def smoke_then_strict_load(cifar_dir, out, tmp) -> dict:
-    """The v2 smoke run, then its checkpoint resumed by a model of another shape: --widths 1.0 (no 0.5 BN copies)."""
-    proc = run_script(cifar_v2(cifar_dir, out, SMOKE_V2))
-    cmd = cifar_v2(cifar_dir, tmp / "o7", f"--resume {out / 'last.pt'} --widths 1.0")
-    strict = (cmd, [str(out / "last.pt"), "state_dict does not match", "unexpected", "bn.1.running_mean"], None)
-    if proc.returncode == 0:
-        strict = (cmd, strict[1], run_script(cmd))
-    return dict(smoke=(proc, out), strict=strict)
+STRICT_NEEDLES = ["state_dict does not match", "unexpected", "bn.1.running_mean"]  # and the checkpoint's path
+
+
+def cifar_chains(cifar_dir, mktemp, wanted: set) -> dict:
+    """The CIFAR runs of the wanted jobs in two chains, each forked from one process that imported the script once
+    (tests/forkrun.py): the v2 smoke run, its checkpoint resumed by a model of another shape (--widths 1.0: no 0.5 BN
+    copies), the v3 smoke run; and the v2 smoke run in two pieces (stopped by --max-steps 5, mid-epoch, then rerun to
+    step 14), the simclr smoke run. Returns (chain's case names, its forked_runs arguments) per chain."""
+    v2, v3, sim, res, tmp = (mktemp(n) for n in ("smoke_v2", "smoke_v3", "smoke_simclr", "resume", "strict"))
+    strict = cifar_v2(cifar_dir, tmp / "o7", f"--resume {v2 / 'last.pt'} --widths 1.0")
+    runs = {
+        "smoke_v2": [("smoke_v2", cifar_v2(cifar_dir, v2, SMOKE_V2)), ("strict", strict)],
+        "smoke_v3": [("smoke_v3", cifar_v3(cifar_dir, v3, SMOKE_V3))],
+        "resume": [("stop", cifar_v2(cifar_dir, res, SMOKE_V2 + " --max-steps 5 --probe none")),
+                   ("final", cifar_v2(cifar_dir, res, SMOKE_V2))],
+        "smoke_simclr": [("smoke_simclr", simclr(cifar_dir, sim, SMOKE_V3))],
+    }  # fmt: skip
+    chains = []
+    for names in (("smoke_v2", "smoke_v3"), ("resume", "smoke_simclr")):
+        cases = {case: (cmd, None) for job in names if job in wanted for case, cmd in runs[job]}
+        chains.append((cases, mktemp("logs")) if cases else None)
+    outs = dict(smoke_v2=v2, smoke_v3=v3, smoke_simclr=sim, resume=res, strict=strict)
+    return dict(chains=chains, outs=outs)
+
+
+class Part:
+    """One job's result inside a chain's Future, shaped as the tests read it (.result())."""
+
+    def __init__(self, future, pick):
+        self.future, self.pick = future, pick
+
+    def result(self):
+        return self.pick(self.future.result())
 
 
 def run_in(cmd_of_out, out, **kw) -> tuple:
@@ -139,10 +154,17 @@ def jobs(request, imagewoof_dir, module_tmp) -> dict:
         bad = bad_cases(cifar_dir, tmp)
         ddp_dir = mktemp("ddp")
         submit("ddp", ddp_step, cifar_dir, ddp_dir / "ddp")
-        submit("resume", resume_chain, cifar_dir, mktemp("resume"))
-        submit("smoke_v2", smoke_then_strict_load, cifar_dir, mktemp("smoke_v2"), tmp)
-        submit("smoke_v3", run_in, partial(cifar_v3, cifar_dir, extra=SMOKE_V3), mktemp("smoke_v3"))
-        submit("smoke_simclr", run_in, partial(simclr, cifar_dir, extra=SMOKE_V3), mktemp("smoke_simclr"))
+        runs = cifar_chains(cifar_dir, mktemp, wanted)
+        chains = [c and pool.submit(forked_runs, *c) for c in runs["chains"]]
+        outs, v2_chain, resume_chain = runs["outs"], chains[0], chains[1]
+        if v2_chain:
+            strict = (outs["strict"], [str(outs["smoke_v2"] / "last.pt"), *STRICT_NEEDLES])
+            futures["smoke_v2"] = Part(v2_chain, lambda r: dict(smoke=(r["smoke_v2"], outs["smoke_v2"]),
+                                                                strict=(*strict, r["strict"])))  # fmt: skip
+            futures["smoke_v3"] = Part(v2_chain, lambda r: (r.get("smoke_v3"), outs["smoke_v3"]))
+        if resume_chain:
+            futures["resume"] = Part(resume_chain, lambda r: dict(out=outs["resume"], stop=r["stop"], final=r["final"]))
+            futures["smoke_simclr"] = Part(resume_chain, lambda r: (r.get("smoke_simclr"), outs["smoke_simclr"]))
         # started after "ddp" (FIFO): it waits for that run's state after step 1 (tests/ddp_handoff.py)
         ref_flags = ("--emulate-ranks", "2", "--state1-dir", ddp_dir / "ddp")
         submit("ddp_ref", ddp_step, cifar_dir, ddp_dir / "ref", *ref_flags)
@@ -254,7 +276,7 @@ def test_resume_after_a_stop_equals_uninterrupted(smoke_v2, jobs):
     interrupted window."""
     r = jobs["futures"]["resume"].result()
     ref, out = smoke_v2[1], r["out"]
-    assert r["stopped_at"] == 5
+    assert r["stop"].returncode == 0 and r["final"].returncode == 0, (r["stop"].stderr + r["final"].stderr)[-3000:]
     assert f"resumed from {out / 'last.pt'} at step 5" in r["final"].stdout
     a, b = (torch.load(d / "last.pt", weights_only=False) for d in (ref, out))
     assert a["step"] == b["step"] == 14 and a["images_seen"] == b["images_seen"] == 14 * 32
