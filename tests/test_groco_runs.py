@@ -2,16 +2,16 @@
 and a kill, DDP equality with one process, torchrun on the streamed imagenet recipe, bad inputs (a non-finite loss
 included)."""
 
-import json
 import math
+import re
 import signal
-import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import pytest
 import torch
 
-from forkrun import forked_in_two
+from forkrun import forked_in_two, forked_runs
 from conftest import (
     ROOT,
     assert_finite_results,
@@ -148,53 +148,28 @@ def test_cifar_recipe_smoke(smoke):
 
 
 # ---- resume -----------------------------------------------------------------------------------------------------
-def wait_for(pred, proc, timeout=120.0):
-    """Poll pred() until it holds (True) or proc ends or the timeout passes (False)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return False
-
-
-def logged_steps(out) -> list:
-    path = out / "log.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(ln)["step"] for ln in lines if ln.endswith("}") and '"type": "train"' in ln]
-
-
 RESUME = "--epochs 1 --max-steps 10 --save-every-steps 4 --warmup-epochs 0 --probe none"
 
 
 @pytest.fixture(scope="module")
 def resumed(cifar_dir, module_tmp):
-    """Stop at step 3 (--max-steps), resume and SIGKILL the run once it has written the step-4 checkpoint and logged
-    step 6 (steps 5-6 lost), resume to step 10; alongside, the same 10 steps uninterrupted. Returns both out dirs,
-    the final rerun and the step the kill left in last.pt."""
+    """Stop at step 3 (--max-steps), resume and SIGKILL the run as its step 7 begins (the step-4 checkpoint written,
+    step 6 logged: steps 5-6 lost), resume to step 10; alongside, the same 10 steps uninterrupted. Each run forked
+    from a process that imported the script once (tests/forkrun.py). Returns both out dirs, the final rerun and the
+    step the kill left in last.pt (where the final rerun says it resumed)."""
     ref, out = module_tmp("uninterrupted"), module_tmp("resumed")
-    uninterrupted = start_script(cifar(cifar_dir, ref, RESUME))  # alongside, on the second core
-
-    proc = run_script(cifar(cifar_dir, out, RESUME + " --max-steps 3"))  # deterministic stop after step 3
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert torch.load(out / "last.pt", weights_only=False)["step"] == 3
-    first = (out / "last.pt").stat()
-    victim = start_script(cifar(cifar_dir, out, RESUME))
-
-    def checkpointed_and_went_on():  # os.replace gives last.pt a new inode: the step-4 checkpoint is complete
-        stat = (out / "last.pt").stat()
-        return (stat.st_ino, stat.st_mtime_ns) != (first.st_ino, first.st_mtime_ns) and max(logged_steps(out)) >= 6
-
-    killed = wait_for(checkpointed_and_went_on, victim)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert killed, "the resumed run never wrote the step-4 checkpoint and logged step 6"
-    killed_at = torch.load(out / "last.pt", weights_only=False)["step"]
-
-    final = run_script(cifar(cifar_dir, out, RESUME))
-    assert final.returncode == 0, final.stderr[-3000:]
-    assert uninterrupted.wait(timeout=300) == 0
-    return ref, out, final, killed_at
+    chain = {name: (cifar(cifar_dir, out, RESUME + extra), None)
+             for name, extra in (("stop", " --max-steps 3"), ("killed", ""), ("final", ""))}  # fmt: skip
+    kill = {"killed": dict(term_at_step=4, term_sig=int(signal.SIGKILL))}  # the resumed loop's 4th step: step 7
+    with ThreadPoolExecutor(2) as pool:
+        uninterrupted = pool.submit(forked_runs, {"ref": (cifar(cifar_dir, ref, RESUME), None)}, module_tmp("logs1"))
+        procs = forked_runs(chain, module_tmp("logs2"), None, kill)
+        uninterrupted = uninterrupted.result()["ref"]
+    for name, code in (("stop", 0), ("killed", -signal.SIGKILL), ("final", 0)):
+        assert procs[name].returncode == code, (name, procs[name].returncode, procs[name].stderr[-3000:])
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    resumed_at = re.findall(r"resumed from .* at step (\d+)", procs["final"].stdout)
+    return ref, out, procs["final"], int(resumed_at[0]) if resumed_at else None
 
 
 def test_resume_after_stop_and_kill_equals_uninterrupted(resumed):
@@ -209,7 +184,7 @@ def test_resume_after_stop_and_kill_equals_uninterrupted(resumed):
     assert any("running_mean" in k for k in a["model"]) and "projector.7.running_var" in a["model"]
     for k in a["model"]:  # weights and BatchNorm running statistics (num_batches_tracked included)
         assert torch.equal(a["model"][k], b["model"][k]), k
-    assert a["model"]["projector.1.num_batches_tracked"] == 2 * 10  # two views, one forward each, per step
+    assert a["model"]["projector.1.num_batches_tracked"] == 2 * 10  # two views, each BN once per view, per step
     assert len(a["optimizer"]["state"]) == len(b["optimizer"]["state"]) > 0
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
