@@ -1,19 +1,17 @@
 """End-to-end runs of swav_imagenet.py on real images (CIFAR-10, ImageNet photos): learning, resume after a kill
 (with the queue), DDP equality with one process, torchrun, streamed decoding, bad inputs."""
 
-import json
 import math
 import shutil
 import signal
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import pytest
 import torch
 
-from forkrun import forked_in_two
+from forkrun import forked_in_two, forked_runs
 from conftest import (
     ROOT,
     assert_finite_results,
@@ -93,46 +91,26 @@ def test_features_beat_the_untrained_network(learned):
 
 
 # ---- resume -----------------------------------------------------------------------------------------------------
-def wait_for(pred, proc, timeout=120.0):
-    """Poll pred() until it holds (True) or proc ends or the timeout passes (False)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return False
-
-
-def logged_steps(out) -> list:
-    path = out / "log.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(ln)["step"] for ln in lines if ln.endswith("}") and '"type": "train"' in ln]
-
-
 def test_resume_after_stop_and_kill_equals_uninterrupted(cifar_dir, tmp_path):
     """With the queue in use (32 embeddings, batch 16: full after step 2) and the prototypes frozen for 5 steps:
-    stop at step 3 (--max-steps), resume and SIGKILL the run after it logged step 6 (the last checkpoint holds step 4
-    or 8), resume to the end: the weights, momentum buffers and queue equal an uninterrupted run's exactly."""
+    stop at step 3 (--max-steps), resume and SIGKILL the run as its step 7 begins (step 6 logged, the last checkpoint
+    at step 4), resume to the end: the weights, momentum buffers and queue equal an uninterrupted run's exactly."""
     flags = "--epochs 1 --max-steps 12 --save-every-steps 4 --queue-length 32 --queue-start-epoch 0"
     flags += " --freeze-prototypes-epochs 0.2 --probe none"  # 0.2 x 25 steps: frozen for steps 1-5
     ref, out = tmp_path / "ref", tmp_path / "resumed"
-    uninterrupted = start_script(cifar(cifar_dir, ref, flags))  # alongside, on the second core
-
-    proc = run_script(cifar(cifar_dir, out, flags + " --max-steps 3"))  # deterministic stop after step 3
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert torch.load(out / "last.pt", weights_only=False)["step"] == 3
-    victim = start_script(cifar(cifar_dir, out, flags))
-    logged = wait_for(lambda: any(s >= 6 for s in logged_steps(out)), victim)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert logged, "the resumed run never logged step 6"
-    killed_at = torch.load(out / "last.pt", weights_only=False)["step"]
-    assert killed_at in (4, 8), killed_at  # mid-run: a checkpoint after step 3, steps beyond it lost
-
-    proc = run_script(cifar(cifar_dir, out, flags))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resumed from {out / 'last.pt'} at step {killed_at}" in proc.stdout
-    assert uninterrupted.wait(timeout=300) == 0
+    chain = {name: (cifar(cifar_dir, out, flags + extra), None)
+             for name, extra in (("stop", " --max-steps 3"), ("killed", ""), ("final", ""))}  # fmt: skip
+    kill = {"killed": dict(term_at_step=4, term_sig=int(signal.SIGKILL))}  # the resumed loop's 4th step: step 7
+    (tmp_path / "logs1").mkdir(), (tmp_path / "logs2").mkdir()
+    with ThreadPoolExecutor(2) as pool:  # forked from processes that imported the script once (tests/forkrun.py)
+        uninterrupted = pool.submit(forked_runs, {"ref": (cifar(cifar_dir, ref, flags), None)}, tmp_path / "logs1")
+        procs = forked_runs(chain, tmp_path / "logs2", None, kill)
+        uninterrupted = uninterrupted.result()["ref"]
+    for name, code in (("stop", 0), ("killed", -signal.SIGKILL), ("final", 0)):
+        assert procs[name].returncode == code, (name, procs[name].returncode, procs[name].stderr[-3000:])
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    assert f"resumed from {out / 'last.pt'} at step 3" in procs["killed"].stdout  # the stop's checkpoint
+    assert f"resumed from {out / 'last.pt'} at step 4" in procs["final"].stdout  # steps 5-6 lost with the kill
     a, b = (torch.load(d / "last.pt", weights_only=False) for d in (ref, out))
     assert a["step"] == b["step"] == 12
     assert a["model"].keys() == b["model"].keys()
