@@ -7,6 +7,7 @@ import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,12 +127,11 @@ def test_resume_after_stop_and_kill_equals_uninterrupted(cifar_dir, tmp_path):
 
 
 # ---- the SwAV guide's head and prototype variants ------------------------------------------------------------------
-def test_head_and_prototype_variants_train_with_the_queue(small_cifar_dir, tmp_path):
+def test_head_and_prototype_variants_train_with_the_queue(forked):
     """The cifar recipe with a three-layer head without BN (--head-dims 512 64 48 32 --no-head-bn) and two prototype
     sets (--n-prototypes 30 20), the queue full after step 2 (16 embeddings, batch 8): 4 steps train and evaluate,
     last.pt holds VISSL's head layout and both sets (official MultiPrototypes keys), and steps 3-4 used the queue."""
-    flags = "--head-dims 512 64 48 32 --no-head-bn --n-prototypes 30 20 --queue-length 16 --queue-start-epoch 0"
-    proc = run_script(cifar(small_cifar_dir, tmp_path, flags + " --batch-size 8 --max-steps 4 --probe none"))
+    _, proc, tmp_path = forked["variants"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = read_results(tmp_path)
     assert res["steps_done"] == 4 and res["args"]["n_prototypes"] == [30, 20] and not res["args"]["head_bn"]
@@ -208,73 +208,90 @@ def test_torchrun_imagenet_recipe_streamed(imagewoof_dir, tmp_path):
 
 
 # ---- bad inputs: one clear line on stderr, non-zero exit --------------------------------------------------------
-def test_bad_inputs_fail_with_one_line(cifar_dir, tmp_path):
-    """Each bad input in its own process (forked), two at a time: exit code != 0 and one `error:` line, no traceback.
-    The checkpoint cases resume a tiny trained run (the first job) with another K or backbone: strict-load errors."""
-    data = tmp_path / "data"
-    shutil.copytree(cifar_dir, data)
-    bad = sorted((data / "train" / "cat").iterdir())[3]
-    bad.write_bytes(b"not a jpeg")
-    torch.save({"model": {}}, tmp_path / "weights.pt")  # e.g. exported weights, not a run's last.pt
-    ddp_env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
-    trained = cifar(cifar_dir, tmp_path / "run", "--max-steps 1 --probe none")
-    cases = [  # (command, env, needles)
-        (cifar(tmp_path / "nope", tmp_path / "o1"), None, ["data dir not found", "nope"]),
-        (cifar(cifar_dir, tmp_path / "o2", "--arch resnet19"), None, ["unknown --arch 'resnet19'"]),
-        # checked from torchrun's environment before any process group is created
-        (cifar(cifar_dir, tmp_path / "o3", "--batch-size 15"), ddp_env, ["--batch-size 15", "world size 2"]),
-        (cifar(cifar_dir, tmp_path / "o4", f"--resume {tmp_path / 'weights.pt'}"), None,
-         ["weights.pt", "is not a training checkpoint of this script"]),
-        (cifar(data, tmp_path / "o5"), None, ["cannot decode image", str(bad)]),  # in-memory folder
-        (cifar(cifar_dir, tmp_path / "o6", "--crops-for-assign 0 2"), None, ["--crops-for-assign (0, 2)", "2 "]),
-        (cifar(cifar_dir, tmp_path / "o7", "--queue-length 8"), None, ["--queue-length 8", "global batch (16)"]),
-        (cifar(cifar_dir, tmp_path / "o8", "--head-dims 100 64 32"), None, ["--head-dims (100, 64", "512 features"]),
-        (cifar(cifar_dir, tmp_path / "o9", "--n-prototypes 30 0"), None, ["--n-prototypes (30, 0)", "sizes >= 1"]),
-    ]  # fmt: skip
-    after_training = [
-        ([*trained, "--n-prototypes", "40"], None, ["last.pt", "shape mismatch", "prototypes.weight: ckpt (30, 32)"]),
-        ([*trained, "--arch", "resnet50"], None, ["last.pt", "does not match", "missing", "layer1.0.bn3.weight"]),
-    ]
-    # forked from two processes that imported the script once (tests/forkrun.py): 0.5 s a case instead of 4
-    first, procs = forked_in_two(trained, cases, after_training, tmp_path / "logs")
-    assert first.returncode == 0, first.stderr[-3000:]
-    failures = []
-    for (cmd, _, needles), proc in zip(cases + after_training, procs, strict=True):
-        try:
-            assert_one_line_error(proc, *needles)
-        except AssertionError as e:
-            failures.append(f"{' '.join(map(str, cmd[1:]))}:\n{e}")
-    assert not failures, "\n\n".join(failures)
+VARIANTS = "--head-dims 512 64 48 32 --no-head-bn --n-prototypes 30 20 --queue-length 16 --queue-start-epoch 0"
 
 
-def test_non_finite_loss_names_the_step(cifar_dir, tmp_path):
-    """An absurd LR blows up the biases (no LARS on them in the cifar recipe) in step 1's update: the run stops
-    naming step 2 (the first bad one, although the check runs at the step-4 log line); a Sinkhorn epsilon so small
-    that whole prototype rows underflow makes step 1's loss non-finite."""
-    flags = "--warmup-epochs 0 --log-every 4 --probe none"
-    with ThreadPoolExecutor(2) as pool:
-        big_lr, tiny_eps = pool.map(
-            run_script,
-            [
-                cifar(cifar_dir, tmp_path / "lr", flags + " --lr 1e30"),
-                cifar(cifar_dir, tmp_path / "eps", flags + " --epsilon 1e-4"),
-            ],
-        )
-    assert_one_line_error(big_lr, "non-finite loss at step 2 ")
-    assert_one_line_error(tiny_eps, "non-finite loss at step 1 ")
-    assert not (tmp_path / "lr" / "results.json").exists()
-
-
-def test_corrupt_streamed_image_is_named(imagewoof_dir, tmp_path):
-    """A file that is not an image in a streamed (imagenet-recipe) folder, in the first training batch: one line
-    naming the file, raised in the DataLoader worker that decodes it."""
+@pytest.fixture(scope="module")
+def forked(cifar_dir, small_cifar_dir, imagewoof_dir, module_tmp):
+    """The bad inputs, the head and prototype variants (test_head_and_prototype_variants_train_with_the_queue), two
+    non-finite losses and a corrupt streamed image, each in its own process forked from two that imported the script
+    once (tests/forkrun.py): 0.5 s a case instead of 4. The checkpoint cases resume a tiny trained run (the first
+    job) with another K or backbone. Returns name -> (needles, process, out dir), and "bad": the bad-input names."""
     sys.path.insert(0, str(ROOT))
     import swav_imagenet as S
 
-    data = tmp_path / "data"
-    shutil.copytree(imagewoof_dir, data)
-    files, _ = S.list_image_files(data / "train", sorted(d.name for d in (data / "train").iterdir()))
-    bad = files[S.epoch_batches(len(files), 16, S.Args().seed, 0)[0][5]]
+    tmp = module_tmp("forked")
+    data = tmp / "data"
+    shutil.copytree(cifar_dir, data)
+    bad = sorted((data / "train" / "cat").iterdir())[3]
     bad.write_bytes(b"not a jpeg")
-    workers = run_script(imagenet(data, tmp_path / "w", "--workers 1 --probe none"))  # raised in a worker process
-    assert_one_line_error(workers, "cannot decode image", bad.name)
+    woof = tmp / "woof"  # a file that is not an image in the first training batch of a streamed folder
+    shutil.copytree(imagewoof_dir, woof)
+    files, _ = S.list_image_files(woof / "train", sorted(d.name for d in (woof / "train").iterdir()))
+    bad_photo = files[S.epoch_batches(len(files), 16, S.Args().seed, 0)[0][5]]
+    bad_photo.write_bytes(b"not a jpeg")
+    torch.save({"model": {}}, tmp / "weights.pt")  # e.g. exported weights, not a run's last.pt
+    ddp_env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
+    trained = cifar(cifar_dir, tmp / "run", "--max-steps 1 --probe none")
+    finite = "--warmup-epochs 0 --log-every 4 --probe none"
+    cases = {  # name -> (command, env, needles)
+        "no_data": (cifar(tmp / "nope", tmp / "o1"), None, ["data dir not found", "nope"]),
+        "arch": (cifar(cifar_dir, tmp / "o2", "--arch resnet19"), None, ["unknown --arch 'resnet19'"]),
+        # checked from torchrun's environment before any process group is created
+        "batch": (cifar(cifar_dir, tmp / "o3", "--batch-size 15"), ddp_env, ["--batch-size 15", "world size 2"]),
+        "weights": (cifar(cifar_dir, tmp / "o4", f"--resume {tmp / 'weights.pt'}"), None,
+                    ["weights.pt", "is not a training checkpoint of this script"]),
+        "image": (cifar(data, tmp / "o5"), None, ["cannot decode image", str(bad)]),  # in-memory folder
+        "assign": (cifar(cifar_dir, tmp / "o6", "--crops-for-assign 0 2"), None, ["--crops-for-assign (0, 2)", "2 "]),
+        "queue": (cifar(cifar_dir, tmp / "o7", "--queue-length 8"), None, ["--queue-length 8", "global batch (16)"]),
+        "head": (cifar(cifar_dir, tmp / "o8", "--head-dims 100 64 32"), None, ["--head-dims (100, 64", "512 features"]),
+        "protos": (cifar(cifar_dir, tmp / "o9", "--n-prototypes 30 0"), None, ["--n-prototypes (30, 0)", "sizes >= 1"]),
+        "variants": (cifar(small_cifar_dir, tmp / "variants", VARIANTS + " --batch-size 8 --max-steps 4 --probe none"),
+                     None, None),
+        "big_lr": (cifar(cifar_dir, tmp / "lr", finite + " --lr 1e30"), None, ["non-finite loss at step 2 "]),
+        "tiny_eps": (cifar(cifar_dir, tmp / "eps", finite + " --epsilon 1e-4"), None, ["non-finite loss at step 1 "]),
+        # raised in the DataLoader worker process that decodes it
+        "photo": (imagenet(woof, tmp / "w", "--workers 1 --probe none"), None, ["cannot decode image", bad_photo.name]),
+    }  # fmt: skip
+    after_training = {
+        "more_protos": ([*trained, "--n-prototypes", "40"], None,
+                        ["last.pt", "shape mismatch", "prototypes.weight: ckpt (30, 32)"]),
+        "resnet50": ([*trained, "--arch", "resnet50"], None,
+                     ["last.pt", "does not match", "missing", "layer1.0.bn3.weight"]),
+    }  # fmt: skip
+    first, procs = forked_in_two(trained, list(cases.values()), list(after_training.values()), tmp / "logs")
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = {name: (c[2], proc, Path(c[0][c[0].index("--out-dir") + 1])) for (name, c), proc in
+            zip([*cases.items(), *after_training.items()], procs, strict=True)}  # fmt: skip
+    bad_names = [n for n in [*cases, *after_training] if n not in ("variants", "big_lr", "tiny_eps", "photo")]
+    return dict(runs, bad=bad_names)
+
+
+def test_bad_inputs_fail_with_one_line(forked):
+    """Each bad input in its own process (forked): exit code != 0 and one `error:` line, no traceback; the checkpoint
+    cases resume a tiny trained run with another K or backbone: strict-load errors."""
+    failures = []
+    for name in forked["bad"]:
+        needles, proc, _ = forked[name]
+        try:
+            assert_one_line_error(proc, *needles)
+        except AssertionError as e:
+            failures.append(f"{name} ({' '.join(map(str, proc.args[1:]))}):\n{e}")
+    assert not failures, "\n\n".join(failures)
+
+
+def test_non_finite_loss_names_the_step(forked):
+    """An absurd LR blows up the biases (no LARS on them in the cifar recipe) in step 1's update: the run stops
+    naming step 2 (the first bad one, although the check runs at the step-4 log line); a Sinkhorn epsilon so small
+    that whole prototype rows underflow makes step 1's loss non-finite."""
+    for name in ("big_lr", "tiny_eps"):
+        needles, proc, _ = forked[name]
+        assert_one_line_error(proc, *needles)
+    assert not (forked["big_lr"][2] / "results.json").exists()
+
+
+def test_corrupt_streamed_image_is_named(forked):
+    """A file that is not an image in a streamed (imagenet-recipe) folder, in the first training batch: one line
+    naming the file, raised in the DataLoader worker that decodes it."""
+    needles, proc, _ = forked["photo"]
+    assert_one_line_error(proc, *needles)
