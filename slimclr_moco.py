@@ -808,7 +808,7 @@ def check_args(args: Args, world_size: int) -> None:
     widths = " ".join(map(str, args.widths))
     if 1.0 not in args.widths:
         raise RunError(f"--widths {widths} must contain 1.0, the full network")
-    if len(set(args.widths)) != len(args.widths) or not all(slim(64, w) >= 1 and w <= 1 for w in args.widths):
+    if len(set(args.widths)) != len(args.widths) or not all(0 < w <= 1 and slim(64, w) >= 1 for w in args.widths):
         raise RunError(f"--widths must be distinct values in [1/64, 1], got {widths}")
     for name in ("distill_weight", "moco_m"):
         if not 0 <= getattr(args, name) <= 1:
@@ -1052,16 +1052,20 @@ def switchable_probe(run: SimpleNamespace, train_feats, test_feats: torch.Tensor
 def bare_step(run: SimpleNamespace):
     """The ceiling's step (issue 17): the four-width forward+backward itself, as plain ResNets of each width's shape
     (common/resnet.py, every channel count int(c w): no slicing, no shared weights) on synthetic query views (v2: one,
-    else both), one pass per view and width; no heads, keys, loss or optimizer. Slicing overhead shows against it."""
+    else both), one pass per view and width; no heads, keys, loss or optimizer. Slicing overhead shows against it.
+    Before --slim-start-epoch it runs the full width alone, as the timed training step did."""
     args, device, b = run.args, run.device, run.args.batch_size // run.world_size
     nets = [RESNETS[args.arch](width=w).to(device, memory_format=run.fmt) for w in run.widths]
     n_views = 1 if args.moco == "v2" else 2
     views = [torch.randn(b, 3, args.large_size, args.large_size, device=device) for _ in range(n_views)]
     views = [x.contiguous(memory_format=run.fmt) for x in views]
 
-    def step():
+    def step():  # run.global_step: the step just trained (train_one_epoch advances it after this call)
+        widths = nets if run.global_step / run.steps_per_epoch >= args.slim_start_epoch else nets[:1]
+        for net in widths:
+            net.zero_grad(set_to_none=True)
         with run.autocast:
-            out = [net(x).float().sum() for x in views for net in nets]
+            out = [net(x).float().sum() for x in views for net in widths]
         sum(out).backward()
 
     return step

@@ -977,19 +977,24 @@ def test_sub_width_kernels_equal_per_call_slices(monkeypatch):
 
 def test_bare_step_is_the_plain_four_width_pass(monkeypatch):
     """Issue 17: SlimCLR's ceiling is a plain ResNet of each width's shape (no slicing) forward+backward on the query
-    views (v2: one, v3: both), one pass per view and width, with the slimmable sub-network's parameter count."""
+    views (v2: one, v3: both), one pass per view and width, with the slimmable sub-network's parameter count; before
+    --slim-start-epoch (the step just trained ran the full width alone) the full width alone."""
     made, real = [], S.RESNETS["resnet18-cifar"]
     record = lambda width: made.append((width, real(width=width))) or made[-1][1]  # noqa: E731
     monkeypatch.setitem(S.RESNETS, "resnet18-cifar", record)
     full = S.SLIM_RESNETS["resnet18-cifar"](widths=(1.0, 0.5))
     for moco, n_views in (("v2", 1), ("v3", 2)):
         made.clear()
-        args = S.Args(arch="resnet18-cifar", moco=moco, batch_size=4, large_size=16)
+        args = S.Args(arch="resnet18-cifar", moco=moco, batch_size=4, large_size=16, slim_start_epoch=0.5)
         run = S.SimpleNamespace(args=args, device=torch.device("cpu"), world_size=1, fmt=torch.contiguous_format,
-                                widths=[1.0, 0.5], autocast=S.nullcontext())  # fmt: skip
+                                widths=[1.0, 0.5], autocast=S.nullcontext(), global_step=1, steps_per_epoch=4)  # fmt: skip
         step, calls = S.bare_step(run), []
         for w, net in made:
             net.register_forward_hook(lambda m, i, o, w=w: calls.append((w, len(i[0]))))
+        step()  # step 1 of 4 per epoch: epoch 0.25, before the slow start
+        assert calls == [(1.0, 4)] * n_views
+        calls.clear()
+        run.global_step = 2  # epoch 0.5: every width
         step()
         assert calls == [(w, 4) for _ in range(n_views) for w in (1.0, 0.5)]
         for w, net in made:
