@@ -29,9 +29,9 @@ kachayev/ssl-in-one-epoch README notes on CIFAR-10 (K: his LR schedule, solarize
     python empssl_cifar.py $K $V --hidden-dim 2048  # mean z as the embedding: "similar output performance" (no number)
     python empssl_cifar.py $K $V --hidden-dim 256   # "84+% top1 accuracy on 20 patches"
 
-Deviations (each marked `# DEVIATION:` below): patches are augmented on the GPU in batches (the tests compare them
-with the official PIL pipeline); bf16 autocast with channels_last (the TCR log-det in fp64); a Cholesky log-det in the
-Sylvester (B x B) form; seeded, resumable random streams; the TCR is computed over the global batch under DDP
+Deviations (each marked `# DEVIATION:` below): patches are augmented on the GPU in batches (tests compare them with the
+official PIL pipeline); bf16 autocast with channels_last (official: fp32; TCR log-det in fp64); a Cholesky log-det in
+the Sylvester (B x B) form; seeded, resumable random streams; the TCR is computed over the global batch under DDP
 (all-gather with gradient), which equals the official single-process semantics. Inferred from the code: Tiny-ImageNet's
 settings (its one Tiny-ImageNet path, commented out, sits in the ImageNet branch: aug4img.py; its resnet18-tinyimagenet
 is torchvision's ResNet-18); kachayev's "loss weight set to 1.5 instead of 200.0" as --inv-weight 1.5 (200: his
