@@ -1050,23 +1050,19 @@ def switchable_probe(run: SimpleNamespace, train_feats, test_feats: torch.Tensor
 
 
 def bare_step(run: SimpleNamespace):
-    """The ceiling's step (issue 17): the four-width forward+backward itself, as plain ResNets of each width's shape
-    (common/resnet.py, every channel count int(c w): no slicing, no shared weights) on synthetic query views (v2: one,
-    else both), one pass per view and width; no heads, keys, loss or optimizer. Slicing overhead shows against it.
-    Before --slim-start-epoch it runs the full width alone, as the timed training step did."""
+    """The ceiling's step (issue 17): the widths' forward+backward as plain ResNets of each width's shape
+    (common/resnet.py: no slicing, no shared weights) on synthetic query views (v2: one, else both), a pass per view
+    and width (the full width alone before --slim-start-epoch, as the timed step); no heads, keys, loss or optimizer."""
     args, device, b = run.args, run.device, run.args.batch_size // run.world_size
     nets = [RESNETS[args.arch](width=w).to(device, memory_format=run.fmt) for w in run.widths]
-    n_views = 1 if args.moco == "v2" else 2
-    views = [torch.randn(b, 3, args.large_size, args.large_size, device=device) for _ in range(n_views)]
-    views = [x.contiguous(memory_format=run.fmt) for x in views]
+    shape = (b, 3, args.large_size, args.large_size)
+    views = [torch.randn(shape, device=device).to(memory_format=run.fmt) for _ in range(1 + (args.moco != "v2"))]
 
     def step():  # run.global_step: the step just trained (train_one_epoch advances it after this call)
         widths = nets if run.global_step / run.steps_per_epoch >= args.slim_start_epoch else nets[:1]
-        for net in widths:
-            net.zero_grad(set_to_none=True)
         with run.autocast:
             out = [net(x).float().sum() for x in views for net in widths]
-        sum(out).backward()
+        torch.autograd.grad(sum(out), [p for net in widths for p in net.parameters()])  # fresh, like set_to_none
 
     return step
 
