@@ -54,12 +54,11 @@ def one_thread():
 # Disk: the runs write ResNet-50 and ViT checkpoints, about 15 GB in a whole suite, and pytest keeps every tmp dir
 # of its last 3 sessions. A full disk fails every later run (CI did), so a passed test's tmp_path is deleted at its
 # teardown (a failed one's is kept to look at) and module fixtures make their dirs with `module_tmp`.
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(hookwrapper=True)  # the old-style wrapper: any pytest >= 7 (requirements.txt)
 def pytest_runtest_makereport(item, call):
-    report = yield
+    report = (yield).get_result()
     if report.when == "call":
         item.stash[_CALL_PASSED] = report.passed
-    return report
 
 
 _CALL_PASSED = pytest.StashKey[bool]()
@@ -74,16 +73,17 @@ def _delete_tmp_path_of_passed_tests(request):
 
 
 @pytest.fixture(scope="module")
-def module_tmp(tmp_path_factory):
-    """tmp_path_factory.mktemp for module fixtures: what it made is deleted once the module's tests are done."""
-    made = []
+def module_tmp(request, tmp_path_factory):
+    """tmp_path_factory.mktemp for module fixtures: what it made is deleted once the module's tests are done, unless
+    one of them failed (kept to look at)."""
+    made, failed = [], request.session.testsfailed
 
     def mktemp(name: str) -> Path:
         made.append(tmp_path_factory.mktemp(name))
         return made[-1]
 
     yield mktemp
-    for path in made:
+    for path in made if request.session.testsfailed == failed else []:
         shutil.rmtree(path, ignore_errors=True)
 
 
