@@ -417,6 +417,9 @@ def test_one_pass_per_group_equals_one_forward_per_view():
     synced.per_view_bn(synced)
     bns = [m for m in synced.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert bns and all(isinstance(m, nn.SyncBatchNorm) and m.forward.func == synced._bn_per_view for m in bns)
+    with torch.no_grad():  # without a process group SyncBN normalises like BN: per view here, as the official loop
+        for a, c in zip(synced(groups), [model.projector(model.backbone(v)) for x in groups for v in x.split(b)]):
+            torch.testing.assert_close(a, c)
 
 
 # ---------------------------------------------------------------- augmentations (spec 4)
