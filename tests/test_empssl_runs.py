@@ -89,9 +89,13 @@ def test_ddp_two_ranks_equal_one_process(cifar_dir, tmp_path):
     (tmp_path / "ddp").mkdir()
     (tmp_path / "ref").mkdir()
     reference = start_script([worker, cifar_dir, tmp_path / "ref", "--emulate-ranks", "2"])  # alongside
-    proc = run_script([worker, cifar_dir, tmp_path / "ddp"], nproc=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    if reference.wait(timeout=300) != 0:  # rerun to show why
+    try:
+        proc = run_script([worker, cifar_dir, tmp_path / "ddp"], nproc=2)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        code = reference.wait(timeout=300)
+    finally:
+        reference.kill()
+    if code != 0:  # rerun to show why
         pytest.fail(run_script([worker, cifar_dir, tmp_path / "ref", "--emulate-ranks", "2"]).stderr[-3000:])
     ref = torch.load(tmp_path / "ref" / "rank0.pt")
     for rank in (0, 1):
