@@ -1004,7 +1004,7 @@ def bare_step(run: SimpleNamespace):
         for _ in range(args.accum_iter):
             with run.autocast:
                 if mode == "pretrain":
-                    run.base.forward_features(x)  # frozen, on an input without grad: no graph
+                    base_forward(run.base, x, args.last_layers)  # frozen, on an input without grad: no graph
                 out = bare(*inputs)
             if mode != "linear":  # every output but the mask
                 sum(o.float().sum() for o in (out[:-1] if mode in ("pretrain", "mae") else [out])).backward()

@@ -962,11 +962,12 @@ def test_bare_step_is_the_base_forward_and_the_whole_student(monkeypatch):
     run = TEC.SimpleNamespace(args=args, model=student, base=base, device=torch.device("cpu"), world_size=1,
                               autocast=TEC.nullcontext())  # fmt: skip
     base_calls, copies, deepcopy = [], [], TEC.copy.deepcopy
-    monkeypatch.setattr(base, "forward_features", lambda x, **kw: base_calls.append(x.shape))
+    monkeypatch.setattr(TEC, "base_forward", lambda m, x, last: base_calls.append((m, x.shape, last)))  # the step's
     monkeypatch.setattr(TEC.copy, "deepcopy", lambda m: copies.append(deepcopy(m)) or copies[-1])
     TEC.bare_step(run)()
     (bare,) = copies
-    assert base_calls == [(4, 3, 16, 16)] and isinstance(bare, TEC.TECModel) and bare is not student
+    assert base_calls == [(base, (4, 3, 16, 16), args.last_layers)]
+    assert isinstance(bare, TEC.TECModel) and bare is not student
     for name in (
         "encoder_adaptor.fuse_fcs.0.weight",
         "forward_fea_decoder.decoder_pred.weight",
