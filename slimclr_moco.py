@@ -1050,18 +1050,20 @@ def switchable_probe(run: SimpleNamespace, train_feats, test_feats: torch.Tensor
 
 
 def bare_step(run: SimpleNamespace):
-    """The ceiling's step (issue 17): the widths' forward+backward as plain ResNets of each width's shape
-    (common/resnet.py: no slicing, no shared weights) on synthetic query views (v2: one, else both), a pass per view
-    and width (the full width alone before --slim-start-epoch, as the timed step); no heads, keys, loss or optimizer."""
-    args, device, b = run.args, run.device, run.args.batch_size // run.world_size
+    """The ceiling's step (issue 17): the widths' forward+backward as plain ResNets of each width's shape (no slicing)
+    on synthetic query views (v2: one, else both), a pass per view and width (the full width alone before the slow
+    start, as the step), and MoCo's keys as TEC's frozen base: a full-width forward, no gradient (v2: a second view)."""
+    args, device, b, s = run.args, run.device, run.args.batch_size // run.world_size, run.args.large_size
     nets = [RESNETS[args.arch](width=w).to(device, memory_format=run.fmt) for w in run.widths]
-    shape = (b, 3, args.large_size, args.large_size)
-    views = [torch.randn(shape, device=device).to(memory_format=run.fmt) for _ in range(1 + (args.moco != "v2"))]
+    views = [torch.randn(b, 3, s, s, device=device).to(memory_format=run.fmt) for _ in range(2)]
+    queries, keyed = (views[:1], views[1:]) if args.moco == "v2" else (views, views if args.moco == "v3" else [])
 
     def step():  # run.global_step: the step just trained (train_one_epoch advances it after this call)
         widths = nets if run.global_step / run.steps_per_epoch >= args.slim_start_epoch else nets[:1]
         with run.autocast:
-            out = [net(x).float().sum() for x in views for net in widths]
+            out = [net(x).float().sum() for x in queries for net in widths]
+            with torch.no_grad():
+                _keys = [nets[0](x) for x in keyed]
         torch.autograd.grad(sum(out), [p for net in widths for p in net.parameters()])  # fresh, like set_to_none
 
     return step

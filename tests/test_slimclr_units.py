@@ -977,13 +977,14 @@ def test_sub_width_kernels_equal_per_call_slices(monkeypatch):
 
 def test_bare_step_is_the_plain_four_width_pass(monkeypatch):
     """Issue 17: SlimCLR's ceiling is a plain ResNet of each width's shape (no slicing) forward+backward on the query
-    views (v2: one, v3: both), one pass per view and width, with the slimmable sub-network's parameter count; before
-    --slim-start-epoch (the step just trained ran the full width alone) the full width alone."""
+    views (v2: one, v3 and SimCLR: both), one pass per view and width, with the slimmable sub-network's parameter count;
+    before --slim-start-epoch (the step just trained ran the full width alone) the full width alone. Then MoCo's keys:
+    a full-width forward without gradient per key view (v2: one more view, v3: both; SimCLR: none)."""
     made, real = [], S.RESNETS["resnet18-cifar"]
     record = lambda width: made.append((width, real(width=width))) or made[-1][1]  # noqa: E731
     monkeypatch.setitem(S.RESNETS, "resnet18-cifar", record)
     full = S.SLIM_RESNETS["resnet18-cifar"](widths=(1.0, 0.5))
-    for moco, n_views in (("v2", 1), ("v3", 2)):
+    for moco, n_views, n_keys in (("v2", 1, 1), ("v3", 2, 2), ("simclr", 2, 0)):
         made.clear()
         args = S.Args(arch="resnet18-cifar", moco=moco, batch_size=4, large_size=16, slim_start_epoch=0.5)
         run = S.SimpleNamespace(args=args, device=torch.device("cpu"), world_size=1, fmt=torch.contiguous_format,
@@ -991,15 +992,15 @@ def test_bare_step_is_the_plain_four_width_pass(monkeypatch):
                                 global_step=1, steps_per_epoch=4)  # fmt: skip
         step, calls, grads = S.bare_step(run), [], {}
         for w, net in made:
-            net.register_forward_hook(lambda m, i, o, w=w: calls.append((w, len(i[0]))))
+            net.register_forward_hook(lambda m, i, o, w=w: calls.append((w, len(i[0]), o.requires_grad)))
             for p in net.parameters():  # every parameter's gradient of the last step, however it is returned
                 p.register_hook(lambda g, p=p: grads.__setitem__(p, g.abs().sum()))
         step()  # step 1 of 4 per epoch: epoch 0.25, before the slow start
-        assert calls == [(1.0, 4)] * n_views
+        assert calls == [(1.0, 4, True)] * n_views + [(1.0, 4, False)] * n_keys  # keys: no graph
         calls.clear()
         run.global_step = 2  # epoch 0.5: every width
         step()
-        assert calls == [(w, 4) for _ in range(n_views) for w in (1.0, 0.5)]
+        assert calls == [(w, 4, True) for _ in range(n_views) for w in (1.0, 0.5)] + [(1.0, 4, False)] * n_keys
         for w, net in made:
             assert sum(p.numel() for p in net.parameters()) == S.active_param_count(full, w)
             assert all(grads[p] > 0 for p in net.parameters())
