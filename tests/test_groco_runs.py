@@ -222,11 +222,14 @@ def test_ddp_two_ranks_equal_one_process(cifar_dir, tmp_path):
     # the reference waits for the DDP run's state after step 1 and takes step 2 from it (tests/ddp_handoff.py)
     reference_cmd = [worker, cifar_dir, tmp_path / "ref", "--emulate-ranks", "2", "--state1-dir", tmp_path / "ddp"]
     reference = start_script(reference_cmd)
-    proc = run_script([worker, cifar_dir, tmp_path / "ddp"], nproc=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    if reference.wait(timeout=300) != 0:  # rerun to show why
-        proc = run_script(reference_cmd)
-        pytest.fail(proc.stderr[-3000:])
+    try:  # a failed DDP run leaves no state to wait for: the reference is killed with it
+        proc = run_script([worker, cifar_dir, tmp_path / "ddp"], nproc=2)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        code = reference.wait(timeout=300)
+    finally:
+        reference.kill()
+    if code != 0:  # rerun to show why
+        pytest.fail(run_script(reference_cmd).stderr[-3000:])
     ref = torch.load(tmp_path / "ref" / "rank0.pt")
     for rank in (0, 1):
         got = torch.load(tmp_path / "ddp" / f"rank{rank}.pt")
