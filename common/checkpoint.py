@@ -167,8 +167,10 @@ def torchvision_resnet(obj: Any, prefix: str = "backbone.") -> Optional[dict]:
 def init_weights(model: nn.Module, path: PathLike, formats: dict, backbone: Union[str, tuple] = "backbone.") -> str:
     """--init: load pretrained weights from `path` into `model`. formats {name: convert}: the first convert(obj) that
     does not return None gives the file's tensors under the model's own names. Every tensor of the model under
-    `backbone` must be there with its shape, and every tensor there must be one of the model's, else one line names
-    the first that does not fit; the other tensors (heads) are loaded where their shapes fit, the rest start fresh.
+    `backbone` must be there with its shape, and every tensor there must be one of the model's (an entry under one of
+    the model's names must be a tensor), else one line names the first that does not fit; the other tensors (heads)
+    are loaded where their shapes fit, the rest start fresh; entries that are not tensors, under other names, are
+    dropped.
     Returns the one line that says which format was recognised, what was loaded and what starts fresh."""
     try:  # every rank reads the same file: every error is raised alike on every rank
         return _init_weights(model, path, formats, backbone)
@@ -182,7 +184,11 @@ def _init_weights(model: nn.Module, path: PathLike, formats: dict, backbone: Uni
     if sd is None:
         keys = _first(obj.keys() if isinstance(obj, dict) else [type(obj).__name__])
         raise CheckpointError(f"--init {path}: not a format this script reads ({', '.join(formats)}); its keys: {keys}")
-    own, sd = model.state_dict(), {k: v for k, v in sd.items() if torch.is_tensor(v)}
+    own = model.state_dict()
+    odd = [k for k, v in sd.items() if k in own and not torch.is_tensor(v)]  # other non-tensors (metadata): dropped
+    if odd:
+        raise CheckpointError(f"--init {path} ({name}): {odd[0]} is a {type(sd[odd[0]]).__name__}, not a tensor")
+    sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
     for k in own:  # CRUCIAL: no backbone tensor may start fresh or be cut to fit (BN's step counter: unused)
         if k.startswith(backbone) and k not in sd and not k.endswith("num_batches_tracked"):
             raise CheckpointError(f"--init {path} ({name}): no tensor for the backbone's {k}")

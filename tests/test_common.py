@@ -433,7 +433,8 @@ def test_init_weights_reads_torchvision_and_own_checkpoints(tmp_path):
 
 def test_init_weights_refuses_what_does_not_fit(tmp_path):
     """A file of no known format, a backbone tensor missing or of another shape, a tensor the model lacks (another
-    method's head): one line naming it, and nothing loaded from a file that would run code."""
+    method's head), a head entry that is no tensor: one line naming it, and nothing loaded from a file that would run
+    code."""
     formats = {"last.pt": ckpt.own_checkpoint, "torchvision ResNet": ckpt.torchvision_resnet}
     sd = {k: v for k, v in resnet18_cifar().state_dict().items()}
     cases = {
@@ -444,6 +445,8 @@ def test_init_weights_refuses_what_does_not_fit(tmp_path):
         "stem": (resnet18().state_dict(), r"backbone.conv1.weight has shape \(64, 3, 7, 7\)"),
         "other head": (dict(model={**{f"backbone.{k}": v for k, v in sd.items()}, "prototypes.weight": torch.ones(3)},
                             optimizer={}, args={}), "prototypes.weight is not a tensor of this model"),
+        "head no tensor": (dict(model={**{f"backbone.{k}": v for k, v in sd.items()}, "head.weight": [0.5]},
+                                optimizer={}, args={}), "head.weight is a list, not a tensor"),
     }  # fmt: skip
     for name, (obj, message) in cases.items():
         save_checkpoint(obj, tmp_path / f"{name}.pt")
