@@ -127,6 +127,21 @@ def start_script(args) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def ddp_beside_reference(ddp_args, reference_args) -> None:
+    """A DDP-equality test's two runs at once (2 CI cores): `torchrun --nproc_per_node=2 ddp_args` in the foreground and
+    its one-process reference in the background. Either failing fails the test with that run's stderr (the reference
+    rerun to show it); a failed DDP run kills the reference, which may be waiting for its state (tests/ddp_handoff.py)."""
+    reference = start_script(reference_args)
+    try:
+        proc = run_script(ddp_args, nproc=2)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        code = reference.wait(timeout=300)
+    finally:
+        reference.kill()
+    if code != 0:
+        pytest.fail(run_script(reference_args).stderr[-3000:])
+
+
 def run_script(args, timeout=300, nproc=None, env=None) -> subprocess.CompletedProcess:
     """Run `python script.py args` (or `torchrun --standalone --nproc_per_node=nproc ...`) from the project root."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}  # env wins

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from forkrun import forked_in_two
-from conftest import ROOT, assert_one_line_error, read_log, run_script, start_script
+from conftest import ROOT, assert_one_line_error, ddp_beside_reference, read_log, run_script, start_script
 
 SCRIPT = ROOT / "empssl_cifar.py"
 # small and fast on 2 CPU cores: the ImageNet-stem ResNet-18 on 32x32 costs 1/16 of the CIFAR stem
@@ -88,15 +88,9 @@ def test_ddp_two_ranks_equal_one_process(cifar_dir, tmp_path):
     worker = ROOT / "tests" / "empssl_ddp_step.py"
     (tmp_path / "ddp").mkdir()
     (tmp_path / "ref").mkdir()
-    reference = start_script([worker, cifar_dir, tmp_path / "ref", "--emulate-ranks", "2"])  # alongside
-    try:
-        proc = run_script([worker, cifar_dir, tmp_path / "ddp"], nproc=2)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        code = reference.wait(timeout=300)
-    finally:
-        reference.kill()
-    if code != 0:  # rerun to show why
-        pytest.fail(run_script([worker, cifar_dir, tmp_path / "ref", "--emulate-ranks", "2"]).stderr[-3000:])
+    ddp_beside_reference(
+        [worker, cifar_dir, tmp_path / "ddp"], [worker, cifar_dir, tmp_path / "ref", "--emulate-ranks", "2"]
+    )
     ref = torch.load(tmp_path / "ref" / "rank0.pt")
     for rank in (0, 1):
         got = torch.load(tmp_path / "ddp" / f"rank{rank}.pt")

@@ -17,6 +17,7 @@ from conftest import (
     ROOT,
     assert_finite_results,
     assert_one_line_error,
+    ddp_beside_reference,
     read_log,
     read_results,
     recipe_cmd,
@@ -162,15 +163,7 @@ def test_ddp_two_ranks_equal_one_process(cifar_dir, tmp_path):
     (tmp_path / "ref").mkdir()
     # the reference waits for the DDP run's state after step 1 and takes step 2 from it (tests/ddp_handoff.py)
     reference_cmd = [worker, cifar_dir, tmp_path / "ref", "--emulate-ranks", "2", "--state1-dir", tmp_path / "ddp"]
-    reference = start_script(reference_cmd)
-    try:  # a failed DDP run leaves no state to wait for: the reference is killed with it
-        proc = run_script([worker, cifar_dir, tmp_path / "ddp"], nproc=2)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        code = reference.wait(timeout=300)
-    finally:
-        reference.kill()
-    if code != 0:  # rerun to show why
-        pytest.fail(run_script(reference_cmd).stderr[-3000:])
+    ddp_beside_reference([worker, cifar_dir, tmp_path / "ddp"], reference_cmd)
     ref = torch.load(tmp_path / "ref" / "rank0.pt")
     for rank in (0, 1):
         got = torch.load(tmp_path / "ddp" / f"rank{rank}.pt")
