@@ -977,3 +977,9 @@ def test_bare_step_is_the_base_forward_and_the_whole_student(monkeypatch):
     ):
         assert dict(bare.named_parameters())[name].grad.abs().sum() > 0, name
     assert all(p.grad is None for p in student.parameters())
+    base_calls.clear(), copies.clear()  # --accum-iter 2: two micro-batches of 2, as the step
+    step = TEC.bare_step(TEC.SimpleNamespace(**{**vars(run), "args": dataclasses.replace(args, accum_iter=2)}))
+    student_calls = []
+    copies[0].register_forward_hook(lambda m, i, o: student_calls.append(i[0].shape))
+    step()
+    assert base_calls == [(base, (2, 3, 16, 16), args.last_layers)] * 2 and student_calls == [(2, 3, 16, 16)] * 2
