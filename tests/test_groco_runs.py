@@ -69,39 +69,44 @@ def test_features_beat_the_untrained_network(cifar2k_dir, tmp_path):
 SMOKE = "--epochs 3 --max-steps 30 --warmup-epochs 0 --eval-every 1 --log-every 5"
 
 
-def bad_cases(cifar_dir, tmp, smoke_ckpt) -> list:
-    """(command, env, needles) of each bad input; the non-finite loss (its own test) comes last. A checkpoint of
-    another model: the smoke run's last.pt (--proj-dim 32) resumed with --proj-dim 64 (so it must run after it)."""
+def bad_cases(cifar_dir, tmp, smoke_ckpt) -> dict:
+    """name -> (command, env, needles) of each bad input, the non-finite loss (its own test) included. A checkpoint of
+    another model ("other_model"): the smoke run's last.pt (--proj-dim 32) resumed with --proj-dim 64 (so it must
+    run after it)."""
     torch.save({"a": 1}, tmp / "other.pt")
     ddp_env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
-    return [
-        (cifar(tmp / "nope", tmp / "o1"), None, ["data dir not found", "nope"]),
-        (cifar(cifar_dir, tmp / "o2", "--arch resnet19"), None, ["unknown --arch 'resnet19'"]),
+    return {
+        "no_data": (cifar(tmp / "nope", tmp / "o1"), None, ["data dir not found", "nope"]),
+        "arch": (cifar(cifar_dir, tmp / "o2", "--arch resnet19"), None, ["unknown --arch 'resnet19'"]),
         # checked from torchrun's environment before any process group is created
-        (cifar(cifar_dir, tmp / "o3", "--batch-size 15"), ddp_env, ["--batch-size 15", "world size 2"]),
-        (cifar(cifar_dir, tmp / "o4", "--batch-size 10"), None, ["--batch-size 10", "--topk-neg 10", "K + 1"]),
-        (cifar(cifar_dir, tmp / "o5", "--n-large 1"), None, ["--n-large 1", "at least 2 global views"]),
-        (cifar(cifar_dir, tmp / "o6", f"--resume {tmp / 'other.pt'}"), None,
-         ["other.pt", "is not a training checkpoint of this script"]),
-        (cifar(cifar_dir, tmp / "o7", f"--resume {smoke_ckpt} --proj-dim 64"), None,
-         [str(smoke_ckpt), "shape mismatch", "projector.6.weight: ckpt (32, 512) vs model (64, 512)"]),
+        "world": (cifar(cifar_dir, tmp / "o3", "--batch-size 15"), ddp_env, ["--batch-size 15", "world size 2"]),
+        "small_batch": (cifar(cifar_dir, tmp / "o4", "--batch-size 10"), None,
+                        ["--batch-size 10", "--topk-neg 10", "K + 1"]),
+        "one_view": (cifar(cifar_dir, tmp / "o5", "--n-large 1"), None, ["--n-large 1", "at least 2 global views"]),
+        "not_a_run": (cifar(cifar_dir, tmp / "o6", f"--resume {tmp / 'other.pt'}"), None,
+                      ["other.pt", "is not a training checkpoint of this script"]),
+        "other_model": (cifar(cifar_dir, tmp / "o7", f"--resume {smoke_ckpt} --proj-dim 64"), None,
+                        [str(smoke_ckpt), "shape mismatch", "projector.6.weight: ckpt (32, 512) vs model (64, 512)"]),
         # an absurd LR (1e30 x 16/32): NaN embeddings after step 1's update; step 2 is the first bad step
-        (cifar(cifar_dir, tmp / "o8", "--lr 1e30 --warmup-epochs 0 --log-every 4 --probe none"), None,
-         ["non-finite loss at step 2 "]),
-    ]  # fmt: skip
+        "non_finite": (cifar(cifar_dir, tmp / "o8", "--lr 1e30 --warmup-epochs 0 --log-every 4 --probe none"), None,
+                       ["non-finite loss at step 2 "]),
+    }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def cifar_runs(cifar_dir, module_tmp):
     """The smoke run and the bad inputs, each in its own process, forked from two that imported the script once
-    (tests/forkrun.py; the case that resumes the smoke run's checkpoint after it). Returns the smoke (process, out
-    dir) and [(command, needles, process)]."""
+    (tests/forkrun.py; "other_model", which resumes the smoke run's checkpoint, after it). Returns the smoke (process,
+    out dir) and name -> (command, needles, process)."""
     out, tmp = module_tmp("smoke"), module_tmp("bad")
     cases = bad_cases(cifar_dir, tmp, out / "last.pt")
-    others = cases[:6] + cases[7:]
-    smoke, procs = forked_in_two(cifar(cifar_dir, out, SMOKE), others, [cases[6]], module_tmp("logs"))
-    procs = procs[:6] + procs[-1:] + procs[6:-1]  # the after-smoke case back in its place
-    return (smoke, out), [(cmd, needles, proc) for (cmd, _, needles), proc in zip(cases, procs, strict=True)]
+    after = {"other_model": cases.pop("other_model")}
+    smoke, procs = forked_in_two(cifar(cifar_dir, out, SMOKE), list(cases.values()), list(after.values()),
+                                 module_tmp("logs"))  # fmt: skip
+    runs = [*cases.items(), *after.items()]
+    return (smoke, out), {
+        name: (cmd, needles, proc) for (name, (cmd, _, needles)), proc in zip(runs, procs, strict=True)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +288,7 @@ def test_bad_inputs_fail_with_one_line(bad_runs):
     """Missing data, unknown arch, a batch that does not split over 2 ranks or is too small for K = 10 negatives, a
     single global view, a file that is not a training checkpoint, a checkpoint of another model (strict load)."""
     failures = []
-    for cmd, needles, proc in bad_runs[:-1]:
+    for cmd, needles, proc in (run for name, run in bad_runs.items() if name != "non_finite"):
         try:
             check_bad_run(cmd, needles, proc)
         except AssertionError as e:
@@ -295,4 +300,4 @@ def test_non_finite_loss_names_the_step(bad_runs):
     """An absurd LR (1e30 x 16/32) makes the embeddings NaN after step 1's update: the run stops with one line naming
     step 2, the first bad step, and writes no results.json (ordering_loss must not hand NaN to F.binary_cross_entropy,
     which raises on the CPU and asserts on CUDA before the step check could name the step)."""
-    check_bad_run(*bad_runs[-1])
+    check_bad_run(*bad_runs["non_finite"])
