@@ -128,9 +128,9 @@ def start_script(args) -> subprocess.Popen:
 
 
 def ddp_beside_reference(ddp_args, reference_args) -> None:
-    """A DDP-equality test's two runs at once (2 CI cores): `torchrun --nproc_per_node=2 ddp_args` in the foreground and
-    its one-process reference in the background. Either failing fails the test with that run's stderr (the reference
-    rerun to show it); a failed DDP run kills the reference, which may be waiting for its state (tests/ddp_handoff.py)."""
+    """A DDP-equality test's two runs at once (2 CI cores): `torchrun --nproc_per_node=2 ddp_args` in the foreground
+    and its one-process reference in the background. Either failing fails the test with that run's stderr (the
+    reference rerun to show it); a failed DDP run kills the reference, which may wait for its state (ddp_handoff.py)."""
     reference = start_script(reference_args)
     try:
         proc = run_script(ddp_args, nproc=2)
